@@ -1,0 +1,3 @@
+from ocrtune.cli.main import main
+
+main()

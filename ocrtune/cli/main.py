@@ -1,0 +1,125 @@
+"""`ocrtune <command>`: sft, infer, eval, export, serve, plot, list."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ocrtune.errors import UserError
+
+COMMANDS = {
+    "sft": "fine-tune (LoRA or full) on a dataset",
+    "infer": "answer queries about images (interactive, one-shot, or over a dataset)",
+    "eval": "generate on a dataset and report OCR metrics",
+    "export": "merge a LoRA checkpoint into a standalone model folder",
+    "serve": "OpenAI-compatible API and a web page for a model",
+    "plot": "redraw a run's PNG plots from its logging.jsonl",
+    "list": "list registered models and datasets",
+}
+
+
+def _parser():
+    from ocrtune.cli.parsing import OneLineParser, add_dataclass_args
+    from ocrtune.infer.args import ExportArgs, InferArgs
+    from ocrtune.train.args import SftArgs
+
+    parser = OneLineParser(prog="ocrtune", description="Fine-tune Qwen2-VL family models for image-to-text OCR.")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    for name, cls in (("sft", SftArgs), ("infer", InferArgs), ("eval", InferArgs), ("export", ExportArgs)):
+        p = sub.add_parser(name, help=COMMANDS[name], prog=f"ocrtune {name}")
+        add_dataclass_args(p, cls)
+    try:
+        from ocrtune.serve.args import ServeArgs
+        add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"], prog="ocrtune serve"), ServeArgs)
+    except ImportError:
+        pass
+    p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot")
+    p.add_argument("run_dir")
+    p.add_argument("--smoothing", type=float, default=0.9)
+    sub.add_parser("list", help=COMMANDS["list"], prog="ocrtune list")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    from ocrtune.cli.parsing import build
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        raise UserError(f"unknown command '{argv[0]}'", f"use one of: {', '.join(COMMANDS)}")
+    ns = parser.parse_args(argv)
+    cmd = ns.command
+    if cmd == "sft":
+        from ocrtune.train.args import SftArgs
+        from ocrtune.train.launch import maybe_relaunch
+        from ocrtune.train.trainer import run_sft
+        maybe_relaunch(argv)
+        run_sft(build(SftArgs, ns))
+    elif cmd in ("infer", "eval"):
+        from ocrtune.infer.args import InferArgs
+        from ocrtune.infer.cli import run_eval, run_infer
+        (run_eval if cmd == "eval" else run_infer)(build(InferArgs, ns))
+    elif cmd == "export":
+        from ocrtune.infer.args import ExportArgs
+        from ocrtune.export.merge import run_export
+        run_export(build(ExportArgs, ns))
+    elif cmd == "serve":
+        from ocrtune.serve.args import ServeArgs
+        from ocrtune.serve.app import run_serve
+        run_serve(build(ServeArgs, ns))
+    elif cmd == "plot":
+        from ocrtune.plot.plots import plot_run
+        for path in plot_run(ns.run_dir, ns.smoothing):
+            print(path)
+    elif cmd == "list":
+        from ocrtune.data.registry import DATASETS
+        from ocrtune.models.registry import MODELS
+        print("models:")
+        for s in MODELS.values():
+            print(f"  {s.name:28s} {s.hf_id or '(built locally: ' + s.preset + ')'}")
+        print("datasets:")
+        for d in DATASETS.values():
+            print(f"  {d.name:28s} {d.hf_id or 'bundled sample'} {'/'.join(d.subsets) if d.hf_id else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("OCRTUNE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    for name in ("transformers", "datasets", "accelerate", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; resume a training run with --resume_from_checkpoint last", file=sys.stderr)
+        code = 130
+    except Exception as e:  # last resort: known failure kinds get a one-line hint, the rest a short report
+        code = _report_unexpected(e)
+    sys.exit(code)
+
+
+def _report_unexpected(e: Exception) -> int:
+    import torch
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        print("error: CUDA out of memory; lower --batch_size (or --packing_tokens, --max_pixels, --max_length), "
+              "or turn on --gradient_checkpointing true", file=sys.stderr)
+        return 2
+    if isinstance(e, (PermissionError,)):
+        print(f"error: permission denied: {e.filename}; check the path's permissions", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+        print("error: disk full; free disk space, then resume with --resume_from_checkpoint last", file=sys.stderr)
+        return 2
+    if os.environ.get("OCRTUNE_DEBUG"):
+        raise e
+    print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+          "rerun with OCRTUNE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    main()

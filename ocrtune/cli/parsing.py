@@ -1,0 +1,83 @@
+"""Dataclass arguments -> argparse, with SWIFT-style `--flag true/false` booleans, aliases, and a
+few environment variables (MAX_PIXELS, MAX_STEPS, ...) as defaults that flags override."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+from ocrtune.errors import UserError
+
+TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+def str2bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in TRUE:
+        return True
+    if s in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{v}'")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error over two lines and exits 2; we say it in one line."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}", f"run '{self.prog} --help' to see the flags")
+
+
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        tp = _base_type(hints[f.name])
+        names = [f"--{f.name}", *meta.get("aliases", ())]
+        kwargs = {"dest": f.name, "help": meta.get("help", ""), "default": argparse.SUPPRESS}
+        if tp is bool:
+            kwargs.update(type=str2bool, metavar="true|false", nargs="?", const=True)
+        elif typing.get_origin(tp) in (list, typing.List):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kwargs.update(nargs="+", type=item)
+        else:
+            kwargs.update(type=tp)
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(*names, **kwargs)
+
+
+def build(cls, namespace: argparse.Namespace):
+    """Dataclass instance from parsed flags; fields not given fall back to env vars, then defaults."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(namespace, f.name):
+            values[f.name] = getattr(namespace, f.name)
+        elif f.metadata.get("env") and os.environ.get(f.metadata["env"]):
+            raw = os.environ[f.metadata["env"]]
+            tp = _base_type(hints[f.name])
+            try:
+                values[f.name] = str2bool(raw) if tp is bool else tp(raw)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise UserError(f"environment variable {f.metadata['env']}={raw!r} is not a valid {tp.__name__}",
+                                f"set it to a {tp.__name__} or unset it") from None
+    # lists given as one comma-separated value (e.g. --target_modules q_proj,v_proj) are split
+    for k, v in values.items():
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0] and k != "dataset":
+            values[k] = [s.strip() for s in v[0].split(",") if s.strip()]
+    return cls(**values)
+
+
+def argv_or_default(argv):
+    return sys.argv[1:] if argv is None else argv

@@ -1,0 +1,74 @@
+"""--check_dataset_strategy: find rows that can't be trained on, before training starts."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import datasets
+
+from ocrtune.data.images import BadImage, open_image
+from ocrtune.errors import UserError
+
+log = logging.getLogger("ocrtune")
+STRATEGIES = ("none", "discard", "error", "warning")
+
+
+def row_problem(row: dict, max_image_pixels: int | None = None) -> str | None:
+    """Why `row` can't be used (a short reason), or None if it is fine."""
+    msgs = row.get("messages") or []
+    if not msgs:
+        return "no messages"
+    for m in msgs:
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"unknown role {m.get('role')!r}"
+        if not isinstance(m.get("content"), str):
+            return f"{m.get('role')} content is missing or not a string"
+    if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+        return "empty response"
+    if not any(m["role"] == "user" for m in msgs):
+        return "no user query"
+    tags = sum(m["content"].count("<image>") for m in msgs)
+    if tags > len(row.get("images") or []):
+        return f"{tags} <image> tags but {len(row.get('images') or [])} images"
+    for ref in row.get("images") or []:
+        try:
+            open_image(ref, **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
+        except BadImage as e:
+            return str(e)
+    return None
+
+
+def _reason_kind(problem: str) -> str:
+    for key in ("not found", "not a readable image", "pixels, over", "too large", "empty response", "is empty",
+                "not a string", "unknown role", "<image> tags", "URL", "folder"):
+        if key in problem:
+            return key.replace("pixels, over", "too many pixels")
+    return problem[:40]
+
+
+def check_dataset(ds: datasets.Dataset, strategy: str, source: str = "dataset", num_proc: int | None = None) -> datasets.Dataset:
+    """Apply the strategy: none trusts the data; error stops at the first bad row; discard drops bad
+    rows and reports counts by reason; warning logs each bad row, then drops it so training goes on."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"bad --check_dataset_strategy '{strategy}'", f"choose one of {', '.join(STRATEGIES)}")
+    if strategy != "none":
+        problems = ds.map(lambda r: {"_problem": row_problem(r) or ""}, remove_columns=ds.column_names,
+                          num_proc=num_proc, desc=f"checking {source}")["_problem"]
+        bad = [(i, p) for i, p in enumerate(problems) if p]
+        if bad and strategy == "error":
+            i, p = bad[0]
+            raise UserError(f"row {i} of {source}: {p}",
+                            "fix or remove the row, or pass --check_dataset_strategy discard to drop bad rows")
+        if bad:
+            if strategy == "warning":
+                for i, p in bad:
+                    log.warning("row %d of %s: %s (row skipped)", i, source, p)
+            counts = Counter(_reason_kind(p) for _, p in bad)
+            log.warning("%s: dropped %d of %d rows (%s)", source, len(bad), len(ds),
+                        ", ".join(f"{k}: {v}" for k, v in counts.most_common()))
+            keep = set(range(len(ds))) - {i for i, _ in bad}
+            ds = ds.select(sorted(keep))
+    if len(ds) == 0:
+        raise UserError(f"{source} has no usable rows left" + ("" if strategy == "none" else " after checking"),
+                        "check the data (run with --check_dataset_strategy error to see the first bad row)")
+    return ds

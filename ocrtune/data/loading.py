@@ -1,0 +1,202 @@
+"""Load datasets (registry names, hub ids, local files and folders) into canonical rows.
+
+A canonical row is {"messages": [{"role", "content"}, ...], "images": [{"bytes", "path"}, ...]}.
+`datasets` does the reading, caching and `map`; images stay undecoded references until encoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+
+from ocrtune.data.images import BadImage, image_ref
+from ocrtune.data.registry import DATASETS, OCR_PROMPT, get_dataset_spec, latex_ocr_preprocess
+from ocrtune.errors import UserError
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+FEATURES = datasets.Features({
+    "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    "images": datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")}),
+})
+
+
+def parse_dataset_arg(arg: str) -> tuple[str, int | None]:
+    """`name#N` -> (name, N): sample N rows."""
+    name, sep, n = arg.rpartition("#")
+    if sep and n.isdigit():
+        return name, int(n)
+    if sep and not Path(arg).exists():
+        raise UserError(f"bad row count in --dataset '{arg}'", "write name#N with N a whole number, e.g. latex-ocr-print#500")
+    return arg, None
+
+
+def _load_local(path: Path) -> datasets.Dataset:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            return ds
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+        if not files:
+            raise UserError(f"dataset folder {path} holds no data files",
+                            "put .jsonl/.json/.csv/.parquet files in it, or save it with Dataset.save_to_disk")
+        builder = FILE_BUILDERS[files[0].suffix]
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files if f.suffix == files[0].suffix], split="train")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"unsupported dataset file type '{path.suffix}' ({path})", "use .jsonl, .json, .csv or .parquet")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:
+        raise UserError(f"could not read dataset file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        "check that the file is valid " + path.suffix.lstrip(".")) from None
+
+
+def _load_hub(hub_id: str, subset: str | None, split: str, use_hf: bool, ms_id: str | None = None) -> datasets.Dataset:
+    try:
+        if use_hf or ms_id is None:
+            kwargs = {"name": subset} if subset and subset != "default" else {}
+            return datasets.load_dataset(hub_id, split=split, **kwargs)
+        try:
+            from modelscope import MsDataset
+        except ImportError:
+            raise UserError("--use_hf false needs the modelscope package", "pip install modelscope, or use --use_hf true") from None
+        return MsDataset.load(ms_id, subset_name=subset, split=split).to_hf_dataset()
+    except UserError:
+        raise
+    except Exception as e:
+        where = "Hugging Face" if use_hf else "ModelScope"
+        raise UserError(f"could not load dataset '{hub_id}' (subset {subset}, split {split}) from {where}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                        "check the network or the name, or download it and pass the local path to --dataset") from None
+
+
+def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> datasets.Dataset:
+    cols = set(ds.column_names)
+    image_col = "images" if "images" in cols else ("image" if "image" in cols else None)
+    if "messages" in cols:
+        convert = _from_messages
+    elif {"query", "response"} <= cols:
+        convert = _from_query_response
+    elif {"image", "text"} <= cols:
+        convert = _from_latex_ocr
+    else:
+        raise UserError(f"dataset {source} has columns {sorted(cols)}, none of the known layouts",
+                        "give it query/response(/images) columns, messages(+images), or image/text as in LaTeX_OCR")
+
+    def fn(row):
+        out = convert(row)
+        refs = row.get(image_col) if image_col else None
+        if refs is None:
+            refs = []
+        elif not isinstance(refs, list):
+            refs = [refs]
+        images = []
+        for r in refs:
+            try:
+                images.append(image_ref(r, base_dir))
+            except BadImage as e:  # kept as a broken reference: the check strategy decides
+                images.append({"bytes": None, "path": f"<invalid: {e}>"})
+        out["images"] = images
+        return out
+
+    if "image" in cols and isinstance(ds.features.get("image"), datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    if "images" in cols and isinstance(ds.features.get("images"), (datasets.Sequence, datasets.List)):
+        feat = ds.features["images"].feature
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    return ds.map(fn, remove_columns=ds.column_names, features=FEATURES, desc=f"reading {Path(source).name}")
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) else ("" if v is None else json.dumps(v) if not isinstance(v, (int, float)) else str(v))
+
+
+def _from_messages(row):
+    msgs = row["messages"]
+    if isinstance(msgs, str):
+        msgs = json.loads(msgs)
+    out = []
+    for m in msgs or []:
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI-style parts: keep text, images become <image> tags
+            content = "".join("<image>" if p.get("type") in ("image", "image_url") else p.get("text", "") for p in content)
+        out.append({"role": str(m.get("role", "")), "content": content if isinstance(content, str) else None})
+    return {"messages": out}
+
+
+def _from_query_response(row):
+    msgs = []
+    if row.get("system"):
+        msgs.append({"role": "system", "content": row["system"]})
+    query = row["query"]
+    msgs += [{"role": "user", "content": query if isinstance(query, str) else None},
+             {"role": "assistant", "content": row["response"] if isinstance(row["response"], str) else None}]
+    return {"messages": msgs}
+
+
+def _from_latex_ocr(row):
+    return {"messages": latex_ocr_preprocess({"text": row["text"] if isinstance(row["text"], str) else None,
+                                              "image": None})["messages"]}
+
+
+def load_raw(arg: str, split: str = "train", use_hf: bool = True) -> tuple[datasets.Dataset, str | None, str]:
+    """Read `arg` (registry name, local path or hub id) -> (raw dataset, base dir for image paths, label)."""
+    path = Path(arg).expanduser()
+    if path.exists():
+        return _load_local(path), str(path if path.is_dir() else path.parent), str(path)
+    if arg in DATASETS:
+        spec = get_dataset_spec(arg)
+        split_name = spec.splits[0] if split == "train" else (spec.val_split or split)
+        if spec.local_dir is not None:
+            f = spec.local_dir / f"{split_name}.parquet"
+            return datasets.load_dataset("parquet", data_files=str(f), split="train"), str(spec.local_dir), arg
+        parts = [_load_hub(spec.hf_id, s, split_name, use_hf, spec.ms_id) for s in spec.subsets]
+        return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), None, arg
+    if _looks_like_path(arg):
+        raise UserError(f"dataset file not found: {arg}", "check the path (relative paths start from the current folder)")
+    if "/" in arg and arg.count("/") == 1:
+        return _load_hub(arg, None, split, use_hf), None, arg
+    get_dataset_spec(arg)  # raises the unknown-dataset error
+    raise AssertionError
+
+
+def _looks_like_path(arg: str) -> bool:
+    return arg.startswith((".", "/", "~")) or os.sep in arg and Path(arg).suffix != "" or Path(arg).suffix.lower() in FILE_BUILDERS
+
+
+def load_dataset(arg: str, split: str = "train", use_hf: bool = True, seed: int = 42) -> datasets.Dataset:
+    """`--dataset` value -> canonical dataset (`name#N` keeps a seeded random sample of N rows)."""
+    name, n = parse_dataset_arg(arg)
+    raw, base_dir, label = load_raw(name, split, use_hf)
+    spec = DATASETS.get(name)
+    if spec is not None and spec.preprocess is not latex_ocr_preprocess and spec.preprocess is not None and not Path(name).exists():
+        raw = raw.map(spec.preprocess, remove_columns=raw.column_names)
+    ds = _canonicalize(raw, base_dir, label)
+    if n is not None:
+        ds = ds.shuffle(seed=seed).select(range(min(n, len(ds)))) if n < len(ds) else ds
+    return ds
+
+
+def load_datasets(args: list[str], split: str = "train", use_hf: bool = True, seed: int = 42) -> datasets.Dataset:
+    parts = [load_dataset(a, split, use_hf, seed) for a in args]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def split_validation(ds: datasets.Dataset, ratio: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Split off --dataset_test_ratio of the rows (at least one, at most 1000) as the validation set."""
+    if ratio <= 0 or len(ds) < 2:
+        return ds, None
+    n_val = min(max(1, round(len(ds) * ratio)), 1000, len(ds) - 1)
+    parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def ocr_record(image, query: str = OCR_PROMPT) -> dict:
+    """A single inference record for one image."""
+    return {"messages": [{"role": "user", "content": query if "<image>" in query else "<image>" + query}],
+            "images": [image_ref(image)]}

@@ -1,0 +1,117 @@
+"""Find a model (registry name, hub id, local folder or preset) and load it with its processor."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ocrtune.errors import UserError
+from ocrtune.models.presets import PRESETS, ensure_preset
+from ocrtune.models.registry import TEMPLATE_BY_ARCH, ModelSpec, find_model, get_model_spec
+
+
+def resolve_model(model: str | None, model_type: str | None = None, use_hf: bool = True,
+                  revision: str | None = None) -> tuple[Path, ModelSpec | None]:
+    """--model / --model_type -> (local folder, registry entry or None). Downloads hub models once."""
+    if not model and not model_type:
+        model = "tiny"
+    spec = get_model_spec(model_type) if model_type else None
+    if model:
+        local = Path(model).expanduser()
+        if local.is_dir():
+            if not (local / "config.json").exists():
+                raise UserError(f"model folder {local} has no config.json",
+                                "point --model at a folder saved with save_pretrained (or a merged checkpoint)")
+            return local, spec
+        if model.startswith((".", "/", "~")) or (os.sep in model and model.count("/") != 1):
+            raise UserError(f"model folder not found: {model}", "check the path, or pass a hub id or a --model_type name")
+        found = find_model(model)
+        if found is None and "/" not in model:
+            get_model_spec(model)  # raises: unknown short name
+        spec = spec or found
+        hub_id = model if "/" in model else None
+    else:
+        hub_id = None
+    if spec is not None and spec.preset:
+        return ensure_preset(spec.preset), spec
+    if spec is not None and hub_id is None:
+        hub_id = spec.hf_id if use_hf else (spec.ms_id or spec.hf_id)
+    return download(hub_id, use_hf, revision), spec
+
+
+def download(hub_id: str, use_hf: bool, revision: str | None = None) -> Path:
+    """Snapshot a hub model into the local cache (Hugging Face, or ModelScope with use_hf=False)."""
+    try:
+        if use_hf:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(hub_id, revision=revision))
+        try:
+            from modelscope import snapshot_download as ms_snapshot_download
+        except ImportError:
+            raise UserError("--use_hf false needs the modelscope package", "pip install modelscope, or use --use_hf true") from None
+        return Path(ms_snapshot_download(hub_id, revision=revision))
+    except UserError:
+        raise
+    except Exception as e:
+        where = "Hugging Face" if use_hf else "ModelScope"
+        raise UserError(f"could not download model '{hub_id}' from {where}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}",
+                        "check the network and the id, or pass a local model folder to --model") from None
+
+
+def model_arch(path: Path) -> str:
+    with open(Path(path) / "config.json") as f:
+        return json.load(f).get("model_type", "")
+
+
+def template_name(path: Path, spec: ModelSpec | None = None) -> str:
+    arch = spec.arch if spec else model_arch(path)
+    if arch not in TEMPLATE_BY_ARCH:
+        raise UserError(f"model at {path} is a '{arch}' model, which ocrtune has no template for",
+                        f"use a {', '.join(TEMPLATE_BY_ARCH)} model")
+    return TEMPLATE_BY_ARCH[arch]
+
+
+def load_processor(path: Path):
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"could not load the processor in {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                        "the folder needs tokenizer and preprocessor files (as saved by processor.save_pretrained)") from None
+
+
+def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None):
+    """Load weights with transformers (safetensors only)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True}
+    if attn_impl:
+        kwargs["attn_implementation"] = attn_impl
+    if device is not None:
+        kwargs["device_map"] = {"": device}
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model weights from {path}: {str(e).splitlines()[0][:200]}",
+                        "the folder needs config.json and *.safetensors weights") from None
+
+
+def lm_linear_names(model) -> list[str]:
+    """Leaf names of the language model's linear layers (the `all-linear` LoRA targets)."""
+    import torch.nn as nn
+    names = set()
+    for name, mod in model.named_modules():
+        if ".language_model." in f".{name}." and isinstance(mod, nn.Linear) and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_target_regex(model, target_modules: list[str]) -> str | list[str]:
+    """`all-linear` -> a regex over the language model's linears (the ViT and lm_head stay untouched)."""
+    if target_modules in (["all-linear"], ["ALL"], ["all"]):
+        return r".*language_model.*\.(" + "|".join(lm_linear_names(model)) + r")"
+    return target_modules
+
+
+__all__ = ["resolve_model", "download", "load_processor", "load_model", "template_name", "lora_target_regex", "PRESETS"]

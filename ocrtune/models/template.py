@@ -1,0 +1,142 @@
+"""Chat templates: a (messages, images) record -> input_ids, labels, pixel_values, image_grid_thw.
+
+Each message is tokenized as its own segment so the loss mask follows the turn structure exactly:
+prompt segments get label -100, assistant replies (and their <|im_end|>) are trained on. The text
+matches the model's own chat template (tests compare the two), and each `<image>` tag in a message
+becomes <|vision_start|> + N x <|image_pad|> + <|vision_end|>, N the image's merged patch count.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+IMAGE_TAG = "<image>"
+
+# Default system prompt per template family (None: the family's chat template adds none).
+DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant.", "qwen3_vl": None}
+
+
+class SampleTooLong(ValueError):
+    """The encoded sample is longer than --max_length (images can't be cut, so it is dropped)."""
+
+
+@dataclass
+class Template:
+    processor: object  # a transformers Qwen*-VL processor
+    template: str = "qwen2_vl"
+    max_length: int | None = None
+    system: str | None = None  # None: the family default
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def set_pixels(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
+        """Bound each image's pixel count; larger images are resized down (never rejected)."""
+        ip = self.processor.image_processor
+        size = dict(ip.size) if ip.size else {}
+        if max_pixels:
+            size["longest_edge"] = int(max_pixels)
+        if min_pixels:
+            size["shortest_edge"] = int(min_pixels)
+        ip.size = {k: v for k, v in size.items() if k in ("longest_edge", "shortest_edge") and v}
+
+    def _system(self) -> str | None:
+        return self.system if self.system is not None else DEFAULT_SYSTEM.get(self.template)
+
+    def _image_inputs(self, images) -> tuple[dict, list[int]]:
+        if not images:
+            return {}, []
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        merge = self.processor.image_processor.merge_size ** 2
+        counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
+
+    def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """(text, trained) pieces of the conversation in chat-template order."""
+        segs: list[tuple[str, bool]] = []
+        system = self._system()
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        if system is not None:
+            segs.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+        for m in messages:
+            if m["role"] == "assistant":
+                segs += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            else:
+                segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+        if add_generation_prompt:
+            segs.append(("<|im_start|>assistant\n", False))
+        return segs
+
+    def _expand_images(self, text: str, counts: list[int], start: int) -> tuple[str, int]:
+        def repl(_):
+            nonlocal start
+            n = counts[start]
+            start += 1
+            return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+        return re.sub(re.escape(IMAGE_TAG), repl, text), start
+
+    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
+        """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
+        add_generation_prompt=True (labels then are all -100)."""
+        messages = _with_image_tags(messages, len(images))
+        vision, counts = self._image_inputs(images)
+        ids: list[int] = []
+        labels: list[int] = []
+        used = 0
+        for text, trained in self._segments(messages, add_generation_prompt):
+            text, used = self._expand_images(text, counts, used)
+            piece = self.tokenizer.encode(text, add_special_tokens=False)
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        if self.max_length and len(ids) > self.max_length:
+            raise SampleTooLong(f"sample has {len(ids)} tokens, over --max_length {self.max_length}")
+        pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        # transformers 5 computes M-RoPE positions from these modality types (0 text, 1 image)
+        types = [1 if t == pad_id else 0 for t in ids]
+        return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, **vision}
+
+    def chat_text(self, messages: list[dict], n_images: int, add_generation_prompt: bool = False) -> str:
+        """The conversation as text with one <|image_pad|> per image, as the HF chat template writes it."""
+        messages = _with_image_tags(messages, n_images)
+        return "".join(t for t, _ in self._segments(messages, add_generation_prompt)).replace(
+            IMAGE_TAG, "<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
+    """SWIFT convention: `<image>` marks where images go; images without tags go before the first
+    user query."""
+    tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if tags > n_images:
+        raise ValueError(f"messages have {tags} <image> tags but the row has {n_images} images")
+    if tags == n_images:
+        return messages
+    out = [dict(m) for m in messages]
+    first_user = next(i for i, m in enumerate(out) if m["role"] == "user")
+    out[first_user]["content"] = IMAGE_TAG * (n_images - tags) + out[first_user]["content"]
+    return out
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a list of encoded samples into a batch."""
+    n = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    types = torch.zeros((len(samples), n), dtype=torch.long)
+    for i, s in enumerate(samples):
+        k = len(s["input_ids"])
+        input_ids[i, :k] = torch.tensor(s["input_ids"])
+        labels[i, :k] = torch.tensor(s["labels"])
+        types[i, :k] = torch.tensor(s["mm_token_type_ids"])
+        mask[i, :k] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
+    with_images = [s for s in samples if "pixel_values" in s]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+    return batch

@@ -1,0 +1,63 @@
+"""PNG plots of a run from its logging.jsonl (`ocrtune plot <run dir>` redraws them)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ocrtune.errors import UserError
+
+TRAIN_KEYS = {"loss": "train_loss", "learning_rate": "train_learning_rate", "token_acc": "train_token_acc",
+              "grad_norm": "train_grad_norm", "memory(GiB)": "train_memory"}
+
+
+def tb_smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's debiased exponential moving average (its 'smoothing' slider)."""
+    out, last, n = [], 0.0, 0
+    for v in values:
+        n += 1
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight ** n))
+    return out
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "logging.jsonl"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no logging.jsonl", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(run_dir)
+    out_dir = Path(run_dir) / "images"
+    out_dir.mkdir(exist_ok=True)
+    names = dict(TRAIN_KEYS)
+    names.update({k: k for r in records for k in r if k.startswith("eval_") and isinstance(r[k], (int, float))})
+    written = []
+    for key, name in names.items():
+        steps, values = series(records, key)
+        if not steps:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 5))
+        smooth = key in ("loss", "token_acc", "grad_norm") and len(values) > 1
+        ax.plot(steps, values, color="#1f77b4", alpha=0.35 if smooth else 1.0, marker="" if len(steps) > 1 else "o", label=key)
+        if smooth:
+            ax.plot(steps, tb_smooth(values, smoothing), color="#1f77b4", label=f"{key} (smoothed {smoothing})")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,75 @@
+"""Arguments of `ocrtune sft`, with SWIFT's names (and their older aliases)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def arg(default=None, help: str = "", aliases: tuple[str, ...] = (), choices=None, env: str | None = None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "env": env})
+
+
+@dataclass
+class SftArgs:
+    # model
+    model: str | None = arg(None, "hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (tiny, small); default tiny",
+                            aliases=("--model_id_or_path",))
+    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list-models`)")
+    use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
+    model_revision: str | None = arg(None, "hub revision")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32", aliases=("--torch_dtype",),
+                     choices=("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
+    attn_impl: str | None = arg(None, "attention kernel: sdpa, eager, flash_attention_2, flex_attention")
+    # tuner
+    train_type: str = arg("lora", "lora or full", aliases=("--sft_type", "--tuner_type"), choices=("lora", "full"))
+    lora_rank: int = arg(8, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha")
+    lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",))
+    target_modules: list[str] = arg(None, "LoRA targets: all-linear (language model linears) or module names",
+                                    aliases=("--lora_target_modules",))
+    freeze_vit: bool = arg(True, "keep the vision tower frozen")
+    # data
+    dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N rows")
+    val_dataset: list[str] = arg(None, "validation data (default: split off --dataset_test_ratio of --dataset)")
+    dataset_test_ratio: float = arg(0.01, "share of --dataset held out for evaluation", aliases=("--split_dataset_ratio",))
+    check_dataset_strategy: str = arg("warning", "bad rows: none, discard, error or warning",
+                                      choices=("none", "discard", "error", "warning"))
+    max_length: int = arg(2048, "longest sample in tokens; longer samples are dropped")
+    max_pixels: int | None = arg(None, "largest image size in pixels (resized down beyond)", env="MAX_PIXELS")
+    min_pixels: int | None = arg(None, "smallest image size in pixels", env="MIN_PIXELS")
+    system: str | None = arg(None, "system prompt (default: the template's)")
+    augment: bool = arg(False, "augment images for printed/scanned text (scale, rotation, blur, noise)")
+    dataloader_num_workers: int = arg(0, "dataloader worker processes")
+    # optimisation
+    num_train_epochs: float = arg(1.0, "epochs")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (overrides epochs)", env="MAX_STEPS")
+    batch_size: int = arg(4, "samples per device per micro-batch", aliases=("--per_device_train_batch_size",))
+    eval_batch_size: int | None = arg(None, "evaluation batch size", aliases=("--per_device_eval_batch_size",))
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    learning_rate: float | None = arg(None, "peak learning rate (default: 1e-4 LoRA, 1e-5 full; 1e-3 / 5e-4 on presets)")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    adam_beta2: float = arg(0.95, "AdamW beta2")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    lr_scheduler_type: str = arg("cosine", "cosine, linear or constant", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = arg(0.05, "share of steps spent warming up")
+    warmup_steps: int = arg(0, "warm-up steps (overrides warmup_ratio)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
+    seed: int = arg(42, "random seed")
+    # speed
+    packing: bool = arg(False, "pack samples into one row up to --packing_tokens (padding-free)")
+    packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)")
+    use_liger: bool = arg(False, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy", aliases=("--use_liger_kernel",))
+    loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
+    # evaluation, saving, logging
+    eval_steps: int = arg(50, "evaluate every N steps")
+    save_steps: int | None = arg(None, "save a checkpoint every N steps (default: eval_steps)")
+    save_total_limit: int | None = arg(2, "checkpoints kept (the best and the newest are always kept)")
+    logging_steps: int = arg(5, "log every N steps")
+    predict_with_generate: bool = arg(False, "also generate on the validation set and log BLEU/edit distance/exact match")
+    max_new_tokens: int = arg(256, "generation length for --predict_with_generate")
+    output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
+    add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")
+    resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'last' for the newest of the newest run")
+    report_to: list[str] = arg(None, "tensorboard (default) or none")
+    # distributed
+    deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
+    fsdp: str | None = arg(None, "FSDP: 'full_shard auto_wrap' or an accelerate FSDP config")

@@ -1,0 +1,69 @@
+"""Canonical rows -> encoded samples -> batches, in a seeded order that a resumed run can replay."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import torch
+
+from ocrtune.data.images import BadImage, open_image
+from ocrtune.models.template import SampleTooLong, Template, collate
+
+log = logging.getLogger("ocrtune")
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Encodes rows on access (in dataloader workers). Rows that fail (too long, bad image under
+    check strategy 'none') become None and are skipped by the collator."""
+
+    def __init__(self, rows, template: Template, augment=None, seed: int = 0):
+        self.rows, self.template, self.augment, self.seed = rows, template, augment, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[int(i)]
+        try:
+            images = [open_image(r) for r in row["images"]]
+            if self.augment is not None:  # seeded by (seed, epoch, row): same images after a resume
+                rng = random.Random(hash((self.seed, self.epoch, int(i))))
+                images = [self.augment(im, rng) for im in images]
+            return self.template.encode(row["messages"], images)
+        except (SampleTooLong, BadImage, ValueError) as e:
+            log.debug("row %d skipped: %s", i, e)
+            return None
+
+
+class Collator:
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
+
+    def __call__(self, samples):
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return None
+        if self.packing:
+            from ocrtune.train.packing import pack
+            return pack(samples, self.pad_token_id)
+        return collate(samples, self.pad_token_id)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  shuffle: bool = True) -> list[list[int]]:
+    """This rank's micro-batches of row indices for one epoch: a seeded permutation, split evenly
+    over ranks (the tail that does not fill a global batch wraps around to the start)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist() if shuffle else list(range(n))
+    per_global = batch_size * world
+    total = math.ceil(n / per_global) * per_global
+    order = (order * (total // max(n, 1) + 1))[:total]
+    mine = order[rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,46 @@
+"""logging.jsonl (one JSON per log step, SWIFT's keys) and TensorBoard events."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h {m}m {s}s" if h else (f"{m}m {s}s" if m else f"{s}s")
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(run_dir) / "logging.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop what was logged after the checkpoint
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(run_dir) / "runs"), purge_step=resume_step)
+            except ImportError:
+                self.writer = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "eval" if any(k.startswith("eval_") for k in record) else "train"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    name = k[5:] if k.startswith("eval_") else k
+                    self.writer.add_scalar(f"{prefix}/{name}", v, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

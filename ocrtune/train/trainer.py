@@ -1,0 +1,385 @@
+"""`ocrtune sft`: the training loop (one readable file, nanoGPT-style), run through accelerate so
+the same code runs on one CPU, one GPU or many (torchrun / accelerate launch)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from ocrtune.data.checks import check_dataset
+from ocrtune.data.loading import load_datasets, split_validation
+from ocrtune.errors import UserError
+from ocrtune.models.loading import (load_model, load_processor, lora_target_regex, resolve_model, template_name)
+from ocrtune.models.template import IGNORE_INDEX, Template
+from ocrtune.train import checkpoint as ckpt_io
+from ocrtune.train.args import SftArgs
+from ocrtune.train.data import Collator, EncodedDataset, epoch_batches, make_loader
+from ocrtune.train.logger import RunLogger, fmt_time
+from ocrtune.train.loss import ResponseLoss
+
+log = logging.getLogger("ocrtune")
+
+
+# ---------------------------------------------------------------- set-up
+
+def validate(args: SftArgs) -> None:
+    checks = [
+        (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.learning_rate is None or args.learning_rate > 0, "--learning_rate must be positive"),
+        (args.lora_rank >= 1, "--lora_rank must be at least 1"),
+        (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+        (0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),
+        (args.max_length >= 16, "--max_length must be at least 16"),
+        (args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive"),
+        (args.eval_steps >= 1 and args.logging_steps >= 1, "--eval_steps and --logging_steps must be at least 1"),
+        (args.save_steps is None or args.save_steps >= 1, "--save_steps must be at least 1"),
+        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_pixels is None or args.max_pixels >= 28 * 28 * 4, "--max_pixels must be at least 3136 (4 patches)"),
+        (args.min_pixels is None or args.max_pixels is None or args.min_pixels <= args.max_pixels,
+         "--min_pixels must not exceed --max_pixels"),
+        (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
+        (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message, "see `ocrtune sft --help`")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def new_run_dir(args: SftArgs, model_name: str) -> Path:
+    base = Path(args.output_dir)
+    if not args.add_output_dir_suffix:
+        return base
+    parent = base / model_name.replace("/", "--")
+    n = len([p for p in parent.glob("v*-*") if p.is_dir()]) if parent.exists() else 0
+    return parent / f"v{n}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def make_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder {run_dir} is not writable ({e.strerror})", "pass a writable --output_dir") from None
+
+
+def build_data(args: SftArgs, template: Template, accelerator):
+    with accelerator.main_process_first():
+        train = load_datasets(args.dataset, "train", args.use_hf, args.seed)
+        if args.val_dataset:
+            val = load_datasets(args.val_dataset, "validation", args.use_hf, args.seed)
+        else:
+            train, val = split_validation(train, args.dataset_test_ratio, args.seed)
+        label = ", ".join(args.dataset)
+        train = check_dataset(train, args.check_dataset_strategy, label)
+        if val is not None:
+            val = check_dataset(val, args.check_dataset_strategy, "validation data")
+    augment = None
+    if args.augment:
+        from ocrtune.data.augment import augment_printed
+        augment = augment_printed
+    return EncodedDataset(train, template, augment, args.seed), (EncodedDataset(val, template) if val is not None else None)
+
+
+def prepare_model(model, args: SftArgs):
+    """Freeze what is not trained and add LoRA adapters."""
+    if args.train_type == "lora":
+        from peft import LoraConfig, get_peft_model
+        model.requires_grad_(False)
+        targets = lora_target_regex(model, args.target_modules or ["all-linear"])
+        config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    elif args.freeze_vit:
+        visual = getattr(getattr(model, "model", model), "visual", None)
+        if visual is not None:
+            visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_resume_weights(model, ckpt: Path, train_type: str) -> None:
+    from safetensors.torch import load_file
+    if train_type == "lora":
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+
+
+def make_optimizer(model, args: SftArgs, total_steps: int):
+    from transformers import get_scheduler
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen", "use --train_type lora, or --freeze_vit false with full")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused or None)
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def default_lr(args: SftArgs, preset: bool) -> float:
+    if args.train_type == "lora":
+        return 1e-3 if preset else 1e-4
+    return 5e-4 if preset else 1e-5
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # peak RSS on Linux (KiB)
+
+
+# ---------------------------------------------------------------- the run
+
+class SftRun:
+    def __init__(self, args: SftArgs):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        validate(args)
+        self.args = args
+        args.dataset = args.dataset or ["latex-ocr-sample"]
+        args.save_steps = args.save_steps or args.eval_steps
+        self.accelerator = acc = Accelerator(**_accelerator_kwargs(args))
+        self.main = acc.is_main_process
+        set_seed(args.seed)
+        self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
+            if args.resume_from_checkpoint else None
+
+        model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf, args.model_revision)
+        self.model_dir, self.spec = model_dir, spec
+        self.processor = load_processor(model_dir)
+        self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
+        self.template.set_pixels(args.max_pixels, args.min_pixels)
+        if args.learning_rate is None:
+            args.learning_rate = default_lr(args, bool(spec and spec.preset))
+
+        self.train_ds, self.val_ds = build_data(args, self.template, acc)
+        dtype = resolve_dtype(args.dtype, acc.device)
+        weights = self.resume if (self.resume and args.train_type == "full") else model_dir
+        model = load_model(weights, dtype, args.attn_impl)
+        if args.use_liger:
+            from ocrtune.train.speed import apply_liger
+            apply_liger(model)
+        self.model = prepare_model(model, args)
+        if self.resume is not None:
+            load_resume_weights(self.model, self.resume, args.train_type)
+
+        self.run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
+        if self.main:
+            make_writable(self.run_dir)
+            with open(self.run_dir / "args.json", "w") as f:
+                json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
+                           "model_type": spec.name if spec else args.model_type}, f, indent=2)
+
+        world = acc.num_processes
+        self.micro_per_epoch = len(epoch_batches(len(self.train_ds), args.batch_size, args.seed, 0, 0, world))
+        steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
+        self.state = {"global_step": 0, "epoch": 0, "micro_batches_done": 0, "best_metric": None,
+                      "best_model_checkpoint": None, "log_acc": [0.0, 0, 0, 0.0, 0]}
+        if self.resume is not None:
+            self.state.update(ckpt_io.load_trainer_state(self.resume))
+            ckpt_io.load_states(self.resume, self.optimizer, self.scheduler)
+        fused_ce = None
+        if args.use_liger:
+            from ocrtune.train.speed import liger_fused_ce
+            fused_ce = liger_fused_ce()
+        self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
+        self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)
+        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)
+        self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
+                                self.state["global_step"] if self.resume else None, enabled=self.main)
+
+    # -- one optimizer step over a group of micro-batches
+    def train_step(self, group: list[dict]) -> tuple[float, int, int, float]:
+        acc = self.accelerator
+        tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group), device=acc.device)
+        global_tokens = acc.reduce(tokens, "sum").item() if acc.num_processes > 1 else tokens.item()
+        loss_sum, correct = 0.0, 0
+        self.loss_module.train()
+        for i, batch in enumerate(group):
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            sync = acc.no_sync(self.loss_module) if i < len(group) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                l, _, c = self.loss_module(**batch)
+                acc.backward(l * acc.num_processes / max(global_tokens, 1))
+            loss_sum, correct = loss_sum + l.detach().float(), correct + c
+        grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = float(loss_sum)
+        if not math.isfinite(loss_sum) or not math.isfinite(float(grad_norm)):
+            last = ckpt_io.list_checkpoints(self.run_dir)
+            raise UserError(f"loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {self.state['global_step'] + 1}"
+                            + (f"; the last good checkpoint is {last[-1]}" if last else ""),
+                            "lower --learning_rate, check the data, or use --dtype float32")
+        return loss_sum, int(tokens), int(correct), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        args, acc = self.args, self.accelerator
+        self.loss_module.eval()
+        loss, tokens, correct = 0.0, 0, 0
+        bs = args.eval_batch_size or args.batch_size
+        batches = epoch_batches(len(self.val_ds), bs, args.seed, 0, acc.process_index, acc.num_processes, shuffle=False)
+        seen = set()
+        for idx, batch in zip(batches, make_loader(self.val_ds, batches, self.collator, args.dataloader_num_workers, False)):
+            if batch is None or tuple(idx) in seen:
+                continue
+            seen.add(tuple(idx))
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                l, n, c = self.loss_module(**batch)
+            loss, tokens, correct = loss + float(l), tokens + int(n), correct + int(c)
+        totals = torch.tensor([loss, tokens, correct], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, "sum")
+        loss, tokens, correct = totals.tolist()
+        metrics = {"eval_loss": round(loss / max(tokens, 1), 6), "eval_acc": round(correct / max(tokens, 1), 6)}
+        if args.predict_with_generate and self.main:
+            metrics.update(self.generate_metrics())
+        return metrics
+
+    def generate_metrics(self) -> dict:
+        from ocrtune.evaluate.metrics import compute_metrics
+        from ocrtune.infer.engine import InferEngine
+        rows = self.val_ds.rows
+        engine = InferEngine(self.accelerator.unwrap_model(self.loss_module).model, self.processor, self.template)
+        preds = engine.generate_rows(rows, batch_size=self.args.eval_batch_size or self.args.batch_size,
+                                     max_new_tokens=self.args.max_new_tokens)
+        refs = [r["messages"][-1]["content"] for r in rows]
+        m = compute_metrics(preds, refs)
+        return {f"eval_{k}": round(v, 6) for k, v in m.items() if k != "count"}
+
+    def save(self, metrics: dict | None) -> None:
+        step = self.state["global_step"]
+        if metrics and "eval_loss" in metrics:
+            best = self.state["best_metric"]
+            if best is None or metrics["eval_loss"] < best:
+                self.state["best_metric"] = metrics["eval_loss"]
+                self.state["best_model_checkpoint"] = str(self.run_dir / f"checkpoint-{step}")
+        if self.main:
+            model = self.accelerator.unwrap_model(self.loss_module).model
+            ckpt_io.save_checkpoint(self.run_dir, step, model, self.optimizer, self.scheduler, dict(self.state), self.processor)
+            best = self.state["best_model_checkpoint"]
+            ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, Path(best) if best else None)
+        self.accelerator.wait_for_everyone()
+
+    def micro_batches(self):
+        """Yield (epoch, micro-batch) from the resume point on, in the seeded order."""
+        args, acc = self.args, self.accelerator
+        pin = acc.device.type == "cuda"
+        epoch, skip = self.state["epoch"], self.state["micro_batches_done"]
+        while True:
+            batches = epoch_batches(len(self.train_ds), args.batch_size, args.seed, epoch, acc.process_index, acc.num_processes)
+            self.train_ds.epoch = epoch
+            for batch in make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin):
+                yield epoch, batch
+            epoch, skip = epoch + 1, 0
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+        args, st = self.args, self.state
+        start, start_step = time.time(), st["global_step"]
+        bar = tqdm(total=self.total_steps, initial=st["global_step"], desc="train", disable=not self.main,
+                   dynamic_ncols=True, unit="step")
+        stream = self.micro_batches()
+        metrics = None
+        while st["global_step"] < self.total_steps:
+            group = []
+            for _ in range(args.gradient_accumulation_steps):
+                epoch, batch = next(stream)
+                if epoch != st["epoch"]:
+                    st["epoch"], st["micro_batches_done"] = epoch, 0
+                st["micro_batches_done"] += 1
+                if batch is not None:
+                    group.append(batch)
+                if st["micro_batches_done"] >= self.micro_per_epoch:
+                    st["epoch"], st["micro_batches_done"] = st["epoch"] + 1, 0
+                    break
+            if not group:
+                continue
+            loss, tokens, correct, grad_norm = self.train_step(group)
+            st["global_step"] += 1
+            a = st["log_acc"]
+            st["log_acc"] = [a[0] + loss, a[1] + tokens, a[2] + correct, a[3] + grad_norm, a[4] + 1]
+            step = st["global_step"]
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == self.total_steps:
+                self.log_train(step, start, start_step)
+            metrics = None
+            last = step == self.total_steps
+            if self.val_ds is not None and (step % args.eval_steps == 0 or last):
+                metrics = self.evaluate()
+                self.logger.log({**metrics, "step": step, "global_step/max_steps": f"{step}/{self.total_steps}"})
+                bar.write(json.dumps({**metrics, "step": step}))
+            if step % args.save_steps == 0 or last:
+                self.save(metrics)
+        bar.close()
+        self.logger.close()
+        return self.finish()
+
+    def log_train(self, step: int, start: float, start_step: int) -> None:
+        a = self.state["log_acc"]
+        done = step - start_step
+        elapsed = time.time() - start
+        record = {"loss": round(a[0] / max(a[1], 1), 6), "token_acc": round(a[2] / max(a[1], 1), 6),
+                  "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.scheduler.get_last_lr()[0],
+                  "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
+                  "epoch": round(step / max(self.total_steps, 1) * (self.total_steps / max(1, math.ceil(self.micro_per_epoch / self.args.gradient_accumulation_steps))), 4),
+                  "global_step/max_steps": f"{step}/{self.total_steps}",
+                  "percentage": f"{100 * step / self.total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
+                  "remaining_time": fmt_time(elapsed / max(done, 1) * (self.total_steps - step)), "step": step}
+        self.state["log_acc"] = [0.0, 0, 0, 0.0, 0]
+        self.logger.log(record)
+
+    def finish(self) -> dict:
+        ckpts = ckpt_io.list_checkpoints(self.run_dir)
+        result = {"last_model_checkpoint": str(ckpts[-1]) if ckpts else None,
+                  "best_model_checkpoint": self.state["best_model_checkpoint"], "best_metric": self.state["best_metric"],
+                  "global_step": self.state["global_step"], "run_dir": str(self.run_dir)}
+        if self.main:
+            from ocrtune.plot.plots import plot_run
+            plot_run(self.run_dir)
+            print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
+            print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
+            print(f"images: {self.run_dir / 'images'}")
+        return result
+
+
+def _accelerator_kwargs(args: SftArgs) -> dict:
+    kwargs = {}
+    if args.deepspeed or args.fsdp:
+        from ocrtune.train.distributed import plugin_kwargs
+        kwargs.update(plugin_kwargs(args))
+    return kwargs
+
+
+def run_sft(args: SftArgs) -> dict:
+    return SftRun(args).train()

@@ -1,4 +1,8 @@
-"""Generation: batched greedy/sampled/beam decoding and token streaming over a model + template."""
+"""Generation: batched greedy/sampled/beam decoding and token streaming over a model + template.
+
+Device and dtype choice for inference and export lives here (`pick_device`, `pick_dtype`), so every
+command that loads a model for generation decides the same way.
+"""
 from __future__ import annotations
 
 import threading
@@ -8,6 +12,40 @@ import torch
 
 from ocrtune.data.images import open_image
 from ocrtune.models.template import Template
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    """The one place inference decides where to run: the current CUDA device if any, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU; otherwise the named dtype."""
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        from ocrtune.errors import UserError
+        raise UserError(f"unknown --dtype '{name}'", "use auto, bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def _is_image(x) -> bool:
+    return hasattr(x, "size") and hasattr(x, "convert") and not isinstance(x, dict)
+
+
+class _StopOnEvent:
+    """A stopping criterion that ends generation when `event` is set (Ctrl-C while streaming)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class InferEngine:
@@ -19,13 +57,17 @@ class InferEngine:
     def device(self):
         return next(self.model.parameters()).device
 
+    def encode_prompt(self, record: dict) -> dict:
+        """One record's prompt (all messages but a final assistant reply), encoded for generation.
+        Raises BadImage for an unusable image."""
+        images = [im if _is_image(im) else open_image(im) for im in record.get("images") or []]
+        msgs = record["messages"]
+        prompt = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+        return self.template.encode(prompt, images, add_generation_prompt=True)
+
     def _batch(self, records: list[dict]) -> dict:
         """Left-padded prompts (generation appends on the right)."""
-        encoded = []
-        for r in records:
-            images = [im if hasattr(im, "size") and not isinstance(im, dict) else open_image(im) for im in r.get("images", [])]
-            prompt = [m for m in r["messages"] if m["role"] != "assistant" or m is not r["messages"][-1]]
-            encoded.append(self.template.encode(prompt, images, add_generation_prompt=True))
+        encoded = [r if "input_ids" in r else self.encode_prompt(r) for r in records]
         n = max(len(e["input_ids"]) for e in encoded)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(encoded), n), pad, dtype=torch.long)
@@ -39,28 +81,43 @@ class InferEngine:
         batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
         vis = [e for e in encoded if "pixel_values" in e]
         if vis:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in vis])
+            dtype = next(self.model.parameters()).dtype
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in vis]).to(dtype)
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in vis])
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def stop_ids(self) -> list[int]:
+        ids = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.pad_token_id]
+        gen = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for i in ([gen] if isinstance(gen, int) else (gen or [])):
+            if i not in ids:
+                ids.append(i)
+        return [i for i in ids if i is not None]
+
     def _gen_kwargs(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1) -> dict:
         kw = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "pad_token_id": self.tokenizer.pad_token_id,
-              "eos_token_id": [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.pad_token_id]}
+              "eos_token_id": self.stop_ids()}
         if temperature and temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     @torch.no_grad()
     def generate(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[str]:
+        """Answers for a batch of records (or already encoded prompts), in order."""
         was_training = self.model.training
         self.model.eval()
-        batch = self._batch(records)
-        out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, **kw))
-        self.model.train(was_training)
+        try:
+            batch = self._batch(records)
+            out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, **kw))
+        finally:
+            self.model.train(was_training)
         new = out[:, batch["input_ids"].shape[1]:]
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+        return [self.decode(t) for t in new]
 
     def generate_rows(self, rows, batch_size: int = 8, max_new_tokens: int = 512, **kw) -> list[str]:
         preds = []
@@ -69,13 +126,16 @@ class InferEngine:
             preds += self.generate(chunk, max_new_tokens, **kw)
         return preds
 
-    def stream(self, record: dict, max_new_tokens: int = 512, **kw) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated."""
-        from transformers import TextIteratorStreamer
+    def stream(self, record: dict, max_new_tokens: int = 512, stop: threading.Event | None = None, **kw) -> Iterator[str]:
+        """Yield the answer piece by piece as it is generated. Setting `stop` ends generation early.
+        The prompt is encoded before the first piece, so a bad image raises here, not in the thread."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
         self.model.eval()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         batch = self._batch([record])
-        kwargs = {**batch, **self._gen_kwargs(max_new_tokens, **kw), "streamer": streamer}
+        stop = stop or threading.Event()
+        kwargs = {**batch, **self._gen_kwargs(max_new_tokens, **kw), "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop)])}
         errors = []
 
         def work():
@@ -88,7 +148,10 @@ class InferEngine:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()  # consumer left early (Ctrl-C, break): end generation too
+            thread.join()
         if errors:
             raise errors[0]

@@ -1,0 +1,140 @@
+"""`ocrtune export --merge_lora true`: fold a LoRA adapter into its base weights.
+
+The result, `checkpoint-N-merged/` next to the checkpoint, is a standalone model folder (safetensors
+weights, config, generation config, tokenizer, processor, chat template) that plain
+`transformers.AutoModelForImageTextToText.from_pretrained` + `AutoProcessor.from_pretrained` load
+without ocrtune. It is written to a temporary folder and renamed into place, so an interrupted merge
+leaves nothing half-written; an existing merged folder is reused unless `force`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ocrtune.errors import UserError
+from ocrtune.export.source import INFER_KEYS, MERGE_INFO, Source, base_model, describe, file_sha256
+
+log = logging.getLogger("ocrtune")
+
+
+def merged_dir_for(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.name}-merged"
+
+
+def _config_dtype(model_dir: Path):
+    """The dtype the base model's weights are stored in (config.json), fp32 if not stated."""
+    import torch
+    with open(model_dir / "config.json") as f:
+        cfg = json.load(f)
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") \
+        or (cfg.get("text_config") or {}).get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _is_merged(out: Path) -> bool:
+    return (out / MERGE_INFO).exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))
+
+
+def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force: bool = False, dtype: str = "auto",
+               model: str | None = None, model_type: str | None = None, use_hf: bool | None = None) -> Path:
+    """Merge the LoRA checkpoint `ckpt_dir` into its base model; returns the merged folder.
+
+    dtype: "auto" keeps the base model's stored dtype; or bfloat16/float16/float32.
+    model/model_type override the base model recorded in the run's args.json."""
+    src = describe(ckpt_dir)
+    if src.kind != "lora":
+        raise UserError(f"{src.path} is already a full model folder, not a LoRA checkpoint; there is nothing to merge",
+                        f"use it directly: ocrtune infer --ckpt_dir {src.path}")
+    out = Path(output_dir).expanduser() if output_dir else merged_dir_for(src.path)
+    adapter_sha = file_sha256(src.path / "adapter_model.safetensors")
+    if out.exists() and not force:
+        if _is_merged(out):
+            info = json.loads((out / MERGE_INFO).read_text())
+            if info.get("adapter_sha256") != adapter_sha:
+                log.warning("%s was merged from a different adapter than %s now holds; pass --force true to merge again",
+                            out, src.path)
+            return out
+        raise UserError(f"{out} already exists and is not a merged checkpoint",
+                        "pass --force true to replace it, or choose another --output_dir")
+    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
+        raise UserError(f"--output_dir {out} is inside the checkpoint {src.path}", "write the merged model elsewhere")
+    return _merge(src, out, adapter_sha, dtype, model, model_type, use_hf)
+
+
+def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_type, use_hf) -> Path:
+    import torch
+    from peft import PeftModel
+
+    from ocrtune.infer.engine import DTYPES, pick_device
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.template import Template
+
+    base_dir, spec = base_model(src, model, model_type, use_hf)
+    if dtype in (None, "auto"):
+        torch_dtype = _config_dtype(base_dir)
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise UserError(f"unknown --dtype '{dtype}'", "use auto, bfloat16, float16 or float32")
+    device = pick_device()
+    base = load_model(base_dir, torch_dtype, device=device)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"the adapter in {src.path} does not fit the base model {base_dir}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                        "pass the base model it was trained on with --model") from None
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True  # training turns the KV cache off; a shipped model wants it on
+    processor = load_processor(base_dir)
+    ra = src.run_args
+    # the image size bounds the run trained with travel with the processor
+    Template(processor, ra.get("template") or "qwen2_vl").set_pixels(ra.get("max_pixels"), ra.get("min_pixels"))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        merged.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
+        processor.save_pretrained(tmp)  # tokenizer, image processor, chat template
+        info = {"source_checkpoint": str(src.path.resolve()), "base_model": str(base_dir), "dtype": str(torch_dtype),
+                "adapter_sha256": adapter_sha, "run_args": {k: ra[k] for k in INFER_KEYS if k in ra}}
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2))
+        for f in tmp.iterdir():  # some writers create 0600 files; a shipped model is world-readable
+            os.chmod(f, 0o644)
+        if not any(tmp.glob("*.safetensors")):
+            raise UserError(f"merging wrote no safetensors weights in {tmp}", "report this as a bug")
+        if out.exists():  # force: swap the new folder in, then drop the old one
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the merged model to {out}: {e.strerror or e}",
+                        "check free disk space and that the folder is writable, or pass --output_dir") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del base, peft_model, merged
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_export(args) -> Path:
+    """`ocrtune export`: merge and print the merged folder's path."""
+    if not args.ckpt_dir:
+        raise UserError("ocrtune export needs --ckpt_dir", "pass the LoRA checkpoint folder, e.g. --ckpt_dir output/.../checkpoint-100")
+    if not args.merge_lora:
+        raise UserError("ocrtune export only merges LoRA checkpoints for now", "pass --merge_lora true")
+    out = merge_lora(args.ckpt_dir, args.output_dir, args.force, args.dtype)
+    print(out)
+    return out

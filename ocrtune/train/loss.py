@@ -7,6 +7,8 @@ linear cross-entropy kernel does the same in one pass.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,17 +53,55 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch
 
 class ResponseLoss(nn.Module):
     """Wraps the model so one forward returns (summed loss, response tokens, correct tokens);
-    DDP/FSDP wrap this module, so gradient sync sees the whole computation."""
+    DDP/FSDP wrap this module, so gradient sync sees the whole computation.
+
+    The image features are computed without autograd when the vision tower is frozen (nothing in it
+    trains, so backward never enters it). Packed batches (`cu_seq_lens` from packing.pack) go to the
+    language model as one row with per-sample positions and variable-length attention."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, fused_ce=None):
         super().__init__()
         self.model, self.chunk_size, self.fused_ce = model, chunk_size, fused_ce
 
+    def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
+        embeds = vlm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        frozen = not any(p.requires_grad for p in vlm.visual.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            feats = vlm.get_image_features(pixel_values, image_grid_thw).pooler_output
+            feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+        mask = (input_ids == causal_lm(self.model).config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, **kwargs):
+                position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, **kwargs):
         lm = causal_lm(self.model)
-        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                       image_grid_thw=image_grid_thw, position_ids=position_ids, use_cache=False, **kwargs)
+        vlm = lm.model
+        embeds = self._embeds(vlm, input_ids, pixel_values, image_grid_thw)
+        text = vlm.language_model
+        if cu_seq_lens is not None:  # packed row
+            impl = text.config._attn_implementation or "sdpa"
+            if impl == "sdpa" or "flash" in impl:
+                if impl == "sdpa":
+                    from ocrtune.train.packing import install_varlen_sdpa
+                    install_varlen_sdpa()
+                m = int(max_length) if max_length is not None else input_ids.shape[1]
+                cu = cu_seq_lens.to(input_ids.device, torch.int32)
+                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+                masks = {t: None for t in set(getattr(text.config, "layer_types", None) or ["full_attention"])}
+                out = text(inputs_embeds=embeds, position_ids=position_ids[1:], attention_mask=masks,
+                           use_cache=False, **kwargs)
+            else:  # eager / flex: transformers builds the document mask from the text positions (row 0)
+                out = text(inputs_embeds=embeds, position_ids=position_ids, attention_mask=None, use_cache=False, **kwargs)
+        else:
+            if position_ids is None:
+                if mm_token_type_ids is None:
+                    mm_token_type_ids = (input_ids == lm.config.image_token_id).long()
+                position_ids, _ = vlm.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw,
+                                                     attention_mask=attention_mask)
+            out = text(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                       use_cache=False, **kwargs)
         hidden = out.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

@@ -21,7 +21,7 @@ from ocrtune.models.loading import (load_model, load_processor, lora_target_rege
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune.train import checkpoint as ckpt_io
 from ocrtune.train.args import SftArgs
-from ocrtune.train.data import Collator, EncodedDataset, epoch_batches, make_loader
+from ocrtune.train.data import Collator, EncodedDataset, epoch_batches, make_loader, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
 
@@ -196,7 +196,7 @@ class SftRun:
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
 
         world = acc.num_processes
-        self.micro_per_epoch = len(epoch_batches(len(self.train_ds), args.batch_size, args.seed, 0, 0, world))
+        self.micro_per_epoch = len(plan_batches(self.train_ds, args, 0, 0, world))
         steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
         self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
@@ -297,7 +297,7 @@ class SftRun:
         pin = acc.device.type == "cuda"
         epoch, skip = self.state["epoch"], self.state["micro_batches_done"]
         while True:
-            batches = epoch_batches(len(self.train_ds), args.batch_size, args.seed, epoch, acc.process_index, acc.num_processes)
+            batches = plan_batches(self.train_ds, args, epoch, acc.process_index, acc.num_processes)
             self.train_ds.epoch = epoch
             for batch in make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin):
                 yield epoch, batch

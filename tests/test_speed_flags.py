@@ -1,0 +1,85 @@
+"""Each speed flag falls back cleanly where its kernel is unavailable (CPU, package missing)."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ocrtune.train import speed
+
+
+def _tiny(tiny_model_dir):
+    from ocrtune.models.loading import load_model
+    return load_model(tiny_model_dir, torch.float32, "sdpa")
+
+
+def test_liger_falls_back_without_cuda(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _tiny(tiny_model_dir)
+    before = {n: type(m) for n, m in model.named_modules()}
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        assert speed.apply_liger(model) is False
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(m.forward == forwards[n] for n, m in model.named_modules())
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        assert speed.liger_fused_ce() is None
+
+
+def test_liger_falls_back_when_not_installed(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    model = _tiny(tiny_model_dir)
+    with pytest.warns(UserWarning, match="liger-kernel is not usable"):
+        assert speed.apply_liger(model) is False
+    with pytest.warns(UserWarning, match="liger-kernel is not usable"):
+        assert speed.liger_fused_ce() is None
+
+
+def test_packed_attention_cpu_fallback_is_exact():
+    """On CPU the packed attention is sdpa with a block-diagonal causal mask: equal to running
+    each sample on its own."""
+    from ocrtune.train.packing import packed_attention
+    torch.manual_seed(0)
+    lens = [3, 5, 2]
+    q = torch.randn(1, 4, sum(lens), 8)
+    k, v = torch.randn(1, 2, sum(lens), 8), torch.randn(1, 2, sum(lens), 8)
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on CPU: the fallback is the CPU path
+        out = packed_attention(None, q, k, v, cu, max(lens), scaling=None)
+    assert out.shape == (1, sum(lens), 4, 8)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e].repeat_interleave(2, 1), v[:, :, s:e].repeat_interleave(2, 1), is_causal=True)
+        torch.testing.assert_close(out[:, s:e], ref.transpose(1, 2))
+
+
+def test_varlen_sdpa_wrapper_leaves_plain_sdpa_alone():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ocrtune.train.packing import install_varlen_sdpa
+    assert install_varlen_sdpa() is True
+    fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    out, _ = fn(module, q, k, v, None)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_sft_with_speed_flags_on_cpu(tiny_model_dir, tmp_path):
+    """`--packing --packing_tokens --use_liger` train end to end on CPU (Liger falls back)."""
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import run_sft
+    args = SftArgs(model=str(tiny_model_dir), dataset=["latex-ocr-sample#24"], max_steps=2, batch_size=4,
+                   packing=True, packing_tokens=400, use_liger=True, eval_steps=2, logging_steps=1,
+                   output_dir=str(tmp_path), report_to=["none"], dataset_test_ratio=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run_sft(args)
+    assert out["global_step"] == 2

@@ -1,0 +1,96 @@
+"""GPU checks of the kernels the CPU tests can't reach: varlen attention (forward and backward)
+against per-sample sdpa, and packed vs padded loss/gradients on the tiny model with Liger on.
+
+    python bench/gpu_selftest.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def check_varlen():
+    from ocrtune.train.packing import _VARLEN, packed_attention
+    torch.manual_seed(0)
+    lens = [37, 120, 5, 300, 64]
+    T, H, KV, D = sum(lens), 28, 4, 128
+    q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = packed_attention(None, q, k, v, cu, max(lens), scaling=D ** -0.5)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    refs = []
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        refs.append(torch.nn.functional.scaled_dot_product_attention(
+            qd[:, :, s:e], kd[:, :, s:e].repeat_interleave(H // KV, 1), vd[:, :, s:e].repeat_interleave(H // KV, 1),
+            is_causal=True, scale=D ** -0.5).transpose(1, 2))
+    ref = torch.cat(refs, dim=1)
+    (ref * g.double()).sum().backward()
+    return {"varlen_kernel": _VARLEN["fn"] is not None, "warnings": [str(x.message)[:160] for x in w],
+            "out_rel": rel(out, ref), "dq_rel": rel(grads[0], qd.grad), "dk_rel": rel(grads[1], kd.grad),
+            "dv_rel": rel(grads[2], vd.grad)}
+
+
+def check_model(liger: bool):
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.presets import ensure_preset
+    from ocrtune.models.template import Template, collate
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.loss import ResponseLoss
+    from ocrtune.train.packing import pack
+    from ocrtune.train.speed import apply_liger, liger_fused_ce
+    from ocrtune.train.trainer import prepare_model
+    d = ensure_preset("small")
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
+    samples = [ds[i] for i in range(len(ds))]
+    model = load_model(d, torch.bfloat16, "sdpa")
+    applied = apply_liger(model) if liger else False
+    model = prepare_model(model, SftArgs(lora_dropout=0.0)).cuda()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    fused = liger_fused_ce() if liger else None
+    res = {}
+    for name, batch in (("padded", collate(samples, 0)), ("packed", pack(samples, 0))):
+        model.zero_grad(set_to_none=True)
+        batch = {k: v.cuda() for k, v in batch.items()}
+        loss, n, _ = ResponseLoss(model, fused_ce=fused)(**batch)
+        (loss / n).backward()
+        res[name] = (float(loss / n), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None})
+    (l1, g1), (l2, g2) = res["padded"], res["packed"]
+    worst = max(rel(g2[k], g1[k]) for k in g1)
+    return {"liger_applied": applied, "fused_ce": fused is not None, "loss_padded": l1, "loss_packed": l2,
+            "loss_rel": abs(l2 - l1) / abs(l1), "worst_grad_rel": worst, "n_grads": len(g1)}
+
+
+if __name__ == "__main__":
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name, fn in (("varlen", check_varlen), ("model", lambda: check_model(False)), ("model_liger", lambda: check_model(True))):
+        try:
+            out[name] = fn()
+        except Exception as e:  # report, keep going
+            import traceback
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(name, json.dumps(out[name]), flush=True)
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(out, indent=1))

@@ -7,11 +7,14 @@ through the same `from_pretrained` path as a downloaded model.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+BUILD_VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
@@ -33,7 +36,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 PRESETS = {
     "tiny": dict(
         text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True, mrope_section=[4, 6, 6]),
+                  num_key_value_heads=2, tie_word_embeddings=True, mrope_section=[4, 6, 6], initializer_range=0.1),
         vision=dict(depth=2, embed_dim=64, num_heads=2), vocab=1024, max_pixels=64 * 28 * 28),
     "small": dict(
         text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
@@ -55,7 +58,10 @@ def cache_root() -> Path:
 
 
 def preset_path(name: str) -> Path:
-    return cache_root() / "models" / name
+    """Cache folder of a preset; its name carries a hash of the preset's sizes (and the build code's
+    version) so a changed preset is rebuilt, never silently reused."""
+    key = hashlib.sha1(json.dumps([PRESETS[name], BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / "models" / f"{name}-{key}"
 
 
 def formula_texts() -> list[str]:
@@ -96,6 +102,7 @@ def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int
     vision = dict(p["vision"], mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                   in_chans=3, hidden_size=text["hidden_size"])
     config = Qwen2VLConfig(
+        initializer_range=text.get("initializer_range", 0.02),
         text_config=dict(text, rope_theta=1e6, max_position_embeddings=32768,
                          rope_scaling={"type": "mrope", "mrope_section": mrope},
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),

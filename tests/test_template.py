@@ -1,0 +1,74 @@
+"""The training template matches the model's own chat template and masks all but the response."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoProcessor
+
+from ocrtune.data.images import open_image
+from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
+from ocrtune.models.template import IGNORE_INDEX, SampleTooLong, Template, collate
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def row():
+    r = pq.read_table(SAMPLE_DIR / "train.parquet").slice(3, 1).to_pylist()[0]
+    return [{"role": "user", "content": "<image>" + OCR_PROMPT}, {"role": "assistant", "content": r["text"]}], \
+        [open_image(r["image"])], r["text"]
+
+
+def test_encoding_equals_hf_chat_template_and_processor(processor):
+    msgs, images, text = row()
+    enc = Template(processor).encode(msgs, images)
+    hf_text = processor.apply_chat_template([
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": OCR_PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": text}]}])
+    ref = processor(text=[hf_text], images=images, return_tensors="pt")
+    assert enc["input_ids"] == ref["input_ids"][0].tolist()
+    assert enc["mm_token_type_ids"] == ref["mm_token_type_ids"][0].tolist()
+    assert (enc["pixel_values"] == ref["pixel_values"]).all()
+
+
+def test_loss_only_on_response_and_end_token(processor):
+    msgs, images, text = row()
+    enc = Template(processor).encode(msgs, images)
+    trained = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained) == text + "<|im_end|>"
+
+
+def test_generation_prompt_matches_hf(processor):
+    msgs, images, _ = row()
+    enc = Template(processor).encode(msgs[:1], images, add_generation_prompt=True)
+    hf = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": OCR_PROMPT}]}],
+                                       add_generation_prompt=True)
+    assert enc["input_ids"] == processor(text=[hf], images=images)["input_ids"][0]
+    assert all(l == IGNORE_INDEX for l in enc["labels"])
+
+
+def test_max_pixels_bounds_image_tokens_and_max_length(processor):
+    msgs, images, _ = row()
+    t = Template(processor)
+    big = images[0].resize((images[0].width * 8, images[0].height * 8))
+    t.set_pixels(max_pixels=28 * 28 * 8)
+    enc = t.encode(msgs, [big])
+    assert int(enc["image_grid_thw"].prod()) * 14 * 14 <= 28 * 28 * 8
+    t.max_length = 20
+    with pytest.raises(SampleTooLong):
+        t.encode(msgs, images)
+
+
+def test_collate_pads_right(processor):
+    msgs, images, _ = row()
+    t = Template(processor)
+    a = t.encode(msgs, images)
+    b = t.encode([msgs[0], {"role": "assistant", "content": "x"}], images)
+    batch = collate([a, b], processor.tokenizer.pad_token_id)
+    n = max(len(a["input_ids"]), len(b["input_ids"]))
+    assert batch["input_ids"].shape == (2, n)
+    assert batch["attention_mask"][1].sum() == len(b["input_ids"])
+    assert (batch["labels"][1, len(b["input_ids"]):] == IGNORE_INDEX).all()
+    assert batch["image_grid_thw"].shape == (2, 3)

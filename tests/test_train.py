@@ -1,0 +1,146 @@
+"""End-to-end LoRA training on the tiny model: it learns, the run folder is complete, and the saved
+adapter is a plain PEFT adapter that reproduces the trained model's logits."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ocrtune.data.registry import SAMPLE_DIR
+from ocrtune.train.args import SftArgs
+from ocrtune.train.trainer import SftRun
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("overfit")
+    rows = str(out / "rows16.parquet")
+    pq.write_table(pq.read_table(SAMPLE_DIR / "train.parquet").slice(0, 16), rows)
+    args = SftArgs(dataset=[rows], dataset_test_ratio=0, val_dataset=[rows],
+                   max_steps=240, learning_rate=5e-3, lora_rank=16, lora_alpha=64, logging_steps=1, eval_steps=120,
+                   output_dir=str(out), seed=7)
+    run = SftRun(args)
+    result = run.train()
+    return run, result
+
+
+def read_log(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "logging.jsonl").read_text().splitlines()]
+
+
+def test_lora_overfits_16_rows(overfit_run):
+    _, result = overfit_run
+    train = [r for r in read_log(result["run_dir"]) if "loss" in r]
+    start, end = train[0]["loss"], sum(r["loss"] for r in train[-5:]) / 5
+    assert start > 5.0  # ~ln(vocab) for a random model
+    assert end < 0.1 * start, (start, end)
+    evals = [r for r in read_log(result["run_dir"]) if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < 0.2 * start and evals[-1]["eval_acc"] > 0.8
+
+
+def test_run_folder_has_every_artifact(overfit_run):
+    _, result = overfit_run
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent.name == "tiny" and run_dir.name.startswith("v0-")
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["lora_rank"] == 16 and args["dataset"][0].endswith("rows16.parquet")
+    assert list((run_dir / "runs").glob("events.out.tfevents.*"))
+    for name in ("train_loss", "train_learning_rate", "eval_loss", "eval_acc", "train_memory"):
+        with Image.open(run_dir / "images" / f"{name}.png") as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    record = read_log(run_dir)[0]
+    for key in ("loss", "learning_rate", "grad_norm", "token_acc", "memory(GiB)", "elapsed_time", "remaining_time"):
+        assert key in record
+    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in ckpts] == ["checkpoint-120", "checkpoint-240"]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt",
+              "trainer_state.json"):
+        assert (ckpts[-1] / f).exists(), f
+    assert result["last_model_checkpoint"] == str(ckpts[-1])
+    assert result["best_model_checkpoint"] == str(ckpts[-1])  # eval loss fell between the two evals
+
+
+def test_adapter_loads_with_plain_peft_and_matches_training_logits(overfit_run):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    run, result = overfit_run
+    batch = next(b for b in run.micro_batches() if b[1] is not None)[1]
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    trained = run.accelerator.unwrap_model(run.loss_module).model.eval()
+    with torch.no_grad():
+        expected = trained(**batch).logits
+    base = AutoModelForImageTextToText.from_pretrained(run.model_dir)
+    reloaded = PeftModel.from_pretrained(base, result["last_model_checkpoint"]).eval()
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    lora_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    assert not any("visual" in n for n, _ in reloaded.named_parameters() if "lora_" in n)  # freeze_vit
+
+
+def test_plot_command_redraws(overfit_run, tmp_path):
+    _, result = overfit_run
+    images = Path(result["run_dir"]) / "images"
+    (images / "train_loss.png").unlink()
+    out = subprocess.run([sys.executable, "-m", "ocrtune", "plot", result["run_dir"]], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (images / "train_loss.png").exists()
+
+
+def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    args = SftArgs(dataset=["latex-ocr-sample#8"], train_type="full", freeze_vit=False, max_steps=3, eval_steps=3,
+                   output_dir=str(tmp_path), dataset_test_ratio=0.25)
+    result = SftRun(args).train()
+    ckpt = Path(result["last_model_checkpoint"])
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    AutoProcessor.from_pretrained(ckpt)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    changed = lambda prefix: any(not torch.equal(p, base.state_dict()[n]) for n, p in model.state_dict().items() if n.startswith(prefix))
+    assert changed("model.language_model") and changed("model.visual")
+
+
+def test_freeze_vit_in_full_finetuning_keeps_vision_weights(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+    args = SftArgs(dataset=["latex-ocr-sample#8"], train_type="full", max_steps=2, eval_steps=2,
+                   output_dir=str(tmp_path), dataset_test_ratio=0.25)
+    result = SftRun(args).train()
+    model = AutoModelForImageTextToText.from_pretrained(result["last_model_checkpoint"])
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    for n, p in model.state_dict().items():
+        if n.startswith("model.visual"):
+            assert torch.equal(p, base[n]), n
+
+
+def test_sft_with_no_flags_runs_the_demo(tmp_path):
+    env = {**os.environ, "OCRTUNE_CACHE": os.environ["OCRTUNE_CACHE"]}
+    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--max_steps", "6"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "last_model_checkpoint: " in out.stdout and "best_model_checkpoint: " in out.stdout
+    runs = list((tmp_path / "output" / "tiny").glob("v0-*"))
+    assert len(runs) == 1 and (runs[0] / "checkpoint-6" / "adapter_model.safetensors").exists()
+
+
+def test_swift_style_flags_and_env_vars(tmp_path):
+    env = {**os.environ, "MAX_PIXELS": "6272", "MAX_STEPS": "2"}
+    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--model_type", "tiny", "--sft_type", "lora",
+                          "--dataset", "latex-ocr-sample#12", "--lora_target_modules", "q_proj,v_proj",
+                          "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path), "--freeze_vit", "true"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = next((tmp_path / "tiny").glob("v0-*"))
+    args = json.loads((run / "args.json").read_text())
+    assert args["max_pixels"] == 6272 and args["max_steps"] == 2 and args["batch_size"] == 2
+    assert args["target_modules"] == ["q_proj", "v_proj"] and args["train_type"] == "lora"
+    adapter = json.loads((run / "checkpoint-2" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}

@@ -110,7 +110,10 @@ def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,
-                                       prefetch_factor=4 if num_workers else None)
+                                       prefetch_factor=4 if num_workers else None,
+                                       # own generator: creating a loader must not draw from the global RNG,
+                                       # or a resumed run's dropout would differ from an uninterrupted one
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def _can_fork() -> bool:

@@ -1,0 +1,41 @@
+"""Arguments of `ocrtune serve` (SWIFT calls it `deploy`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ocrtune.train.args import arg
+
+
+@dataclass
+class ServeArgs:
+    # model (same meaning as in `ocrtune infer`)
+    ckpt_dir: str | None = arg(None, "checkpoint folder from ocrtune sft (reads the run's args.json), or a merged folder")
+    model: str | None = arg(None, "base model (hub id, folder or preset such as tiny) when no --ckpt_dir is given",
+                            aliases=("--model_id_or_path",))
+    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct")
+    use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
+    merge_lora: bool = arg(False, "merge the LoRA adapter into the weights first (writes checkpoint-N-merged/)")
+    dtype: str = arg("auto", "auto, bfloat16, float16 or float32", aliases=("--torch_dtype",),
+                     choices=("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
+    max_pixels: int | None = arg(None, "images are resized down to at most this many pixels before the model "
+                                       "(default: the run's / the model's)", env="MAX_PIXELS")
+    served_model_name: str | None = arg(None, "model id clients send and /v1/models lists "
+                                              "(default: --model, or <run folder>/<checkpoint-N> for --ckpt_dir)")
+    # network
+    host: str = arg("127.0.0.1", "address to listen on; 0.0.0.0 exposes the server to the network")
+    port: int = arg(8000, "TCP port (0 picks a free one and prints it)")
+    api_key: str | None = arg(None, "require 'Authorization: Bearer <key>' on /v1/* (the web page asks for it); "
+                                    "or set OCRTUNE_API_KEY",
+                              env="OCRTUNE_API_KEY")
+    allow_image_urls: bool = arg(False, "also fetch http(s) image URLs named by clients (off: only inline "
+                                        "base64 data URLs are accepted; local paths are never read)")
+    # batching
+    max_batch_size: int = arg(8, "most requests generated together in one batch")
+    batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives")
+    max_queue: int = arg(256, "requests waiting beyond this many are refused with 503")
+    # limits
+    max_new_tokens: int = arg(512, "default and largest max_tokens a request may ask for")
+    max_request_mb: float = arg(20.0, "largest request body in MB")
+    max_image_pixels: int = arg(25_000_000, "images with more pixels than this are refused (400)")
+    log_level: str = arg("info", "uvicorn log level: critical, error, warning, info, debug",
+                         choices=("critical", "error", "warning", "info", "debug"))

@@ -1,0 +1,218 @@
+"""Dynamic batching: requests that arrive together are generated together by the one model.
+
+A background asyncio task takes the first waiting request, waits `wait_s` for more (up to
+`max_batch_size`), groups them by generation settings and runs `engine.generate` in a single
+model thread, so the event loop keeps answering (health checks, uploads, new requests) while the
+model works. Streamed requests run one at a time through the same thread. A failing batch is
+retried request by request, so one bad input fails only its own request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ocrtune.serve")
+_END = object()
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    record: dict
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    future: asyncio.Future | None = None  # plain request: resolves to the answer text
+    pieces: asyncio.Queue | None = None  # streamed request: receives text pieces, then _END or an exception
+    stop: threading.Event | None = None  # streamed request: set when its client is gone
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        return (self.max_new_tokens, self.temperature, self.top_p if self.temperature > 0 else 1.0)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future is not None and self.future.done()
+
+
+class Batcher:
+    def __init__(self, engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256):
+        self.engine = engine
+        self.max_batch_size, self.wait_s, self.max_queue = max(1, max_batch_size), max(0.0, wait_s), max_queue
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ocrtune-model")
+        self.task: asyncio.Task | None = None
+        self.busy = False
+        self.stats = {"requests": 0, "streams": 0, "batches": 0, "errors": 0, "max_batch_size_seen": 0,
+                      "generate_seconds": 0.0}
+        self.batch_sizes: Counter = Counter()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="ocrtune-batcher")
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
+    def snapshot(self) -> dict:
+        return {**self.stats, "generate_seconds": round(self.stats["generate_seconds"], 3), "queued": self.queue.qsize(),
+                "busy": self.busy, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+
+    # ---- client side ----------------------------------------------------------------------------
+    def _put(self, job: Job) -> None:
+        if self.task is None or self.task.done():
+            raise RuntimeError("the batching worker is not running")
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.queue.qsize()} requests are already waiting")
+        self.queue.put_nowait(job)
+
+    async def generate(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> str:
+        job = Job(record, max_new_tokens, temperature, top_p, future=asyncio.get_running_loop().create_future())
+        self._put(job)
+        return await job.future
+
+    async def stream(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                     stop: threading.Event | None = None):
+        """Async iterator of text pieces; setting `stop` ends generation early (client gone).
+        Raises QueueFull at once if the queue is full."""
+        job = Job(record, max_new_tokens, temperature, top_p, pieces=asyncio.Queue(), stop=stop or threading.Event())
+        self._put(job)
+        return self._drain(job.pieces)
+
+    @staticmethod
+    async def _drain(pieces: asyncio.Queue):
+        while True:
+            item = await pieces.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # ---- worker ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        later: list[Job] = []  # streamed jobs met while collecting a batch
+        while True:
+            first = later.pop(0) if later else await self.queue.get()
+            taken = [first]
+            try:
+                if first.pieces is not None:
+                    await self._run_stream(loop, first)
+                    continue
+                batch = [first]
+                if self.wait_s and self.queue.qsize() < self.max_batch_size - 1:
+                    await asyncio.sleep(self.wait_s)  # let requests sent together arrive
+                while len(batch) < self.max_batch_size and not self.queue.empty():
+                    job = self.queue.get_nowait()
+                    (later if job.pieces is not None else batch).append(job)
+                taken = batch
+                groups: dict[tuple, list[Job]] = {}
+                for job in batch:
+                    if not job.abandoned:
+                        groups.setdefault(job.key, []).append(job)
+                for jobs in groups.values():
+                    await self._run_batch(loop, jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug here must not stop the worker: fail these requests only
+                log.exception("batching worker error")
+                for job in taken:
+                    if job.future is not None and not job.future.done():
+                        job.future.set_exception(e)
+                    elif job.pieces is not None:
+                        job.pieces.put_nowait(e)
+                        job.pieces.put_nowait(_END)
+
+    async def _run_batch(self, loop, jobs: list[Job]) -> None:
+        self.busy = True
+        t0 = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self.model_thread, self._generate, jobs)
+        except Exception as e:  # the executor itself failed: fail these requests, keep serving
+            results = [e] * len(jobs)
+        finally:
+            self.busy = False
+        self.stats["generate_seconds"] += time.monotonic() - t0
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(jobs)
+        self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(jobs))
+        self.batch_sizes[len(jobs)] += 1
+        for job, res in zip(jobs, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(res, BaseException):
+                self.stats["errors"] += 1
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
+
+    def _generate(self, jobs: list[Job]) -> list:
+        """Runs in the model thread."""
+        j = jobs[0]
+        kw = {"temperature": j.temperature, "top_p": j.top_p}
+        try:
+            return list(self.engine.generate([x.record for x in jobs], max_new_tokens=j.max_new_tokens, **kw))
+        except Exception as e:
+            if len(jobs) == 1:
+                log.warning("generation failed: %s: %s", type(e).__name__, e)
+                return [e]
+        out = []  # find the request that broke the batch; the others still get answers
+        for x in jobs:
+            try:
+                out.append(self.engine.generate([x.record], max_new_tokens=j.max_new_tokens, **kw)[0])
+            except Exception as e:
+                log.warning("generation failed: %s: %s", type(e).__name__, e)
+                out.append(e)
+        return out
+
+    async def _run_stream(self, loop, job: Job) -> None:
+        put = job.pieces.put_nowait
+
+        if job.stop.is_set():  # the client left while waiting
+            put(_END)
+            return
+
+        def work():
+            try:
+                for piece in self.engine.stream(job.record, max_new_tokens=job.max_new_tokens, stop=job.stop,
+                                                temperature=job.temperature, top_p=job.top_p):
+                    if piece:
+                        loop.call_soon_threadsafe(put, piece)
+                    if job.stop.is_set():
+                        break  # closes engine.stream, which ends and joins its generation thread
+            except Exception as e:
+                log.warning("streamed generation failed: %s: %s", type(e).__name__, e)
+                loop.call_soon_threadsafe(put, e)
+            finally:
+                loop.call_soon_threadsafe(put, _END)
+
+        self.busy = True
+        t0 = time.monotonic()
+        try:
+            await loop.run_in_executor(self.model_thread, work)
+        except Exception as e:
+            put(e)
+        finally:
+            self.busy = False
+        self.stats["generate_seconds"] += time.monotonic() - t0
+        self.stats["streams"] += 1
+        self.stats["batches"] += 1
+        self.stats["requests"] += 1
+        self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], 1)
+        self.batch_sizes[1] += 1

@@ -1,0 +1,102 @@
+"""A run killed with SIGKILL (mid-training or mid-save) resumes to bit-identical adapter weights,
+the same logging.jsonl and the same data order as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+STEPS = 12
+FLAGS = ["--dataset", "latex-ocr-sample#24", "--max_steps", str(STEPS), "--batch_size", "2", "--save_steps", "2",
+         "--eval_steps", "4", "--logging_steps", "1", "--save_total_limit", "2", "--seed", "3",
+         "--lora_dropout", "0.1", "--dataset_test_ratio", "0.1", "--report_to", "none"]
+COMPARED = ("loss", "token_acc", "grad_norm", "learning_rate", "eval_loss", "eval_acc", "step")
+
+
+def sft(out: Path, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--output_dir", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def run_dir(out: Path) -> Path:
+    return next((out / "tiny").glob("v*-*"))
+
+
+def final_state(out: Path):
+    rd = run_dir(out)
+    weights = load_file(rd / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
+    log = [{k: r[k] for k in COMPARED if k in r} for r in map(json.loads, (rd / "logging.jsonl").read_text().splitlines())]
+    return weights, log
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    finish(sft(out))
+    return final_state(out)
+
+
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out: Path) -> int:
+    try:
+        lines = (run_dir(out) / "logging.jsonl").read_text().splitlines()
+        return max((json.loads(l)["step"] for l in lines if l.strip()), default=0)
+    except (StopIteration, FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def assert_same(reference, out):
+    ref_w, ref_log = reference
+    w, log = final_state(out)
+    assert ref_w.keys() == w.keys()
+    for k in ref_w:
+        assert (ref_w[k] == w[k]).all(), f"{k} differs after resume"
+    assert log == ref_log
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, seed):
+    kill_at = random.Random(seed).randint(3, STEPS - 2)
+    proc = sft(tmp_path)
+    wait_for(lambda: logged_steps(tmp_path) >= kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert logged_steps(tmp_path) < STEPS
+    finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
+    assert_same(reference, tmp_path)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
+    proc = sft(tmp_path, env={"OCRTUNE_FAULT_SLOW_SAVE": "30"})
+    wait_for(lambda: any(run_dir(tmp_path).glob(".checkpoint-4.tmp")) if (tmp_path / "tiny").exists() else False, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rd = run_dir(tmp_path)
+    assert (rd / "checkpoint-2" / "trainer_state.json").exists()  # the previous checkpoint is intact
+    assert not (rd / "checkpoint-4").exists()
+    finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
+    assert not list(rd.glob(".checkpoint-*"))  # leftovers cleaned by the later saves
+    assert_same(reference, tmp_path)
+
+

@@ -1,0 +1,190 @@
+"""LoRA merge: the merged folder gives the same logits and greedy text as base + adapter, loads with
+plain transformers (no ocrtune), and merging is idempotent."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
+from ocrtune.errors import UserError
+
+MAX_PIXELS = 8 * 28 * 28  # smaller than the samples (280x40): the run's setting must reach the merged processor
+
+
+def sample_rows(n: int, split: str = "validation") -> list[dict]:
+    import pyarrow.parquet as pq
+    t = pq.read_table(SAMPLE_DIR / f"{split}.parquet").slice(0, n).to_pylist()
+    return [{"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT}, {"role": "assistant", "content": r["text"]}],
+             "images": [{"bytes": r["image"]["bytes"], "path": None}]} for r in t]
+
+
+def write_png(row: dict, path: Path) -> Path:
+    from PIL import Image
+    Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tiny_model_dir, tmp_path_factory) -> Path:
+    """A short LoRA run on the tiny model so the adapter is far from its zero init."""
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import run_sft
+    out = tmp_path_factory.mktemp("export_run")
+    result = run_sft(SftArgs(model=str(tiny_model_dir), dataset=["latex-ocr-sample#24"], dataset_test_ratio=0.25,
+                             max_steps=20, eval_steps=20, batch_size=4, learning_rate=5e-3, output_dir=str(out),
+                             max_pixels=MAX_PIXELS, report_to=["none"]))
+    return Path(result["last_model_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def merged(lora_ckpt) -> Path:
+    from ocrtune.export.merge import merge_lora
+    return merge_lora(lora_ckpt)
+
+
+def _engine(ckpt, **kw):
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.cli import load_for_inference
+    return load_for_inference(InferArgs(ckpt_dir=str(ckpt), **kw))
+
+
+def _logits(engine, rows) -> torch.Tensor:
+    from ocrtune.data.images import open_image
+    from ocrtune.models.template import collate
+    enc = [engine.template.encode(r["messages"], [open_image(i) for i in r["images"]]) for r in rows]
+    batch = {k: v.to(engine.device) for k, v in collate(enc, engine.tokenizer.pad_token_id).items() if k != "labels"}
+    with torch.no_grad():
+        return engine.model(**batch).logits.float().cpu(), batch["attention_mask"].bool().cpu()
+
+
+def test_adapter_is_trained(lora_ckpt):
+    from safetensors.torch import load_file
+    weights = load_file(lora_ckpt / "adapter_model.safetensors")
+    b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert b, "no lora_B weights in the adapter"
+    assert all(v.abs().max() > 1e-4 for v in b.values()), "some lora_B stayed at its zero init"
+
+
+def test_merged_folder_contents(merged, lora_ckpt):
+    assert merged == lora_ckpt.parent / f"{lora_ckpt.name}-merged"
+    names = {p.name for p in merged.iterdir()}
+    for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "processor_config.json", "ocrtune_merge.json"):
+        assert f in names, f"{f} missing from {sorted(names)}"
+    assert not any(n.startswith("adapter") for n in names)
+    assert not [p for p in merged.parent.iterdir() if p.name.startswith(f".{merged.name}")], "temp folder left behind"
+    from safetensors import safe_open
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "lora" in k or "base_layer" in k], "weights still hold LoRA modules"
+    proc = json.loads((merged / "processor_config.json").read_text())
+    assert proc["image_processor"]["size"]["longest_edge"] == MAX_PIXELS
+
+
+def test_merged_matches_base_plus_adapter(lora_ckpt, merged):
+    rows = sample_rows(4)
+    lora_engine, lora_info = _engine(lora_ckpt)
+    merged_engine, merged_info = _engine(merged)
+    assert lora_info["kind"] == "lora" and merged_info["kind"] == "model"
+    assert lora_info["dtype"] == merged_info["dtype"] == "float32"
+    a, mask = _logits(lora_engine, rows)
+    b, _ = _logits(merged_engine, rows)
+    assert a.shape == b.shape
+    diff = (a - b).abs()[mask].max().item()
+    assert diff < 1e-4, f"merged logits differ from base+adapter by {diff}"
+    # the adapter must matter, or the comparison above proves nothing
+    with lora_engine.model.disable_adapter():
+        c, _ = _logits(lora_engine, rows)
+    assert (a - c).abs()[mask].max().item() > 1e-2, "the adapter does not change the logits"
+    preds_a = lora_engine.generate(rows, max_new_tokens=24)
+    preds_b = merged_engine.generate(rows, max_new_tokens=24)
+    assert preds_a == preds_b
+    assert any(p for p in preds_a), "the model generated nothing"
+
+
+def test_merge_is_idempotent_unless_forced(lora_ckpt, merged):
+    from ocrtune.export.merge import merge_lora
+    weights = merged / "model.safetensors"
+    before = weights.stat().st_mtime_ns, weights.stat().st_ino
+    assert merge_lora(lora_ckpt) == merged
+    assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == before, "merged again without --force"
+    assert merge_lora(lora_ckpt, force=True) == merged
+    assert (merged / "model.safetensors").stat().st_ino != before[1], "--force did not merge again"
+    assert (merged / "config.json").exists()
+
+
+PLAIN_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    sys.modules["ocrtune"] = None  # importing ocrtune from here on fails: prove it is not needed
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    folder, image, prompt = sys.argv[1:4]
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    print(json.dumps({"answer": answer, "ocrtune_imported": any(m == "ocrtune" or m.startswith("ocrtune.")
+                      for m, v in sys.modules.items() if v is not None)}))
+""")
+
+
+def test_merged_loads_with_plain_transformers(lora_ckpt, merged, tmp_path):
+    rows = sample_rows(3)
+    engine, _ = _engine(lora_ckpt)
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for i, row in enumerate(rows):
+        png = write_png(row, tmp_path / f"s{i}.png")
+        expected = engine.generate([{"messages": row["messages"][:1], "images": [str(png)]}], max_new_tokens=24)[0]
+        res = subprocess.run([sys.executable, str(script), str(merged), str(png), OCR_PROMPT], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        assert got["ocrtune_imported"] is False
+        assert got["answer"] == expected
+
+
+def test_infer_merge_lora_flag(lora_ckpt, merged):
+    engine, info = _engine(lora_ckpt, merge_lora=True)
+    assert info["kind"] == "model" and Path(info["ckpt_dir"]) == merged
+    assert not hasattr(engine.model, "peft_config")
+
+
+def test_export_cli(lora_ckpt, merged, tmp_path, capsys):
+    from ocrtune.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--ckpt_dir", str(lora_ckpt), "--merge_lora", "true"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == str(merged)
+    # a full model folder has nothing to merge; a missing folder is a one-line error, exit 2
+    for bad, words in ((merged, "nothing to merge"), (tmp_path / "nope", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            main(["export", "--ckpt_dir", str(bad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_export_errors(lora_ckpt, tmp_path):
+    from ocrtune.export.merge import merge_lora
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a merged checkpoint"):
+        merge_lora(lora_ckpt, occupied)
+    assert (occupied / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="inside the checkpoint"):
+        merge_lora(lora_ckpt, lora_ckpt / "sub")

@@ -51,11 +51,13 @@ def run(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     cmd = ns.command
     if cmd == "sft":
-        from ocrtune.train.args import SftArgs
+        from ocrtune.train.args import SftArgs, validate
         from ocrtune.train.launch import maybe_relaunch
-        from ocrtune.train.trainer import run_sft
+        args = build(SftArgs, ns)
+        validate(args)  # before the heavy imports: a bad flag is reported at once
         maybe_relaunch(argv)
-        run_sft(build(SftArgs, ns))
+        from ocrtune.train.trainer import run_sft
+        run_sft(args)
     elif cmd in ("infer", "eval"):
         from ocrtune.infer.args import InferArgs
         from ocrtune.infer.cli import run_eval, run_infer

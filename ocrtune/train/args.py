@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ocrtune.errors import UserError
+
 
 def arg(default=None, help: str = "", aliases: tuple[str, ...] = (), choices=None, env: str | None = None):
     return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "env": env})
@@ -73,3 +75,27 @@ class SftArgs:
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
     fsdp: str | None = arg(None, "FSDP: 'full_shard auto_wrap' or an accelerate FSDP config")
+
+
+def validate(args: SftArgs) -> None:
+    checks = [
+        (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.learning_rate is None or args.learning_rate > 0, "--learning_rate must be positive"),
+        (args.lora_rank >= 1, "--lora_rank must be at least 1"),
+        (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+        (0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),
+        (args.max_length >= 16, "--max_length must be at least 16"),
+        (args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive"),
+        (args.eval_steps >= 1 and args.logging_steps >= 1, "--eval_steps and --logging_steps must be at least 1"),
+        (args.save_steps is None or args.save_steps >= 1, "--save_steps must be at least 1"),
+        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_pixels is None or args.max_pixels >= 28 * 28 * 4, "--max_pixels must be at least 3136 (4 patches)"),
+        (args.min_pixels is None or args.max_pixels is None or args.min_pixels <= args.max_pixels,
+         "--min_pixels must not exceed --max_pixels"),
+        (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
+        (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message, "see `ocrtune sft --help`")

@@ -20,7 +20,7 @@ from ocrtune.errors import UserError
 from ocrtune.models.loading import (load_model, load_processor, lora_target_regex, resolve_model, template_name)
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune.train import checkpoint as ckpt_io
-from ocrtune.train.args import SftArgs
+from ocrtune.train.args import SftArgs, validate
 from ocrtune.train.data import Collator, EncodedDataset, epoch_batches, make_loader, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
@@ -29,30 +29,6 @@ log = logging.getLogger("ocrtune")
 
 
 # ---------------------------------------------------------------- set-up
-
-def validate(args: SftArgs) -> None:
-    checks = [
-        (args.batch_size >= 1, "--batch_size must be at least 1"),
-        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (args.learning_rate is None or args.learning_rate > 0, "--learning_rate must be positive"),
-        (args.lora_rank >= 1, "--lora_rank must be at least 1"),
-        (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
-        (0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),
-        (args.max_length >= 16, "--max_length must be at least 16"),
-        (args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive"),
-        (args.eval_steps >= 1 and args.logging_steps >= 1, "--eval_steps and --logging_steps must be at least 1"),
-        (args.save_steps is None or args.save_steps >= 1, "--save_steps must be at least 1"),
-        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_pixels is None or args.max_pixels >= 28 * 28 * 4, "--max_pixels must be at least 3136 (4 patches)"),
-        (args.min_pixels is None or args.max_pixels is None or args.min_pixels <= args.max_pixels,
-         "--min_pixels must not exceed --max_pixels"),
-        (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
-        (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message, "see `ocrtune sft --help`")
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":

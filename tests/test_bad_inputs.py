@@ -1,0 +1,164 @@
+"""Every bad input ends with exit status 2 and one line naming the problem, never a traceback.
+Each case runs the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("bad")
+    row = pq.read_table(SAMPLE_DIR / "train.parquet").slice(0, 1).to_pylist()[0]
+    good_png = d / "good.png"
+    good_png.write_bytes(row["image"]["bytes"])
+    (d / "notimage.png").write_text("this is text, not a PNG")
+    (d / "truncated.png").write_bytes(row["image"]["bytes"][: len(row["image"]["bytes"]) // 2])
+    Image.new("1", (12000, 8000)).save(d / "bomb.png")
+    (d / "empty.png").write_bytes(b"")
+    (d / "imgdir").mkdir()
+
+    def jsonl(name, recs):
+        p = d / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(p)
+
+    ok = {"query": "<image>" + OCR_PROMPT, "response": row["text"], "images": [str(good_png)]}
+    f = {
+        "missing_img": jsonl("missing_img.jsonl", [{**ok, "images": [str(d / "nope.png")]}]),
+        "notimage": jsonl("notimage.jsonl", [{**ok, "images": [str(d / "notimage.png")]}]),
+        "truncated": jsonl("truncated.jsonl", [{**ok, "images": [str(d / "truncated.png")]}]),
+        "bomb": jsonl("bomb.jsonl", [{**ok, "images": [str(d / "bomb.png")]}]),
+        "emptyimg": jsonl("emptyimg.jsonl", [{**ok, "images": [str(d / "empty.png")]}]),
+        "dirimg": jsonl("dirimg.jsonl", [{**ok, "images": [str(d / "imgdir")]}]),
+        "empty_resp": jsonl("empty_resp.jsonl", [{**ok, "response": ""}]),
+        "num_resp": jsonl("num_resp.jsonl", [{**ok, "response": 5}]),
+        "bad_role": jsonl("bad_role.jsonl", [{"messages": [{"role": "robot", "content": "<image>x"},
+                                                           {"role": "assistant", "content": "y"}], "images": [str(good_png)]}]),
+        "too_many_tags": jsonl("tags.jsonl", [{**ok, "query": "<image><image>two"}]),
+        "bad_columns": jsonl("cols.jsonl", [{"question": "x", "answer": "y"}]),
+        "all_bad": jsonl("all_bad.jsonl", [{**ok, "images": [str(d / "nope.png")]}] * 3),
+        "good": jsonl("good.jsonl", [ok] * 4),
+    }
+    (d / "malformed.jsonl").write_text('{"query": "x", "response": \n')
+    f["malformed"] = str(d / "malformed.jsonl")
+    (d / "data.txt").write_text("hello")
+    f["txt"] = str(d / "data.txt")
+    (d / "emptydir").mkdir()
+    f["emptydir"] = str(d / "emptydir")
+    (d / "noconfig").mkdir()
+    f["noconfig"] = str(d / "noconfig")
+    bert = d / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    f["bert"] = str(bert)
+    noweights = d / "noweights"
+    noweights.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors"):
+            (noweights / name).write_bytes((Path(tiny_model_dir) / name).read_bytes())
+    f["noweights"] = str(noweights)
+    (d / "afile").write_text("x")
+    f["afile"] = str(d / "afile")
+    f["good_png"] = str(good_png)
+    f["dir"] = str(d)
+    return f
+
+
+def S(*a):  # an sft command
+    return ["sft", *a]
+
+
+# (id, argv builder, extra env, regex that the one-line message must match)
+CASES = [
+    ("lora_rank", lambda f: S("--lora_rank", "0"), {}, r"--lora_rank must be at least 1"),
+    ("batch_size0", lambda f: S("--batch_size", "0"), {}, r"--batch_size"),
+    ("batch_size_text", lambda f: S("--batch_size", "abc"), {}, r"--batch_size.*invalid int"),
+    ("neg_lr", lambda f: S("--learning_rate", "-1"), {}, r"--learning_rate must be positive"),
+    ("dropout", lambda f: S("--lora_dropout", "1.5"), {}, r"--lora_dropout"),
+    ("test_ratio", lambda f: S("--dataset_test_ratio", "1.5"), {}, r"--dataset_test_ratio"),
+    ("max_length", lambda f: S("--max_length", "5"), {}, r"--max_length"),
+    ("epochs0", lambda f: S("--num_train_epochs", "0"), {}, r"--num_train_epochs"),
+    ("eval_steps0", lambda f: S("--eval_steps", "0"), {}, r"--eval_steps"),
+    ("save_steps0", lambda f: S("--save_steps", "0"), {}, r"--save_steps"),
+    ("grad_acc0", lambda f: S("--gradient_accumulation_steps", "0"), {}, r"--gradient_accumulation_steps"),
+    ("warmup", lambda f: S("--warmup_ratio", "2"), {}, r"--warmup_ratio"),
+    ("max_pixels_small", lambda f: S("--max_pixels", "10"), {}, r"--max_pixels"),
+    ("min_gt_max", lambda f: S("--min_pixels", "99999", "--max_pixels", "5000"), {}, r"--min_pixels"),
+    ("grad_norm0", lambda f: S("--max_grad_norm", "0"), {}, r"--max_grad_norm"),
+    ("ds_and_fsdp", lambda f: S("--deepspeed", "zero2", "--fsdp", "full_shard"), {}, r"--deepspeed and --fsdp"),
+    ("train_type", lambda f: S("--train_type", "qlora"), {}, r"--train_type.*invalid choice"),
+    ("bool_value", lambda f: S("--freeze_vit", "maybe"), {}, r"--freeze_vit.*true or false"),
+    ("unknown_flag", lambda f: S("--lora_rnak", "8"), {}, r"unrecognized arguments: --lora_rnak"),
+    ("strategy", lambda f: S("--check_dataset_strategy", "skip"), {}, r"--check_dataset_strategy.*invalid choice"),
+    ("dtype", lambda f: S("--dtype", "float8"), {}, r"--dtype.*invalid choice"),
+    ("scheduler", lambda f: S("--lr_scheduler_type", "foo"), {}, r"--lr_scheduler_type.*invalid choice"),
+    ("unknown_command", lambda f: ["trian"], {}, r"unknown command 'trian'"),
+    ("env_max_steps", lambda f: S(), {"MAX_STEPS": "abc"}, r"MAX_STEPS='abc'"),
+    ("env_max_pixels", lambda f: S(), {"MAX_PIXELS": "1e9x"}, r"MAX_PIXELS"),
+    ("env_nproc", lambda f: S("--max_steps", "1"), {"NPROC_PER_NODE": "x"}, r"NPROC_PER_NODE='x'"),
+    ("model_type", lambda f: S("--model_type", "qwen9-vl"), {}, r"unknown model_type 'qwen9-vl'"),
+    ("model_name", lambda f: S("--model", "qwen9-vl-7b"), {}, r"unknown model_type 'qwen9-vl-7b'"),
+    ("model_missing_dir", lambda f: S("--model", "./no/such/model"), {}, r"model folder not found"),
+    ("model_no_config", lambda f: S("--model", f["noconfig"]), {}, r"has no config.json"),
+    ("model_bert", lambda f: S("--model", f["bert"]), {}, r"'bert' model"),
+    ("model_no_weights", lambda f: S("--model", f["noweights"], "--dataset", f["good"]), {}, r"could not load model weights"),
+    ("model_hub_offline", lambda f: S("--model", "someorg/some-vl-model"), {"HF_HUB_OFFLINE": "1"}, r"could not download model 'someorg/some-vl-model'"),
+    ("modelscope_missing", lambda f: S("--model", "Qwen/Qwen2-VL-2B-Instruct", "--use_hf", "false"), {}, r"modelscope"),
+    ("dataset_name", lambda f: S("--dataset", "latex-ocr-nope"), {}, r"unknown dataset 'latex-ocr-nope'"),
+    ("dataset_missing", lambda f: S("--dataset", "./missing.jsonl"), {}, r"dataset file not found"),
+    ("dataset_txt", lambda f: S("--dataset", f["txt"]), {}, r"unsupported dataset file type '.txt'"),
+    ("dataset_columns", lambda f: S("--dataset", f["bad_columns"]), {}, r"columns \['answer', 'question'\]"),
+    ("dataset_malformed", lambda f: S("--dataset", f["malformed"]), {}, r"could not read dataset file"),
+    ("dataset_emptydir", lambda f: S("--dataset", f["emptydir"]), {}, r"holds no data files"),
+    ("dataset_count", lambda f: S("--dataset", "latex-ocr-sample#abc"), {}, r"bad row count"),
+    ("val_missing", lambda f: S("--val_dataset", "./missing_val.jsonl"), {}, r"dataset file not found"),
+    ("img_missing", lambda f: S("--dataset", f["missing_img"], "--check_dataset_strategy", "error"), {}, r"row 0 of .*not found"),
+    ("img_notimage", lambda f: S("--dataset", f["notimage"], "--check_dataset_strategy", "error"), {}, r"row 0 .*not a readable image"),
+    ("img_truncated", lambda f: S("--dataset", f["truncated"], "--check_dataset_strategy", "error"), {}, r"row 0 .*not a readable image"),
+    ("img_bomb", lambda f: S("--dataset", f["bomb"], "--check_dataset_strategy", "error"), {}, r"row 0 .*(pixels|too large)"),
+    ("img_empty", lambda f: S("--dataset", f["emptyimg"], "--check_dataset_strategy", "error"), {}, r"row 0 .*empty"),
+    ("img_dir", lambda f: S("--dataset", f["dirimg"], "--check_dataset_strategy", "error"), {}, r"row 0 .*folder"),
+    ("resp_empty", lambda f: S("--dataset", f["empty_resp"], "--check_dataset_strategy", "error"), {}, r"row 0 .*empty response"),
+    ("resp_number", lambda f: S("--dataset", f["num_resp"], "--check_dataset_strategy", "error"), {}, r"row 0 .*not a string"),
+    ("bad_role", lambda f: S("--dataset", f["bad_role"], "--check_dataset_strategy", "error"), {}, r"unknown role 'robot'"),
+    ("too_many_tags", lambda f: S("--dataset", f["too_many_tags"], "--check_dataset_strategy", "error"), {}, r"2 <image> tags but 1 images"),
+    ("all_rows_bad", lambda f: S("--dataset", f["all_bad"], "--check_dataset_strategy", "discard"), {}, r"no usable rows left"),
+    ("resume_missing", lambda f: S("--resume_from_checkpoint", "/nonexistent/ckpt"), {}, r"not a checkpoint folder"),
+    ("resume_last_none", lambda f: S("--resume_from_checkpoint", "last", "--output_dir", f["dir"] + "/empty_out"), {}, r"no checkpoint to resume from"),
+    ("output_not_writable", lambda f: S("--dataset", f["good"], "--output_dir", f["afile"] + "/out"), {}, r"not writable"),
+    ("plot_missing", lambda f: ["plot", "/nonexistent/run"], {}, r"has no logging.jsonl"),
+]
+
+
+def run_case(case, f, base_env):
+    name, argv, env, pattern = case
+    out = subprocess.run([sys.executable, "-m", "ocrtune", *argv(f)], capture_output=True, text=True,
+                         env={**base_env, **env}, timeout=300, cwd=f["dir"])
+    return name, out, pattern
+
+
+def test_bad_inputs_table(files):
+    import re
+    assert len(CASES) >= 50
+    base_env = {k: v for k, v in os.environ.items() if k not in ("MAX_STEPS", "MAX_PIXELS", "NPROC_PER_NODE")}
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda c: run_case(c, files, base_env), CASES))
+    failures = []
+    for name, out, pattern in results:
+        errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+        ok = (out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1
+              and re.search(pattern, errors[0]) is not None)
+        if not ok:
+            failures.append(f"{name}: rc={out.returncode} errors={errors} stderr tail={out.stderr[-400:]!r}")
+    assert not failures, "\n".join(failures)

@@ -13,9 +13,9 @@ report. Training length is a time budget: a short probe run (`ocrtune sft --max_
 seconds per step on this machine, and stage 1 gets as many steps as fit in `--stage1_seconds` (its
 cosine schedule then ends exactly at the last step). `--stage1_steps` fixes the count instead.
 
-Writes to --report_dir: report.json (settings, commands, timings, metrics, targets, curves' data,
-sample predictions), curves.png (training curves of both stages), results.png (the metrics table as
-bars), predictions.jsonl (a sample of predictions per evaluation) and log.txt.
+Writes to --report_dir: report.json (settings, commands, timings, metrics, targets, curves' data),
+results.md (table, targets and commands as markdown), curves.png (training curves of both stages),
+results.png (the metrics as bars), predictions.jsonl (25 predictions per evaluation) and log.txt.
 
 On the GPU machine:   bash examples/latex_ocr_two_stage.sh --data_dir .carry/latex5 --report_dir $OUT
 Smoke test on a CPU:  python examples/latex_ocr_two_stage.py --smoke --report_dir /tmp/smoke
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--min_pixels", type=int, default=30000, help="print images (median 240x40) are upscaled to this area")
     p.add_argument("--max_pixels", type=int, default=120000)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=int, default=12, help="dataloader workers (the H100 machine has 16 cores)")
     p.add_argument("--stage1_seconds", type=float, default=320, help="stage-1 training time budget")
     p.add_argument("--stage1_steps", type=int, default=None, help="fixed stage-1 steps (skips the probe)")
     p.add_argument("--probe_steps", type=int, default=60)
@@ -281,8 +281,10 @@ class Recipe:
                 steps1 = a.stage1_steps
             else:
                 sec = self.probe()
-                # in-training evaluations generate on --gen_eval_rows rows: give each ~8 s of the budget
-                steps1 = max(50, int((a.stage1_seconds - 8 * a.num_evals) / sec))
+                # in-training evaluations generate on --gen_eval_rows rows: give each ~8 s of the budget;
+                # each epoch restarts the dataloader workers (~1 s; the probe runs inside one epoch)
+                per_step = sec + 1.0 * a.batch_size / self.train_rows("print")
+                steps1 = max(50, int((a.stage1_seconds - 8 * a.num_evals) / per_step))
             self.report["stage1_planned_steps"] = steps1
             self.save_report()
             ckpt1 = self.stage1(steps1)
@@ -307,7 +309,7 @@ class Recipe:
                 sec2 = max(0.02, 2.0 * per_sample * a.stage2_batch_size)
                 left = a.deadline_seconds - self.elapsed() - 75  # stage-2 start-up, eval, report
                 budget = max(20.0, min(a.stage2_seconds, left))
-                steps2 = int(min(1500, max(60, budget / sec2)))
+                steps2 = int(min(900, max(60, (budget - 3 * a.num_evals) / sec2)))
                 self.report["stage2_plan"] = {"estimated_seconds_per_step": round(sec2, 4), "budget_seconds": round(budget, 1)}
             self.report["stage2_planned_steps"] = steps2
             ckpt2 = self.stage2(ckpt1, steps2)
@@ -345,6 +347,7 @@ class Recipe:
         except Exception as e:
             self.report["errors"].append(f"plots: {type(e).__name__}: {e}")
         self.save_report()
+        (self.out / "results.md").write_text(results_markdown(self.report))
         self.say("results:\n" + self.report["table_markdown"])
         self.say("targets: " + json.dumps(res))
         if self.report["errors"]:
@@ -433,6 +436,27 @@ def results_table(ev: dict) -> str:
         lines.append(f"| {model} | {data} | {e.get('count', '-')} | {f('bleu4')} | {f('edit_distance_token')} | "
                      f"{f('edit_distance_char')} | {f('exact_match')} | {f('token_acc')} |")
     return "\n".join(lines)
+
+
+def results_markdown(r: dict) -> str:
+    """The report as markdown: table, targets, run facts and the exact commands."""
+    out = ["## Results on LaTeX_OCR", "", r.get("table_markdown", ""), ""]
+    for k, t in (r.get("targets") or {}).items():
+        out.append(f"- {k}: {t['value']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")
+    s1, s2 = r.get("stage1", {}), r.get("stage2", {})
+    for name, s in (("stage 1", s1), ("stage 2", s2)):
+        if s.get("steps"):
+            out.append(f"- {name}: {s['steps']} steps x batch {s['batch_size']} = {s['samples_seen']} samples "
+                       f"({s['epochs']} epochs of {s['train_rows']} rows) in {s.get('train_seconds')} s of training "
+                       f"({s.get('seconds_per_step')} s/step), peak memory {s.get('peak_memory_gib')} GiB")
+    sysinfo = r.get("system", {})
+    out += [f"- machine: {sysinfo.get('gpu', 'cpu')}, torch {sysinfo.get('torch')}, transformers {sysinfo.get('transformers')}; "
+            f"whole run {r.get('timings_s', {}).get('total')} s", "", "Commands (in the order run):", "", "```bash"]
+    out += [r["commands"][k] for k in r.get("commands", {})]
+    out += ["```", ""]
+    if r.get("errors"):
+        out += ["Errors:", ""] + [f"- {e}" for e in r["errors"]] + [""]
+    return "\n".join(out)
 
 
 def plot_curves(report: dict, path: Path) -> None:

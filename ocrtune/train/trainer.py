@@ -164,7 +164,8 @@ class SftRun:
         if self.resume is not None:
             load_resume_weights(self.model, self.resume, args.train_type)
 
-        self.run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
+        run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
+        self.run_dir = Path(_from_main(acc, str(run_dir)))  # every rank writes to rank 0's folder
         if self.main:
             make_writable(self.run_dir)
             with open(self.run_dir / "args.json", "w") as f:
@@ -209,6 +210,10 @@ class SftRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:  # log the global batch's loss, not this rank's share
+            stats = acc.reduce(torch.stack([torch.as_tensor(loss_sum, device=acc.device, dtype=torch.float64),
+                                            torch.as_tensor(correct, device=acc.device, dtype=torch.float64)]), "sum")
+            loss_sum, correct, tokens = stats[0], stats[1], global_tokens
         loss_sum = float(loss_sum)
         if not math.isfinite(loss_sum) or not math.isfinite(float(grad_norm)):
             last = ckpt_io.list_checkpoints(self.run_dir)
@@ -223,12 +228,11 @@ class SftRun:
         self.loss_module.eval()
         loss, tokens, correct = 0.0, 0, 0
         bs = args.eval_batch_size or args.batch_size
-        batches = epoch_batches(len(self.val_ds), bs, args.seed, 0, acc.process_index, acc.num_processes, shuffle=False)
-        seen = set()
-        for idx, batch in zip(batches, make_loader(self.val_ds, batches, self.collator, args.dataloader_num_workers, False)):
-            if batch is None or tuple(idx) in seen:
+        mine = list(range(acc.process_index, len(self.val_ds), acc.num_processes))  # each row once, no wrap-around
+        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
+        for batch in make_loader(self.val_ds, batches, self.collator, args.dataloader_num_workers, False):
+            if batch is None:
                 continue
-            seen.add(tuple(idx))
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 l, n, c = self.loss_module(**batch)
@@ -350,11 +354,18 @@ class SftRun:
 
 
 def _accelerator_kwargs(args: SftArgs) -> dict:
-    kwargs = {}
+    kwargs = {"cpu": not torch.cuda.is_available()}  # lets torchrun on CPU-only hosts use gloo
     if args.deepspeed or args.fsdp:
         from ocrtune.train.distributed import plugin_kwargs
         kwargs.update(plugin_kwargs(args))
     return kwargs
+
+
+def _from_main(acc, value):
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def run_sft(args: SftArgs) -> dict:

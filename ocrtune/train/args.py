@@ -15,7 +15,7 @@ class SftArgs:
     # model
     model: str | None = arg(None, "hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (tiny, small); default tiny",
                             aliases=("--model_id_or_path",))
-    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list-models`)")
+    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list`)")
     use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
     model_revision: str | None = arg(None, "hub revision")
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32", aliases=("--torch_dtype",),

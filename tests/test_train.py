@@ -25,7 +25,7 @@ def overfit_run(tmp_path_factory, tiny_model_dir):
     pq.write_table(pq.read_table(SAMPLE_DIR / "train.parquet").slice(0, 16), rows)
     args = SftArgs(dataset=[rows], dataset_test_ratio=0, val_dataset=[rows],
                    max_steps=240, learning_rate=5e-3, lora_rank=16, lora_alpha=64, logging_steps=1, eval_steps=120,
-                   output_dir=str(out), seed=7)
+                   output_dir=str(out), seed=7, predict_with_generate=True, max_new_tokens=96)
     run = SftRun(args)
     result = run.train()
     return run, result
@@ -43,6 +43,16 @@ def test_lora_overfits_16_rows(overfit_run):
     assert end < 0.1 * start, (start, end)
     evals = [r for r in read_log(result["run_dir"]) if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < 0.2 * start and evals[-1]["eval_acc"] > 0.8
+
+
+def test_predict_with_generate_logs_and_plots_ocr_metrics(overfit_run):
+    _, result = overfit_run
+    evals = [r for r in read_log(result["run_dir"]) if "eval_loss" in r]
+    first, last = evals[0], evals[-1]
+    for key in ("eval_bleu4", "eval_edit_distance_token", "eval_edit_distance_char", "eval_exact_match"):
+        assert key in last and (Path(result["run_dir"]) / "images" / f"{key}.png").exists()
+    assert last["eval_bleu4"] > 0.5 and last["eval_bleu4"] >= first["eval_bleu4"]
+    assert last["eval_edit_distance_token"] < 0.5
 
 
 def test_run_folder_has_every_artifact(overfit_run):
@@ -144,3 +154,15 @@ def test_swift_style_flags_and_env_vars(tmp_path):
     assert args["target_modules"] == ["q_proj", "v_proj"] and args["train_type"] == "lora"
     adapter = json.loads((run / "checkpoint-2" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_save_total_limit_keeps_best_and_newest(tmp_path):
+    from ocrtune.train.checkpoint import STATE_FILE, list_checkpoints, rotate_checkpoints
+    for step in (10, 20, 30, 40, 50):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text("{}")
+    (tmp_path / ".checkpoint-60.tmp").mkdir()  # an interrupted save is never counted or removed here
+    rotate_checkpoints(tmp_path, 2, best=tmp_path / "checkpoint-20")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-50"]
+    rotate_checkpoints(tmp_path, 1, best=tmp_path / "checkpoint-20")  # limit 1 still keeps best and newest
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-50"]

@@ -201,13 +201,11 @@ def run_baseline(a):
 
 # ---------------------------------------------------------------- (b) ocrtune sft
 
-def run_ocrtune(a):
-    import torch
+def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None):
     _ensure_datasets_importable()
     from ocrtune.train import trainer as tr
     from ocrtune.train.args import SftArgs
     from ocrtune.train.data import EncodedDataset, parquet_rows
-    from ocrtune.train.packing import pack
 
     rows = parquet_rows(a.data, limit=a.rows)
 
@@ -215,14 +213,20 @@ def run_ocrtune(a):
         return EncodedDataset(rows, template, None, args.seed, cache=True), None
 
     tr.build_data = build_data
-    args = SftArgs(model=a.model_dir, dataset=["bench"], max_steps=a.steps + a.warmup + 1, batch_size=a.batch,
-                   packing=True, packing_tokens=a.packing_tokens, use_liger=a.liger, attn_impl="sdpa",
-                   gradient_checkpointing=not a.no_gc, lora_rank=8, lora_alpha=32, lora_dropout=0.05,
+    args = SftArgs(model=a.model_dir, dataset=["bench"], max_steps=max_steps, batch_size=a.batch,
+                   packing=True, packing_tokens=packing_tokens, use_liger=a.liger, attn_impl="sdpa",
+                   gradient_checkpointing=not a.no_gc, lora_rank=8, lora_alpha=32, lora_dropout=a.lora_dropout,
                    learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_pixels=a.max_pixels,
                    dataloader_num_workers=a.workers, eval_steps=10**9, save_steps=10**9, logging_steps=10**9,
                    output_dir="/tmp/bench_ocrtune", report_to=["none"])
+    return tr.SftRun(args)
+
+
+def run_ocrtune(a):
+    import torch
+    from ocrtune.train.packing import pack
     t0 = time.perf_counter()
-    run = tr.SftRun(args)
+    run = make_ocrtune_run(a, a.steps + a.warmup + 1, a.packing_tokens)
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     lengths = run.train_ds.lengths()  # encodes every row once (the cache the workers share)
@@ -253,6 +257,7 @@ def run_ocrtune(a):
             wait += t_data
     out = _summarize("b_ocrtune", steps, counts, a.warmup,
                      {"packing_tokens": a.packing_tokens, "liger": bool(a.liger), "gradient_checkpointing": not a.no_gc,
+                      "lora_dropout": a.lora_dropout,
                       "workers": a.workers, "check_loss": check, "data_wait_s": round(wait, 3),
                       "setup_s": round(t_setup, 1), "encode_s": round(t_encode, 1), "rows": len(lengths),
                       "mean_sample_tokens": round(sum(lengths) / max(1, sum(1 for x in lengths if x)), 1)})
@@ -260,21 +265,10 @@ def run_ocrtune(a):
 
 
 def run_budget_probe(a):
-    """Peak memory of ocrtune 7B LoRA training steps at growing token budgets."""
+    """Peak memory of ocrtune LoRA training steps at growing token budgets (one step each)."""
     import torch
-    _ensure_datasets_importable()
-    from ocrtune.train import trainer as tr
-    from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import EncodedDataset, parquet_rows
     from ocrtune.train.packing import pack
-
-    rows = parquet_rows(a.data, limit=a.rows)
-    tr.build_data = lambda args, template, acc: (EncodedDataset(rows, template, None, args.seed, cache=True), None)
-    args = SftArgs(model=a.model_dir, dataset=["bench"], max_steps=1000, batch_size=1, packing=True, use_liger=a.liger,
-                   attn_impl="sdpa", gradient_checkpointing=not a.no_gc, lora_rank=8, lora_alpha=32,
-                   learning_rate=1e-4, max_pixels=a.max_pixels, eval_steps=10**9, save_steps=10**9,
-                   logging_steps=10**9, output_dir="/tmp/bench_probe", report_to=["none"])
-    run = tr.SftRun(args)
+    run = make_ocrtune_run(a)
     ds = run.train_ds
     lengths = ds.lengths()
     results = []
@@ -288,18 +282,56 @@ def run_budget_probe(a):
         batch = pack([ds[j] for j in idx], 0)
         _reset_mem()
         try:
+            run.train_step([batch])  # first step at this size: allocations settle
+            _sync()
             t = time.perf_counter()
-            for _ in range(2):
-                run.train_step([batch])
+            run.train_step([batch])
             _sync()
             results.append({"budget": budget, "tokens": used, "samples": len(idx), "ok": True,
-                            "s_per_step": round((time.perf_counter() - t) / 2, 3), **_mem()})
+                            "s_per_step": round(time.perf_counter() - t, 3),
+                            "samples_per_s": round(len(idx) / (time.perf_counter() - t), 1), **_mem()})
         except torch.OutOfMemoryError:
             results.append({"budget": budget, "tokens": used, "samples": len(idx), "ok": False, **_mem()})
             run.optimizer.zero_grad(set_to_none=True)
             break
         print(json.dumps(results[-1]), flush=True)
-    return {"case": "budget_probe", "liger": bool(a.liger), "gradient_checkpointing": not a.no_gc, "probe": results}
+    return {"case": "budget_probe", "liger": bool(a.liger), "gradient_checkpointing": not a.no_gc,
+            "lora_dropout": a.lora_dropout, "probe": results}
+
+
+def run_profile(a):
+    """Where one steady-state step of (b) spends its time: the ViT forward alone, the whole step,
+    and the top CUDA kernels of one profiled step."""
+    import torch
+    run = make_ocrtune_run(a, 100, a.packing_tokens)
+    stream = run.micro_batches()
+    batches = [next(stream)[1] for _ in range(4)]
+    for b in batches[:3]:
+        run.train_step([b])
+    _sync()
+    b = {k: v.to(run.accelerator.device) for k, v in batches[3].items()}
+    from ocrtune.train.loss import causal_lm
+    vlm = causal_lm(run.model).model
+    lm_loss = run.accelerator.unwrap_model(run.loss_module)
+    res = {"case": "profile", "stats": _batch_stats(batches[3])}
+    for name, fn in (("vit_forward", lambda: lm_loss._embeds(vlm, b["input_ids"], b["pixel_values"], b["image_grid_thw"])),
+                     ("train_step", lambda: run.train_step([batches[3]]))):
+        ts = []
+        for _ in range(3):
+            _sync()
+            t = time.perf_counter()
+            fn()
+            _sync()
+            ts.append(time.perf_counter() - t)
+        res[name + "_s"] = round(sorted(ts)[1], 4)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run.train_step([batches[3]])
+        _sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    print(table, flush=True)
+    res["top_kernels"] = table.splitlines()[:40]
+    return res
 
 
 # ---------------------------------------------------------------- orchestration
@@ -352,12 +384,17 @@ def orchestrate(a):
                 extra = ["--packing_tokens", str(budget), "--workers", str(a.workers), "--batch", str(a.batch)]
                 extra += ["--liger"] if a.liger else []
                 extra += ["--no_gc"] if a.no_gc else []
+                extra += ["--lora_dropout", str(a.lora_dropout)]
                 entry["b_all"].append(_child(a, "ocrtune", extra, a.timeout))
             ok = [r for r in entry["b_all"] if "samples_per_s" in r]
             entry["b"] = max(ok, key=lambda r: r["samples_per_s"]) if ok else entry["b_all"][0]
         if "p" in a.cases and a.probe:
-            extra = ["--probe", a.probe] + (["--liger"] if a.liger else [])
+            extra = ["--probe", a.probe, "--lora_dropout", str(a.lora_dropout)] + (["--liger"] if a.liger else [])
             entry["probe"] = _child(a, "probe", extra, a.timeout)
+        if "f" in a.cases:
+            extra = ["--packing_tokens", str(a.packing_tokens), "--lora_dropout", str(a.lora_dropout)]
+            extra += ["--liger"] if a.liger else []
+            entry["profile"] = _child(a, "profile", extra, a.timeout)
         ra, rb = entry.get("a", {}), entry.get("b", {})
         if "samples_per_s" in ra and "samples_per_s" in rb:
             entry["ratio_samples_per_s"] = round(rb["samples_per_s"] / ra["samples_per_s"], 2)
@@ -392,8 +429,8 @@ def print_table(results):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", default="all", choices=("all", "baseline", "ocrtune", "probe"))
-    p.add_argument("--cases", default="ab", help="which of a (baseline), b (ocrtune), p (budget probe) to run")
+    p.add_argument("--case", default="all", choices=("all", "baseline", "ocrtune", "probe", "profile"))
+    p.add_argument("--cases", default="ab", help="which of a (baseline), b (ocrtune), p (budget probe), f (profile) to run")
     p.add_argument("--data", required=True, help="LaTeX_OCR parquet (image, text)")
     p.add_argument("--models", default="7b,2b")
     p.add_argument("--model_root", default="/tmp")
@@ -408,6 +445,7 @@ def main():
     p.add_argument("--packing_tokens_list", help="comma-separated budgets to try for (b); the best is reported")
     p.add_argument("--liger", action="store_true")
     p.add_argument("--no_gc", action="store_true")
+    p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--probe", default="", help="token budgets for the memory probe, e.g. 8192,16384,32768")
     p.add_argument("--timeout", type=int, default=300)
@@ -416,7 +454,7 @@ def main():
     if a.case == "all":
         orchestrate(a)
         return
-    r = {"baseline": run_baseline, "ocrtune": run_ocrtune, "probe": run_budget_probe}[a.case](a)
+    r = {"baseline": run_baseline, "ocrtune": run_ocrtune, "probe": run_budget_probe, "profile": run_profile}[a.case](a)
     print("RESULT " + json.dumps(r), flush=True)
 
 

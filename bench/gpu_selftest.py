@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def rel(a, b):
@@ -48,6 +49,8 @@ def check_varlen():
 
 
 def check_model(liger: bool):
+    from bench_sft import _ensure_datasets_importable
+    _ensure_datasets_importable()
     from ocrtune.data.registry import SAMPLE_DIR
     from ocrtune.models.loading import load_model, load_processor
     from ocrtune.models.presets import ensure_preset
@@ -77,9 +80,18 @@ def check_model(liger: bool):
         (loss / n).backward()
         res[name] = (float(loss / n), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None})
     (l1, g1), (l2, g2) = res["padded"], res["packed"]
+    # the ViT: one varlen call per block (patched, used above) vs the stock per-image loop
+    vlm = model.base_model.model.model
+    b = {k: v.cuda() for k, v in collate(samples, 0).items()}
+    with torch.no_grad():
+        grid = b["image_grid_thw"]
+        fast = vlm.get_image_features(b["pixel_values"], grid, max_seqlen=int((grid[:, 1] * grid[:, 2]).max())).pooler_output
+        stock = vlm.get_image_features(b["pixel_values"], grid).pooler_output
+    vit_rel = rel(torch.cat(list(fast)), torch.cat(list(stock)))
     worst = max(rel(g2[k], g1[k]) for k in g1)
     return {"liger_applied": applied, "fused_ce": fused is not None, "loss_padded": l1, "loss_packed": l2,
-            "loss_rel": abs(l2 - l1) / abs(l1), "worst_grad_rel": worst, "n_grads": len(g1)}
+            "loss_rel": abs(l2 - l1) / abs(l1), "worst_grad_rel": worst, "n_grads": len(g1), "vit_varlen_rel": vit_rel,
+            "vit_patched": bool(getattr(vlm.visual, "_ocrtune_varlen", False))}
 
 
 if __name__ == "__main__":

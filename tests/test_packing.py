@@ -133,3 +133,27 @@ def test_collator_packs(encoded):
     from ocrtune.train.data import Collator
     b = Collator(0, packing=True)(list(encoded[:2]) + [None])
     assert b["input_ids"].shape[0] == 1 and "cu_seq_lens" in b
+
+
+def test_bf16_lora_runs_in_bf16_under_autocast(tiny_model_dir, encoded):
+    """bf16 model + float32 LoRA weights: the LoRA branch computes in bf16 (no float32 upcast of
+    activations), gradients still reach the float32 LoRA weights, and the loss stays that of the
+    float32 reference within bf16 tolerance."""
+    from ocrtune.models.loading import load_model
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    ref_model = prepare_model(_model(tiny_model_dir, "sdpa"), SftArgs(lora_dropout=0.0, gradient_checkpointing=False))
+    model = prepare_model(load_model(tiny_model_dir, torch.bfloat16, "sdpa"), SftArgs(lora_dropout=0.0))
+    assert any(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    batch = pack(encoded, 0)
+    loss_fn = ResponseLoss(model)
+    model.train()
+    loss, n, _ = loss_fn(**batch)
+    loss.backward()
+    assert loss_fn._amp == torch.bfloat16
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        ref, n_ref, _ = ResponseLoss(ref_model.eval())(**batch)
+    assert int(n) == int(n_ref)
+    assert abs(float(loss) - float(ref)) / float(ref) < 2e-2

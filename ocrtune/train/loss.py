@@ -62,20 +62,52 @@ class ResponseLoss(nn.Module):
     def __init__(self, model: nn.Module, chunk_size: int = 2048, fused_ce=None):
         super().__init__()
         self.model, self.chunk_size, self.fused_ce = model, chunk_size, fused_ce
+        self._amp = None
+
+    def _autocast_dtype(self):
+        """PEFT keeps LoRA weights in float32 on a bf16/fp16 model and upcasts every LoRA input to
+        float32 (a copy of each [tokens, hidden] activation, float32 matmuls and elementwise ops,
+        another copy back): a third of a 7B LoRA step. Instead the LoRA branch runs in the model's
+        dtype under autocast (float32 master weights, as mixed-precision training does), with PEFT's
+        input upcast off. Returns the autocast dtype, or None (float32 models: nothing changes)."""
+        if self._amp is None:
+            lm = causal_lm(self.model)
+            base = lm.lm_head.weight.dtype
+            trained32 = any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters())
+            self._amp = base if (base in (torch.bfloat16, torch.float16) and trained32) else False
+            if self._amp:
+                for m in self.model.modules():
+                    if hasattr(m, "cast_input_dtype_enabled"):
+                        m.cast_input_dtype_enabled = False
+        return self._amp or None
 
     def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
         embeds = vlm.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
         frozen = not any(p.requires_grad for p in vlm.visual.parameters())
+        kwargs = {}
+        if pixel_values.is_cuda and frozen:  # all images in one varlen attention call per ViT block
+            from ocrtune.train.packing import patch_vision_varlen
+            if getattr(vlm.visual, "_ocrtune_varlen", None) is None:
+                vlm.visual._ocrtune_varlen = patch_vision_varlen(vlm.visual)
+            if vlm.visual._ocrtune_varlen:
+                kwargs["max_seqlen"] = int((image_grid_thw[:, 1] * image_grid_thw[:, 2]).max())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            feats = vlm.get_image_features(pixel_values, image_grid_thw).pooler_output
+            feats = vlm.get_image_features(pixel_values, image_grid_thw, **kwargs).pooler_output
             feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
         mask = (input_ids == causal_lm(self.model).config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, **kwargs):
+        amp = self._autocast_dtype()
+        with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
+            return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,
+                                 mm_token_type_ids, cu_seq_lens, max_length, **kwargs)
+
+    def _forward(self, input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,
+                 mm_token_type_ids, cu_seq_lens, max_length, **kwargs):
         lm = causal_lm(self.model)
         vlm = lm.model
         embeds = self._embeds(vlm, input_ids, pixel_values, image_grid_thw)

@@ -126,10 +126,14 @@ def _varlen_fn():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    windowed = "window_size" in params
     gqa = "enable_gqa" in params
 
-    def run(q, k, v, cu, max_len, scale):
+    def run(q, k, v, cu, max_len, scale, is_causal=True):
+        if windowed:
+            causal = {"window_size": (-1, 0) if is_causal else (-1, -1)}
+        else:
+            causal = {"is_causal": is_causal}
         if q.shape[1] != k.shape[1]:
             if gqa:
                 return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=True, **causal)
@@ -155,9 +159,7 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a batch of one packed row")
     if query.is_cuda and not _VARLEN["checked"]:
-        _VARLEN["checked"] = True
-        _VARLEN["fn"] = _varlen_fn()
-        if _VARLEN["fn"] is None:
+        if _get_varlen() is None:
             warnings.warn("torch.nn.attention.varlen is unavailable: packed attention uses sdpa with a "
                           "block-diagonal mask (correct, slower)", stacklevel=2)
     fn = _VARLEN["fn"] if query.is_cuda else None
@@ -176,6 +178,45 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
     mask = _block_causal_mask(cu, query.shape[2], query.device)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def _get_varlen():
+    if not _VARLEN["checked"]:
+        _VARLEN["checked"] = True
+        _VARLEN["fn"] = _varlen_fn()
+    return _VARLEN["fn"]
+
+
+def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """Qwen2-VL VisionAttention with all images in one varlen call (instead of one sdpa call per
+    image); the stock forward wherever the varlen kernel or `max_seqlen` is missing."""
+    fn = _get_varlen() if hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16) else None
+    if fn is None or max_seqlen is None:
+        return self._ocrtune_stock_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                           max_seqlen=max_seqlen, **kwargs)
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens.to(torch.int32), int(max_seqlen),
+             self.scaling, is_causal=False)
+    return self.proj(out.reshape(n, -1))
+
+
+def patch_vision_varlen(visual) -> bool:
+    """Route a Qwen2-VL vision tower's attention through one varlen call per block (CUDA only;
+    the patched forward defers to the stock one elsewhere). Returns whether anything was patched."""
+    import types
+    done = False
+    for blk in getattr(visual, "blocks", []):
+        attn = getattr(blk, "attn", None)
+        if attn is None or hasattr(attn, "_ocrtune_stock_forward") or not hasattr(attn, "qkv"):
+            continue
+        attn._ocrtune_stock_forward = attn.forward
+        attn.forward = types.MethodType(_vision_attention_forward, attn)
+        done = True
+    return done
 
 
 @functools.lru_cache(maxsize=1)

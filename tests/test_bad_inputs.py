@@ -162,3 +162,47 @@ def test_bad_inputs_table(files):
         if not ok:
             failures.append(f"{name}: rc={out.returncode} errors={errors} stderr tail={out.stderr[-400:]!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "8",
+                          "--save_steps", "2", "--eval_steps", "100", "--output_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OCRTUNE_FAULT_NAN_AT_STEP": "5"})
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(errors) == 1 and "loss became NaN at step 5" in errors[0] and "checkpoint-4" in errors[0]
+    run = next((tmp_path / "tiny").glob("v0-*"))
+    assert (run / "checkpoint-4" / "adapter_model.safetensors").exists() and not (run / "checkpoint-6").exists()
+
+
+def test_disk_full_during_save_is_one_line_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    from ocrtune.errors import UserError
+    from ocrtune.train import checkpoint as ck
+
+    class Model:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_pretrained(self, path, safe_serialization=True):
+            if self.fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"x")
+
+    class State:
+        def state_dict(self):
+            return {"x": 1}
+
+    ck.save_checkpoint(tmp_path, 2, Model(False), State(), State(), {"global_step": 2})
+    with pytest.raises(UserError, match="disk full while saving checkpoint-4.*previous checkpoint is intact"):
+        ck.save_checkpoint(tmp_path, 4, Model(True), State(), State(), {"global_step": 4})
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_cuda_out_of_memory_names_the_flags_to_lower(capsys):
+    import torch
+    from ocrtune.cli.main import _report_unexpected
+    assert _report_unexpected(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA out of memory" in err[0] and "--batch_size" in err[0]

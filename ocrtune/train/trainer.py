@@ -215,6 +215,8 @@ class SftRun:
                                             torch.as_tensor(correct, device=acc.device, dtype=torch.float64)]), "sum")
             loss_sum, correct, tokens = stats[0], stats[1], global_tokens
         loss_sum = float(loss_sum)
+        if os.environ.get("OCRTUNE_FAULT_NAN_AT_STEP") == str(self.state["global_step"] + 1):  # fault injection (tests)
+            loss_sum = float("nan")
         if not math.isfinite(loss_sum) or not math.isfinite(float(grad_norm)):
             last = ckpt_io.list_checkpoints(self.run_dir)
             raise UserError(f"loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {self.state['global_step'] + 1}"
@@ -289,6 +291,15 @@ class SftRun:
         start, start_step = time.time(), st["global_step"]
         bar = tqdm(total=self.total_steps, initial=st["global_step"], desc="train", disable=not self.main,
                    dynamic_ncols=True, unit="step")
+        try:
+            self._loop(bar, start, start_step)
+        finally:
+            bar.close()  # the bar's line ends before any error message is printed
+            self.logger.close()
+        return self.finish()
+
+    def _loop(self, bar, start: float, start_step: int) -> None:
+        args, st = self.args, self.state
         stream = self.micro_batches()
         metrics = None
         while st["global_step"] < self.total_steps:
@@ -321,9 +332,6 @@ class SftRun:
                 bar.write(json.dumps({**metrics, "step": step}))
             if step % args.save_steps == 0 or last:
                 self.save(metrics)
-        bar.close()
-        self.logger.close()
-        return self.finish()
 
     def log_train(self, step: int, start: float, start_step: int) -> None:
         a = self.state["log_acc"]

@@ -118,6 +118,8 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
             os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_merged(out):  # another process finished the same merge first: use its folder
+            return out
         raise UserError(f"could not write the merged model to {out}: {e.strerror or e}",
                         "check free disk space and that the folder is writable, or pass --output_dir") from None
     except BaseException:

@@ -470,6 +470,8 @@ def run_eval(args: InferArgs) -> dict:
     metrics = parse_metrics(args.metrics)
     if not metrics:
         raise UserError("--metrics is empty", f"pass a comma list of: {', '.join(METRIC_CHOICES)}")
+    if not (args.dataset or args.val_dataset or args.load_dataset_config or args.ckpt_dir):
+        raise UserError("ocrtune eval needs data", "pass --dataset (or --val_dataset), or a --ckpt_dir from an ocrtune sft run")
     _quiet_transformers()
     engine, info = load_for_inference(args)
     if not (args.dataset or args.val_dataset):

@@ -127,35 +127,37 @@ PLAIN_SCRIPT = textwrap.dedent(r"""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    folder, image, prompt = sys.argv[1:4]
+    folder, prompt, images = sys.argv[1], sys.argv[2], sys.argv[3:]
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-    print(json.dumps({"answer": answer, "ocrtune_imported": any(m == "ocrtune" or m.startswith("ocrtune.")
+    answers = []
+    for image in images:
+        inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        answers.append(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+    print(json.dumps({"answers": answers, "ocrtune_imported": any(m == "ocrtune" or m.startswith("ocrtune.")
                       for m, v in sys.modules.items() if v is not None)}))
 """)
 
 
 def test_merged_loads_with_plain_transformers(lora_ckpt, merged, tmp_path):
-    rows = sample_rows(3)
     engine, _ = _engine(lora_ckpt)
+    pngs = [write_png(row, tmp_path / f"s{i}.png") for i, row in enumerate(sample_rows(3))]
+    expected = [engine.generate([{"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT}], "images": [str(p)]}],
+                                max_new_tokens=24)[0] for p in pngs]
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for i, row in enumerate(rows):
-        png = write_png(row, tmp_path / f"s{i}.png")
-        expected = engine.generate([{"messages": row["messages"][:1], "images": [str(png)]}], max_new_tokens=24)[0]
-        res = subprocess.run([sys.executable, str(script), str(merged), str(png), OCR_PROMPT], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
-        got = json.loads(res.stdout.strip().splitlines()[-1])
-        assert got["ocrtune_imported"] is False
-        assert got["answer"] == expected
+    res = subprocess.run([sys.executable, str(script), str(merged), OCR_PROMPT, *map(str, pngs)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ocrtune_imported"] is False
+    assert got["answers"] == expected
+    assert any(expected), "the model generated nothing"
 
 
 def test_infer_merge_lora_flag(lora_ckpt, merged):

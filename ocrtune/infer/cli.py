@@ -319,7 +319,11 @@ def _result_path(args: InferArgs, info: dict) -> Path:
     if args.result_path:
         return Path(args.result_path).expanduser()
     base = Path(info["ckpt_dir"]) if info.get("ckpt_dir") else Path.cwd()
-    return base / "infer_result" / f"{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base / "infer_result" / f"{stamp}.jsonl", 1
+    while path.exists():  # two runs in the same second
+        path, n = base / "infer_result" / f"{stamp}-{n}.jsonl", n + 1
+    return path
 
 
 def _open_result(path: Path):

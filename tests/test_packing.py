@@ -157,3 +157,27 @@ def test_bf16_lora_runs_in_bf16_under_autocast(tiny_model_dir, encoded):
         ref, n_ref, _ = ResponseLoss(ref_model.eval())(**batch)
     assert int(n) == int(n_ref)
     assert abs(float(loss) - float(ref)) / float(ref) < 2e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_equals_padded_other_families(arch, tmp_path):
+    """Qwen2.5-VL and Qwen3-VL go through their own forward; packing still changes nothing."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import build
+
+    from ocrtune.models.loading import load_model, load_processor
+    d = build(arch, str(tmp_path / arch))
+    template = Template(load_processor(d), arch, 2048)
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=4), template)
+    samples = [ds[i] for i in range(len(ds))]
+    torch.manual_seed(0)
+    model = load_model(d, torch.float32, "sdpa")
+    model.eval()
+    model.requires_grad_(True)
+    l1, n1, g1 = _loss_and_grads(model, collate(samples, 0))
+    l2, n2, g2 = _loss_and_grads(model, pack(samples, 0, model.config.vision_config.spatial_merge_size))
+    assert n1 == n2 > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(g2, g1)

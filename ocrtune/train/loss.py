@@ -110,6 +110,14 @@ class ResponseLoss(nn.Module):
                  mm_token_type_ids, cu_seq_lens, max_length, **kwargs):
         lm = causal_lm(self.model)
         vlm = lm.model
+        if getattr(lm.config, "model_type", None) != "qwen2_vl":
+            # other families (Qwen2.5-VL window attention, Qwen3-VL deepstack features) go through
+            # their own forward; a packed row carries 4-row position ids, from which transformers
+            # builds the per-sample (document) attention mask
+            out = vlm(input_ids=input_ids, attention_mask=None if cu_seq_lens is not None else attention_mask,
+                      pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=position_ids,
+                      mm_token_type_ids=mm_token_type_ids, use_cache=False, **kwargs)
+            return self._loss(lm, out.last_hidden_state, labels)
         embeds = self._embeds(vlm, input_ids, pixel_values, image_grid_thw)
         text = vlm.language_model
         if cu_seq_lens is not None:  # packed row
@@ -134,7 +142,10 @@ class ResponseLoss(nn.Module):
                                                      attention_mask=attention_mask)
             out = text(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                        use_cache=False, **kwargs)
-        hidden = out.last_hidden_state[:, :-1]
+        return self._loss(lm, out.last_hidden_state, labels)
+
+    def _loss(self, lm, last_hidden_state, labels):
+        hidden = last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         h, y = hidden[keep], targets[keep]

@@ -59,7 +59,8 @@ class SftArgs:
     # speed
     packing: bool = arg(False, "pack samples into one row up to --packing_tokens (padding-free)")
     packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)")
-    use_liger: bool = arg(False, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy", aliases=("--use_liger_kernel",))
+    use_liger: bool | None = arg(None, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy "
+                                 "(default: on where a CUDA device and liger-kernel are present)", aliases=("--use_liger_kernel",))
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
     # evaluation, saving, logging
     eval_steps: int = arg(50, "evaluate every N steps")

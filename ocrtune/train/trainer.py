@@ -150,6 +150,9 @@ class SftRun:
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)
+        if args.use_liger is None:  # auto: on where it can run, silently off elsewhere
+            from ocrtune.train.speed import liger_unavailable_reason
+            args.use_liger = liger_unavailable_reason() is None
         if args.learning_rate is None:
             args.learning_rate = default_lr(args, bool(spec and spec.preset))
 

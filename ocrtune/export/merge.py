@@ -137,6 +137,11 @@ def run_export(args) -> Path:
         raise UserError("ocrtune export needs --ckpt_dir", "pass the LoRA checkpoint folder, e.g. --ckpt_dir output/.../checkpoint-100")
     if not args.merge_lora:
         raise UserError("ocrtune export only merges LoRA checkpoints for now", "pass --merge_lora true")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     out = merge_lora(args.ckpt_dir, args.output_dir, args.force, args.dtype)
     print(out)
     return out

@@ -409,7 +409,8 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
                     pred = next(answers)
                     rec["prediction"] = pred
                     if ref is not None:
-                        rec.update(per_row_metrics(pred, ref))
+                        rec.update({k: round(v, 6) if isinstance(v, float) else v
+                                    for k, v in per_row_metrics(pred, ref).items()})
                         if render:
                             rec["render"] = render_match(pred, ref)
                         preds.append(pred)

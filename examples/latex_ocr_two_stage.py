@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--lora_alpha", type=int, default=64)
     p.add_argument("--eval_batch_size", type=int, default=250)
     p.add_argument("--deadline_seconds", type=float, default=565, help="the whole script; stage 2 shrinks to fit")
+    p.add_argument("--packing", action="store_true", help="sft --packing true (padding-free rows; positions computed in the workers)")
     p.add_argument("--mixed_precision", default="bf16", help="fp32 master weights + bf16 autocast (accelerate); 'no' = --dtype auto")
     p.add_argument("--train_rows", type=int, default=None, help="use N rows of each train split (smoke tests)")
     p.add_argument("--eval_rows", type=int, default=None, help="use N rows of each validation split (smoke tests)")
@@ -168,7 +169,8 @@ class Recipe:
         dtype = ["--dtype", "float32"] if a.mixed_precision != "no" else []
         return [*dtype, "--gradient_checkpointing", "false", "--dataloader_num_workers", str(a.workers),
                 "--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--augment", "true",
-                "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1"]
+                "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1",
+                *(["--packing", "true"] if a.packing else [])]
 
     def probe(self) -> float:
         """Seconds per stage-1 step on this machine (real data, augmentation, workers, batch size)."""

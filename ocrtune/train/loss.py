@@ -87,7 +87,7 @@ class ResponseLoss(nn.Module):
             return embeds
         frozen = not any(p.requires_grad for p in vlm.visual.parameters())
         kwargs = {}
-        if pixel_values.is_cuda and frozen:  # all images in one varlen attention call per ViT block
+        if pixel_values.is_cuda:  # all images in one varlen attention call per ViT block (trained or frozen)
             from ocrtune.train.packing import patch_vision_varlen
             if getattr(vlm.visual, "_ocrtune_varlen", None) is None:
                 vlm.visual._ocrtune_varlen = patch_vision_varlen(vlm.visual)

@@ -190,7 +190,8 @@ def _get_varlen():
 def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
     """Qwen2-VL VisionAttention with all images in one varlen call (instead of one sdpa call per
     image); the stock forward wherever the varlen kernel or `max_seqlen` is missing."""
-    fn = _get_varlen() if hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16) else None
+    half = hidden_states.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda")
+    fn = _get_varlen() if hidden_states.is_cuda and half else None
     if fn is None or max_seqlen is None:
         return self._ocrtune_stock_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
                                            max_seqlen=max_seqlen, **kwargs)

@@ -1,6 +1,4 @@
 """Tiny Qwen2.5-VL and Qwen3-VL models (random weights) built from configs, for the family tests."""
-import torch  # noqa: F401
-from pathlib import Path
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)

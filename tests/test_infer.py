@@ -2,7 +2,6 @@
 and the one-line errors."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -10,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
-from ocrtune.errors import UserError
+from ocrtune.data.registry import OCR_PROMPT
 from ocrtune.infer.args import InferArgs
+from samples import sample_rows, write_png
 
 NEW_TOKENS = 16
-
-
-def sample_rows(n: int, split: str = "validation") -> list[dict]:
-    import pyarrow.parquet as pq
-    t = pq.read_table(SAMPLE_DIR / f"{split}.parquet").slice(0, n).to_pylist()
-    return [{"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT}, {"role": "assistant", "content": r["text"]}],
-             "images": [{"bytes": r["image"]["bytes"], "path": None}]} for r in t]
-
-
-def write_png(row: dict, path: Path) -> Path:
-    from PIL import Image
-    Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB").save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,6 @@ def _quiet_transformers() -> None:
 def load_for_inference(args: InferArgs):
     """Build the engine for `--ckpt_dir` (LoRA checkpoint, merged/full model folder or run folder) or
     `--model` alone. Returns (InferEngine, info) where info tells what was loaded and the run's settings."""
-    import torch
-
     from ocrtune.export.source import base_model, describe
     from ocrtune.infer.engine import InferEngine, pick_device, pick_dtype
     from ocrtune.models.loading import load_model, load_processor, resolve_model, template_name

@@ -21,7 +21,7 @@ from ocrtune.models.loading import (load_model, load_processor, lora_target_rege
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune.train import checkpoint as ckpt_io
 from ocrtune.train.args import SftArgs, validate
-from ocrtune.train.data import Collator, EncodedDataset, epoch_batches, make_loader, plan_batches
+from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
 
@@ -290,7 +290,7 @@ class SftRun:
 
     def train(self) -> dict:
         from tqdm import tqdm
-        args, st = self.args, self.state
+        st = self.state
         start, start_step = time.time(), st["global_step"]
         bar = tqdm(total=self.total_steps, initial=st["global_step"], desc="train", disable=not self.main,
                    dynamic_ncols=True, unit="step")

@@ -16,6 +16,7 @@ COMMANDS = {
     "plot": "redraw a run's PNG plots from its logging.jsonl",
     "list": "list registered models and datasets",
 }
+ALIASES = {"deploy": "serve"}  # SWIFT's name for serving
 
 
 def _parser():
@@ -46,7 +47,8 @@ def run(argv: list[str]) -> int:
     if not argv:
         parser.print_help()
         return 0
-    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    argv = [ALIASES.get(argv[0], argv[0]), *argv[1:]]
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # after aliases
         raise UserError(f"unknown command '{argv[0]}'", f"use one of: {', '.join(COMMANDS)}")
     ns = parser.parse_args(argv)
     cmd = ns.command

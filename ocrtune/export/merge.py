@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ocrtune.errors import UserError
+from ocrtune.fileio import replace_dir
 from ocrtune.export.source import INFER_KEYS, MERGE_INFO, Source, base_model, describe, file_sha256
 
 log = logging.getLogger("ocrtune")
@@ -108,14 +109,7 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
             os.chmod(f, 0o644)
         if not any(tmp.glob("*.safetensors")):
             raise UserError(f"merging wrote no safetensors weights in {tmp}", "report this as a bug")
-        if out.exists():  # force: swap the new folder in, then drop the old one
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # with --force, the old folder is swapped out only once the new one is whole
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_merged(out):  # another process finished the same merge first: use its folder

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ocrtune.errors import UserError
+from ocrtune.fileio import replace_dir
 
 STATE_FILE = "trainer_state.json"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -63,13 +64,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(trainer_state, f, indent=2)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            old = Path(run_dir) / f".checkpoint-{step}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the old folder out
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:

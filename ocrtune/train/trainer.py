@@ -177,7 +177,7 @@ class SftRun:
 
         world = acc.num_processes
         self.micro_per_epoch = len(plan_batches(self.train_ds, args, 0, 0, world))
-        steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
+        self.steps_per_epoch = steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
         self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
         self.state = {"global_step": 0, "epoch": 0, "micro_batches_done": 0, "best_metric": None,
@@ -343,7 +343,7 @@ class SftRun:
         record = {"loss": round(a[0] / max(a[1], 1), 6), "token_acc": round(a[2] / max(a[1], 1), 6),
                   "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.scheduler.get_last_lr()[0],
                   "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
-                  "epoch": round(step / max(self.total_steps, 1) * (self.total_steps / max(1, math.ceil(self.micro_per_epoch / self.args.gradient_accumulation_steps))), 4),
+                  "epoch": round(step / max(self.steps_per_epoch, 1), 4),
                   "global_step/max_steps": f"{step}/{self.total_steps}",
                   "percentage": f"{100 * step / self.total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
                   "remaining_time": fmt_time(elapsed / max(done, 1) * (self.total_steps - step)), "step": step}

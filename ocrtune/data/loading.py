@@ -13,7 +13,7 @@ import datasets
 
 from ocrtune.data.images import BadImage, image_ref
 from ocrtune.data.registry import DATASETS, OCR_PROMPT, get_dataset_spec, latex_ocr_preprocess
-from ocrtune.errors import UserError
+from ocrtune.errors import UserError, hub_failure, import_modelscope
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 FEATURES = datasets.Features({
@@ -60,18 +60,12 @@ def _load_hub(hub_id: str, subset: str | None, split: str, use_hf: bool, ms_id: 
         if use_hf or ms_id is None:
             kwargs = {"name": subset} if subset and subset != "default" else {}
             return datasets.load_dataset(hub_id, split=split, **kwargs)
-        try:
-            from modelscope import MsDataset
-        except ImportError:
-            raise UserError("--use_hf false needs the modelscope package", "pip install modelscope, or use --use_hf true") from None
-        return MsDataset.load(ms_id, subset_name=subset, split=split).to_hf_dataset()
+        return import_modelscope().MsDataset.load(ms_id, subset_name=subset, split=split).to_hf_dataset()
     except UserError:
         raise
     except Exception as e:
-        where = "Hugging Face" if use_hf else "ModelScope"
-        raise UserError(f"could not load dataset '{hub_id}' (subset {subset}, split {split}) from {where}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                        "check the network or the name, or download it and pass the local path to --dataset") from None
+        raise hub_failure(f"load dataset '{hub_id}' (subset {subset}, split {split})", use_hf, e,
+                          "check the network or the name, or download it and pass the local path to --dataset") from None
 
 
 def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> datasets.Dataset:

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ocrtune.errors import UserError
+from ocrtune.errors import UserError, hub_failure, import_modelscope
 from ocrtune.models.presets import PRESETS, ensure_preset
 from ocrtune.models.registry import TEMPLATE_BY_ARCH, ModelSpec, find_model, get_model_spec
 
@@ -45,18 +45,12 @@ def download(hub_id: str, use_hf: bool, revision: str | None = None) -> Path:
         if use_hf:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(hub_id, revision=revision))
-        try:
-            from modelscope import snapshot_download as ms_snapshot_download
-        except ImportError:
-            raise UserError("--use_hf false needs the modelscope package", "pip install modelscope, or use --use_hf true") from None
-        return Path(ms_snapshot_download(hub_id, revision=revision))
+        return Path(import_modelscope().snapshot_download(hub_id, revision=revision))
     except UserError:
         raise
     except Exception as e:
-        where = "Hugging Face" if use_hf else "ModelScope"
-        raise UserError(f"could not download model '{hub_id}' from {where}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}",
-                        "check the network and the id, or pass a local model folder to --model") from None
+        raise hub_failure(f"download model '{hub_id}'", use_hf, e,
+                          "check the network and the id, or pass a local model folder to --model", limit=160) from None
 
 
 def model_arch(path: Path) -> str:

@@ -85,10 +85,13 @@ def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None
     if device is not None:
         kwargs["device_map"] = {"": device}
     try:
-        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model weights from {path}: {str(e).splitlines()[0][:200]}",
                         "the folder needs config.json and *.safetensors weights") from None
+    from ocrtune.models.kernels import linear_patch_embed
+    linear_patch_embed(model)
+    return model
 
 
 def lm_linear_names(model) -> list[str]:

@@ -61,6 +61,10 @@ class SftArgs:
     packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)")
     use_liger: bool | None = arg(None, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy "
                                  "(default: on where a CUDA device and liger-kernel are present)", aliases=("--use_liger_kernel",))
+    fused_lora: bool = arg(True, "add each LoRA update into its base layer's output with one fused multiply-add "
+                           "(same math as PEFT, fewer kernels)")
+    recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
+                                       "(default all); the rest keep their activations (faster, more memory)")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
     # evaluation, saving, logging
     eval_steps: int = arg(50, "evaluate every N steps")
@@ -94,6 +98,7 @@ def validate(args: SftArgs) -> None:
         (args.max_pixels is None or args.max_pixels >= 28 * 28 * 4, "--max_pixels must be at least 3136 (4 patches)"),
         (args.min_pixels is None or args.max_pixels is None or args.min_pixels <= args.max_pixels,
          "--min_pixels must not exceed --max_pixels"),
+        (args.recompute_layers is None or args.recompute_layers >= 0, "--recompute_layers must be 0 or more"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
     ]

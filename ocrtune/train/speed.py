@@ -1,5 +1,10 @@
 """Optional speed kernels, each with a clean fallback.
 
+`--fused_lora` (default on) adds each LoRA update into the base layer's output with one addmm
+(`out + scaling * h @ B^T` in the GEMM's epilogue) instead of PEFT's separate matmul, scale and add
+kernels, each a full pass over a [tokens, out_features] tensor forward and backward. Same math;
+any LoRA layer PEFT runs differently (DoRA, several adapters, merged, biased B) keeps PEFT's forward.
+
 `--use_liger` swaps in Liger's Triton kernels (RMSNorm, SwiGLU, M-RoPE, LayerNorm in the ViT) on a
 CUDA machine with `liger-kernel` installed, and a fused linear cross-entropy for the loss. Where
 Liger is not installed, no GPU is present, or the model is not a Qwen2-VL family model, training
@@ -8,9 +13,11 @@ runs on the stock modules (same results) and a warning says why.
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 
 import torch
+import torch.nn as nn
 
 log = logging.getLogger("ocrtune")
 
@@ -78,3 +85,40 @@ def liger_fused_ce():
             return hidden.sum() * 0.0
         return ce(weight, hidden.contiguous(), targets).float()
     return fused
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):
+        return self._ocrtune_stock_forward(x, *args, **kwargs)
+    name = active[0]
+    lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+    result = self.base_layer(x)
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == h.dtype == lora_b.weight.dtype):
+        return (result + lora_b(h) * scaling).to(result.dtype)  # mixed dtypes without autocast: PEFT's math
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=scaling)
+    return out.view(result.shape).to(result.dtype)
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Patch every PEFT LoRA `Linear` in `model` to `_fused_lora_forward`; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LoraLinear) and isinstance(mod.base_layer, nn.Linear) and not hasattr(mod, "_ocrtune_stock_forward"):
+            mod._ocrtune_stock_forward = mod.forward
+            mod.forward = types.MethodType(_fused_lora_forward, mod)
+            n += 1
+    return n
+
+
+def limit_recompute(model: nn.Module, layers: int) -> int:
+    """Keep gradient checkpointing on only the first `layers` decoder layers of the language model;
+    the others keep their activations (no recompute: faster, more memory). Returns how many recompute."""
+    from ocrtune.train.loss import causal_lm
+    decoder = [m for m in causal_lm(model).model.language_model.layers if getattr(m, "gradient_checkpointing", False)]
+    for i, layer in enumerate(decoder):
+        layer.gradient_checkpointing = i < layers
+    return min(layers, len(decoder))

@@ -83,6 +83,9 @@ def prepare_model(model, args: SftArgs):
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
+        if args.fused_lora:
+            from ocrtune.train.speed import fuse_lora_linears
+            fuse_lora_linears(model)
     elif args.freeze_vit:
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is not None:
@@ -90,6 +93,9 @@ def prepare_model(model, args: SftArgs):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if args.recompute_layers is not None:
+            from ocrtune.train.speed import limit_recompute
+            limit_recompute(model, args.recompute_layers)
     return model
 
 

@@ -1,0 +1,119 @@
+"""The faster forwards compute what the stock ones do: fused LoRA, linear patch embedding,
+partial recompute. Each compares outputs and gradients against the unpatched module."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+from ocrtune.models.kernels import linear_patch_embed
+from ocrtune.train.speed import fuse_lora_linears, limit_recompute
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _lora(dora=False, dropout=0.0):
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinears(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["up", "down"],
+                                                    use_dora=dora))
+    for name, p in model.named_parameters():  # LoRA B starts at zero: give it values so the branch counts
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.5)
+    return model
+
+
+def _run(model, x, seed=0):
+    torch.manual_seed(seed)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_matches_peft(dropout):
+    stock = _lora(dropout=dropout)
+    fused = copy.deepcopy(stock)
+    assert fuse_lora_linears(fused) == 2
+    assert fuse_lora_linears(fused) == 0  # idempotent
+    x = torch.randn(2, 5, 16)
+    out_s, grads_s = _run(stock, x)
+    out_f, grads_f = _run(fused, x)
+    torch.testing.assert_close(out_f, out_s, rtol=1e-5, atol=1e-5)
+    assert grads_s.keys() == grads_f.keys() and any("lora_A" in n for n in grads_s)
+    for name in grads_s:
+        torch.testing.assert_close(grads_f[name], grads_s[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the LoRA branch contributes: disabling adapters changes the output
+    with fused.disable_adapter():
+        assert not torch.allclose(fused(x), out_f, atol=1e-3)
+
+
+def test_fused_lora_under_bf16_autocast_is_close():
+    stock = _lora()
+    fused = copy.deepcopy(stock)
+    fuse_lora_linears(fused)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = stock(x), fused(x)
+    assert b.dtype == a.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_lora_leaves_dora_to_peft():
+    stock = _lora(dora=True)
+    fused = copy.deepcopy(stock)
+    fuse_lora_linears(fused)  # patched, but DoRA layers take PEFT's own forward
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fused(x), stock(x))
+
+
+def test_linear_patch_embed_matches_conv3d(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+    torch.manual_seed(0)
+    stock = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)  # plain transformers: the Conv3d
+    fast = copy.deepcopy(stock)
+    assert linear_patch_embed(fast) == 1 and linear_patch_embed(fast) == 0
+    pe_s, pe_f = stock.model.visual.patch_embed, fast.model.visual.patch_embed
+    pixels = torch.randn(12, pe_s.in_channels * pe_s.temporal_patch_size * pe_s.patch_size ** 2)
+    out_s, out_f = pe_s(pixels), pe_f(pixels)
+    torch.testing.assert_close(out_f, out_s, rtol=1e-5, atol=1e-5)
+    out_s.sum().backward()
+    out_f.sum().backward()
+    torch.testing.assert_close(pe_f.proj.weight.grad, pe_s.proj.weight.grad, rtol=1e-5, atol=1e-5)
+    assert set(fast.state_dict()) == set(stock.state_dict())  # same parameter names: checkpoints unchanged
+
+
+def test_ocrtune_load_model_uses_linear_patch_embed(tiny_model_dir):
+    from ocrtune.models.loading import load_model
+    model = load_model(tiny_model_dir, torch.float32)
+    assert hasattr(model.model.visual.patch_embed, "_ocrtune_stock_forward")
+
+
+def test_limit_recompute_keeps_loss_and_grads(tiny_model_dir):
+    from ocrtune.models.loading import load_model
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(10, 500, (2, 12))
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    full = grads()
+    layers = model.model.language_model.layers
+    assert limit_recompute(model, 1) == 1
+    assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (len(layers) - 1)
+    part = grads()
+    assert full.keys() == part.keys()
+    for name in full:
+        torch.testing.assert_close(part[name], full[name], rtol=1e-5, atol=1e-6, msg=name)

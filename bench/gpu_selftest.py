@@ -94,9 +94,57 @@ def check_model(liger: bool):
             "vit_patched": bool(getattr(vlm.visual, "_ocrtune_varlen", False))}
 
 
+def check_fused_lora():
+    """Fused LoRA add vs PEFT's forward on the small preset in bf16 (float32 LoRA weights under
+    autocast, as training runs them), both against a float32 reference of the same weights: the
+    fused path must be as close to it as PEFT's own (its error is bf16 rounding, not other math)."""
+    import copy
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.presets import ensure_preset
+    from ocrtune.models.template import Template
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.loss import ResponseLoss
+    from ocrtune.train.packing import pack
+    from ocrtune.train.trainer import prepare_model
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    d = ensure_preset("small")
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
+    batch = {k: v.to(dev) for k, v in pack([ds[i] for i in range(len(ds))], 0).items()}
+    base = load_model(d, torch.bfloat16, "sdpa")
+    models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0)),
+              "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0)),
+              "fused": prepare_model(base, SftArgs(fused_lora=True, lora_dropout=0.0))}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = dict(models["reference_fp32"].named_parameters())
+        for n, p in ref.items():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+        for m in ("stock", "fused"):
+            for n, p in models[m].named_parameters():
+                if "lora_" in n:
+                    p.copy_(ref[n])
+    res = {}
+    for name, model in models.items():
+        loss, n, _ = ResponseLoss(model.to(dev))(**batch)
+        (loss / n).backward()
+        res[name] = (float(loss.detach() / n), {k: p.grad.float() for k, p in model.named_parameters() if p.grad is not None})
+    l0, g0 = res["reference_fp32"]
+    out = {"patched_modules": sum(hasattr(m, "_ocrtune_stock_forward") for m in models["fused"].modules()), "n_grads": len(g0)}
+    for name in ("stock", "fused"):
+        loss, grads = res[name]
+        errs = sorted(rel(grads[k], g0[k]) for k in g0)
+        out[name] = {"loss": loss, "loss_rel_vs_fp32": abs(loss - l0) / abs(l0), "median_grad_rel_vs_fp32": errs[len(errs) // 2],
+                     "worst_grad_rel_vs_fp32": errs[-1]}
+    return out
+
+
 if __name__ == "__main__":
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("varlen", check_varlen), ("model", lambda: check_model(False)), ("model_liger", lambda: check_model(True))):
+    for name, fn in (("varlen", check_varlen), ("model", lambda: check_model(False)), ("model_liger", lambda: check_model(True)),
+                     ("fused_lora", check_fused_lora)):
         try:
             out[name] = fn()
         except Exception as e:  # report, keep going

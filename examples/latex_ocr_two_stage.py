@@ -106,6 +106,7 @@ def parse_args(argv=None):
                    help=f"this phase's time limit, from the wrapper's start (default {DEADLINES})")
     p.add_argument("--packing", dest="packing", action="store_true", default=True,
                    help="sft --packing true (padding-free rows; positions computed in the workers); the default")
+    p.add_argument("--no_augment", action="store_true", help="train without image augmentation (sft --augment false)")
     p.add_argument("--no_packing", dest="packing", action="store_false", help="padded batches instead of packing")
     p.add_argument("--mixed_precision", default="bf16", help="fp32 master weights + bf16 autocast (accelerate); 'no' = --dtype auto")
     p.add_argument("--train_rows", type=int, default=None, help="use N rows of each train split (smoke tests)")
@@ -316,7 +317,7 @@ class Recipe:
         a = self.a
         dtype = ["--dtype", "float32"] if a.mixed_precision != "no" else []
         return [*dtype, "--gradient_checkpointing", "false", "--dataloader_num_workers", str(a.workers),
-                "--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--augment", "true",
+                "--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--augment", "false" if a.no_augment else "true",
                 "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1",
                 *(["--packing", "true"] if a.packing else [])]
 

@@ -922,7 +922,12 @@ def main():
     p.add_argument("--out", default="bench/results/results.json")
     a = p.parse_args()
     if a.case == "all":
-        orchestrate(a)
+        results = orchestrate(a)
+        failed = [f"{run.get('model')}:{k}" for run in results.get("runs", []) for k in ("a", "b")
+                  if isinstance(run.get(k), dict) and "error" in run[k]]
+        if failed:  # the JSON keeps every error; the exit status says that a measured case failed
+            print(f"error: case(s) {', '.join(failed)} failed (details in {a.out})", file=sys.stderr)
+            sys.exit(1)
         return
     r = {"baseline": run_baseline, "ocrtune": run_ocrtune, "probe": run_budget_probe, "profile": run_profile}[a.case](a)
     print("RESULT " + json.dumps(r), flush=True)

@@ -119,7 +119,8 @@ def parse_args(argv=None):
     a.max_new_tokens_cap = None
     if a.smoke:
         a.model, a.batch_size, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 8, 8, 4, 4
-        a.train_rows, a.eval_rows, a.gen_eval_rows, a.workers, a.eval_batch_size = 64, 12, 8, 0, 8
+        a.train_rows, a.eval_rows = a.train_rows or 64, a.eval_rows or 12
+        a.gen_eval_rows, a.workers, a.eval_batch_size = 8, 0, 8
         a.num_evals, a.mixed_precision, a.deadline_seconds, a.probe_steps = 2, "no", 3600, 12
         a.min_pixels, a.max_pixels, a.max_new_tokens_cap = 30000, 60000, 32  # the CPU has 2 cores
     return a

@@ -83,3 +83,16 @@ def test_sft_with_speed_flags_on_cpu(tiny_model_dir, tmp_path):
         warnings.simplefilter("ignore")
         out = run_sft(args)
     assert out["global_step"] == 2
+
+
+def test_varlen_kernel_dtype_follows_autocast():
+    """With float32 master weights under bf16 autocast, the rotary step hands float32 q/k to the
+    packed attention; it must still run the half-precision varlen kernel (as autocast would run
+    sdpa), not the dense [T, T] mask fallback."""
+    from ocrtune.train.packing import varlen_dtype
+    q = torch.randn(1, 2, 4, 8)
+    assert varlen_dtype(q) is None  # plain float32: no half kernel
+    assert varlen_dtype(q.bfloat16()) == torch.bfloat16
+    assert varlen_dtype(q.half()) == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert varlen_dtype(q) == torch.bfloat16

@@ -163,8 +163,9 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
             warnings.warn("torch.nn.attention.varlen is unavailable: packed attention uses sdpa with a "
                           "block-diagonal mask (correct, slower)", stacklevel=2)
     fn = _VARLEN["fn"] if query.is_cuda else None
-    if fn is not None and query.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    dtype = varlen_dtype(query)
+    if fn is not None and dtype is not None:
+        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, H, D]
         try:
             out = fn(q, k, v, cu.to(q.device, torch.int32), int(max_len), scaling)
             return out.unsqueeze(0)
@@ -178,6 +179,18 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
     mask = _block_causal_mask(cu, query.shape[2], query.device)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def varlen_dtype(query: torch.Tensor):
+    """The half dtype the varlen kernel runs in for `query`, or None. Under autocast that is the
+    autocast dtype even for float32 inputs (the rotary step promotes q and k to float32 when the
+    embeddings are float32, i.e. float32 master weights); sdpa would be autocast to it the same way,
+    and without this a float32 packed row fell back to a dense [T, T] mask."""
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        return torch.get_autocast_dtype(query.device.type)
+    return None
 
 
 def _get_varlen():

@@ -173,6 +173,10 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
             warnings.warn(f"varlen attention failed ({type(e).__name__}: {str(e)[:120]}); falling back to a "
                           "block-diagonal sdpa mask", stacklevel=2)
             _VARLEN["fn"] = None
+    if fn is not None and dtype is None and not _VARLEN.get("warned_fp32"):
+        _VARLEN["warned_fp32"] = True
+        warnings.warn("packed attention on float32 tensors uses sdpa with a dense block mask (correct, slow, "
+                      "memory grows with tokens^2): train in bf16 (--dtype auto) or under bf16 autocast", stacklevel=2)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

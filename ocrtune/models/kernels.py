@@ -11,6 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def replace_forward(module: nn.Module, forward) -> bool:
+    """Bind `forward(self, ...)` as `module`'s forward, keeping the stock one as `_ocrtune_stock_forward`
+    (for fallbacks). A module patched before is left as it is; returns whether it was patched now."""
+    if hasattr(module, "_ocrtune_stock_forward"):
+        return False
+    module._ocrtune_stock_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
 def _patch_embed_as_linear(self, hidden_states):
     w = self.proj.weight  # [embed, channels, t, p, p]
     x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
@@ -27,11 +37,5 @@ def linear_patch_embed(model: nn.Module) -> int:
     patch) as one GEMM on the flattened patches. cuDNN has no good kernel for that conv shape (in
     bf16 its weight gradient is slowest); the GEMM is the same computation. Returns how many
     modules were patched."""
-    n = 0
-    for mod in model.modules():
-        if type(mod).__name__.endswith("PatchEmbed") and _is_patchwise(getattr(mod, "proj", None)) \
-                and not hasattr(mod, "_ocrtune_stock_forward"):
-            mod._ocrtune_stock_forward = mod.forward
-            mod.forward = types.MethodType(_patch_embed_as_linear, mod)
-            n += 1
-    return n
+    return sum(replace_forward(mod, _patch_embed_as_linear) for mod in model.modules()
+               if type(mod).__name__.endswith("PatchEmbed") and _is_patchwise(getattr(mod, "proj", None)))

@@ -143,7 +143,7 @@ def _varlen_fn():
     return run
 
 
-_VARLEN = {"fn": None, "checked": False}
+_VARLEN = {"fn": None, "checked": False, "warned_fp32": False}
 
 
 def _block_causal_mask(cu: torch.Tensor, total: int, device) -> torch.Tensor:
@@ -173,7 +173,7 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
             warnings.warn(f"varlen attention failed ({type(e).__name__}: {str(e)[:120]}); falling back to a "
                           "block-diagonal sdpa mask", stacklevel=2)
             _VARLEN["fn"] = None
-    if fn is not None and dtype is None and not _VARLEN.get("warned_fp32"):
+    if fn is not None and dtype is None and not _VARLEN["warned_fp32"]:
         _VARLEN["warned_fp32"] = True
         warnings.warn("packed attention on float32 tensors uses sdpa with a dense block mask (correct, slow, "
                       "memory grows with tokens^2): train in bf16 (--dtype auto) or under bf16 autocast", stacklevel=2)
@@ -225,16 +225,10 @@ def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddin
 def patch_vision_varlen(visual) -> bool:
     """Route a Qwen2-VL vision tower's attention through one varlen call per block (CUDA only;
     the patched forward defers to the stock one elsewhere). Returns whether anything was patched."""
-    import types
-    done = False
-    for blk in getattr(visual, "blocks", []):
-        attn = getattr(blk, "attn", None)
-        if attn is None or hasattr(attn, "_ocrtune_stock_forward") or not hasattr(attn, "qkv"):
-            continue
-        attn._ocrtune_stock_forward = attn.forward
-        attn.forward = types.MethodType(_vision_attention_forward, attn)
-        done = True
-    return done
+    from ocrtune.models.kernels import replace_forward
+    attns = [getattr(blk, "attn", None) for blk in getattr(visual, "blocks", [])]
+    patched = [replace_forward(attn, _vision_attention_forward) for attn in attns if hasattr(attn, "qkv")]
+    return any(patched)
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,6 @@ runs on the stock modules (same results) and a warning says why.
 from __future__ import annotations
 
 import logging
-import types
 import warnings
 
 import torch
@@ -105,13 +104,10 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 def fuse_lora_linears(model: nn.Module) -> int:
     """Patch every PEFT LoRA `Linear` in `model` to `_fused_lora_forward`; returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, LoraLinear) and isinstance(mod.base_layer, nn.Linear) and not hasattr(mod, "_ocrtune_stock_forward"):
-            mod._ocrtune_stock_forward = mod.forward
-            mod.forward = types.MethodType(_fused_lora_forward, mod)
-            n += 1
-    return n
+
+    from ocrtune.models.kernels import replace_forward
+    return sum(replace_forward(mod, _fused_lora_forward) for mod in model.modules()
+               if isinstance(mod, LoraLinear) and isinstance(mod.base_layer, nn.Linear))
 
 
 def limit_recompute(model: nn.Module, layers: int) -> int:

@@ -48,22 +48,29 @@ def check_varlen():
             "dv_rel": rel(grads[2], vd.grad)}
 
 
-def check_model(liger: bool):
+def _small_samples():
+    """The small preset's folder and the first 12 rows of the bundled sample, encoded."""
     from bench_sft import _ensure_datasets_importable
     _ensure_datasets_importable()
     from ocrtune.data.registry import SAMPLE_DIR
-    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.loading import load_processor
     from ocrtune.models.presets import ensure_preset
-    from ocrtune.models.template import Template, collate
-    from ocrtune.train.args import SftArgs
+    from ocrtune.models.template import Template
     from ocrtune.train.data import EncodedDataset, parquet_rows
+    d = ensure_preset("small")
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
+    return d, [ds[i] for i in range(len(ds))]
+
+
+def check_model(liger: bool):
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.template import collate
+    from ocrtune.train.args import SftArgs
     from ocrtune.train.loss import ResponseLoss
     from ocrtune.train.packing import pack
     from ocrtune.train.speed import apply_liger, liger_fused_ce
     from ocrtune.train.trainer import prepare_model
-    d = ensure_preset("small")
-    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
-    samples = [ds[i] for i in range(len(ds))]
+    d, samples = _small_samples()
     model = load_model(d, torch.bfloat16, "sdpa")
     applied = apply_liger(model) if liger else False
     model = prepare_model(model, SftArgs(lora_dropout=0.0)).cuda()
@@ -99,19 +106,14 @@ def check_fused_lora():
     autocast, as training runs them), both against a float32 reference of the same weights: the
     fused path must be as close to it as PEFT's own (its error is bf16 rounding, not other math)."""
     import copy
-    from ocrtune.data.registry import SAMPLE_DIR
-    from ocrtune.models.loading import load_model, load_processor
-    from ocrtune.models.presets import ensure_preset
-    from ocrtune.models.template import Template
+    from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import EncodedDataset, parquet_rows
     from ocrtune.train.loss import ResponseLoss
     from ocrtune.train.packing import pack
     from ocrtune.train.trainer import prepare_model
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    d = ensure_preset("small")
-    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
-    batch = {k: v.to(dev) for k, v in pack([ds[i] for i in range(len(ds))], 0).items()}
+    d, samples = _small_samples()
+    batch = {k: v.to(dev) for k, v in pack(samples, 0).items()}
     base = load_model(d, torch.bfloat16, "sdpa")
     models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0)),
               "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0)),

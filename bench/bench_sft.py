@@ -288,7 +288,9 @@ def run_ocrtune(a):
     run = make_ocrtune_run(a, a.steps + a.warmup + 1, a.packing_tokens, overrides)
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lengths = run.train_ds.lengths()  # encodes every row once (the cache the workers share)
+    lengths = run.train_ds.lengths()
+    for i in range(len(run.train_ds)):  # encode every row once, before the workers fork and share the cache
+        run.train_ds[i]
     t_encode = time.perf_counter() - t0
     counts = _flop_counts(run.model)
     dev = run.accelerator.device

@@ -105,3 +105,19 @@ def fit_aspect_ratio(im: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Im
     canvas = Image.new("RGB", (nw, nh), "white")
     canvas.paste(im, (0, 0))
     return canvas
+
+
+def image_size(ref) -> tuple[int, int]:
+    """(width, height) that `open_image` will return for `ref`, read from the file header only
+    (no pixel decoding): what length planning for packing needs on a million rows."""
+    ref = image_ref(ref)
+    data = _read_bytes(ref, allow_urls=False)
+    try:
+        w, h = Image.open(io.BytesIO(data)).size
+    except Exception as e:
+        raise BadImage(f"{ref.get('path') or 'image bytes'} is not a readable image ({type(e).__name__}: {e})") from None
+    if w < 1 or h < 1:
+        raise BadImage(f"{ref.get('path') or 'image bytes'} has no pixels")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:  # open_image pads to the ratio: same arithmetic
+        w, h = (w, max(h, int(w / MAX_ASPECT_RATIO) + 1)) if w > h else (max(w, int(h / MAX_ASPECT_RATIO) + 1), h)
+    return w, h

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 
 from ocrtune.data.images import BadImage, image_ref
+from ocrtune.data.parallel import auto_num_proc
 from ocrtune.data.registry import DATASETS, OCR_PROMPT, get_dataset_spec, latex_ocr_preprocess
 from ocrtune.errors import UserError, hub_failure, import_modelscope
 
@@ -103,7 +104,8 @@ def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> da
         feat = ds.features["images"].feature
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return ds.map(fn, remove_columns=ds.column_names, features=FEATURES, desc=f"reading {Path(source).name}")
+    return ds.map(fn, remove_columns=ds.column_names, features=FEATURES, num_proc=auto_num_proc(len(ds)),
+                  desc=f"reading {Path(source).name}")
 
 
 def _text(v) -> str:

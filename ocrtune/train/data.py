@@ -7,7 +7,8 @@ import random
 
 import torch
 
-from ocrtune.data.images import BadImage, open_image
+from ocrtune.data.images import BadImage, image_size, open_image
+from ocrtune.data.parallel import auto_num_proc
 from ocrtune.models.template import SampleTooLong, Template, collate
 
 log = logging.getLogger("ocrtune")
@@ -18,9 +19,10 @@ class EncodedDataset(torch.utils.data.Dataset):
     check strategy 'none') become None and are skipped by the collator.
 
     With `cache` (and no augmentation, whose images change every epoch) each row is encoded once:
-    image decoding, resizing and patchifying happen once per row, not once per epoch. `lengths()`
-    (used by the token-budget sampler of `--packing_tokens`) encodes every row up front and turns the
-    cache on, filling it before dataloader workers fork, so they share it."""
+    image decoding, resizing and patchifying happen once per row, not once per epoch (for benchmarks
+    on small data; a training run encodes in its dataloader workers instead, so host memory does not
+    grow with the dataset). `lengths()` (the token-budget sampler of `--packing_tokens`) reads only
+    image headers and tokenizes text, in parallel over the rows of a `datasets.Dataset`."""
 
     def __init__(self, rows, template: Template, augment=None, seed: int = 0, cache: bool = False):
         self.rows, self.template, self.augment, self.seed = rows, template, augment, seed
@@ -40,11 +42,10 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self._encode(i)
 
     def lengths(self) -> list[int]:
-        """Token count of every row (0 for rows that fail to encode)."""
+        """Token count of every row, as `encode` would give it (0 for rows that can't be encoded:
+        too long, unreadable image header), without decoding pixels."""
         if self._lengths is None:
-            if self.cache is None and self.augment is None:
-                self.cache = {}
-            self._lengths = [len(s["input_ids"]) if s is not None else 0 for s in (self[i] for i in range(len(self)))]
+            self._lengths = row_lengths(self.rows, self.template)
         return self._lengths
 
     def _encode(self, i: int):
@@ -58,6 +59,38 @@ class EncodedDataset(torch.utils.data.Dataset):
         except (SampleTooLong, BadImage, ValueError) as e:
             log.debug("row %d skipped: %s", i, e)
             return None
+
+
+def _row_length(row: dict, template: Template) -> int:
+    try:
+        n = template.token_count(row["messages"], [image_size(r) for r in row["images"]])
+    except (BadImage, ValueError) as e:
+        log.debug("row skipped from packing plans: %s", e)
+        return 0
+    return 0 if template.max_length and n > template.max_length else n
+
+
+def row_lengths(rows, template: Template, num_proc: int | None = None) -> list[int]:
+    """Token counts of `rows` (a list, or a `datasets.Dataset`: then computed with `num_proc`
+    processes and cached by `datasets` with the dataset's fingerprint, so a rerun reads them back)."""
+    import datasets
+    if not isinstance(rows, datasets.Dataset):
+        return [_row_length(r, template) for r in rows]
+    num_proc = num_proc or auto_num_proc(len(rows))
+    out = rows.map(lambda batch: {"_length": [_row_length({"messages": m, "images": i}, template)
+                                               for m, i in zip(batch["messages"], batch["images"])]},
+                   batched=True, batch_size=1000, num_proc=num_proc, remove_columns=rows.column_names,
+                   desc="measuring sample lengths", new_fingerprint=_lengths_fingerprint(rows, template))
+    return out["_length"]
+
+
+def _lengths_fingerprint(rows, template: Template) -> str:
+    """Cache key: the rows, the tokenizer and every setting that changes a length."""
+    import hashlib
+    ip = template.processor.image_processor
+    key = [rows._fingerprint, template.template, template.max_length, template.system, dict(ip.size or {}),
+           ip.patch_size, ip.merge_size, len(template.tokenizer), template.tokenizer.name_or_path]
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
 class Collator:

@@ -1,0 +1,57 @@
+"""The data pipeline at scale: packing plans from image headers and token counts (no pixels
+decoded up front), computed in parallel and cached; encoding happens on access (dataloader workers)."""
+from __future__ import annotations
+
+import pytest
+
+from ocrtune.data.loading import load_dataset
+from ocrtune.models.loading import load_processor
+from ocrtune.models.template import Template
+from ocrtune.train.data import EncodedDataset, row_lengths
+
+
+@pytest.fixture(scope="module")
+def template(tiny_model_dir):
+    return Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
+
+
+@pytest.mark.parametrize("max_pixels,min_pixels", [(None, None), (120_000, 30_000), (30_000, None)])
+def test_planned_lengths_equal_encoded_lengths(template, max_pixels, min_pixels):
+    template.set_pixels(max_pixels, min_pixels)
+    ds = load_dataset("latex-ocr-sample")
+    encoded = EncodedDataset(ds, template)
+    expected = [len(s["input_ids"]) if (s := encoded[i]) is not None else 0 for i in range(len(ds))]
+    assert row_lengths(ds, template) == expected
+    assert row_lengths([ds[i] for i in range(20)], template) == expected[:20]  # the list path agrees
+
+
+def test_lengths_decode_no_pixels_and_parallel_matches_serial(template, monkeypatch):
+    template.set_pixels(None, None)
+    ds = load_dataset("latex-ocr-sample")
+    serial = row_lengths(ds, template, num_proc=1)
+
+    def no_encode(*a, **k):
+        raise AssertionError("lengths must not encode samples")
+    monkeypatch.setattr(Template, "encode", no_encode)
+    monkeypatch.setattr(Template, "_image_inputs", no_encode)
+    ds_lengths = EncodedDataset(ds, template).lengths()
+    assert ds_lengths == serial
+    assert row_lengths(ds, template, num_proc=2) == serial
+
+
+def test_too_long_and_unreadable_rows_plan_as_zero(template):
+    template.set_pixels(None, None)
+    rows = [load_dataset("latex-ocr-sample")[i] for i in range(3)]
+    rows[1] = {**rows[1], "images": [{"bytes": b"not an image", "path": None}]}
+    short = Template(template.processor, "qwen2_vl", max_length=10)
+    lengths = row_lengths(rows, template)
+    assert lengths[0] > 10 and lengths[1] == 0 and lengths[2] > 10
+    assert row_lengths(rows, short) == [0, 0, 0]
+
+
+def test_encoded_dataset_keeps_nothing_in_memory_by_default(template):
+    template.set_pixels(None, None)
+    ds = EncodedDataset(load_dataset("latex-ocr-sample"), template)
+    ds.lengths()
+    ds[0]
+    assert ds.cache is None  # a million-row set must not grow the main process

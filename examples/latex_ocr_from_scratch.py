@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""LaTeX OCR from scratch: synthetic + real printed formulas, then LoRA on handwriting.
+
+  synth    `ocrtune synth`: --synth_rows new formulas made from the print train formulas (--mutate),
+           rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
+           formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
+  stage 1  `ocrtune sft --model small --train_type full --freeze_vit false` on synth + real print rows,
+           with augmentation, on every visible GPU (NPROC_PER_NODE, DDP)
+  stage 2  `ocrtune sft --model <stage-1 checkpoint> --train_type lora` on LaTeX_OCR handwrite
+  evals    `ocrtune eval --metrics bleu,edit_distance,exact_match,token_acc` (greedy generation): stage 1 on
+           print validation, stage 1 and 2 on handwrite validation, and each --extra_eval set
+
+Every step is the real ocrtune command line, run as a subprocess, and goes into the report.
+
+Phases (--phase), one device call of at most 10 minutes each, made back to back on the same machine so
+that --work_dir (default .work/from_scratch, git-ignored) survives between them:
+  train   synth rendering (CPU) while a short probe measures seconds per stage-1 step (GPU), then stage 1
+          with as many steps as fit the deadline (its cosine schedule ends at the last step)
+  rest    evaluations of stage 1, stage 2, evaluation of stage 2, the report
+  all     both in one call (smoke tests)
+
+Writes to --report_dir: report.json ({"print": {...}, "handwrite_before": {...}, "handwrite_after": {...},
+"extra": {name: {...}}, "command", "device", plus settings, commands, timings and the training logs),
+results.md, predictions.jsonl (the first 20 predictions of each evaluation) and log.txt.
+
+On the GPU machine (two calls):
+  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT
+  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT
+On a CPU (tiny model, a few rows and steps; needs LaTeX for the synth step):
+  python examples/latex_ocr_from_scratch.py --smoke --phase all --data_dir <dir> --report_dir /tmp/r
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = "bleu,edit_distance,exact_match,token_acc"
+KEYS = ("bleu4", "exact_match", "token_acc", "edit_distance")  # the report's per-set metrics
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # language model
+                "qkv", "proj", "fc1", "fc2"]  # vision tower
+TARGETS = {"print_bleu4": 0.6, "handwrite_bleu4_gain": 0.15}
+DEADLINES = {"train": 570.0, "rest": 560.0, "all": 3600.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Phases"):])
+    p.add_argument("--phase", choices=("train", "rest", "all"), default="all")
+    p.add_argument("--data_dir", default=".carry/latex", help="folder with print/ and handwrite/ {train,validation}.parquet")
+    p.add_argument("--work_dir", default=None, help="runs and synthetic data (default <repo>/.work/from_scratch)")
+    p.add_argument("--report_dir", default="bench/learning")
+    p.add_argument("--extra_eval", action="append", default=[], metavar="NAME=PATH",
+                   help="another evaluation set (a dataset file or folder), reported under extra.NAME; its formulas "
+                        "are excluded from the synthetic data too (repeatable)")
+    p.add_argument("--model", default="small")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for DDP (default: all visible)")
+    p.add_argument("--synth_rows", type=int, default=300_000, help="new formulas to render (ocrtune synth --mutate)")
+    p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
+    p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
+    p.add_argument("--batch_size", type=int, default=128, help="stage-1 samples per GPU per step")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--min_pixels", type=int, default=30_000)
+    p.add_argument("--max_pixels", type=int, default=120_000)
+    p.add_argument("--workers", type=int, default=None, help="dataloader workers per GPU (default: cores / GPUs / 2)")
+    p.add_argument("--probe_steps", type=int, default=30)
+    p.add_argument("--stage1_steps", type=int, default=None, help="fixed stage-1 steps (skips the probe)")
+    p.add_argument("--stage2_steps", type=int, default=None)
+    p.add_argument("--stage2_seconds", type=float, default=150.0)
+    p.add_argument("--stage2_batch_size", type=int, default=32)
+    p.add_argument("--stage2_learning_rate", type=float, default=1e-3)
+    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--lora_alpha", type=int, default=64)
+    p.add_argument("--eval_rows", type=int, default=None, help="rows of each validation set (default: all)")
+    p.add_argument("--train_rows", type=int, default=None, help="rows of each real train split (smoke tests)")
+    p.add_argument("--deadline_seconds", type=float, default=None, help=f"this phase's time limit (default {DEADLINES})")
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few rows and steps: checks the recipe on a CPU")
+    a = p.parse_args(argv)
+    a.work_dir = Path(a.work_dir).resolve() if a.work_dir else REPO / ".work" / "from_scratch"
+    a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
+    a.max_new_tokens = 256
+    if a.smoke:
+        a.model, a.batch_size, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 8, 6, 4, 4
+        a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
+        a.min_pixels, a.max_pixels = 20_000, 60_000
+    return a
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+class Recipe:
+    def __init__(self, a):
+        self.a, self.t0 = a, float(os.environ.get("LATEX_OCR_T0", time.time()))
+        self.data, self.work, self.out = Path(a.data_dir).resolve(), a.work_dir, Path(a.report_dir).resolve()
+        self.gpus = a.gpus if a.gpus is not None else gpu_count()
+        cores = os.cpu_count() or 2
+        self.workers = a.workers if a.workers is not None else max(2, cores // max(1, self.gpus) // 2)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / "log.txt", "a", buffering=1)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                        HF_DATASETS_OFFLINE="1", OCRTUNE_CACHE=str(self.work / "cache"),
+                        HF_DATASETS_CACHE=str(self.work / "hf_datasets"),
+                        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+        self.state_path = self.work / "state.json"
+        self.report = read_json(self.state_path) if a.phase == "rest" else {}
+        self.report.setdefault("commands", {})
+        self.report.setdefault("timings_s", {})
+        self.report.setdefault("errors", [])
+        self.report.setdefault("phases", {})[a.phase] = " ".join(shlex.quote(x) for x in sys.argv)
+        self.report["command"] = " ; ".join(self.report["phases"].values())
+        self.report["device"] = device_name(self.gpus)
+        self.report["settings_" + a.phase] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+
+    # ------------------------------------------------------------ plumbing
+    def say(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+
+    def left(self, reserve: float = 0.0) -> float:
+        return max(20.0, self.a.deadline_seconds - (time.time() - self.t0) - reserve)
+
+    def start(self, name: str, args: list[str], gpus: int = 0, devices: str | None = None) -> dict:
+        """Start `ocrtune <args>`; `gpus` > 1 runs it under DDP (NPROC_PER_NODE, as SWIFT users do)."""
+        env = dict(self.env)
+        prefix = ""
+        if gpus > 1:
+            env["NPROC_PER_NODE"] = str(gpus)
+            env["MASTER_PORT"] = str(29500 + len(self.report["commands"]))
+            prefix = f"NPROC_PER_NODE={gpus} "
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+            prefix = f"CUDA_VISIBLE_DEVICES={devices} " + prefix
+        shown = prefix + "ocrtune " + " ".join(shlex.quote(x) for x in args)
+        self.report["commands"][name] = shown
+        self.say(f"$ {shown}")
+        logf = open(self.work / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "ocrtune", *args], cwd=str(self.work), env=env,
+                                stdout=logf, stderr=subprocess.STDOUT)
+        return {"name": name, "proc": proc, "start": time.time(), "logf": logf}
+
+    def wait(self, job: dict, timeout: float) -> int:
+        try:
+            rc = job["proc"].wait(timeout=max(1.0, timeout - (time.time() - job["start"])))
+        except subprocess.TimeoutExpired:
+            job["proc"].terminate()
+            try:
+                rc = job["proc"].wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                job["proc"].kill()
+                rc = job["proc"].wait()
+            self.report["errors"].append(f"{job['name']}: stopped at the deadline after {timeout:.0f}s")
+        job["logf"].close()
+        secs = round(time.time() - job["start"], 1)
+        self.report["timings_s"][job["name"]] = secs
+        tail = (self.work / f"{job['name']}.log").read_text(errors="replace").replace("\r", "\n").splitlines()
+        tail = [t for t in tail if t.strip() and "it/s]" not in t and "step/s]" not in t][-8:]
+        for t in tail:
+            self.log.write(f"    {job['name']}| {t}\n")
+        if rc != 0:
+            self.report["errors"].append(f"{job['name']}: exit {rc}: " + " | ".join(tail[-3:]))
+        self.say(f"{job['name']} {'done' if rc == 0 else f'FAILED (exit {rc})'} in {secs}s")
+        return rc
+
+    def run(self, name: str, args: list[str], timeout: float, **kw) -> int:
+        return self.wait(self.start(name, args, **kw), timeout)
+
+    def path(self, subset: str, split: str) -> str:
+        rows = self.a.train_rows if split == "train" else self.a.eval_rows
+        p = str(self.data / subset / f"{split}.parquet")
+        return f"{p}#{rows}" if rows else p
+
+    def extra(self) -> dict[str, str]:
+        out = {}
+        for item in self.a.extra_eval:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not Path(path).exists():
+                raise SystemExit(f"error: --extra_eval {item!r} is not NAME=PATH of an existing dataset file or folder")
+            out[name] = str(Path(path).resolve())
+        return out
+
+    def sft_common(self) -> list[str]:
+        a = self.a
+        return ["--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--packing", "true",
+                "--dataloader_num_workers", str(self.workers), "--gradient_checkpointing", "false",
+                "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1"]
+
+    # ------------------------------------------------------------ phase train
+    def synth(self) -> subprocess.Popen | None:
+        a = self.a
+        out = self.work / "synth"
+        if list(out.glob("*.parquet")):
+            self.say(f"synthetic rows already in {out}")
+            return None
+        excludes = [str(self.data / s / "validation.parquet") for s in ("print", "handwrite")] + list(self.extra().values())
+        procs = a.synth_procs or max(1, (os.cpu_count() or 2) - 2 * max(1, self.gpus))
+        args = ["synth", "--dataset", self.path("print", "train"), "--mutate", str(a.synth_rows), "--include_input", "false",
+                "--exclude", *excludes, "--output_dir", str(out), "--seed", "0", "--num_proc", str(procs)]
+        if a.tex_root:
+            args += ["--tex_root", a.tex_root]
+        return self.start("synth", args)
+
+    def stage1_args(self, steps: int, data: list[str], out: Path) -> list[str]:
+        a = self.a
+        return ["sft", "--model", a.model, "--train_type", "full", "--freeze_vit", "false", "--augment", "true",
+                "--dataset", *data, "--val_dataset", f"{self.data / 'print' / 'validation.parquet'}#{a.eval_rows or 200}",
+                "--batch_size", str(a.batch_size), "--packing_tokens", str(a.batch_size * 200),
+                "--learning_rate", str(a.learning_rate), "--warmup_ratio", "0.03", "--max_steps", str(steps),
+                "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(max(1, steps // 4)),
+                "--logging_steps", str(max(1, min(20, steps // 40))), "--predict_with_generate", "true",
+                "--max_new_tokens", str(a.max_new_tokens), "--eval_batch_size", "200",
+                "--output_dir", str(out), *self.sft_common()]
+
+    def probe(self) -> float:
+        """Seconds per stage-1 step here, from the probe's steady part (steps after the first third)."""
+        a = self.a
+        run = self.work / "probe"
+        shutil.rmtree(run, ignore_errors=True)
+        args = self.stage1_args(a.probe_steps, [self.path("print", "train")], run)
+        args[args.index("--predict_with_generate") + 1] = "false"
+        args[args.index("--logging_steps") + 1] = str(max(1, a.probe_steps // 10))
+        args[args.index("--save_steps") + 1] = str(10 ** 6)
+        args[args.index("--eval_steps") + 1] = str(10 ** 6)
+        rc = self.run("probe", args, timeout=min(200.0, self.left(200)), gpus=self.gpus)
+        pts = [(x["step"], x["step"] / x["train_speed(iter/s)"]) for x in read_jsonl(run / "logging.jsonl")
+               if x.get("train_speed(iter/s)")]
+        if rc != 0 or len(pts) < 3:
+            raise RuntimeError("the probe failed; see log.txt")
+        (s0, t0), (s1, t1) = pts[len(pts) // 3], pts[-1]
+        sec = (t1 - t0) / (s1 - s0)
+        self.report["probe"] = {"seconds_per_step": round(sec, 4), "samples_per_second": round(a.batch_size * max(1, self.gpus) / sec, 1),
+                                "startup_seconds": round(self.report["timings_s"]["probe"] - t1, 1)}
+        self.say(f"probe: {json.dumps(self.report['probe'])}")
+        shutil.rmtree(run, ignore_errors=True)
+        return sec
+
+    def phase_train(self) -> None:
+        a = self.a
+        for name in ("stage1", "stage2", "eval"):
+            shutil.rmtree(self.work / name, ignore_errors=True)
+        synth = self.synth()
+        sec = self.probe() if a.stage1_steps is None else None
+        data = [self.path("print", "train")]
+        if synth is not None:
+            self.wait(synth, timeout=self.left(240))
+        shards = sorted((self.work / "synth").glob("*.parquet"))
+        if shards:
+            import pyarrow.parquet as pq
+            data.insert(0, str(self.work / "synth"))
+            self.report["synth"] = {"shards": len(shards), "rows": sum(pq.ParquetFile(s).metadata.num_rows for s in shards),
+                                    "seconds": self.report["timings_s"].get("synth")}
+        else:
+            self.report["errors"].append("no synthetic rows: stage 1 trains on the real print rows only")
+        if a.stage1_steps:
+            steps = a.stage1_steps
+        else:  # what fits: start-up as the probe's, two generation evals and four saves, 25 s margin
+            fixed = self.report["probe"]["startup_seconds"] + 2 * 25 + 25
+            steps = max(20, int((self.left() - fixed) / sec))
+        self.report["stage1_planned_steps"] = steps
+        run = self.work / "stage1"
+        self.run("stage1", self.stage1_args(steps, data, run), timeout=self.left(5), gpus=self.gpus)
+        self.report["stage1"] = summarize_run(run)
+
+    # ------------------------------------------------------------ phase rest
+    def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
+        result = self.work / "eval" / f"{name}.jsonl"
+        result.parent.mkdir(parents=True, exist_ok=True)
+        args = ["eval", "--ckpt_dir", str(ckpt), "--val_dataset", data, "--metrics", METRICS,
+                "--infer_batch_size", "256", "--max_new_tokens", str(self.a.max_new_tokens), "--result_path", str(result)]
+        return self.start(name, args, devices=device)
+
+    def collect(self, name: str, rc: int) -> dict | None:
+        s = read_json(self.work / "eval" / f"{name}_summary.json")
+        if rc != 0 or not s:
+            return None
+        out = {k: s.get(k) for k in ("bleu4", "exact_match", "token_acc", "edit_distance_token", "edit_distance_char", "count")}
+        out["edit_distance"] = s.get("edit_distance_token")
+        with open(self.out / "predictions.jsonl", "a") as f:
+            for row in read_jsonl(self.work / "eval" / f"{name}.jsonl")[:20]:
+                f.write(json.dumps({"eval": name, **{k: row.get(k) for k in ("index", "reference", "prediction", "bleu4")}},
+                                   ensure_ascii=False) + "\n")
+        self.say(f"{name}: {json.dumps(out)}")
+        return out
+
+    def evaluate(self, ckpt: Path, sets: dict[str, str]) -> dict:
+        """Evaluate `ckpt` on each set, one GPU each, all at once (the GPUs take turns when sets > GPUs)."""
+        jobs, results = [], {}
+        for i, (name, data) in enumerate(sets.items()):
+            device = str(i % self.gpus) if self.gpus else None
+            jobs.append((name, self.eval_job(name, ckpt, data, device)))
+            if self.gpus and len(jobs) % self.gpus == 0 or not self.gpus:
+                for n, j in jobs:
+                    results[n] = self.collect(n, self.wait(j, timeout=self.left(60)))
+                jobs = []
+        for n, j in jobs:
+            results[n] = self.collect(n, self.wait(j, timeout=self.left(60)))
+        return results
+
+    def phase_rest(self) -> None:
+        a = self.a
+        ckpts = complete_checkpoints(self.work / "stage1")
+        if not ckpts:
+            raise SystemExit(f"error: no finished stage-1 checkpoint in {self.work / 'stage1'}: run --phase train first")
+        ckpt1 = ckpts[-1]
+        self.report["stage1_checkpoint"] = str(ckpt1)
+        self.report.setdefault("stage1", summarize_run(self.work / "stage1"))
+        sets = {"stage1_print": self.path("print", "validation"), "stage1_handwrite": self.path("handwrite", "validation")}
+        sets.update({f"extra_{k}": v for k, v in self.extra().items()})
+        first = self.evaluate(ckpt1, sets)
+        steps = a.stage2_steps or self.plan_stage2()
+        run = self.work / "stage2"
+        self.run("stage2", [
+            "sft", "--model", str(ckpt1), "--train_type", "lora", "--lora_rank", str(a.lora_rank),
+            "--lora_alpha", str(a.lora_alpha), "--target_modules", *LORA_TARGETS, "--augment", "true",
+            "--dataset", self.path("handwrite", "train"), "--val_dataset", self.path("handwrite", "validation"),
+            "--batch_size", str(a.stage2_batch_size), "--learning_rate", str(a.stage2_learning_rate),
+            "--max_steps", str(steps), "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(steps),
+            "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run), *self.sft_common()],
+            timeout=self.left(70), gpus=min(self.gpus, 1))
+        self.report["stage2"] = summarize_run(run)
+        ckpts2 = complete_checkpoints(run)
+        after = self.evaluate(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")}) if ckpts2 else {}
+        self.report.update({"print": first.get("stage1_print"), "handwrite_before": first.get("stage1_handwrite"),
+                            "handwrite_after": after.get("stage2_handwrite"),
+                            "extra": {k[len("extra_"):]: v for k, v in first.items() if k.startswith("extra_")}})
+        self.report["targets"] = targets(self.report)
+
+    def plan_stage2(self) -> int:
+        """Stage-2 steps for --stage2_seconds at ~2x the per-sample cost of stage 1 (measured on run 2)."""
+        probe = self.report.get("probe") or {}
+        per_sample = 2.0 / max(probe.get("samples_per_second") or 500.0, 1.0)
+        budget = min(self.a.stage2_seconds, self.left(reserve=130))
+        return max(20, int(budget / (per_sample * self.a.stage2_batch_size)))
+
+    # ------------------------------------------------------------ report
+    def save(self) -> None:
+        self.report["timings_s"]["phase_" + self.a.phase] = round(time.time() - self.t0, 1)
+        text = json.dumps(self.report, indent=2, ensure_ascii=False) + "\n"
+        (self.out / "report.json").write_text(text)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.state_path)
+        (self.out / "results.md").write_text(results_markdown(self.report))
+
+    def main(self) -> int:
+        try:
+            if self.a.phase in ("train", "all"):
+                self.phase_train()
+            if self.a.phase in ("rest", "all"):
+                self.phase_rest()
+        except (RuntimeError, SystemExit) as e:
+            self.report["errors"].append(str(e))
+            self.say(f"stopped: {e}")
+        finally:
+            self.save()
+        self.say("results:\n" + results_markdown(self.report))
+        return 1 if self.report["errors"] and not self.report.get("print") and self.a.phase != "train" else 0
+
+
+# ---------------------------------------------------------------- helpers
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """checkpoint-N folders saved whole (trainer_state.json is written last), oldest first."""
+    found = [p for p in Path(run).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def summarize_run(run: Path) -> dict:
+    recs = read_jsonl(Path(run) / "logging.jsonl")
+    train = [x for x in recs if "loss" in x]
+    evals = [x for x in recs if "eval_loss" in x]
+    out = {"run_dir": str(run), "train_log": [{k: x.get(k) for k in ("step", "loss", "token_acc", "learning_rate")} for x in train],
+           "eval_log": [{k: v for k, v in x.items() if k.startswith("eval_") or k == "step"} for x in evals]}
+    if train:
+        last = train[-1]
+        out.update(steps=last["step"], train_seconds=round(last["step"] / last["train_speed(iter/s)"], 1)
+                   if last.get("train_speed(iter/s)") else None, final_loss=last.get("loss"),
+                   final_token_acc=last.get("token_acc"), peak_memory_gib=max((x.get("memory(GiB)") or 0) for x in train))
+    return out
+
+
+def device_name(gpus: int) -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return f"{gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    except ImportError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def targets(r: dict) -> dict:
+    out = {}
+    if r.get("print"):
+        out["print_bleu4"] = {"value": r["print"]["bleu4"], "target": TARGETS["print_bleu4"],
+                              "met": r["print"]["bleu4"] >= TARGETS["print_bleu4"]}
+    if r.get("handwrite_before") and r.get("handwrite_after"):
+        gain = round(r["handwrite_after"]["bleu4"] - r["handwrite_before"]["bleu4"], 6)
+        out["handwrite_bleu4_gain"] = {"value": gain, "target": TARGETS["handwrite_bleu4_gain"],
+                                       "met": gain >= TARGETS["handwrite_bleu4_gain"]}
+    return out
+
+
+def results_markdown(r: dict) -> str:
+    rows = [("stage 1", "print validation", r.get("print")), ("stage 1", "handwrite validation", r.get("handwrite_before")),
+            ("stage 2 (+LoRA)", "handwrite validation", r.get("handwrite_after"))]
+    rows += [("stage 1", f"{k} (extra)", v) for k, v in (r.get("extra") or {}).items()]
+    lines = ["| model | data | rows | BLEU-4 | exact match | token accuracy | edit distance |", "|---|---|---|---|---|---|---|"]
+    for model, data, e in rows:
+        f = (lambda k: f"{e[k]:.4f}" if e and isinstance(e.get(k), (int, float)) else "-")  # noqa: E731
+        lines.append(f"| {model} | {data} | {(e or {}).get('count', '-')} | {f('bleu4')} | {f('exact_match')} | "
+                     f"{f('token_acc')} | {f('edit_distance')} |")
+    for k, t in (r.get("targets") or {}).items():
+        lines.append(f"\n- {k}: {t['value']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")
+    s1 = r.get("stage1") or {}
+    if s1.get("steps"):
+        lines.append(f"- stage 1: {s1['steps']} steps in {s1.get('train_seconds')} s, final train loss {s1.get('final_loss')}, "
+                     f"peak memory {s1.get('peak_memory_gib')} GiB; synth: {json.dumps(r.get('synth'))}")
+    lines += [f"- device: {r.get('device')}", "", "```bash", *r.get("commands", {}).values(), "```"]
+    if r.get("errors"):
+        lines += ["", "Errors:", *[f"- {e}" for e in r["errors"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return Recipe(parse_args(argv)).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

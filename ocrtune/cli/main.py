@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "generate on a dataset and report OCR metrics",
     "export": "merge a LoRA checkpoint into a standalone model folder",
     "serve": "OpenAI-compatible API and a web page for a model",
+    "synth": "render LaTeX formulas into LaTeX_OCR-style training rows (parquet shards)",
     "plot": "redraw a run's PNG plots from its logging.jsonl",
     "list": "list registered models and datasets",
 }
@@ -34,6 +35,8 @@ def _parser():
         add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"], prog="ocrtune serve"), ServeArgs)
     except ImportError:
         pass
+    from ocrtune.synth.run import SynthArgs
+    add_dataclass_args(sub.add_parser("synth", help=COMMANDS["synth"], prog="ocrtune synth"), SynthArgs)
     p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot")
     p.add_argument("run_dir")
     p.add_argument("--smoothing", type=float, default=0.9)
@@ -72,6 +75,9 @@ def run(argv: list[str]) -> int:
         from ocrtune.serve.args import ServeArgs
         from ocrtune.serve.app import run_serve
         run_serve(build(ServeArgs, ns))
+    elif cmd == "synth":
+        from ocrtune.synth.run import SynthArgs, run_synth
+        run_synth(build(SynthArgs, ns))
     elif cmd == "plot":
         from ocrtune.plot.plots import plot_run
         for path in plot_run(ns.run_dir, ns.smoothing):

@@ -1,0 +1,88 @@
+"""New formulas from old ones: swap tokens within their class and splice `{...}` groups between formulas.
+
+Formulas are space-tokenized like LaTeX_OCR's (`\\frac { a } { b }`), and so are the new ones.
+"""
+from __future__ import annotations
+
+import random
+
+GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi varpi "
+         "rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma "
+         "Upsilon Phi Psi Omega").split()
+# Tokens of one class can replace each other and leave a formula that still compiles (mostly).
+CLASSES = {
+    "letter": [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)],
+    "digit": list("0123456789"),
+    "greek": ["\\" + g for g in GREEK],
+    "operator": "+ - \\pm \\mp \\times \\cdot \\div * / \\ast \\circ \\otimes \\oplus \\wedge \\vee \\cap \\cup".split(),
+    "relation": ("= < > \\leq \\geq \\neq \\approx \\sim \\simeq \\equiv \\to \\rightarrow \\leftarrow \\Rightarrow "
+                 "\\in \\subset \\subseteq \\propto \\mapsto \\ll \\gg \\le \\ge \\ne").split(),
+    "bigop": "\\sum \\prod \\int \\oint \\iint \\bigcup \\bigcap \\coprod \\bigoplus \\bigotimes".split(),
+    "function": ("\\sin \\cos \\tan \\cot \\sec \\csc \\log \\ln \\exp \\lim \\max \\min \\sup \\inf \\det \\arg "
+                 "\\dim \\ker \\sinh \\cosh \\tanh \\arcsin \\arccos \\arctan \\deg \\gcd \\lg").split(),
+}
+CLASS_OF = {tok: name for name, toks in CLASSES.items() for tok in toks}
+
+
+def normalize(formula: str) -> str:
+    """The form formulas are compared in: whitespace runs collapsed."""
+    return " ".join(formula.split())
+
+
+def groups(tokens: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token spans of every balanced `{ ... }` group, braces included."""
+    spans, stack = [], []
+    for i, t in enumerate(tokens):
+        if t == "{":
+            stack.append(i)
+        elif t == "}" and stack:
+            spans.append((stack.pop(), i + 1))
+    return spans
+
+
+def swap_tokens(tokens: list[str], rng: random.Random) -> list[str]:
+    """Replace 1-3 classed tokens with other members of their class."""
+    slots = [i for i, t in enumerate(tokens) if t in CLASS_OF]
+    if not slots:
+        return tokens
+    out = list(tokens)
+    for i in rng.sample(slots, min(len(slots), rng.randint(1, 3))):
+        out[i] = rng.choice(CLASSES[CLASS_OF[out[i]]])
+    return out
+
+
+def splice(tokens: list[str], donor: list[str], rng: random.Random) -> list[str]:
+    """Replace one `{...}` group of `tokens` with one from `donor`."""
+    mine, theirs = groups(tokens), groups(donor)
+    if not mine or not theirs:
+        return tokens
+    (a, b), (c, d) = rng.choice(mine), rng.choice(theirs)
+    return tokens[:a] + donor[c:d] + tokens[b:]
+
+
+def mutate(formulas: list[str], n: int, seed: int, exclude: set[str] = frozenset(), max_tokens: int = 400) -> list[str]:
+    """`n` new distinct formulas (normalized), none equal to an input or excluded formula after normalizing.
+
+    Deterministic for a given input order and seed. Stops early (fewer than n) when the attempts run out.
+    """
+    sources = [normalize(f).split(" ") for f in formulas if normalize(f)]
+    if not sources or n <= 0:
+        return []
+    rng = random.Random(seed)
+    seen = {normalize(f) for f in formulas} | set(exclude)
+    out: list[str] = []
+    for _ in range(max(1000, 50 * n)):
+        if len(out) >= n:
+            break
+        tokens = rng.choice(sources)
+        if rng.random() < 0.5:
+            tokens = swap_tokens(tokens, rng)
+        else:
+            tokens = splice(tokens, rng.choice(sources), rng)
+            if rng.random() < 0.5:
+                tokens = swap_tokens(tokens, rng)
+        candidate = " ".join(tokens)
+        if len(tokens) <= max_tokens and candidate not in seen:
+            seen.add(candidate)
+            out.append(candidate)
+    return out

@@ -1,0 +1,203 @@
+"""LaTeX formulas -> print-style row images with pdflatex (many formulas per run, one tight page each)
+and pypdfium2 (rasterization).
+
+A chunk goes through TeX twice: a draft run finds the formulas that fail (an error, a missing glyph,
+a loop that runs into the time limit), then only the clean ones are typeset for real, because a bad
+formula can change the pages after it. Failures are skipped with a reason, never retried forever.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ocrtune.errors import UserError
+
+APT_PACKAGES = "texlive-latex-base"  # pdflatex, amsmath, bm; amssymb and the CM/AMS fonts come with texlive-base
+MARK = "@@OCRT"
+# Commands that would let a formula reach outside its page: files, the shell, global state, TeX's
+# interaction mode, the page builder. A formula using one is skipped before TeX sees it.
+FORBIDDEN = re.compile(r"\\(input|include|openin|openout|read|write|immediate|special|catcode|"
+                       r"batchmode|nonstopmode|scrollmode|errorstopmode|end\s*\{document\}|documentclass|"
+                       r"usepackage|shipout|global|gdef|xdef|pdf[a-z]*|output|jobname|endinput|csname)(?![a-zA-Z])")
+PREAMBLE = r"""\documentclass[12pt]{article}
+\usepackage{amsmath,amssymb,bm}
+\pagestyle{empty}\pdfhorigin=0pt\pdfvorigin=0pt\pdfcompresslevel=0
+\errorcontextlines=0 \tracinglostchars=1 \tracingonline=1
+\def\ocrtunemark#1{\immediate\write16{@@OCRT #1}}
+\def\ocrtuneship{\pdfpagewidth=\dimexpr\wd0+8pt\relax \pdfpageheight=\dimexpr\ht0+\dp0+8pt\relax
+  \shipout\vbox{\kern4pt\hbox{\kern4pt\box0\kern4pt}\kern4pt}}
+\begin{document}
+"""
+
+
+@dataclass
+class Tex:
+    """How to run pdflatex: the command and its environment (system TeX or a portable bundle)."""
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 10.0  # seconds per pdflatex run; a looping formula costs about this much
+
+
+def bundle_env(root: Path) -> dict[str, str]:
+    """Environment that makes the bundle's pdftex find only the bundle's files (see scripts/make_tex_bundle.sh)."""
+    texmf = root / "texmf"
+    return {"TEXMFCNF": str(texmf), "TEXINPUTS": f"{texmf / 'tex'}//", "TFMFONTS": f"{texmf / 'fonts'}//",
+            "T1FONTS": f"{texmf / 'fonts'}//", "TEXFONTMAPS": f"{texmf / 'fonts'}//", "TEXFORMATS": str(texmf / "web2c"),
+            "TEXPSHEADERS": f"{texmf / 'fonts'}//", "ENCFONTS": f"{texmf / 'fonts'}//",
+            "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(root / "lib"), os.environ.get("LD_LIBRARY_PATH")) if p)}
+
+
+def find_tex(tex_root: str | None = None, timeout: float = 10.0) -> Tex:
+    """pdflatex from `tex_root` (or $OCRTUNE_TEX_ROOT), else from PATH; a one-line error if there is none."""
+    tex_root = tex_root or os.environ.get("OCRTUNE_TEX_ROOT") or None
+    base = {"max_print_line": "100000", "error_line": "254", "half_error_line": "238",  # no wrapped log lines
+            "openout_any": "p", "openin_any": "p", "shell_escape": "f"}
+    if tex_root:
+        root = Path(tex_root).expanduser()
+        binary = root / "bin" / "pdftex"
+        if not binary.is_file() or not (root / "texmf" / "web2c" / "pdflatex.fmt").is_file():
+            raise UserError(f"--tex_root {root} is not an unpacked TeX bundle (no bin/pdftex or texmf/web2c/pdflatex.fmt)",
+                            "unpack the archive made by scripts/make_tex_bundle.sh and pass its folder")
+        command, env = [str(binary), "-fmt=pdflatex", "-progname=pdflatex"], {**base, **bundle_env(root)}
+    else:
+        binary = shutil.which("pdflatex")
+        if binary is None:
+            raise UserError("ocrtune synth needs LaTeX (pdflatex) and none was found on PATH",
+                            f"install it with 'apt-get install {APT_PACKAGES}', or pass --tex_root / set "
+                            "OCRTUNE_TEX_ROOT to a TeX bundle made by scripts/make_tex_bundle.sh")
+        command, env = [binary], dict(base)
+    if shutil.which("stdbuf"):  # line-buffered stdout: after a timeout, the last mark names the looping formula
+        command = [shutil.which("stdbuf"), "-oL", *command]
+    return Tex(command, env, timeout)
+
+
+def precheck(formula: str) -> str:
+    """Why a formula can't go to TeX ("" if it can): empty, unbalanced braces, or a forbidden command."""
+    if not formula.strip():
+        return "empty"
+    depth, escaped = 0, False
+    for ch in formula:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                break
+    if depth != 0:
+        return "unbalanced braces"
+    m = FORBIDDEN.search(formula)
+    return f"forbidden command \\{m.group(1)}" if m else ""
+
+
+def document(formulas: list[str]) -> str:
+    """One page per formula, each preceded by a mark on the terminal (on its own line: % comments end there)."""
+    parts = [PREAMBLE]
+    for i, f in enumerate(formulas):
+        parts.append(f"\\ocrtunemark{{{i}}}\\setbox0\\hbox{{$\\displaystyle\n{' '.join(f.splitlines())}\n$}}\\ocrtuneship\n")
+    parts.append(f"\\ocrtunemark{{END}}\\end{{document}}\n")
+    return "".join(parts)
+
+
+@dataclass
+class TexRun:
+    finished: bool                # reached the end of the document
+    errors: dict[int, str]        # formula position -> first error line
+    last_mark: int | None         # the last formula TeX started (the culprit when it did not finish)
+    why: str = ""                 # "timeout" or "fatal" when it did not finish
+    pdf: Path | None = None
+
+
+def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun:
+    (workdir / "f.tex").write_text(document(formulas), encoding="utf-8")
+    cmd = [*tex.command, "-interaction=nonstopmode", "-no-shell-escape", *(["-draftmode"] if draft else []), "f.tex"]
+    env = {**os.environ, **tex.env}
+    try:
+        out = subprocess.run(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=tex.timeout).stdout
+        why = ""
+    except subprocess.TimeoutExpired as e:
+        out, why = e.stdout or b"", "timeout"
+    errors, last, finished = {}, None, False
+    for line in out.decode("utf-8", "replace").splitlines():
+        if line.startswith(MARK):
+            tag = line[len(MARK):].strip()
+            finished = tag == "END"
+            last = None if finished else int(tag)
+        elif last is not None and (line.startswith("! ") or line.startswith("Missing character")):
+            errors.setdefault(last, line.strip())
+    if not finished and not why:
+        why = "fatal"
+    return TexRun(finished, errors, last, why, None if draft or not finished else workdir / "f.pdf")
+
+
+def find_failures(tex: Tex, formulas: list[str], workdir: Path) -> dict[int, str]:
+    """Positions of the formulas that fail a draft run -> reason; a run that stops early is split and rerun."""
+    if not formulas:
+        return {}
+    run = run_tex(tex, formulas, workdir, draft=True)
+    bad = {i: f"tex error: {msg}" for i, msg in run.errors.items()}
+    if run.finished:
+        return bad
+    if len(formulas) == 1:
+        return {0: bad.get(0, "timeout" if run.why == "timeout" else f"tex stopped: {run.errors.get(0, 'fatal error')}")}
+    if run.last_mark is None:  # nothing to go on: halve
+        half = len(formulas) // 2
+        parts = [(0, formulas[:half]), (half, formulas[half:])]
+    else:  # formulas before the last mark are judged; the last one alone, then the rest
+        k = run.last_mark
+        bad = {i: r for i, r in bad.items() if i < k}
+        parts = [(k, formulas[k:k + 1]), (k + 1, formulas[k + 1:])]
+    for start, part in parts:
+        bad.update({start + i: r for i, r in find_failures(tex, part, workdir).items()})
+    return bad
+
+
+def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list[object | None], dict[int, str]]:
+    """Clean formulas -> (one pypdfium2 page per formula or None, failures); reruns halves when a run misbehaves."""
+    import pypdfium2 as pdfium
+    if not formulas:
+        return [], {}
+    run = run_tex(tex, formulas, workdir, draft=False)
+    if run.finished and not run.errors:
+        pdf = pdfium.PdfDocument(run.pdf.read_bytes())
+        if len(pdf) == len(formulas):
+            return [pdf[i] for i in range(len(pdf))], {}
+    if len(formulas) == 1:
+        return [None], {0: f"tex error when typeset: {run.errors.get(0, run.why or 'page count')}"}
+    half = len(formulas) // 2
+    pages_a, bad_a = typeset(tex, formulas[:half], workdir)
+    pages_b, bad_b = typeset(tex, formulas[half:], workdir)
+    return pages_a + pages_b, {**bad_a, **{half + i: r for i, r in bad_b.items()}}
+
+
+def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, str]]:
+    """Formulas -> [(PNG bytes of the print-style row, "") or (None, why it was skipped)], in order."""
+    import numpy as np
+
+    from ocrtune.synth.style import DPI, SCALE, png_bytes, style_row
+    results: list[tuple[bytes | None, str]] = [(None, precheck(f)) for f in formulas]
+    todo = [i for i, (_, why) in enumerate(results) if not why]
+    with tempfile.TemporaryDirectory(prefix="ocrtune-synth-") as tmp:
+        work = Path(tmp)
+        bad = find_failures(tex, [formulas[i] for i in todo], work)
+        for pos, why in bad.items():
+            results[todo[pos]] = (None, why)
+        clean = [i for pos, i in enumerate(todo) if pos not in bad]
+        pages, bad = typeset(tex, [formulas[i] for i in clean], work)
+        for pos, (i, page) in enumerate(zip(clean, pages)):
+            if page is None:
+                results[i] = (None, bad.get(pos, "tex error"))
+                continue
+            gray = np.asarray(page.render(scale=SCALE * DPI / 72, grayscale=True).to_pil().convert("L"))
+            image, why = style_row(gray)
+            results[i] = (png_bytes(image), "") if image is not None else (None, why)
+    return results

@@ -65,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--synth_rows", type=int, default=300_000, help="new formulas to render (ocrtune synth --mutate)")
     p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
     p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
-    p.add_argument("--batch_size", type=int, default=128, help="stage-1 samples per GPU per step")
+    p.add_argument("--packing_tokens", type=int, default=16384, help="stage-1 tokens per GPU per step (~130 samples)")
+    p.add_argument("--stage1_augment", default="false", choices=("true", "false"),
+                   help="augment stage-1 images (print validation is clean renders in the synth style: off learns faster)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--min_pixels", type=int, default=30_000)
     p.add_argument("--max_pixels", type=int, default=120_000)
@@ -87,7 +89,7 @@ def parse_args(argv=None):
     a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
     a.max_new_tokens = 256
     if a.smoke:
-        a.model, a.batch_size, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 8, 6, 4, 4
+        a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
         a.min_pixels, a.max_pixels = 20_000, 60_000
     return a
@@ -216,9 +218,9 @@ class Recipe:
 
     def stage1_args(self, steps: int, data: list[str], out: Path) -> list[str]:
         a = self.a
-        return ["sft", "--model", a.model, "--train_type", "full", "--freeze_vit", "false", "--augment", "true",
+        return ["sft", "--model", a.model, "--train_type", "full", "--freeze_vit", "false", "--augment", a.stage1_augment,
                 "--dataset", *data, "--val_dataset", f"{self.data / 'print' / 'validation.parquet'}#{a.eval_rows or 200}",
-                "--batch_size", str(a.batch_size), "--packing_tokens", str(a.batch_size * 200),
+                "--packing_tokens", str(a.packing_tokens),
                 "--learning_rate", str(a.learning_rate), "--warmup_ratio", "0.03", "--max_steps", str(steps),
                 "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(max(1, steps // 4)),
                 "--logging_steps", str(max(1, min(20, steps // 40))), "--predict_with_generate", "true",
@@ -242,7 +244,7 @@ class Recipe:
             raise RuntimeError("the probe failed; see log.txt")
         (s0, t0), (s1, t1) = pts[len(pts) // 3], pts[-1]
         sec = (t1 - t0) / (s1 - s0)
-        self.report["probe"] = {"seconds_per_step": round(sec, 4), "samples_per_second": round(a.batch_size * max(1, self.gpus) / sec, 1),
+        self.report["probe"] = {"seconds_per_step": round(sec, 4),
                                 "startup_seconds": round(self.report["timings_s"]["probe"] - t1, 1)}
         self.say(f"probe: {json.dumps(self.report['probe'])}")
         shutil.rmtree(run, ignore_errors=True)
@@ -342,7 +344,7 @@ class Recipe:
     def plan_stage2(self) -> int:
         """Stage-2 steps for --stage2_seconds at ~2x the per-sample cost of stage 1 (measured on run 2)."""
         probe = self.report.get("probe") or {}
-        per_sample = 2.0 / max(probe.get("samples_per_second") or 500.0, 1.0)
+        per_sample = 2.0 * (probe.get("seconds_per_step") or 0.25) / (max(1, self.gpus) * self.a.packing_tokens / 130)
         budget = min(self.a.stage2_seconds, self.left(reserve=130))
         return max(20, int(budget / (per_sample * self.a.stage2_batch_size)))
 

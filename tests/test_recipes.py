@@ -2,7 +2,7 @@
 
   bench/bench_sft.py                   cases (a) Trainer+PEFT and (b) ocrtune with two (b) variants
                                        (fused_lora false/true), each in its own process, and the loss check
-  examples/latex_ocr_two_stage.py      --smoke, split in its two device calls (--phase stage1, --phase rest),
+  examples/latex_ocr_from_scratch.py   --smoke, split in its two device calls (--phase train, --phase rest),
                                        and --phase rest without a stage-1 run
 Each runs as a subprocess, as on the GPU machine; the assertions are on the JSON reports they write.
 """
@@ -24,7 +24,7 @@ from ocrtune.data.registry import SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "bench_sft.py"
-TWO_STAGE = REPO / "examples" / "latex_ocr_two_stage.py"
+FROM_SCRATCH = REPO / "examples" / "latex_ocr_from_scratch.py"
 VARIANTS = [{"fused_lora": False}, {"fused_lora": True}]
 MEM_KEYS = ("max_allocated_gib", "max_reserved_gib")
 
@@ -119,11 +119,9 @@ def test_bench_sft_tiny_baseline_and_two_variants(tmp_path, tiny_model_dir):
     assert r["wall_s"] > 0
 
 
-# ---------------------------------------------------------------- examples/latex_ocr_two_stage.py --smoke
+# ---------------------------------------------------------------- examples/latex_ocr_from_scratch.py --smoke
 
-# what --smoke fixes (parse_args): stage-1 / stage-2 steps, validation rows of the evaluations
-SMOKE_STAGE1_STEPS, SMOKE_STAGE2_STEPS, SMOKE_EVAL_ROWS = 8, 4, 12
-EVALS = ("eval_stage1_print", "eval_stage1_handwrite", "eval_stage2_handwrite")
+SMOKE_STAGE1_STEPS, SMOKE_STAGE2_STEPS, SMOKE_EVAL_ROWS = 6, 4, 8  # what --smoke fixes (parse_args)
 
 
 def _data_dir(root: Path) -> Path:
@@ -136,112 +134,59 @@ def _data_dir(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory):
-    """Both phases of the smoke run, as two calls sharing --work_dir."""
-    root = tmp_path_factory.mktemp("two_stage")
+def from_scratch(tmp_path_factory):
+    """Both phases of the smoke run as two calls sharing --work_dir, with one extra evaluation set."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("LaTeX is not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    root = tmp_path_factory.mktemp("from_scratch")
     data, work = _data_dir(root), root / "work"
+    extra = root / "extra.parquet"
+    shutil.copy(SAMPLE_DIR / "validation.parquet", extra)
     runs = {}
-    for phase, report in (("stage1", "r1"), ("rest", "r2")):
-        cmd = [sys.executable, str(TWO_STAGE), "--smoke", "--phase", phase, "--data_dir", str(data),
-               "--work_dir", str(work), "--report_dir", str(root / report)]
+    for phase in ("train", "rest"):
+        cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--data_dir", str(data),
+               "--work_dir", str(work), "--report_dir", str(root / phase), "--extra_eval", f"heldout={extra}"]
         res, wall = _run(cmd, root, 900)
-        print(f"latex_ocr_two_stage --smoke --phase {phase}: {wall:.1f}s")
-        runs[phase] = res
-    return {"root": root, "work": work, "r1": root / "r1", "r2": root / "r2", "runs": runs}
-
-
-def test_two_stage_smoke_phases_exit_0_and_report_metrics(two_stage):
-    for phase, res in two_stage["runs"].items():
+        print(f"latex_ocr_from_scratch --smoke --phase {phase}: {wall:.1f}s")
         assert res.returncode == 0, f"phase {phase}: " + _why(res)
-    r1 = json.loads((two_stage["r1"] / "report.json").read_text())
-    r2 = json.loads((two_stage["r2"] / "report.json").read_text())
-    assert r1["phase"] == "stage1" and r1["errors"] == [] and r1["evals"] == {}
-    assert (two_stage["work"] / "stage1_state.json").exists()
-    assert r2["phase"] == "rest" and r2["errors"] == [], r2["errors"]
-    assert list(r2["phases"]) == ["stage1", "rest"]
-    assert r2["settings"]["smoke"] is True and r2["settings"]["model"] == "tiny"
-
-    assert set(r2["evals"]) == set(EVALS)
-    for name in EVALS:
-        ev = r2["evals"][name]
-        assert ev["count"] == SMOKE_EVAL_ROWS, (name, ev)
-        for k in ("bleu4", "token_acc", "exact_match", "edit_distance_token"):
-            assert isinstance(ev[k], (int, float)) and 0.0 <= ev[k] <= 1.0, (name, k, ev)
-    assert r2["evals"]["eval_stage1_print"]["ckpt_dir"] == r2["stage1_checkpoint"]
-    assert r2["evals"]["eval_stage2_handwrite"]["ckpt_dir"] == r2["stage2_checkpoint"]
-    # targets are computed from those evaluations
-    t = r2["targets"]
-    assert t["print_bleu4"]["value"] == r2["evals"]["eval_stage1_print"]["bleu4"]
-    assert t["handwrite_bleu4_gain"]["value"] == pytest.approx(
-        r2["evals"]["eval_stage2_handwrite"]["bleu4"] - r2["evals"]["eval_stage1_handwrite"]["bleu4"], abs=1e-6)
-
-    # the smoke run's fixed steps, from each stage's own training log
-    assert r2["stage1"]["steps"] == SMOKE_STAGE1_STEPS and r2["stage2"]["steps"] == SMOKE_STAGE2_STEPS
-    assert Path(r2["stage1_checkpoint"]).name == f"checkpoint-{SMOKE_STAGE1_STEPS}"
-    assert Path(r2["stage2_checkpoint"]).name == f"checkpoint-{SMOKE_STAGE2_STEPS}"
-    assert r2["stage1"]["exit_code"] == 0 and r2["stage2"]["exit_code"] == 0
-    for s in ("stage1", "stage2"):
-        assert all(math.isfinite(x["loss"]) for x in r2[s]["log"]["train"])
-    # both calls' timings: the stage-1 call's steps merged in
-    assert r2["timings_s"]["stage1_sft"] == r1["timings_s"]["stage1_sft"]
-    assert r2["timings_s"]["total"] == pytest.approx(r2["timings_s"]["phase_stage1"] + r2["timings_s"]["phase_rest"], abs=0.11)
+        runs[phase] = json.loads((root / phase / "report.json").read_text())
+    return {"root": root, "work": work, "data": data, **runs}
 
 
-def test_two_stage_smoke_commands_in_order(two_stage):
-    r1 = json.loads((two_stage["r1"] / "report.json").read_text())
-    r2 = json.loads((two_stage["r2"] / "report.json").read_text())
-    names = list(r2["commands"])
-    order = ["probe", "stage1_sft", "eval_stage1_print", "eval_stage1_handwrite", "stage2_sft", "eval_stage2_handwrite"]
-    assert [n for n in names if n in order] == order, names
-    # the stage-1 call's commands are those that call ran
-    assert r2["commands"]["stage1_sft"] == r1["commands"]["stage1_sft"]
-    assert "stage2_sft" not in r1["commands"]
-
-    s1 = shlex.split(r2["commands"]["stage1_sft"])
-    s2 = shlex.split(r2["commands"]["stage2_sft"])
-    assert s1[:2] == ["ocrtune", "sft"] and s2[:2] == ["ocrtune", "sft"]
-    opt = lambda toks, k: toks[toks.index(k) + 1]  # noqa: E731
-    assert opt(s1, "--model") == "tiny" and opt(s1, "--train_type") == "full"
-    assert opt(s1, "--max_steps") == str(SMOKE_STAGE1_STEPS)
-    assert opt(s2, "--model") == r2["stage1_checkpoint"]  # stage 2 starts from stage 1's checkpoint
-    assert opt(s2, "--train_type") == "lora" and opt(s2, "--max_steps") == str(SMOKE_STAGE2_STEPS)
-    assert "print/train.parquet" in opt(s1, "--dataset") and "handwrite/train.parquet" in opt(s2, "--dataset")
-
-    # results.md lists the same commands, in the same order
-    md = (two_stage["r2"] / "results.md").read_text()
-    pos = [md.index(r2["commands"][n]) for n in order]
-    assert pos == sorted(pos)
+def test_from_scratch_report_has_the_issue_shape(from_scratch):
+    r = from_scratch["rest"]
+    assert r["errors"] == [], r["errors"]
+    for key in ("print", "handwrite_before", "handwrite_after"):
+        assert r[key]["count"] == SMOKE_EVAL_ROWS, (key, r[key])
+    assert set(r["extra"]) == {"heldout"} and r["extra"]["heldout"]["count"] == 40  # the whole extra set
+    for e in (r["print"], r["handwrite_before"], r["handwrite_after"], r["extra"]["heldout"]):
+        for k in ("bleu4", "exact_match", "token_acc", "edit_distance"):
+            assert 0.0 <= e[k] <= 1.0, (k, e)
+    assert r["targets"]["handwrite_bleu4_gain"]["value"] == pytest.approx(
+        r["handwrite_after"]["bleu4"] - r["handwrite_before"]["bleu4"], abs=1e-6)
+    assert list(r["phases"]) == ["train", "rest"] and r["command"].count("--phase") == 2
+    assert r["device"].startswith("cpu")
 
 
-def test_two_stage_smoke_artifacts(two_stage):
-    from PIL import Image
-    for d in ("r1", "r2"):
-        assert (two_stage[d] / "results.md").read_text().startswith("## Results on LaTeX_OCR")
-        with Image.open(two_stage[d] / "curves.png") as im:
-            im.verify()
-        assert (two_stage[d] / "log.txt").stat().st_size > 0
-    with Image.open(two_stage["r1"] / "curves.png") as c1, Image.open(two_stage["r2"] / "curves.png") as c2:
-        assert c1.format == c2.format == "PNG"
-        # one row of plots a stage: the full report's figure has both stages, the stage-1 one only the first
-        assert c2.size[0] == c1.size[0] and c2.size[1] == 2 * c1.size[1], (c1.size, c2.size)
-    md = (two_stage["r2"] / "results.md").read_text()
-    assert "| stage 2 (+ LoRA, handwrite) | handwrite validation | 12 |" in md
-    preds = [json.loads(x) for x in (two_stage["r2"] / "predictions.jsonl").read_text().splitlines()]
-    assert {p["eval"] for p in preds} == set(EVALS)
-    # the rest call's log.txt carries the stage-1 call's log first
-    log = (two_stage["r2"] / "log.txt").read_text()
-    assert log.index("==== phase stage1") < log.index("==== phase rest ====")
+def test_from_scratch_trains_on_synthetic_rows_that_exclude_evaluation_formulas(from_scratch):
+    import pyarrow.parquet as pq
+    r = from_scratch["rest"]
+    assert r["synth"]["rows"] > 0 and r["stage1"]["steps"] == SMOKE_STAGE1_STEPS
+    assert r["stage2"]["steps"] == SMOKE_STAGE2_STEPS
+    stage1 = shlex.split(r["commands"]["stage1"].split("ocrtune ", 1)[1])
+    assert str(from_scratch["work"] / "synth") in stage1[stage1.index("--dataset") + 1:]
+    synth = {" ".join(t.split()) for f in (from_scratch["work"] / "synth").glob("*.parquet")
+             for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()}
+    held = {" ".join(t.split()) for t in pq.read_table(SAMPLE_DIR / "validation.parquet", columns=["text"]).column("text").to_pylist()}
+    assert synth and not synth & held
+    assert all(math.isfinite(x["loss"]) for x in r["stage1"]["train_log"])
+    assert Path(r["stage1_checkpoint"]).name == f"checkpoint-{SMOKE_STAGE1_STEPS}"
 
 
-def test_two_stage_rest_without_stage1_is_a_one_line_error(tmp_path):
-    work = tmp_path / "empty_work"
-    work.mkdir()
-    cmd = [sys.executable, str(TWO_STAGE), "--smoke", "--phase", "rest", "--data_dir", str(tmp_path / "data"),
-           "--work_dir", str(work), "--report_dir", str(tmp_path / "r")]
+def test_from_scratch_rest_without_stage1_is_a_one_line_error(tmp_path):
+    cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", "rest", "--data_dir", str(_data_dir(tmp_path)),
+           "--work_dir", str(tmp_path / "empty"), "--report_dir", str(tmp_path / "r")]
     res, _ = _run(cmd, tmp_path, 120)
-    assert res.returncode == 2, _why(res)
-    err = res.stderr.strip().splitlines()
-    assert len(err) == 1, res.stderr
-    assert err[0].startswith("error: no finished stage-1 run in ") and "--phase stage1" in err[0]
-    assert "Traceback" not in res.stderr + res.stdout
-    assert not (tmp_path / "r").exists()  # nothing written for a call that could not start
+    assert res.returncode == 1
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert any("no finished stage-1 checkpoint" in e for e in report["errors"]), report["errors"]

@@ -228,3 +228,16 @@ def end_process_group() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def record_rank_error(exc: BaseException) -> None:
+    """Under torchrun, leave this rank's one-line error where the launcher reads it (launch.rank_failure)."""
+    import os
+    import time
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path) or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return
+    line = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line[:400], "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}}}, f)

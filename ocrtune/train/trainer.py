@@ -431,5 +431,8 @@ class _LoadLater:
 def run_sft(args: SftArgs) -> dict:
     try:
         return SftRun(args).train()
+    except BaseException as e:
+        dist.record_rank_error(e)
+        raise
     finally:
         dist.end_process_group()

@@ -101,7 +101,7 @@ def worker_72b(a):
     import torch.distributed as tdist
 
     import bench_sft as bs
-    overrides = {"fsdp": "full_shard auto_wrap", "meta_init": True, "save_steps": a.steps + a.warmup,
+    overrides = {"fsdp": "full_shard auto_wrap", "save_steps": a.steps + a.warmup,
                  "output_dir": a.work}
     overrides.update(json.loads(a.overrides or "{}"))
     t0 = time.perf_counter()

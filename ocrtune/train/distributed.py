@@ -55,7 +55,7 @@ def plugin_kwargs(args) -> dict:
     return {"fsdp_plugin": FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward="shard_grad_op" not in args.fsdp.lower(),
         auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=WRAP,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=bool(getattr(args, "meta_init", False)))}
+        state_dict_type="FULL_STATE_DICT")}
 
 
 def fsdp_on_cpu(acc, kwargs: dict) -> None:
@@ -165,6 +165,40 @@ def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path) -> None:
                             "resume a DeepSpeed run from a checkpoint it wrote, or drop --deepspeed")
         loss_module.load_checkpoint(str(ckpt / DS_FOLDER), tag="state", load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+# ---------------------------------------------------------------- meta-device models
+
+def real_buffers(model) -> dict:
+    """Copies of a meta-built model's buffers (rotary frequencies), which to_empty() would wipe."""
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+@torch.no_grad()
+def materialize(module, device, buffers: dict, std: float, seed: int) -> None:
+    """Allocate a meta-built (possibly FSDP2-sharded) module on `device` and initialize it: each rank
+    only its own shards. Random weights N(0, std) (the preset's initializer_range), norms 1, biases
+    and LoRA B 0 (so LoRA starts as the identity update); buffers restored from `buffers`."""
+    module.to_empty(device=device)
+    for name, b in module.named_buffers():
+        b.copy_(_by_suffix(buffers, name))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    for name, p in module.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if "lora_B" in name or name.endswith("bias"):
+            local.zero_()
+        elif local.ndim == 1:
+            local.fill_(1.0)
+        else:
+            local.copy_(torch.randn(local.shape, generator=gen, device=device, dtype=torch.float32) * std)
+
+
+def _by_suffix(buffers: dict, name: str):
+    """The buffer saved before the loss wrapper (`model.`) and PEFT (`base_model.model.`) prefixed its name."""
+    while name not in buffers and "." in name:
+        name = name.split(".", 1)[1]
+    return buffers[name]
 
 
 # ---------------------------------------------------------------- evaluation under sharding

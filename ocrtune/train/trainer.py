@@ -17,7 +17,8 @@ import torch
 from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, split_validation
 from ocrtune.errors import UserError
-from ocrtune.models.loading import (load_model, load_processor, lora_target_regex, resolve_model, template_name)
+from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
+                                    resolve_model, template_name)
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune.train import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist
@@ -170,12 +171,20 @@ class SftRun:
         self.train_ds, self.val_ds = build_data(args, self.template, acc)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
-        model = load_model(weights, dtype, args.attn_impl)
+        self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded
+        if self.meta and self.resume is not None:
+            raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
+                            "start a new run, or train a model folder that holds weights")
+        model = build_on_meta(weights, dtype, args.attn_impl) if self.meta else load_model(weights, dtype, args.attn_impl)
+        buffers = dist.real_buffers(model) if self.meta else None
         if args.use_liger:
             from ocrtune.train.speed import apply_liger
             apply_liger(model)
         self.model = prepare_model(model, args)
         dist.wrap_classes_of(acc, self.model)
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+        if self.meta and dist.engine_name(acc) != "fsdp2":  # unsharded: materialize here, before the optimizer
+            dist.materialize(self.model, acc.device, buffers, std, args.seed)
         if self.resume is not None:
             load_resume_weights(self.model, self.resume, args.train_type)
 
@@ -204,6 +213,8 @@ class SftRun:
             fused_ce = liger_fused_ce()
         self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)
+        if self.meta and dist.engine_name(acc) == "fsdp2":  # each rank allocates and initializes its shards only
+            dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
         if self.resume is not None and self.sharded:
             dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume)
         self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)

@@ -31,8 +31,14 @@ def sft(out, batch, env=None, extra=()):
     return runs[0], log
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
-    one_dir, one = sft(tmp_path / "one", 4)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    """The reference: one process, batch 4 (shared by the DDP and two-node tests)."""
+    return sft(tmp_path_factory.mktemp("one"), 4)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, one_process):
+    one_dir, one = one_process
     two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"})
     key = lambda log, k: [r[k] for r in log if k in r]
     assert len(key(two, "loss")) == 5
@@ -83,9 +89,9 @@ def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
         assert torch.allclose(st["exp_avg_sq"], opt["state"][name]["exp_avg_sq"], rtol=1e-5, atol=1e-12), name
 
 
-def test_two_nodes_on_loopback_match_one_process(tmp_path, tiny_model_dir):
+def test_two_nodes_on_loopback_match_one_process(tmp_path, one_process):
     """NNODES=2 x NPROC_PER_NODE=1 on 127.0.0.1 (SWIFT's multi-node variables) = one process, same global batch."""
-    one_dir, one = sft(tmp_path / "one", 4)
+    one = one_process[1]
     base = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29543", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path / "two")]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -173,3 +179,24 @@ def test_bench_multigpu_smoke_runs_on_cpu(tmp_path, tiny_model_dir):
     life = r["cases"]["life_fsdp2"]
     assert life["ok"] and life["final_step"] == 6 and life["adapter_check"]["ok"]
     assert "| fsdp2 | 2 |" in res.stdout
+
+
+def test_meta_built_model_is_materialized_with_real_buffers(tmp_path):
+    """A shape-only preset folder builds on the meta device; materialize() allocates it, restores the
+    rotary buffers that to_empty() wipes, and initializes weights (N(0, std), norms 1, LoRA B 0)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ocrtune.models.loading import build_on_meta, is_random_init
+    from ocrtune.models.presets import build_preset
+    from ocrtune.train.distributed import materialize, real_buffers
+    folder = build_preset("tiny", tmp_path / "tiny_meta", meta=True)
+    assert is_random_init(folder) and not list(folder.glob("*.safetensors"))
+    model = build_on_meta(folder)
+    assert all(p.is_meta for p in model.parameters())
+    materialize(model, torch.device("cpu"), real_buffers(model), 0.1, seed=0)
+    ref = dict(AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder)).named_buffers())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, ref[name]), name
+    w = model.model.language_model.layers[0].mlp.gate_proj.weight  # 256 x 128 draws: std within a few %
+    assert not w.is_meta and abs(float(w.std()) - 0.1) < 0.005
+    assert torch.equal(model.model.language_model.norm.weight, torch.ones_like(model.model.language_model.norm.weight))

@@ -3,20 +3,26 @@ loss curve as one process with the same global batch, and write one run folder f
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+ROOT = Path(__file__).resolve().parents[1]
+
 FLAGS = ["--dataset", "latex-ocr-sample#32", "--max_steps", "5", "--lora_dropout", "0", "--logging_steps", "1",
          "--eval_steps", "5", "--dataset_test_ratio", "0.25", "--report_to", "none", "--seed", "5"]
 
 
-def sft(out, batch, env=None):
-    res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", str(batch), "--output_dir", str(out)],
+def sft(out, batch, env=None, extra=()):
+    res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", str(batch), "--output_dir", str(out),
+                          *extra],
                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((out / "tiny").glob("v*-*"))
@@ -25,8 +31,14 @@ def sft(out, batch, env=None):
     return runs[0], log
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
-    one_dir, one = sft(tmp_path / "one", 4)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    """The reference: one process, batch 4 (shared by the DDP and two-node tests)."""
+    return sft(tmp_path_factory.mktemp("one"), 4)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, one_process):
+    one_dir, one = one_process
     two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"})
     key = lambda log, k: [r[k] for r in log if k in r]
     assert len(key(two, "loss")) == 5
@@ -46,3 +58,145 @@ def test_deepspeed_configs_ship_with_the_package():
     for stage in (2, 3):
         cfg = deepspeed_config(f"zero{stage}", args)
         assert cfg["zero_optimization"]["stage"] == stage and cfg["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
+    """FSDP2 (torch fully_shard through accelerate, gloo on CPU): the same losses as DDP, a standard
+    adapter folder gathered from both ranks, and a resume from the step-2 checkpoint under 2
+    processes that ends on the same weights and optimizer state as the uninterrupted run."""
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": "29541", "OMP_NUM_THREADS": "1"}
+    flags = ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "4"]
+    ddp_dir, ddp = sft(tmp_path / "ddp", 2, env, flags)
+    fsdp_dir, fsdp = sft(tmp_path / "fsdp", 2, env, flags + ["--fsdp", "full_shard auto_wrap"])
+    key = lambda log, k: [r[k] for r in log if k in r]
+    assert key(fsdp, "loss") == pytest.approx(key(ddp, "loss"), rel=1e-4)
+    a = load_file(ddp_dir / "checkpoint-4" / "adapter_model.safetensors")
+    b = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # resume: drop the last checkpoint, continue from checkpoint-2 under 2 processes
+    full = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
+    full_opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    shutil.rmtree(fsdp_dir / "checkpoint-4")
+    sft(tmp_path / "fsdp", 2, env, flags + ["--fsdp", "full_shard auto_wrap", "--resume_from_checkpoint", "last"])
+    resumed = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
+    opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+    for name, st in full_opt["state"].items():  # Adam moments restored, not restarted (step 4, not 2)
+        assert int(opt["state"][name]["step"]) == 4
+        assert torch.allclose(st["exp_avg_sq"], opt["state"][name]["exp_avg_sq"], rtol=1e-5, atol=1e-12), name
+
+
+def test_two_nodes_on_loopback_match_one_process(tmp_path, one_process):
+    """NNODES=2 x NPROC_PER_NODE=1 on 127.0.0.1 (SWIFT's multi-node variables) = one process, same global batch."""
+    one = one_process[1]
+    base = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29543", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path / "two")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **base, "NODE_RANK": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    runs = list((tmp_path / "two" / "tiny").glob("v*-*"))
+    assert len(runs) == 1, runs  # node 0's rank 0 alone writes
+    two = [json.loads(l) for l in (runs[0] / "logging.jsonl").read_text().splitlines()]
+    key = lambda log, k: [r[k] for r in log if k in r]
+    assert key(two, "loss") == pytest.approx(key(one, "loss"), rel=1e-4)
+
+
+def test_multi_node_variables_build_torchrun_arguments(monkeypatch):
+    from ocrtune.errors import UserError
+    from ocrtune.train.launch import torchrun_args
+    for k in ("LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert torchrun_args(["ocrtune", "--x"]) is None
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    assert torchrun_args(["ocrtune", "--x"]) is None  # one process: runs as it is
+    monkeypatch.setenv("NNODES", "2")
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        torchrun_args(["ocrtune"])
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("NODE_RANK", "1")
+    args = torchrun_args(["ocrtune", "--x"])
+    assert args[:5] == ["--nproc_per_node=1", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29500"]
+    assert args[-1] == "--x"
+    monkeypatch.setenv("NODE_RANK", "2")
+    with pytest.raises(UserError, match="NODE_RANK=2"):
+        torchrun_args(["ocrtune"])
+
+
+def test_dying_rank_gives_one_error_line_naming_it(tmp_path, tiny_model_dir):
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": "29545", "OMP_NUM_THREADS": "1", "OCRTUNE_FAULT_NAN_AT_STEP": "2"}
+    res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank ") and "exited with code 2: loss became NaN at step 2" in last, last
+
+
+def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch):
+    """accelerate's sync_gradients is DeepSpeed's accumulation boundary (its engine steps inside
+    backward when it is set): only the group's last micro-batch may have it; the optimizer steps once."""
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    run = SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, gradient_accumulation_steps=3,
+                         report_to=["none"], output_dir="/tmp/ocrtune_test_accum", dataset_test_ratio=0.0))
+    seen, steps = [], []
+    backward = run.accelerator.backward
+    monkeypatch.setattr(run.accelerator, "backward", lambda loss, **kw: (seen.append(run.accelerator.sync_gradients),
+                                                                          backward(loss, **kw)))
+    step = run.optimizer.step
+    monkeypatch.setattr(run.optimizer, "step", lambda *a, **k: (steps.append(1), step(*a, **k)))
+    stream = run.micro_batches()
+    run.train_step([next(stream)[1] for _ in range(3)])
+    assert seen == [False, False, True] and len(steps) == 1
+    assert run.accelerator.sync_gradients
+
+
+def test_even_batches_give_every_rank_the_same_number_of_passes():
+    from ocrtune.train.distributed import even_batches
+    shares = [even_batches(5, r, 2, 2) for r in (0, 1)]
+    assert [len(s) for s in shares] == [2, 2]
+    real = sorted(i for s in shares for b, ok in s if ok for i in b)
+    assert real == list(range(5))  # each row once
+    assert shares[1] == [([1, 3], True), ([1, 3], False)]  # rank 1 (2 rows) repeats a batch, results dropped
+
+
+def test_bench_multigpu_smoke_runs_on_cpu(tmp_path, tiny_model_dir):
+    """bench/bench_multigpu.py --smoke: 1 process vs DDP vs FSDP2 on gloo (same fixed-batch loss) and the
+    FSDP2 train -> save -> eval with generation -> SIGKILL -> resume lifecycle, and the 72B case's
+    meta-device build + sharded materialization + adapter check on the tiny shape."""
+    out = tmp_path / "mg.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_multigpu.py"), "--smoke", "--out", str(out),
+                          "--cases", "single,fsdp2,life_fsdp2,lora_72b", "--model_root", str(tmp_path), "--work", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["loss_check"]["fsdp2"]["pass"]  # DDP == one process is tested above
+    big = r["cases"]["lora_72b"]  # --smoke: the tiny shape through the same meta-device + FSDP2 path
+    assert big["adapter_check"]["ok"] and big["steps"] == 5 and all(math.isfinite(x) for x in big["losses"])
+    life = r["cases"]["life_fsdp2"]
+    assert life["ok"] and life["final_step"] == 6 and life["adapter_check"]["ok"]
+    assert "| fsdp2 | 2 |" in res.stdout
+
+
+def test_meta_built_model_is_materialized_with_real_buffers(tmp_path):
+    """A shape-only preset folder builds on the meta device; materialize() allocates it, restores the
+    rotary buffers that to_empty() wipes, and initializes weights (N(0, std), norms 1, LoRA B 0)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ocrtune.models.loading import build_on_meta, is_random_init
+    from ocrtune.models.presets import build_preset
+    from ocrtune.train.distributed import materialize, real_buffers
+    folder = build_preset("tiny", tmp_path / "tiny_meta", meta=True)
+    assert is_random_init(folder) and not list(folder.glob("*.safetensors"))
+    model = build_on_meta(folder)
+    assert all(p.is_meta for p in model.parameters())
+    materialize(model, torch.device("cpu"), real_buffers(model), 0.1, seed=0)
+    ref = dict(AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder)).named_buffers())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, ref[name]), name
+    w = model.model.language_model.layers[0].mlp.gate_proj.weight  # 256 x 128 draws: std within a few %
+    assert not w.is_meta and abs(float(w.std()) - 0.1) < 0.005
+    assert torch.equal(model.model.language_model.norm.weight, torch.ones_like(model.model.language_model.norm.weight))

@@ -94,6 +94,29 @@ def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None
     return model
 
 
+def is_random_init(path: Path) -> bool:
+    """A shape-only folder (presets.build_preset(meta=True)): no weights, built randomly when training."""
+    from ocrtune.models.presets import RANDOM_INIT_MARK
+    return (Path(path) / RANDOM_INIT_MARK).exists()
+
+
+def build_on_meta(path: Path, dtype=None, attn_impl: str | None = None):
+    """The model of a shape-only folder with its parameters on the meta device (no memory) and its
+    buffers (rotary frequencies) real: FSDP2 shards it first, then each rank materializes its shard
+    (distributed.materialize). A 72B model never exists whole in host memory."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(path)
+    kwargs = {"attn_implementation": attn_impl} if attn_impl else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32, **kwargs)
+    model.name_or_path = str(path)
+    from ocrtune.models.kernels import linear_patch_embed
+    linear_patch_embed(model)
+    return model
+
+
 def lm_linear_names(model) -> list[str]:
     """Leaf names of the language model's linear layers (the `all-linear` LoRA targets)."""
     import torch.nn as nn

@@ -50,7 +50,13 @@ PRESETS = {
         text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, mrope_section=[16, 24, 24]),
         vision=dict(depth=32, embed_dim=1280, num_heads=16), vocab=2048, max_pixels=1280 * 28 * 28),
+    # Qwen2-VL-72B's shape (about 146 GB in bf16: only built with meta=True, then materialized sharded)
+    "72b": dict(
+        text=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064, mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16), vocab=2048, max_pixels=1280 * 28 * 28),
 }
+RANDOM_INIT_MARK = "ocrtune_random_init.json"  # a shape-only folder: training builds its weights randomly
 
 
 def cache_root() -> Path:
@@ -87,8 +93,10 @@ def build_tokenizer(texts: list[str], vocab_size: int):
                               additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int = 0) -> Path:
-    """Build preset `name` into folder `out` (written to a temp folder, then renamed into place)."""
+def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int = 0, meta: bool = False) -> Path:
+    """Build preset `name` into folder `out` (written to a temp folder, then renamed into place).
+    meta=True writes the config, generation config and processor only, plus RANDOM_INIT_MARK:
+    training then builds the weights on the meta device and initializes them sharded."""
     import torch
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -110,8 +118,8 @@ def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=text["tie_word_embeddings"])
     torch.manual_seed(seed)
-    big = name in ("2b", "7b")
-    device = "cuda" if big and torch.cuda.is_available() else "cpu"
+    big = name in ("2b", "7b", "72b")
+    device = "meta" if meta else ("cuda" if big and torch.cuda.is_available() else "cpu")
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16 if big else torch.float32)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
@@ -125,7 +133,12 @@ def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     os.chmod(tmp, 0o755)
-    model.save_pretrained(tmp)
+    if meta:
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        (tmp / RANDOM_INIT_MARK).write_text(json.dumps({"preset": name, "seed": seed}))
+    else:
+        model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

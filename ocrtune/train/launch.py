@@ -1,26 +1,67 @@
-"""NPROC_PER_NODE=N ocrtune sft ...: re-run the same command under torchrun (SWIFT's shortcut)."""
+"""NPROC_PER_NODE=N ocrtune sft ...: re-run the same command under torchrun (SWIFT's shortcut), also
+across nodes the way SWIFT users write it: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT."""
 from __future__ import annotations
 
 import os
 import sys
 
+from ocrtune.errors import UserError
+
+
+def _whole(name: str, default: str | None, fix: str, minimum: int = 1) -> int | None:
+    value = os.environ.get(name, default)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < minimum:
+        raise UserError(f"{name}={value!r} is not a {'whole' if minimum == 0 else 'positive'} number", fix)
+    return int(value)
+
+
+def torchrun_args(argv: list[str]) -> list[str] | None:
+    """torchrun's arguments for this environment, or None when the command runs as it is."""
+    if os.environ.get("LOCAL_RANK") is not None:  # already a rank
+        return None
+    nproc = _whole("NPROC_PER_NODE", None, "set it to the number of GPUs per node, e.g. NPROC_PER_NODE=2")
+    nnodes = _whole("NNODES", "1", "set it to the number of machines, e.g. NNODES=2")
+    if nnodes > 1 and nproc is None:
+        raise UserError(f"NNODES={nnodes} without NPROC_PER_NODE", "set NPROC_PER_NODE to the processes per node, e.g. 1 per GPU")
+    if (nproc or 1) * nnodes == 1:
+        return None
+    node_rank = _whole("NODE_RANK", "0", f"set NODE_RANK to this machine's index, 0 to {nnodes - 1}", minimum=0)
+    if node_rank >= nnodes:
+        raise UserError(f"NODE_RANK={node_rank} but NNODES={nnodes}", f"use NODE_RANK 0 to {nnodes - 1}")
+    if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UserError("NNODES > 1 needs MASTER_ADDR", "set MASTER_ADDR to node 0's address (and the same MASTER_PORT on every node)")
+    return [f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+            f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", "ocrtune", "sft", *argv[1:]]
+
 
 def maybe_relaunch(argv: list[str]) -> None:
-    n = os.environ.get("NPROC_PER_NODE")
-    if not n or os.environ.get("LOCAL_RANK") is not None:
+    args = torchrun_args(argv)
+    if args is None:
         return
-    from ocrtune.errors import UserError
-    if not n.isdigit() or int(n) < 1:
-        raise UserError(f"NPROC_PER_NODE={n!r} is not a positive number", "set it to the number of GPUs, e.g. NPROC_PER_NODE=2")
-    if int(n) == 1:
-        return
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-    args = [f"--nproc_per_node={n}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
-            "-m", "ocrtune", "sft", *argv[1:]]
     try:
         torchrun(args)
     except SystemExit as e:
         sys.exit(e.code)
-    except Exception as e:  # ChildFailedError: the ranks printed their own errors
-        sys.exit(getattr(e, "exitcode", 1) or 1)
+    except ChildFailedError as e:
+        print(f"error: {rank_failure(e)}", file=sys.stderr)
+        sys.exit(_exit_code(e))
     sys.exit(0)
+
+
+def rank_failure(e) -> str:
+    """One line: which rank died first and what it said (its error file, written by trainer.run_sft)."""
+    rank, f = min(e.failures.items(), key=lambda kv: (not isinstance(kv[1].message, dict), kv[1].timestamp))
+    how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+    said = f.message.get("message") if isinstance(f.message, dict) else f.message
+    said = said if said and not said.startswith(("To enable traceback", "Signal ")) else "see its output above"
+    return f"rank {rank} (node rank {os.environ.get('NODE_RANK', '0')}, local rank {f.local_rank}) {how}: {said}"
+
+
+def _exit_code(e) -> int:
+    codes = [f.exitcode for f in e.failures.values() if f.exitcode and f.exitcode > 0]
+    return codes[0] if codes else 1

@@ -17,9 +17,11 @@ import torch
 from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, split_validation
 from ocrtune.errors import UserError
-from ocrtune.models.loading import (load_model, load_processor, lora_target_regex, resolve_model, template_name)
+from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
+                                    resolve_model, template_name)
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune.train import checkpoint as ckpt_io
+from ocrtune.train import distributed as dist
 from ocrtune.train.args import SftArgs, validate
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
@@ -145,8 +147,12 @@ class SftRun:
         self.args = args
         args.dataset = args.dataset or ["latex-ocr-sample"]
         args.save_steps = args.save_steps or args.eval_steps
-        self.accelerator = acc = Accelerator(**_accelerator_kwargs(args))
+        kwargs = _accelerator_kwargs(args)
+        self.accelerator = acc = Accelerator(**kwargs)
+        dist.fsdp_on_cpu(acc, kwargs)
         self.main = acc.is_main_process
+        dist.quiet_other_ranks(acc)
+        self.sharded = dist.is_sharded(acc)
         set_seed(args.seed)
         self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
             if args.resume_from_checkpoint else None
@@ -165,11 +171,20 @@ class SftRun:
         self.train_ds, self.val_ds = build_data(args, self.template, acc)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
-        model = load_model(weights, dtype, args.attn_impl)
+        self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded
+        if self.meta and self.resume is not None:
+            raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
+                            "start a new run, or train a model folder that holds weights")
+        model = build_on_meta(weights, dtype, args.attn_impl) if self.meta else load_model(weights, dtype, args.attn_impl)
+        buffers = dist.real_buffers(model) if self.meta else None
         if args.use_liger:
             from ocrtune.train.speed import apply_liger
             apply_liger(model)
         self.model = prepare_model(model, args)
+        dist.wrap_classes_of(acc, self.model)
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+        if self.meta and dist.engine_name(acc) != "fsdp2":  # unsharded: materialize here, before the optimizer
+            dist.materialize(self.model, acc.device, buffers, std, args.seed)
         if self.resume is not None:
             load_resume_weights(self.model, self.resume, args.train_type)
 
@@ -190,13 +205,18 @@ class SftRun:
                       "best_model_checkpoint": None, "log_acc": [0.0, 0, 0, 0.0, 0]}
         if self.resume is not None:
             self.state.update(ckpt_io.load_trainer_state(self.resume))
-            ckpt_io.load_states(self.resume, self.optimizer, self.scheduler)
+            # sharded optimizer state is loaded after prepare, once the parameters are sharded
+            ckpt_io.load_states(self.resume, _LoadLater() if self.sharded else self.optimizer, self.scheduler)
         fused_ce = None
         if args.use_liger:
             from ocrtune.train.speed import liger_fused_ce
             fused_ce = liger_fused_ce()
         self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)
+        if self.meta and dist.engine_name(acc) == "fsdp2":  # each rank allocates and initializes its shards only
+            dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
+        if self.resume is not None and self.sharded:
+            dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume)
         self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
@@ -210,12 +230,18 @@ class SftRun:
         self.loss_module.train()
         for i, batch in enumerate(group):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            sync = acc.no_sync(self.loss_module) if i < len(group) - 1 else contextlib.nullcontext()
+            last = i == len(group) - 1
+            # the group's end is the one gradient sync / optimizer step: DeepSpeed's engine steps
+            # inside backward whenever accelerate's sync_gradients is set
+            acc.sync_gradients = last
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.loss_module)
             with sync, acc.autocast():
                 l, _, c = self.loss_module(**batch)
                 acc.backward(l * acc.num_processes / max(global_tokens, 1))
             loss_sum, correct = loss_sum + l.detach().float(), correct + c
+        acc.sync_gradients = True
         grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), self.args.max_grad_norm)
+        grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed without clipping reports none
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -239,31 +265,44 @@ class SftRun:
         self.loss_module.eval()
         loss, tokens, correct = 0.0, 0, 0
         bs = args.eval_batch_size or args.batch_size
-        mine = list(range(acc.process_index, len(self.val_ds), acc.num_processes))  # each row once, no wrap-around
-        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
-        for batch in make_loader(self.val_ds, batches, self.collator, args.dataloader_num_workers, False):
+        # each row once, no wrap-around; every rank the same number of forward passes (collectives under sharding)
+        shares = dist.even_batches(len(self.val_ds), acc.process_index, acc.num_processes, bs)
+        loader = make_loader(self.val_ds, [b for b, _ in shares], self.collator, args.dataloader_num_workers, False)
+        for (_, real), batch in zip(shares, loader):
             if batch is None:
                 continue
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 l, n, c = self.loss_module(**batch)
-            loss, tokens, correct = loss + float(l), tokens + int(n), correct + int(c)
+            if real:
+                loss, tokens, correct = loss + float(l), tokens + int(n), correct + int(c)
         totals = torch.tensor([loss, tokens, correct], dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             totals = acc.reduce(totals, "sum")
         loss, tokens, correct = totals.tolist()
         metrics = {"eval_loss": round(loss / max(tokens, 1), 6), "eval_acc": round(correct / max(tokens, 1), 6)}
-        if args.predict_with_generate and self.main:
+        if args.predict_with_generate:
             metrics.update(self.generate_metrics())
         return metrics
 
     def generate_metrics(self) -> dict:
+        """Every rank generates its share of the validation rows (the same number of batches on each,
+        so sharded forward passes line up); rank 0's metrics cover all rows once."""
+        from accelerate.utils import gather_object
+
         from ocrtune.evaluate.metrics import compute_metrics
         from ocrtune.infer.engine import InferEngine
-        rows = self.val_ds.rows
-        engine = InferEngine(self.accelerator.unwrap_model(self.loss_module).model, self.processor, self.template)
-        preds = engine.generate_rows(rows, batch_size=self.args.eval_batch_size or self.args.batch_size,
-                                     max_new_tokens=self.args.max_new_tokens)
+        acc, rows = self.accelerator, self.val_ds.rows
+        model = acc.unwrap_model(self.loss_module).model
+        engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)
+        bs = self.args.eval_batch_size or self.args.batch_size
+        mine = []
+        with dist.full_params(self.loss_module):
+            for batch, real in dist.even_batches(len(rows), acc.process_index, acc.num_processes, bs):
+                preds = engine.generate([rows[i] for i in batch], self.args.max_new_tokens)
+                mine += list(zip(batch, preds)) if real else []
+        pairs = dict(gather_object(mine)) if acc.num_processes > 1 else dict(mine)
+        preds = [pairs[i] for i in range(len(rows))]
         refs = [r["messages"][-1]["content"] for r in rows]
         m = compute_metrics(preds, refs)
         return {f"eval_{k}": round(v, 6) for k, v in m.items() if k != "count"}
@@ -275,12 +314,20 @@ class SftRun:
             if best is None or metrics["eval_loss"] < best:
                 self.state["best_metric"] = metrics["eval_loss"]
                 self.state["best_model_checkpoint"] = str(self.run_dir / f"checkpoint-{step}")
+        acc = self.accelerator
+        # under sharding gathering is a collective: every rank takes part, rank 0 writes
+        model_sd, optim_sd = dist.gather_state(acc, self.loss_module, self.optimizer, self.args.train_type)
         if self.main:
-            model = self.accelerator.unwrap_model(self.loss_module).model
-            ckpt_io.save_checkpoint(self.run_dir, step, model, self.optimizer, self.scheduler, dict(self.state), self.processor)
+            model = acc.unwrap_model(self.loss_module).model
+            model, optimizer = ((dist.WithState(model, model_sd), dist.WithState(self.optimizer, optim_sd))
+                                if self.sharded else (model, self.optimizer))
+            ckpt_io.save_checkpoint(self.run_dir, step, model, optimizer, self.scheduler, dict(self.state), self.processor)
+        acc.wait_for_everyone()
+        dist.save_engine_state(acc, self.loss_module, self.run_dir / f"checkpoint-{step}")
+        acc.wait_for_everyone()
+        if self.main:
             best = self.state["best_model_checkpoint"]
             ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, Path(best) if best else None)
-        self.accelerator.wait_for_everyone()
 
     def micro_batches(self):
         """Yield (epoch, micro-batch) from the resume point on, in the seeded order."""
@@ -385,5 +432,18 @@ def _from_main(acc, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+class _LoadLater:
+    """Optimizer stand-in for checkpoint.load_states: sharded state is loaded after accelerate.prepare."""
+
+    def load_state_dict(self, state):
+        pass
+
+
 def run_sft(args: SftArgs) -> dict:
-    return SftRun(args).train()
+    try:
+        return SftRun(args).train()
+    except BaseException as e:
+        dist.record_rank_error(e)
+        raise
+    finally:
+        dist.end_process_group()

@@ -47,7 +47,7 @@ class Tex:
 def bundle_env(root: Path) -> dict[str, str]:
     """Environment that makes the bundle's pdftex find only the bundle's files (see scripts/make_tex_bundle.sh)."""
     texmf = root / "texmf"
-    return {"TEXMFCNF": str(texmf), "TEXINPUTS": f"{texmf / 'tex'}//", "TFMFONTS": f"{texmf / 'fonts'}//",
+    return {"TEXMFCNF": str(texmf), "TEXINPUTS": f".{os.pathsep}{texmf / 'tex'}//", "TFMFONTS": f"{texmf / 'fonts'}//",
             "T1FONTS": f"{texmf / 'fonts'}//", "TEXFONTMAPS": f"{texmf / 'fonts'}//", "TEXFORMATS": str(texmf / "web2c"),
             "TEXPSHEADERS": f"{texmf / 'fonts'}//", "ENCFONTS": f"{texmf / 'fonts'}//",
             "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(root / "lib"), os.environ.get("LD_LIBRARY_PATH")) if p)}

@@ -203,8 +203,9 @@ def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, s
         pages = pages_of(first, len(todo)) if first else []
         if pages is not None:  # the usual case: every formula typeset cleanly in one run
             clean, bad = todo, {}
-        else:
-            bad = find_failures(tex, [formulas[i] for i in todo], work)
+        else:  # a finished run already names its failing formulas; otherwise draft runs find them
+            bad = ({i: f"tex error: {msg}" for i, msg in first.errors.items()} if first.finished and first.errors
+                   else find_failures(tex, [formulas[i] for i in todo], work))
             for pos, why in bad.items():
                 results[todo[pos]] = (None, why)
             clean = [i for pos, i in enumerate(todo) if pos not in bad]

@@ -32,7 +32,7 @@ class SynthArgs:
     seed: int = arg(42, "seed for --mutate and name#N sampling; the same flags give byte-identical shards")
     num_proc: int | None = arg(None, "worker processes (default: all cores)")
     shard_size: int = arg(5000, "formulas per parquet shard")
-    chunk_size: int = arg(200, "formulas per pdflatex run")
+    chunk_size: int = arg(1000, "formulas per pdflatex run (each run costs a fixed ~0.1 s to start)")
     timeout: float = arg(10.0, "seconds one pdflatex run may take before its formulas are split to find a loop")
     tex_root: str | None = arg(None, "unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the system "
                                      "pdflatex", env="OCRTUNE_TEX_ROOT")

@@ -78,6 +78,17 @@ def find_tex(tex_root: str | None = None, timeout: float = 10.0) -> Tex:
     return Tex(command, env, timeout)
 
 
+def preflight(tex: Tex) -> None:
+    """Typeset one plain formula, so that a broken TeX (a missing package, a bad bundle) is one clear error
+    instead of every formula failing on its own."""
+    with tempfile.TemporaryDirectory(prefix="ocrtune-synth-") as tmp:
+        run = run_tex(tex, ["x"], Path(tmp), draft=False)
+        if run.pdf is None:
+            first = next((line for line in run.output.splitlines() if line.startswith("!")), run.why or "no output")
+            raise UserError(f"pdflatex ({' '.join(tex.command)}) cannot typeset a plain formula: {first[:200]}",
+                            f"install {APT_PACKAGES} (it brings amsmath, amssymb and bm), or rebuild the --tex_root bundle")
+
+
 def precheck(formula: str) -> str:
     """Why a formula can't go to TeX ("" if it can): empty, unbalanced braces, or a forbidden command."""
     if not formula.strip():
@@ -116,6 +127,7 @@ class TexRun:
     last_mark: int | None         # the last formula TeX started (the culprit when it did not finish)
     why: str = ""                 # "timeout" or "fatal" when it did not finish
     pdf: Path | None = None       # when it finished with exit status 0
+    output: str = ""              # what TeX printed
 
 
 def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun:
@@ -129,7 +141,8 @@ def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun
     except subprocess.TimeoutExpired as e:
         out, why, rc = e.stdout or b"", "timeout", None
     errors, last, finished = {}, None, False
-    for line in out.decode("utf-8", "replace").splitlines():
+    text = out.decode("utf-8", "replace")
+    for line in text.splitlines():
         if line.startswith(MARK):
             tag = line[len(MARK):].strip()
             finished = tag == "END"
@@ -139,7 +152,7 @@ def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun
     if not finished and not why:
         why = "fatal"
     ok = finished and rc == 0 and not draft
-    return TexRun(finished, errors, last, why, workdir / "f.pdf" if ok else None)
+    return TexRun(finished, errors, last, why, workdir / "f.pdf" if ok else None, text)
 
 
 def find_failures(tex: Tex, formulas: list[str], workdir: Path) -> dict[int, str]:

@@ -163,13 +163,14 @@ def short_reason(why: str) -> str:
 def run_synth(args: SynthArgs) -> dict:
     from tqdm import tqdm
 
-    from ocrtune.synth.render import find_tex
+    from ocrtune.synth.render import find_tex, preflight
     validate(args)
     tex = find_tex(args.tex_root, args.timeout)
     try:
         import pypdfium2  # noqa: F401  (the workers rasterize with it)
     except ImportError:
         raise UserError("ocrtune synth needs the pypdfium2 package", "pip install pypdfium2") from None
+    preflight(tex)
     out = Path(args.output_dir).expanduser()
     formulas, skipped = plan_formulas(args)
     check_manifest(out, args)

@@ -193,11 +193,11 @@ def test_missing_latex_is_a_one_line_error_naming_the_packages(tmp_path):
     (broken / "bin").mkdir(parents=True)
     (broken / "texmf" / "web2c").mkdir(parents=True)
     (broken / "texmf" / "web2c" / "pdflatex.fmt").write_bytes(b"")
-    (broken / "bin" / "pdftex").write_text("#!/bin/sh\necho '! LaTeX Error: File `bm.sty' not found.'\nexit 1\n")
+    (broken / "bin" / "pdftex").write_text("#!/bin/sh\necho '! LaTeX Error: File bm.sty not found.'\nexit 1\n")
     (broken / "bin" / "pdftex").chmod(0o755)
     out = ocrtune("synth", "--dataset", "latex-ocr-sample", "--output_dir", str(tmp_path / "o"), "--tex_root", str(broken))
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "cannot typeset a plain formula: ! LaTeX Error: File `bm.sty' not found." in out.stderr
+    assert "cannot typeset a plain formula: ! LaTeX Error: File bm.sty not found." in out.stderr
     assert not (tmp_path / "o").exists()
 
 

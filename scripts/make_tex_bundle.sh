@@ -97,6 +97,6 @@ echo "check: the bundle alone typeset $pages of $total formulas; every file it o
 [ "${pages%% *}" -ge $((total * 9 / 10)) ] || { echo "error: too few pages; see the files above" >&2; exit 1; }
 
 mkdir -p "$(dirname "$OUT")"
-XZ_OPT=-9e tar -C "$work" -cJf "$OUT.tmp" texbundle && mv "$OUT.tmp" "$OUT"
+XZ_OPT=${XZ_OPT:--9e} tar -C "$work" -cJf "$OUT.tmp" texbundle && mv "$OUT.tmp" "$OUT"
 echo "wrote $OUT ($(du -h "$OUT" | cut -f1)): $(find "$root" -type f | wc -l) files; unpack it and pass the folder:"
 echo "  tar xJf $(basename "$OUT") && ocrtune synth --tex_root texbundle ..."

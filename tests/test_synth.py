@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from ocrtune.data.registry import SAMPLE_DIR
+from ocrtune.errors import UserError
 from ocrtune.synth.mutate import CLASS_OF, mutate, normalize
 from ocrtune.synth.render import find_tex, precheck, render_formulas
 from ocrtune.synth.run import SynthArgs, plan_formulas, run_synth
@@ -125,6 +126,7 @@ def test_precheck_refuses_what_would_escape_the_page():
     assert precheck(r"\gdef\x{1}") .startswith("forbidden")
     assert precheck("{ a") == "unbalanced braces" and precheck("a } {") == "unbalanced braces"
     assert precheck(r"\{ a") == "" and precheck(r"\overline { x }") == ""
+    assert precheck("a $ b $ c") == "math shift $" and precheck(r"\$ 5") == ""
 
 
 # --- mutation and exclusion --------------------------------------------------------------------------
@@ -152,6 +154,8 @@ def test_exclude_drops_inputs_and_mutations(tmp_path):
     assert normalize(GOOD[1]) not in texts and result["skipped"]["excluded"] == 1
     assert len(texts) + sum(result["skipped"].values()) == len(GOOD) + 40
     assert set(normalize(g) for g in GOOD) - {normalize(GOOD[1])} <= set(texts)
+    with pytest.raises(UserError, match=r"no formulas left to render .*\(5 excluded\)"):
+        synth(tmp_path, "none", dataset=[str(inputs)], exclude=[str(inputs)])
 
 
 # --- the command: determinism, resume, errors, training on the output ---------------------------------

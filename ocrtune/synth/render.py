@@ -90,7 +90,7 @@ def preflight(tex: Tex) -> None:
 
 
 def precheck(formula: str) -> str:
-    """Why a formula can't go to TeX ("" if it can): empty, unbalanced braces, or a forbidden command."""
+    """Why a formula can't go to TeX ("" if it can): empty, a `$`, unbalanced braces, or a forbidden command."""
     if not formula.strip():
         return "empty"
     depth, escaped = 0, False
@@ -99,6 +99,8 @@ def precheck(formula: str) -> str:
             escaped = False
         elif ch == "\\":
             escaped = True
+        elif ch == "$":
+            return "math shift $"  # would leave math mode: text typeset without an error
         elif ch == "{":
             depth += 1
         elif ch == "}":
@@ -155,11 +157,12 @@ def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun
     return TexRun(finished, errors, last, why, workdir / "f.pdf" if ok else None, text)
 
 
-def find_failures(tex: Tex, formulas: list[str], workdir: Path) -> dict[int, str]:
-    """Positions of the formulas that fail a draft run -> reason; a run that stops early is split and rerun."""
+def find_failures(tex: Tex, formulas: list[str], workdir: Path, run: TexRun | None = None) -> dict[int, str]:
+    """Positions of the formulas that fail -> reason, from `run` (a run of these formulas already made) or a
+    draft run; a run that stops early is split at its last mark and the parts rerun."""
     if not formulas:
         return {}
-    run = run_tex(tex, formulas, workdir, draft=True)
+    run = run or run_tex(tex, formulas, workdir, draft=True)
     bad = {i: f"tex error: {msg}" for i, msg in run.errors.items()}
     if run.finished:
         return bad
@@ -216,9 +219,8 @@ def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, s
         pages = pages_of(first, len(todo)) if first else []
         if pages is not None:  # the usual case: every formula typeset cleanly in one run
             clean, bad = todo, {}
-        else:  # a finished run already names its failing formulas; otherwise draft runs find them
-            bad = ({i: f"tex error: {msg}" for i, msg in first.errors.items()} if first.finished and first.errors
-                   else find_failures(tex, [formulas[i] for i in todo], work))
+        else:
+            bad = find_failures(tex, [formulas[i] for i in todo], work, run=first)
             for pos, why in bad.items():
                 results[todo[pos]] = (None, why)
             clean = [i for pos, i in enumerate(todo) if pos not in bad]

@@ -173,6 +173,10 @@ def run_synth(args: SynthArgs) -> dict:
     preflight(tex)
     out = Path(args.output_dir).expanduser()
     formulas, skipped = plan_formulas(args)
+    if not formulas:
+        raise UserError(f"no formulas left to render from --dataset {' '.join(args.dataset)} "
+                        f"({', '.join(f'{n} {r}' for r, n in skipped.items()) or 'it is empty'})",
+                        "give formulas in a `text` column, or fewer --exclude datasets, or --mutate N")
     check_manifest(out, args)
     n_shards = (len(formulas) + args.shard_size - 1) // args.shard_size
     shard_path = [out / f"train-{k:05d}.parquet" for k in range(n_shards)]

@@ -99,4 +99,4 @@ echo "check: the bundle alone typeset $pages of $total formulas; every file it o
 mkdir -p "$(dirname "$OUT")"
 XZ_OPT=${XZ_OPT:--9e} tar -C "$work" -cJf "$OUT.tmp" texbundle && mv "$OUT.tmp" "$OUT"
 echo "wrote $OUT ($(du -h "$OUT" | cut -f1)): $(find "$root" -type f | wc -l) files; unpack it and pass the folder:"
-echo "  tar xJf $(basename "$OUT") && ocrtune synth --tex_root texbundle ..."
+echo "  mkdir -p tex && tar xJf $(basename "$OUT") -C tex && ocrtune synth --tex_root tex ...   (or tex/texbundle)"

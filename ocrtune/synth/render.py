@@ -61,6 +61,8 @@ def find_tex(tex_root: str | None = None, timeout: float = 10.0) -> Tex:
             "MKTEXPK": "0", "MKTEXTFM": "0", "MKTEXMF": "0", "MKTEXFMT": "0"}  # a missing font fails, never runs METAFONT
     if tex_root:
         root = Path(tex_root).expanduser()
+        if not (root / "bin").is_dir() and (root / "texbundle" / "bin").is_dir():
+            root = root / "texbundle"  # the folder the archive was unpacked into
         binary = root / "bin" / "pdftex"
         if not binary.is_file() or not (root / "texmf" / "web2c" / "pdflatex.fmt").is_file():
             raise UserError(f"--tex_root {root} is not an unpacked TeX bundle (no bin/pdftex or texmf/web2c/pdflatex.fmt)",

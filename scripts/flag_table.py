@@ -24,5 +24,8 @@ if __name__ == "__main__":
     if which == "serve":
         from ocrtune.serve.args import ServeArgs
         print(table(ServeArgs))
+    elif which == "synth":
+        from ocrtune.synth.run import SynthArgs
+        print(table(SynthArgs))
     else:
         print(table({"sft": SftArgs, "infer": InferArgs, "export": ExportArgs}[which]))

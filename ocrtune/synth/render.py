@@ -1,9 +1,10 @@
 """LaTeX formulas -> print-style row images with pdflatex (many formulas per run, one tight page each)
 and pypdfium2 (rasterization).
 
-A chunk goes through TeX twice: a draft run finds the formulas that fail (an error, a missing glyph,
-a loop that runs into the time limit), then only the clean ones are typeset for real, because a bad
-formula can change the pages after it. Failures are skipped with a reason, never retried forever.
+A chunk is typeset in one pdflatex run; when any formula in it fails (an error, a missing glyph, a
+loop that runs into the time limit, a fatal error that loses the PDF), draft runs find the failing
+formulas and only the clean ones are typeset again, because a bad formula can change the pages after
+it. Failures are skipped with a reason, never retried forever.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Tex:
 def bundle_env(root: Path) -> dict[str, str]:
     """Environment that makes the bundle's pdftex find only the bundle's files (see scripts/make_tex_bundle.sh)."""
     texmf = root / "texmf"
-    return {"TEXMFCNF": str(texmf), "TEXINPUTS": f"{texmf / 'tex'}//", "TFMFONTS": f"{texmf / 'fonts'}//",
+    return {"TEXMFCNF": str(texmf), "TEXINPUTS": f".{os.pathsep}{texmf / 'tex'}//", "TFMFONTS": f"{texmf / 'fonts'}//",
             "T1FONTS": f"{texmf / 'fonts'}//", "TEXFONTMAPS": f"{texmf / 'fonts'}//", "TEXFORMATS": str(texmf / "web2c"),
             "TEXPSHEADERS": f"{texmf / 'fonts'}//", "ENCFONTS": f"{texmf / 'fonts'}//",
             "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(root / "lib"), os.environ.get("LD_LIBRARY_PATH")) if p)}
@@ -56,9 +57,12 @@ def find_tex(tex_root: str | None = None, timeout: float = 10.0) -> Tex:
     """pdflatex from `tex_root` (or $OCRTUNE_TEX_ROOT), else from PATH; a one-line error if there is none."""
     tex_root = tex_root or os.environ.get("OCRTUNE_TEX_ROOT") or None
     base = {"max_print_line": "100000", "error_line": "254", "half_error_line": "238",  # no wrapped log lines
-            "openout_any": "p", "openin_any": "p", "shell_escape": "f"}
+            "openout_any": "p", "openin_any": "p", "shell_escape": "f",
+            "MKTEXPK": "0", "MKTEXTFM": "0", "MKTEXMF": "0", "MKTEXFMT": "0"}  # a missing font fails, never runs METAFONT
     if tex_root:
         root = Path(tex_root).expanduser()
+        if not (root / "bin").is_dir() and (root / "texbundle" / "bin").is_dir():
+            root = root / "texbundle"  # the folder the archive was unpacked into
         binary = root / "bin" / "pdftex"
         if not binary.is_file() or not (root / "texmf" / "web2c" / "pdflatex.fmt").is_file():
             raise UserError(f"--tex_root {root} is not an unpacked TeX bundle (no bin/pdftex or texmf/web2c/pdflatex.fmt)",
@@ -76,8 +80,19 @@ def find_tex(tex_root: str | None = None, timeout: float = 10.0) -> Tex:
     return Tex(command, env, timeout)
 
 
+def preflight(tex: Tex) -> None:
+    """Typeset one plain formula, so that a broken TeX (a missing package, a bad bundle) is one clear error
+    instead of every formula failing on its own."""
+    with tempfile.TemporaryDirectory(prefix="ocrtune-synth-") as tmp:
+        run = run_tex(tex, ["x"], Path(tmp), draft=False)
+        if run.pdf is None:
+            first = next((line for line in run.output.splitlines() if line.startswith("!")), run.why or "no output")
+            raise UserError(f"pdflatex ({' '.join(tex.command)}) cannot typeset a plain formula: {first[:200]}",
+                            f"install {APT_PACKAGES} (it brings amsmath, amssymb and bm), or rebuild the --tex_root bundle")
+
+
 def precheck(formula: str) -> str:
-    """Why a formula can't go to TeX ("" if it can): empty, unbalanced braces, or a forbidden command."""
+    """Why a formula can't go to TeX ("" if it can): empty, a `$`, unbalanced braces, or a forbidden command."""
     if not formula.strip():
         return "empty"
     depth, escaped = 0, False
@@ -86,6 +101,8 @@ def precheck(formula: str) -> str:
             escaped = False
         elif ch == "\\":
             escaped = True
+        elif ch == "$":
+            return "math shift $"  # would leave math mode: text typeset without an error
         elif ch == "{":
             depth += 1
         elif ch == "}":
@@ -113,7 +130,8 @@ class TexRun:
     errors: dict[int, str]        # formula position -> first error line
     last_mark: int | None         # the last formula TeX started (the culprit when it did not finish)
     why: str = ""                 # "timeout" or "fatal" when it did not finish
-    pdf: Path | None = None
+    pdf: Path | None = None       # when it finished with exit status 0
+    output: str = ""              # what TeX printed
 
 
 def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun:
@@ -121,13 +139,14 @@ def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun
     cmd = [*tex.command, "-interaction=nonstopmode", "-no-shell-escape", *(["-draftmode"] if draft else []), "f.tex"]
     env = {**os.environ, **tex.env}
     try:
-        out = subprocess.run(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, timeout=tex.timeout).stdout
-        why = ""
+        proc = subprocess.run(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=tex.timeout)
+        out, why, rc = proc.stdout, "", proc.returncode
     except subprocess.TimeoutExpired as e:
-        out, why = e.stdout or b"", "timeout"
+        out, why, rc = e.stdout or b"", "timeout", None
     errors, last, finished = {}, None, False
-    for line in out.decode("utf-8", "replace").splitlines():
+    text = out.decode("utf-8", "replace")
+    for line in text.splitlines():
         if line.startswith(MARK):
             tag = line[len(MARK):].strip()
             finished = tag == "END"
@@ -136,14 +155,16 @@ def run_tex(tex: Tex, formulas: list[str], workdir: Path, draft: bool) -> TexRun
             errors.setdefault(last, line.strip())
     if not finished and not why:
         why = "fatal"
-    return TexRun(finished, errors, last, why, None if draft or not finished else workdir / "f.pdf")
+    ok = finished and rc == 0 and not draft
+    return TexRun(finished, errors, last, why, workdir / "f.pdf" if ok else None, text)
 
 
-def find_failures(tex: Tex, formulas: list[str], workdir: Path) -> dict[int, str]:
-    """Positions of the formulas that fail a draft run -> reason; a run that stops early is split and rerun."""
+def find_failures(tex: Tex, formulas: list[str], workdir: Path, run: TexRun | None = None) -> dict[int, str]:
+    """Positions of the formulas that fail -> reason, from `run` (a run of these formulas already made) or a
+    draft run; a run that stops early is split at its last mark and the parts rerun."""
     if not formulas:
         return {}
-    run = run_tex(tex, formulas, workdir, draft=True)
+    run = run or run_tex(tex, formulas, workdir, draft=True)
     bad = {i: f"tex error: {msg}" for i, msg in run.errors.items()}
     if run.finished:
         return bad
@@ -161,16 +182,24 @@ def find_failures(tex: Tex, formulas: list[str], workdir: Path) -> dict[int, str
     return bad
 
 
-def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list[object | None], dict[int, str]]:
-    """Clean formulas -> (one pypdfium2 page per formula or None, failures); reruns halves when a run misbehaves."""
+def pages_of(run: TexRun, n: int) -> list | None:
+    """The n pages of a clean run, or None if the run was not clean."""
     import pypdfium2 as pdfium
+    if run.pdf is None or run.errors:
+        return None
+    pdf = pdfium.PdfDocument(run.pdf.read_bytes())
+    return [pdf[i] for i in range(len(pdf))] if len(pdf) == n else None
+
+
+def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list, dict[int, str]]:
+    """Clean formulas -> (one pypdfium2 page per formula or None, failures); reruns halves when a run misbehaves
+    (e.g. a font that only fails when the PDF is written)."""
     if not formulas:
         return [], {}
     run = run_tex(tex, formulas, workdir, draft=False)
-    if run.finished and not run.errors:
-        pdf = pdfium.PdfDocument(run.pdf.read_bytes())
-        if len(pdf) == len(formulas):
-            return [pdf[i] for i in range(len(pdf))], {}
+    pages = pages_of(run, len(formulas))
+    if pages is not None:
+        return pages, {}
     if len(formulas) == 1:
         return [None], {0: f"tex error when typeset: {run.errors.get(0, run.why or 'page count')}"}
     half = len(formulas) // 2
@@ -188,11 +217,16 @@ def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, s
     todo = [i for i, (_, why) in enumerate(results) if not why]
     with tempfile.TemporaryDirectory(prefix="ocrtune-synth-") as tmp:
         work = Path(tmp)
-        bad = find_failures(tex, [formulas[i] for i in todo], work)
-        for pos, why in bad.items():
-            results[todo[pos]] = (None, why)
-        clean = [i for pos, i in enumerate(todo) if pos not in bad]
-        pages, bad = typeset(tex, [formulas[i] for i in clean], work)
+        first = run_tex(tex, [formulas[i] for i in todo], work, draft=False) if todo else None
+        pages = pages_of(first, len(todo)) if first else []
+        if pages is not None:  # the usual case: every formula typeset cleanly in one run
+            clean, bad = todo, {}
+        else:
+            bad = find_failures(tex, [formulas[i] for i in todo], work, run=first)
+            for pos, why in bad.items():
+                results[todo[pos]] = (None, why)
+            clean = [i for pos, i in enumerate(todo) if pos not in bad]
+            pages, bad = typeset(tex, [formulas[i] for i in clean], work)
         for pos, (i, page) in enumerate(zip(clean, pages)):
             if page is None:
                 results[i] = (None, bad.get(pos, "tex error"))

@@ -32,7 +32,7 @@ class SynthArgs:
     seed: int = arg(42, "seed for --mutate and name#N sampling; the same flags give byte-identical shards")
     num_proc: int | None = arg(None, "worker processes (default: all cores)")
     shard_size: int = arg(5000, "formulas per parquet shard")
-    chunk_size: int = arg(200, "formulas per pdflatex run")
+    chunk_size: int = arg(1000, "formulas per pdflatex run (each run costs a fixed ~0.1 s to start)")
     timeout: float = arg(10.0, "seconds one pdflatex run may take before its formulas are split to find a loop")
     tex_root: str | None = arg(None, "unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the system "
                                      "pdflatex", env="OCRTUNE_TEX_ROOT")
@@ -163,11 +163,20 @@ def short_reason(why: str) -> str:
 def run_synth(args: SynthArgs) -> dict:
     from tqdm import tqdm
 
-    from ocrtune.synth.render import find_tex
+    from ocrtune.synth.render import find_tex, preflight
     validate(args)
     tex = find_tex(args.tex_root, args.timeout)
+    try:
+        import pypdfium2  # noqa: F401  (the workers rasterize with it)
+    except ImportError:
+        raise UserError("ocrtune synth needs the pypdfium2 package", "pip install pypdfium2") from None
+    preflight(tex)
     out = Path(args.output_dir).expanduser()
     formulas, skipped = plan_formulas(args)
+    if not formulas:
+        raise UserError(f"no formulas left to render from --dataset {' '.join(args.dataset)} "
+                        f"({', '.join(f'{n} {r}' for r, n in skipped.items()) or 'it is empty'})",
+                        "give formulas in a `text` column, or fewer --exclude datasets, or --mutate N")
     check_manifest(out, args)
     n_shards = (len(formulas) + args.shard_size - 1) // args.shard_size
     shard_path = [out / f"train-{k:05d}.parquet" for k in range(n_shards)]

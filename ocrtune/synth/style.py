@@ -17,6 +17,7 @@ BUCKETS = ((120, 50), (160, 40), (200, 40), (200, 50), (240, 40), (240, 50), (28
 SCALE = 2          # render at 2x the final resolution, then halve
 PAD = 4            # final-resolution pixels of white around the ink (top and left; the bucket adds the rest)
 DPI = 87           # effective resolution of the print rows (12pt CM formula heights match at this value)
+MARGIN = 8         # 2x pixels of extra white around the padded ink when resampling (> LANCZOS's reach of 6)
 INK_THRESHOLD = 250  # a pixel darker than this counts as ink when cropping
 
 
@@ -54,9 +55,15 @@ def style_row(gray2x: np.ndarray) -> tuple[Image.Image | None, str]:
     bucket = pick_bucket((ink.shape[1] + 2 * pad + SCALE - 1) // SCALE, (ink.shape[0] + 2 * pad + SCALE - 1) // SCALE)
     if bucket is None:
         return None, "too large"
-    canvas = Image.new("L", (bucket[0] * SCALE, bucket[1] * SCALE), 255)
-    canvas.paste(Image.fromarray(ink), (pad, pad))
-    return canvas.resize(bucket, Image.LANCZOS), ""
+    # Only the inked corner of the bucket is resampled: LANCZOS reaches 3 * SCALE source pixels, so with
+    # MARGIN more white beyond the padding, the rest of the bucket comes out pure white, as it would in full.
+    w = min(bucket[0], (ink.shape[1] + 2 * pad + MARGIN) // SCALE + 1)
+    h = min(bucket[1], (ink.shape[0] + 2 * pad + MARGIN) // SCALE + 1)
+    corner = Image.new("L", (w * SCALE, h * SCALE), 255)
+    corner.paste(Image.fromarray(ink), (pad, pad))
+    canvas = Image.new("L", bucket, 255)
+    canvas.paste(corner.resize((w, h), Image.LANCZOS), (0, 0))
+    return canvas, ""
 
 
 def png_bytes(image: Image.Image) -> bytes:

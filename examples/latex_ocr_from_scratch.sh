@@ -12,6 +12,11 @@ WHEELS=${WHEELS:-.whl}
 if ! python3 -c "import datasets, rapidfuzz, pypdfium2" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  # datasets 5 needs pyarrow >= 24: on an older pyarrow take WHEELS_ALT (datasets 4.0, dill 0.3.8, multiprocess 0.70.16)
+  if ! python3 -c "import datasets; datasets.Dataset.from_dict({'a': [1]}).map(lambda r: r)" >/dev/null 2>&1 && [ -d "${WHEELS_ALT:-.whl_alt}" ]; then
+    rm -rf /tmp/site/datasets* /tmp/site/dill* /tmp/site/multiprocess*
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS_ALT:-.whl_alt}"/*.whl || exit 1
+  fi
 fi
 TEX_BUNDLE=${TEX_BUNDLE:-.carry/tex/texbundle.tar.xz}
 if [ -z "${OCRTUNE_TEX_ROOT:-}" ] && ! command -v pdflatex >/dev/null && [ -f "$TEX_BUNDLE" ]; then

@@ -73,7 +73,11 @@ def build_data(args: SftArgs, template: Template, accelerator):
     if args.augment:
         from ocrtune.data.augment import augment_printed
         augment = augment_printed
-    return EncodedDataset(train, template, augment, args.seed), (EncodedDataset(val, template) if val is not None else None)
+    train_ds = EncodedDataset(train, template, augment, args.seed)
+    if args.packing and args.packing_tokens:
+        with accelerator.main_process_first():  # rank 0 measures and caches, the others read the cache
+            train_ds.lengths()
+    return train_ds, (EncodedDataset(val, template) if val is not None else None)
 
 
 def prepare_model(model, args: SftArgs):

@@ -47,7 +47,7 @@ KEYS = ("bleu4", "exact_match", "token_acc", "edit_distance")  # the report's pe
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # language model
                 "qkv", "proj", "fc1", "fc2"]  # vision tower
 TARGETS = {"print_bleu4": 0.6, "handwrite_bleu4_gain": 0.15}
-DEADLINES = {"train": 570.0, "rest": 560.0, "all": 3600.0}
+DEADLINES = {"train": 560.0, "rest": 560.0, "all": 3600.0}
 
 
 def parse_args(argv=None):
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                         "are excluded from the synthetic data too (repeatable)")
     p.add_argument("--model", default="small")
     p.add_argument("--gpus", type=int, default=None, help="GPUs for DDP (default: all visible)")
-    p.add_argument("--synth_rows", type=int, default=300_000, help="new formulas to render (ocrtune synth --mutate)")
+    p.add_argument("--synth_rows", type=int, default=400_000, help="new formulas to render (ocrtune synth --mutate)")
     p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
     p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
     p.add_argument("--packing_tokens", type=int, default=16384, help="stage-1 tokens per GPU per step (~130 samples)")

@@ -54,7 +54,8 @@ def check_dataset(ds: datasets.Dataset, strategy: str, source: str = "dataset", 
         raise UserError(f"bad --check_dataset_strategy '{strategy}'", f"choose one of {', '.join(STRATEGIES)}")
     if strategy != "none":
         problems = ds.map(lambda r: {"_problem": row_problem(r) or ""}, remove_columns=ds.column_names,
-                          num_proc=num_proc or auto_num_proc(len(ds)), desc=f"checking {source}")["_problem"]
+                          num_proc=num_proc or auto_num_proc(len(ds)), desc=f"checking {source}"
+                          ).data.column("_problem").to_pylist()  # one list, not a lookup per row
         bad = [(i, p) for i, p in enumerate(problems) if p]
         if bad and strategy == "error":
             i, p = bad[0]

@@ -81,7 +81,8 @@ def row_lengths(rows, template: Template, num_proc: int | None = None) -> list[i
                                                for m, i in zip(batch["messages"], batch["images"])]},
                    batched=True, batch_size=1000, num_proc=num_proc, remove_columns=rows.column_names,
                    desc="measuring sample lengths", new_fingerprint=_lengths_fingerprint(rows, template))
-    return out["_length"]
+    # the arrow column as one list: indexing a `datasets` Column costs a table lookup per element
+    return out.data.column("_length").to_pylist()
 
 
 def _lengths_fingerprint(rows, template: Template) -> str:

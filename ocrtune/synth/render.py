@@ -202,7 +202,17 @@ def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list, dict[in
         return pages, {}
     if len(formulas) == 1:
         return [None], {0: f"tex error when typeset: {run.errors.get(0, run.why or 'page count')}"}
-    half = len(formulas) // 2
+    if run.finished and run.errors:  # the run names the formulas that failed this time: drop them, go again
+        keep = [i for i in range(len(formulas)) if i not in run.errors]
+        pages_kept, bad_kept = typeset(tex, [formulas[i] for i in keep], workdir)
+        pages: list = [None] * len(formulas)
+        bad = {i: f"tex error when typeset: {msg}" for i, msg in run.errors.items()}
+        for pos, i in enumerate(keep):
+            pages[i] = pages_kept[pos]
+            if pos in bad_kept:
+                bad[i] = bad_kept[pos]
+        return pages, bad
+    half = len(formulas) // 2  # nothing to go on (e.g. a font that fails when the PDF is written): halve
     pages_a, bad_a = typeset(tex, formulas[:half], workdir)
     pages_b, bad_b = typeset(tex, formulas[half:], workdir)
     return pages_a + pages_b, {**bad_a, **{half + i: r for i, r in bad_b.items()}}

@@ -201,7 +201,8 @@ def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list, dict[in
     if pages is not None:
         return pages, {}
     if len(formulas) == 1:
-        return [None], {0: f"tex error when typeset: {run.errors.get(0, run.why or 'page count')}"}
+        said = next((line.strip() for line in run.output.splitlines() if line.startswith("!")), "")
+        return [None], {0: f"tex error when typeset: {run.errors.get(0) or run.why or said[:200] or 'no PDF'}"}
     if run.finished and run.errors:  # the run names the formulas that failed this time: drop them, go again
         keep = [i for i in range(len(formulas)) if i not in run.errors]
         pages_kept, bad_kept = typeset(tex, [formulas[i] for i in keep], workdir)

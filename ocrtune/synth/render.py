@@ -219,6 +219,14 @@ def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list, dict[in
     return pages_a + pages_b, {**bad_a, **{half + i: r for i, r in bad_b.items()}}
 
 
+def fits_a_bucket(width_pt: float, height_pt: float) -> bool:
+    """Whether a page (in points, with its 4 pt margins) could still hold ink that fits the largest bucket."""
+    from ocrtune.synth.style import BUCKETS, DPI
+    margin = 8 + 2 * 72 / DPI  # the page's margins, and a pixel of slack on each side
+    return (width_pt - margin <= max(w for w, _ in BUCKETS) * 72 / DPI
+            and height_pt - margin <= max(h for _, h in BUCKETS) * 72 / DPI)
+
+
 def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, str]]:
     """Formulas -> [(PNG bytes of the print-style row, "") or (None, why it was skipped)], in order."""
     import numpy as np
@@ -241,6 +249,9 @@ def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, s
         for pos, (i, page) in enumerate(zip(clean, pages)):
             if page is None:
                 results[i] = (None, bad.get(pos, "tex error"))
+                continue
+            if not fits_a_bucket(*page.get_size()):  # before rasterizing: a 10 m rule must not fill memory
+                results[i] = (None, "too large")
                 continue
             gray = np.asarray(page.render(scale=SCALE * DPI / 72, grayscale=True).to_pil().convert("L"))
             image, why = style_row(gray)

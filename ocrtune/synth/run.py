@@ -114,6 +114,8 @@ def check_manifest(out: Path, args: SynthArgs) -> None:
     """Refuse to mix shards of different flags in one folder; same flags -> resume."""
     key = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "num_proc", "timeout", "tex_root")}
     path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file", "pass a folder (new or empty) for the shards")
     if path.exists():
         if json.loads(path.read_text()) != key:
             raise UserError(f"{out} holds shards of an `ocrtune synth` run with other flags ({path})",

@@ -159,7 +159,20 @@ def write_shard(path: Path, rows: list[tuple[int, str, bytes]]) -> None:
 
 
 def short_reason(why: str) -> str:
-    return why.split(":")[0] if why.startswith(("tex error", "forbidden")) else why
+    """The kind of a skip reason, for the summary line (the message after ':' varies per formula)."""
+    return why.split(":")[0] if why.startswith(("tex error", "tex stopped")) else why
+
+
+def shard_rows(chunks: list[tuple[int, list]], formulas: list[str], skipped: collections.Counter) -> list[tuple]:
+    """A shard's rendered chunks -> its rows (index, text, png) in formula order; skips are counted."""
+    rows = []
+    for start, chunk in sorted(chunks, key=lambda c: c[0]):
+        for i, (png, why) in enumerate(chunk, start=start):
+            if png is None:
+                skipped[short_reason(why)] += 1
+            else:
+                rows.append((i, formulas[i], png))
+    return rows
 
 
 def run_synth(args: SynthArgs) -> dict:
@@ -200,13 +213,7 @@ def run_synth(args: SynthArgs) -> dict:
             pending[k].append((start, res))
             bar.update(len(res))
             if sum(len(r) for _, r in pending[k]) == min(args.shard_size, len(formulas) - k * args.shard_size):
-                rows = []
-                for s, chunk in sorted(pending.pop(k), key=lambda x: x[0]):
-                    for i, (png, why) in enumerate(chunk, start=s):
-                        if png is None:
-                            skipped[short_reason(why)] += 1
-                        else:
-                            rows.append((i, formulas[i], png))
+                rows = shard_rows(pending.pop(k), formulas, skipped)
                 rendered += len(rows)
                 write_shard(shard_path[k], rows)
     finally:

@@ -120,6 +120,19 @@ def test_a_formula_that_loops_forever_times_out_and_is_skipped():
     assert got[0][0] is not None and got[2][0] is not None
 
 
+@needs_tex
+def test_a_huge_page_is_skipped_before_it_is_rasterized(monkeypatch):
+    """A 300 cm rule would be a 20,000-pixel bitmap at 174 dpi: skipped from its page size alone."""
+    import ocrtune.synth.render as render
+    import ocrtune.synth.style as style
+    styled = []
+    monkeypatch.setattr(style, "style_row", lambda gray: styled.append(gray.shape) or (None, "blank"))
+    got = render_formulas(find_tex(), [GOOD[0], r"x \rule { 300cm } { 1pt }", r"x \rule { 1pt } { 300cm }", GOOD[1]])
+    assert [why for _, why in got] == ["blank", "too large", "too large", "blank"]
+    assert len(styled) == 2 and max(max(s) for s in styled) < 400  # only the two small pages were rasterized
+    assert render.fits_a_bucket(500 * 72 / 87 + 8, 10) and not render.fits_a_bucket(500 * 72 / 87 + 12, 10)
+
+
 def test_precheck_refuses_what_would_escape_the_page():
     assert precheck(r"\input{/etc/passwd}").startswith("forbidden")
     assert precheck(r"\immediate\write18{ls}").startswith("forbidden")

@@ -201,11 +201,30 @@ def typeset(tex: Tex, formulas: list[str], workdir: Path) -> tuple[list, dict[in
     if pages is not None:
         return pages, {}
     if len(formulas) == 1:
-        return [None], {0: f"tex error when typeset: {run.errors.get(0, run.why or 'page count')}"}
-    half = len(formulas) // 2
+        said = next((line.strip() for line in run.output.splitlines() if line.startswith("!")), "")
+        return [None], {0: f"tex error when typeset: {run.errors.get(0) or run.why or said[:200] or 'no PDF'}"}
+    if run.finished and run.errors:  # the run names the formulas that failed this time: drop them, go again
+        keep = [i for i in range(len(formulas)) if i not in run.errors]
+        pages_kept, bad_kept = typeset(tex, [formulas[i] for i in keep], workdir)
+        pages: list = [None] * len(formulas)
+        bad = {i: f"tex error when typeset: {msg}" for i, msg in run.errors.items()}
+        for pos, i in enumerate(keep):
+            pages[i] = pages_kept[pos]
+            if pos in bad_kept:
+                bad[i] = bad_kept[pos]
+        return pages, bad
+    half = len(formulas) // 2  # nothing to go on (e.g. a font that fails when the PDF is written): halve
     pages_a, bad_a = typeset(tex, formulas[:half], workdir)
     pages_b, bad_b = typeset(tex, formulas[half:], workdir)
     return pages_a + pages_b, {**bad_a, **{half + i: r for i, r in bad_b.items()}}
+
+
+def fits_a_bucket(width_pt: float, height_pt: float) -> bool:
+    """Whether a page (in points, with its 4 pt margins) could still hold ink that fits the largest bucket."""
+    from ocrtune.synth.style import BUCKETS, DPI
+    margin = 8 + 2 * 72 / DPI  # the page's margins, and a pixel of slack on each side
+    return (width_pt - margin <= max(w for w, _ in BUCKETS) * 72 / DPI
+            and height_pt - margin <= max(h for _, h in BUCKETS) * 72 / DPI)
 
 
 def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, str]]:
@@ -230,6 +249,9 @@ def render_formulas(tex: Tex, formulas: list[str]) -> list[tuple[bytes | None, s
         for pos, (i, page) in enumerate(zip(clean, pages)):
             if page is None:
                 results[i] = (None, bad.get(pos, "tex error"))
+                continue
+            if not fits_a_bucket(*page.get_size()):  # before rasterizing: a 10 m rule must not fill memory
+                results[i] = (None, "too large")
                 continue
             gray = np.asarray(page.render(scale=SCALE * DPI / 72, grayscale=True).to_pil().convert("L"))
             image, why = style_row(gray)

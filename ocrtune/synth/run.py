@@ -114,6 +114,8 @@ def check_manifest(out: Path, args: SynthArgs) -> None:
     """Refuse to mix shards of different flags in one folder; same flags -> resume."""
     key = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "num_proc", "timeout", "tex_root")}
     path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file", "pass a folder (new or empty) for the shards")
     if path.exists():
         if json.loads(path.read_text()) != key:
             raise UserError(f"{out} holds shards of an `ocrtune synth` run with other flags ({path})",
@@ -157,7 +159,20 @@ def write_shard(path: Path, rows: list[tuple[int, str, bytes]]) -> None:
 
 
 def short_reason(why: str) -> str:
-    return why.split(":")[0] if why.startswith(("tex error", "forbidden")) else why
+    """The kind of a skip reason, for the summary line (the message after ':' varies per formula)."""
+    return why.split(":")[0] if why.startswith(("tex error", "tex stopped")) else why
+
+
+def shard_rows(chunks: list[tuple[int, list]], formulas: list[str], skipped: collections.Counter) -> list[tuple]:
+    """A shard's rendered chunks -> its rows (index, text, png) in formula order; skips are counted."""
+    rows = []
+    for start, chunk in sorted(chunks, key=lambda c: c[0]):
+        for i, (png, why) in enumerate(chunk, start=start):
+            if png is None:
+                skipped[short_reason(why)] += 1
+            else:
+                rows.append((i, formulas[i], png))
+    return rows
 
 
 def run_synth(args: SynthArgs) -> dict:
@@ -198,13 +213,7 @@ def run_synth(args: SynthArgs) -> dict:
             pending[k].append((start, res))
             bar.update(len(res))
             if sum(len(r) for _, r in pending[k]) == min(args.shard_size, len(formulas) - k * args.shard_size):
-                rows = []
-                for s, chunk in sorted(pending.pop(k), key=lambda x: x[0]):
-                    for i, (png, why) in enumerate(chunk, start=s):
-                        if png is None:
-                            skipped[short_reason(why)] += 1
-                        else:
-                            rows.append((i, formulas[i], png))
+                rows = shard_rows(pending.pop(k), formulas, skipped)
                 rendered += len(rows)
                 write_shard(shard_path[k], rows)
     finally:

@@ -209,3 +209,11 @@ def test_meta_built_model_is_materialized_with_real_buffers(tmp_path):
     w = model.model.language_model.layers[0].mlp.gate_proj.weight  # 256 x 128 draws: std within a few %
     assert not w.is_meta and abs(float(w.std()) - 0.1) < 0.005
     assert torch.equal(model.model.language_model.norm.weight, torch.ones_like(model.model.language_model.norm.weight))
+
+
+def test_generation_in_eval_on_a_bf16_lora_model(tmp_path, tiny_model_dir):
+    """bf16 base + float32 LoRA with PEFT's input upcast off (ResponseLoss): --predict_with_generate runs
+    the LoRA branch under the training autocast (was: 'expected m1 and m2 to have the same dtype')."""
+    _, log = sft(tmp_path, 2, None, ["--max_steps", "1", "--eval_steps", "1", "--dtype", "bfloat16",
+                                     "--predict_with_generate", "true", "--max_new_tokens", "4"])
+    assert "eval_bleu4" in [r for r in log if "eval_loss" in r][-1]

@@ -297,7 +297,11 @@ class SftRun:
         engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)
         bs = self.args.eval_batch_size or self.args.batch_size
         mine = []
-        with dist.full_params(self.loss_module):
+        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (ResponseLoss): run
+        # the LoRA branch under the same autocast as training, or its matmuls meet mixed dtypes
+        amp = acc.unwrap_model(self.loss_module)._autocast_dtype()
+        cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        with dist.full_params(self.loss_module), cast:
             for batch, real in dist.even_batches(len(rows), acc.process_index, acc.num_processes, bs):
                 preds = engine.generate([rows[i] for i in batch], self.args.max_new_tokens)
                 mine += list(zip(batch, preds)) if real else []

@@ -217,3 +217,18 @@ def test_generation_in_eval_on_a_bf16_lora_model(tmp_path, tiny_model_dir):
     _, log = sft(tmp_path, 2, None, ["--max_steps", "1", "--eval_steps", "1", "--dtype", "bfloat16",
                                      "--predict_with_generate", "true", "--max_new_tokens", "4"])
     assert "eval_bleu4" in [r for r in log if "eval_loss" in r][-1]
+
+
+def test_device_map_decision():
+    """One process seeing several GPUs splits the layers (auto by default); torchrun/FSDP/DeepSpeed place
+    the model themselves, and one GPU (or CPU) needs no map."""
+    from ocrtune.errors import UserError
+    from ocrtune.train.distributed import device_map_choice
+    assert device_map_choice(None, 2, False, False) == "auto"
+    assert device_map_choice("balanced", 8, False, False) == "balanced"
+    assert device_map_choice(None, 1, False, False) is None
+    assert device_map_choice(None, 2, True, False) is None  # NPROC_PER_NODE / torchrun: one GPU per rank
+    assert device_map_choice(None, 2, False, True) is None  # --fsdp / --deepspeed
+    assert device_map_choice("none", 8, False, False) is None
+    with pytest.raises(UserError, match="torchrun"):
+        device_map_choice("auto", 2, True, False)

@@ -167,6 +167,22 @@ def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path) -> None:
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
+# ---------------------------------------------------------------- one process, several GPUs
+
+def device_map_choice(value: str | None, gpus: int, under_torchrun: bool, engine: bool) -> str | None:
+    """The seed's form (`CUDA_VISIBLE_DEVICES=0,1 swift sft ...` without NPROC_PER_NODE): one process
+    that sees several GPUs splits the model's layers over them (transformers/accelerate device_map).
+    Returns the device_map to load with, or None (one device per process)."""
+    if value == "none":
+        return None
+    if value and (under_torchrun or engine):
+        raise UserError(f"--device_map {value} splits one process's model over GPUs, which torchrun/--fsdp/--deepspeed "
+                        "already place", "drop --device_map, or run one process without NPROC_PER_NODE/--fsdp/--deepspeed")
+    if under_torchrun or engine or gpus < 2:
+        return None
+    return value or "auto"
+
+
 # ---------------------------------------------------------------- meta-device models
 
 def real_buffers(model) -> dict:

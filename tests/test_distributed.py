@@ -20,6 +20,14 @@ FLAGS = ["--dataset", "latex-ocr-sample#32", "--max_steps", "5", "--lora_dropout
          "--eval_steps", "5", "--dataset_test_ratio", "0.25", "--report_to", "none", "--seed", "5"]
 
 
+def free_port() -> str:
+    """A port nobody listens on now (fixed ports collide with parallel test runs on the same host)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def sft(out, batch, env=None, extra=()):
     res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", str(batch), "--output_dir", str(out),
                           *extra],
@@ -39,7 +47,7 @@ def one_process(tmp_path_factory, tiny_model_dir):
 
 def test_two_process_ddp_matches_one_process(tmp_path, one_process):
     one_dir, one = one_process
-    two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"})
+    two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"})
     key = lambda log, k: [r[k] for r in log if k in r]
     assert len(key(two, "loss")) == 5
     assert key(two, "loss") == pytest.approx(key(one, "loss"), rel=1e-4)
@@ -64,10 +72,10 @@ def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
     """FSDP2 (torch fully_shard through accelerate, gloo on CPU): the same losses as DDP, a standard
     adapter folder gathered from both ranks, and a resume from the step-2 checkpoint under 2
     processes that ends on the same weights and optimizer state as the uninterrupted run."""
-    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": "29541", "OMP_NUM_THREADS": "1"}
+    env = lambda: {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}  # noqa: E731
     flags = ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "4"]
-    ddp_dir, ddp = sft(tmp_path / "ddp", 2, env, flags)
-    fsdp_dir, fsdp = sft(tmp_path / "fsdp", 2, env, flags + ["--fsdp", "full_shard auto_wrap"])
+    ddp_dir, ddp = sft(tmp_path / "ddp", 2, env(), flags)
+    fsdp_dir, fsdp = sft(tmp_path / "fsdp", 2, env(), flags + ["--fsdp", "full_shard auto_wrap"])
     key = lambda log, k: [r[k] for r in log if k in r]
     assert key(fsdp, "loss") == pytest.approx(key(ddp, "loss"), rel=1e-4)
     a = load_file(ddp_dir / "checkpoint-4" / "adapter_model.safetensors")
@@ -79,7 +87,7 @@ def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
     full = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
     full_opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
     shutil.rmtree(fsdp_dir / "checkpoint-4")
-    sft(tmp_path / "fsdp", 2, env, flags + ["--fsdp", "full_shard auto_wrap", "--resume_from_checkpoint", "last"])
+    sft(tmp_path / "fsdp", 2, env(), flags + ["--fsdp", "full_shard auto_wrap", "--resume_from_checkpoint", "last"])
     resumed = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
     opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
     for k in full:
@@ -92,7 +100,7 @@ def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
 def test_two_nodes_on_loopback_match_one_process(tmp_path, one_process):
     """NNODES=2 x NPROC_PER_NODE=1 on 127.0.0.1 (SWIFT's multi-node variables) = one process, same global batch."""
     one = one_process[1]
-    base = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29543", "OMP_NUM_THREADS": "1"}
+    base = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path / "two")]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **base, "NODE_RANK": str(r)}) for r in (0, 1)]
@@ -127,7 +135,7 @@ def test_multi_node_variables_build_torchrun_arguments(monkeypatch):
 
 
 def test_dying_rank_gives_one_error_line_naming_it(tmp_path, tiny_model_dir):
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": "29545", "OMP_NUM_THREADS": "1", "OCRTUNE_FAULT_NAN_AT_STEP": "2"}
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1", "OCRTUNE_FAULT_NAN_AT_STEP": "2"}
     res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 2
@@ -169,7 +177,8 @@ def test_bench_multigpu_smoke_runs_on_cpu(tmp_path, tiny_model_dir):
     meta-device build + sharded materialization + adapter check on the tiny shape."""
     out = tmp_path / "mg.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_multigpu.py"), "--smoke", "--out", str(out),
-                          "--cases", "single,fsdp2,life_fsdp2,lora_72b", "--model_root", str(tmp_path), "--work", str(tmp_path / "w")],
+                          "--cases", "single,fsdp2,life_fsdp2,lora_72b", "--model_root", str(tmp_path), "--work", str(tmp_path / "w"),
+                          "--port", free_port()],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -200,3 +209,26 @@ def test_meta_built_model_is_materialized_with_real_buffers(tmp_path):
     w = model.model.language_model.layers[0].mlp.gate_proj.weight  # 256 x 128 draws: std within a few %
     assert not w.is_meta and abs(float(w.std()) - 0.1) < 0.005
     assert torch.equal(model.model.language_model.norm.weight, torch.ones_like(model.model.language_model.norm.weight))
+
+
+def test_generation_in_eval_on_a_bf16_lora_model(tmp_path, tiny_model_dir):
+    """bf16 base + float32 LoRA with PEFT's input upcast off (ResponseLoss): --predict_with_generate runs
+    the LoRA branch under the training autocast (was: 'expected m1 and m2 to have the same dtype')."""
+    _, log = sft(tmp_path, 2, None, ["--max_steps", "1", "--eval_steps", "1", "--dtype", "bfloat16",
+                                     "--predict_with_generate", "true", "--max_new_tokens", "4"])
+    assert "eval_bleu4" in [r for r in log if "eval_loss" in r][-1]
+
+
+def test_device_map_decision():
+    """One process seeing several GPUs splits the layers (auto by default); torchrun/FSDP/DeepSpeed place
+    the model themselves, and one GPU (or CPU) needs no map."""
+    from ocrtune.errors import UserError
+    from ocrtune.train.distributed import device_map_choice
+    assert device_map_choice(None, 2, False, False) == "auto"
+    assert device_map_choice("balanced", 8, False, False) == "balanced"
+    assert device_map_choice(None, 1, False, False) is None
+    assert device_map_choice(None, 2, True, False) is None  # NPROC_PER_NODE / torchrun: one GPU per rank
+    assert device_map_choice(None, 2, False, True) is None  # --fsdp / --deepspeed
+    assert device_map_choice("none", 8, False, False) is None
+    with pytest.raises(UserError, match="torchrun"):
+        device_map_choice("auto", 2, True, False)

@@ -75,8 +75,9 @@ def load_processor(path: Path):
                         "the folder needs tokenizer and preprocessor files (as saved by processor.save_pretrained)") from None
 
 
-def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None):
-    """Load weights with transformers (safetensors only)."""
+def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None, device_map: str | None = None):
+    """Load weights with transformers (safetensors only); device_map ('auto', 'balanced', ...) splits
+    the layers over the visible GPUs (accelerate's hooks move activations between them)."""
     import torch
     from transformers import AutoModelForImageTextToText
     kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True}
@@ -84,6 +85,8 @@ def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None
         kwargs["attn_implementation"] = attn_impl
     if device is not None:
         kwargs["device_map"] = {"": device}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -80,6 +80,9 @@ class SftArgs:
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
     fsdp: str | None = arg(None, "FSDP: 'full_shard auto_wrap' or an accelerate FSDP config")
+    device_map: str | None = arg(None, "one process over several GPUs splits the model's layers: auto, balanced, "
+                                       "sequential or none (default: auto when >1 GPU is visible outside torchrun)",
+                                 choices=("auto", "balanced", "sequential", "none"))
 
 
 def validate(args: SftArgs) -> None:

@@ -110,7 +110,7 @@ def gather_state(acc, loss_module, optimizer, train_type: str) -> tuple[dict | N
     if eng.startswith("zero"):
         sd = acc.get_state_dict(loss_module)  # ZeRO-3: gathers the 16-bit weights on every rank's call
         if train_type == "lora" and sd is not None:
-            trained = {n for n, p in loss_module.named_parameters() if p.requires_grad}
+            trained = {n for n, p in acc.unwrap_model(loss_module).named_parameters() if p.requires_grad}
             sd = {k: v for k, v in sd.items() if k in trained}
         return (_strip(sd) if acc.is_main_process else None), {}
     return None, None  # DDP / one process: rank 0 reads its own full copy
@@ -165,6 +165,22 @@ def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path) -> None:
                             "resume a DeepSpeed run from a checkpoint it wrote, or drop --deepspeed")
         loss_module.load_checkpoint(str(ckpt / DS_FOLDER), tag="state", load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+# ---------------------------------------------------------------- one process, several GPUs
+
+def device_map_choice(value: str | None, gpus: int, under_torchrun: bool, engine: bool) -> str | None:
+    """The seed's form (`CUDA_VISIBLE_DEVICES=0,1 swift sft ...` without NPROC_PER_NODE): one process
+    that sees several GPUs splits the model's layers over them (transformers/accelerate device_map).
+    Returns the device_map to load with, or None (one device per process)."""
+    if value == "none":
+        return None
+    if value and (under_torchrun or engine):
+        raise UserError(f"--device_map {value} splits one process's model over GPUs, which torchrun/--fsdp/--deepspeed "
+                        "already place", "drop --device_map, or run one process without NPROC_PER_NODE/--fsdp/--deepspeed")
+    if under_torchrun or engine or gpus < 2:
+        return None
+    return value or "auto"
 
 
 # ---------------------------------------------------------------- meta-device models

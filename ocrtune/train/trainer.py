@@ -152,6 +152,10 @@ class SftRun:
         args.dataset = args.dataset or ["latex-ocr-sample"]
         args.save_steps = args.save_steps or args.eval_steps
         kwargs = _accelerator_kwargs(args)
+        self.device_map = dist.device_map_choice(args.device_map, torch.cuda.device_count(),
+                                                 os.environ.get("LOCAL_RANK") is not None, bool(args.fsdp or args.deepspeed))
+        if self.device_map:
+            kwargs["device_placement"] = False  # the layers stay where device_map put them
         self.accelerator = acc = Accelerator(**kwargs)
         dist.fsdp_on_cpu(acc, kwargs)
         self.main = acc.is_main_process
@@ -179,7 +183,12 @@ class SftRun:
         if self.meta and self.resume is not None:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
-        model = build_on_meta(weights, dtype, args.attn_impl) if self.meta else load_model(weights, dtype, args.attn_impl)
+        model = build_on_meta(weights, dtype, args.attn_impl) if self.meta else \
+            load_model(weights, dtype, args.attn_impl, device_map=self.device_map)
+        if self.device_map:
+            n = len({str(d) for d in model.hf_device_map.values()})
+            print(f"ocrtune: one process, the model's layers split over {n} GPUs (--device_map {self.device_map}); "
+                  f"NPROC_PER_NODE={torch.cuda.device_count()} runs data parallel instead", flush=True)
         buffers = dist.real_buffers(model) if self.meta else None
         if args.use_liger:
             from ocrtune.train.speed import apply_liger
@@ -301,7 +310,11 @@ class SftRun:
         engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)
         bs = self.args.eval_batch_size or self.args.batch_size
         mine = []
-        with dist.full_params(self.loss_module):
+        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (ResponseLoss): run
+        # the LoRA branch under the same autocast as training, or its matmuls meet mixed dtypes
+        amp = acc.unwrap_model(self.loss_module)._autocast_dtype()
+        cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        with dist.full_params(self.loss_module), cast:
             for batch, real in dist.even_batches(len(rows), acc.process_index, acc.num_processes, bs):
                 preds = engine.generate([rows[i] for i in batch], self.args.max_new_tokens)
                 mine += list(zip(batch, preds)) if real else []

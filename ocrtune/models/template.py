@@ -50,6 +50,9 @@ class Template:
     def _image_inputs(self, images) -> tuple[dict, list[int]]:
         if not images:
             return {}, []
+        from ocrtune.data.images import check_size
+        for im in images:  # PIL images handed in directly: the processor would refuse > 200:1 with a traceback
+            check_size(*im.size, max_pixels=2**62)
         out = self.processor.image_processor(images=images, return_tensors="pt")
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
@@ -80,11 +83,22 @@ class Template:
             return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
         return re.sub(re.escape(IMAGE_TAG), repl, text), start
 
-    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
-        """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
-        add_generation_prompt=True (labels then are all -100)."""
-        messages = _with_image_tags(messages, len(images))
-        vision, counts = self._image_inputs(images)
+    def image_token_count(self, width: int, height: int) -> int:
+        """<|image_pad|> tokens for a width x height image, from the processor's resize arithmetic
+        alone (what `_image_inputs` gives, without resizing or patchifying anything)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+        return (h // factor) * (w // factor)
+
+    def token_count(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode(messages, images)` for images of these (width, height) sizes."""
+        messages = _with_image_tags(messages, len(image_sizes))
+        return len(self._ids_labels(messages, [self.image_token_count(w, h) for w, h in image_sizes], False)[0])
+
+    def _ids_labels(self, messages, counts: list[int], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         used = 0
@@ -93,6 +107,14 @@ class Template:
             piece = self.tokenizer.encode(text, add_special_tokens=False)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
+        """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
+        add_generation_prompt=True (labels then are all -100)."""
+        messages = _with_image_tags(messages, len(images))
+        vision, counts = self._image_inputs(images)
+        ids, labels = self._ids_labels(messages, counts, add_generation_prompt)
         if self.max_length and len(ids) > self.max_length:
             raise SampleTooLong(f"sample has {len(ids)} tokens, over --max_length {self.max_length}")
         pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ocrtune.data.images import fit_aspect_ratio
+from ocrtune.data.images import BadImage, check_size, fit_aspect_ratio, to_rgb
 from ocrtune.data.registry import OCR_PROMPT
 from ocrtune.models.template import IMAGE_TAG
 
@@ -280,18 +280,12 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             w, h = im.size
-            if w * h > max_pixels:
-                raise ApiError(400, f"{param}: image is {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed; "
-                                    "send a smaller image", param, "image_too_large")
-            if w < 1 or h < 1:
-                raise ApiError(400, f"{param}: image has no pixels", param)
+            try:  # the size that will be allocated (after padding), checked before anything is decoded
+                check_size(w, h, max_pixels, "image")
+            except BadImage as e:
+                raise ApiError(400, f"{param}: {e}; send a smaller image", param, "image_too_large") from None
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")  # formulas are often black on transparent: put them on white
-                canvas = Image.new("RGBA", rgba.size, "white")
-                canvas.alpha_composite(rgba)
-                im = canvas
-            im = im.convert("RGB")
+            im = to_rgb(im)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -77,6 +77,16 @@ class Limits:
     reserved_tokens: tuple[str, ...] = ()
 
 
+def check_content_type(content_type: str | None) -> None:
+    """JSON bodies only (415 otherwise); a body without a Content-Type is read as JSON, as FastAPI does."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError(415, f"Content-Type '{media[:60]}' is not supported; send the body as JSON with "
+                            "'Content-Type: application/json'", code="unsupported_media_type")
+
+
 def parse_json(body: bytes) -> dict:
     if not body or not body.strip():
         raise ApiError(400, "request body is empty; send a JSON object with 'messages'")
@@ -219,6 +229,11 @@ def _check_text(text: str, where: str, limits: Limits) -> str:
             raise ApiError(400, f"{where} contains the reserved token '{tok}'", where)
     if "\x00" in text:
         raise ApiError(400, f"{where} contains a NUL character", where)
+    try:  # JSON may carry "\ud800" escapes that are no Unicode text: the tokenizer would fail on them
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where} contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, "
+                            "which is not valid Unicode; send UTF-8 text", where) from None
     return text
 
 

@@ -25,3 +25,26 @@ def test_every_command_has_help():
     for cmd in ("sft", "infer", "eval", "export", "serve", "plot"):
         out = ocrtune(cmd, "--help")
         assert out.returncode == 0 and "usage: ocrtune" in out.stdout, cmd
+
+
+def test_version_and_help_show_every_command_and_the_defaults():
+    from ocrtune import __version__
+    out = ocrtune("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"ocrtune {__version__}"
+    out = ocrtune("--help")
+    assert out.returncode == 0 and "deploy" in out.stdout and "--version" in out.stdout
+    sft = " ".join(ocrtune("sft", "--help").stdout.split())  # argparse wraps lines
+    for flag_help in ("LoRA rank (default: 8)", "AdamW weight decay (default: 0.1)", "(default: cosine)",
+                      "keep the vision tower frozen (default: true)", "(env MAX_PIXELS)"):
+        assert flag_help in sft, flag_help
+    plot = " ".join(ocrtune("plot", "--help").stdout.split())
+    assert "a run folder written by ocrtune sft" in plot and "smoothing" in plot and "(default: 0.9)" in plot
+
+
+def test_plot_says_a_missing_folder_does_not_exist(tmp_path):
+    out = ocrtune("plot", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and out.stderr.startswith(f"error: run folder {tmp_path / 'nowhere'} does not exist;")
+    out = ocrtune("plot", str(tmp_path))
+    assert out.returncode == 2 and "has no logging.jsonl" in out.stderr
+    out = ocrtune("plot", str(tmp_path), "--smoothing", "1")
+    assert out.returncode == 2 and "--smoothing 1.0 is out of range" in out.stderr

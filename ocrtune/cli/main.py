@@ -24,19 +24,25 @@ def _parser():
     from ocrtune.infer.args import ExportArgs, InferArgs
     from ocrtune.train.args import SftArgs
 
+    from ocrtune import __version__
     parser = OneLineParser(prog="ocrtune", description="Fine-tune Qwen2-VL family models for image-to-text OCR.")
-    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"ocrtune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="<command>")
     for name, cls in (("sft", SftArgs), ("infer", InferArgs), ("eval", InferArgs), ("export", ExportArgs)):
         p = sub.add_parser(name, help=COMMANDS[name], prog=f"ocrtune {name}")
         add_dataclass_args(p, cls)
     try:
         from ocrtune.serve.args import ServeArgs
-        add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"], prog="ocrtune serve"), ServeArgs)
+        add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"] + " (alias: deploy, SWIFT's name)",
+                                          prog="ocrtune serve"), ServeArgs)
     except ImportError:
         pass
-    p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot")
-    p.add_argument("run_dir")
-    p.add_argument("--smoothing", type=float, default=0.9)
+    p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot", description=COMMANDS["plot"] +
+                       " into <run_dir>/images/ and print their paths")
+    p.add_argument("run_dir", help="a run folder written by ocrtune sft (output/<model>/v<N>-<time>)")
+    p.add_argument("--smoothing", type=float, default=0.9,
+                   help="TensorBoard-style smoothing of the loss, token_acc and grad_norm curves, 0 (none) to <1; "
+                        "lowered on short runs so the curve keeps up (default: 0.9)")
     sub.add_parser("list", help=COMMANDS["list"], prog="ocrtune list")
     return parser
 
@@ -74,6 +80,8 @@ def run(argv: list[str]) -> int:
         run_serve(build(ServeArgs, ns))
     elif cmd == "plot":
         from ocrtune.plot.plots import plot_run
+        if not 0 <= ns.smoothing < 1:
+            raise UserError(f"--smoothing {ns.smoothing} is out of range", "use a value from 0 (no smoothing) to below 1")
         for path in plot_run(ns.run_dir, ns.smoothing):
             print(path)
     elif cmd == "list":

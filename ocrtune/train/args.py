@@ -30,7 +30,8 @@ class SftArgs:
                                     aliases=("--lora_target_modules",))
     freeze_vit: bool = arg(True, "keep the vision tower frozen")
     # data
-    dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N rows")
+    dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N "
+                               "rows; default latex-ocr-sample")
     val_dataset: list[str] = arg(None, "validation data (default: the dataset's own validation split, else "
                                        "--dataset_test_ratio of --dataset)")
     dataset_test_ratio: float | None = arg(None, "share of --dataset held out for evaluation (default: the dataset's "

@@ -25,6 +25,7 @@ METRIC_CHOICES = ("bleu", "edit_distance", "exact_match", "token_acc", "render")
 IMAGE_PROMPT = "Input an image path or URL <<< "
 QUERY_PROMPT = "<<< "
 EXIT_WORDS = ("exit", "quit")
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal
 
 
 # ---------------------------------------------------------------- arguments
@@ -371,9 +372,9 @@ def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
 def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict:
     """Generate over the dataset in batches; write one jsonl line per row; return the summary."""
     import torch
-    from tqdm import tqdm
 
     from ocrtune.evaluate.metrics import compute_metrics, per_row_metrics
+    from ocrtune.infer.progress import Progress
     rows, label = load_eval_rows(args, info)
     if len(rows) == 0:
         raise UserError(f"dataset {label} has no rows", "choose other data with --val_dataset or --dataset")
@@ -386,8 +387,7 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
         from ocrtune.evaluate.render import render_match
     preds, refs, failed = [], [], 0
     start = time.time()
-    with _open_result(path) as out, tqdm(total=len(rows), desc="infer", unit="row", dynamic_ncols=True,
-                                         disable=not sys.stderr.isatty()) as bar:
+    with _open_result(path) as out, Progress(len(rows), "infer", every_s=PROGRESS_EVERY_S) as bar:
         for s in range(0, len(rows), args.infer_batch_size):
             chunk = [rows[i] for i in range(s, min(s + args.infer_batch_size, len(rows)))]
             encoded, errors = [], {}

@@ -48,3 +48,33 @@ def test_plot_says_a_missing_folder_does_not_exist(tmp_path):
     assert out.returncode == 2 and "has no logging.jsonl" in out.stderr
     out = ocrtune("plot", str(tmp_path), "--smoothing", "1")
     assert out.returncode == 2 and "--smoothing 1.0 is out of range" in out.stderr
+
+
+def _log_through_ocrtune_setup(code: str, level: str = "WARNING") -> str:
+    import os
+    from pathlib import Path
+    repo = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", "from ocrtune.cli.main import setup_logging; setup_logging()\n" + code],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": repo, "OCRTUNE_LOG_LEVEL": level})
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+
+def test_hub_retry_messages_print_once():
+    err = _log_through_ocrtune_setup(
+        "from huggingface_hub.utils import logging as hl\n"
+        "hl.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    assert err.count("Retrying in 1s [Retry 1/5].") == 1
+
+
+def test_liger_backend_import_warnings_only_at_debug():
+    """A mock of liger-kernel's registry logging what it logs for each backend it can't import."""
+    code = ("import logging\n"
+            "logging.getLogger('liger_kernel.backends.registry').warning("
+            "'Backend impl %s for op %s could not be imported: %s', 'cutile', 'rms_norm', 'ImportError')\n"
+            "logging.getLogger('ocrtune').warning('an ocrtune warning')")
+    err = _log_through_ocrtune_setup(code)
+    assert "could not be imported" not in err and "WARNING an ocrtune warning" in err
+    err = _log_through_ocrtune_setup(code, "DEBUG")
+    assert "DEBUG Backend impl cutile for op rms_norm could not be imported" in err

@@ -96,10 +96,31 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+class DemoteLiger(logging.Filter):
+    """liger-kernel logs a WARNING for each optional backend it can't import, on every GPU run and
+    rank; they concern Liger's internals, not the run (ocrtune says itself when Liger is off): show
+    them only at DEBUG (OCRTUNE_LOG_LEVEL=DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("liger_kernel") and record.levelno < logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("OCRTUNE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DemoteLiger())
     for name in ("transformers", "datasets", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # huggingface_hub prints through a handler of its own; passed on to ours too, each retry message
+    # showed twice
+    logging.getLogger("huggingface_hub").propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = run(argv)

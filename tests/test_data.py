@@ -220,3 +220,17 @@ def test_own_validation_split_by_default_and_the_ratio_when_given():
     files = load_dataset(str(SAMPLE_DIR / "train.parquet"))  # a file has no validation split: 1% is split off
     t, v = validation_data(files, [str(SAMPLE_DIR / "train.parquet")], None, None)
     assert len(v) == 3 and len(t) == len(files) - 3
+
+
+def test_infer_load_dataset_config_rebuilds_the_own_validation_split():
+    """`ocrtune infer/eval --load_dataset_config true` rebuilds what sft used: a run saved with the new
+    default (dataset_test_ratio None) evaluated on the dataset's own 40 rows; an older args.json
+    without the key keeps the 0.01 split."""
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.cli import load_eval_rows
+    own = load_dataset("latex-ocr-sample", split="validation")
+    rows, label = load_eval_rows(InferArgs(load_dataset_config=True),
+                                 {"run_args": {"dataset": ["latex-ocr-sample#8"], "dataset_test_ratio": None}})
+    assert rows["messages"] == own["messages"] and label == "validation split of latex-ocr-sample#8"
+    rows, label = load_eval_rows(InferArgs(load_dataset_config=True), {"run_args": {"dataset": ["latex-ocr-sample#8"]}})
+    assert len(rows) == 1 and "ratio 0.01" in label

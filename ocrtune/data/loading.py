@@ -187,13 +187,18 @@ DEFAULT_TEST_RATIO = 0.01  # --dataset_test_ratio when it is not given and the d
 MAX_VAL_ROWS = 1000
 
 
+def has_own_validation(dataset_args: list[str]) -> bool:
+    """Whether every --dataset is a registry name with a validation split of its own."""
+    names = [parse_dataset_arg(a)[0] for a in dataset_args]
+    return bool(names) and all(not Path(n).exists() and n in DATASETS and DATASETS[n].val_split for n in names)
+
+
 def own_validation(dataset_args: list[str], use_hf: bool = True, seed: int = 42) -> datasets.Dataset | None:
     """The datasets' own validation splits (registry names with one, e.g. latex-ocr-sample's 40 rows),
     a seeded sample of at most MAX_VAL_ROWS; None unless every --dataset has one."""
-    names = [parse_dataset_arg(a)[0] for a in dataset_args]
-    if not names or any(Path(n).exists() or n not in DATASETS or not DATASETS[n].val_split for n in names):
+    if not has_own_validation(dataset_args):
         return None
-    val = load_datasets(names, "validation", use_hf, seed)
+    val = load_datasets([parse_dataset_arg(a)[0] for a in dataset_args], "validation", use_hf, seed)
     return val.shuffle(seed=seed).select(range(MAX_VAL_ROWS)) if len(val) > MAX_VAL_ROWS else val
 
 

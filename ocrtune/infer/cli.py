@@ -276,23 +276,25 @@ def load_eval_rows(args: InferArgs, info: dict):
     """(rows, label): the run's own validation split (`--load_dataset_config`, rebuilt exactly as sft
     built it) or `--val_dataset`/`--dataset`."""
     from ocrtune.data.checks import check_dataset
-    from ocrtune.data.loading import load_datasets, split_validation
+    from ocrtune.data.loading import DEFAULT_TEST_RATIO, has_own_validation, load_datasets, validation_data
     if args.load_dataset_config:
         ra = info["run_args"]
         if not (ra.get("dataset") or ra.get("val_dataset")):
             raise UserError("--load_dataset_config needs the training run's args.json (next to the checkpoint)",
                             "pass --ckpt_dir output/<model>/v<N>-<time>/checkpoint-<step>, or choose data with --val_dataset")
         seed, use_hf = ra.get("seed", 42), ra.get("use_hf", True)
+        ratio = ra.get("dataset_test_ratio", DEFAULT_TEST_RATIO)  # None: the dataset's own split, as sft chose
         if ra.get("val_dataset"):
             val = load_datasets(ra["val_dataset"], "validation", use_hf, seed)
             label = ", ".join(ra["val_dataset"])
         else:
             train = load_datasets(ra["dataset"], "train", use_hf, seed)
-            _, val = split_validation(train, ra.get("dataset_test_ratio", 0.01), seed)
+            _, val = validation_data(train, ra["dataset"], None, ratio, use_hf, seed)
             if val is None:
                 raise UserError("the training run had no validation split (--dataset_test_ratio 0 and no --val_dataset)",
                                 "choose the data with --val_dataset or --dataset")
-            label = f"validation split of {', '.join(ra['dataset'])} (ratio {ra.get('dataset_test_ratio', 0.01)}, seed {seed})"
+            label = (f"validation split of {', '.join(ra['dataset'])}" if ratio is None and has_own_validation(ra["dataset"])
+                     else f"validation split of {', '.join(ra['dataset'])} (ratio {ratio or DEFAULT_TEST_RATIO}, seed {seed})")
         return check_dataset(val, ra.get("check_dataset_strategy", "warning"), "validation data"), label
     names = list(args.val_dataset or []) + list(args.dataset or [])
     return load_datasets(names, args.split, args.use_hf, args.seed), ", ".join(names)

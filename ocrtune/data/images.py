@@ -136,7 +136,7 @@ def fit_aspect_ratio(im: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Im
     """Pad wide or tall images (up to PROCESSOR_ASPECT_RATIO, see check_size) with white to
     `max_ratio` so the Qwen2-VL resize accepts them."""
     w, h = im.size
-    check_size(w, h, max_pixels=2**62, name=f"a {w}x{h} image")  # callers check pixels; never pad without bound
+    check_size(w, h, max_pixels=2**62)  # callers check pixels; the ratio bound keeps padding within 200/150
     nw, nh = padded_size(w, h, max_ratio)
     if (nw, nh) == (w, h):
         return im

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ocrtune.data.images import check_size
+
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 
@@ -50,7 +52,6 @@ class Template:
     def _image_inputs(self, images) -> tuple[dict, list[int]]:
         if not images:
             return {}, []
-        from ocrtune.data.images import check_size
         for im in images:  # PIL images handed in directly: the processor would refuse > 200:1 with a traceback
             check_size(*im.size, max_pixels=2**62)
         out = self.processor.image_processor(images=images, return_tensors="pt")

@@ -25,6 +25,7 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "notimage.png").write_text("this is text, not a PNG")
     (d / "truncated.png").write_bytes(row["image"]["bytes"][: len(row["image"]["bytes"]) // 2])
     Image.new("1", (12000, 8000)).save(d / "bomb.png")
+    Image.new("L", (300000, 1), 0).save(d / "wide.png")  # 370 bytes; padding it used to take 1.8 GB
     (d / "empty.png").write_bytes(b"")
     (d / "imgdir").mkdir()
 
@@ -39,6 +40,7 @@ def files(tmp_path_factory, tiny_model_dir):
         "notimage": jsonl("notimage.jsonl", [{**ok, "images": [str(d / "notimage.png")]}]),
         "truncated": jsonl("truncated.jsonl", [{**ok, "images": [str(d / "truncated.png")]}]),
         "bomb": jsonl("bomb.jsonl", [{**ok, "images": [str(d / "bomb.png")]}]),
+        "wide": jsonl("wide.jsonl", [{**ok, "images": [str(d / "wide.png")]}]),
         "emptyimg": jsonl("emptyimg.jsonl", [{**ok, "images": [str(d / "empty.png")]}]),
         "dirimg": jsonl("dirimg.jsonl", [{**ok, "images": [str(d / "imgdir")]}]),
         "empty_resp": jsonl("empty_resp.jsonl", [{**ok, "response": ""}]),
@@ -127,6 +129,8 @@ CASES = [
     ("img_notimage", lambda f: S("--dataset", f["notimage"], "--check_dataset_strategy", "error"), {}, r"row 0 .*not a readable image"),
     ("img_truncated", lambda f: S("--dataset", f["truncated"], "--check_dataset_strategy", "error"), {}, r"row 0 .*not a readable image"),
     ("img_bomb", lambda f: S("--dataset", f["bomb"], "--check_dataset_strategy", "error"), {}, r"row 0 .*(pixels|too large)"),
+    ("img_wide", lambda f: S("--dataset", f["wide"], "--check_dataset_strategy", "error"), {},
+     r"row 0 .*300000x1, an aspect ratio over the 200:1"),
     ("img_empty", lambda f: S("--dataset", f["emptyimg"], "--check_dataset_strategy", "error"), {}, r"row 0 .*empty"),
     ("img_dir", lambda f: S("--dataset", f["dirimg"], "--check_dataset_strategy", "error"), {}, r"row 0 .*folder"),
     ("resp_empty", lambda f: S("--dataset", f["empty_resp"], "--check_dataset_strategy", "error"), {}, r"row 0 .*empty response"),
@@ -137,7 +141,7 @@ CASES = [
     ("resume_missing", lambda f: S("--resume_from_checkpoint", "/nonexistent/ckpt"), {}, r"not a checkpoint folder"),
     ("resume_last_none", lambda f: S("--resume_from_checkpoint", "last", "--output_dir", f["dir"] + "/empty_out"), {}, r"no checkpoint to resume from"),
     ("output_not_writable", lambda f: S("--dataset", f["good"], "--output_dir", f["afile"] + "/out"), {}, r"not writable"),
-    ("plot_missing", lambda f: ["plot", "/nonexistent/run"], {}, r"has no logging.jsonl"),
+    ("plot_missing", lambda f: ["plot", "/nonexistent/run"], {}, r"run folder /nonexistent/run does not exist"),
 ]
 
 

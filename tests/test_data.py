@@ -166,3 +166,71 @@ def test_dataset_that_loses_every_row_says_so(tmp_path):
     ds = broken_dataset(tmp_path).select([1, 2, 3])
     with pytest.raises(UserError, match="no usable rows left"):
         check_dataset(ds, "discard")
+
+
+def test_warnings_name_the_files_row_after_a_shuffled_split(tmp_path, caplog):
+    """Row 6 of the file is bad; after the seeded validation split it sits elsewhere, and the
+    messages still call it row 6 (the file's row), never its shuffled position."""
+    rows = sample_rows(10)
+    names = write_pngs(tmp_path, rows)
+    recs = [{"query": "<image>" + OCR_PROMPT, "response": r["text"], "images": [n]} for r, n in zip(rows, names)]
+    recs[6]["images"] = ["missing.png"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    train, val = split_validation(load_dataset(str(path)), 0.3, seed=0)
+    part = train if any("missing.png" in (im["path"] or "") for r in train for im in r["images"]) else val
+    where = next(i for i, r in enumerate(part) if "missing.png" in (r["images"][0]["path"] or ""))
+    assert where != 6  # the shuffle moved it: a message naming `where` would point at the wrong file row
+    with pytest.raises(UserError, match=r"^row 6 of d\.jsonl: image file not found"):
+        check_dataset(part, "error", "d.jsonl")
+    with caplog.at_level("WARNING", logger="ocrtune"):
+        check_dataset(part, "warning", "d.jsonl")
+    assert "row 6 of d.jsonl" in caplog.text and f"row {where} of" not in caplog.text
+
+
+def test_rows_over_max_length_are_counted_in_the_summary(tiny_model_dir, caplog):
+    """A row longer than --max_length is dropped before training and counted in 'dropped N of M
+    rows', under every strategy but none; under error it is dropped, not fatal."""
+    from ocrtune.data.images import open_image
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.template import Template
+    ds = load_dataset("latex-ocr-sample#40", seed=3)
+    template = Template(load_processor(tiny_model_dir))
+    lengths = [len(template.encode(r["messages"], [open_image(i) for i in r["images"]])["input_ids"]) for r in ds]
+    template.max_length = sorted(lengths)[len(lengths) // 2]  # the median: some rows are longer
+    n_long = sum(n > template.max_length for n in lengths)
+    assert 0 < n_long < len(ds)
+    for strategy in ("warning", "discard", "error"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ocrtune"):
+            kept = check_dataset(ds, strategy, "s", template=template)
+        assert len(kept) == len(ds) - n_long
+        assert f"s: dropped {n_long} of {len(ds)} rows (longer than --max_length: {n_long})" in caplog.text
+    assert len(check_dataset(ds, "none", "s", template=template)) == len(ds)
+
+
+def test_own_validation_split_by_default_and_the_ratio_when_given():
+    from ocrtune.data.loading import validation_data
+    train = load_dataset("latex-ocr-sample")
+    own = load_dataset("latex-ocr-sample", split="validation")
+    t, v = validation_data(train, ["latex-ocr-sample"], None, None)
+    assert len(t) == len(train) and v["messages"] == own["messages"]  # all 288 train, the 40 validation rows
+    t, v = validation_data(train, ["latex-ocr-sample"], None, 0.1)  # an explicit ratio is kept
+    assert len(v) == round(len(train) * 0.1) and len(t) + len(v) == len(train)
+    files = load_dataset(str(SAMPLE_DIR / "train.parquet"))  # a file has no validation split: 1% is split off
+    t, v = validation_data(files, [str(SAMPLE_DIR / "train.parquet")], None, None)
+    assert len(v) == 3 and len(t) == len(files) - 3
+
+
+def test_infer_load_dataset_config_rebuilds_the_own_validation_split():
+    """`ocrtune infer/eval --load_dataset_config true` rebuilds what sft used: a run saved with the new
+    default (dataset_test_ratio None) evaluated on the dataset's own 40 rows; an older args.json
+    without the key keeps the 0.01 split."""
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.cli import load_eval_rows
+    own = load_dataset("latex-ocr-sample", split="validation")
+    rows, label = load_eval_rows(InferArgs(load_dataset_config=True),
+                                 {"run_args": {"dataset": ["latex-ocr-sample#8"], "dataset_test_ratio": None}})
+    assert rows["messages"] == own["messages"] and label == "validation split of latex-ocr-sample#8"
+    rows, label = load_eval_rows(InferArgs(load_dataset_config=True), {"run_args": {"dataset": ["latex-ocr-sample#8"]}})
+    assert len(rows) == 1 and "ratio 0.01" in label

@@ -247,6 +247,12 @@ def bad_requests(server) -> list[tuple[str, dict, int, str]]:
         ("reserved token in text", dict(body={"messages": reserved}), 400, "reserved token"),
         ("<image> tag in text", dict(body={"messages": [{"role": "user", "content": "<image> read"}]}), 400, "<image>"),
         ("too many images", dict(body={"messages": nine}), 400, "too many images"),
+        ("form body", dict(body=None, raw=json.dumps({"messages": ok_msgs}).encode(),
+                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "send the body as JSON"),
+        ("text/plain body", dict(body=None, raw=json.dumps({"messages": ok_msgs}).encode(),
+                                 headers={"Content-Type": "text/plain; charset=utf-8"}), 415, "'text/plain' is not"),
+        ("lone surrogate in text", dict(body=None, raw=b'{"messages": [{"role": "user", "content": "x\\ud800y"}]}',
+                                        headers={"Content-Type": "application/json"}), 400, "lone surrogate (U+D800)"),
         ("no API key", dict(body={"messages": ok_msgs}, headers={"Authorization": ""}), 401, "API key"),
         ("wrong API key", dict(body={"messages": ok_msgs}, headers={"Authorization": "Bearer nope"}), 401, "API key"),
     ]
@@ -291,6 +297,34 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, client):
     r = post(server, good)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_max_tokens_cut_says_length_with_the_generated_token_count(server, client):
+    """finish_reason 'length' and completion_tokens = tokens generated when max_tokens cuts the answer
+    (OpenAI's definition), plain and streamed; the count comes from the generated ids, not from
+    re-tokenizing the stripped text (which gave 0 tokens and 'stop' for 5 special tokens)."""
+    import torch
+
+    from ocrtune.data.loading import ocr_record
+    from ocrtune.serve.args import ServeArgs
+    from ocrtune.serve.loader import load_engine
+    engine, _ = load_engine(ServeArgs(model="tiny"))
+    img = sample_images(3)[2]
+    expected = engine.generate_answers([ocr_record(Image.open(io.BytesIO(img)).convert("RGB"))], max_new_tokens=5)[0]
+    assert (expected.tokens, expected.finish_reason) == (5, "length")  # the random tiny model doesn't stop in 5
+    messages = image_message(data_url(img))
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+    assert r.choices[0].message.content == expected.text
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert [c.usage.completion_tokens for c in chunks if c.usage] == [5]
+    # an answer that ends: counted up to and including its stop token, padding after it ignored
+    end, pad = engine.tokenizer.convert_tokens_to_ids("<|im_end|>"), engine.tokenizer.pad_token_id
+    a = engine._answer(torch.tensor([11, 12, end, pad, pad]))
+    assert (a.tokens, a.finish_reason) == (3, "stop")
 
 
 def test_50_concurrent_requests_are_batched(server):

@@ -25,21 +25,27 @@ def _parser():
     from ocrtune.infer.args import ExportArgs, InferArgs
     from ocrtune.train.args import SftArgs
 
+    from ocrtune import __version__
     parser = OneLineParser(prog="ocrtune", description="Fine-tune Qwen2-VL family models for image-to-text OCR.")
-    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"ocrtune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="<command>")
     for name, cls in (("sft", SftArgs), ("infer", InferArgs), ("eval", InferArgs), ("export", ExportArgs)):
         p = sub.add_parser(name, help=COMMANDS[name], prog=f"ocrtune {name}")
         add_dataclass_args(p, cls)
     try:
         from ocrtune.serve.args import ServeArgs
-        add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"], prog="ocrtune serve"), ServeArgs)
+        add_dataclass_args(sub.add_parser("serve", help=COMMANDS["serve"] + " (alias: deploy, SWIFT's name)",
+                                          prog="ocrtune serve"), ServeArgs)
     except ImportError:
         pass
     from ocrtune.synth.run import SynthArgs
     add_dataclass_args(sub.add_parser("synth", help=COMMANDS["synth"], prog="ocrtune synth"), SynthArgs)
-    p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot")
-    p.add_argument("run_dir")
-    p.add_argument("--smoothing", type=float, default=0.9)
+    p = sub.add_parser("plot", help=COMMANDS["plot"], prog="ocrtune plot", description=COMMANDS["plot"] +
+                       " into <run_dir>/images/ and print their paths")
+    p.add_argument("run_dir", help="a run folder written by ocrtune sft (output/<model>/v<N>-<time>)")
+    p.add_argument("--smoothing", type=float, default=0.9,
+                   help="TensorBoard-style smoothing of the loss, token_acc and grad_norm curves, 0 (none) to <1; "
+                        "lowered on short runs so the curve keeps up (default: 0.9)")
     sub.add_parser("list", help=COMMANDS["list"], prog="ocrtune list")
     return parser
 
@@ -80,6 +86,8 @@ def run(argv: list[str]) -> int:
         run_synth(build(SynthArgs, ns))
     elif cmd == "plot":
         from ocrtune.plot.plots import plot_run
+        if not 0 <= ns.smoothing < 1:
+            raise UserError(f"--smoothing {ns.smoothing} is out of range", "use a value from 0 (no smoothing) to below 1")
         for path in plot_run(ns.run_dir, ns.smoothing):
             print(path)
     elif cmd == "list":
@@ -94,10 +102,31 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+class DemoteLiger(logging.Filter):
+    """liger-kernel logs a WARNING for each optional backend it can't import, on every GPU run and
+    rank; they concern Liger's internals, not the run (ocrtune says itself when Liger is off): show
+    them only at DEBUG (OCRTUNE_LOG_LEVEL=DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("liger_kernel") and record.levelno < logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("OCRTUNE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DemoteLiger())
     for name in ("transformers", "datasets", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # huggingface_hub prints through a handler of its own; passed on to ours too, each retry message
+    # showed twice
+    logging.getLogger("huggingface_hub").propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = run(argv)

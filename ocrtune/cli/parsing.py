@@ -38,13 +38,35 @@ def _base_type(tp):
     return tp
 
 
+def show_default(value) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """The field's help with its default and environment variable (argparse's own default display
+    can't be used: defaults are suppressed so that only given flags reach `build`)."""
+    text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if "default" not in text:
+        text += f" (default: {show_default(default)})"
+    if f.metadata.get("env"):
+        text += f" (env {f.metadata['env']})"
+    return text.replace("%", "%%")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         tp = _base_type(hints[f.name])
         names = [f"--{f.name}", *meta.get("aliases", ())]
-        kwargs = {"dest": f.name, "help": meta.get("help", ""), "default": argparse.SUPPRESS}
+        kwargs = {"dest": f.name, "help": help_text(f), "default": argparse.SUPPRESS}
         if tp is bool:
             kwargs.update(type=str2bool, metavar="true|false", nargs="?", const=True)
         elif typing.get_origin(tp) in (list, typing.List):

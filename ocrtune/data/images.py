@@ -9,7 +9,8 @@ from pathlib import Path
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit: larger images are rejected, not decoded
-MAX_ASPECT_RATIO = 150  # Qwen2-VL's resize refuses > 200; wider images are padded to this ratio
+MAX_ASPECT_RATIO = 150  # images between this and PROCESSOR_ASPECT_RATIO are padded to it (margin for rounding)
+PROCESSOR_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses images longer than 200:1; so do we, before decoding
 
 
 class BadImage(ValueError):
@@ -82,8 +83,7 @@ def open_image(ref, allow_urls: bool = True, max_image_pixels: int = MAX_IMAGE_P
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
-            if w * h > max_image_pixels:
-                raise BadImage(f"{name} is {w}x{h} = {w * h} pixels, over the {max_image_pixels} limit")
+            check_size(w, h, max_image_pixels, name)  # from the header: nothing is decoded yet
             im.load()  # full decode: catches truncated files that the header check lets through
     except BadImage:
         raise
@@ -91,33 +91,70 @@ def open_image(ref, allow_urls: bool = True, max_image_pixels: int = MAX_IMAGE_P
         raise BadImage(f"{name} is too large to decode safely") from None
     except Exception as e:
         raise BadImage(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+    return fit_aspect_ratio(to_rgb(im))
+
+
+def padded_size(w: int, h: int, max_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
+    """The size `fit_aspect_ratio` gives a w x h image (what will actually be allocated)."""
+    if max(w, h) / min(w, h) <= max_ratio:
+        return w, h
+    return (w, max(h, int(w / max_ratio) + 1)) if w > h else (max(w, int(h / max_ratio) + 1), h)
+
+
+def check_size(w: int, h: int, max_pixels: int = MAX_IMAGE_PIXELS, name: str = "image") -> None:
+    """Refuse, before anything is decoded or padded, images with no pixels, an aspect ratio the
+    Qwen2-VL resize can't take, or more pixels than allowed once padded."""
     if w < 1 or h < 1:
         raise BadImage(f"{name} has no pixels")
-    return fit_aspect_ratio(im.convert("RGB"))
+    if max(w, h) / min(w, h) > PROCESSOR_ASPECT_RATIO:
+        raise BadImage(f"{name} is {w}x{h}, an aspect ratio over the {PROCESSOR_ASPECT_RATIO}:1 that Qwen2-VL's "
+                       "image processor accepts; crop it or pad it to a squarer shape")
+    pw, ph = padded_size(w, h)
+    if pw * ph > max_pixels:
+        padded = f" ({pw}x{ph} = {pw * ph} once padded to {MAX_ASPECT_RATIO}:1)" if (pw, ph) != (w, h) else ""
+        raise BadImage(f"{name} is {w}x{h} = {w * h} pixels{padded}, over the {max_pixels} limit")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 16/32-bit grayscale scaled to 8 bits (PIL's convert clips it to white) and transparent
+    backgrounds made white (formulas are often black on transparent)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a, 0, None) * (255.0 / max(top, a.max()))
+        im = Image.fromarray(np.rint(a).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, "white")
+        canvas.alpha_composite(rgba)
+        im = canvas
+    return im.convert("RGB")
 
 
 def fit_aspect_ratio(im: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-    """Pad very wide or tall images with white so the Qwen2-VL resize accepts them."""
+    """Pad wide or tall images (up to PROCESSOR_ASPECT_RATIO, see check_size) with white to
+    `max_ratio` so the Qwen2-VL resize accepts them."""
     w, h = im.size
-    if max(w, h) / min(w, h) <= max_ratio:
+    check_size(w, h, max_pixels=2**62)  # callers check pixels; the ratio bound keeps padding within 200/150
+    nw, nh = padded_size(w, h, max_ratio)
+    if (nw, nh) == (w, h):
         return im
-    nw, nh = (w, max(h, int(w / max_ratio) + 1)) if w > h else (max(w, int(h / max_ratio) + 1), h)
     canvas = Image.new("RGB", (nw, nh), "white")
     canvas.paste(im, (0, 0))
     return canvas
 
 
-def image_size(ref) -> tuple[int, int]:
-    """(width, height) that `open_image` will return for `ref`, read from the file header only
-    (no pixel decoding): what length planning for packing needs on a million rows."""
+def image_size(ref, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) that `open_image` will return for `ref`, from the file header only (no pixel
+    decoding), with the same checks: what length planning for packing needs on a million rows."""
     ref = image_ref(ref)
-    data = _read_bytes(ref, allow_urls=False)
+    name = ref.get("path") or "image bytes"
     try:
-        w, h = Image.open(io.BytesIO(data)).size
+        w, h = Image.open(io.BytesIO(_read_bytes(ref, allow_urls=False))).size
+    except BadImage:
+        raise
     except Exception as e:
-        raise BadImage(f"{ref.get('path') or 'image bytes'} is not a readable image ({type(e).__name__}: {e})") from None
-    if w < 1 or h < 1:
-        raise BadImage(f"{ref.get('path') or 'image bytes'} has no pixels")
-    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:  # open_image pads to the ratio: same arithmetic
-        w, h = (w, max(h, int(w / MAX_ASPECT_RATIO) + 1)) if w > h else (max(w, int(h / MAX_ASPECT_RATIO) + 1), h)
-    return w, h
+        raise BadImage(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+    check_size(w, h, max_image_pixels, name)
+    return padded_size(w, h)

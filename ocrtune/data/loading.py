@@ -20,6 +20,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 FEATURES = datasets.Features({
     "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
     "images": datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")}),
+    "_row": datasets.Value("int64"),  # the row's number in its file: messages name it after shuffles and splits
 })
 
 
@@ -82,8 +83,9 @@ def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> da
         raise UserError(f"dataset {source} has columns {sorted(cols)}, none of the known layouts",
                         "give it query/response(/images) columns, messages(+images), or image/text as in LaTeX_OCR")
 
-    def fn(row):
+    def fn(row, index):
         out = convert(row)
+        out["_row"] = index
         refs = row.get(image_col) if image_col else None
         if refs is None:
             refs = []
@@ -104,8 +106,8 @@ def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> da
         feat = ds.features["images"].feature
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return ds.map(fn, remove_columns=ds.column_names, features=FEATURES, num_proc=auto_num_proc(len(ds)),
-                  desc=f"reading {Path(source).name}")
+    return ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
+                  num_proc=auto_num_proc(len(ds)), desc=f"reading {Path(source).name}")
 
 
 def _text(v) -> str:
@@ -181,6 +183,38 @@ def load_dataset(arg: str, split: str = "train", use_hf: bool = True, seed: int 
 def load_datasets(args: list[str], split: str = "train", use_hf: bool = True, seed: int = 42) -> datasets.Dataset:
     parts = [load_dataset(a, split, use_hf, seed) for a in args]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+DEFAULT_TEST_RATIO = 0.01  # --dataset_test_ratio when it is not given and the data has no validation split of its own
+MAX_VAL_ROWS = 1000
+
+
+def has_own_validation(dataset_args: list[str]) -> bool:
+    """Whether every --dataset is a registry name with a validation split of its own."""
+    names = [parse_dataset_arg(a)[0] for a in dataset_args]
+    return bool(names) and all(not Path(n).exists() and n in DATASETS and DATASETS[n].val_split for n in names)
+
+
+def own_validation(dataset_args: list[str], use_hf: bool = True, seed: int = 42) -> datasets.Dataset | None:
+    """The datasets' own validation splits (registry names with one, e.g. latex-ocr-sample's 40 rows),
+    a seeded sample of at most MAX_VAL_ROWS; None unless every --dataset has one."""
+    if not has_own_validation(dataset_args):
+        return None
+    val = load_datasets([parse_dataset_arg(a)[0] for a in dataset_args], "validation", use_hf, seed)
+    return val.shuffle(seed=seed).select(range(MAX_VAL_ROWS)) if len(val) > MAX_VAL_ROWS else val
+
+
+def validation_data(train: datasets.Dataset, dataset_args: list[str], val_args: list[str] | None,
+                    test_ratio: float | None, use_hf: bool = True, seed: int = 42):
+    """(train, validation) by precedence: --val_dataset; then, unless --dataset_test_ratio is given, the
+    datasets' own validation split; then --dataset_test_ratio (default 0.01) split off the training rows."""
+    if val_args:
+        return train, load_datasets(val_args, "validation", use_hf, seed)
+    if test_ratio is None:
+        val = own_validation(dataset_args, use_hf, seed)
+        if val is not None:
+            return train, val
+    return split_validation(train, DEFAULT_TEST_RATIO if test_ratio is None else test_ratio, seed)
 
 
 def split_validation(ds: datasets.Dataset, ratio: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:

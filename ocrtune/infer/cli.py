@@ -25,6 +25,7 @@ METRIC_CHOICES = ("bleu", "edit_distance", "exact_match", "token_acc", "render")
 IMAGE_PROMPT = "Input an image path or URL <<< "
 QUERY_PROMPT = "<<< "
 EXIT_WORDS = ("exit", "quit")
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal
 
 
 # ---------------------------------------------------------------- arguments
@@ -275,23 +276,25 @@ def load_eval_rows(args: InferArgs, info: dict):
     """(rows, label): the run's own validation split (`--load_dataset_config`, rebuilt exactly as sft
     built it) or `--val_dataset`/`--dataset`."""
     from ocrtune.data.checks import check_dataset
-    from ocrtune.data.loading import load_datasets, split_validation
+    from ocrtune.data.loading import DEFAULT_TEST_RATIO, has_own_validation, load_datasets, validation_data
     if args.load_dataset_config:
         ra = info["run_args"]
         if not (ra.get("dataset") or ra.get("val_dataset")):
             raise UserError("--load_dataset_config needs the training run's args.json (next to the checkpoint)",
                             "pass --ckpt_dir output/<model>/v<N>-<time>/checkpoint-<step>, or choose data with --val_dataset")
         seed, use_hf = ra.get("seed", 42), ra.get("use_hf", True)
+        ratio = ra.get("dataset_test_ratio", DEFAULT_TEST_RATIO)  # None: the dataset's own split, as sft chose
         if ra.get("val_dataset"):
             val = load_datasets(ra["val_dataset"], "validation", use_hf, seed)
             label = ", ".join(ra["val_dataset"])
         else:
             train = load_datasets(ra["dataset"], "train", use_hf, seed)
-            _, val = split_validation(train, ra.get("dataset_test_ratio", 0.01), seed)
+            _, val = validation_data(train, ra["dataset"], None, ratio, use_hf, seed)
             if val is None:
                 raise UserError("the training run had no validation split (--dataset_test_ratio 0 and no --val_dataset)",
                                 "choose the data with --val_dataset or --dataset")
-            label = f"validation split of {', '.join(ra['dataset'])} (ratio {ra.get('dataset_test_ratio', 0.01)}, seed {seed})"
+            label = (f"validation split of {', '.join(ra['dataset'])}" if ratio is None and has_own_validation(ra["dataset"])
+                     else f"validation split of {', '.join(ra['dataset'])} (ratio {ratio or DEFAULT_TEST_RATIO}, seed {seed})")
         return check_dataset(val, ra.get("check_dataset_strategy", "warning"), "validation data"), label
     names = list(args.val_dataset or []) + list(args.dataset or [])
     return load_datasets(names, args.split, args.use_hf, args.seed), ", ".join(names)
@@ -371,9 +374,9 @@ def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
 def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict:
     """Generate over the dataset in batches; write one jsonl line per row; return the summary."""
     import torch
-    from tqdm import tqdm
 
     from ocrtune.evaluate.metrics import compute_metrics, per_row_metrics
+    from ocrtune.infer.progress import Progress
     rows, label = load_eval_rows(args, info)
     if len(rows) == 0:
         raise UserError(f"dataset {label} has no rows", "choose other data with --val_dataset or --dataset")
@@ -386,8 +389,7 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
         from ocrtune.evaluate.render import render_match
     preds, refs, failed = [], [], 0
     start = time.time()
-    with _open_result(path) as out, tqdm(total=len(rows), desc="infer", unit="row", dynamic_ncols=True,
-                                         disable=not sys.stderr.isatty()) as bar:
+    with _open_result(path) as out, Progress(len(rows), "infer", every_s=PROGRESS_EVERY_S) as bar:
         for s in range(0, len(rows), args.infer_batch_size):
             chunk = [rows[i] for i in range(s, min(s + args.infer_batch_size, len(rows)))]
             encoded, errors = [], {}

@@ -6,6 +6,7 @@ command that loads a model for generation decides the same way.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -46,6 +47,13 @@ class _StopOnEvent:
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int  # tokens generated, the stop token included (what OpenAI's completion_tokens counts)
+    finish_reason: str  # "stop": the model ended the answer; "length": max_new_tokens cut it
 
 
 class InferEngine:
@@ -106,9 +114,13 @@ class InferEngine:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    @torch.no_grad()
     def generate(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[str]:
         """Answers for a batch of records (or already encoded prompts), in order."""
+        return [a.text for a in self.generate_answers(records, max_new_tokens, **kw)]
+
+    @torch.no_grad()
+    def generate_answers(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[Answer]:
+        """Like `generate`, with each answer's generated token count and why it ended."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -116,8 +128,13 @@ class InferEngine:
             out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, **kw))
         finally:
             self.model.train(was_training)
-        new = out[:, batch["input_ids"].shape[1]:]
-        return [self.decode(t) for t in new]
+        return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
+
+    def _answer(self, new_ids) -> Answer:
+        """Rows that ended early are padded after their stop token: count up to and including it."""
+        ids, stops = new_ids.tolist(), set(self.stop_ids())
+        end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+        return Answer(self.decode(new_ids), end if end is not None else len(ids), "stop" if end is not None else "length")
 
     def generate_rows(self, rows, batch_size: int = 8, max_new_tokens: int = 512, **kw) -> list[str]:
         preds = []
@@ -126,9 +143,11 @@ class InferEngine:
             preds += self.generate(chunk, max_new_tokens, **kw)
         return preds
 
-    def stream(self, record: dict, max_new_tokens: int = 512, stop: threading.Event | None = None, **kw) -> Iterator[str]:
+    def stream(self, record: dict, max_new_tokens: int = 512, stop: threading.Event | None = None,
+               usage: dict | None = None, **kw) -> Iterator[str]:
         """Yield the answer piece by piece as it is generated. Setting `stop` ends generation early.
-        The prompt is encoded before the first piece, so a bad image raises here, not in the thread."""
+        The prompt is encoded before the first piece, so a bad image raises here, not in the thread.
+        At the end `usage` (if given) gets the answer's `tokens` and `finish_reason`, as in `Answer`."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
         self.model.eval()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -136,12 +155,12 @@ class InferEngine:
         stop = stop or threading.Event()
         kwargs = {**batch, **self._gen_kwargs(max_new_tokens, **kw), "streamer": streamer,
                   "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop)])}
-        errors = []
+        errors, outputs = [], []
 
         def work():
             try:
                 with torch.no_grad():
-                    self.model.generate(**kwargs)
+                    outputs.append(self.model.generate(**kwargs))
             except Exception as e:  # surfaced in the consumer's thread
                 errors.append(e)
                 streamer.end()
@@ -155,3 +174,6 @@ class InferEngine:
             thread.join()
         if errors:
             raise errors[0]
+        if usage is not None and outputs:
+            answer = self._answer(outputs[0][0, batch["input_ids"].shape[1]:])
+            usage.update(tokens=answer.tokens, finish_reason=answer.finish_reason)

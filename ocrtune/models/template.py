@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ocrtune.data.images import check_size
+
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 
@@ -50,6 +52,8 @@ class Template:
     def _image_inputs(self, images) -> tuple[dict, list[int]]:
         if not images:
             return {}, []
+        for im in images:  # PIL images handed in directly: the processor would refuse > 200:1 with a traceback
+            check_size(*im.size, max_pixels=2**62)
         out = self.processor.image_processor(images=images, return_tensors="pt")
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
@@ -80,11 +84,24 @@ class Template:
             return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
         return re.sub(re.escape(IMAGE_TAG), repl, text), start
 
-    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
-        """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
-        add_generation_prompt=True (labels then are all -100)."""
-        messages = _with_image_tags(messages, len(images))
-        vision, counts = self._image_inputs(images)
+    def image_token_count(self, width: int, height: int) -> int:
+        """<|image_pad|> tokens for a width x height image, from the processor's resize arithmetic
+        alone (what `_image_inputs` gives, without resizing or patchifying anything)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+        return (h // factor) * (w // factor)
+
+    def token_count(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode(messages, images)` for images of these (width, height) sizes, without
+        decoding a pixel: what the packing planner and the length check need (a million rows cost
+        seconds, not hours)."""
+        messages = _with_image_tags(messages, len(image_sizes))
+        return len(self._ids_labels(messages, [self.image_token_count(w, h) for w, h in image_sizes], False)[0])
+
+    def _ids_labels(self, messages, counts: list[int], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         used = 0
@@ -93,28 +110,20 @@ class Template:
             piece = self.tokenizer.encode(text, add_special_tokens=False)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
+        """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
+        add_generation_prompt=True (labels then are all -100)."""
+        messages = _with_image_tags(messages, len(images))
+        vision, counts = self._image_inputs(images)
+        ids, labels = self._ids_labels(messages, counts, add_generation_prompt)
         if self.max_length and len(ids) > self.max_length:
             raise SampleTooLong(f"sample has {len(ids)} tokens, over --max_length {self.max_length}")
         pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         # transformers 5 computes M-RoPE positions from these modality types (0 text, 1 image)
         types = [1 if t == pad_id else 0 for t in ids]
         return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, **vision}
-
-    def image_tokens(self, width: int, height: int) -> int:
-        """Visual tokens of one image of this size after the processor's resize (no pixels needed)."""
-        ip = self.processor.image_processor
-        return ip.get_number_of_image_patches(height, width) // ip.merge_size ** 2
-
-    def token_count(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> int:
-        """len(encode(messages, images)["input_ids"]) from the images' (width, height) alone: what the
-        packing planner needs, without decoding a pixel (a million rows cost seconds, not hours)."""
-        messages = _with_image_tags(messages, len(image_sizes))
-        counts = [self.image_tokens(w, h) for w, h in image_sizes]
-        n, used = 0, 0
-        for text, _ in self._segments(messages, False):
-            text, used = self._expand_images(text, counts, used)
-            n += len(self.tokenizer.encode(text, add_special_tokens=False))
-        return n
 
     def chat_text(self, messages: list[dict], n_images: int, add_generation_prompt: bool = False) -> str:
         """The conversation as text with one <|image_pad|> per image, as the HF chat template writes it."""

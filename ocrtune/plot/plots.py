@@ -10,6 +10,9 @@ TRAIN_KEYS = {"loss": "train_loss", "learning_rate": "train_learning_rate", "tok
               "grad_norm": "train_grad_norm", "memory(GiB)": "train_memory"}
 
 
+MARKER_POINTS = 30
+
+
 def tb_smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """TensorBoard's debiased exponential moving average (its 'smoothing' slider)."""
     out, last, n = [], 0.0, 0
@@ -20,7 +23,17 @@ def tb_smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def effective_smoothing(weight: float, n: int) -> float:
+    """The smoothing actually used for a curve of n points. An EMA of weight w averages over about
+    1 / (1 - w) points; keep that to a tenth of the curve, so a short run's smoothed loss is not a
+    lagging average of most of the run (0.9 from 100 points on, 0.5 at 20, none under 10)."""
+    return max(0.0, min(weight, 1.0 - 10.0 / max(n, 1)))
+
+
 def read_log(run_dir: Path) -> list[dict]:
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run folder {run_dir} does not exist" if not Path(run_dir).exists()
+                        else f"{run_dir} is not a folder", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
     path = Path(run_dir) / "logging.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir} has no logging.jsonl", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
@@ -48,10 +61,12 @@ def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
         if not steps:
             continue
         fig, ax = plt.subplots(figsize=(8, 5))
-        smooth = key in ("loss", "token_acc", "grad_norm") and len(values) > 1
-        ax.plot(steps, values, color="#1f77b4", alpha=0.35 if smooth else 1.0, marker="" if len(steps) > 1 else "o", label=key)
+        weight = effective_smoothing(smoothing, len(values))
+        smooth = key in ("loss", "token_acc", "grad_norm") and weight > 0
+        few = len(steps) <= MARKER_POINTS  # evaluation curves: each point is worth seeing
+        ax.plot(steps, values, color="#1f77b4", alpha=0.35 if smooth else 1.0, marker="o" if few else "", label=key)
         if smooth:
-            ax.plot(steps, tb_smooth(values, smoothing), color="#1f77b4", label=f"{key} (smoothed {smoothing})")
+            ax.plot(steps, tb_smooth(values, weight), color="#1f77b4", label=f"{key} (smoothed {weight:.2g})")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -31,9 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocrtune.errors import UserError
 from ocrtune.serve.batching import Batcher, QueueFull
-from ocrtune.serve.protocol import (ApiError, ChatRequest, Limits, Stripper, chunk_body, completion_body,
-                                    completion_id, decode_image, error_body, parse_chat_request, parse_json, sse,
-                                    usage_body)
+from ocrtune.serve.protocol import (ApiError, ChatRequest, Limits, Stripper, check_content_type, chunk_body,
+                                    completion_body, completion_id, decode_image, error_body, parse_chat_request,
+                                    parse_json, sse, usage_body)
 
 STATIC = Path(__file__).parent / "static"
 MAX_PROMPT_TOKENS = 8192
@@ -219,6 +219,7 @@ def create_app(args, engine, model_name: str, on_ready=None):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         check_auth(request)
+        check_content_type(request.headers.get("content-type"))
         loop = asyncio.get_running_loop()
         body = await read_body(request)
         # parsing a large body (JSON, base64) is CPU work: keep it off the event loop
@@ -233,20 +234,26 @@ def create_app(args, engine, model_name: str, on_ready=None):
         prompt_tokens = len(prompt["input_ids"])
         cid = completion_id()
         stop = threading.Event()  # set when a streaming client goes away: generation ends early
+        usage: dict = {}  # a streamed answer's tokens and finish_reason, filled in when it ends
         try:
             if req.stream:
-                pieces = await batcher.stream(prompt, req.max_tokens, req.temperature, req.top_p, stop=stop)
+                pieces = await batcher.stream(prompt, req.max_tokens, req.temperature, req.top_p, stop=stop, usage=usage)
             else:
-                text = await batcher.generate(prompt, req.max_tokens, req.temperature, req.top_p)
+                answer = await batcher.generate(prompt, req.max_tokens, req.temperature, req.top_p)
         except QueueFull as e:
             raise ApiError(503, f"server busy ({e}); retry shortly", code="server_busy") from None
         except Exception as e:
             log.warning("generation failed: %s", e)
             raise ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:200]}", type="server_error") from None
+        async def tokens_and_finish(text: str, tokens: int | None, finish: str | None) -> tuple[int, str]:
+            if tokens is not None:  # counted by the engine from the generated ids
+                return tokens, finish
+            n = await loop.run_in_executor(prep.pool, prep.count, text, req.max_tokens)  # a text-only engine
+            return n, "length" if n >= req.max_tokens else "stop"
+
         if not req.stream:
-            n = await loop.run_in_executor(prep.pool, prep.count, text, req.max_tokens)
-            finish = "length" if n >= req.max_tokens else "stop"
-            return JSONResponse(completion_body(cid, model_name, text, finish, usage_body(prompt_tokens, n)))
+            n, finish = await tokens_and_finish(answer.text, answer.tokens, answer.finish_reason)
+            return JSONResponse(completion_body(cid, model_name, answer.text, finish, usage_body(prompt_tokens, n)))
 
         async def events():
             created = int(time.time())
@@ -264,8 +271,7 @@ def create_app(args, engine, model_name: str, on_ready=None):
                 return
             finally:
                 stop.set()  # normal end, or the client disconnected (the generator is closed)
-            n = await loop.run_in_executor(prep.pool, prep.count, "".join(parts), req.max_tokens)
-            finish = "length" if n >= req.max_tokens else "stop"
+            n, finish = await tokens_and_finish("".join(parts), usage.get("tokens"), usage.get("finish_reason"))
             yield sse(chunk_body(cid, model_name, created, {}, finish))
             if req.include_usage:
                 yield sse(chunk_body(cid, model_name, created, {}, usage=usage_body(prompt_tokens, n), choices=False))

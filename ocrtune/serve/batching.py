@@ -17,6 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 log = logging.getLogger("ocrtune.serve")
+
+
+@dataclass
+class Answer:  # the shape of ocrtune.infer.engine.Answer, for engines that only return text
+    text: str
+    tokens: int | None
+    finish_reason: str | None
 _END = object()
 
 
@@ -33,6 +40,7 @@ class Job:
     future: asyncio.Future | None = None  # plain request: resolves to the answer text
     pieces: asyncio.Queue | None = None  # streamed request: receives text pieces, then _END or an exception
     stop: threading.Event | None = None  # streamed request: set when its client is gone
+    usage: dict | None = None  # streamed request: the engine fills in tokens and finish_reason at the end
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -81,16 +89,20 @@ class Batcher:
             raise QueueFull(f"{self.queue.qsize()} requests are already waiting")
         self.queue.put_nowait(job)
 
-    async def generate(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    async def generate(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+        """-> an `Answer` (text, tokens, finish_reason); tokens and finish_reason are None from an
+        engine that only has `generate` (the caller then counts)."""
         job = Job(record, max_new_tokens, temperature, top_p, future=asyncio.get_running_loop().create_future())
         self._put(job)
         return await job.future
 
     async def stream(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                     stop: threading.Event | None = None):
-        """Async iterator of text pieces; setting `stop` ends generation early (client gone).
+                     stop: threading.Event | None = None, usage: dict | None = None):
+        """Async iterator of text pieces; setting `stop` ends generation early (client gone); `usage`
+        gets tokens and finish_reason once the pieces end (from an engine with `generate_answers`).
         Raises QueueFull at once if the queue is full."""
-        job = Job(record, max_new_tokens, temperature, top_p, pieces=asyncio.Queue(), stop=stop or threading.Event())
+        job = Job(record, max_new_tokens, temperature, top_p, pieces=asyncio.Queue(), stop=stop or threading.Event(),
+                  usage=usage)
         self._put(job)
         return self._drain(job.pieces)
 
@@ -162,12 +174,17 @@ class Batcher:
             else:
                 job.future.set_result(res)
 
+    def _answers(self, records: list[dict], **kw) -> list:
+        if hasattr(self.engine, "generate_answers"):
+            return list(self.engine.generate_answers(records, **kw))
+        return [Answer(text, None, None) for text in self.engine.generate(records, **kw)]
+
     def _generate(self, jobs: list[Job]) -> list:
         """Runs in the model thread."""
         j = jobs[0]
         kw = {"temperature": j.temperature, "top_p": j.top_p}
         try:
-            return list(self.engine.generate([x.record for x in jobs], max_new_tokens=j.max_new_tokens, **kw))
+            return self._answers([x.record for x in jobs], max_new_tokens=j.max_new_tokens, **kw)
         except Exception as e:
             if len(jobs) == 1:
                 log.warning("generation failed: %s: %s", type(e).__name__, e)
@@ -175,7 +192,7 @@ class Batcher:
         out = []  # find the request that broke the batch; the others still get answers
         for x in jobs:
             try:
-                out.append(self.engine.generate([x.record], max_new_tokens=j.max_new_tokens, **kw)[0])
+                out.append(self._answers([x.record], max_new_tokens=j.max_new_tokens, **kw)[0])
             except Exception as e:
                 log.warning("generation failed: %s: %s", type(e).__name__, e)
                 out.append(e)
@@ -188,10 +205,12 @@ class Batcher:
             put(_END)
             return
 
+        extra = {"usage": job.usage} if job.usage is not None and hasattr(self.engine, "generate_answers") else {}
+
         def work():
             try:
                 for piece in self.engine.stream(job.record, max_new_tokens=job.max_new_tokens, stop=job.stop,
-                                                temperature=job.temperature, top_p=job.top_p):
+                                                temperature=job.temperature, top_p=job.top_p, **extra):
                     if piece:
                         loop.call_soon_threadsafe(put, piece)
                     if job.stop.is_set():

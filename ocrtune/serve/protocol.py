@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ocrtune.data.images import fit_aspect_ratio
+from ocrtune.data.images import BadImage, check_size, fit_aspect_ratio, to_rgb
 from ocrtune.data.registry import OCR_PROMPT
 from ocrtune.models.template import IMAGE_TAG
 
@@ -75,6 +75,16 @@ class Limits:
     max_image_pixels: int = 25_000_000
     allow_image_urls: bool = False
     reserved_tokens: tuple[str, ...] = ()
+
+
+def check_content_type(content_type: str | None) -> None:
+    """JSON bodies only (415 otherwise); a body without a Content-Type is read as JSON, as FastAPI does."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError(415, f"Content-Type '{media[:60]}' is not supported; send the body as JSON with "
+                            "'Content-Type: application/json'", code="unsupported_media_type")
 
 
 def parse_json(body: bytes) -> dict:
@@ -219,6 +229,11 @@ def _check_text(text: str, where: str, limits: Limits) -> str:
             raise ApiError(400, f"{where} contains the reserved token '{tok}'", where)
     if "\x00" in text:
         raise ApiError(400, f"{where} contains a NUL character", where)
+    try:  # JSON may carry "\ud800" escapes that are no Unicode text: the tokenizer would fail on them
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where} contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, "
+                            "which is not valid Unicode; send UTF-8 text", where) from None
     return text
 
 
@@ -280,18 +295,12 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             w, h = im.size
-            if w * h > max_pixels:
-                raise ApiError(400, f"{param}: image is {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed; "
-                                    "send a smaller image", param, "image_too_large")
-            if w < 1 or h < 1:
-                raise ApiError(400, f"{param}: image has no pixels", param)
+            try:  # the size that will be allocated (after padding), checked before anything is decoded
+                check_size(w, h, max_pixels, "image")
+            except BadImage as e:
+                raise ApiError(400, f"{param}: {e}; send a smaller image", param, "image_too_large") from None
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")  # formulas are often black on transparent: put them on white
-                canvas = Image.new("RGBA", rgba.size, "white")
-                canvas.alpha_composite(rgba)
-                im = canvas
-            im = im.convert("RGB")
+            im = to_rgb(im)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

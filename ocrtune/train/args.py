@@ -30,9 +30,13 @@ class SftArgs:
                                     aliases=("--lora_target_modules",))
     freeze_vit: bool = arg(True, "keep the vision tower frozen")
     # data
-    dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N rows")
-    val_dataset: list[str] = arg(None, "validation data (default: split off --dataset_test_ratio of --dataset)")
-    dataset_test_ratio: float = arg(0.01, "share of --dataset held out for evaluation", aliases=("--split_dataset_ratio",))
+    dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N "
+                               "rows; default latex-ocr-sample")
+    val_dataset: list[str] = arg(None, "validation data (default: the dataset's own validation split, else "
+                                       "--dataset_test_ratio of --dataset)")
+    dataset_test_ratio: float | None = arg(None, "share of --dataset held out for evaluation (default: the dataset's "
+                                           "own validation split when it has one, else 0.01)",
+                                           aliases=("--split_dataset_ratio",))
     check_dataset_strategy: str = arg("warning", "bad rows: none, discard, error or warning",
                                       choices=("none", "discard", "error", "warning"))
     max_length: int = arg(2048, "longest sample in tokens; longer samples are dropped")
@@ -92,7 +96,7 @@ def validate(args: SftArgs) -> None:
         (args.learning_rate is None or args.learning_rate > 0, "--learning_rate must be positive"),
         (args.lora_rank >= 1, "--lora_rank must be at least 1"),
         (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
-        (0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),
+        (args.dataset_test_ratio is None or 0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),
         (args.max_length >= 16, "--max_length must be at least 16"),
         (args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive"),
         (args.eval_steps >= 1 and args.logging_steps >= 1, "--eval_steps and --logging_steps must be at least 1"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ocrtune.data.checks import check_dataset
-from ocrtune.data.loading import load_datasets, split_validation
+from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.errors import UserError
 from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
                                     resolve_model, template_name)
@@ -61,14 +61,11 @@ def make_writable(run_dir: Path) -> None:
 def build_data(args: SftArgs, template: Template, accelerator):
     with accelerator.main_process_first():
         train = load_datasets(args.dataset, "train", args.use_hf, args.seed)
-        if args.val_dataset:
-            val = load_datasets(args.val_dataset, "validation", args.use_hf, args.seed)
-        else:
-            train, val = split_validation(train, args.dataset_test_ratio, args.seed)
+        train, val = validation_data(train, args.dataset, args.val_dataset, args.dataset_test_ratio, args.use_hf, args.seed)
         label = ", ".join(args.dataset)
-        train = check_dataset(train, args.check_dataset_strategy, label)
+        train = check_dataset(train, args.check_dataset_strategy, label, template=template)
         if val is not None:
-            val = check_dataset(val, args.check_dataset_strategy, "validation data")
+            val = check_dataset(val, args.check_dataset_strategy, "validation data", template=template)
     augment = None
     if args.augment:
         from ocrtune.data.augment import augment_printed

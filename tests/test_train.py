@@ -82,7 +82,7 @@ def test_adapter_loads_with_plain_peft_and_matches_training_logits(overfit_run):
     from transformers import AutoModelForImageTextToText
 
     run, result = overfit_run
-    batch = next(b for b in run.micro_batches() if b[1] is not None)[1]
+    batch = next(b for b in run.micro_batches() if b[-1] is not None)[-1]
     batch = {k: v for k, v in batch.items() if k != "labels"}
     trained = run.accelerator.unwrap_model(run.loss_module).model.eval()
     with torch.no_grad():

@@ -181,10 +181,8 @@ class SftRun:
                 json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
 
-        world = acc.num_processes
-        self.micro_per_epoch = len(plan_batches(self.train_ds, args, 0, 0, world))
-        self.steps_per_epoch = steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
-        self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        self._epoch_sizes: dict[int, int] = {}
+        self.total_steps = args.max_steps if args.max_steps > 0 else self.epoch_steps_total(args.num_train_epochs)
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
         self.state = {"global_step": 0, "epoch": 0, "micro_batches_done": 0, "best_metric": None,
                       "best_model_checkpoint": None, "log_acc": [0.0, 0, 0, 0.0, 0]}
@@ -282,16 +280,49 @@ class SftRun:
             ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, Path(best) if best else None)
         self.accelerator.wait_for_everyone()
 
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch`: the one plan that both the data stream and the
+        position saved in checkpoints follow (with packing its length differs from epoch to epoch)."""
+        acc = self.accelerator
+        plan = plan_batches(self.train_ds, self.args, epoch, acc.process_index, acc.num_processes)
+        self._epoch_sizes[epoch] = len(plan)
+        return plan
+
+    def micro_per_epoch(self, epoch: int) -> int:
+        if epoch not in self._epoch_sizes:
+            self.epoch_plan(epoch)
+        return self._epoch_sizes[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        # an epoch's last group may be short: the loop never lets a group span two epochs
+        return math.ceil(self.micro_per_epoch(epoch) / self.args.gradient_accumulation_steps)
+
+    def epoch_steps_total(self, epochs: float) -> int:
+        """Optimizer steps in `epochs` epochs, each counted from its own plan (a fractional last
+        epoch counts its share of that epoch's steps)."""
+        whole, frac = int(epochs), epochs - int(epochs)
+        total = sum(self.steps_in_epoch(e) for e in range(whole))
+        if frac > 0:
+            total += math.ceil(frac * self.steps_in_epoch(whole))
+        return max(1, total)
+
+    def epoch_progress(self) -> float:
+        """Epochs done, as the saved position says: whole epochs plus the share of the current one."""
+        st = self.state
+        return st["epoch"] + st["micro_batches_done"] / max(self.micro_per_epoch(st["epoch"]), 1)
+
     def micro_batches(self):
-        """Yield (epoch, micro-batch) from the resume point on, in the seeded order."""
+        """Yield (epoch, micro-batches done in that epoch including this one, micro-batches in the
+        epoch, micro-batch) from the resume point on, in the seeded order."""
         args, acc = self.args, self.accelerator
         pin = acc.device.type == "cuda"
         epoch, skip = self.state["epoch"], self.state["micro_batches_done"]
         while True:
-            batches = plan_batches(self.train_ds, args, epoch, acc.process_index, acc.num_processes)
+            batches = self.epoch_plan(epoch)
             self.train_ds.epoch = epoch
-            for batch in make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin):
-                yield epoch, batch
+            loader = make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin)
+            for done, batch in enumerate(loader, start=skip + 1):
+                yield epoch, done, len(batches), batch
             epoch, skip = epoch + 1, 0
 
     def train(self) -> dict:
@@ -314,14 +345,11 @@ class SftRun:
         while st["global_step"] < self.total_steps:
             group = []
             for _ in range(args.gradient_accumulation_steps):
-                epoch, batch = next(stream)
-                if epoch != st["epoch"]:
-                    st["epoch"], st["micro_batches_done"] = epoch, 0
-                st["micro_batches_done"] += 1
+                epoch, done, size, batch = next(stream)  # the stream's position is the one saved
+                st["epoch"], st["micro_batches_done"] = (epoch + 1, 0) if done >= size else (epoch, done)
                 if batch is not None:
                     group.append(batch)
-                if st["micro_batches_done"] >= self.micro_per_epoch:
-                    st["epoch"], st["micro_batches_done"] = st["epoch"] + 1, 0
+                if done >= size:  # a group never spans two epochs
                     break
             if not group:
                 continue
@@ -349,7 +377,7 @@ class SftRun:
         record = {"loss": round(a[0] / max(a[1], 1), 6), "token_acc": round(a[2] / max(a[1], 1), 6),
                   "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.scheduler.get_last_lr()[0],
                   "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
-                  "epoch": round(step / max(self.steps_per_epoch, 1), 4),
+                  "epoch": round(self.epoch_progress(), 4),
                   "global_step/max_steps": f"{step}/{self.total_steps}",
                   "percentage": f"{100 * step / self.total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
                   "remaining_time": fmt_time(elapsed / max(done, 1) * (self.total_steps - step)), "step": step}

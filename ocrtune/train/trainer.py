@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
 from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, split_validation
 from ocrtune.errors import UserError
@@ -82,7 +83,8 @@ def prepare_model(model, args: SftArgs):
         targets = lora_target_regex(model, args.target_modules or ["all-linear"])
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, config)
         if args.fused_lora:
             from ocrtune.train.speed import fuse_lora_linears
             fuse_lora_linears(model)
@@ -91,19 +93,12 @@ def prepare_model(model, args: SftArgs):
         if visual is not None:
             visual.requires_grad_(False)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
         if args.recompute_layers is not None:
             from ocrtune.train.speed import limit_recompute
             limit_recompute(model, args.recompute_layers)
     return model
-
-
-def load_resume_weights(model, ckpt: Path, train_type: str) -> None:
-    from safetensors.torch import load_file
-    if train_type == "lora":
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
 
 
 def make_optimizer(model, args: SftArgs, total_steps: int):
@@ -142,14 +137,18 @@ class SftRun:
         from accelerate.utils import set_seed
 
         validate(args)
+        self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
+            if args.resume_from_checkpoint else None
+        resume_state = None
+        if self.resume is not None:  # everything is read and checked before anything is built or written
+            args = ckpt_io.resume_args(args, self.resume)
+            resume_state = ckpt_io.read_resume_state(self.resume, args.train_type)
         self.args = args
         args.dataset = args.dataset or ["latex-ocr-sample"]
         args.save_steps = args.save_steps or args.eval_steps
         self.accelerator = acc = Accelerator(**_accelerator_kwargs(args))
         self.main = acc.is_main_process
         set_seed(args.seed)
-        self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
-            if args.resume_from_checkpoint else None
 
         model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf, args.model_revision)
         self.model_dir, self.spec = model_dir, spec
@@ -170,25 +169,28 @@ class SftRun:
             from ocrtune.train.speed import apply_liger
             apply_liger(model)
         self.model = prepare_model(model, args)
-        if self.resume is not None:
-            load_resume_weights(self.model, self.resume, args.train_type)
+        if resume_state is not None and "adapter" in resume_state:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(self.model, resume_state.pop("adapter"))
 
         run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
         self.run_dir = Path(_from_main(acc, str(run_dir)))  # every rank writes to rank 0's folder
         if self.main:
             make_writable(self.run_dir)
-            with open(self.run_dir / "args.json", "w") as f:
-                json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
-                           "model_type": spec.name if spec else args.model_type}, f, indent=2)
+            print(f"run folder: {self.run_dir}", flush=True)
 
         self._epoch_sizes: dict[int, int] = {}
         self.total_steps = args.max_steps if args.max_steps > 0 else self.epoch_steps_total(args.num_train_epochs)
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
         self.state = {"global_step": 0, "epoch": 0, "micro_batches_done": 0, "best_metric": None,
                       "best_model_checkpoint": None, "log_acc": [0.0, 0, 0, 0.0, 0]}
-        if self.resume is not None:
-            self.state.update(ckpt_io.load_trainer_state(self.resume))
-            ckpt_io.load_states(self.resume, self.optimizer, self.scheduler)
+        if resume_state is not None:
+            self.state.update(resume_state.pop("trainer_state"))
+            ckpt_io.apply_states(self.resume, resume_state, self.optimizer, self.scheduler)
+        if self.main:  # only once the run (and a resume) is set up: a failed resume leaves args.json as it was
+            with open(self.run_dir / "args.json", "w") as f:
+                json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
+                           "model_type": spec.name if spec else args.model_type}, f, indent=2)
         fused_ce = None
         if args.use_liger:
             from ocrtune.train.speed import liger_fused_ce
@@ -393,7 +395,8 @@ class SftRun:
             from ocrtune.plot.plots import plot_run
             plot_run(self.run_dir)
             print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
-            print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
+            best = result["best_model_checkpoint"] or "none (no evaluation ran: no validation data)"
+            print(f"best_model_checkpoint: {best}")
             print(f"images: {self.run_dir / 'images'}")
         return result
 

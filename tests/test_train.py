@@ -16,6 +16,7 @@ from PIL import Image
 from ocrtune.data.registry import SAMPLE_DIR
 from ocrtune.train.args import SftArgs
 from ocrtune.train.trainer import SftRun
+from tolerance import float32_atol, matmul_stages
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,10 @@ def test_adapter_loads_with_plain_peft_and_matches_training_logits(overfit_run):
     reloaded = PeftModel.from_pretrained(base, result["last_model_checkpoint"]).eval()
     with torch.no_grad():
         got = reloaded(**batch).logits
-    assert torch.allclose(expected, got, atol=1e-5)
+    # different kernels (fused LoRA addmm in training, PEFT's matmul + add here): not bit-equal, but
+    # within float32 rounding of the language model's depth and width (see tests/tolerance.py)
+    depth, width = matmul_stages(trained.config)
+    torch.testing.assert_close(got, expected, rtol=0, atol=float32_atol(expected, depth, width))
     lora_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
     assert not any("visual" in n for n, _ in reloaded.named_parameters() if "lora_" in n)  # freeze_vit

@@ -216,9 +216,9 @@ RESUME_AUTO = ("use_liger",)  # resolved per machine ("auto"), not taken from th
 
 def resume_args(args, ckpt: Path):
     """The settings of a resumed run: the run's saved args.json, with the explicitly given flags that
-    are safe to change on top. An unsafe change is refused rather than silently ignored."""
+    are safe to change on top. An unsafe change is refused rather than silently ignored.
+    Returns (settings, the one line that says where they came from)."""
     import dataclasses
-    import sys
 
     from ocrtune.cli.parsing import given_flags
     from ocrtune.export.source import read_json
@@ -226,8 +226,7 @@ def resume_args(args, ckpt: Path):
 
     path = Path(ckpt).parent / "args.json"
     if not path.exists():
-        print(f"resuming from {ckpt}: its run has no args.json, so the flags given now are used", file=sys.stderr)
-        return args
+        return args, f"resuming from {ckpt}: its run has no args.json, so the flags given now are used"
     saved = read_json(path)
     fields = {f.name for f in dataclasses.fields(args)}
     given = given_flags(args) & fields
@@ -244,9 +243,7 @@ def resume_args(args, ckpt: Path):
     merged = type(args)(**values)
     validate(merged)
     shown = [f"--{k} {_show(v)}" for k, v in sorted(overrides.items()) if k != "resume_from_checkpoint"]
-    print(f"resuming from {ckpt} with the run's settings from {path}" + (f"; changed: {', '.join(shown)}" if shown else ""),
-          file=sys.stderr)
-    return merged
+    return merged, f"resuming from {ckpt} with the run's settings from {path}" + (f"; changed: {', '.join(shown)}" if shown else "")
 
 
 def _differs(given, saved) -> bool:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -141,8 +142,10 @@ class SftRun:
             if args.resume_from_checkpoint else None
         resume_state = None
         if self.resume is not None:  # everything is read and checked before anything is built or written
-            args = ckpt_io.resume_args(args, self.resume)
+            args, note = ckpt_io.resume_args(args, self.resume)
             resume_state = ckpt_io.read_resume_state(self.resume, args.train_type)
+            if os.environ.get("RANK", "0") == "0":  # the Accelerator (and its is_main_process) comes later
+                print(note, file=sys.stderr)
         self.args = args
         args.dataset = args.dataset or ["latex-ocr-sample"]
         args.save_steps = args.save_steps or args.eval_steps

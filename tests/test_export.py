@@ -15,6 +15,7 @@ import torch
 from ocrtune.data.registry import OCR_PROMPT
 from ocrtune.errors import UserError
 from samples import sample_rows, write_png
+from tolerance import float32_atol, matmul_stages
 
 MAX_PIXELS = 8 * 28 * 28  # smaller than the samples (280x40): the run's setting must reach the merged processor
 
@@ -86,11 +87,14 @@ def test_merged_matches_base_plus_adapter(lora_ckpt, merged):
     b, _ = _logits(merged_engine, rows)
     assert a.shape == b.shape
     diff = (a - b).abs()[mask].max().item()
-    assert diff < 1e-4, f"merged logits differ from base+adapter by {diff}"
-    # the adapter must matter, or the comparison above proves nothing
+    # W + s*B@A rounded once into the merged weight vs. computed apart: float32 rounding of the language
+    # model's depth and width, relative to the logits' magnitude (see tests/tolerance.py)
+    tol = float32_atol(a[mask], *matmul_stages(merged_engine.model.config))
+    assert diff <= tol, f"merged logits differ from base+adapter by {diff} (float32 bound {tol})"
+    # the adapter must matter, far beyond that bound, or the comparison above proves nothing
     with lora_engine.model.disable_adapter():
         c, _ = _logits(lora_engine, rows)
-    assert (a - c).abs()[mask].max().item() > 1e-2, "the adapter does not change the logits"
+    assert (a - c).abs()[mask].max().item() > 100 * tol, "the adapter does not change the logits"
     preds_a = lora_engine.generate(rows, max_new_tokens=24)
     preds_b = merged_engine.generate(rows, max_new_tokens=24)
     assert preds_a == preds_b

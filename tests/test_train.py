@@ -143,6 +143,15 @@ def test_sft_with_no_flags_runs_the_demo(tmp_path):
     assert "last_model_checkpoint: " in out.stdout and "best_model_checkpoint: " in out.stdout
     runs = list((tmp_path / "output" / "tiny").glob("v0-*"))
     assert len(runs) == 1 and (runs[0] / "checkpoint-6" / "adapter_model.safetensors").exists()
+    assert out.stdout.splitlines()[0] == f"run folder: output/tiny/{runs[0].name}"  # said before training starts
+    assert "FutureWarning" not in out.stderr
+
+
+def test_no_validation_data_says_there_is_no_best_checkpoint(tmp_path, tiny_model_dir, capsys):
+    result = SftRun(SftArgs(dataset=["latex-ocr-sample#4"], dataset_test_ratio=0, max_steps=1, output_dir=str(tmp_path),
+                            report_to=["none"])).train()
+    assert result["best_model_checkpoint"] is None
+    assert "best_model_checkpoint: none (no evaluation ran: no validation data)" in capsys.readouterr().out
 
 
 def test_swift_style_flags_and_env_vars(tmp_path):

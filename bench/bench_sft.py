@@ -309,7 +309,7 @@ def run_ocrtune(a):
     for i in range(a.steps + a.warmup):
         _sync()
         t = time.perf_counter()
-        _, batch = next(stream)
+        batch = next(stream)[-1]  # (epoch, done, size, batch)
         t_data = time.perf_counter() - t
         run.train_step([batch])
         _sync()
@@ -368,7 +368,7 @@ def run_profile(a):
     import torch
     run = make_ocrtune_run(a, 100, a.packing_tokens)
     stream = run.micro_batches()
-    batches = [next(stream)[1] for _ in range(4)]
+    batches = [next(stream)[-1] for _ in range(4)]
     for b in batches[:3]:
         run.train_step([b])
     _sync()

@@ -1,9 +1,17 @@
 """Atomic folder writes: build in a temporary sibling, then rename into place."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale temporary folders are left alone
+    fcntl = None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -17,3 +25,48 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def _temp_name(final: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(final.name)}-[A-Za-z0-9_]{{8}}$")  # tempfile.mkdtemp's 8-character suffix
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove the temporary folders of `final` left by writers that died (a killed export can leave a
+    whole model there). A live writer holds an flock on its folder, so only dead writers' are taken."""
+    if fcntl is None or not final.parent.is_dir():
+        return []
+    removed, pattern = [], _temp_name(final)
+    for p in final.parent.iterdir():
+        if not (pattern.match(p.name) and p.is_dir()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def temp_dir_for(final: Path):
+    """A new hidden temporary folder next to `final` (`.<name>-XXXXXXXX`), locked while this process
+    writes it; stale ones of the same target are removed first. The caller renames it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when the process dies, even by SIGKILL
+        yield tmp
+    finally:
+        os.close(fd)

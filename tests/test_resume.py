@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 STEPS = 12
@@ -100,3 +101,61 @@ def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     assert_same(reference, tmp_path)
 
 
+
+
+# ---- packing: micro-batches per epoch differ, so the saved position must follow each epoch's own plan
+
+PACKED = dict(dataset=["latex-ocr-sample#24"], packing=True, packing_tokens=300, num_train_epochs=3, seed=3,
+              dataset_test_ratio=0.1, save_steps=5, eval_steps=12, logging_steps=1, lora_dropout=0.1,
+              save_total_limit=2, report_to=["none"])
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised before an optimizer step, after the last checkpoint was written."""
+
+
+def _packed_run(out: Path, kill_before_step: int | None = None, **extra):
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    run = SftRun(SftArgs(output_dir=str(out), **PACKED, **extra))
+    if kill_before_step is not None:  # test-only seam: the instance's train_step dies at that step
+        step_fn = run.train_step
+
+        def dying_step(group):
+            if run.state["global_step"] + 1 == kill_before_step:
+                raise Killed
+            return step_fn(group)
+        run.train_step = dying_step
+    return run
+
+
+def test_packed_epochs_resume_bit_identical_from_a_longer_than_first_epoch(tmp_path, tiny_model_dir):
+    ref_run = _packed_run(tmp_path / "ref")
+    sizes = [ref_run.micro_per_epoch(e) for e in range(3)]
+    assert sizes == [11, 12, 13], sizes  # the data this test needs: later epochs longer than the first
+    assert ref_run.total_steps == sum(sizes)  # not 3 x epoch 0's count (33): the last epoch would end short
+    ref_run.train()
+    ref = final_state_at(tmp_path / "ref", sum(sizes))
+    # step 35 is micro-batch 12 of epoch 2, past epoch 0's 11: the position it saves must say so
+    run = _packed_run(tmp_path / "killed", kill_before_step=36)
+    with pytest.raises(Killed):
+        run.train()
+    rd = run_dir(tmp_path / "killed")
+    state = json.loads((rd / "checkpoint-35" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["micro_batches_done"]) == (2, 12)
+    _packed_run(tmp_path / "killed", resume_from_checkpoint="last").train()
+    w, log = final_state_at(tmp_path / "killed", sum(sizes))
+    assert ref[0].keys() == w.keys()
+    for k in w:
+        assert torch.equal(ref[0][k], w[k]), f"{k} differs after resume"
+    assert log == ref[1]
+    epochs = [r["epoch"] for r in log if "loss" in r]
+    assert epochs[sizes[0] - 1] == 1.0 and epochs[sizes[0] + sizes[1] - 1] == 2.0 and epochs[-1] == 3.0
+
+
+def final_state_at(out: Path, step: int):
+    rd = run_dir(out)
+    weights = load_file(rd / f"checkpoint-{step}" / "adapter_model.safetensors")
+    log = [{k: r[k] for k in (*COMPARED, "epoch") if k in r}
+           for r in map(json.loads, (rd / "logging.jsonl").read_text().splitlines())]
+    return weights, log

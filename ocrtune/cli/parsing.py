@@ -98,7 +98,20 @@ def build(cls, namespace: argparse.Namespace):
     for k, v in values.items():
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0] and k != "dataset":
             values[k] = [s.strip() for s in v[0].split(",") if s.strip()]
-    return cls(**values)
+    obj = cls(**values)
+    # which flags the command line set (defaults are SUPPRESSed, so only given ones are in the namespace);
+    # a resumed run lets these, and only these, override its saved settings
+    obj._given_flags = frozenset(f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name))
+    return obj
+
+
+def given_flags(args) -> set[str]:
+    """Fields set explicitly: on the command line when `args` came from `build`, otherwise (built in
+    Python) those that differ from the dataclass defaults. Environment-variable defaults don't count."""
+    given = getattr(args, "_given_flags", None)
+    if given is not None:
+        return set(given)
+    return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
 
 
 def argv_or_default(argv):

@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from ocrtune.compat import quiet_peft_deprecations
 from ocrtune.errors import UserError
-from ocrtune.fileio import replace_dir
-from ocrtune.export.source import INFER_KEYS, MERGE_INFO, Source, base_model, describe, file_sha256
+from ocrtune.fileio import replace_dir, temp_dir_for
+from ocrtune.export.source import INFER_KEYS, MERGE_INFO, Source, base_model, describe, file_sha256, read_json
 
 log = logging.getLogger("ocrtune")
 
@@ -54,10 +54,10 @@ def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force
     adapter_sha = file_sha256(src.path / "adapter_model.safetensors")
     if out.exists() and not force:
         if _is_merged(out):
-            info = json.loads((out / MERGE_INFO).read_text())
-            if info.get("adapter_sha256") != adapter_sha:
-                log.warning("%s was merged from a different adapter than %s now holds; pass --force true to merge again",
-                            out, src.path)
+            info = read_json(out / MERGE_INFO)
+            if info.get("adapter_sha256") != adapter_sha:  # e.g. the run was resumed and re-saved this step
+                raise UserError(f"{out} was merged from a different adapter than {src.path} now holds",
+                                "pass --force true to merge again, or --output_dir for a new folder")
             return out
         raise UserError(f"{out} already exists and is not a merged checkpoint",
                         "pass --force true to replace it, or choose another --output_dir")
@@ -84,7 +84,8 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
     try:
-        peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)
+        with quiet_peft_deprecations():
+            peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"the adapter in {src.path} does not fit the base model {base_dir}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
@@ -96,8 +97,16 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     # the image size bounds the run trained with travel with the processor
     Template(processor, ra.get("template") or "qwen2_vl").set_pixels(ra.get("max_pixels"), ra.get("min_pixels"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with temp_dir_for(out) as tmp:
+        _write_merged(merged, processor, src, out, tmp, base_dir, torch_dtype, adapter_sha)
+    del base, peft_model, merged
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _write_merged(merged, processor, src: Source, out: Path, tmp: Path, base_dir, torch_dtype, adapter_sha: str) -> Path:
+    ra = src.run_args
     try:
         os.chmod(tmp, 0o755)
         merged.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
@@ -119,9 +128,6 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    del base, peft_model, merged
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 

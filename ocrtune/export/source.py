@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def run_args_for(path: Path) -> dict:
 
 
 def describe(ckpt_dir: str | Path) -> Source:
-    """Classify `--ckpt_dir` and read its run settings."""
+    """Classify `--ckpt_dir`, check that its weight files are whole, and read its run settings."""
+    from ocrtune.train.checkpoint import check_safetensors, check_weights
     path = Path(ckpt_dir).expanduser()
     if not path.exists():
         raise UserError(f"--ckpt_dir {ckpt_dir} does not exist", "pass a checkpoint-N folder written by ocrtune sft")
@@ -72,17 +74,19 @@ def describe(ckpt_dir: str | Path) -> Source:
         ckpts = list_checkpoints(path)
         if not ckpts:
             raise UserError(f"run folder {path} has no checkpoints yet", "train longer, or pass a checkpoint-N folder")
-        log.warning("using the newest checkpoint of run %s: %s", path, ckpts[-1].name)
+        print(f"using {ckpts[-1].name}, the newest checkpoint of run {path}", file=sys.stderr)
         path = ckpts[-1]
     if (path / "adapter_config.json").exists():
         if not (path / "adapter_model.safetensors").exists():
             raise UserError(f"LoRA checkpoint {path} has no adapter_model.safetensors",
                             "the checkpoint is incomplete; use another checkpoint-N folder of the run")
+        check_safetensors(path / "adapter_model.safetensors")
         return Source(path, "lora", run_args_for(path))
     if (path / "config.json").exists():
         if not any(path.glob("*.safetensors")):
             raise UserError(f"model folder {path} has config.json but no *.safetensors weights",
                             "the folder is incomplete; export or save it again")
+        check_weights(path)
         return Source(path, "model", run_args_for(path))
     raise UserError(f"{path} is neither a LoRA checkpoint (adapter_config.json) nor a model folder (config.json)",
                     "pass a checkpoint-N folder written by ocrtune sft, or a merged checkpoint-N-merged folder")

@@ -125,8 +125,11 @@ def load_for_inference(args: InferArgs):
     model = load_model(weights_dir, dtype, device=device)
     if adapter is not None:
         from peft import PeftModel
+
+        from ocrtune.compat import quiet_peft_deprecations
         try:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            with quiet_peft_deprecations():
+                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"the adapter in {adapter} does not fit the base model {weights_dir}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",

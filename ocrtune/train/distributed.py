@@ -152,12 +152,14 @@ def save_engine_state(acc, loss_module, ckpt: Path) -> None:
         loss_module.save_checkpoint(str(ckpt / DS_FOLDER), tag="state", save_latest=False, exclude_frozen_parameters=True)
 
 
-def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path) -> None:
-    """Resume sharded optimizer state after accelerate.prepare (the parameters are sharded by then)."""
+def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path, full: dict | None = None) -> None:
+    """Resume sharded optimizer state after accelerate.prepare (the parameters are sharded by then);
+    `full`: the checkpoint's optimizer.pt, when the caller has read (and checked) it already."""
     eng = engine_name(acc)
     if eng == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        full = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        if full is None:
+            full = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         set_optimizer_state_dict(loss_module, _inner(optimizer), full, options=StateDictOptions(full_state_dict=True))
     elif eng.startswith("zero"):
         if not (ckpt / DS_FOLDER).is_dir():

@@ -8,12 +8,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
+from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
 from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.errors import UserError
@@ -85,7 +87,8 @@ def prepare_model(model, args: SftArgs):
         targets = lora_target_regex(model, args.target_modules or ["all-linear"])
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, config)
         if args.fused_lora:
             from ocrtune.train.speed import fuse_lora_linears
             fuse_lora_linears(model)
@@ -94,19 +97,12 @@ def prepare_model(model, args: SftArgs):
         if visual is not None:
             visual.requires_grad_(False)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
         if args.recompute_layers is not None:
             from ocrtune.train.speed import limit_recompute
             limit_recompute(model, args.recompute_layers)
     return model
-
-
-def load_resume_weights(model, ckpt: Path, train_type: str) -> None:
-    from safetensors.torch import load_file
-    if train_type == "lora":
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
 
 
 def make_optimizer(model, args: SftArgs, total_steps: int):
@@ -145,6 +141,14 @@ class SftRun:
         from accelerate.utils import set_seed
 
         validate(args)
+        self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
+            if args.resume_from_checkpoint else None
+        resume_state = None
+        if self.resume is not None:  # everything is read and checked before anything is built or written
+            args, note = ckpt_io.resume_args(args, self.resume)
+            resume_state = ckpt_io.read_resume_state(self.resume, args.train_type)
+            if os.environ.get("RANK", "0") == "0":  # the Accelerator (and its is_main_process) comes later
+                print(note, file=sys.stderr)
         self.args = args
         args.dataset = args.dataset or ["latex-ocr-sample"]
         args.save_steps = args.save_steps or args.eval_steps
@@ -159,8 +163,6 @@ class SftRun:
         dist.quiet_other_ranks(acc)
         self.sharded = dist.is_sharded(acc)
         set_seed(args.seed)
-        self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
-            if args.resume_from_checkpoint else None
 
         model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf, args.model_revision)
         self.model_dir, self.spec = model_dir, spec
@@ -195,28 +197,31 @@ class SftRun:
         std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
         if self.meta and dist.engine_name(acc) != "fsdp2":  # unsharded: materialize here, before the optimizer
             dist.materialize(self.model, acc.device, buffers, std, args.seed)
-        if self.resume is not None:
-            load_resume_weights(self.model, self.resume, args.train_type)
+        if resume_state is not None and "adapter" in resume_state:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(self.model, resume_state.pop("adapter"))
 
         run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
         self.run_dir = Path(_from_main(acc, str(run_dir)))  # every rank writes to rank 0's folder
         if self.main:
             make_writable(self.run_dir)
-            with open(self.run_dir / "args.json", "w") as f:
-                json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
-                           "model_type": spec.name if spec else args.model_type}, f, indent=2)
+            print(f"run folder: {self.run_dir}", flush=True)
 
-        world = acc.num_processes
-        self.micro_per_epoch = len(plan_batches(self.train_ds, args, 0, 0, world))
-        self.steps_per_epoch = steps_per_epoch = math.ceil(self.micro_per_epoch / args.gradient_accumulation_steps)
-        self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        self._epoch_sizes: dict[int, int] = {}
+        self.total_steps = args.max_steps if args.max_steps > 0 else self.epoch_steps_total(args.num_train_epochs)
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.total_steps)
         self.state = {"global_step": 0, "epoch": 0, "micro_batches_done": 0, "best_metric": None,
                       "best_model_checkpoint": None, "log_acc": [0.0, 0, 0, 0.0, 0]}
-        if self.resume is not None:
-            self.state.update(ckpt_io.load_trainer_state(self.resume))
-            # sharded optimizer state is loaded after prepare, once the parameters are sharded
-            ckpt_io.load_states(self.resume, _LoadLater() if self.sharded else self.optimizer, self.scheduler)
+        sharded_optimizer_state = None
+        if resume_state is not None:
+            self.state.update(resume_state.pop("trainer_state"))
+            if self.sharded:  # loaded into the shards after prepare, once the parameters are sharded
+                sharded_optimizer_state = resume_state.pop("optimizer.pt")
+            ckpt_io.apply_states(self.resume, resume_state, self.optimizer, self.scheduler)
+        if self.main:  # only once the run (and a resume) is set up: a failed resume leaves args.json as it was
+            with open(self.run_dir / "args.json", "w") as f:
+                json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
+                           "model_type": spec.name if spec else args.model_type}, f, indent=2)
         fused_ce = None
         if args.use_liger:
             from ocrtune.train.speed import liger_fused_ce
@@ -226,7 +231,7 @@ class SftRun:
         if self.meta and dist.engine_name(acc) == "fsdp2":  # each rank allocates and initializes its shards only
             dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
         if self.resume is not None and self.sharded:
-            dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume)
+            dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume, sharded_optimizer_state)
         self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
@@ -343,16 +348,49 @@ class SftRun:
             best = self.state["best_model_checkpoint"]
             ckpt_io.rotate_checkpoints(self.run_dir, self.args.save_total_limit, Path(best) if best else None)
 
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch`: the one plan that both the data stream and the
+        position saved in checkpoints follow (with packing its length differs from epoch to epoch)."""
+        acc = self.accelerator
+        plan = plan_batches(self.train_ds, self.args, epoch, acc.process_index, acc.num_processes)
+        self._epoch_sizes[epoch] = len(plan)
+        return plan
+
+    def micro_per_epoch(self, epoch: int) -> int:
+        if epoch not in self._epoch_sizes:
+            self.epoch_plan(epoch)
+        return self._epoch_sizes[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        # an epoch's last group may be short: the loop never lets a group span two epochs
+        return math.ceil(self.micro_per_epoch(epoch) / self.args.gradient_accumulation_steps)
+
+    def epoch_steps_total(self, epochs: float) -> int:
+        """Optimizer steps in `epochs` epochs, each counted from its own plan (a fractional last
+        epoch counts its share of that epoch's steps)."""
+        whole, frac = int(epochs), epochs - int(epochs)
+        total = sum(self.steps_in_epoch(e) for e in range(whole))
+        if frac > 0:
+            total += math.ceil(frac * self.steps_in_epoch(whole))
+        return max(1, total)
+
+    def epoch_progress(self) -> float:
+        """Epochs done, as the saved position says: whole epochs plus the share of the current one."""
+        st = self.state
+        return st["epoch"] + st["micro_batches_done"] / max(self.micro_per_epoch(st["epoch"]), 1)
+
     def micro_batches(self):
-        """Yield (epoch, micro-batch) from the resume point on, in the seeded order."""
+        """Yield (epoch, micro-batches done in that epoch including this one, micro-batches in the
+        epoch, micro-batch) from the resume point on, in the seeded order."""
         args, acc = self.args, self.accelerator
         pin = acc.device.type == "cuda"
         epoch, skip = self.state["epoch"], self.state["micro_batches_done"]
         while True:
-            batches = plan_batches(self.train_ds, args, epoch, acc.process_index, acc.num_processes)
+            batches = self.epoch_plan(epoch)
             self.train_ds.epoch = epoch
-            for batch in make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin):
-                yield epoch, batch
+            loader = make_loader(self.train_ds, batches[skip:], self.collator, args.dataloader_num_workers, pin)
+            for done, batch in enumerate(loader, start=skip + 1):
+                yield epoch, done, len(batches), batch
             epoch, skip = epoch + 1, 0
 
     def train(self) -> dict:
@@ -375,14 +413,11 @@ class SftRun:
         while st["global_step"] < self.total_steps:
             group = []
             for _ in range(args.gradient_accumulation_steps):
-                epoch, batch = next(stream)
-                if epoch != st["epoch"]:
-                    st["epoch"], st["micro_batches_done"] = epoch, 0
-                st["micro_batches_done"] += 1
+                epoch, done, size, batch = next(stream)  # the stream's position is the one saved
+                st["epoch"], st["micro_batches_done"] = (epoch + 1, 0) if done >= size else (epoch, done)
                 if batch is not None:
                     group.append(batch)
-                if st["micro_batches_done"] >= self.micro_per_epoch:
-                    st["epoch"], st["micro_batches_done"] = st["epoch"] + 1, 0
+                if done >= size:  # a group never spans two epochs
                     break
             if not group:
                 continue
@@ -410,7 +445,7 @@ class SftRun:
         record = {"loss": round(a[0] / max(a[1], 1), 6), "token_acc": round(a[2] / max(a[1], 1), 6),
                   "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.scheduler.get_last_lr()[0],
                   "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
-                  "epoch": round(step / max(self.steps_per_epoch, 1), 4),
+                  "epoch": round(self.epoch_progress(), 4),
                   "global_step/max_steps": f"{step}/{self.total_steps}",
                   "percentage": f"{100 * step / self.total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
                   "remaining_time": fmt_time(elapsed / max(done, 1) * (self.total_steps - step)), "step": step}
@@ -426,7 +461,8 @@ class SftRun:
             from ocrtune.plot.plots import plot_run
             plot_run(self.run_dir)
             print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
-            print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
+            best = result["best_model_checkpoint"] or "none (no evaluation ran: no validation data)"
+            print(f"best_model_checkpoint: {best}")
             print(f"images: {self.run_dir / 'images'}")
         return result
 
@@ -444,13 +480,6 @@ def _from_main(acc, value):
         return value
     from accelerate.utils import broadcast_object_list
     return broadcast_object_list([value], from_process=0)[0]
-
-
-class _LoadLater:
-    """Optimizer stand-in for checkpoint.load_states: sharded state is loaded after accelerate.prepare."""
-
-    def load_state_dict(self, state):
-        pass
 
 
 def run_sft(args: SftArgs) -> dict:

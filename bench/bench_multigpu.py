@@ -72,7 +72,7 @@ def worker_throughput(a):
     for _ in range(a.steps + a.warmup):
         bs._sync()
         t = time.perf_counter()
-        _, batch = next(stream)
+        batch = next(stream)[-1]  # (epoch, done, size, batch)
         loss, tokens = run.train_step([batch])[:2]
         bs._sync()
         steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})
@@ -113,7 +113,7 @@ def worker_72b(a):
     for _ in range(a.steps + a.warmup):
         bs._sync()
         t = time.perf_counter()
-        _, batch = next(stream)
+        batch = next(stream)[-1]  # (epoch, done, size, batch)
         loss, tokens = run.train_step([batch])[:2]
         bs._sync()
         steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})

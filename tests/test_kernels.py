@@ -102,7 +102,8 @@ def test_limit_recompute_keeps_loss_and_grads(tiny_model_dir):
     from ocrtune.models.loading import load_model
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, torch.float32)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from ocrtune.compat import enable_activation_checkpointing
+    enable_activation_checkpointing(model)
     model.train()
     ids = torch.randint(10, 500, (2, 12))
     def grads():

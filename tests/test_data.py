@@ -234,3 +234,26 @@ def test_infer_load_dataset_config_rebuilds_the_own_validation_split():
     assert rows["messages"] == own["messages"] and label == "validation split of latex-ocr-sample#8"
     rows, label = load_eval_rows(InferArgs(load_dataset_config=True), {"run_args": {"dataset": ["latex-ocr-sample#8"]}})
     assert len(rows) == 1 and "ratio 0.01" in label
+
+
+def test_size_rejections_are_counted_by_kind_in_the_summary(tmp_path, caplog):
+    """Two 300000x1 PNGs with different names: one 'aspect ratio' count, not one entry per file."""
+    import io
+    import json
+
+    from PIL import Image
+    lines = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.png"
+        Image.new("L", (300_000, 1), 255).save(path)
+        lines.append({"query": "<image>read", "response": "x", "images": [str(path)]})
+    good = io.BytesIO()
+    Image.new("RGB", (64, 32), "white").save(good, format="PNG")
+    (tmp_path / "g.png").write_bytes(good.getvalue())
+    lines.append({"query": "<image>read", "response": "y", "images": [str(tmp_path / "g.png")]})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    ds = load_dataset(str(tmp_path / "d.jsonl"))
+    with caplog.at_level("WARNING", logger="ocrtune"):
+        kept = check_dataset(ds, "discard", "d.jsonl")
+    assert len(kept) == 1
+    assert "dropped 2 of 3 rows (aspect ratio over 200:1: 2)" in caplog.text

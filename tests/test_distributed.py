@@ -232,3 +232,19 @@ def test_device_map_decision():
     assert device_map_choice("none", 8, False, False) is None
     with pytest.raises(UserError, match="torchrun"):
         device_map_choice("auto", 2, True, False)
+
+
+def test_a_taken_master_port_is_a_one_line_error(tmp_path, tiny_model_dir):
+    """torchrun's rendezvous fails before any rank runs: one `error:` naming MASTER_PORT, exit 2."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--output_dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: torchrun could not start its rendezvous") and "MASTER_PORT" in last, last
+    assert "Traceback" not in res.stderr and "report it" not in res.stderr

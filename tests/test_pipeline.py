@@ -58,3 +58,47 @@ def test_encoded_dataset_keeps_nothing_in_memory_by_default(template):
     ds.lengths()
     ds[0]
     assert ds.cache is None  # a million-row set must not grow the main process
+
+
+def test_url_images_are_planned_like_the_check_pass_reads_them(template, tmp_path):
+    """A row whose image is an http URL (served here on 127.0.0.1) gets its real length, not 0."""
+    import functools
+    import http.server
+    import threading
+
+    template.set_pixels(None, None)
+    row = load_dataset("latex-ocr-sample")[0]
+    (tmp_path / "x.png").write_bytes(row["images"][0]["bytes"])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url_row = {**row, "images": [{"bytes": None, "path": f"http://127.0.0.1:{server.server_port}/x.png"}]}
+        assert row_lengths([url_row, row], template) == [row_lengths([row], template)[0]] * 2
+    finally:
+        server.shutdown()
+
+
+def test_a_plan_with_no_trainable_row_is_an_error_not_an_endless_loop(tiny_model_dir, tmp_path):
+    from ocrtune.errors import UserError
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    run = SftRun(SftArgs(model=str(tiny_model_dir), dataset=["latex-ocr-sample#8"], max_length=32, packing=True,
+                         packing_tokens=512, check_dataset_strategy="none", max_steps=2, report_to=["none"],
+                         output_dir=str(tmp_path), dataset_test_ratio=0.0))
+    with pytest.raises(UserError, match="no training row fits"):
+        run.train()
+
+
+def test_a_shape_only_folder_is_never_split_over_gpus_in_one_process(tmp_path, monkeypatch):
+    import torch
+
+    from ocrtune.errors import UserError
+    from ocrtune.models.presets import build_preset
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    folder = build_preset("tiny", tmp_path / "meta_tiny", meta=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs visible, no torchrun
+    with pytest.raises(UserError, match="shape-only"):
+        SftRun(SftArgs(model=str(folder), dataset=["latex-ocr-sample#8"], max_steps=1, report_to=["none"],
+                       output_dir=str(tmp_path / "out"), dataset_test_ratio=0.0))

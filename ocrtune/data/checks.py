@@ -49,10 +49,11 @@ def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -
 
 
 def _reason_kind(problem: str) -> str:
-    for key in (TOO_LONG, "not found", "not a readable image", "pixels, over", "too large", "empty response", "is empty",
+    for key in (TOO_LONG, "an aspect ratio over", "once padded", "not found", "not a readable image", "pixels, over", "too large", "empty response", "is empty",
                 "not a string", "unknown role", "<image> tags", "URL", "folder"):
         if key in problem:
-            return {"pixels, over": "too many pixels", TOO_LONG: "longer than --max_length"}.get(key, key)
+            return {"pixels, over": "too many pixels", "once padded": "too many pixels", TOO_LONG: "longer than --max_length",
+                    "an aspect ratio over": "aspect ratio over 200:1"}.get(key, key)
     return problem[:40]
 
 

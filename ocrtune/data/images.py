@@ -151,7 +151,7 @@ def image_size(ref, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]
     ref = image_ref(ref)
     name = ref.get("path") or "image bytes"
     try:
-        w, h = Image.open(io.BytesIO(_read_bytes(ref, allow_urls=False))).size
+        w, h = Image.open(io.BytesIO(_read_bytes(ref))).size  # URLs too: the check pass fetched them already
     except BadImage:
         raise
     except Exception as e:

@@ -50,6 +50,15 @@ def maybe_relaunch(argv: list[str]) -> None:
     except ChildFailedError as e:
         print(f"error: {rank_failure(e)}", file=sys.stderr)
         sys.exit(_exit_code(e))
+    except Exception as e:  # the rendezvous failed before any rank ran: a taken port or an unreachable address
+        if type(e).__name__ not in ("DistNetworkError", "RendezvousError", "RendezvousConnectionError",
+                                    "RendezvousTimeoutError", "DistStoreError"):
+            raise
+        from ocrtune.errors import UserError
+        where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+        raise UserError(f"torchrun could not start its rendezvous at {where} ({str(e).splitlines()[0][:160]})",
+                        "set MASTER_PORT to a free port (another run may hold this one), and on several nodes "
+                        "MASTER_ADDR to node 0's reachable address") from None
     sys.exit(0)
 
 

@@ -179,6 +179,10 @@ class SftRun:
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
         self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded
+        if self.meta and self.device_map:
+            raise UserError(f"{weights} is a shape-only (random-init) model folder, built sharded per rank, and "
+                            f"--device_map {self.device_map} would split it in one process",
+                            "run it with NPROC_PER_NODE=<GPUs> and --fsdp 'full_shard auto_wrap', or pass --device_map none")
         if self.meta and self.resume is not None:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
@@ -353,6 +357,9 @@ class SftRun:
         position saved in checkpoints follow (with packing its length differs from epoch to epoch)."""
         acc = self.accelerator
         plan = plan_batches(self.train_ds, self.args, epoch, acc.process_index, acc.num_processes)
+        if not plan:  # every row measured 0 tokens (unreadable, or over --max_length): nothing to train on
+            raise UserError("no training row fits: every row is over --max_length or has an image that can't be read",
+                            "raise --max_length, or check the data with --check_dataset_strategy error")
         self._epoch_sizes[epoch] = len(plan)
         return plan
 

@@ -275,9 +275,10 @@ def one_shot(engine, args: InferArgs) -> str:
 
 # ---------------------------------------------------------------- dataset mode
 
-def load_eval_rows(args: InferArgs, info: dict):
+def load_eval_rows(args: InferArgs, info: dict, template=None):
     """(rows, label): the run's own validation split (`--load_dataset_config`, rebuilt exactly as sft
-    built it) or `--val_dataset`/`--dataset`."""
+    built it, rows over the run's --max_length dropped as sft dropped them when `template` is given)
+    or `--val_dataset`/`--dataset`."""
     from ocrtune.data.checks import check_dataset
     from ocrtune.data.loading import DEFAULT_TEST_RATIO, has_own_validation, load_datasets, validation_data
     if args.load_dataset_config:
@@ -298,7 +299,12 @@ def load_eval_rows(args: InferArgs, info: dict):
                                 "choose the data with --val_dataset or --dataset")
             label = (f"validation split of {', '.join(ra['dataset'])}" if ratio is None and has_own_validation(ra["dataset"])
                      else f"validation split of {', '.join(ra['dataset'])} (ratio {ratio or DEFAULT_TEST_RATIO}, seed {seed})")
-        return check_dataset(val, ra.get("check_dataset_strategy", "warning"), "validation data"), label
+        run_template = None
+        if template is not None and ra.get("max_length"):  # the run's length limit and image sizes
+            from ocrtune.models.template import Template
+            run_template = Template(template.processor, template.template, ra["max_length"], ra.get("system"))
+        return check_dataset(val, ra.get("check_dataset_strategy", "warning"), "validation data",
+                             template=run_template), label
     names = list(args.val_dataset or []) + list(args.dataset or [])
     return load_datasets(names, args.split, args.use_hf, args.seed), ", ".join(names)
 
@@ -380,7 +386,7 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
 
     from ocrtune.evaluate.metrics import compute_metrics, per_row_metrics
     from ocrtune.infer.progress import Progress
-    rows, label = load_eval_rows(args, info)
+    rows, label = load_eval_rows(args, info, engine.template)
     if len(rows) == 0:
         raise UserError(f"dataset {label} has no rows", "choose other data with --val_dataset or --dataset")
     path = _result_path(args, info)

@@ -297,8 +297,10 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
             w, h = im.size
             try:  # the size that will be allocated (after padding), checked before anything is decoded
                 check_size(w, h, max_pixels, "image")
-            except BadImage as e:
-                raise ApiError(400, f"{param}: {e}; send a smaller image", param, "image_too_large") from None
+            except BadImage as e:  # too many pixels, or a shape the processor refuses (the message says which)
+                too_large = "limit" in str(e)
+                raise ApiError(400, f"{param}: {e}" + ("; send a smaller image" if too_large else ""), param,
+                               "image_too_large" if too_large else "invalid_image") from None
             im.load()
             im = to_rgb(im)
     except ApiError:

@@ -139,10 +139,11 @@ def _torch_load(path: Path):
         raise corrupt(path, first_line(e)) from None
 
 
-def read_resume_state(ckpt: Path, train_type: str) -> dict:
+def read_resume_state(ckpt: Path, train_type: str, optimizer: bool = True) -> dict:
     """Every file of a checkpoint, read and checked before the run builds or writes anything, so a
     damaged one stops the resume with its name and changes nothing: trainer state, the adapter (LoRA)
-    or the weights' headers (full: loaded later by from_pretrained), optimizer, scheduler, RNG."""
+    or the weights' headers (full: loaded later by from_pretrained), optimizer, scheduler, RNG.
+    optimizer=False leaves optimizer.pt to another rank (sharded runs: rank 0 reads it and broadcasts)."""
     from safetensors.torch import load_file
     ckpt = Path(ckpt)
     state = {"trainer_state": load_trainer_state(ckpt)}
@@ -153,7 +154,8 @@ def read_resume_state(ckpt: Path, train_type: str) -> dict:
         if not any(ckpt.glob("*.safetensors")):
             raise corrupt(ckpt / "model.safetensors", "missing")
         check_weights(ckpt)
-    state.update({name: _torch_load(ckpt / name) for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt")})
+    names = ("optimizer.pt", "scheduler.pt", "rng_state.pt") if optimizer else ("scheduler.pt", "rng_state.pt")
+    state.update({name: _torch_load(ckpt / name) for name in names})
     return state
 
 

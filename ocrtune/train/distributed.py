@@ -154,13 +154,15 @@ def save_engine_state(acc, loss_module, ckpt: Path) -> None:
 
 def load_optimizer_state(acc, loss_module, optimizer, ckpt: Path, full: dict | None = None) -> None:
     """Resume sharded optimizer state after accelerate.prepare (the parameters are sharded by then);
-    `full`: the checkpoint's optimizer.pt, when the caller has read (and checked) it already."""
+    `full`: the checkpoint's optimizer.pt as rank 0 read (and checked) it; other ranks pass {} and get
+    their shards by broadcast, so one full copy is in host memory, not one per rank."""
     eng = engine_name(acc)
     if eng == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         if full is None:
-            full = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-        set_optimizer_state_dict(loss_module, _inner(optimizer), full, options=StateDictOptions(full_state_dict=True))
+            full = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu") if acc.is_main_process else {}
+        set_optimizer_state_dict(loss_module, _inner(optimizer), full,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     elif eng.startswith("zero"):
         if not (ckpt / DS_FOLDER).is_dir():
             raise UserError(f"{ckpt} has no DeepSpeed optimizer state ({DS_FOLDER}/)",

@@ -146,7 +146,10 @@ class SftRun:
         resume_state = None
         if self.resume is not None:  # everything is read and checked before anything is built or written
             args, note = ckpt_io.resume_args(args, self.resume)
-            resume_state = ckpt_io.read_resume_state(self.resume, args.train_type)
+            # sharded runs: the full optimizer state is read by rank 0 alone and broadcast into the shards
+            # (N full copies would not fit host memory for large full fine-tunes)
+            other_rank = bool(args.fsdp or args.deepspeed) and os.environ.get("RANK", "0") != "0"
+            resume_state = ckpt_io.read_resume_state(self.resume, args.train_type, optimizer=not other_rank)
             if os.environ.get("RANK", "0") == "0":  # the Accelerator (and its is_main_process) comes later
                 print(note, file=sys.stderr)
         self.args = args
@@ -220,7 +223,7 @@ class SftRun:
         if resume_state is not None:
             self.state.update(resume_state.pop("trainer_state"))
             if self.sharded:  # loaded into the shards after prepare, once the parameters are sharded
-                sharded_optimizer_state = resume_state.pop("optimizer.pt")
+                sharded_optimizer_state = resume_state.pop("optimizer.pt", {})
             ckpt_io.apply_states(self.resume, resume_state, self.optimizer, self.scheduler)
         if self.main:  # only once the run (and a resume) is set up: a failed resume leaves args.json as it was
             with open(self.run_dir / "args.json", "w") as f:

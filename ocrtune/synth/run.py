@@ -51,7 +51,8 @@ def read_formulas(arg_value: str, split: str, use_hf: bool, seed: int) -> list[s
         if "text" not in raw.column_names:
             raise UserError(f"--dataset {arg_value} has no `text` column (columns: {', '.join(raw.column_names)})",
                             "give formulas in a `text` column/key, or a .txt file with one formula a line")
-        texts = [t for t in raw.select_columns(["text"])["text"] if isinstance(t, str) and t.strip()]
+        column = raw.with_format("arrow")["text"].to_pylist()  # one list: a datasets Column is a lookup per element
+        texts = [t for t in column if isinstance(t, str) and t.strip()]
     if n is not None and n < len(texts):
         import random
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), n))]

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from ocrtune.errors import UserError
 
 try:
     import fcntl
@@ -70,3 +73,14 @@ def temp_dir_for(final: Path):
         yield tmp
     finally:
         os.close(fd)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", "restore the file from the run") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object", "restore the file from the run")
+    return data

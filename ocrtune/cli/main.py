@@ -22,7 +22,8 @@ ALIASES = {"deploy": "serve"}  # SWIFT's name for serving
 
 def _parser():
     from ocrtune.cli.parsing import OneLineParser, add_dataclass_args
-    from ocrtune.infer.args import ExportArgs, InferArgs
+    from ocrtune.export.args import ExportArgs
+    from ocrtune.infer.args import InferArgs
     from ocrtune.train.args import SftArgs
 
     from ocrtune import __version__
@@ -74,7 +75,7 @@ def run(argv: list[str]) -> int:
         from ocrtune.infer.cli import run_eval, run_infer
         (run_eval if cmd == "eval" else run_infer)(build(InferArgs, ns))
     elif cmd == "export":
-        from ocrtune.infer.args import ExportArgs
+        from ocrtune.export.args import ExportArgs
         from ocrtune.export.merge import run_export
         run_export(build(ExportArgs, ns))
     elif cmd == "serve":

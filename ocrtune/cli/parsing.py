@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 
+from ocrtune.args import given_flags  # noqa: F401  (moved; issue 14)
 from ocrtune.errors import UserError
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
@@ -103,15 +104,6 @@ def build(cls, namespace: argparse.Namespace):
     # a resumed run lets these, and only these, override its saved settings
     obj._given_flags = frozenset(f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name))
     return obj
-
-
-def given_flags(args) -> set[str]:
-    """Fields set explicitly: on the command line when `args` came from `build`, otherwise (built in
-    Python) those that differ from the dataclass defaults. Environment-variable defaults don't count."""
-    given = getattr(args, "_given_flags", None)
-    if given is not None:
-        return set(given)
-    return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
 
 
 def argv_or_default(argv):

@@ -1,6 +1,6 @@
 """Render check: do a prediction and its reference draw the same picture?
 
-Each formula is normalized (:func:`ocrtune.evaluate.metrics.normalize_latex`),
+Each formula is normalized (:func:`ocrtune.evaluate.latex.normalize_latex`),
 lightly rewritten for matplotlib's mathtext (which lacks some LaTeX commands),
 rendered as ``$...$`` with mathtext's Agg rasterizer at a fixed DPI and font
 size into a grayscale uint8 array (black ink on white, 255 = white), cropped
@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ocrtune.evaluate.metrics import normalize_latex, tokenize_latex
+from ocrtune.evaluate.latex import normalize_latex, tokenize_latex
 
 __all__ = [
     "RENDER_DPI",

@@ -26,16 +26,6 @@ def merged_dir_for(ckpt: Path) -> Path:
     return ckpt.parent / f"{ckpt.name}-merged"
 
 
-def _config_dtype(model_dir: Path):
-    """The dtype the base model's weights are stored in (config.json), fp32 if not stated."""
-    import torch
-    with open(model_dir / "config.json") as f:
-        cfg = json.load(f)
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") \
-        or (cfg.get("text_config") or {}).get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
-
-
 def _is_merged(out: Path) -> bool:
     return (out / MERGE_INFO).exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))
 
@@ -70,13 +60,13 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     import torch
     from peft import PeftModel
 
-    from ocrtune.infer.engine import DTYPES, pick_device
+    from ocrtune.models.dtypes import DTYPES, pick_device, stored_dtype
     from ocrtune.models.loading import load_model, load_processor
     from ocrtune.models.template import Template
 
     base_dir, spec = base_model(src, model, model_type, use_hf)
     if dtype in (None, "auto"):
-        torch_dtype = _config_dtype(base_dir)
+        torch_dtype = stored_dtype(base_dir)
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocrtune.errors import UserError
+from ocrtune.fileio import read_json  # noqa: F401  (moved; issue 14)
 
 log = logging.getLogger("ocrtune")
 
@@ -36,17 +37,6 @@ class Source:
     @property
     def run_dir(self) -> Path | None:
         return self.path.parent if (self.path.parent / RUN_ARGS).exists() else None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", "restore the file from the run") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object", "restore the file from the run")
-    return data
 
 
 def run_args_for(path: Path) -> dict:

@@ -1,9 +1,10 @@
-"""Arguments of `ocrtune infer`, `ocrtune eval` and `ocrtune export` (SWIFT's names)."""
+"""Arguments of `ocrtune infer` and `ocrtune eval` (SWIFT's names). `ExportArgs` lives in `ocrtune.export.args`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.train.args import arg
+from ocrtune.args import arg
+from ocrtune.export.args import ExportArgs  # noqa: F401  (moved; issue 14)
 
 
 @dataclass
@@ -31,12 +32,3 @@ class InferArgs:
     result_path: str | None = arg(None, "results jsonl (default: <ckpt_dir>/infer_result/<time>.jsonl)")
     dtype: str = arg("auto", "auto, bfloat16, float16 or float32", aliases=("--torch_dtype",))
     seed: int = arg(42, "seed for sampling and dataset sampling")
-
-
-@dataclass
-class ExportArgs:
-    ckpt_dir: str | None = arg(None, "LoRA checkpoint folder from ocrtune sft")
-    merge_lora: bool = arg(True, "merge the adapter into the base weights")
-    output_dir: str | None = arg(None, "where to write (default: <ckpt_dir>-merged)")
-    force: bool = arg(False, "overwrite an existing merged folder")
-    dtype: str = arg("auto", "weights dtype of the merged model: auto (the base's), bfloat16, float16, float32")

@@ -1,7 +1,7 @@
 """`ocrtune infer` (interactive, one-shot, or over a dataset) and `ocrtune eval` (a dataset + OCR metrics).
 
 What `--ckpt_dir` may be, and how the base model is found, is in `ocrtune.export.source`; merging is
-`ocrtune.export.merge`; device and dtype choice is `ocrtune.infer.engine.pick_device/pick_dtype`.
+`ocrtune.export.merge`; device and dtype choice is `ocrtune.models.dtypes.pick_device/pick_dtype`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.train.args import arg
+from ocrtune.args import arg
 
 
 @dataclass

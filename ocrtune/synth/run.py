@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ocrtune.errors import UserError
-from ocrtune.train.args import arg
+from ocrtune.args import arg
 
 MANIFEST = "synth_args.txt"  # not .json: a dataset folder's data files are found by suffix
 

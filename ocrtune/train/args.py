@@ -1,13 +1,10 @@
 """Arguments of `ocrtune sft`, with SWIFT's names (and their older aliases)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ocrtune.args import arg  # noqa: F401  (moved; issue 14)
 from ocrtune.errors import UserError
-
-
-def arg(default=None, help: str = "", aliases: tuple[str, ...] = (), choices=None, env: str | None = None):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "env": env})
 
 
 @dataclass

@@ -224,8 +224,8 @@ def resume_args(args, ckpt: Path):
     Returns (settings, the one line that says where they came from)."""
     import dataclasses
 
-    from ocrtune.cli.parsing import given_flags
-    from ocrtune.export.source import read_json
+    from ocrtune.args import given_flags
+    from ocrtune.fileio import read_json
     from ocrtune.train.args import validate
 
     path = Path(ckpt).parent / "args.json"

@@ -19,6 +19,7 @@ from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecati
 from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.errors import UserError
+from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (moved; issue 14)
 from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
                                     resolve_model, template_name)
 from ocrtune.models.template import IGNORE_INDEX, Template
@@ -33,13 +34,6 @@ log = logging.getLogger("ocrtune")
 
 
 # ---------------------------------------------------------------- set-up
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-            "float32": torch.float32, "fp32": torch.float32}[name]
-
 
 def new_run_dir(args: SftArgs, model_name: str) -> Path:
     base = Path(args.output_dir)
@@ -313,7 +307,7 @@ class SftRun:
         from accelerate.utils import gather_object
 
         from ocrtune.evaluate.metrics import compute_metrics
-        from ocrtune.infer.engine import InferEngine
+        from ocrtune.models.generate import InferEngine
         acc, rows = self.accelerator, self.val_ds.rows
         model = acc.unwrap_model(self.loss_module).model
         engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)

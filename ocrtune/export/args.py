@@ -1,0 +1,15 @@
+"""Arguments of `ocrtune export` (SWIFT's names). Moved from `ocrtune/infer/args.py` (issue 14), which re-exports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ocrtune.args import arg
+
+
+@dataclass
+class ExportArgs:
+    ckpt_dir: str | None = arg(None, "LoRA checkpoint folder from ocrtune sft")
+    merge_lora: bool = arg(True, "merge the adapter into the base weights")
+    output_dir: str | None = arg(None, "where to write (default: <ckpt_dir>-merged)")
+    force: bool = arg(False, "overwrite an existing merged folder")
+    dtype: str = arg("auto", "weights dtype of the merged model: auto (the base's), bfloat16, float16, float32")

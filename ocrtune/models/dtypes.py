@@ -1,0 +1,52 @@
+"""The dtype and device policy, in one place (issue 14).
+
+* Inference and export (`pick_dtype`): `auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU.
+* Training (`train_dtype`): `auto` = bf16 on CUDA with bf16 support, otherwise fp32 (never fp16:
+  training in fp16 without a loss scaler is not supported).
+* Merging (`stored_dtype`): `auto` = the dtype the base model's weights are stored in.
+
+`pick_device` is where inference decides where to run. Names accepted everywhere: `DTYPES`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    """The one place inference decides where to run: the current CUDA device if any, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU; otherwise the named dtype."""
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        from ocrtune.errors import UserError
+        raise UserError(f"unknown --dtype '{name}'", "use auto, bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def train_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def stored_dtype(model_dir: Path):
+    """The dtype the base model's weights are stored in (config.json), fp32 if not stated."""
+    import torch
+    with open(model_dir / "config.json") as f:
+        cfg = json.load(f)
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") \
+        or (cfg.get("text_config") or {}).get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)

@@ -1,0 +1,201 @@
+"""The package's import graph: every arrow points down the stage order, and nothing imports in a loop.
+
+Read from the source with `ast` (nothing under `ocrtune` is imported, so this runs in milliseconds and
+without torch). Imports inside functions count exactly like module-level ones: a lazy import hides a
+loop from Python, not from the reader.
+
+Stage order (lowest first; a unit may import units in lower layers only, never one in its own layer
+or above it). It follows the data flow in docs/ARCHITECTURE.md: records -> template -> tokens/pixels ->
+pack -> model -> loss -> checkpoint, then the commands that consume checkpoints.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "ocrtune"
+
+# A unit is a subpackage (`ocrtune/train/`) or a top-level module (`ocrtune/errors.py`).
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "fileio", "compat", "args"),    # foundation (args: `arg()`, given_flags, shared arg groups)
+    ("data", "evaluate", "plot"),              # records, images, packing; string metrics; run plots
+    ("models",),                               # registry, template, loading, dtype policy, generation (later: qwen_vl patches)
+    ("checkpoint",),                           # reserved: the one checkpoint-format module (write/read/resolve/merge info)
+    ("train",),                                # the sft recipe: writes checkpoints
+    ("export",),                               # merges checkpoints
+    ("infer",),                                # loads checkpoints, answers, evaluates datasets
+    ("serve", "synth"),                        # commands built on the layers above
+    ("cli",),                                  # argument parsing and dispatch
+    ("__main__",),                             # `python -m ocrtune`
+]
+# Units in the foundation layer may import each other in this order only (errors first).
+FOUNDATION_ORDER = ("errors", "fileio", "compat", "args")
+PACKAGE_ROOT = "__init__"  # ocrtune/__init__.py (version): importable from anywhere
+
+LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+
+
+def _unit_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "ocrtune":
+        return None
+    if len(parts) == 1:
+        return PACKAGE_ROOT
+    if not (PKG / parts[1]).is_dir() and not (PKG / f"{parts[1]}.py").exists():
+        return PACKAGE_ROOT  # `from ocrtune import __version__`
+    return parts[1]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path):
+    """(imported module or module.attr, line) for every import statement in `path`, any scope."""
+    name = _module_name(path)
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for alias in node.names:
+                yield f"{mod}.{alias.name}", node.lineno
+
+
+def _resolve_module(target: str) -> str:
+    """`ocrtune.a.b.attr` -> `ocrtune.a.b` (the module file that holds it)."""
+    parts = target.split(".")
+    for n in range(len(parts), 0, -1):
+        p = PKG.parent.joinpath(*parts[:n])
+        if p.with_suffix(".py").exists() or (p / "__init__.py").exists():
+            return ".".join(parts[:n])
+    return target
+
+
+def _graph():
+    """unit edges {(src, dst): [file:line]}, module edges {(src, dst): [file:line]}, units seen."""
+    units, module_edges = defaultdict(list), defaultdict(list)
+    seen = set()
+    for path in sorted(PKG.rglob("*.py")):
+        src_mod = _module_name(path)
+        src = _unit_of(src_mod)
+        seen.add(src)
+        where = f"{path.relative_to(PKG.parent)}"
+        for target, line in _imports(path):
+            dst = _unit_of(target)
+            if dst is None:
+                continue
+            dst_mod = _resolve_module(target)
+            if dst_mod != src_mod and f"{where}:{line}" not in module_edges[(src_mod, dst_mod)]:
+                module_edges[(src_mod, dst_mod)].append(f"{where}:{line}")
+            if dst != src and f"{where}:{line}" not in units[(src, dst)]:
+                units[(src, dst)].append(f"{where}:{line}")
+    return dict(units), dict(module_edges), seen
+
+
+def _cycles(edges) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan, iterative enough for ~60 nodes)."""
+    adj = defaultdict(set)
+    for a, b in edges:
+        adj[a].add(b)
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(adj[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted({a for a, _ in edges} | {b for _, b in edges}):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _allowed(src: str, dst: str) -> bool:
+    if dst == PACKAGE_ROOT:
+        return True
+    ls, ld = LAYER_OF[src], LAYER_OF[dst]
+    if ls == 0 and ld == 0:
+        return FOUNDATION_ORDER.index(dst) < FOUNDATION_ORDER.index(src)
+    return ld < ls
+
+
+def test_every_unit_has_a_layer():
+    _, _, seen = _graph()
+    missing = sorted(u for u in seen - {PACKAGE_ROOT} if u not in LAYER_OF)
+    assert not missing, (f"ocrtune units with no place in the stage order: {missing}; add each to LAYERS in "
+                         f"{Path(__file__).name} (lowest layer that holds everything it imports)")
+
+
+def test_imports_point_down_the_stage_order():
+    units, _, _ = _graph()
+    bad = []
+    for (src, dst), where in sorted(units.items()):
+        if src in LAYER_OF and (dst in LAYER_OF or dst == PACKAGE_ROOT) and not _allowed(src, dst):
+            how = "its own layer" if LAYER_OF[src] == LAYER_OF[dst] else "a higher stage"
+            bad.append(f"  {src} (layer {LAYER_OF[src]}) -> {dst} (layer {LAYER_OF[dst]}, {how}):\n"
+                       + "".join(f"      {w}\n" for w in where))
+    assert not bad, ("imports that run back up the stage order (move the imported code down, or invert the "
+                     "dependency):\n" + "".join(bad))
+
+
+def test_no_package_level_cycles():
+    units, _, _ = _graph()
+    cycles = _cycles(units)
+    lines = []
+    for comp in cycles:
+        lines.append(f"  cycle between {', '.join(comp)}:")
+        for (a, b), where in sorted(units.items()):
+            if a in comp and b in comp:
+                lines.append(f"    {a} -> {b}: {', '.join(where)}")
+    assert not cycles, "package-level import cycles:\n" + "\n".join(lines)
+
+
+def test_no_module_level_cycles():
+    _, modules, _ = _graph()
+    cycles = _cycles(modules)
+    lines = []
+    for comp in cycles:
+        lines.append(f"  cycle between {', '.join(comp)}:")
+        for (a, b), where in sorted(modules.items()):
+            if a in comp and b in comp:
+                lines.append(f"    {a} -> {b}: {', '.join(sorted(set(where)))}")
+    assert not cycles, "module-level import cycles:\n" + "\n".join(lines)
+
+
+@pytest.mark.parametrize("src,dst,ok", [("train", "models", True), ("models", "train", False),
+                                        ("train", "train", True), ("errors", "fileio", False),
+                                        ("fileio", "errors", True), ("serve", "synth", False)])
+def test_rule_itself(src, dst, ok):
+    assert (src == dst or _allowed(src, dst)) is ok

@@ -248,3 +248,51 @@ def test_a_taken_master_port_is_a_one_line_error(tmp_path, tiny_model_dir):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: torchrun could not start its rendezvous") and "MASTER_PORT" in last, last
     assert "Traceback" not in res.stderr and "report it" not in res.stderr
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_rank_whose_micro_batch_fails_to_encode_stays_in_step(tmp_path, tiny_model_dir, engine):
+    """--check_dataset_strategy none: a row whose image is missing reaches the loader and its one-row
+    micro-batch collates to None on rank 1 (in training and in evaluation). That rank runs a filler
+    pass (loss x 0, result dropped) instead of skipping its collectives (was: a hang)."""
+    import pyarrow.parquet as pq
+
+    from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
+    from ocrtune.train.data import epoch_batches
+    rows = pq.read_table(SAMPLE_DIR / "train.parquet").slice(0, 6).to_pylist()
+    recs = []
+    for i, r in enumerate(rows):
+        (tmp_path / f"{i}.png").write_bytes(r["image"]["bytes"])
+        recs.append({"query": "<image>" + OCR_PROMPT, "response": r["text"], "images": [str(tmp_path / f"{i}.png")]})
+    bad = {**recs[0], "images": [str(tmp_path / "missing.png")]}
+    train = recs[:4]
+    train[epoch_batches(4, 1, 5, 0, rank=1, world=2)[0][0]] = bad  # rank 1's first micro-batch of epoch 0
+    val = [recs[4], bad]  # even_batches: row 1 goes to rank 1
+    for name, rs in (("train", train), ("val", val)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    cmd = [sys.executable, "-m", "ocrtune", "sft", "--dataset", str(tmp_path / "train.jsonl"),
+           "--val_dataset", str(tmp_path / "val.jsonl"), "--check_dataset_strategy", "none", "--batch_size", "1",
+           "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--lora_dropout", "0",
+           "--report_to", "none", "--seed", "5", "--output_dir", str(tmp_path / "out")]
+    cmd += ["--fsdp", "full_shard auto_wrap"] if engine == "fsdp2" else []
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as errf:  # a file, not a pipe: a hung rank cannot block the read
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, env=env)
+        try:
+            proc.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its ranks (they run in their own sessions) on SIGTERM
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pytest.fail("the ranks fell out of step: the run hung")
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    run = next((tmp_path / "out" / "tiny").glob("v*-*"))
+    log = [json.loads(l) for l in (run / "logging.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    evals = [r for r in log if "eval_loss" in r]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
+    assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2

@@ -238,13 +238,34 @@ class SftRun:
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
 
     # -- one optimizer step over a group of micro-batches
-    def train_step(self, group: list[dict]) -> tuple[float, int, int, float]:
+    def train_step(self, group: list[dict | None]) -> tuple[float, int, int, float] | None:
+        """One optimizer step over `group`. A None micro-batch (every row of it failed to encode)
+        is dropped in a single process; with several processes every rank must make the same
+        collective calls (DDP's gradient all-reduce in backward, FSDP2/ZeRO-3's all-gathers in
+        every forward), so it runs a filler batch with its loss multiplied by 0 instead: no
+        gradient, no tokens, no loss or accuracy in the logs. Returns None (no step taken, on
+        every rank alike) when no rank has a real row in the group."""
         acc = self.accelerator
-        tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group), device=acc.device)
-        global_tokens = acc.reduce(tokens, "sum").item() if acc.num_processes > 1 else tokens.item()
+        multi = acc.num_processes > 1
+        real = [b is not None for b in group]
+        group = [b if ok else self._train_filler() for b, ok in zip(group, real)] if multi and not all(real) \
+            else [b for b in group if b is not None]
+        if not multi:
+            real = [True] * len(group)
+            if not group:
+                return None
+        tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, ok in zip(group, real) if ok),
+                              device=acc.device)
+        if multi:  # one all-reduce: the group's tokens and its real micro-batches, over all ranks
+            both = acc.reduce(torch.stack([tokens, torch.tensor(sum(real), device=acc.device)]), "sum")
+            global_tokens, global_real = int(both[0].item()), int(both[1].item())
+            if global_real == 0:
+                return None
+        else:
+            global_tokens = tokens.item()
         loss_sum, correct = 0.0, 0
         self.loss_module.train()
-        for i, batch in enumerate(group):
+        for i, (batch, ok) in enumerate(zip(group, real)):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             last = i == len(group) - 1
             # the group's end is the one gradient sync / optimizer step: DeepSpeed's engine steps
@@ -253,8 +274,9 @@ class SftRun:
             sync = contextlib.nullcontext() if last else acc.no_sync(self.loss_module)
             with sync, acc.autocast():
                 l, _, c = self.loss_module(**batch)
-                acc.backward(l * acc.num_processes / max(global_tokens, 1))
-            loss_sum, correct = loss_sum + l.detach().float(), correct + c
+                acc.backward(l * acc.num_processes / max(global_tokens, 1) if ok else l * 0)  # a filler: no gradient
+            if ok:
+                loss_sum, correct = loss_sum + l.detach().float(), correct + c
         acc.sync_gradients = True
         grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), self.args.max_grad_norm)
         grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed without clipping reports none
@@ -275,18 +297,41 @@ class SftRun:
                             "lower --learning_rate, check the data, or use --dtype float32")
         return loss_sum, int(tokens), int(correct), float(grad_norm)
 
+    def _train_filler(self) -> dict:
+        """A micro-batch to stand in for a None one: the last good batch this rank saw, else the
+        first row of the training data that encodes."""
+        if getattr(self, "_filler", None) is None:
+            self._filler = self._first_good(self.train_ds)
+        if self._filler is None:
+            raise UserError("no row of the training data can be encoded (too long or unreadable images)",
+                            "raise --max_length, or use --check_dataset_strategy warning to see the bad rows")
+        return self._filler
+
+    def _first_good(self, ds) -> dict | None:
+        """The first row of `ds` that encodes, collated as a one-row batch (None if no row does)."""
+        for i in range(len(ds)):
+            sample = ds[i]
+            if sample is not None:
+                return self.collator([sample])
+        return None
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         args, acc = self.args, self.accelerator
         self.loss_module.eval()
         loss, tokens, correct = 0.0, 0, 0
+        self._eval_filler = None
         bs = args.eval_batch_size or args.batch_size
         # each row once, no wrap-around; every rank the same number of forward passes (collectives under sharding)
         shares = dist.even_batches(len(self.val_ds), acc.process_index, acc.num_processes, bs)
         loader = make_loader(self.val_ds, [b for b, _ in shares], self.collator, args.dataloader_num_workers, False)
         for (_, real), batch in zip(shares, loader):
-            if batch is None:
-                continue
+            if batch is None:  # every row failed to encode: a filler pass keeps the ranks' forwards in step
+                if acc.num_processes == 1:
+                    continue
+                batch, real = self._eval_filler or self._first_good(self.val_ds) or self._train_filler(), False
+            else:
+                self._eval_filler = batch
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 l, n, c = self.loss_module(**batch)
@@ -419,13 +464,15 @@ class SftRun:
             for _ in range(args.gradient_accumulation_steps):
                 epoch, done, size, batch = next(stream)  # the stream's position is the one saved
                 st["epoch"], st["micro_batches_done"] = (epoch + 1, 0) if done >= size else (epoch, done)
+                group.append(batch)  # None kept: train_step decides (the same on every rank)
                 if batch is not None:
-                    group.append(batch)
+                    self._filler = batch
                 if done >= size:  # a group never spans two epochs
                     break
-            if not group:
+            out = self.train_step(group)
+            if out is None:  # no rank had a row that encodes: no step
                 continue
-            loss, tokens, correct, grad_norm = self.train_step(group)
+            loss, tokens, correct, grad_norm = out
             st["global_step"] += 1
             a = st["log_acc"]
             st["log_acc"] = [a[0] + loss, a[1] + tokens, a[2] + correct, a[3] + grad_norm, a[4] + 1]

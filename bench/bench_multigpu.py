@@ -46,6 +46,24 @@ SAMPLE = ROOT / "ocrtune" / "data" / "sample"
 
 # ---------------------------------------------------------------- worker (inside torchrun)
 
+def timed_steps(run, n: int, count_steps: bool = False) -> list[dict]:
+    """`n` optimizer steps of one micro-batch each, each timed between device syncs (peak memory reset first);
+    count_steps advances the run's global_step as its loop would (the 72B case saves through run.save)."""
+    import bench_sft as bs
+    bs._reset_mem()
+    stream, steps = run.micro_batches(), []
+    for _ in range(n):
+        bs._sync()
+        t = time.perf_counter()
+        batch = next(stream)[-1]  # (epoch, done, size, batch)
+        loss, tokens = run.train_step([batch])[:2]
+        bs._sync()
+        steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})
+        if count_steps:
+            run.state["global_step"] += 1
+    return steps
+
+
 def worker_throughput(a):
     import torch
     import torch.distributed as tdist
@@ -67,15 +85,7 @@ def worker_throughput(a):
         b = {k: v.to(acc.device) for k, v in pack(fixed, 0).items()}
         l, n, _ = run.loss_module(**b)
     check = float(l) / int(n)
-    bs._reset_mem()
-    stream, steps = run.micro_batches(), []
-    for _ in range(a.steps + a.warmup):
-        bs._sync()
-        t = time.perf_counter()
-        batch = next(stream)[-1]  # (epoch, done, size, batch)
-        loss, tokens = run.train_step([batch])[:2]
-        bs._sync()
-        steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})
+    steps = timed_steps(run, a.steps + a.warmup)
     timed = steps[a.warmup:]
     wall = sum(s["time"] for s in timed)
     mine = {"samples": sum(s["samples"] for s in timed), "tokens": sum(s["tokens"] for s in timed), **bs._mem()}
@@ -108,16 +118,7 @@ def worker_72b(a):
     run = bs.make_ocrtune_run(a, a.steps + a.warmup, a.packing_tokens, overrides)
     setup = time.perf_counter() - t0
     acc = run.accelerator
-    bs._reset_mem()
-    stream, steps = run.micro_batches(), []
-    for _ in range(a.steps + a.warmup):
-        bs._sync()
-        t = time.perf_counter()
-        batch = next(stream)[-1]  # (epoch, done, size, batch)
-        loss, tokens = run.train_step([batch])[:2]
-        bs._sync()
-        steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})
-        run.state["global_step"] += 1
+    steps = timed_steps(run, a.steps + a.warmup, count_steps=True)
     t = time.perf_counter()
     run.save(None)
     save_s = time.perf_counter() - t

@@ -7,7 +7,7 @@ from collections import Counter
 import datasets
 
 from ocrtune.data.images import BadImage, open_image
-from ocrtune.data.parallel import auto_num_proc
+from ocrtune.data.parallel import auto_num_proc, column_list
 from ocrtune.errors import UserError
 
 log = logging.getLogger("ocrtune")
@@ -67,12 +67,11 @@ def check_dataset(ds: datasets.Dataset, strategy: str, source: str = "dataset", 
     if strategy not in STRATEGIES:
         raise UserError(f"bad --check_dataset_strategy '{strategy}'", f"choose one of {', '.join(STRATEGIES)}")
     if strategy != "none":
-        # per-row columns come back as one arrow list each: indexing a `datasets` Column is a table
-        # lookup per element (minutes at 400k rows)
         problems = ds.map(lambda r: {"_problem": row_problem(r, template=template) or ""},
                           remove_columns=ds.column_names, num_proc=num_proc or auto_num_proc(len(ds)),
-                          desc=f"checking {source}").data.column("_problem").to_pylist()
-        rows = ds.with_format("arrow")["_row"].to_pylist() if "_row" in ds.column_names else range(len(ds))
+                          desc=f"checking {source}")
+        problems = column_list(problems, "_problem")
+        rows = column_list(ds, "_row") if "_row" in ds.column_names else range(len(ds))
         bad = [(i, row, p) for i, (row, p) in enumerate(zip(rows, problems)) if p]
         broken = [b for b in bad if TOO_LONG not in b[2]]
         if broken and strategy == "error":

@@ -42,6 +42,7 @@ class SynthArgs:
 def read_formulas(arg_value: str, split: str, use_hf: bool, seed: int) -> list[str]:
     """The `text` of every row of a dataset argument (images are never decoded)."""
     from ocrtune.data.loading import load_raw, parse_dataset_arg
+    from ocrtune.data.parallel import column_list
     name, n = parse_dataset_arg(arg_value)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".txt" and path.is_file():
@@ -51,8 +52,7 @@ def read_formulas(arg_value: str, split: str, use_hf: bool, seed: int) -> list[s
         if "text" not in raw.column_names:
             raise UserError(f"--dataset {arg_value} has no `text` column (columns: {', '.join(raw.column_names)})",
                             "give formulas in a `text` column/key, or a .txt file with one formula a line")
-        column = raw.with_format("arrow")["text"].to_pylist()  # one list: a datasets Column is a lookup per element
-        texts = [t for t in column if isinstance(t, str) and t.strip()]
+        texts = [t for t in column_list(raw, "text") if isinstance(t, str) and t.strip()]
     if n is not None and n < len(texts):
         import random
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), n))]

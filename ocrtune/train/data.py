@@ -8,7 +8,7 @@ import random
 import torch
 
 from ocrtune.data.images import BadImage, image_size, open_image
-from ocrtune.data.parallel import auto_num_proc
+from ocrtune.data.parallel import auto_num_proc, column_list
 from ocrtune.models.template import SampleTooLong, Template, collate
 
 log = logging.getLogger("ocrtune")
@@ -81,8 +81,7 @@ def row_lengths(rows, template: Template, num_proc: int | None = None) -> list[i
                                                for m, i in zip(batch["messages"], batch["images"])]},
                    batched=True, batch_size=1000, num_proc=num_proc, remove_columns=rows.column_names,
                    desc="measuring sample lengths", new_fingerprint=_lengths_fingerprint(rows, template))
-    # the arrow column as one list: indexing a `datasets` Column costs a table lookup per element
-    return out.data.column("_length").to_pylist()
+    return column_list(out, "_length")
 
 
 def _lengths_fingerprint(rows, template: Template) -> str:

@@ -398,24 +398,23 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
         from ocrtune.evaluate.render import render_match
     preds, refs, failed = [], [], 0
     start = time.time()
+    # the engine sorts rows by length, encodes ahead in threads and answers batch by batch out of
+    # order; lines are written in row order as soon as every row before them is answered
+    answers: dict[int, object] = {}
+    written = 0
     with _open_result(path) as out, Progress(len(rows), "infer", every_s=PROGRESS_EVERY_S) as bar:
-        for s in range(0, len(rows), args.infer_batch_size):
-            chunk = [rows[i] for i in range(s, min(s + args.infer_batch_size, len(rows)))]
-            encoded, errors = [], {}
-            for j, row in enumerate(chunk):
-                try:
-                    encoded.append(engine.encode_prompt(row))
-                except (BadImage, ValueError) as e:
-                    errors[j] = " ".join(str(e).split())
-            answers = iter(engine.generate(encoded, **gen) if encoded else [])
-            for j, row in enumerate(chunk):
+        for i, answer in engine.iter_answers(rows, args.infer_batch_size, **gen):
+            answers[i] = answer
+            bar.update(1)
+            while written in answers:
+                row, res = rows[written], answers.pop(written)
                 ref = _reference(row)
-                rec = {"index": s + j, "image": _image_label(row), "query": _query(row), "reference": ref}
-                if j in errors:
+                rec = {"index": written, "image": _image_label(row), "query": _query(row), "reference": ref}
+                if isinstance(res, BaseException):
                     failed += 1
-                    rec.update(prediction=None, error=errors[j])
+                    rec.update(prediction=None, error=" ".join(str(res).split()))
                 else:
-                    pred = next(answers)
+                    pred = res.text
                     rec["prediction"] = pred
                     if ref is not None:
                         rec.update({k: round(v, 6) if isinstance(v, float) else v
@@ -425,8 +424,8 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
                         preds.append(pred)
                         refs.append(ref)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += 1
             out.flush()
-            bar.update(len(chunk))
     summary = {}
     if refs:
         names = [m for m in metrics if m != "token_acc"]

@@ -3,21 +3,60 @@
 Moved from `ocrtune/infer/engine.py` (issue 14) so that training (`--predict_with_generate`), `infer`
 and `serve` all use it from the `models` layer; `ocrtune.infer.engine` still re-exports every name.
 The device/dtype choice is `ocrtune.models.dtypes`.
+
+The fast path (issue 16), used by `ocrtune eval`, dataset-mode `infer`, `serve`'s batcher and
+evaluation during training:
+
+* `iter_answers`/`answer_rows` sort the rows by prompt length (image tokens + text, estimated from
+  the image headers) so a batch holds little padding, and hand the answers back by row index;
+* the prompts of the next batches are encoded (image decode + image processor + tokenizer) by a
+  thread pool while the model generates the current batch;
+* greedy decoding runs `_greedy`: a loop over the model's forward with its KV cache that drops rows
+  once they emitted a stop token (the cache, attention mask, M-RoPE positions and prompt ids of the
+  rows left are index-selected), and checks for finished rows every `check_every` steps only (one
+  host sync per check; tokens after a row's stop token are cut off, they never change other rows).
+  It feeds the model exactly what `model.generate` feeds it (3D M-RoPE positions from the model's
+  own `get_rope_index`, positions +1 per step, `logits_to_keep=1` in the prefill, argmax over the
+  float32 logits, the generation config's repetition penalty), so greedy outputs are the same tokens.
+  Sampling, beam search, sharded models (`synced_gpus`), and generation configs with logits
+  processors it does not reproduce use `model.generate`.
 """
 from __future__ import annotations
 
+import inspect
+import logging
+import os
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from ocrtune.data.images import open_image
+from ocrtune.data.images import image_size, open_image
 from ocrtune.models.template import Template
+
+log = logging.getLogger("ocrtune")
+
+# generation-config fields whose non-default values add logits processors `_greedy` does not
+# reproduce: such a model decodes through `model.generate` (repetition_penalty is reproduced)
+_UNSUPPORTED_PROCESSORS = {"no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
+                           "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+                           "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                           "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+                           "exponential_decay_length_penalty": (None,), "stop_strings": (None,),
+                           "encoder_no_repeat_ngram_size": (None, 0), "epsilon_cutoff": (None, 0.0)}
 
 
 def _is_image(x) -> bool:
     return hasattr(x, "size") and hasattr(x, "convert") and not isinstance(x, dict)
+
+
+def default_workers() -> int:
+    """Threads that encode prompts ahead of the model: the cores, at most 8 (image decode and the
+    image processor release the GIL for most of their time)."""
+    return max(1, min(8, (os.cpu_count() or 2)))
 
 
 class _StopOnEvent:
@@ -38,25 +77,93 @@ class Answer:
 
 
 class InferEngine:
-    def __init__(self, model, processor, template: Template):
+    """Generation over a model + template. `fast=False` decodes every batch with `model.generate`
+    (no row dropping); `workers` threads encode prompts ahead of the model (0: encode inline);
+    `check_every` is how many decoding steps pass between checks for finished rows."""
+
+    def __init__(self, model, processor, template: Template, fast: bool = True, workers: int | None = None,
+                 check_every: int = 4):
         self.model, self.processor, self.template = model, processor, template
         self.tokenizer = processor.tokenizer
+        self.fast, self.check_every = fast, max(1, check_every)
+        self.workers = default_workers() if workers is None else max(0, workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._fast_off: str | None = None  # why the fast loop is off for this model (set once, logged once)
+        self._length_cache: dict = {}
+        self.last_path: str | None = None  # "fast" or "generate": how the last batch was decoded
+        self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0}
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
+    # ---------------------------------------------------------------- prompts
+
     def encode_prompt(self, record: dict) -> dict:
         """One record's prompt (all messages but a final assistant reply), encoded for generation.
         Raises BadImage for an unusable image."""
         images = [im if _is_image(im) else open_image(im) for im in record.get("images") or []]
-        msgs = record["messages"]
-        prompt = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
-        return self.template.encode(prompt, images, add_generation_prompt=True)
+        return self.template.encode(_prompt(record), images, add_generation_prompt=True)
+
+    def prompt_length(self, record: dict) -> int:
+        """The prompt's token count (images included) from the image headers alone, for sorting rows
+        by length; 0 where it can't be told cheaply (URLs, unreadable images: encoding reports those)."""
+        try:
+            sizes = []
+            for im in record.get("images") or []:
+                if _is_image(im):
+                    sizes.append(im.size)
+                else:
+                    path = im if isinstance(im, str) else (im.get("path") if isinstance(im, dict) else None)
+                    if isinstance(path, str) and path.startswith(("http://", "https://")) and not (
+                            isinstance(im, dict) and im.get("bytes")):
+                        return 0  # never fetch a URL twice just to sort
+                    sizes.append(image_size(im))
+            msgs = _prompt(record)
+            counts = tuple(self.template.image_token_count(w, h) for w, h in sizes)
+            key = (tuple((m["role"], m["content"]) for m in msgs), counts)
+            if key not in self._length_cache:
+                if len(self._length_cache) > 100_000:
+                    self._length_cache.clear()
+                self._length_cache[key] = self.template.token_count(msgs, list(sizes))
+            return self._length_cache[key]
+        except Exception:
+            return 0
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.workers <= 0:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ocrtune-encode")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the encoding threads (they also end with the process)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def _encode_all(self, records: list[dict]) -> list[dict]:
+        """Encoded prompts of `records` (already encoded ones pass through), in parallel when there are
+        several; the first failing record's exception is raised."""
+        todo = [i for i, r in enumerate(records) if "input_ids" not in r]
+        pool = self._executor() if len(todo) > 1 else None
+        out = list(records)
+        if pool is None:
+            for i in todo:
+                out[i] = self.encode_prompt(records[i])
+            return out
+        futures = {i: pool.submit(self.encode_prompt, records[i]) for i in todo}
+        for i in todo:
+            out[i] = futures[i].result()
+        return out
 
     def _batch(self, records: list[dict]) -> dict:
         """Left-padded prompts (generation appends on the right)."""
-        encoded = [r if "input_ids" in r else self.encode_prompt(r) for r in records]
+        encoded = self._encode_all(records)
         n = max(len(e["input_ids"]) for e in encoded)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(encoded), n), pad, dtype=torch.long)
@@ -64,8 +171,8 @@ class InferEngine:
         types = torch.zeros((len(encoded), n), dtype=torch.long)
         for i, e in enumerate(encoded):
             k = len(e["input_ids"])
-            ids[i, n - k:] = torch.tensor(e["input_ids"])
-            types[i, n - k:] = torch.tensor(e["mm_token_type_ids"])
+            ids[i, n - k:] = torch.as_tensor(e["input_ids"])
+            types[i, n - k:] = torch.as_tensor(e["mm_token_type_ids"])
             mask[i, n - k:] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
         vis = [e for e in encoded if "pixel_values" in e]
@@ -73,7 +180,12 @@ class InferEngine:
             dtype = next(self.model.parameters()).dtype
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in vis]).to(dtype)
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in vis])
-        return {k: v.to(self.device) for k, v in batch.items()}
+        device = self.device
+        if device.type == "cuda":
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- settings
 
     def stop_ids(self) -> list[int]:
         ids = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.pad_token_id]
@@ -95,34 +207,202 @@ class InferEngine:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def _hf_model(self):
+        """The transformers model under a PEFT wrapper (LoRA layers are injected in place, so its
+        forward runs the adapter too)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def fast_reason(self, temperature: float | None = 0.0, num_beams: int = 1) -> str | None:
+        """None when greedy decoding can use `_greedy`; otherwise why `model.generate` is used."""
+        if not self.fast:
+            return "fast=False"
+        if temperature and temperature > 0:
+            return "sampling"
+        if num_beams and num_beams > 1:
+            return "beam search"
+        if getattr(self.model, "synced_gpus", False):
+            return "sharded model (synced_gpus: every rank must run the same forward passes)"
+        if self._fast_off:
+            return self._fast_off
+        hf = self._hf_model()
+        if not hasattr(getattr(hf, "model", None), "get_rope_index"):
+            return f"{type(hf).__name__} has no model.get_rope_index (not a Qwen-VL model)"
+        cfg = getattr(hf, "generation_config", None)
+        for name, defaults in _UNSUPPORTED_PROCESSORS.items():
+            v = getattr(cfg, name, None)
+            if v not in defaults and not (isinstance(v, (list, dict)) and not v):
+                return f"generation_config.{name}={v!r}"
+        return None
+
+    # ---------------------------------------------------------------- generation
+
     def generate(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[str]:
         """Answers for a batch of records (or already encoded prompts), in order."""
         return [a.text for a in self.generate_answers(records, max_new_tokens, **kw)]
 
     @torch.no_grad()
-    def generate_answers(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[Answer]:
-        """Like `generate`, with each answer's generated token count and why it ended."""
+    def generate_answers(self, records: list[dict], max_new_tokens: int = 512, temperature: float = 0.0,
+                         top_p: float = 1.0, num_beams: int = 1) -> list[Answer]:
+        """Like `generate`, with each answer's generated token count and why it ended. The records
+        are one batch as given (`answer_rows` sorts and batches many rows)."""
         was_training = self.model.training
         self.model.eval()
         try:
             batch = self._batch(records)
-            out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, **kw))
+            why = self.fast_reason(temperature, num_beams)
+            if why is None:
+                try:
+                    answers = self._greedy(batch, max_new_tokens)
+                    self.last_path = "fast"
+                    self.stats["fast_batches"] += 1
+                    return answers
+                except (TypeError, AttributeError, KeyError, NotImplementedError) as e:  # an API this transformers lacks
+                    self._fast_off = f"the fast greedy loop failed ({type(e).__name__}: {e})"
+                    log.warning("%s; decoding with model.generate from now on", self._fast_off)
+            out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, temperature, top_p, num_beams))
+            self.last_path = "generate"
+            self.stats["generate_batches"] += 1
         finally:
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
 
     def _answer(self, new_ids) -> Answer:
-        """Rows that ended early are padded after their stop token: count up to and including it."""
-        ids, stops = new_ids.tolist(), set(self.stop_ids())
+        """Count up to and including the first stop token; what follows it (generate's padding, or
+        the tokens a row made before `_greedy` noticed it had ended) is not part of the answer."""
+        ids, stops = [int(t) for t in new_ids], set(self.stop_ids())
         end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
-        return Answer(self.decode(new_ids), end if end is not None else len(ids), "stop" if end is not None else "length")
+        kept = ids if end is None else ids[:end]
+        return Answer(self.decode(kept), end if end is not None else len(ids), "stop" if end is not None else "length")
+
+    def _prompt_positions(self, hf, batch: dict) -> torch.Tensor:
+        """[3, batch, length] M-RoPE positions of the left-padded prompts, as `generate` computes them."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "image_grid_thw" in batch:
+            rope = hf.model.get_rope_index
+            params = inspect.signature(rope).parameters
+            kw = {"image_grid_thw": batch["image_grid_thw"], "attention_mask": mask}
+            if "mm_token_type_ids" in params:
+                kw["mm_token_type_ids"] = batch["mm_token_type_ids"]
+            pos = rope(ids, **kw)[0]
+        else:
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
+        return pos.to(ids.device)
+
+    def _greedy(self, batch: dict, max_new_tokens: int) -> list[Answer]:
+        """Greedy decoding with finished rows dropped from the batch (see the module docstring)."""
+        hf = self._hf_model()
+        params = inspect.signature(hf.forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        dev, rows = ids.device, ids.shape[0]
+        stops = torch.tensor(self.stop_ids(), device=dev)
+        penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
+        penalty = penalty if penalty not in (None, 1.0) else None
+        pos = self._prompt_positions(hf, batch)
+        prefill = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        if "logits_to_keep" in params:
+            prefill["logits_to_keep"] = 1
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill)
+        cache = _cache_of(out)
+        history = ids if penalty else None  # the tokens the repetition penalty looks at (padding included, as generate)
+        gen = torch.empty((rows, max_new_tokens), dtype=torch.long, device=dev)
+        gen[:, 0] = _next_token(out.logits, history, penalty)
+        live = torch.arange(rows, device=dev)  # original row of each row still in the batch
+        last = pos[:, :, -1:]
+        done: dict[int, torch.Tensor] = {}
+        step = 1
+        while step < max_new_tokens:
+            if step % self.check_every == 0:
+                ended = torch.isin(gen[:, :step], stops).any(dim=1)
+                n_ended = int(ended.sum())
+                if n_ended == len(live):
+                    break
+                if n_ended and n_ended >= max(1, len(live) // 8):
+                    keep = (~ended).nonzero().squeeze(1)
+                    for j in ended.nonzero().squeeze(1).tolist():
+                        done[int(live[j])] = gen[j, :step]
+                    self.stats["rows_dropped_early"] += n_ended
+                    gen, mask, last, live = gen[keep], mask[keep], last[:, keep], live[keep]
+                    history = history[keep] if history is not None else None
+                    _select_rows(cache, keep)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            last = last + 1
+            if history is not None:
+                history = torch.cat([history, gen[:, step - 1:step]], dim=1)
+            out = hf(input_ids=gen[:, step - 1:step], attention_mask=mask, position_ids=last, use_cache=True,
+                     **{cache_kw: cache})
+            cache = _cache_of(out)
+            gen[:, step] = _next_token(out.logits, history, penalty)
+            step += 1
+        for j, r in enumerate(live.tolist()):
+            done[r] = gen[j, :step]
+        del cache, out
+        return [self._answer(done[r].tolist()) for r in range(rows)]
+
+    # ---------------------------------------------------------------- many rows
+
+    def iter_answers(self, rows, batch_size: int = 8, max_new_tokens: int = 512, sort: bool = True,
+                     prefetch: int = 2, **kw) -> Iterator[tuple[int, Answer | BaseException]]:
+        """(row index, Answer) for every row of `rows` (a list or any indexable dataset), batch by
+        batch as they finish, not in row order. Rows are sorted by prompt length (longest first, so
+        running out of memory shows at once) and encoded `prefetch` batches ahead by the thread pool.
+        A row that can't be encoded (bad image, too long) yields its exception instead of an Answer;
+        a failure of generation itself is raised."""
+        n = len(rows)
+        order = list(range(n))
+        if sort and n > batch_size:
+            lengths = [self.prompt_length(rows[i]) for i in order]
+            order.sort(key=lambda i: -lengths[i])
+        batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        pool = self._executor()
+        pending: deque = deque()
+
+        def submit(b):
+            if pool is None:
+                return [(i, None) for i in b]
+            return [(i, pool.submit(_try, self.encode_prompt, rows[i])) for i in b]
+
+        nxt = 0
+        while nxt < len(batches) and len(pending) < 1 + prefetch:
+            pending.append(submit(batches[nxt]))
+            nxt += 1
+        try:
+            while pending:
+                jobs = pending.popleft()
+                if nxt < len(batches):  # keep the pool `prefetch` batches ahead while this one generates
+                    pending.append(submit(batches[nxt]))
+                    nxt += 1
+                encoded, index = [], []
+                for i, fut in jobs:
+                    res = fut.result() if fut is not None else _try(self.encode_prompt, rows[i])
+                    if isinstance(res, BaseException):
+                        yield i, res
+                    else:
+                        encoded.append(res)
+                        index.append(i)
+                if encoded:
+                    yield from zip(index, self.generate_answers(encoded, max_new_tokens, **kw))
+        finally:
+            for jobs in pending:
+                for _, fut in jobs:
+                    if fut is not None:
+                        fut.cancel()
+
+    def answer_rows(self, rows, batch_size: int = 8, max_new_tokens: int = 512, **kw) -> list[Answer | BaseException]:
+        """`iter_answers` in row order."""
+        out: list = [None] * len(rows)
+        for i, a in self.iter_answers(rows, batch_size, max_new_tokens, **kw):
+            out[i] = a
+        return out
 
     def generate_rows(self, rows, batch_size: int = 8, max_new_tokens: int = 512, **kw) -> list[str]:
-        preds = []
-        for s in range(0, len(rows), batch_size):
-            chunk = [rows[i] for i in range(s, min(s + batch_size, len(rows)))]
-            preds += self.generate(chunk, max_new_tokens, **kw)
-        return preds
+        """Answer texts in row order; the first row that can't be encoded raises its error."""
+        answers = self.answer_rows(rows, batch_size, max_new_tokens, **kw)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        return [a.text for a in answers]
 
     def stream(self, record: dict, max_new_tokens: int = 512, stop: threading.Event | None = None,
                usage: dict | None = None, **kw) -> Iterator[str]:
@@ -158,3 +438,39 @@ class InferEngine:
         if usage is not None and outputs:
             answer = self._answer(outputs[0][0, batch["input_ids"].shape[1]:])
             usage.update(tokens=answer.tokens, finish_reason=answer.finish_reason)
+
+
+def _prompt(record: dict) -> list[dict]:
+    msgs = record["messages"]
+    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # handed to the caller as the row's result
+        return e
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only rows `keep` of a KV cache (DynamicCache in transformers 4.5x-5.x)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+    else:
+        cache.reorder_cache(keep)
+
+
+def _next_token(logits: torch.Tensor, history: torch.Tensor | None, penalty: float | None) -> torch.Tensor:
+    """Greedy choice from the last position's logits, in float32 as `generate` takes it, with
+    transformers' RepetitionPenaltyLogitsProcessor applied first when the generation config has one."""
+    scores = logits[:, -1, :].float()
+    if penalty is not None and history is not None:
+        picked = torch.gather(scores, 1, history)
+        picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+        scores = scores.scatter(1, history, picked)
+    return scores.argmax(dim=-1)

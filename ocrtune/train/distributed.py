@@ -251,7 +251,11 @@ def full_params(module):
 
 class SyncedGenerate:
     """The model, with generate(synced_gpus=True): a rank that reached EOS keeps joining the forward
-    passes until every rank is done (required by FSDP2 and ZeRO-3, where a forward is a collective)."""
+    passes until every rank is done (required by FSDP2 and ZeRO-3, where a forward is a collective).
+    `synced_gpus` tells InferEngine to keep `generate` (its own loop drops rows, which would leave
+    ranks running different numbers of forward passes)."""
+
+    synced_gpus = True
 
     def __init__(self, model):
         self._model = model

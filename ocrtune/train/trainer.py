@@ -363,9 +363,12 @@ class SftRun:
         amp = acc.unwrap_model(self.loss_module)._autocast_dtype()
         cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
         with dist.full_params(self.loss_module), cast:
-            for batch, real in dist.even_batches(len(rows), acc.process_index, acc.num_processes, bs):
-                preds = engine.generate([rows[i] for i in batch], self.args.max_new_tokens)
-                mine += list(zip(batch, preds)) if real else []
+            if acc.num_processes == 1:  # the inference engine's length-sorted, encoded-ahead batches
+                mine = list(enumerate(engine.generate_rows(rows, bs, self.args.max_new_tokens)))
+            else:
+                for batch, real in dist.even_batches(len(rows), acc.process_index, acc.num_processes, bs):
+                    preds = engine.generate([rows[i] for i in batch], self.args.max_new_tokens)
+                    mine += list(zip(batch, preds)) if real else []
         pairs = dict(gather_object(mine)) if acc.num_processes > 1 else dict(mine)
         preds = [pairs[i] for i in range(len(rows))]
         refs = [r["messages"][-1]["content"] for r in rows]

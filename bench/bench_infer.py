@@ -51,8 +51,8 @@ def load(a):
     import torch
 
     from ocrtune.models.dtypes import pick_device
-    from ocrtune.models.loading import load_model, load_processor, resolve_model, template_name
-    from ocrtune.models.presets import PRESETS, build_preset, preset_path
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.presets import build_preset, preset_path
     from ocrtune.models.template import Template
     device = torch.device(a.device) if a.device else pick_device()
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -71,14 +71,20 @@ def load(a):
                                                             attn_implementation=a.attn)
         info.update(weights="random", build_s=round(time.time() - t, 1), folder=str(folder))
         processor_dir, tmpl = folder, "qwen2_vl"
-    else:
-        path, spec = resolve_model(a.model) if a.model not in PRESETS else (None, None)
-        if a.model in PRESETS:
-            from ocrtune.models.presets import ensure_preset
-            path = ensure_preset(a.model)
-        model = load_model(path, dtype, attn_impl=a.attn, device=device)
-        info.update(weights=str(path))
-        processor_dir, tmpl = path, template_name(path, spec)
+    else:  # presets, hub ids, model folders and ocrtune checkpoints (LoRA or merged): as `ocrtune infer` loads them
+        try:
+            from ocrtune.infer.load import load_for_inference  # after issue 14's infer/cli.py split
+        except ImportError:
+            from ocrtune.infer.cli import load_for_inference
+        from ocrtune.infer.args import InferArgs
+        folder = Path(a.model).expanduser()
+        args = InferArgs(ckpt_dir=str(folder), dtype=a.dtype) if folder.is_dir() else InferArgs(model=a.model, dtype=a.dtype)
+        args.max_pixels = a.max_pixels
+        engine, loaded = load_for_inference(args)
+        info.update(weights=loaded.get("ckpt_dir") or loaded.get("model_dir"), kind=loaded.get("kind"),
+                    template=loaded["template"], dtype=loaded["dtype"], attn=engine.model.config._attn_implementation,
+                    max_pixels=engine.processor.image_processor.size.get("longest_edge"))
+        return engine.model, engine.processor, engine.template, info
     model.eval()
     model.requires_grad_(False)
     processor = load_processor(processor_dir)
@@ -167,6 +173,21 @@ def fp32_check(a, engine, rows) -> dict:
                 torch.cuda.empty_cache()
 
 
+def compiled_run(a, model, processor, template, rows, base) -> dict:
+    """InferEngine(compile=True): a first untimed pass compiles, the second is timed."""
+    from ocrtune.models.generate import InferEngine
+    engine = InferEngine(model, processor, template, workers=a.workers, compile=True)
+    try:
+        _, first = timed(engine.device, lambda: engine.answer_rows(rows, a.batch_size, a.max_new_tokens))
+        ours, t = timed(engine.device, lambda: engine.answer_rows(rows, a.batch_size, a.max_new_tokens))
+        return {"seconds": round(t, 3), "images_per_s": round(len(rows) / t, 2), "first_pass_seconds": round(first, 3),
+                "decoding": engine.last_path, **compare(base, ours)}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    finally:
+        engine.close()
+
+
 def serve_bench(a, model, processor, template, rows) -> dict:
     """serve's Batcher, --concurrency requests in flight: the fast engine vs plain generate per batch."""
     from ocrtune.models.generate import InferEngine
@@ -211,13 +232,15 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--attn", default="sdpa", help="attention of the 7b/2b random models (folders: transformers' default, sdpa)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max_pixels", type=int, default=None, help="default: the model's processor setting")
     p.add_argument("--workers", type=int, default=None, help="engine's encoding threads (default: cores, at most 8)")
     p.add_argument("--check_every", type=int, default=4, help="engine: decoding steps between finished-row checks")
     p.add_argument("--repeats", type=int, default=1, help="time each side this many times (alternating); best kept")
     p.add_argument("--fp32_rows", type=int, default=32, help="float32 identity check on this many rows (0: off)")
+    p.add_argument("--compile", action="store_true", help="also time the engine with compile=True (static KV cache, "
+                   "compiled decoding; CUDA only): reported under 'ocrtune_compiled', the main ratio is unchanged")
     p.add_argument("--serve", action="store_true", help="also time serve's Batcher under --concurrency requests")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--serve_batch_size", type=int, default=64)
@@ -280,6 +303,10 @@ def main(argv=None):
     })
     print(f"ratio {res['ratio_vs_generate']}x, identical {res['identical_outputs']} ({res['identical_fraction']})", flush=True)
     save()
+    if a.compile:
+        res["ocrtune_compiled"] = compiled_run(a, model, processor, template, rows, base)
+        print(f"compiled engine: {res['ocrtune_compiled']}", flush=True)
+        save()
     if a.fp32_rows > 0:
         res["fp32_check"] = fp32_check(a, engine, rows[:a.fp32_rows])
         print(f"float32 check: {res['fp32_check']}", flush=True)

@@ -79,13 +79,17 @@ class Answer:
 class InferEngine:
     """Generation over a model + template. `fast=False` decodes every batch with `model.generate`
     (no row dropping); `workers` threads encode prompts ahead of the model (0: encode inline);
-    `check_every` is how many decoding steps pass between checks for finished rows."""
+    `check_every` is how many decoding steps pass between checks for finished rows. `compile=True`
+    (CUDA only, experimental, off by default) decodes greedy batches with `generate` over a static KV
+    cache, which transformers compiles (CUDA graphs); prompts are then left-padded to a multiple of
+    64 tokens so few shapes are compiled. It pays only when many batches follow the compilation; on
+    the CPU the flag is ignored."""
 
     def __init__(self, model, processor, template: Template, fast: bool = True, workers: int | None = None,
-                 check_every: int = 4):
+                 check_every: int = 4, compile: bool = False):
         self.model, self.processor, self.template = model, processor, template
         self.tokenizer = processor.tokenizer
-        self.fast, self.check_every = fast, max(1, check_every)
+        self.fast, self.check_every, self.compile = fast, max(1, check_every), compile
         self.workers = default_workers() if workers is None else max(0, workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -165,6 +169,8 @@ class InferEngine:
         """Left-padded prompts (generation appends on the right)."""
         encoded = self._encode_all(records)
         n = max(len(e["input_ids"]) for e in encoded)
+        if self._compiled():
+            n = -(-n // 64) * 64  # few distinct shapes for the compiled static-cache decoding
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(encoded), n), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), n), dtype=torch.long)
@@ -251,6 +257,11 @@ class InferEngine:
         try:
             batch = self._batch(records)
             why = self.fast_reason(temperature, num_beams)
+            if why is None and self._compiled():
+                out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens), cache_implementation="static")
+                self.last_path = "static-compiled"
+                self.stats["generate_batches"] += 1
+                return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
             if why is None:
                 try:
                     answers = self._greedy(batch, max_new_tokens)
@@ -266,6 +277,9 @@ class InferEngine:
         finally:
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
+
+    def _compiled(self) -> bool:
+        return bool(self.compile) and self.device.type == "cuda"
 
     def _answer(self, new_ids) -> Answer:
         """Count up to and including the first stop token; what follows it (generate's padding, or

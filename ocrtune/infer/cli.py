@@ -1,6 +1,6 @@
 """`ocrtune infer` (interactive, one-shot, or over a dataset) and `ocrtune eval` (a dataset + OCR metrics).
 
-What `--ckpt_dir` may be, and how the base model is found, is in `ocrtune.export.source`; merging is
+What `--ckpt_dir` may be, and how the base model is found, is in `ocrtune.checkpoint`; merging is
 `ocrtune.export.merge`; device and dtype choice is `ocrtune.models.dtypes.pick_device/pick_dtype`.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _quiet_transformers() -> None:
 def load_for_inference(args: InferArgs):
     """Build the engine for `--ckpt_dir` (LoRA checkpoint, merged/full model folder or run folder) or
     `--model` alone. Returns (InferEngine, info) where info tells what was loaded and the run's settings."""
-    from ocrtune.export.source import base_model, describe
+    from ocrtune.checkpoint import describe, resolve_source
     from ocrtune.infer.engine import InferEngine, pick_device, pick_dtype
     from ocrtune.models.loading import load_model, load_processor, resolve_model, template_name
     from ocrtune.models.template import Template
@@ -101,15 +101,7 @@ def load_for_inference(args: InferArgs):
         elif args.merge_lora:
             log.warning("--merge_lora: %s is already a full model folder; loading it as is", src.path)
         run_args = src.run_args
-        if src.kind == "lora":
-            weights_dir, spec = base_model(src, args.model, args.model_type)
-            processor_dir, adapter = weights_dir, src.path
-        else:
-            if args.model or args.model_type:
-                log.warning("--model/--model_type are ignored: %s is a full model folder", src.path)
-            weights_dir, spec, processor_dir = src.path, None, src.path
-            if not any((src.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) and run_args:
-                processor_dir = base_model(src)[0]  # an older full checkpoint saved without its processor
+        weights_dir, spec, processor_dir, adapter = resolve_source(src, args.model, args.model_type)
         ckpt = src.path
     elif args.model or args.model_type:
         weights_dir, spec = resolve_model(args.model, args.model_type, args.use_hf)

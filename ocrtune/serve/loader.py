@@ -1,5 +1,6 @@
 """Load the one model instance the server uses, the same way `ocrtune infer` does
-(`ocrtune.infer.cli.load_for_inference`: --model, or --ckpt_dir with a LoRA or full checkpoint)."""
+(`ocrtune.infer.cli.load_for_inference`: --model, or --ckpt_dir with a LoRA or full checkpoint; what a
+checkpoint folder holds and which folders it loads is resolved by `ocrtune.checkpoint`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -55,17 +55,12 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     import torch
     from peft import PeftModel
 
-    from ocrtune.models.dtypes import DTYPES, pick_device, stored_dtype
+    from ocrtune.models.dtypes import dtype_for, pick_device
     from ocrtune.models.loading import load_model, load_processor
     from ocrtune.models.template import Template
 
     base_dir, spec = base_model(src, model, model_type, use_hf)
-    if dtype in (None, "auto"):
-        torch_dtype = stored_dtype(base_dir)
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise UserError(f"unknown --dtype '{dtype}'", "use auto, bfloat16, float16 or float32")
+    torch_dtype = dtype_for(dtype, "merge", model_dir=base_dir)  # auto: the base model's stored dtype
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import types
 import typing
 
@@ -105,6 +104,3 @@ def build(cls, namespace: argparse.Namespace):
     obj._given_flags = frozenset(f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name))
     return obj
 
-
-def argv_or_default(argv):
-    return sys.argv[1:] if argv is None else argv

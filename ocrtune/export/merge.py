@@ -8,7 +8,6 @@ leaves nothing half-written; an existing merged folder is reused unless `force`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,17 +16,13 @@ from pathlib import Path
 from ocrtune.compat import quiet_peft_deprecations
 from ocrtune.errors import UserError
 from ocrtune.fileio import replace_dir, temp_dir_for
-from ocrtune.export.source import INFER_KEYS, MERGE_INFO, Source, base_model, describe, file_sha256, read_json
+from ocrtune.checkpoint import (Source, base_model, describe, file_sha256, is_merged, merged_dir_for,  # noqa: F401
+                                read_merge_info, write_merge_info)
 
 log = logging.getLogger("ocrtune")
 
 
-def merged_dir_for(ckpt: Path) -> Path:
-    return ckpt.parent / f"{ckpt.name}-merged"
-
-
-def _is_merged(out: Path) -> bool:
-    return (out / MERGE_INFO).exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))
+_is_merged = is_merged  # moved to ocrtune.checkpoint (issue 14), like merged_dir_for
 
 
 def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force: bool = False, dtype: str = "auto",
@@ -44,7 +39,7 @@ def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force
     adapter_sha = file_sha256(src.path / "adapter_model.safetensors")
     if out.exists() and not force:
         if _is_merged(out):
-            info = read_json(out / MERGE_INFO)
+            info = read_merge_info(out)
             if info.get("adapter_sha256") != adapter_sha:  # e.g. the run was resumed and re-saved this step
                 raise UserError(f"{out} was merged from a different adapter than {src.path} now holds",
                                 "pass --force true to merge again, or --output_dir for a new folder")
@@ -60,17 +55,12 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     import torch
     from peft import PeftModel
 
-    from ocrtune.models.dtypes import DTYPES, pick_device, stored_dtype
+    from ocrtune.models.dtypes import dtype_for, pick_device
     from ocrtune.models.loading import load_model, load_processor
     from ocrtune.models.template import Template
 
     base_dir, spec = base_model(src, model, model_type, use_hf)
-    if dtype in (None, "auto"):
-        torch_dtype = stored_dtype(base_dir)
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise UserError(f"unknown --dtype '{dtype}'", "use auto, bfloat16, float16 or float32")
+    torch_dtype = dtype_for(dtype, "merge", model_dir=base_dir)  # auto: the base model's stored dtype
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
     try:
@@ -96,14 +86,11 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
 
 
 def _write_merged(merged, processor, src: Source, out: Path, tmp: Path, base_dir, torch_dtype, adapter_sha: str) -> Path:
-    ra = src.run_args
     try:
         os.chmod(tmp, 0o755)
         merged.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
         processor.save_pretrained(tmp)  # tokenizer, image processor, chat template
-        info = {"source_checkpoint": str(src.path.resolve()), "base_model": str(base_dir), "dtype": str(torch_dtype),
-                "adapter_sha256": adapter_sha, "run_args": {k: ra[k] for k in INFER_KEYS if k in ra}}
-        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2))
+        write_merge_info(tmp, src, base_dir, torch_dtype, adapter_sha)
         for f in tmp.iterdir():  # some writers create 0600 files; a shipped model is world-readable
             os.chmod(f, 0o644)
         if not any(tmp.glob("*.safetensors")):

@@ -32,3 +32,12 @@ class InferArgs:
     result_path: str | None = arg(None, "results jsonl (default: <ckpt_dir>/infer_result/<time>.jsonl)")
     dtype: str = arg("auto", "auto, bfloat16, float16 or float32", aliases=("--torch_dtype",))
     seed: int = arg(42, "seed for sampling and dataset sampling")
+
+
+def gen_kwargs(args: InferArgs) -> dict:
+    """The generation settings of `args`, as `InferEngine.generate`/`stream` take them."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "num_beams": args.num_beams}
+
+
+_gen_kwargs = gen_kwargs  # moved from ocrtune.infer.cli (issue 14)

@@ -1,11 +1,15 @@
 """The dtype and device policy, in one place (issue 14).
 
-* Inference and export (`pick_dtype`): `auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU.
-* Training (`train_dtype`): `auto` = bf16 on CUDA with bf16 support, otherwise fp32 (never fp16:
-  training in fp16 without a loss scaler is not supported).
-* Merging (`stored_dtype`): `auto` = the dtype the base model's weights are stored in.
+One table of names (`DTYPES`) and one rule (`dtype_for`) for `--dtype`/`--torch_dtype`; what `auto` means
+depends on what the weights are for:
 
-`pick_device` is where inference decides where to run. Names accepted everywhere: `DTYPES`.
+* Inference and serving (`"infer"`, also `pick_dtype`): `auto` = bf16 on CUDA (fp16 where bf16 is missing),
+  fp32 on CPU.
+* Training (`"train"`, also `train_dtype`): `auto` = bf16 on CUDA with bf16 support, otherwise fp32 (never
+  fp16: training in fp16 without a loss scaler is not supported).
+* Merging (`"merge"`): `auto` = the dtype the base model's weights are stored in (`stored_dtype`).
+
+`pick_device` is where inference decides where to run.
 """
 from __future__ import annotations
 
@@ -23,9 +27,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU; otherwise the named dtype."""
+def dtype_for(name: str | None, purpose: str, device: torch.device | None = None,
+              model_dir: Path | None = None) -> torch.dtype:
+    """The torch dtype for `--dtype name` (None or "auto", or a name in `DTYPES`) when the weights are used for
+    `purpose`: "infer" (auto: bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU; needs `device`),
+    "train" (auto: bf16 on CUDA with bf16 support, else fp32; needs `device`) or "merge" (auto: the dtype
+    the weights in `model_dir` are stored in). An unknown name is a UserError."""
     if name in (None, "auto"):
+        if purpose == "merge":
+            return stored_dtype(model_dir)
+        if purpose == "train":
+            return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
@@ -35,11 +47,14 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU; otherwise the named dtype."""
+    return dtype_for(name, "infer", device)
+
+
 def train_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-            "float32": torch.float32, "fp32": torch.float32}[name]
+    """`auto` = bf16 on CUDA with bf16 support, otherwise fp32; otherwise the named dtype."""
+    return dtype_for(name, "train", device)
 
 
 def stored_dtype(model_dir: Path):

@@ -1,5 +1,6 @@
 """Load the one model instance the server uses, the same way `ocrtune infer` does
-(`ocrtune.infer.cli.load_for_inference`: --model, or --ckpt_dir with a LoRA or full checkpoint)."""
+(`ocrtune.infer.load.load_for_inference`: --model, or --ckpt_dir with a LoRA or full checkpoint; what a
+checkpoint folder holds and which folders it loads is resolved by `ocrtune.checkpoint`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,5 +25,5 @@ def default_model_name(args) -> str:
 
 def load_engine(args):
     """-> (InferEngine, info dict) for ServeArgs."""
-    from ocrtune.infer.cli import load_for_inference
+    from ocrtune.infer.load import load_for_inference
     return load_for_inference(infer_args(args))

@@ -23,9 +23,10 @@ from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (m
 from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
                                     resolve_model, template_name)
 from ocrtune.models.template import IGNORE_INDEX, Template
-from ocrtune.train import checkpoint as ckpt_io
+from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist
 from ocrtune.train.args import SftArgs, validate
+from ocrtune.train.resume import resume_args
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
@@ -139,7 +140,7 @@ class SftRun:
             if args.resume_from_checkpoint else None
         resume_state = None
         if self.resume is not None:  # everything is read and checked before anything is built or written
-            args, note = ckpt_io.resume_args(args, self.resume)
+            args, note = resume_args(args, self.resume)
             # sharded runs: the full optimizer state is read by rank 0 alone and broadcast into the shards
             # (N full copies would not fit host memory for large full fine-tunes)
             other_rank = bool(args.fsdp or args.deepspeed) and os.environ.get("RANK", "0") != "0"

@@ -1,0 +1,372 @@
+"""The checkpoint format, in one place: what the folders of a run hold, how they are written and read.
+
+* Writing (`ocrtune sft`): `save_checkpoint` builds `checkpoint-<step>/` in a temporary folder and renames
+  it into place, so a kill mid-save leaves the previous checkpoint intact. Each holds the adapter (or full
+  weights) as safetensors plus optimizer/scheduler/RNG/trainer state for an exact resume
+  (`read_resume_state`, `apply_states`); `rotate_checkpoints` keeps `--save_total_limit` of them.
+* Resolving: `find_resume_checkpoint` (`--resume_from_checkpoint`: a folder, a run folder or `last`),
+  `describe` (`--ckpt_dir`), `resolve_source` (which weights, processor and adapter folders to load).
+* Kinds: a LoRA checkpoint (`adapter_config.json`; the run's `args.json` one level up), a model folder
+  (`config.json` + weights: a full fine-tuning checkpoint, a `checkpoint-N-merged/` folder written by
+  `ocrtune export`, or any `save_pretrained` folder), a run folder (`args.json` + `checkpoint-*/`: its
+  newest checkpoint is used).
+* Merge info: `ocrtune_merge.json` in a merged folder (`write_merge_info`, `read_merge_info`, `is_merged`)
+  records its source adapter and carries the run settings inference needs.
+* Older layouts: a full checkpoint saved without its processor loads the processor from its base model.
+
+What a training run does with a checkpoint (which flags a resume may change) is `ocrtune.train.resume`.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ocrtune.errors import UserError, first_line
+from ocrtune.fileio import read_json, replace_dir
+
+log = logging.getLogger("ocrtune")
+
+STATE_FILE = "trainer_state.json"
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if CKPT_RE.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, processor=None) -> Path:
+    """Write checkpoint-<step> atomically; returns its path."""
+    final = Path(run_dir) / f"checkpoint-{step}"
+    tmp = Path(run_dir) / f".checkpoint-{step}.tmp"
+    try:
+        remove_interrupted_saves(run_dir)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if os.environ.get("OCRTUNE_FAULT_SLOW_SAVE"):  # fault injection for the kill-during-save test
+            import time
+            time.sleep(float(os.environ["OCRTUNE_FAULT_SLOW_SAVE"]))
+        if processor is not None and not hasattr(model, "peft_config"):
+            processor.save_pretrained(tmp)  # full fine-tuning: the folder is a loadable model
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng_state.pt")
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(trainer_state, f, indent=2)
+        _fsync_dir(tmp)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the old folder out
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"disk full while saving checkpoint-{step} in {run_dir}; the previous checkpoint is intact",
+                            "free disk space or lower --save_total_limit, then resume with --resume_from_checkpoint last") from None
+        raise UserError(f"could not save checkpoint-{step} in {run_dir}: {e.strerror}",
+                        "check that the output folder is writable, then resume with --resume_from_checkpoint last") from None
+    return final
+
+
+def remove_interrupted_saves(run_dir: Path) -> None:
+    """Temporary folders of saves that were killed (any step: the resumed run may never save that
+    step again). Only rank 0 saves, one at a time, so none of them is being written."""
+    for p in Path(run_dir).glob(".checkpoint-*"):
+        # a `.old` is kept while its checkpoint is missing: a kill mid-swap left the previous one there
+        stale = p.name.endswith(".tmp") or (p.name.endswith(".old") and (p.parent / p.name[1:-4]).exists())
+        if p.is_dir() and stale:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def corrupt(path: Path, reason: str) -> UserError:
+    """The one-line error for a damaged file of a checkpoint, with the checkpoint to fall back on."""
+    ckpt = Path(path).parent
+    m = CKPT_RE.match(ckpt.name)
+    older = [p for p in list_checkpoints(ckpt.parent) if m and int(CKPT_RE.match(p.name).group(1)) < int(m.group(1))]
+    fix = (f"use the previous checkpoint {older[-1]} instead (delete {ckpt.name} first when resuming with 'last')"
+           if older else f"delete {ckpt} and use another checkpoint; if it was the run's only one, start the run again")
+    return UserError(f"checkpoint file {path} is damaged ({reason})", fix)
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the header, which also checks that the file is as long as it says (a truncated or
+    garbage file fails here, in milliseconds, instead of deep inside a load)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise corrupt(path, first_line(e)) from None
+
+
+def check_weights(folder: Path) -> None:
+    """Every *.safetensors of a checkpoint or model folder is whole."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / STATE_FILE
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(path, first_line(e)) from None
+    missing = [k for k in ("global_step", "epoch", "micro_batches_done") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise corrupt(path, f"no {', '.join(missing)}")
+    return state
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise corrupt(path, "missing") from None
+    except Exception as e:  # truncated zip, garbage, wrong pickle: torch raises several kinds
+        raise corrupt(path, first_line(e)) from None
+
+
+def read_resume_state(ckpt: Path, train_type: str, optimizer: bool = True) -> dict:
+    """Every file of a checkpoint, read and checked before the run builds or writes anything, so a
+    damaged one stops the resume with its name and changes nothing: trainer state, the adapter (LoRA)
+    or the weights' headers (full: loaded later by from_pretrained), optimizer, scheduler, RNG.
+    optimizer=False leaves optimizer.pt to another rank (sharded runs: rank 0 reads it and broadcasts)."""
+    from safetensors.torch import load_file
+    ckpt = Path(ckpt)
+    state = {"trainer_state": load_trainer_state(ckpt)}
+    if train_type == "lora":
+        check_safetensors(ckpt / "adapter_model.safetensors")
+        state["adapter"] = load_file(ckpt / "adapter_model.safetensors")
+    else:
+        if not any(ckpt.glob("*.safetensors")):
+            raise corrupt(ckpt / "model.safetensors", "missing")
+        check_weights(ckpt)
+    names = ("optimizer.pt", "scheduler.pt", "rng_state.pt") if optimizer else ("scheduler.pt", "rng_state.pt")
+    state.update({name: _torch_load(ckpt / name) for name in names})
+    return state
+
+
+def apply_states(ckpt: Path, states: dict, optimizer, scheduler) -> None:
+    """Optimizer, scheduler and RNG state read by `read_resume_state`."""
+    for name, apply in (("optimizer.pt", optimizer.load_state_dict), ("scheduler.pt", scheduler.load_state_dict),
+                        ("rng_state.pt", set_rng_state)):
+        if name not in states:  # taken by the caller (sharded optimizer state, loaded after set-up)
+            continue
+        try:
+            apply(states[name])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise corrupt(ckpt / name, f"does not fit this run: {first_line(e)}") from None
+
+
+def rotate_checkpoints(run_dir: Path, limit: int | None, best: Path | None) -> None:
+    """Keep at most `limit` checkpoints, never removing the best or the newest."""
+    if not limit or limit <= 0:
+        return
+    ckpts = list_checkpoints(run_dir)
+    keep = {ckpts[-1]} if ckpts else set()
+    if best is not None:
+        keep.add(Path(best))
+    for p in reversed(ckpts):
+        if len(keep) >= limit:
+            break
+        keep.add(p)
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def find_resume_checkpoint(value: str, output_dir: Path) -> Path:
+    """--resume_from_checkpoint: a checkpoint folder, a run folder, or 'last'."""
+    if value == "last":
+        runs = sorted((p.parent for p in Path(output_dir).glob("**/args.json")), key=lambda p: p.stat().st_mtime)
+        for run in reversed(runs):
+            ckpts = list_checkpoints(run)
+            if ckpts:
+                return ckpts[-1]
+        raise UserError(f"no checkpoint to resume from under {output_dir}",
+                        "start a new run (drop --resume_from_checkpoint) or pass a checkpoint folder")
+    p = Path(value)
+    if p.is_dir() and (p / STATE_FILE).exists():
+        return p
+    if p.is_dir() and list_checkpoints(p):
+        return list_checkpoints(p)[-1]
+    raise UserError(f"--resume_from_checkpoint {value} is not a checkpoint folder",
+                    "pass a checkpoint-<step> folder written by ocrtune sft, its run folder, or 'last'")
+
+
+# ---------------------------------------------------------------- `--ckpt_dir`: kinds and run settings
+
+RUN_ARGS = "args.json"
+MERGE_INFO = "ocrtune_merge.json"
+# run settings that inference needs (copied into a merged folder so it works away from its run)
+INFER_KEYS = ("model", "model_type", "model_dir", "template", "system", "max_pixels", "min_pixels", "max_length",
+              "dataset", "val_dataset", "dataset_test_ratio", "check_dataset_strategy", "seed", "use_hf", "train_type")
+
+
+@dataclass
+class Source:
+    path: Path  # the checkpoint or model folder
+    kind: str  # "lora" (adapter folder) or "model" (config.json + weights)
+    run_args: dict = field(default_factory=dict)  # the training run's args.json ({} when there is none)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.path.parent if (self.path.parent / RUN_ARGS).exists() else None
+
+
+def run_args_for(path: Path) -> dict:
+    """The run settings for a checkpoint folder: a merged folder's own copy first, else ../args.json."""
+    info = path / MERGE_INFO
+    if info.exists():
+        saved = read_json(info).get("run_args") or {}
+        if saved:
+            return saved
+    if (path.parent / RUN_ARGS).exists():
+        return read_json(path.parent / RUN_ARGS)
+    return {}
+
+
+def describe(ckpt_dir: str | Path) -> Source:
+    """Classify `--ckpt_dir`, check that its weight files are whole, and read its run settings."""
+    path = Path(ckpt_dir).expanduser()
+    if not path.exists():
+        raise UserError(f"--ckpt_dir {ckpt_dir} does not exist", "pass a checkpoint-N folder written by ocrtune sft")
+    if not path.is_dir():
+        raise UserError(f"--ckpt_dir {ckpt_dir} is a file, not a folder", "pass the checkpoint-N folder that holds it")
+    if not (path / "adapter_config.json").exists() and not (path / "config.json").exists() and (path / RUN_ARGS).exists():
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise UserError(f"run folder {path} has no checkpoints yet", "train longer, or pass a checkpoint-N folder")
+        print(f"using {ckpts[-1].name}, the newest checkpoint of run {path}", file=sys.stderr)
+        path = ckpts[-1]
+    if (path / "adapter_config.json").exists():
+        if not (path / "adapter_model.safetensors").exists():
+            raise UserError(f"LoRA checkpoint {path} has no adapter_model.safetensors",
+                            "the checkpoint is incomplete; use another checkpoint-N folder of the run")
+        check_safetensors(path / "adapter_model.safetensors")
+        return Source(path, "lora", run_args_for(path))
+    if (path / "config.json").exists():
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"model folder {path} has config.json but no *.safetensors weights",
+                            "the folder is incomplete; export or save it again")
+        check_weights(path)
+        return Source(path, "model", run_args_for(path))
+    raise UserError(f"{path} is neither a LoRA checkpoint (adapter_config.json) nor a model folder (config.json)",
+                    "pass a checkpoint-N folder written by ocrtune sft, or a merged checkpoint-N-merged folder")
+
+
+def _spec_or_none(name: str | None):
+    from ocrtune.models.registry import find_model
+    return find_model(name) if name else None
+
+
+def base_model(src: Source, model: str | None = None, model_type: str | None = None,
+               use_hf: bool | None = None):
+    """(folder, registry spec or None) of the base model a LoRA checkpoint was trained on.
+
+    `--model`/`--model_type` given by the user win; then the run's `model_dir` (if it is still there);
+    then the run's `--model`/`--model_type` resolved again (presets are rebuilt, hub models re-downloaded);
+    then the adapter's `base_model_name_or_path`."""
+    from ocrtune.models.loading import resolve_model
+    ra = src.run_args
+    hf = ra.get("use_hf", True) if use_hf is None else use_hf
+    if model or model_type:
+        return resolve_model(model, model_type, hf)
+    model_dir = ra.get("model_dir")
+    if model_dir and (Path(model_dir) / "config.json").exists():
+        return Path(model_dir), _spec_or_none(ra.get("model_type"))
+    if ra.get("model") or ra.get("model_type"):
+        return resolve_model(ra.get("model"), ra.get("model_type"), hf)
+    if src.kind == "lora":
+        base = read_json(src.path / "adapter_config.json").get("base_model_name_or_path")
+        if base and (Path(base) / "config.json").exists():
+            return Path(base), None
+        if base and not base.startswith((".", "/", "~")):
+            return resolve_model(base, None, hf)
+    raise UserError(f"can't tell which base model the adapter in {src.path} belongs to (no run args.json next to it)",
+                    "pass the base model with --model")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- merged folders (`ocrtune export`)
+
+def merged_dir_for(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.name}-merged"
+
+
+def is_merged(out: Path) -> bool:
+    return (out / MERGE_INFO).exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))
+
+
+def write_merge_info(folder: Path, src: Source, base_dir, torch_dtype, adapter_sha: str) -> None:
+    """`ocrtune_merge.json`: where a merged folder came from, and the run settings inference needs."""
+    ra = src.run_args
+    info = {"source_checkpoint": str(src.path.resolve()), "base_model": str(base_dir), "dtype": str(torch_dtype),
+            "adapter_sha256": adapter_sha, "run_args": {k: ra[k] for k in INFER_KEYS if k in ra}}
+    (folder / MERGE_INFO).write_text(json.dumps(info, indent=2))
+
+
+def read_merge_info(folder: Path) -> dict:
+    return read_json(folder / MERGE_INFO)
+
+
+# ---------------------------------------------------------------- what to load for a checkpoint
+
+def resolve_source(src: Source, model: str | None = None, model_type: str | None = None):
+    """(weights folder, registry spec or None, processor folder, adapter folder or None) to load for `src`.
+    A LoRA checkpoint loads its base model (`base_model`) plus the adapter; a model folder loads itself
+    (`--model`/`--model_type` are ignored, with a warning), except that an older full checkpoint saved
+    without its processor takes the processor from its base model."""
+    adapter = None
+    run_args = src.run_args
+    if src.kind == "lora":
+        weights_dir, spec = base_model(src, model, model_type)
+        processor_dir, adapter = weights_dir, src.path
+    else:
+        if model or model_type:
+            log.warning("--model/--model_type are ignored: %s is a full model folder", src.path)
+        weights_dir, spec, processor_dir = src.path, None, src.path
+        if not any((src.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) and run_args:
+            processor_dir = base_model(src)[0]  # an older full checkpoint saved without its processor
+    return weights_dir, spec, processor_dir, adapter

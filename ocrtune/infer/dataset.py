@@ -1,0 +1,213 @@
+"""`ocrtune infer`/`ocrtune eval` over a dataset: the rows (the run's own validation split or named datasets),
+batched generation with one jsonl line per row, OCR metrics, teacher-forced token accuracy, the summary table."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ocrtune.data.images import BadImage, open_image
+from ocrtune.errors import UserError
+from ocrtune.infer.args import InferArgs
+from ocrtune.infer.args import gen_kwargs as _gen_kwargs
+
+log = logging.getLogger("ocrtune")
+
+METRIC_CHOICES = ("bleu", "edit_distance", "exact_match", "token_acc", "render")
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal
+
+
+def parse_metrics(value: str | None) -> list[str]:
+    names = []
+    for raw in (value or "").split(","):
+        name = raw.strip().lower()
+        if name in ("acc", "token_accuracy"):
+            name = "token_acc"
+        if not name:
+            continue
+        if name not in METRIC_CHOICES:
+            raise UserError(f"unknown metric '{raw.strip()}' in --metrics", f"use a comma list of: {', '.join(METRIC_CHOICES)}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def load_eval_rows(args: InferArgs, info: dict, template=None):
+    """(rows, label): the run's own validation split (`--load_dataset_config`, rebuilt exactly as sft
+    built it, rows over the run's --max_length dropped as sft dropped them when `template` is given)
+    or `--val_dataset`/`--dataset`."""
+    from ocrtune.data.checks import check_dataset
+    from ocrtune.data.loading import DEFAULT_TEST_RATIO, has_own_validation, load_datasets, validation_data
+    if args.load_dataset_config:
+        ra = info["run_args"]
+        if not (ra.get("dataset") or ra.get("val_dataset")):
+            raise UserError("--load_dataset_config needs the training run's args.json (next to the checkpoint)",
+                            "pass --ckpt_dir output/<model>/v<N>-<time>/checkpoint-<step>, or choose data with --val_dataset")
+        seed, use_hf = ra.get("seed", 42), ra.get("use_hf", True)
+        ratio = ra.get("dataset_test_ratio", DEFAULT_TEST_RATIO)  # None: the dataset's own split, as sft chose
+        if ra.get("val_dataset"):
+            val = load_datasets(ra["val_dataset"], "validation", use_hf, seed)
+            label = ", ".join(ra["val_dataset"])
+        else:
+            train = load_datasets(ra["dataset"], "train", use_hf, seed)
+            _, val = validation_data(train, ra["dataset"], None, ratio, use_hf, seed)
+            if val is None:
+                raise UserError("the training run had no validation split (--dataset_test_ratio 0 and no --val_dataset)",
+                                "choose the data with --val_dataset or --dataset")
+            label = (f"validation split of {', '.join(ra['dataset'])}" if ratio is None and has_own_validation(ra["dataset"])
+                     else f"validation split of {', '.join(ra['dataset'])} (ratio {ratio or DEFAULT_TEST_RATIO}, seed {seed})")
+        run_template = None
+        if template is not None and ra.get("max_length"):  # the run's length limit and image sizes
+            from ocrtune.models.template import Template
+            run_template = Template(template.processor, template.template, ra["max_length"], ra.get("system"))
+        return check_dataset(val, ra.get("check_dataset_strategy", "warning"), "validation data",
+                             template=run_template), label
+    names = list(args.val_dataset or []) + list(args.dataset or [])
+    return load_datasets(names, args.split, args.use_hf, args.seed), ", ".join(names)
+
+
+def _reference(row: dict) -> str | None:
+    msgs = row["messages"]
+    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else None
+
+
+def _query(row: dict) -> str:
+    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _image_label(row: dict) -> str | None:
+    refs = row.get("images") or []
+    paths = [r.get("path") for r in refs if r.get("path") and not str(r.get("path")).startswith("<invalid")]
+    return paths[0] if len(paths) == 1 else (paths or None)
+
+
+def _result_path(args: InferArgs, info: dict) -> Path:
+    if args.result_path:
+        return Path(args.result_path).expanduser()
+    base = Path(info["ckpt_dir"]) if info.get("ckpt_dir") else Path.cwd()
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base / "infer_result" / f"{stamp}.jsonl", 1
+    while path.exists():  # two runs in the same second
+        path, n = base / "infer_result" / f"{stamp}-{n}.jsonl", n + 1
+    return path
+
+
+def _open_result(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"can't write results to {path} ({e.strerror})", "pass a writable --result_path") from None
+
+
+def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
+    """Teacher-forced next-token accuracy and loss on the reference answers (training's eval_acc)."""
+    import torch
+
+    from ocrtune.models.template import collate
+    from ocrtune.train.loss import ResponseLoss
+    loss_fn = ResponseLoss(engine.model)
+    dtype = next(engine.model.parameters()).dtype
+    loss = n = correct = 0
+    encoded = []
+
+    def flush():
+        nonlocal loss, n, correct
+        if not encoded:
+            return
+        batch = collate(encoded, engine.tokenizer.pad_token_id)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        with torch.no_grad():
+            lsum, k, c = loss_fn(**batch)
+        loss, n, correct = loss + float(lsum), n + int(k), correct + int(c)
+        encoded.clear()
+
+    for row in rows:
+        try:
+            images = [open_image(r) for r in row.get("images") or []]
+            encoded.append(engine.template.encode(row["messages"], images))
+        except (BadImage, ValueError):
+            continue
+        if len(encoded) >= batch_size:
+            flush()
+    flush()
+    return {"token_acc": correct / n if n else 0.0, "loss": loss / n if n else 0.0}
+
+
+def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict:
+    """Generate over the dataset in batches; write one jsonl line per row; return the summary."""
+    import torch
+
+    from ocrtune.evaluate.metrics import compute_metrics, per_row_metrics
+    from ocrtune.infer.progress import Progress
+    rows, label = load_eval_rows(args, info, engine.template)
+    if len(rows) == 0:
+        raise UserError(f"dataset {label} has no rows", "choose other data with --val_dataset or --dataset")
+    path = _result_path(args, info)
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+    gen = _gen_kwargs(args)
+    render = "render" in metrics
+    if render:
+        from ocrtune.evaluate.render import render_match
+    preds, refs, failed = [], [], 0
+    start = time.time()
+    # the engine sorts rows by length, encodes ahead in threads and answers batch by batch out of
+    # order; lines are written in row order as soon as every row before them is answered
+    answers: dict[int, object] = {}
+    written = 0
+    with _open_result(path) as out, Progress(len(rows), "infer", every_s=PROGRESS_EVERY_S) as bar:
+        for i, answer in engine.iter_answers(rows, args.infer_batch_size, **gen):
+            answers[i] = answer
+            bar.update(1)
+            while written in answers:
+                row, res = rows[written], answers.pop(written)
+                ref = _reference(row)
+                rec = {"index": written, "image": _image_label(row), "query": _query(row), "reference": ref}
+                if isinstance(res, BaseException):
+                    failed += 1
+                    rec.update(prediction=None, error=" ".join(str(res).split()))
+                else:
+                    pred = res.text
+                    rec["prediction"] = pred
+                    if ref is not None:
+                        rec.update({k: round(v, 6) if isinstance(v, float) else v
+                                    for k, v in per_row_metrics(pred, ref).items()})
+                        if render:
+                            rec["render"] = render_match(pred, ref)
+                        preds.append(pred)
+                        refs.append(ref)
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+    summary = {}
+    if refs:
+        names = [m for m in metrics if m != "token_acc"]
+        summary.update({k: round(v, 6) if isinstance(v, float) else v for k, v in compute_metrics(preds, refs, names).items()})
+        if "token_acc" in metrics:
+            tf = token_accuracy(engine, [r for r in rows if _reference(r) is not None], args.infer_batch_size)
+            summary.update({k: round(v, 6) for k, v in tf.items()})
+    summary.update({"count": len(refs), "rows": len(rows), "failed_rows": failed, "dataset": label,
+                    "ckpt_dir": info.get("ckpt_dir"), "model_dir": info.get("model_dir"),
+                    "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "num_beams": args.num_beams,
+                    "seconds": round(time.time() - start, 2), "result_path": str(path)})
+    if failed:
+        log.warning("%d of %d rows could not be read and were left out of the metrics (see 'error' in %s)",
+                    failed, len(rows), path)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    keys = [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("max_new_tokens", "temperature", "num_beams", "seconds")]
+    width = max(len(k) for k in keys) if keys else 6
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for k in keys:
+        v = summary[k]
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Resuming an sft run: which of its saved settings a resumed run keeps, and which flags may change.
+
+The checkpoint files themselves (write, read, resolve `last`) are `ocrtune.checkpoint`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ocrtune.errors import UserError
+
+
+# Flags a resumed run may change: they decide what is logged, evaluated, kept and where, or how fast
+# the same math runs. Everything else (model, data, lr, schedule, steps, batch sizes, seed, LoRA
+# shape...) decides which updates the run makes, so it comes from the run's args.json.
+RESUME_SAFE = frozenset({
+    "resume_from_checkpoint", "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "report_to", "predict_with_generate", "max_new_tokens", "eval_batch_size", "dataloader_num_workers",
+    "use_liger", "attn_impl", "fused_lora", "recompute_layers", "loss_chunk_size", "gradient_checkpointing",
+})
+RESUME_AUTO = ("use_liger",)  # resolved per machine ("auto"), not taken from the saved run
+
+
+def resume_args(args, ckpt: Path):
+    """The settings of a resumed run: the run's saved args.json, with the explicitly given flags that
+    are safe to change on top. An unsafe change is refused rather than silently ignored.
+    Returns (settings, the one line that says where they came from)."""
+    import dataclasses
+
+    from ocrtune.args import given_flags
+    from ocrtune.fileio import read_json
+    from ocrtune.train.args import validate
+
+    path = Path(ckpt).parent / "args.json"
+    if not path.exists():
+        return args, f"resuming from {ckpt}: its run has no args.json, so the flags given now are used"
+    saved = read_json(path)
+    fields = {f.name for f in dataclasses.fields(args)}
+    given = given_flags(args) & fields
+    unsafe = [k for k in sorted(given - RESUME_SAFE) if k in saved and _differs(getattr(args, k), saved[k])]
+    if unsafe:
+        shown = ", ".join(f"--{k} {_show(getattr(args, k))} (run: {_show(saved[k])})" for k in unsafe)
+        raise UserError(f"resuming {ckpt} with changed {shown}; a resumed run keeps the settings that decide its "
+                        "updates (model, data, learning rate, schedule, steps, batch sizes)",
+                        "drop those flags to continue the run as it was, or start a new run without --resume_from_checkpoint")
+    values = {k: saved[k] for k in fields if k in saved}
+    values.update({k: None for k in RESUME_AUTO if k not in given})
+    overrides = {k: getattr(args, k) for k in given if k in RESUME_SAFE or k not in saved}
+    values.update(overrides)
+    merged = type(args)(**values)
+    validate(merged)
+    shown = [f"--{k} {_show(v)}" for k, v in sorted(overrides.items()) if k != "resume_from_checkpoint"]
+    return merged, f"resuming from {ckpt} with the run's settings from {path}" + (f"; changed: {', '.join(shown)}" if shown else "")
+
+
+def _differs(given, saved) -> bool:
+    if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(given, bool):
+        return float(given) != float(saved)
+    return given != saved
+
+
+def _show(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)

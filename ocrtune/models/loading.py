@@ -92,8 +92,8 @@ def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model weights from {path}: {str(e).splitlines()[0][:200]}",
                         "the folder needs config.json and *.safetensors weights") from None
-    from ocrtune.models.kernels import linear_patch_embed
-    linear_patch_embed(model)
+    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    prepare(model, PatchOptions())  # the patch-embed GEMM
     return model
 
 
@@ -115,8 +115,8 @@ def build_on_meta(path: Path, dtype=None, attn_impl: str | None = None):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32, **kwargs)
     model.name_or_path = str(path)
-    from ocrtune.models.kernels import linear_patch_embed
-    linear_patch_embed(model)
+    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    prepare(model, PatchOptions())  # the patch-embed GEMM
     return model
 
 

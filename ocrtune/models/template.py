@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ocrtune.data.images import check_size
-
-IGNORE_INDEX = -100
+from ocrtune.data.packing import IGNORE_INDEX  # noqa: F401  (defined with the data packing)
 IMAGE_TAG = "<image>"
 
 # Default system prompt per template family (None: the family's chat template adds none).

@@ -102,7 +102,7 @@ class Collator:
         if not samples:
             return None
         if self.packing:
-            from ocrtune.train.packing import pack
+            from ocrtune.data.packing import pack
             return pack(samples, self.pad_token_id)
         return collate(samples, self.pad_token_id)
 
@@ -123,7 +123,7 @@ def plan_batches(ds: EncodedDataset, args, epoch: int, rank: int = 0, world: int
     """Micro-batches for one epoch: `--packing` with `--packing_tokens` cuts the seeded order by a
     token budget (up to `packing_tokens` tokens per packed row); otherwise `batch_size` rows each."""
     if getattr(args, "packing", False) and getattr(args, "packing_tokens", None):
-        from ocrtune.train.packing import token_budget_batches
+        from ocrtune.data.packing import token_budget_batches
         return token_budget_batches(ds.lengths(), args.packing_tokens, args.seed, epoch, rank, world, shuffle)
     return epoch_batches(len(ds), args.batch_size, args.seed, epoch, rank, world, shuffle)
 

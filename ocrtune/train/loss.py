@@ -14,20 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ocrtune.models import qwen_vl
+from ocrtune.models.qwen_vl import causal_lm  # noqa: F401  (moved; issue 14)
 from ocrtune.models.template import IGNORE_INDEX
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The *ForConditionalGeneration module under PEFT / DDP wrappers."""
-    for _ in range(8):  # DDP -> PeftModel -> LoraModel -> *ForConditionalGeneration
-        mods = model._modules  # real submodules only: wrappers forward attribute lookups
-        if "lm_head" in mods and "model" in mods:
-            return model
-        inner = mods.get("module") or mods.get("base_model") or mods.get("model")
-        if inner is None:
-            break
-        model = inner
-    raise TypeError(f"no language model head found in {type(model).__name__}")
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
@@ -57,7 +46,8 @@ class ResponseLoss(nn.Module):
 
     The image features are computed without autograd when the vision tower is frozen (nothing in it
     trains, so backward never enters it). Packed batches (`cu_seq_lens` from packing.pack) go to the
-    language model as one row with per-sample positions and variable-length attention."""
+    language model as one row with per-sample positions and variable-length attention; the forward
+    through the model's internals is `models/qwen_vl.py:hidden_states`."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, fused_ce=None):
         super().__init__()
@@ -76,28 +66,11 @@ class ResponseLoss(nn.Module):
             trained32 = any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters())
             self._amp = base if (base in (torch.bfloat16, torch.float16) and trained32) else False
             if self._amp:
-                for m in self.model.modules():
-                    if hasattr(m, "cast_input_dtype_enabled"):
-                        m.cast_input_dtype_enabled = False
+                qwen_vl.disable_lora_input_upcast(self.model)
         return self._amp or None
 
     def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
-        embeds = vlm.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds
-        frozen = not any(p.requires_grad for p in vlm.visual.parameters())
-        kwargs = {}
-        if pixel_values.is_cuda:  # all images in one varlen attention call per ViT block (trained or frozen)
-            from ocrtune.train.packing import patch_vision_varlen
-            if getattr(vlm.visual, "_ocrtune_varlen", None) is None:
-                vlm.visual._ocrtune_varlen = patch_vision_varlen(vlm.visual)
-            if vlm.visual._ocrtune_varlen:
-                kwargs["max_seqlen"] = int((image_grid_thw[:, 1] * image_grid_thw[:, 2]).max())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            feats = vlm.get_image_features(pixel_values, image_grid_thw, **kwargs).pooler_output
-            feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-        mask = (input_ids == causal_lm(self.model).config.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        return qwen_vl.image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
 
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, **kwargs):
@@ -109,40 +82,9 @@ class ResponseLoss(nn.Module):
     def _forward(self, input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,
                  mm_token_type_ids, cu_seq_lens, max_length, **kwargs):
         lm = causal_lm(self.model)
-        vlm = lm.model
-        if getattr(lm.config, "model_type", None) != "qwen2_vl":
-            # other families (Qwen2.5-VL window attention, Qwen3-VL deepstack features) go through
-            # their own forward; a packed row carries 4-row position ids, from which transformers
-            # builds the per-sample (document) attention mask
-            out = vlm(input_ids=input_ids, attention_mask=None if cu_seq_lens is not None else attention_mask,
-                      pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=position_ids,
-                      mm_token_type_ids=mm_token_type_ids, use_cache=False, **kwargs)
-            return self._loss(lm, out.last_hidden_state, labels)
-        embeds = self._embeds(vlm, input_ids, pixel_values, image_grid_thw)
-        text = vlm.language_model
-        if cu_seq_lens is not None:  # packed row
-            impl = text.config._attn_implementation or "sdpa"
-            if impl == "sdpa" or "flash" in impl:
-                if impl == "sdpa":
-                    from ocrtune.train.packing import install_varlen_sdpa
-                    install_varlen_sdpa()
-                m = int(max_length) if max_length is not None else input_ids.shape[1]
-                cu = cu_seq_lens.to(input_ids.device, torch.int32)
-                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
-                masks = {t: None for t in set(getattr(text.config, "layer_types", None) or ["full_attention"])}
-                out = text(inputs_embeds=embeds, position_ids=position_ids[1:], attention_mask=masks,
-                           use_cache=False, **kwargs)
-            else:  # eager / flex: transformers builds the document mask from the text positions (row 0)
-                out = text(inputs_embeds=embeds, position_ids=position_ids, attention_mask=None, use_cache=False, **kwargs)
-        else:
-            if position_ids is None:
-                if mm_token_type_ids is None:
-                    mm_token_type_ids = (input_ids == lm.config.image_token_id).long()
-                position_ids, _ = vlm.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw,
-                                                     attention_mask=attention_mask)
-            out = text(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                       use_cache=False, **kwargs)
-        return self._loss(lm, out.last_hidden_state, labels)
+        return self._loss(lm, qwen_vl.hidden_states(lm, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                    position_ids, mm_token_type_ids, cu_seq_lens, max_length,
+                                                    **kwargs), labels)
 
     def _loss(self, lm, last_hidden_state, labels):
         hidden = last_hidden_state[:, :-1]

@@ -22,6 +22,8 @@ from ocrtune.errors import UserError
 from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (moved; issue 14)
 from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
                                     resolve_model, template_name)
+from ocrtune.models import qwen_vl
+from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist
@@ -75,7 +77,7 @@ def build_data(args: SftArgs, template: Template, accelerator):
 
 
 def prepare_model(model, args: SftArgs):
-    """Freeze what is not trained and add LoRA adapters."""
+    """Freeze what is not trained, add LoRA adapters, and apply the model patches (`qwen_vl.prepare`)."""
     if args.train_type == "lora":
         from peft import LoraConfig, get_peft_model
         model.requires_grad_(False)
@@ -84,9 +86,6 @@ def prepare_model(model, args: SftArgs):
                             target_modules=targets, task_type="CAUSAL_LM")
         with quiet_peft_deprecations():
             model = get_peft_model(model, config)
-        if args.fused_lora:
-            from ocrtune.train.speed import fuse_lora_linears
-            fuse_lora_linears(model)
     elif args.freeze_vit:
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is not None:
@@ -94,9 +93,12 @@ def prepare_model(model, args: SftArgs):
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
-        if args.recompute_layers is not None:
-            from ocrtune.train.speed import limit_recompute
-            limit_recompute(model, args.recompute_layers)
+    # the patches of transformers/PEFT internals, in today's order: fused LoRA, recompute limit, ViT varlen, sdpa
+    # varlen (the patch-embed GEMM was applied at load: `models.loading.load_model`)
+    qwen_vl.prepare(model, PatchOptions(patch_embed=False, fused_lora=args.train_type == "lora" and args.fused_lora,
+                                        packing=args.packing,
+                                        recompute_layers=args.recompute_layers if args.gradient_checkpointing else None,
+                                        vision_varlen=True))
     return model
 
 
@@ -168,7 +170,7 @@ class SftRun:
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)
         if args.use_liger is None:  # auto: on where it can run, silently off elsewhere
-            from ocrtune.train.speed import liger_unavailable_reason
+            from ocrtune.models.qwen_vl import liger_unavailable_reason
             args.use_liger = liger_unavailable_reason() is None
         if args.learning_rate is None:
             args.learning_rate = default_lr(args, bool(spec and spec.preset))
@@ -192,7 +194,7 @@ class SftRun:
                   f"NPROC_PER_NODE={torch.cuda.device_count()} runs data parallel instead", flush=True)
         buffers = dist.real_buffers(model) if self.meta else None
         if args.use_liger:
-            from ocrtune.train.speed import apply_liger
+            from ocrtune.models.qwen_vl import apply_liger
             apply_liger(model)
         self.model = prepare_model(model, args)
         dist.wrap_classes_of(acc, self.model)
@@ -226,7 +228,7 @@ class SftRun:
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
         fused_ce = None
         if args.use_liger:
-            from ocrtune.train.speed import liger_fused_ce
+            from ocrtune.models.qwen_vl import liger_fused_ce
             fused_ce = liger_fused_ce()
         self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)

@@ -1,0 +1,273 @@
+"""GPU correctness checks (issue 14 item 5): the kernels the CPU suite cannot reach, against the stock
+forwards, on small random Qwen2-VL configs in bf16 on CUDA.
+
+- varlen attention (FlashAttention varlen through torch) vs per-sample sdpa, forward and backward;
+- the ViT with one varlen call per block vs transformers' per-image attention;
+- the patch-embed GEMM vs the Conv3d;
+- fused LoRA vs PEFT's forward and backward (one layer, and the whole small model);
+- packed vs padded loss and gradients (sdpa, and with Liger where it is installed: last, because Liger
+  patches transformers' module functions for the whole process).
+
+Tolerances come from bf16 arithmetic (tests/tolerance.py: `bf16_rtol(roundings)`), or, for whole-model
+gradients, from the bf16 error the stock path itself carries against a float32 reference of the same
+weights: the fast path must be as accurate as the stock one. Marked `cuda`: the default run leaves them out
+(pyproject: `-m "not cuda"`), `bench/run_cuda_tests.sh` runs them on the GPU machine, and without CUDA
+they skip. `pytest -m cuda --collect-only` collects them anywhere.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from tolerance import U_BF16, bf16_rtol, rel
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU checks)")]
+
+
+def _ensure_datasets_importable():
+    """ocrtune.train imports `datasets`; these tests feed rows themselves, so a stand-in is enough where
+    the package is not installed (the offline GPU machine; same as bench/bench_sft.py)."""
+    try:
+        import datasets  # noqa: F401
+    except Exception:
+        m = types.ModuleType("datasets")
+        m.Features = m.Value = m.List = m.Sequence = lambda *a, **k: None
+        m.Dataset = m.DatasetDict = m.IterableDataset = type("Dataset", (), {})
+        m.load_dataset = m.load_from_disk = m.concatenate_datasets = lambda *a, **k: None
+        sys.modules["datasets"] = m
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The small preset (6+6 layers, random weights) and 12 encoded rows of the bundled sample."""
+    _ensure_datasets_importable()
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.presets import ensure_preset
+    from ocrtune.models.template import Template
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    d = ensure_preset("small")
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=12), Template(load_processor(d), "qwen2_vl", 2048))
+    samples = [ds[i] for i in range(len(ds))]
+    assert all(s is not None for s in samples)
+    return d, samples
+
+
+def _cuda(batch):
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def _lora_model(d, dtype, fused_lora=True, liger=False):
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.qwen_vl import apply_liger
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    model = load_model(d, dtype, "sdpa")
+    if liger:
+        assert apply_liger(model)
+    return prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora)).cuda()
+
+
+def _set_lora(models, std=0.02, seed=0):
+    """The same random LoRA weights in every model (B starts at zero: give the adapters a say)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        first = dict(models[0].named_parameters())
+        for n, p in first.items():
+            if "lora_" in n:
+                p.normal_(0, std)
+        for m in models[1:]:
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.copy_(first[n])
+
+
+def _loss_and_grads(model, batch, fused_ce=None):
+    from ocrtune.train.loss import ResponseLoss
+    model.zero_grad(set_to_none=True)
+    loss, n, _ = ResponseLoss(model, fused_ce=fused_ce)(**batch)
+    (loss / n).backward()
+    return float(loss.detach() / n), int(n), {k: p.grad.detach().float().clone()
+                                              for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_errors(grads, ref):
+    errs = sorted(rel(grads[k], ref[k]) for k in ref)
+    return errs[len(errs) // 2], errs[-1]
+
+
+# ---------------------------------------------------------------- kernels vs stock forwards
+
+def test_varlen_attention_matches_sdpa():
+    """Packed causal attention (GQA, uneven lengths) vs sdpa per sample in float64, forward and backward.
+    The kernel stores P and the output in bf16 (2 roundings); backward adds the saved output, P, dS and
+    the result (4)."""
+    from ocrtune.models.qwen_vl import _VARLEN, _get_varlen, packed_attention
+    assert _get_varlen() is not None, "torch.nn.attention.varlen is unavailable: packed rows fall back to a dense mask"
+    torch.manual_seed(0)
+    lens = [37, 120, 5, 300, 64]
+    T, H, KV, D = sum(lens), 28, 4, 128
+    q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the varlen kernel ran
+        out = packed_attention(None, q, k, v, cu, max(lens), scaling=D ** -0.5)
+    assert _VARLEN["fn"] is not None
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    refs = [torch.nn.functional.scaled_dot_product_attention(
+        qd[:, :, s:e], kd[:, :, s:e].repeat_interleave(H // KV, 1), vd[:, :, s:e].repeat_interleave(H // KV, 1),
+        is_causal=True, scale=D ** -0.5).transpose(1, 2) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    ref = torch.cat(refs, dim=1)
+    (ref * g.double()).sum().backward()
+    assert rel(out, ref) <= bf16_rtol(2)
+    for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
+        assert rel(got, want) <= bf16_rtol(4), name
+
+
+def test_patch_embed_gemm_matches_conv():
+    """The patch embedding as one GEMM vs transformers' Conv3d, bf16 on CUDA, at the real ViT width,
+    both against a float64 reference: the GEMM stores its output (and the weight gradient) once in bf16."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+    from ocrtune.models.qwen_vl import linear_patch_embed
+    torch.manual_seed(0)
+    stock = PatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=1280).cuda().bfloat16()
+    fast = copy.deepcopy(stock)
+    assert linear_patch_embed(fast) == 1
+    pixels = torch.randn(4096, 3 * 2 * 14 * 14, device="cuda")
+    out_s, out_f = stock(pixels), fast(pixels)
+    g = torch.randn_like(out_s)
+    (out_s * g).sum().backward()
+    (out_f * g).sum().backward()
+    w = stock.proj.weight.detach().double().reshape(1280, -1).requires_grad_(True)
+    ref = pixels.bfloat16().double() @ w.t()
+    (ref * g.double()).sum().backward()
+    assert rel(out_f, ref) <= bf16_rtol(1) + U_BF16  # one rounding, plus float32 accumulation over 1176 terms
+    assert rel(out_f, out_s) <= bf16_rtol(2)
+    assert rel(fast.proj.weight.grad.reshape(1280, -1), w.grad) <= bf16_rtol(2)
+    assert rel(fast.proj.weight.grad, stock.proj.weight.grad) <= bf16_rtol(4)
+
+
+def test_vit_varlen_matches_stock(small):
+    """The whole ViT with one varlen call per block vs transformers' per-image attention, both bf16: each
+    block's attention stores P and its output in bf16 on each side (4 roundings a block, `depth` blocks);
+    and the varlen ViT is as accurate as the stock one against a float32 reference of the same weights."""
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.template import collate
+    d, samples = small
+    model = load_model(d, torch.bfloat16, "sdpa").cuda()
+    assert prepare(model, PatchOptions(vision_varlen=True))["vision_varlen"] is True
+    reference = copy.deepcopy(model).float()
+    b = _cuda(collate(samples, 0))
+    grid = b["image_grid_thw"]
+    with torch.no_grad():
+        fast = model.model.get_image_features(b["pixel_values"], grid,
+                                              max_seqlen=int((grid[:, 1] * grid[:, 2]).max())).pooler_output
+        stock = model.model.get_image_features(b["pixel_values"], grid).pooler_output  # patched forward defers
+        ref = reference.model.get_image_features(b["pixel_values"], grid).pooler_output
+    fast, stock, ref = (torch.cat(list(x)) for x in (fast, stock, ref))
+    depth = model.config.vision_config.depth
+    assert rel(fast, stock) <= bf16_rtol(4 * depth)
+    assert rel(fast, ref) <= 2 * rel(stock, ref)
+
+
+# ---------------------------------------------------------------- fused LoRA vs PEFT
+
+def test_fused_lora_layer_matches_peft():
+    """One LoRA Linear (bf16 base, float32 adapters under bf16 autocast, as training runs them): the fused
+    addmm vs PEFT's matmul, scale and add. PEFT stores the LoRA product, the scaled product and the sum
+    in bf16 (3 roundings) where the fused path stores the sum once (1), so outputs differ by at most 4
+    roundings; the adapter gradients by at most 6 (PEFT: the scaled output gradient, the product's input
+    gradient, the weight gradient; fused: the two last)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ocrtune.models.qwen_vl import fuse_lora_linears
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(1024, 1024)).cuda().bfloat16()
+    stock = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
+    for n, p in stock.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(stock)
+    assert fuse_lora_linears(fused) == 1
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    outs, grads = {}, {}
+    for name, model in (("stock", stock), ("fused", fused)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        (out.float() * g.float()).sum().backward()
+        outs[name] = out.detach()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert outs["fused"].dtype == torch.bfloat16
+    assert rel(outs["fused"], outs["stock"]) <= bf16_rtol(4)
+    assert grads["fused"].keys() == grads["stock"].keys() and len(grads["stock"]) == 2
+    for n in grads["stock"]:
+        assert rel(grads["fused"][n], grads["stock"][n]) <= bf16_rtol(6), n
+
+
+def test_fused_lora_model_matches_peft(small):
+    """The small model with LoRA on every language-model linear, fused vs PEFT's forward, both bf16
+    against a float32 reference of the same weights: the fused path is as accurate as PEFT's own (its
+    difference from PEFT is rounding, not other math), and the loss within a rounding on each path."""
+    from ocrtune.data.packing import pack
+    d, samples = small
+    reference = _lora_model(d, torch.float32, fused_lora=False)
+    stock = _lora_model(d, torch.bfloat16, fused_lora=False)
+    fused = _lora_model(d, torch.bfloat16, fused_lora=True)
+    assert sum(hasattr(m, "_ocrtune_stock_forward") and hasattr(m, "lora_A") for m in fused.modules()) > 0
+    assert not any(hasattr(m, "_ocrtune_stock_forward") and hasattr(m, "lora_A") for m in stock.modules())
+    _set_lora([reference, stock, fused], std=0.05)
+    batch = _cuda(pack(samples, 0))
+    l_ref, _, g_ref = _loss_and_grads(reference, batch)
+    l_stock, _, g_stock = _loss_and_grads(stock, batch)
+    l_fused, _, g_fused = _loss_and_grads(fused, batch)
+    assert abs(l_fused - l_stock) / abs(l_stock) <= bf16_rtol(2)
+    med_s, worst_s = _grad_errors(g_stock, g_ref)
+    med_f, worst_f = _grad_errors(g_fused, g_ref)
+    assert worst_f <= 1.5 * worst_s + bf16_rtol(1), (worst_f, worst_s)
+    assert med_f <= 1.5 * med_s + bf16_rtol(1), (med_f, med_s)
+
+
+# ---------------------------------------------------------------- packed vs padded
+
+@pytest.mark.parametrize("liger", [False, True], ids=["stock_kernels", "liger"])
+def test_packed_vs_padded_loss_and_grads(small, liger):
+    """A packed row (varlen attention in the language model and the ViT) computes the padded batch's loss
+    and LoRA gradients: the loss within a bf16 rounding on each path, the gradients as accurate as the
+    padded path's against a float32 reference of the same weights (worst and median over the tensors)."""
+    from ocrtune.data.packing import pack
+    from ocrtune.models.qwen_vl import liger_fused_ce, liger_unavailable_reason
+    from ocrtune.models.template import collate
+    if liger and liger_unavailable_reason() is not None:
+        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+    d, samples = small
+    model = _lora_model(d, torch.bfloat16, liger=liger)
+    reference = _lora_model(d, torch.float32)
+    _set_lora([model, reference])
+    fused_ce = liger_fused_ce() if liger else None
+    padded, packed = _cuda(collate(samples, 0)), _cuda(pack(samples, 0))
+    l_ref, n_ref, g_ref = _loss_and_grads(reference, padded)
+    l_pad, n_pad, g_pad = _loss_and_grads(model, padded, fused_ce)
+    l_pack, n_pack, g_pack = _loss_and_grads(model, packed, fused_ce)
+    assert n_pad == n_pack == n_ref > 0 and g_pad.keys() == g_pack.keys() == g_ref.keys() and len(g_ref) > 0
+    assert abs(l_pack - l_pad) / abs(l_pad) <= bf16_rtol(2)
+    assert abs(l_pad - l_ref) / abs(l_ref) <= bf16_rtol(2 * 2)  # sanity: the reference is the same model
+    med_pad, worst_pad = _grad_errors(g_pad, g_ref)
+    med_pack, worst_pack = _grad_errors(g_pack, g_ref)
+    assert worst_pack <= 1.5 * worst_pad + bf16_rtol(1), (worst_pack, worst_pad)
+    assert med_pack <= 1.5 * med_pad + bf16_rtol(1), (med_pack, med_pad)
+    assert bool(getattr(model.base_model.model.model.visual, "_ocrtune_varlen", False))

@@ -1,0 +1,168 @@
+"""models/qwen_vl.py: the one place ocrtune reaches into transformers/PEFT internals.
+
+`prepare` reports what it applied; outside the tested versions it warns once and the model runs its stock
+forward (same loss as an unpatched model, within float32 rounding); every private name `PATCH_POINTS`
+relies on exists in the installed transformers/PEFT."""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from ocrtune.data.registry import SAMPLE_DIR
+from ocrtune.models import qwen_vl
+from ocrtune.models.qwen_vl import PATCH_POINTS, TESTED, PatchOptions, prepare
+from ocrtune.models.template import Template, collate
+from ocrtune.train.data import EncodedDataset, parquet_rows
+from ocrtune.train.loss import ResponseLoss
+from tolerance import float32_atol, matmul_stages
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model_dir):
+    from ocrtune.models.loading import load_processor
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=4), Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
+    return [ds[i] for i in range(len(ds))]
+
+
+def _stock(tiny_model_dir):
+    """The model as plain transformers builds it: no ocrtune patch at all."""
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def _lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
+
+    from ocrtune.models.loading import lora_target_regex
+    model.requires_grad_(False)
+    with quiet_peft_deprecations():
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=lora_target_regex(model, ["all-linear"])))
+    enable_activation_checkpointing(model)
+    return model
+
+
+def test_installed_versions_are_the_tested_ones():
+    assert qwen_vl.checked_versions() is None
+    assert {p.package for p in PATCH_POINTS} <= set(TESTED)
+    assert len({p.name for p in PATCH_POINTS}) == len(PATCH_POINTS)
+
+
+def test_prepare_reports_what_it_applied(tiny_model_dir):
+    model = _stock(tiny_model_dir)
+    applied = prepare(model, PatchOptions())  # what load_model applies: the patch-embed GEMM only
+    assert applied == {"patch_embed": 1, "fused_lora": 0, "recompute": None, "vision_varlen": False,
+                       "sdpa_varlen": False, "skipped": {}}
+    assert hasattr(model.model.visual.patch_embed, "_ocrtune_stock_forward")
+    model = _lora(model)
+    n_lora = sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in model.modules())
+    options = PatchOptions(fused_lora=True, packing=True, recompute_layers=1, vision_varlen=True)
+    applied = prepare(model, options)
+    assert applied == {"patch_embed": 0, "fused_lora": n_lora, "recompute": 1, "vision_varlen": True,
+                       "sdpa_varlen": True, "skipped": {}}
+    assert n_lora > 0
+    layers = qwen_vl.causal_lm(model).model.language_model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (len(layers) - 1)
+    attn = qwen_vl.causal_lm(model).model.visual.blocks[0].attn
+    assert hasattr(attn, "_ocrtune_stock_forward")
+    again = prepare(model, options)  # idempotent: nothing is patched twice
+    assert again["fused_lora"] == 0 and again["patch_embed"] == 0 and again["vision_varlen"] is True
+
+
+def test_prepare_model_applies_the_training_patches(tiny_model_dir):
+    from ocrtune.models.loading import load_model
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),
+                          SftArgs(gradient_checkpointing=True, recompute_layers=1))
+    assert any(hasattr(m, "_ocrtune_stock_forward") and hasattr(m, "lora_A") for m in model.modules())  # fused LoRA
+    assert qwen_vl.causal_lm(model).model.visual._ocrtune_varlen is True
+    assert [layer.gradient_checkpointing for layer in qwen_vl.causal_lm(model).model.language_model.layers][1:] \
+        == [False] * (len(qwen_vl.causal_lm(model).model.language_model.layers) - 1)
+
+
+def _version_warnings(caught):
+    return [w for w in caught if "fast paths were checked against" in str(w.message)]
+
+
+def test_untested_transformers_warns_once_and_runs_stock_forward(tiny_model_dir, encoded, monkeypatch):
+    import transformers
+
+    from ocrtune.data.packing import pack
+    from ocrtune.models.loading import load_model
+    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(qwen_vl, "_WARNED", set())
+    reason = qwen_vl.checked_versions()
+    assert reason is not None and "transformers 5.17–5.24; found 5.99.0" in reason
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(tiny_model_dir, torch.float32, "sdpa").eval()  # prepare(model, PatchOptions())
+        applied = prepare(model, PatchOptions(packing=True, vision_varlen=True, recompute_layers=1))
+    assert len(_version_warnings(caught)) == 1
+    assert {"patch_embed", "vision_varlen", "sdpa_varlen", "packed_forward", "recompute"} <= set(applied["skipped"])
+    assert "fused_lora" not in applied["skipped"]  # peft is inside its range
+    assert applied["patch_embed"] == 0 and applied["vision_varlen"] is False and applied["sdpa_varlen"] is False
+    assert not any(hasattr(m, "_ocrtune_stock_forward") for m in model.modules())
+
+    def hand_rolled(*a, **k):
+        raise AssertionError("the hand-rolled Qwen2VLModel forward ran outside the tested versions")
+    monkeypatch.setattr(qwen_vl, "image_embeds", hand_rolled)
+    padded = collate(encoded, 0)
+    stock = _stock(tiny_model_dir)
+    stock.load_state_dict(model.state_dict())
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        ref = stock(**padded)
+        loss, n, _ = ResponseLoss(model)(**padded)
+        loss_packed, n_packed, _ = ResponseLoss(model)(**pack(encoded, 0))
+    assert not _version_warnings(caught)  # the one warning was at load
+    # the mean token cross-entropy moves by at most twice the largest logit error (d CE / d logit is
+    # softmax - onehot), and the logits of two float32 evaluations differ by the rounding of the
+    # language model's depth and width (tests/tolerance.py)
+    depth, width = matmul_stages(stock.config)
+    atol = 2 * float32_atol(ref.logits, depth, width)
+    assert int(n) == int(n_packed) > 0
+    torch.testing.assert_close(loss / n, ref.loss, rtol=0, atol=atol)
+    torch.testing.assert_close(loss_packed / n_packed, ref.loss, rtol=0, atol=atol)
+
+
+def test_untested_peft_leaves_lora_layers_alone(tiny_model_dir, monkeypatch):
+    import peft
+    model = _lora(_stock(tiny_model_dir))
+    monkeypatch.setattr(peft, "__version__", "0.30.0")
+    monkeypatch.setattr(qwen_vl, "_WARNED", set())
+    with pytest.warns(UserWarning, match="checked against peft 0.21–0.21; found 0.30.0"):
+        applied = prepare(model, PatchOptions(fused_lora=True))
+    assert applied["fused_lora"] == 0 and {"fused_lora", "lora_input_upcast"} <= set(applied["skipped"])
+    assert qwen_vl.disable_lora_input_upcast(model) == 0
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_patch_points_resolve(tiny_model_dir):
+    """Every private name a patch point relies on exists in the installed transformers/PEFT, on a
+    model that holds every patched kind of module (LoRA layers, checkpointed decoder layers, ViT)."""
+    model = _lora(_stock(tiny_model_dir))
+    assert qwen_vl.unresolved(model) == []
+    for point in PATCH_POINTS:
+        for ref in point.relies_on:
+            module_name, _, rest = ref.partition(":")
+            if "#" not in rest or importlib.util.find_spec(module_name.split(".")[0]) is None:
+                continue
+            cls = getattr(importlib.import_module(module_name), rest.split("#")[0])
+            assert any(isinstance(m, cls) for m in model.modules()), f"{point.name}: no {cls.__name__} in the model to check {ref}"
+
+
+@pytest.mark.parametrize("ref", [
+    "transformers.modeling_utils:AttentionInterface.no_such_method",
+    "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLModel.get_rope_index(input_ids, no_such_param)",
+    "transformers.models.qwen2_vl.modeling_qwen2_vl:VisionAttention#no_such_attr",
+    "transformers.no_such_module:Name",
+])
+def test_resolver_reports_missing_names(tiny_model_dir, ref):
+    model = _stock(tiny_model_dir) if "#" in ref else None
+    assert qwen_vl._resolve(ref, model) is not None

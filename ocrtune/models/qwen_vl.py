@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ocrtune.models.lora_addmm import lora_addmm
+
 log = logging.getLogger("ocrtune")
 
 
@@ -393,22 +395,30 @@ def install_varlen_sdpa() -> bool:
 
 # `--fused_lora` (default on) adds each LoRA update into the base layer's output with one addmm
 # (`out + scaling * h @ B^T` in the GEMM's epilogue) instead of PEFT's separate matmul, scale and add
-# kernels, each a full pass over a [tokens, out_features] tensor forward and backward. Same math;
-# any LoRA layer PEFT runs differently (DoRA, several adapters, merged, biased B) keeps PEFT's forward.
+# kernels, each a full pass over a [tokens, out_features] tensor forward and backward. Its LoRA dropout
+# draws the mask again in backward (models/lora_addmm.py) instead of keeping a dropped copy of every
+# LoRA input. Same math; any LoRA layer PEFT runs differently (DoRA, several adapters, merged, biased
+# A or B) keeps PEFT's forward.
 
 def _fused_lora_forward(self, x, *args, **kwargs):
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):
+            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None
+            or getattr(self.lora_A[active[0]], "bias", None) is not None):
         return self._ocrtune_stock_forward(x, *args, **kwargs)
     name = active[0]
     lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
     result = self.base_layer(x)
-    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
-    if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == h.dtype == lora_b.weight.dtype):
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) and not (result.dtype == x.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+        h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
         return (result + lora_b(h) * scaling).to(result.dtype)  # mixed dtypes without autocast: PEFT's math
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=scaling)
-    return out.view(result.shape).to(result.dtype)
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else result.dtype
+    # the dropout mask is drawn again in backward: only x (shared by q/k/v) is kept for A's gradient
+    return lora_addmm(result, x, lora_a.weight, lora_b.weight, scaling, p, dtype).to(result.dtype)
+
 
 def fuse_lora_linears(model: nn.Module) -> int:
     """Patch every PEFT LoRA `Linear` in `model` to `_fused_lora_forward`; returns how many."""

@@ -1,0 +1,116 @@
+"""lora_addmm: PEFT's LoRA math with the dropout mask regenerated in backward instead of stored."""
+import pytest
+import torch
+
+from ocrtune.models.lora_addmm import _LoraAddmm, _mask, lora_addmm
+
+T, D_IN, D_OUT, R = 64, 48, 40, 8
+
+
+def _inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    return mk(2, T // 2, D_OUT), mk(2, T // 2, D_IN), mk(R, D_IN), mk(D_OUT, R)
+
+
+def _grads(out, tensors):
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)  # a fixed, non-uniform upstream gradient
+    return torch.autograd.grad((out * w).sum(), tensors)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_values_and_gradients_match_plain_autograd(p):
+    result, x, a, b = _inputs()
+    seed, s = 1234, 0.5
+    out = _LoraAddmm.apply(result, x, a, b, s, p, seed, torch.float64)
+    xd = x * _mask(x, p, seed) if p else x  # the same mask, kept by autograd the ordinary way
+    ref = result + s * (xd @ a.t()) @ b.t()
+    # float64 throughout: differences are rounding only (a few ulps of values of size ~10)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    for got, want in zip(_grads(out, (result, x, a, b)), _grads(ref, (result, x, a, b))):
+        assert torch.allclose(got, want, rtol=0, atol=1e-11)
+
+
+def test_mask_is_reproducible_and_has_the_right_rate():
+    x = torch.ones(200, 500)
+    m1, m2, m3 = _mask(x, 0.25, 7), _mask(x, 0.25, 7), _mask(x, 0.25, 8)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert m1.unique().tolist() == [0.0, torch.tensor(1 / 0.75).item()]  # float32 scale
+    keep = (m1 > 0).float().mean().item()
+    assert abs(keep - 0.75) < 4 * (0.75 * 0.25 / x.numel()) ** 0.5  # 4 standard deviations of a binomial mean
+
+
+def test_keeps_nothing_but_its_input_for_backward():
+    """PEFT keeps a dropped copy of x and its mask per layer; lora_addmm keeps x itself (shared with the
+    other branches reading it) plus rank-r tensors and the weights."""
+    result, x, a, b = _inputs(torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_addmm(result, x, a, b, 0.5, p=0.3)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    small = sum(t.numel() for t in saved if t is not big[0])
+    assert small <= T * R + a.numel() + b.numel()
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # PEFT's way, for contrast
+        h = torch.nn.functional.dropout(x, 0.3, training=True) @ a.t()
+        _ = result + 0.5 * h @ b.t()
+    assert sum(t.numel() for t in saved if t.numel() >= x.numel()) >= 2 * x.numel()
+
+
+def test_dropout_changes_between_calls_and_eval_path_has_no_graph():
+    result, x, a, b = _inputs(torch.float32)
+    o1, o2 = lora_addmm(result, x, a, b, 1.0, p=0.5), lora_addmm(result, x, a, b, 1.0, p=0.5)
+    assert not torch.equal(o1, o2)
+    with torch.no_grad():
+        o = lora_addmm(result, x, a, b, 1.0, p=0.0)
+    assert o.grad_fn is None
+    assert torch.allclose(o, result + (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_peft_layer_with_dropout_trains_like_peft():
+    """A PEFT LoRA Linear with dropout: the patched forward's gradients equal PEFT's own when both see the
+    same mask (the patched layer's mask is replayed into PEFT's dropout)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ocrtune.train import speed
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT, bias=False))
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=16, lora_dropout=0.2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(T, D_IN, requires_grad=True)
+    seeds = []
+    real_randint = torch.randint
+
+    def spy(*args, **kw):
+        out = real_randint(*args, **kw)
+        seeds.append(int(out.item()))
+        return out
+
+    assert speed.fuse_lora_linears(model) == 1
+    torch.randint = spy
+    try:
+        out = model(x)
+    finally:
+        torch.randint = real_randint
+    got = _grads(out, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    mask = _mask(x.detach(), 0.2, seeds[0])
+
+    class Replay(torch.nn.Module):
+        def forward(self, t):
+            return t * mask
+
+    layer.lora_dropout["default"] = Replay()
+    layer.forward = layer._ocrtune_stock_forward
+    ref = model(x)
+    want = _grads(ref, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -104,6 +104,7 @@ def main(argv=None):
     import torch
 
     from ocrtune.models.presets import build_preset, ensure_preset
+    from ocrtune.models.qwen_vl import liger_unavailable_reason
     if a.model in ("2b", "7b"):
         model_dir = Path(a.model_root) / f"q{a.model}"
         if not (model_dir / "config.json").exists():
@@ -122,7 +123,8 @@ def main(argv=None):
         b = {k: v.to(run.accelerator.device) for k, v in pack(fixed, 0).items()}
         l, n, _ = run.loss_module(**b)
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "model": a.model, "data": a.data, "rows": len(lengths),
-           "liger": bool(run.args.use_liger), "lora_dropout": a.lora_dropout, "fused_lora": bool(run.args.fused_lora),
+           "liger": bool(run.args.use_liger), "liger_applied": bool(run.args.use_liger) and liger_unavailable_reason() is None,
+           "lora_dropout": a.lora_dropout, "fused_lora": bool(run.args.fused_lora),
            "overrides": json.loads(a.overrides), "check_loss": float(l) / int(n),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "setup_s": round(time.time() - t0, 1), "settings": []}

@@ -45,6 +45,28 @@ def _why(res: subprocess.CompletedProcess) -> str:
     return f"rc {res.returncode}\n--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-4000:]}"
 
 
+# ---------------------------------------------------------------- bench/bench_frontier.py
+
+def test_bench_frontier_tiny_grid(tmp_path, tiny_model_dir):
+    """The speed-memory frontier on CPU: every setting of the grid trains, with the recompute layers asked for."""
+    out = tmp_path / "f.json"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_frontier.py"), "--model", "tiny", "--rows", "32",
+           "--data", str(SAMPLE_DIR / "train.parquet"), "--grid", "512:all,0;1024:1", "--steps", "2", "--warmup", "1",
+           "--out", str(out)]
+    res, wall = _run(cmd, tmp_path, 600)
+    print(f"bench_frontier tiny: {wall:.1f}s")
+    assert res.returncode == 0, _why(res)
+    r = json.loads(out.read_text())
+    got = [(s["packing_tokens"], s["recompute"], s["recompute_layers"], s["ok"]) for s in r["settings"]]
+    assert got == [(512, "all", 2, True), (512, "0", 0, True), (1024, "1", 1, True)]  # tiny has 2 decoder layers
+    for s in r["settings"]:
+        assert s["steps_timed"] == 2 and s["samples_per_s"] > 0 and s["tokens_per_s"] > s["samples_per_s"]
+        assert s["tokens_per_s"] / s["samples_per_s"] <= s["packing_tokens"]  # a packed step holds at most the budget
+    # the fixed batch's loss of a random 1024-token model: near ln(1024) = 6.93, surely within (0, 2 ln V)
+    assert 0 < r["check_loss"] < 2 * math.log(1024)
+    assert r["liger_applied"] is False  # CPU: Liger's Triton kernels fall back
+
+
 # ---------------------------------------------------------------- bench/bench_sft.py
 
 BENCH_ROWS, BENCH_BATCH, BENCH_TOKENS, BENCH_STEPS = 32, 8, 1024, 2

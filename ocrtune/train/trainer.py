@@ -58,6 +58,7 @@ def make_writable(run_dir: Path) -> None:
 
 
 def build_data(args: SftArgs, template: Template, accelerator):
+    """The default data builder: `args.dataset` (+ validation split) read, checked and encoded."""
     with accelerator.main_process_first():
         train = load_datasets(args.dataset, "train", args.use_hf, args.seed)
         train, val = validation_data(train, args.dataset, args.val_dataset, args.dataset_test_ratio, args.use_hf, args.seed)
@@ -74,6 +75,15 @@ def build_data(args: SftArgs, template: Template, accelerator):
         with accelerator.main_process_first():  # rank 0 measures and caches, the others read the cache
             train_ds.lengths()
     return train_ds, (EncodedDataset(val, template) if val is not None else None)
+
+
+def rows_data(train_rows, val_rows=None, cache: bool = False):
+    """A data builder (for `SftRun(args, data=...)`) over rows already in memory, each a dict with
+    `images` and `messages`: encoded with the run's template, no checks, no augmentation."""
+    def build(args: SftArgs, template: Template, accelerator):
+        val = EncodedDataset(val_rows, template, cache=cache) if val_rows is not None else None
+        return EncodedDataset(train_rows, template, None, args.seed, cache=cache), val
+    return build
 
 
 def prepare_model(model, args: SftArgs):
@@ -133,7 +143,12 @@ def memory_gib() -> float:
 # ---------------------------------------------------------------- the run
 
 class SftRun:
-    def __init__(self, args: SftArgs):
+    """One training run. Its parts come from builders (torchtune's builders -> recipe): `data` is a
+    callable `(args, template, accelerator) -> (train_ds, val_ds or None)`, `build_data` (the datasets
+    named in `args`) by default; benchmarks and tests pass their own (`rows_data(rows)`) instead of
+    patching this module."""
+
+    def __init__(self, args: SftArgs, data=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -175,7 +190,7 @@ class SftRun:
         if args.learning_rate is None:
             args.learning_rate = default_lr(args, bool(spec and spec.preset))
 
-        self.train_ds, self.val_ds = build_data(args, self.template, acc)
+        self.train_ds, self.val_ds = (data or build_data)(args, self.template, acc)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
         self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded

@@ -254,14 +254,9 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
     _ensure_datasets_importable()
     from ocrtune.train import trainer as tr
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.data import parquet_rows
 
     rows = parquet_rows(a.data, limit=a.rows)
-
-    def build_data(args, template, accelerator):
-        return EncodedDataset(rows, template, None, args.seed, cache=True), None
-
-    tr.build_data = build_data
     kw = dict(model=a.model_dir, dataset=["bench"], max_steps=max_steps, batch_size=a.batch,
               packing=True, packing_tokens=packing_tokens, use_liger=a.liger, attn_impl="sdpa",
               gradient_checkpointing=not a.no_gc, lora_rank=8, lora_alpha=32, lora_dropout=a.lora_dropout,
@@ -277,7 +272,7 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
         if isinstance(defaults.get(k), float) and isinstance(v, int) and not isinstance(v, bool):
             overrides[k] = float(v)
     kw.update(overrides)
-    return tr.SftRun(SftArgs(**kw))
+    return tr.SftRun(SftArgs(**kw), data=tr.rows_data(rows, cache=True))
 
 
 def run_ocrtune(a):

@@ -73,9 +73,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         remove_interrupted_saves(run_dir)
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
-        if os.environ.get("OCRTUNE_FAULT_SLOW_SAVE"):  # fault injection for the kill-during-save test
-            import time
-            time.sleep(float(os.environ["OCRTUNE_FAULT_SLOW_SAVE"]))
         if processor is not None and not hasattr(model, "peft_config"):
             processor.save_pretrained(tmp)  # full fine-tuning: the folder is a loadable model
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -169,9 +169,11 @@ def test_bad_inputs_table(files):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir):
-    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "8",
-                          "--save_steps", "2", "--eval_steps", "100", "--output_dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OCRTUNE_FAULT_NAN_AT_STEP": "5"})
+    import faults
+    out = subprocess.run(faults.command("sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "8",
+                                        "--save_steps", "2", "--eval_steps", "100", "--output_dir", str(tmp_path),
+                                        nan_at_step=5),
+                         capture_output=True, text=True, timeout=300)
     errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(errors) == 1 and "loss became NaN at step 5" in errors[0] and "checkpoint-4" in errors[0]

@@ -135,8 +135,9 @@ def test_multi_node_variables_build_torchrun_arguments(monkeypatch):
 
 
 def test_dying_rank_gives_one_error_line_naming_it(tmp_path, tiny_model_dir):
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1", "OCRTUNE_FAULT_NAN_AT_STEP": "2"}
-    res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path)],
+    import faults
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(faults.command("sft", *FLAGS, "--batch_size", "2", "--output_dir", str(tmp_path), nan_at_step=2),
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]

@@ -182,6 +182,20 @@ def test_token_accuracy_shifted_with_ignore_index():
         token_accuracy(pred_ids.float(), labels)
 
 
+def test_training_loss_counts_the_same_token_accuracy():
+    """train/loss.py counts hits on the response positions it keeps, in chunks, without full logits:
+    the same count as token_accuracy on the full logits."""
+    torch = pytest.importorskip("torch")
+    from ocrtune.train.loss import chunked_linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16, generator=g), torch.randn(12, 16, generator=g)
+    labels = torch.randint(0, 12, (2, 9), generator=g)
+    labels[0, :3] = labels[1, :5] = -100
+    keep = labels[:, 1:] != -100
+    _, correct = chunked_linear_cross_entropy(hidden[:, :-1][keep], weight, labels[:, 1:][keep], chunk=4)
+    assert (int(correct), int(keep.sum())) == token_accuracy(hidden @ weight.T, labels)
+
+
 # ---------------------------------------------------------------------------
 # compute_metrics / per_row_metrics
 # ---------------------------------------------------------------------------

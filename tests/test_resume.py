@@ -3,7 +3,6 @@ the same logging.jsonl and the same data order as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -22,9 +21,11 @@ FLAGS = ["--dataset", "latex-ocr-sample#24", "--max_steps", str(STEPS), "--batch
 COMPARED = ("loss", "token_acc", "grad_norm", "learning_rate", "eval_loss", "eval_acc", "step")
 
 
-def sft(out: Path, *extra, env=None):
-    return subprocess.Popen([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--output_dir", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+def sft(out: Path, *extra, slow_save=None):
+    import faults
+    argv = ["sft", *FLAGS, "--output_dir", str(out), *extra]
+    cmd = faults.command(*argv, slow_save=slow_save) if slow_save else [sys.executable, "-m", "ocrtune", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, timeout=600):
@@ -89,7 +90,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, 
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
-    proc = sft(tmp_path, env={"OCRTUNE_FAULT_SLOW_SAVE": "30"})
+    proc = sft(tmp_path, slow_save=30)
     wait_for(lambda: any(run_dir(tmp_path).glob(".checkpoint-4.tmp")) if (tmp_path / "tiny").exists() else False, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

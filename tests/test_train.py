@@ -179,3 +179,33 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-50"]
     rotate_checkpoints(tmp_path, 1, best=tmp_path / "checkpoint-20")  # limit 1 still keeps best and newest
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-50"]
+
+
+def test_run_given_its_datasets_trains_on_them(tmp_path, tiny_model_dir):
+    """SftRun(args, data=builder): the run trains on the rows it is given (no `args.dataset` read),
+    the way bench/bench_sft.py builds its runs."""
+    from ocrtune.train import trainer as tr
+    from ocrtune.train.data import parquet_rows
+    rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=6)
+    called = []
+
+    def data(args, template, accelerator):
+        called.append(template)
+        return tr.rows_data(rows, rows[:2])(args, template, accelerator)
+
+    args = SftArgs(dataset=["no-such-dataset-is-read"], max_steps=2, batch_size=2, eval_steps=2, logging_steps=1,
+                   output_dir=str(tmp_path), report_to=["none"])
+    run = SftRun(args, data=data)
+    assert len(called) == 1 and called[0] is run.template
+    assert run.train_ds.rows is rows and len(run.val_ds) == 2
+    # the given args are not rewritten: the defaults resolved at start live in run.resolved (and run.args, args.json)
+    assert args.learning_rate is None and args.save_steps is None and args.use_liger is None
+    assert run.resolved.learning_rate == 1e-3 and run.resolved.save_steps == 2 and run.resolved.use_liger is False
+    assert (run.args.learning_rate, run.args.save_steps, run.args.use_liger) == (1e-3, 2, False)
+    result = run.train()
+    assert result["global_step"] == 2
+    log = read_log(result["run_dir"])
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and any("eval_loss" in r for r in log)
+    assert (Path(result["run_dir"]) / "checkpoint-2" / "adapter_model.safetensors").exists()
+    saved = json.loads((Path(result["run_dir"]) / "args.json").read_text())
+    assert (saved["learning_rate"], saved["save_steps"], saved["use_liger"]) == (1e-3, 2, False)

@@ -38,6 +38,7 @@ __all__ = [
     "sentence_bleu4",
     "edit_distance",
     "exact_match",
+    "argmax_hits",
     "token_accuracy",
     "per_row_metrics",
     "compute_metrics",
@@ -130,13 +131,23 @@ def exact_match(pred: str, ref: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def argmax_hits(logits, targets):
+    """How many rows of ``logits`` [N, V] have their argmax at ``targets`` [N] (a 0-d tensor).
+
+    The one count behind every token accuracy: training's ``token_acc``/``eval_acc``
+    (``train/loss.py``, on the response positions it keeps), ``ocrtune eval --metrics acc``
+    (``infer/dataset.py:token_accuracy`` runs that training loss teacher-forced) and
+    :func:`token_accuracy` below (full logits, shifted and masked here)."""
+    return (logits.argmax(-1) == targets).sum()
+
+
 def token_accuracy(logits, labels, ignore_index: int = -100) -> tuple[int, int]:
     """Shifted next-token accuracy for causal LM outputs.
 
     ``logits``: float tensor [B, T, V] (argmax is taken) or integer predicted
     ids [B, T]; ``labels``: [B, T] with ``ignore_index`` on positions that do
     not count.  The prediction at position t is compared with ``labels[t+1]``.
-    Returns ``(correct, total)`` as Python ints.
+    Returns ``(correct, total)`` as Python ints. The count is :func:`argmax_hits`.
     """
     import torch
 
@@ -157,11 +168,13 @@ def token_accuracy(logits, labels, ignore_index: int = -100) -> tuple[int, int]:
                 f"labels shape {tuple(labels.shape)} does not match predictions {tuple(pred_ids.shape)}"
             )
         labels = labels.to(pred_ids.device)
-        shifted_pred = pred_ids[:, :-1]
         shifted_labels = labels[:, 1:]
         mask = shifted_labels != ignore_index
         total = int(mask.sum().item())
-        correct = int(((shifted_pred == shifted_labels) & mask).sum().item())
+        if logits.dim() == 3:
+            correct = int(argmax_hits(logits[:, :-1][mask], shifted_labels[mask]))
+        else:
+            correct = int((pred_ids[:, :-1][mask] == shifted_labels[mask]).sum().item())
     return correct, total
 
 

@@ -104,7 +104,8 @@ def _open_result(path: Path):
 
 
 def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
-    """Teacher-forced next-token accuracy and loss on the reference answers (training's eval_acc)."""
+    """Teacher-forced next-token accuracy and loss on the reference answers (training's eval_acc): the
+    training loss module's counts (`evaluate.metrics.argmax_hits` over the response tokens)."""
     import torch
 
     from ocrtune.models.template import collate

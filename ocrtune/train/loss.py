@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count (also eval --metrics acc)
 from ocrtune.models import qwen_vl
 from ocrtune.models.qwen_vl import causal_lm  # noqa: F401  (moved; issue 14)
 from ocrtune.models.template import IGNORE_INDEX
@@ -22,8 +23,7 @@ from ocrtune.models.template import IGNORE_INDEX
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
     logits = F.linear(h, weight).float()
     loss = F.cross_entropy(logits, y, reduction="sum")
-    correct = (logits.argmax(-1) == y).sum()
-    return loss, correct
+    return loss, argmax_hits(logits, y)
 
 
 def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int = 2048):
@@ -95,7 +95,7 @@ class ResponseLoss(nn.Module):
         if self.fused_ce is not None:
             loss = self.fused_ce(weight, h, y)
             with torch.no_grad():
-                correct = sum((F.linear(h[s:s + self.chunk_size], weight).argmax(-1) == y[s:s + self.chunk_size]).sum()
+                correct = sum(argmax_hits(F.linear(h[s:s + self.chunk_size], weight), y[s:s + self.chunk_size])
                               for s in range(0, h.shape[0], self.chunk_size))
         else:
             loss, correct = chunked_linear_cross_entropy(h, weight, y, self.chunk_size)

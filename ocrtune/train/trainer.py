@@ -58,6 +58,7 @@ def make_writable(run_dir: Path) -> None:
 
 
 def build_data(args: SftArgs, template: Template, accelerator):
+    """The default data builder: `args.dataset` (+ validation split) read, checked and encoded."""
     with accelerator.main_process_first():
         train = load_datasets(args.dataset, "train", args.use_hf, args.seed)
         train, val = validation_data(train, args.dataset, args.val_dataset, args.dataset_test_ratio, args.use_hf, args.seed)
@@ -74,6 +75,15 @@ def build_data(args: SftArgs, template: Template, accelerator):
         with accelerator.main_process_first():  # rank 0 measures and caches, the others read the cache
             train_ds.lengths()
     return train_ds, (EncodedDataset(val, template) if val is not None else None)
+
+
+def rows_data(train_rows, val_rows=None, cache: bool = False):
+    """A data builder (for `SftRun(args, data=...)`) over rows already in memory, each a dict with
+    `images` and `messages`: encoded with the run's template, no checks, no augmentation."""
+    def build(args: SftArgs, template: Template, accelerator):
+        val = EncodedDataset(val_rows, template, cache=cache) if val_rows is not None else None
+        return EncodedDataset(train_rows, template, None, args.seed, cache=cache), val
+    return build
 
 
 def prepare_model(model, args: SftArgs):
@@ -123,6 +133,27 @@ def default_lr(args: SftArgs, preset: bool) -> float:
     return 5e-4 if preset else 1e-5
 
 
+@dataclasses.dataclass(frozen=True)
+class ResolvedRun:
+    """The settings an sft run derives from its arguments when it starts (the defaults that depend on
+    the model or the machine). `SftArgs` stays what was given; `SftRun.args` is a copy with these filled in."""
+    dataset: list[str]
+    save_steps: int
+    use_liger: bool
+    learning_rate: float
+
+    @classmethod
+    def of(cls, args: SftArgs, spec) -> "ResolvedRun":
+        use_liger = args.use_liger
+        if use_liger is None:  # auto: on where it can run, silently off elsewhere
+            from ocrtune.models.qwen_vl import liger_unavailable_reason
+            use_liger = liger_unavailable_reason() is None
+        return cls(dataset=args.dataset or ["latex-ocr-sample"], save_steps=args.save_steps or args.eval_steps,
+                   use_liger=use_liger,
+                   learning_rate=default_lr(args, bool(spec and spec.preset)) if args.learning_rate is None
+                   else args.learning_rate)
+
+
 def memory_gib() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -133,7 +164,12 @@ def memory_gib() -> float:
 # ---------------------------------------------------------------- the run
 
 class SftRun:
-    def __init__(self, args: SftArgs):
+    """One training run. Its parts come from builders (torchtune's builders -> recipe): `data` is a
+    callable `(args, template, accelerator) -> (train_ds, val_ds or None)`, `build_data` (the datasets
+    named in `args`) by default; benchmarks and tests pass their own (`rows_data(rows)`) instead of
+    patching this module."""
+
+    def __init__(self, args: SftArgs, data=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -149,9 +185,7 @@ class SftRun:
             resume_state = ckpt_io.read_resume_state(self.resume, args.train_type, optimizer=not other_rank)
             if os.environ.get("RANK", "0") == "0":  # the Accelerator (and its is_main_process) comes later
                 print(note, file=sys.stderr)
-        self.args = args
-        args.dataset = args.dataset or ["latex-ocr-sample"]
-        args.save_steps = args.save_steps or args.eval_steps
+        self.given = args  # not changed below (a resume's settings are the run's saved ones, merged into a new object)
         kwargs = _accelerator_kwargs(args)
         self.device_map = dist.device_map_choice(args.device_map, torch.cuda.device_count(),
                                                  os.environ.get("LOCAL_RANK") is not None, bool(args.fsdp or args.deepspeed))
@@ -169,13 +203,11 @@ class SftRun:
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)
-        if args.use_liger is None:  # auto: on where it can run, silently off elsewhere
-            from ocrtune.models.qwen_vl import liger_unavailable_reason
-            args.use_liger = liger_unavailable_reason() is None
-        if args.learning_rate is None:
-            args.learning_rate = default_lr(args, bool(spec and spec.preset))
+        self.resolved = ResolvedRun.of(args, spec)
+        # the run's settings: what was given, with the resolved defaults filled in (these go to args.json, as before)
+        self.args = args = dataclasses.replace(args, **dataclasses.asdict(self.resolved))
 
-        self.train_ds, self.val_ds = build_data(args, self.template, acc)
+        self.train_ds, self.val_ds = (data or build_data)(args, self.template, acc)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
         self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded
@@ -193,7 +225,7 @@ class SftRun:
             print(f"ocrtune: one process, the model's layers split over {n} GPUs (--device_map {self.device_map}); "
                   f"NPROC_PER_NODE={torch.cuda.device_count()} runs data parallel instead", flush=True)
         buffers = dist.real_buffers(model) if self.meta else None
-        if args.use_liger:
+        if self.resolved.use_liger:
             from ocrtune.models.qwen_vl import apply_liger
             apply_liger(model)
         self.model = prepare_model(model, args)
@@ -227,7 +259,7 @@ class SftRun:
                 json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
         fused_ce = None
-        if args.use_liger:
+        if self.resolved.use_liger:
             from ocrtune.models.qwen_vl import liger_fused_ce
             fused_ce = liger_fused_ce()
         self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
@@ -291,14 +323,17 @@ class SftRun:
                                             torch.as_tensor(correct, device=acc.device, dtype=torch.float64)]), "sum")
             loss_sum, correct, tokens = stats[0], stats[1], global_tokens
         loss_sum = float(loss_sum)
-        if os.environ.get("OCRTUNE_FAULT_NAN_AT_STEP") == str(self.state["global_step"] + 1):  # fault injection (tests)
-            loss_sum = float("nan")
-        if not math.isfinite(loss_sum) or not math.isfinite(float(grad_norm)):
+        self.check_finite(loss_sum, float(grad_norm))
+        return loss_sum, int(tokens), int(correct), float(grad_norm)
+
+    def check_finite(self, loss_sum: float, grad_norm: float) -> None:
+        """Stop the run when the step's loss or gradient norm is NaN or infinite, naming the last good
+        checkpoint (tests/faults.py injects a NaN here)."""
+        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             last = ckpt_io.list_checkpoints(self.run_dir)
             raise UserError(f"loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {self.state['global_step'] + 1}"
                             + (f"; the last good checkpoint is {last[-1]}" if last else ""),
                             "lower --learning_rate, check the data, or use --dtype float32")
-        return loss_sum, int(tokens), int(correct), float(grad_norm)
 
     def _train_filler(self) -> dict:
         """A micro-batch to stand in for a None one: the last good batch this rank saw, else the
@@ -492,7 +527,7 @@ class SftRun:
                 metrics = self.evaluate()
                 self.logger.log({**metrics, "step": step, "global_step/max_steps": f"{step}/{self.total_steps}"})
                 bar.write(json.dumps({**metrics, "step": step}))
-            if step % args.save_steps == 0 or last:
+            if step % self.resolved.save_steps == 0 or last:
                 self.save(metrics)
 
     def log_train(self, step: int, start: float, start_step: int) -> None:

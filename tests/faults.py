@@ -1,0 +1,99 @@
+"""Fault injection for tests that run `ocrtune sft` as a subprocess: the faults are installed by
+wrapping ocrtune's functions in this process, never read by the package itself.
+
+    python tests/faults.py [--nan_at_step N] [--slow_save SECONDS] sft <sft flags...>
+
+--nan_at_step N     the loss of optimizer step N reads NaN (on every rank), just before the trainer's
+                    finite check (`SftRun.check_finite`)
+--slow_save SECONDS every checkpoint save sleeps SECONDS after writing the weights into its temporary
+                    folder (`.checkpoint-N.tmp`), so a test can kill the run mid-save
+
+With NPROC_PER_NODE the command re-runs itself under torchrun (`ocrtune.train.launch`): the ranks run
+this file with the same fault flags, not `-m ocrtune`. Tests build the command with `command(...)`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+HERE = str(Path(__file__).resolve())
+
+
+def command(*argv: str, nan_at_step: int | None = None, slow_save: float | None = None) -> list[str]:
+    """The argv of a subprocess that runs `ocrtune <argv>` with the given faults."""
+    return [sys.executable, HERE, *fault_flags(nan_at_step, slow_save), *argv]
+
+
+def fault_flags(nan_at_step: int | None, slow_save: float | None) -> list[str]:
+    return ([f"--nan_at_step={nan_at_step}"] if nan_at_step is not None else []) + \
+        ([f"--slow_save={slow_save}"] if slow_save is not None else [])
+
+
+def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """(faults, ocrtune's argv): the leading --nan_at_step=/--slow_save= flags, then the rest."""
+    faults = {"nan_at_step": None, "slow_save": None}
+    while argv and argv[0].startswith(("--nan_at_step=", "--slow_save=")):
+        name, value = argv[0][2:].split("=", 1)
+        faults[name] = int(value) if name == "nan_at_step" else float(value)
+        argv = argv[1:]
+    return faults, argv
+
+
+def install(nan_at_step: int | None = None, slow_save: float | None = None) -> None:
+    from ocrtune import checkpoint
+    from ocrtune.train import launch
+    from ocrtune.train.trainer import SftRun
+
+    if nan_at_step is not None:
+        check_finite = SftRun.check_finite
+
+        def nan_at(self, loss_sum, grad_norm):
+            if self.state["global_step"] + 1 == nan_at_step:
+                loss_sum = float("nan")
+            return check_finite(self, loss_sum, grad_norm)
+        SftRun.check_finite = nan_at
+
+    if slow_save is not None:
+        save_checkpoint = checkpoint.save_checkpoint
+
+        class SlowSave:
+            """The model, whose save_pretrained sleeps once the weights are in the temporary folder."""
+
+            def __init__(self, model):
+                self._model = model
+
+            def __getattr__(self, name):
+                return getattr(self._model, name)
+
+            def save_pretrained(self, *a, **kw):
+                self._model.save_pretrained(*a, **kw)
+                time.sleep(slow_save)
+
+        def slow(run_dir, step, model, *a, **kw):
+            return save_checkpoint(run_dir, step, SlowSave(model), *a, **kw)
+        checkpoint.save_checkpoint = slow  # the trainer calls it through the module (`ckpt_io.save_checkpoint`)
+
+    torchrun_args = launch.torchrun_args
+
+    def relaunch_here(argv):  # torchrun's ranks run this file with the same faults, not `-m ocrtune`
+        args = torchrun_args(argv)
+        if args is None:
+            return None
+        i = args.index("-m")
+        assert args[i + 1] == "ocrtune", args
+        return [*args[:i], HERE, *fault_flags(nan_at_step, slow_save), *args[i + 2:]]
+    launch.torchrun_args = relaunch_here
+
+
+def main() -> None:
+    # run as a script, sys.path[0] is tests/: import ocrtune from this checkout, as `python -m ocrtune` in its root does
+    sys.path.insert(0, str(Path(HERE).parents[1]))
+    faults, argv = split_flags(sys.argv[1:])
+    install(**faults)
+    from ocrtune.cli.main import main as ocrtune_main
+    ocrtune_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import arg
+from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
+                          model_type_arg, use_hf_arg)
 from ocrtune.export.args import ExportArgs  # noqa: F401  (moved; issue 14)
 
 
 @dataclass
 class InferArgs:
-    ckpt_dir: str | None = arg(None, "checkpoint folder from ocrtune sft (reads the run's args.json), or a merged folder")
-    model: str | None = arg(None, "base model (hub id, folder or preset) when no --ckpt_dir is given", aliases=("--model_id_or_path",))
-    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct")
-    use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
-    merge_lora: bool = arg(False, "merge the LoRA adapter into the weights first (writes checkpoint-N-merged/)")
+    ckpt_dir: str | None = ckpt_dir_arg()
+    model: str | None = model_arg()
+    model_type: str | None = model_type_arg()
+    use_hf: bool = use_hf_arg()
+    merge_lora: bool = merge_lora_arg()
     force: bool = arg(False, "merge again even if the merged folder exists")
     image: str | None = arg(None, "one-shot: image path or URL")
     query: str | None = arg(None, "one-shot query (default: the OCR prompt)")
@@ -23,14 +24,14 @@ class InferArgs:
     split: str = arg("validation", "split of registry datasets to use")
     metrics: str = arg("bleu,edit_distance,exact_match", "comma-separated: bleu, edit_distance, exact_match, token_acc, render")
     infer_batch_size: int = arg(8, "batch size for generation", aliases=("--batch_size",))
-    max_new_tokens: int = arg(512, "longest answer in tokens")
+    max_new_tokens: int = max_new_tokens_arg(512, "longest answer in tokens")
     temperature: float = arg(0.0, "0 = greedy")
     top_p: float = arg(1.0, "nucleus sampling when temperature > 0")
     num_beams: int = arg(1, "beam search width")
-    max_pixels: int | None = arg(None, "largest image size in pixels (default: the run's)", env="MAX_PIXELS")
+    max_pixels: int | None = max_pixels_arg("largest image size in pixels (default: the run's)")
     stream: bool = arg(True, "print the answer token by token (interactive mode)")
     result_path: str | None = arg(None, "results jsonl (default: <ckpt_dir>/infer_result/<time>.jsonl)")
-    dtype: str = arg("auto", "auto, bfloat16, float16 or float32", aliases=("--torch_dtype",))
+    dtype: str = dtype_arg(choices=None)
     seed: int = arg(42, "seed for sampling and dataset sampling")
 
 

@@ -3,22 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import arg
+from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
+                          model_type_arg, use_hf_arg)
 
 
 @dataclass
 class ServeArgs:
     # model (same meaning as in `ocrtune infer`)
-    ckpt_dir: str | None = arg(None, "checkpoint folder from ocrtune sft (reads the run's args.json), or a merged folder")
-    model: str | None = arg(None, "base model (hub id, folder or preset such as tiny) when no --ckpt_dir is given",
-                            aliases=("--model_id_or_path",))
-    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct")
-    use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
-    merge_lora: bool = arg(False, "merge the LoRA adapter into the weights first (writes checkpoint-N-merged/)")
-    dtype: str = arg("auto", "auto, bfloat16, float16 or float32", aliases=("--torch_dtype",),
-                     choices=("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
-    max_pixels: int | None = arg(None, "images are resized down to at most this many pixels before the model "
-                                       "(default: the run's / the model's)", env="MAX_PIXELS")
+    ckpt_dir: str | None = ckpt_dir_arg()
+    model: str | None = model_arg("base model (hub id, folder or preset such as tiny) when no --ckpt_dir is given")
+    model_type: str | None = model_type_arg()
+    use_hf: bool = use_hf_arg()
+    merge_lora: bool = merge_lora_arg()
+    dtype: str = dtype_arg()
+    max_pixels: int | None = max_pixels_arg("images are resized down to at most this many pixels before the model "
+                                            "(default: the run's / the model's)")
     served_model_name: str | None = arg(None, "model id clients send and /v1/models lists "
                                               "(default: --model, or <run folder>/<checkpoint-N> for --ckpt_dir)")
     # network
@@ -34,7 +33,7 @@ class ServeArgs:
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives")
     max_queue: int = arg(256, "requests waiting beyond this many are refused with 503")
     # limits
-    max_new_tokens: int = arg(512, "default and largest max_tokens a request may ask for")
+    max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")
     max_request_mb: float = arg(20.0, "largest request body in MB")
     max_image_pixels: int = arg(25_000_000, "images with more pixels than this are refused (400)")
     log_level: str = arg("info", "uvicorn log level: critical, error, warning, info, debug",

@@ -3,20 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import arg  # noqa: F401  (moved; issue 14)
+from ocrtune.args import arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, model_arg, model_type_arg, use_hf_arg  # noqa: F401
 from ocrtune.errors import UserError
 
 
 @dataclass
 class SftArgs:
     # model
-    model: str | None = arg(None, "hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (tiny, small); default tiny",
-                            aliases=("--model_id_or_path",))
-    model_type: str | None = arg(None, "registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list`)")
-    use_hf: bool = arg(True, "download from Hugging Face (true) or ModelScope (false)", env="USE_HF")
+    model: str | None = model_arg("hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (tiny, small); default tiny")
+    model_type: str | None = model_type_arg("registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list`)")
+    use_hf: bool = use_hf_arg()
     model_revision: str | None = arg(None, "hub revision")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32", aliases=("--torch_dtype",),
-                     choices=("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
+    dtype: str = dtype_arg("auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
     attn_impl: str | None = arg(None, "attention kernel: sdpa, eager, flash_attention_2, flex_attention")
     # tuner
     train_type: str = arg("lora", "lora or full", aliases=("--sft_type", "--tuner_type"), choices=("lora", "full"))
@@ -37,7 +35,7 @@ class SftArgs:
     check_dataset_strategy: str = arg("warning", "bad rows: none, discard, error or warning",
                                       choices=("none", "discard", "error", "warning"))
     max_length: int = arg(2048, "longest sample in tokens; longer samples are dropped")
-    max_pixels: int | None = arg(None, "largest image size in pixels (resized down beyond)", env="MAX_PIXELS")
+    max_pixels: int | None = max_pixels_arg("largest image size in pixels (resized down beyond)")
     min_pixels: int | None = arg(None, "smallest image size in pixels", env="MIN_PIXELS")
     system: str | None = arg(None, "system prompt (default: the template's)")
     augment: bool = arg(False, "augment images for printed/scanned text (scale, rotation, blur, noise)")
@@ -73,7 +71,7 @@ class SftArgs:
     save_total_limit: int | None = arg(2, "checkpoints kept (the best and the newest are always kept)")
     logging_steps: int = arg(5, "log every N steps")
     predict_with_generate: bool = arg(False, "also generate on the validation set and log BLEU/edit distance/exact match")
-    max_new_tokens: int = arg(256, "generation length for --predict_with_generate")
+    max_new_tokens: int = max_new_tokens_arg(256, "generation length for --predict_with_generate")
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
     add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'last' for the newest of the newest run")

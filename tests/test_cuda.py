@@ -18,29 +18,19 @@ from __future__ import annotations
 
 import copy
 import sys
-import types
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from tolerance import U_BF16, bf16_rtol, rel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_sft import _ensure_datasets_importable  # noqa: E402  (the datasets stand-in, one copy)
+from gpu_selftest import varlen_case  # noqa: E402
+
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU checks)")]
-
-
-def _ensure_datasets_importable():
-    """ocrtune.train imports `datasets`; these tests feed rows themselves, so a stand-in is enough where
-    the package is not installed (the offline GPU machine; same as bench/bench_sft.py)."""
-    try:
-        import datasets  # noqa: F401
-    except Exception:
-        m = types.ModuleType("datasets")
-        m.Features = m.Value = m.List = m.Sequence = lambda *a, **k: None
-        m.Dataset = m.DatasetDict = m.IterableDataset = type("Dataset", (), {})
-        m.load_dataset = m.load_from_disk = m.concatenate_datasets = lambda *a, **k: None
-        sys.modules["datasets"] = m
 
 
 @pytest.fixture(scope="module")
@@ -108,30 +98,13 @@ def test_varlen_attention_matches_sdpa():
     """Packed causal attention (GQA, uneven lengths) vs sdpa per sample in float64, forward and backward.
     The kernel stores P and the output in bf16 (2 roundings); backward adds the saved output, P, dS and
     the result (4)."""
-    from ocrtune.models.qwen_vl import _VARLEN, _get_varlen, packed_attention
+    from ocrtune.models.qwen_vl import _get_varlen
     assert _get_varlen() is not None, "torch.nn.attention.varlen is unavailable: packed rows fall back to a dense mask"
-    torch.manual_seed(0)
-    lens = [37, 120, 5, 300, 64]
-    T, H, KV, D = sum(lens), 28, 4, 128
-    q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning: the varlen kernel ran
-        out = packed_attention(None, q, k, v, cu, max(lens), scaling=D ** -0.5)
-    assert _VARLEN["fn"] is not None
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    refs = [torch.nn.functional.scaled_dot_product_attention(
-        qd[:, :, s:e], kd[:, :, s:e].repeat_interleave(H // KV, 1), vd[:, :, s:e].repeat_interleave(H // KV, 1),
-        is_causal=True, scale=D ** -0.5).transpose(1, 2) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
-    ref = torch.cat(refs, dim=1)
-    (ref * g.double()).sum().backward()
-    assert rel(out, ref) <= bf16_rtol(2)
-    for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
-        assert rel(got, want) <= bf16_rtol(4), name
+    pairs, warns, ran = varlen_case()
+    assert ran and warns == [], warns  # no fallback warning: the varlen kernel ran
+    assert rel(*pairs["out"]) <= bf16_rtol(2)
+    for name in ("dq", "dk", "dv"):
+        assert rel(*pairs[name]) <= bf16_rtol(4), name
 
 
 def test_patch_embed_gemm_matches_conv():

@@ -19,17 +19,22 @@ def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
 
 
+def _addmm(result, xd, a, b, scaling: float, dtype):
+    """(`result + scaling * xd @ a.T @ b.T` in `dtype`, and the rank-r `xd @ a.T`)."""
+    h = xd.reshape(-1, xd.shape[-1]).to(dtype) @ a.to(dtype).t()
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.to(dtype).t(), alpha=scaling)
+    return out.view(result.shape), h
+
+
 class _LoraAddmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            xd = x * _mask(x, p, seed) if p > 0 else x
-            h = xd.reshape(-1, x.shape[-1]).to(dtype) @ a.to(dtype).t()
-            out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.to(dtype).t(), alpha=scaling)
+            out, h = _addmm(result, x * _mask(x, p, seed) if p > 0 else x, a, b, scaling, dtype)
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
         ctx.result_dtype = result.dtype
-        return out.view(result.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -59,8 +64,6 @@ def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     dtype = dtype or result.dtype
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad or result.requires_grad):
         xd = torch.nn.functional.dropout(x, p, training=True) if p > 0 else x
-        h = xd.reshape(-1, x.shape[-1]).to(dtype) @ a.to(dtype).t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.to(dtype).t(), alpha=scaling)
-        return out.view(result.shape)
+        return _addmm(result, xd, a, b, scaling, dtype)[0]
     seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0  # CPU generator: no device sync
     return _LoraAddmm.apply(result, x, a, b, float(scaling), float(p), seed, dtype)

@@ -56,15 +56,7 @@ def batches_for(ds, lengths, budget: int, start: int, count: int):
     from ocrtune.train.packing import pack
     out, i = [], start
     for _ in range(count):
-        idx, used = [], 0
-        while True:
-            j = i % len(lengths)
-            if lengths[j] and used + lengths[j] > budget:
-                break
-            if lengths[j]:
-                idx.append(j)
-                used += lengths[j]
-            i += 1
+        idx, _, i = bs.fill_budget(lengths, budget, i)
         out.append(pack([ds[j] for j in idx], 0))
     return out, i
 

@@ -322,6 +322,18 @@ def run_ocrtune(a):
     return out
 
 
+def fill_budget(lengths, budget: int, start: int = 0) -> tuple[list[int], int, int]:
+    """Consecutive rows from `start` (wrapping, so rows repeat if needed; empty rows skipped) until the next
+    one would overflow `budget` tokens: (row indices, tokens used, index to continue from)."""
+    idx, used, i = [], 0, start
+    while used + lengths[i % len(lengths)] <= budget:
+        if lengths[i % len(lengths)]:
+            idx.append(i % len(lengths))
+            used += lengths[i % len(lengths)]
+        i += 1
+    return idx, used, i
+
+
 def run_budget_probe(a):
     """Peak memory of ocrtune LoRA training steps at growing token budgets (one step each)."""
     import torch
@@ -331,12 +343,7 @@ def run_budget_probe(a):
     lengths = ds.lengths()
     results = []
     for budget in [int(x) for x in a.probe.split(",")]:
-        idx, used, i = [], 0, 0  # fill the budget (rows repeat if needed)
-        while used + lengths[i % len(lengths)] <= budget:
-            if lengths[i % len(lengths)]:
-                idx.append(i % len(lengths))
-                used += lengths[i % len(lengths)]
-            i += 1
+        idx, used, _ = fill_budget(lengths, budget)
         batch = pack([ds[j] for j in idx], 0)
         _reset_mem()
         try:

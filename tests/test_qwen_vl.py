@@ -166,3 +166,56 @@ def test_patch_points_resolve(tiny_model_dir):
 def test_resolver_reports_missing_names(tiny_model_dir, ref):
     model = _stock(tiny_model_dir) if "#" in ref else None
     assert qwen_vl._resolve(ref, model) is not None
+
+
+def test_prepare_liger_where_it_cannot_run_leaves_the_model_stock(tiny_model_dir, encoded):
+    """`PatchOptions(liger=True)` here (no CUDA, no liger-kernel): one warning, the reason in `skipped`,
+    no fused CE, and outputs bit-identical to the stock model's."""
+    reason = qwen_vl.liger_unavailable_reason()
+    if reason is None:
+        pytest.skip("Liger can run here: tests/test_cuda.py checks it")
+    model, stock = _stock(tiny_model_dir), _stock(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        applied = prepare(model, PatchOptions(patch_embed=False, liger=True))
+    assert [str(w.message) for w in caught if "liger" in str(w.message).lower()] == \
+        [f"--use_liger: {reason}; using the standard kernels"]
+    assert applied["liger"] is False and applied["fused_ce"] is None and applied["skipped"] == {"liger": reason}
+    assert not any(hasattr(m, "_ocrtune_stock_forward") or hasattr(m, "_ocrtune_liger") for m in model.modules())
+    batch = {k: v for k, v in collate(encoded, 0).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, stock(**batch).logits)
+
+
+def test_prepare_liger_patches_the_unwrapped_model_once(tiny_model_dir, monkeypatch):
+    """Where Liger can run (faked: CUDA reported, a stand-in liger_kernel), prepare calls Liger's
+    patch once on the *ForConditionalGeneration, also when asked again after the LoRA wrap, and hands
+    back the fused linear CE (reduction "sum") for the loss."""
+    import sys
+    import types
+
+    calls = []
+
+    class FusedCE:  # stands in for LigerFusedLinearCrossEntropyLoss
+        def __init__(self, reduction):
+            self.reduction = reduction
+
+        def __call__(self, weight, hidden, targets):
+            return torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction=self.reduction)
+
+    lt = types.ModuleType("liger_kernel.transformers")
+    lt.apply_liger_kernel_to_qwen2_vl = lambda **kw: calls.append(kw)
+    lt.LigerFusedLinearCrossEntropyLoss = FusedCE
+    pkg = types.ModuleType("liger_kernel")
+    pkg.transformers = lt
+    monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", lt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = _stock(tiny_model_dir)
+    applied = prepare(model, PatchOptions(patch_embed=False, liger=True))
+    assert applied["liger"] is True and applied["skipped"] == {} and len(calls) == 1
+    assert calls[0]["model"] is model and calls[0]["fused_linear_cross_entropy"] is False  # the loss is ResponseLoss's
+    w, h, t = torch.randn(7, 4), torch.randn(5, 4), torch.tensor([0, 6, 2, 2, 1])
+    torch.testing.assert_close(applied["fused_ce"](w, h, t), torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum"))
+    again = prepare(_lora(model), PatchOptions(patch_embed=False, liger=True))
+    assert again["liger"] is True and len(calls) == 1  # idempotent: the wrapped model's base is not patched twice

@@ -2,7 +2,9 @@
 
 ocrtune's speed comes from reaching into transformers' Qwen2-VL modules and PEFT's LoRA layers. All of
 that lives here, applied once by `prepare(model, PatchOptions(...))`:
-- at model load (`models/loading.py`: the patch-embed GEMM), and
+- at model load (`models/loading.py`: the patch-embed GEMM),
+- in `train/trainer.py:SftRun` with `--use_liger`, before the LoRA wrap (Liger's kernels patch the
+  unwrapped model; `PatchOptions(liger=True)` also hands back Liger's fused linear CE for the loss), and
 - in `train/trainer.py:prepare_model` after the LoRA wrap and gradient checkpointing (fused LoRA, the
   recompute limit, the ViT varlen attention, the varlen-aware "sdpa" attention for packed rows).
 
@@ -13,8 +15,7 @@ references; tests/test_qwen_vl.py checks they exist) and the versions it was che
 
 The packed forward (`hidden_states`, `image_embeds`) is what `train/loss.py:ResponseLoss` runs: a
 hand-rolled `Qwen2VLModel.forward` that feeds packed rows to the language model with varlen attention
-kwargs. Liger (`apply_liger`, `liger_fused_ce`) is wired from `SftRun` before the PEFT wrap (it patches
-the unwrapped model's classes), so it is not part of `prepare` yet.
+kwargs.
 
 Sections: versions and patch points / shared helpers / patch embedding / varlen attention (text, ViT) /
 PEFT LoRA (fused forward, input upcast) / recompute limit / Liger / packed forward / prepare.
@@ -107,7 +108,8 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     PatchPoint("recompute", "GradientCheckpointingLayer.gradient_checkpointing off on all but the first N decoder layers",
                ("transformers.modeling_layers:GradientCheckpointingLayer.gradient_checkpointing",
                 f"{_Q2}:Qwen2VLModel#language_model.layers"), "transformers", _TF),
-    PatchPoint("liger", "Liger's RMSNorm/SwiGLU/M-RoPE/LayerNorm kernels and fused linear CE (SftRun, before PEFT)",
+    PatchPoint("liger", "Liger's RMSNorm/SwiGLU/M-RoPE/LayerNorm kernels and fused linear CE "
+               "(prepare(liger=True), before the PEFT wrap)",
                ("liger_kernel.transformers:apply_liger_kernel_to_qwen2_vl",
                 "liger_kernel.transformers:LigerFusedLinearCrossEntropyLoss"), "liger-kernel", "liger-kernel 0.8.5 (GPU)"),
 )
@@ -464,7 +466,8 @@ def limit_recompute(model: nn.Module, layers: int) -> int:
 # Liger's Triton kernels (RMSNorm, SwiGLU, M-RoPE, LayerNorm in the ViT) on a CUDA machine with `liger-kernel`
 # installed, and a fused linear cross-entropy for the loss. Where Liger is not installed, no GPU is present, or
 # the model is not a Qwen2-VL family model, training runs on the stock modules (same results) and a warning
-# says why. Applied by SftRun to the unwrapped model before the PEFT wrap (not part of `prepare` yet).
+# says why. `prepare(model, PatchOptions(liger=True))` applies it; SftRun calls that on the unwrapped model before
+# the PEFT wrap (Liger swaps the forwards of the model's own norm/MLP modules, which the wrap then sits on).
 
 _APPLY = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl", "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
           "qwen3_vl": "apply_liger_kernel_to_qwen3_vl"}
@@ -483,9 +486,11 @@ def liger_unavailable_reason() -> str | None:
         return f"liger-kernel is not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     return None
 
-def apply_liger(model) -> bool:
-    """Patch `model` in place with Liger's RMSNorm, SwiGLU, RoPE (and ViT LayerNorm) kernels.
-    Returns True if patched; otherwise warns and leaves the model untouched."""
+def liger_kernels(model) -> str | None:
+    """Patch `model` in place with Liger's RMSNorm, SwiGLU, RoPE (and ViT LayerNorm) kernels, once.
+    Returns why it was not patched, or None (patched now or before); warns about nothing."""
+    if getattr(model, "_ocrtune_liger", False):
+        return None
     reason = liger_unavailable_reason()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if reason is None and model_type not in _APPLY:
@@ -494,18 +499,23 @@ def apply_liger(model) -> bool:
         import liger_kernel.transformers as lt
         fn = getattr(lt, _APPLY[model_type], None)
         if fn is None:
-            reason = f"this liger-kernel has no {_APPLY[model_type]}"
-        else:
-            try:
-                # the loss is ours (ResponseLoss); Liger's model.forward replacement is not needed
-                fn(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=model)
-            except Exception as e:  # noqa: BLE001 - any patch failure means: run unpatched
-                reason = f"patching failed ({type(e).__name__}: {str(e)[:120]})"
+            return f"this liger-kernel has no {_APPLY[model_type]}"
+        try:
+            # the loss is ours (ResponseLoss); Liger's model.forward replacement is not needed
+            fn(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=model)
+        except Exception as e:  # noqa: BLE001 - any patch failure means: run unpatched
+            return f"patching failed ({type(e).__name__}: {str(e)[:120]})"
+        model._ocrtune_liger = True  # a second call (prepare is idempotent) must not patch again
+        log.info("Liger kernels applied (RMSNorm, SwiGLU, RoPE)")
+    return reason
+
+def apply_liger(model) -> bool:
+    """Patch `model` in place with Liger's kernels (`liger_kernels`). Returns True if patched (now or
+    before); otherwise warns and leaves the model untouched."""
+    reason = liger_kernels(model)
     if reason is not None:
         _fallback(reason)
-        return False
-    log.info("Liger kernels applied (RMSNorm, SwiGLU, RoPE)")
-    return True
+    return reason is None
 
 def liger_fused_ce():
     """A callable (weight, hidden, targets) -> summed cross-entropy using Liger's fused linear
@@ -589,7 +599,7 @@ def hidden_states(lm, input_ids, attention_mask=None, pixel_values=None, image_g
     return out.last_hidden_state
 
 
-# ================================================================ prepare: applied once, at model load and in train.trainer.prepare_model
+# ================================================================ prepare: at model load, for Liger (SftRun), in trainer.prepare_model
 
 @dataclass
 class PatchOptions:
@@ -600,14 +610,16 @@ class PatchOptions:
     packing: bool = False                    # --packing: transformers' "sdpa" honours cu_seq_lens_q
     recompute_layers: int | None = None      # --recompute_layers with gradient checkpointing on
     vision_varlen: bool = False              # qwen2_vl ViT: one varlen call per block on CUDA (training)
+    liger: bool = False                      # --use_liger: Liger's kernels (before the PEFT wrap) + fused linear CE
 
 
 def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
     """Apply the patch points `options` asks for to `model` (idempotent) and return what was applied:
     {"patch_embed": modules, "fused_lora": modules, "recompute": layers, "vision_varlen": bool,
-    "sdpa_varlen": bool, "skipped": {patch point: why}}. Outside the tested transformers / PEFT
-    versions (`checked_versions()`) it warns once and applies none of that package's patch points;
-    `hidden_states` then takes the stock forward."""
+    "sdpa_varlen": bool, "skipped": {patch point: why}}; with `liger=True` also "liger" (whether Liger's
+    kernels are on the model) and "fused_ce" (Liger's fused linear CE for `ResponseLoss`, or None).
+    Outside the tested transformers / PEFT versions (`checked_versions()`) it warns once and applies
+    none of that package's patch points; `hidden_states` then takes the stock forward."""
     options = options or PatchOptions()
     applied = {"patch_embed": 0, "fused_lora": 0, "recompute": None, "vision_varlen": False, "sdpa_varlen": False,
                "skipped": {}}
@@ -633,4 +645,18 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
             applied["vision_varlen"] = bool(visual._ocrtune_varlen)
     if options.packing and allowed["sdpa_varlen"] and allowed["packed_forward"]:
         applied["sdpa_varlen"] = install_varlen_sdpa()
+    if options.liger:  # reported only when asked: the report of a plain load stays as it was
+        applied.update(_prepare_liger(model, skipped) if allowed["liger"] else {"liger": False, "fused_ce": None})
     return applied
+
+
+def _prepare_liger(model: nn.Module, skipped: dict) -> dict:
+    """prepare's Liger step: the kernels on the unwrapped model and the fused linear CE. Where Liger
+    can't run at all, one warning and neither; the reason the kernels were not applied goes to `skipped`."""
+    usable = liger_unavailable_reason() is None
+    reason = liger_kernels(causal_lm(model))
+    if reason is not None:
+        _fallback(reason)
+        skipped["liger"] = reason
+    # the fused CE needs Liger, not its kernels: a model type Liger has no kernels for still gets it
+    return {"liger": reason is None, "fused_ce": liger_fused_ce() if usable else None}

@@ -225,9 +225,8 @@ class SftRun:
             print(f"ocrtune: one process, the model's layers split over {n} GPUs (--device_map {self.device_map}); "
                   f"NPROC_PER_NODE={torch.cuda.device_count()} runs data parallel instead", flush=True)
         buffers = dist.real_buffers(model) if self.meta else None
-        if self.resolved.use_liger:
-            from ocrtune.models.qwen_vl import apply_liger
-            apply_liger(model)
+        # Liger patches the unwrapped model, so it goes first; its fused CE is the loss's (below)
+        liger = qwen_vl.prepare(model, PatchOptions(patch_embed=False, liger=True)) if self.resolved.use_liger else {}
         self.model = prepare_model(model, args)
         dist.wrap_classes_of(acc, self.model)
         std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
@@ -258,11 +257,7 @@ class SftRun:
             with open(self.run_dir / "args.json", "w") as f:
                 json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
-        fused_ce = None
-        if self.resolved.use_liger:
-            from ocrtune.models.qwen_vl import liger_fused_ce
-            fused_ce = liger_fused_ce()
-        self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, fused_ce)
+        self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, liger.get("fused_ce"))
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)
         if self.meta and dist.engine_name(acc) == "fsdp2":  # each rank allocates and initializes its shards only
             dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)

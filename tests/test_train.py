@@ -209,3 +209,101 @@ def test_run_given_its_datasets_trains_on_them(tmp_path, tiny_model_dir):
     assert (Path(result["run_dir"]) / "checkpoint-2" / "adapter_model.safetensors").exists()
     saved = json.loads((Path(result["run_dir"]) / "args.json").read_text())
     assert (saved["learning_rate"], saved["save_steps"], saved["use_liger"]) == (1e-3, 2, False)
+
+
+def _redrawn(args, model_dir, dtype):
+    """A model builder for SftRun(model=...): the tiny preset with its language model's matrices
+    drawn again from seed 1234, so its weights are none of the folder's."""
+    from ocrtune.models.loading import load_model
+    model = load_model(model_dir, dtype, args.attn_impl)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def test_run_given_its_model_trains_that_model(tmp_path, tiny_model_dir):
+    """SftRun(args, model=builder): the given model (not the weights in args.model's folder) is the base
+    under the LoRA wrap, its loss falls, and the saved adapter reproduces the trained logits over that
+    model and not over the folder's weights."""
+    from peft import PeftModel
+
+    from ocrtune.compat import quiet_peft_deprecations
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.qwen_vl import causal_lm
+    from ocrtune.train import trainer as tr
+    from ocrtune.train.data import parquet_rows
+    calls = []
+
+    def builder(args, model_dir, dtype):
+        calls.append((args, model_dir, dtype, _redrawn(args, model_dir, dtype)))
+        return calls[-1][-1]
+
+    rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=2)
+    args = SftArgs(model=str(tiny_model_dir), max_steps=3, batch_size=2, learning_rate=5e-3, warmup_ratio=0,
+                   logging_steps=1, output_dir=str(tmp_path), report_to=["none"])
+    run = SftRun(args, data=tr.rows_data(rows), model=builder)
+    (given_args, model_dir, dtype, given), = calls
+    assert given_args is run.args and Path(model_dir) == Path(tiny_model_dir) and dtype == torch.float32
+    assert causal_lm(run.model) is given  # the base the adapters wrap is the given model itself
+    embed = lambda m: m.model.language_model.embed_tokens.weight  # noqa: E731
+    assert not torch.equal(embed(given), embed(load_model(tiny_model_dir, torch.float32)))
+    result = run.train()
+    losses = [r["loss"] for r in read_log(result["run_dir"]) if "loss" in r]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.9 * losses[0], losses
+    assert torch.equal(embed(given), embed(_redrawn(args, tiny_model_dir, torch.float32)))  # LoRA: base frozen
+
+    batch = {k: v for k, v in run.collator([run.train_ds[i] for i in range(2)]).items() if k != "labels"}
+    trained = run.accelerator.unwrap_model(run.loss_module).model.eval()
+    ckpt = result["last_model_checkpoint"]
+    with torch.no_grad(), quiet_peft_deprecations():
+        expected = trained(**batch).logits
+        on_given = PeftModel.from_pretrained(_redrawn(args, tiny_model_dir, torch.float32), ckpt).eval()(**batch).logits
+        on_folder = PeftModel.from_pretrained(load_model(tiny_model_dir, torch.float32), ckpt).eval()(**batch).logits
+    depth, width = matmul_stages(trained.config)
+    atol = float32_atol(expected, depth, width)
+    torch.testing.assert_close(on_given, expected, rtol=0, atol=atol)
+    assert (on_folder - expected).abs().max() > 100 * atol
+
+
+def test_run_refuses_a_given_model_it_cannot_honour(tmp_path, tiny_model_dir):
+    """Where a given model can't be used (--device_map placement, a shape-only folder, a full-weight
+    resume, a model already PEFT-wrapped) the run stops with a UserError and writes nothing."""
+    import shutil
+
+    from ocrtune.errors import UserError
+    from ocrtune.models.presets import RANDOM_INIT_MARK
+    from ocrtune.train import trainer as tr
+    from ocrtune.train.data import parquet_rows
+    rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=2)
+    out = tmp_path / "out"
+
+    def run(builder, **kw):
+        SftRun(SftArgs(max_steps=1, batch_size=1, output_dir=str(out), report_to=["none"], **kw),
+               data=tr.rows_data(rows), model=builder)
+
+    def never(*a):
+        raise AssertionError("the model builder ran")
+
+    with pytest.raises(UserError, match="--device_map auto splits the model the run loads"):
+        run(never, model=str(tiny_model_dir), device_map="auto")
+    shape_only = tmp_path / "tiny_meta"
+    shutil.copytree(tiny_model_dir, shape_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    (shape_only / RANDOM_INIT_MARK).write_text("")
+    with pytest.raises(UserError, match="shape-only"):
+        run(never, model=str(shape_only))
+    with pytest.raises(UserError, match="holds the full model weights"):
+        tr.check_given_model(SftArgs(train_type="full"), tiny_model_dir, tmp_path / "checkpoint-2")
+    from peft import LoraConfig, get_peft_model
+
+    from ocrtune.compat import quiet_peft_deprecations
+
+    def wrapped(args, model_dir, dtype):
+        with quiet_peft_deprecations():
+            return get_peft_model(_redrawn(args, model_dir, dtype), LoraConfig(target_modules=["q_proj"]))
+
+    with pytest.raises(UserError, match="already has PEFT adapters"):
+        run(wrapped, model=str(tiny_model_dir))
+    assert not list(out.glob("**/args.json"))

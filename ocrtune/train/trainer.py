@@ -163,13 +163,35 @@ def memory_gib() -> float:
 
 # ---------------------------------------------------------------- the run
 
-class SftRun:
-    """One training run. Its parts come from builders (torchtune's builders -> recipe): `data` is a
-    callable `(args, template, accelerator) -> (train_ds, val_ds or None)`, `build_data` (the datasets
-    named in `args`) by default; benchmarks and tests pass their own (`rows_data(rows)`) instead of
-    patching this module."""
+def check_given_model(args: SftArgs, weights: Path, resume: Path | None) -> None:
+    """Refuse what a model given to `SftRun(model=...)` cannot honour: layers placed by --device_map,
+    a full-weight resume (the checkpoint is the model), a shape-only folder (built by the run itself)."""
+    if args.device_map not in (None, "none"):
+        raise UserError(f"--device_map {args.device_map} splits the model the run loads, and this run was given its model",
+                        "pass --device_map none (the given model goes to the run's device), or let the run load the model")
+    if resume is not None and args.train_type == "full":
+        raise UserError(f"{resume} holds the full model weights, which a resumed full run loads in place of a given model",
+                        "resume it without a model builder, or give the model to a new run")
+    if is_random_init(weights):
+        raise UserError(f"{weights} is a shape-only (random-init) model folder, whose weights the run builds itself",
+                        "drop the model builder, or point --model at a folder that holds weights")
 
-    def __init__(self, args: SftArgs, data=None):
+
+class SftRun:
+    """One training run. Its parts come from builders (torchtune's builders -> recipe); benchmarks and
+    tests pass their own instead of patching this module.
+
+    - `data`: `(args, template, accelerator) -> (train_ds, val_ds or None)`; by default `build_data`
+      (the datasets named in `args`); `rows_data(rows)` for rows in memory.
+    - `model`: `(args, model_dir, dtype) -> model`, the base model (a *ForConditionalGeneration in `dtype`,
+      not PEFT-wrapped; SftRun moves it to the run's device), called where the run would load it; by
+      default the weights of `args.model` (`load_model`, or built on meta for a shape-only folder). The
+      processor and template still come from `args.model`'s folder. From there on the given model goes
+      the way a loaded one does: the load-time patches, Liger, the LoRA wrap, `qwen_vl.prepare`, a LoRA
+      resume, checkpoints (adapters over the given model; args.json's model_dir names the folder only).
+      Refused (UserError, `check_given_model`) with --device_map, a full-weight resume or a shape-only folder."""
+
+    def __init__(self, args: SftArgs, data=None, model=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -187,7 +209,8 @@ class SftRun:
                 print(note, file=sys.stderr)
         self.given = args  # not changed below (a resume's settings are the run's saved ones, merged into a new object)
         kwargs = _accelerator_kwargs(args)
-        self.device_map = dist.device_map_choice(args.device_map, torch.cuda.device_count(),
+        # a given model is never split over GPUs (check_given_model refuses an explicit --device_map)
+        self.device_map = dist.device_map_choice("none" if model is not None else args.device_map, torch.cuda.device_count(),
                                                  os.environ.get("LOCAL_RANK") is not None, bool(args.fsdp or args.deepspeed))
         if self.device_map:
             kwargs["device_placement"] = False  # the layers stay where device_map put them
@@ -210,6 +233,8 @@ class SftRun:
         self.train_ds, self.val_ds = (data or build_data)(args, self.template, acc)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
+        if model is not None:
+            check_given_model(args, weights, self.resume)
         self.meta = is_random_init(weights)  # shape-only folder: weights built on meta, initialized sharded
         if self.meta and self.device_map:
             raise UserError(f"{weights} is a shape-only (random-init) model folder, built sharded per rank, and "
@@ -218,8 +243,7 @@ class SftRun:
         if self.meta and self.resume is not None:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
-        model = build_on_meta(weights, dtype, args.attn_impl) if self.meta else \
-            load_model(weights, dtype, args.attn_impl, device_map=self.device_map)
+        model = self.base_model(model, weights, dtype)
         if self.device_map:
             n = len({str(d) for d in model.hf_device_map.values()})
             print(f"ocrtune: one process, the model's layers split over {n} GPUs (--device_map {self.device_map}); "
@@ -266,6 +290,20 @@ class SftRun:
         self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
+
+    def base_model(self, builder, weights: Path, dtype):
+        """The model before Liger and the LoRA wrap: `builder`'s (with the patches `load_model` applies),
+        else loaded from `weights` (built on meta for a shape-only folder)."""
+        args = self.args
+        if builder is None:
+            return build_on_meta(weights, dtype, args.attn_impl) if self.meta else \
+                load_model(weights, dtype, args.attn_impl, device_map=self.device_map)
+        model = builder(args, weights, dtype)
+        if getattr(model, "peft_config", None):  # prepare_model would wrap it a second time
+            raise UserError("the model given to the run already has PEFT adapters",
+                            "give the base model: the run adds its own LoRA adapters (and resumes them)")
+        qwen_vl.prepare(model, PatchOptions())  # idempotent: a builder that used load_model is not patched twice
+        return model
 
     # -- one optimizer step over a group of micro-batches
     def train_step(self, group: list[dict | None]) -> tuple[float, int, int, float] | None:

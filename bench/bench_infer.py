@@ -9,8 +9,9 @@ same model, same batch size; greedy outputs compared row by row.
         prompt length, prompts encoded ahead in a thread pool, greedy loop that drops finished rows.
 Both get one small warm-up batch first. `identical_outputs`: every row's answer (text, generated token
 count, finish reason) is the same; in bf16 a batch padded differently can flip a near-tie, so
-`identical_fraction` is reported too, plus an optional float32 check on the first --fp32_rows rows
-(the model cast to float32 and back). `--serve` also runs serve's Batcher under --concurrency parallel
+`identical_fraction` is reported too, plus a float32 check on the first --fp32_rows rows (the model
+cast to float32 and back, both sides timed) and, with --noise_floor, plain generate against itself with
+the rows batched differently (the rate at which bf16 alone flips greedy answers). `--serve` also runs serve's Batcher under --concurrency parallel
 requests (ocrtune engine vs the same engine with fast=False, i.e. plain generate per batch).
 
 Models: `--model 7b|2b` builds the preset's config and processor only and creates the weights randomly
@@ -153,7 +154,9 @@ def compare(a: list, b: list) -> dict:
 
 
 def fp32_check(a, engine, rows) -> dict:
-    """Greedy identity in float32 on a few rows (the model cast to float32, then back)."""
+    """Greedy identity in float32 (the model cast to float32, then back), both sides timed. In float32
+    a differently padded or ordered batch moves logits by ~1e-6 instead of bf16's ~1e-2, so a greedy
+    tie flip is rare and a difference points at a real bug in the engine."""
     import torch
     model = engine.model
     dtype = next(model.parameters()).dtype
@@ -161,9 +164,10 @@ def fp32_check(a, engine, rows) -> dict:
         if dtype != torch.float32:
             model.float()
         bs = min(a.batch_size, len(rows))
-        base, _ = baseline(engine, rows, bs, a.max_new_tokens)
-        ours = engine.answer_rows(rows, bs, a.max_new_tokens)
-        return {"rows": len(rows), "batch_size": bs, **compare(base, ours)}
+        (base, _), tb = timed(engine.device, lambda: baseline(engine, rows, bs, a.max_new_tokens))
+        ours, to = timed(engine.device, lambda: engine.answer_rows(rows, bs, a.max_new_tokens))
+        return {"rows": len(rows), "batch_size": bs, "baseline_seconds": round(tb, 3), "ocrtune_seconds": round(to, 3),
+                "ratio_vs_generate": round(tb / to, 3), **compare(base, ours)}
     except Exception as e:  # out of memory on a large model: report, keep the main result
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     finally:
@@ -171,6 +175,14 @@ def fp32_check(a, engine, rows) -> dict:
             model.to(dtype)
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def noise_floor(a, engine, rows, base) -> dict:
+    """Plain generate against itself with the rows batched differently (reversed order, so each row gets
+    other neighbours and padding): how often bf16 alone flips a greedy answer, with no engine involved."""
+    again, _ = baseline(engine, rows[::-1], a.batch_size, a.max_new_tokens)
+    return {"what": "plain generate, rows reversed (other batch neighbours and padding) vs dataset order",
+            **compare(base, again[::-1])}
 
 
 def compiled_run(a, model, processor, template, rows, base) -> dict:
@@ -239,6 +251,8 @@ def main(argv=None):
     p.add_argument("--check_every", type=int, default=4, help="engine: decoding steps between finished-row checks")
     p.add_argument("--repeats", type=int, default=1, help="time each side this many times (alternating); best kept")
     p.add_argument("--fp32_rows", type=int, default=32, help="float32 identity check on this many rows (0: off)")
+    p.add_argument("--noise_floor", action="store_true", help="also run plain generate on the rows reversed and "
+                   "compare it with itself (how often the dtype alone flips a greedy answer)")
     p.add_argument("--compile", action="store_true", help="also time the engine with compile=True (static KV cache, "
                    "compiled decoding; CUDA only): reported under 'ocrtune_compiled', the main ratio is unchanged")
     p.add_argument("--serve", action="store_true", help="also time serve's Batcher under --concurrency requests")
@@ -303,6 +317,10 @@ def main(argv=None):
     })
     print(f"ratio {res['ratio_vs_generate']}x, identical {res['identical_outputs']} ({res['identical_fraction']})", flush=True)
     save()
+    if a.noise_floor:
+        res["generate_vs_itself"] = noise_floor(a, engine, rows, base)
+        print(f"generate vs itself, rows reversed: {res['generate_vs_itself']}", flush=True)
+        save()
     if a.compile:
         res["ocrtune_compiled"] = compiled_run(a, model, processor, template, rows, base)
         print(f"compiled engine: {res['ocrtune_compiled']}", flush=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ocrtune.models.lora_addmm import _LoraAddmm, _mask, lora_addmm
+from ocrtune.models.lora_addmm import _LoraAddmm, _mask, _SwigluDownLora, lora_addmm, swiglu_down_lora
 
 T, D_IN, D_OUT, R = 64, 48, 40, 8
 
@@ -114,3 +114,102 @@ def test_fused_peft_layer_with_dropout_trains_like_peft():
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- swiglu_down_lora (--lean_mlp)
+
+D_MID = 56  # the MLP's intermediate width
+
+
+def _mlp_inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    gate, up = mk(2, T // 2, D_MID).requires_grad_(), mk(2, T // 2, D_MID).requires_grad_()
+    return gate, up, mk(D_OUT, D_MID), mk(D_OUT), mk(R, D_MID).requires_grad_(), mk(D_OUT, R).requires_grad_()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_swiglu_down_lora_matches_the_unfused_mlp_tail(p):
+    """Values and gradients (gate, up, bias-free LoRA weights) equal down(silu(gate) * up) + LoRA computed by
+    plain autograd with the same dropout mask; float64, so differences are rounding only."""
+    gate, up, w, bias, a, b = _mlp_inputs()
+    seed, s = 99, 0.5
+    out = _SwigluDownLora.apply(gate, up, w, bias, a, b, s, p, seed, torch.float64)
+    h = torch.nn.functional.silu(gate) * up
+    hd = h * _mask(h, p, seed) if p else h
+    ref = torch.nn.functional.linear(h, w, bias) + s * (hd @ a.t()) @ b.t()
+    assert torch.allclose(out, ref, rtol=0, atol=1e-11)
+    for got, want in zip(_grads(out, (gate, up, a, b)), _grads(ref, (gate, up, a, b))):
+        assert torch.allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_swiglu_down_lora_keeps_gate_and_up_not_their_product():
+    gate, up, w, bias, a, b = _mlp_inputs(torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        swiglu_down_lora(gate, up, w, None, a, b, 0.5, p=0.3)
+    big = {t.data_ptr() for t in saved if t.numel() >= gate.numel()}
+    assert big == {gate.data_ptr(), up.data_ptr()}
+    assert sum(t.numel() for t in saved if t.data_ptr() not in big) <= T * R + a.numel() + b.numel() + w.numel()
+
+
+def _lora_model(tiny_model_dir, lean: bool):
+    from peft import LoraConfig, get_peft_model
+
+    from ocrtune.compat import quiet_peft_deprecations
+    from ocrtune.models.loading import load_model, lora_target_regex
+    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, torch.float32, "sdpa")
+    model.requires_grad_(False)
+    with quiet_peft_deprecations():
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=lora_target_regex(model, ["all-linear"])))
+    for n, prm in model.named_parameters():  # B starts at zero: give the LoRA path a value to check
+        if "lora_B" in n:
+            torch.nn.init.normal_(prm, std=0.1)
+    applied = prepare(model, PatchOptions(patch_embed=False, fused_lora=True, lean_mlp=lean))
+    return model, applied
+
+
+def test_lean_mlp_model_trains_like_the_fused_one_and_keeps_less(tiny_model_dir):
+    """The whole tiny LoRA model with --lean_mlp: same loss and LoRA gradients as with fused LoRA alone
+    (float32; tolerance from the depth and width of the network), and per decoder layer two fewer
+    [tokens, intermediate] tensors kept for backward on the stock MLP (silu(gate) and the product h)."""
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.template import Template, collate
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.loss import ResponseLoss
+    from tolerance import float32_atol, matmul_stages
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
+                        Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
+    batch = collate([ds[i] for i in range(len(ds))], 0)
+    results = {}
+    for lean in (False, True):
+        model, applied = _lora_model(tiny_model_dir, lean)
+        saved = {}
+
+        def pack(t):
+            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, n, _ = ResponseLoss(model)(**batch)
+        (loss / n).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results[lean] = (loss.detach(), grads, sum(saved.values()), applied)
+    cfg = _lora_model(tiny_model_dir, False)[0].config
+    text = cfg.text_config
+    assert results[True][3]["lean_mlp"] == text.num_hidden_layers and "lean_mlp" not in results[False][3]
+    depth, width = matmul_stages(cfg)
+    assert torch.allclose(results[True][0], results[False][0], rtol=0, atol=float32_atol(results[False][0], depth, width))
+    for k, g in results[False][1].items():
+        assert torch.allclose(results[True][1][k], g, rtol=0, atol=float32_atol(g, 2 * depth, width)), k
+    tokens = batch["input_ids"].numel()
+    fewer = results[False][2] - results[True][2]
+    assert fewer == 2 * text.num_hidden_layers * tokens * text.intermediate_size * 4

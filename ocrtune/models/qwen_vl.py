@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ocrtune.models.lora_addmm import lora_addmm
+from ocrtune.models.lora_addmm import lora_addmm, swiglu_down_lora
 
 log = logging.getLogger("ocrtune")
 
@@ -102,6 +102,10 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
                 "peft.tuners.lora.layer:Linear#lora_dropout", "peft.tuners.lora.layer:Linear#base_layer",
                 "peft.tuners.lora.layer:Linear#disable_adapters", "peft.tuners.lora.layer:Linear#merged"),
                "peft", _PEFT),
+    PatchPoint("lean_mlp", "SwiGLU MLP.forward whose down_proj is plain LoRA -> swiglu_down_lora (keeps gate/up, "
+               "recomputes their product in backward)",
+               (f"{_Q2}:Qwen2MLP#gate_proj", f"{_Q2}:Qwen2MLP#up_proj", f"{_Q2}:Qwen2MLP#down_proj",
+                f"{_Q2}:Qwen2MLP#config.hidden_act", "peft.tuners.lora.layer:Linear#base_layer"), "peft", _PEFT),
     PatchPoint("lora_input_upcast", "LoraLayer.cast_input_dtype_enabled = False (LoRA runs in the autocast dtype)",
                ("peft.tuners.lora.layer:LoraLayer#cast_input_dtype_enabled",
                 "peft.tuners.tuners_utils:BaseTunerLayer._cast_input_dtype(x, dtype)"), "peft", _PEFT),
@@ -402,13 +406,20 @@ def install_varlen_sdpa() -> bool:
 # LoRA input. Same math; any LoRA layer PEFT runs differently (DoRA, several adapters, merged, biased
 # A or B) keeps PEFT's forward.
 
+def _plain_adapter(layer) -> str | None:
+    """The name of `layer`'s one active adapter when it is plain LoRA (no DoRA or other variant, no
+    bias in A or B, not merged or disabled), else None: those keep PEFT's forward."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in layer.lora_variant
+            or layer.lora_B[active[0]].bias is not None or getattr(layer.lora_A[active[0]], "bias", None) is not None):
+        return None
+    return active[0]
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None
-            or getattr(self.lora_A[active[0]], "bias", None) is not None):
+    name = None if (args or kwargs) else _plain_adapter(self)
+    if name is None:
         return self._ocrtune_stock_forward(x, *args, **kwargs)
-    name = active[0]
     lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
     result = self.base_layer(x)
     dev = x.device.type
@@ -428,6 +439,39 @@ def fuse_lora_linears(model: nn.Module) -> int:
 
     return sum(replace_forward(mod, _fused_lora_forward) for mod in model.modules()
                if isinstance(mod, LoraLinear) and isinstance(mod.base_layer, nn.Linear))
+
+
+# --lean_mlp: a SwiGLU MLP whose down_proj is plain LoRA keeps gate and up for backward, not their product
+# (models/lora_addmm.py:swiglu_down_lora). Stock MLPs (Qwen2MLP) and Liger's (LigerSwiGLUMLP) alike: both
+# compute down_proj(silu(gate_proj(x)) * up_proj(x)).
+
+def _lean_mlp_forward(self, x):
+    down = self.down_proj
+    name = _plain_adapter(down) if hasattr(down, "lora_A") else None
+    base = getattr(down, "base_layer", None)
+    if name is None or not isinstance(base, nn.Linear) or base.weight.requires_grad or not torch.is_grad_enabled():
+        return self._ocrtune_stock_forward(x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) and not (gate.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
+        return down(torch.nn.functional.silu(gate) * up)  # mixed dtypes without autocast: PEFT's math
+    drop = down.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else gate.dtype
+    return swiglu_down_lora(gate, up, base.weight, base.bias, lora_a, lora_b, down.scaling[name], p, dtype)
+
+
+def lean_swiglu_mlps(model: nn.Module) -> int:
+    """Patch every SiLU-gated MLP (gate_proj, up_proj, down_proj; hidden_act silu) whose down_proj is a
+    PEFT LoRA layer to `_lean_mlp_forward`; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    def swiglu(m):
+        act = getattr(getattr(m, "config", None), "hidden_act", None)
+        return (act in ("silu", "swish") and all(hasattr(m, n) for n in ("gate_proj", "up_proj"))
+                and isinstance(getattr(m, "down_proj", None), LoraLinear))
+    return sum(replace_forward(m, _lean_mlp_forward) for m in model.modules() if swiglu(m))
 
 
 def disable_lora_input_upcast(model: nn.Module) -> int:
@@ -607,6 +651,7 @@ class PatchOptions:
     training (`train/trainer.py:prepare_model`) adds the rest from its flags."""
     patch_embed: bool = True                 # *PatchEmbed Conv3d -> one GEMM (all families)
     fused_lora: bool = False                 # --fused_lora on a LoRA model
+    lean_mlp: bool = False                   # --lean_mlp on a LoRA model: SwiGLU MLPs keep gate/up, not h
     packing: bool = False                    # --packing: transformers' "sdpa" honours cu_seq_lens_q
     recompute_layers: int | None = None      # --recompute_layers with gradient checkpointing on
     vision_varlen: bool = False              # qwen2_vl ViT: one varlen call per block on CUDA (training)
@@ -634,6 +679,8 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
         applied["patch_embed"] = linear_patch_embed(model)
     if options.fused_lora and allowed["fused_lora"]:
         applied["fused_lora"] = fuse_lora_linears(model)
+    if options.lean_mlp:
+        applied["lean_mlp"] = lean_swiglu_mlps(model) if allowed["lean_mlp"] else 0
     if options.recompute_layers is not None and allowed["recompute"]:
         applied["recompute"] = limit_recompute(model, options.recompute_layers)
     if options.vision_varlen and allowed["vision_varlen"] and allowed["packed_forward"]:

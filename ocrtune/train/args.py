@@ -62,6 +62,8 @@ class SftArgs:
                                  "(default: on where a CUDA device and liger-kernel are present)", aliases=("--use_liger_kernel",))
     fused_lora: bool = arg(True, "add each LoRA update into its base layer's output with one fused multiply-add "
                            "(same math as PEFT, fewer kernels)")
+    lean_mlp: bool = arg(False, "LoRA on a SwiGLU MLP: keep gate/up for backward and recompute their product "
+                         "instead of storing it (less activation memory; same math)")
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
                                        "(default all); the rest keep their activations (faster, more memory)")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")

@@ -178,10 +178,11 @@ def fp32_check(a, engine, rows) -> dict:
 
 
 def noise_floor(a, engine, rows, base) -> dict:
-    """Plain generate against itself with the rows batched differently (reversed order, so each row gets
-    other neighbours and padding): how often bf16 alone flips a greedy answer, with no engine involved."""
+    """Plain generate against itself with the rows in reverse order (rows move within and, unless the row
+    count is a multiple of twice the batch size, between batches): how often the dtype alone flips a greedy
+    answer, with no engine involved."""
     again, _ = baseline(engine, rows[::-1], a.batch_size, a.max_new_tokens)
-    return {"what": "plain generate, rows reversed (other batch neighbours and padding) vs dataset order",
+    return {"what": "plain generate, rows in reverse order vs dataset order",
             **compare(base, again[::-1])}
 
 

@@ -179,7 +179,7 @@ def fp32_check(a, engine, rows) -> dict:
 
 def noise_floor(a, engine, rows, base) -> dict:
     """Plain generate against itself with the rows in reverse order (rows move within and, unless the row
-    count is a multiple of twice the batch size, between batches): how often the dtype alone flips a greedy
+    count is a multiple of the batch size, between batches): how often the dtype alone flips a greedy
     answer, with no engine involved."""
     again, _ = baseline(engine, rows[::-1], a.batch_size, a.max_new_tokens)
     return {"what": "plain generate, rows in reverse order vs dataset order",

@@ -369,18 +369,20 @@ def test_cli_refuses_a_taken_port_and_bad_flags(tiny_model_dir):
 # ---- the batcher with a slow fake engine (in-process server): responsiveness and failure isolation ----
 
 class SlowEngine:
-    """Real tiny template (the server encodes prompts with it), fake generation: 0.4 s per batch, and a
-    batch holding a prompt with 'boom' fails."""
+    """Real tiny template (the server encodes prompts with it), fake generation: `batch_seconds` (0.4 s)
+    per batch, `generating` set when a batch starts, and a batch holding a prompt with 'boom' fails."""
 
     def __init__(self, template):
         self.template, self.batches = template, []
+        self.batch_seconds, self.generating = 0.4, threading.Event()
 
     def _text(self, record) -> str:
         return self.template.tokenizer.decode(record["input_ids"])
 
     def generate(self, records, max_new_tokens=512, **kw):
         self.batches.append(len(records))
-        time.sleep(0.4)
+        self.generating.set()
+        time.sleep(self.batch_seconds)
         if any("boom" in self._text(r) for r in records):
             raise RuntimeError("boom in this batch")
         return [f"x_{{{len(r['image_grid_thw'])}}} + {max_new_tokens}" for r in records]
@@ -429,14 +431,22 @@ def test_batcher_isolates_failures_and_keeps_loop_responsive(fake_server):
         return httpx.post(url + "/v1/chat/completions", json={"messages": image_message(img, text), "max_tokens": 7},
                           timeout=60)
 
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(ask, t) for t in ("a", "b", "boom", "c")]
-        time.sleep(0.4)  # the batch is generating now (0.2 s wait, then 0.4 s): the event loop still answers at once
-        t0 = time.time()
-        h = httpx.get(url + "/health", timeout=5).json()
-        health_latency = time.time() - t0
-        results = [f.result() for f in futures]
-    assert health_latency < 0.3 and h["batching"]["busy"] is True
+    # while a batch generates (1 s here), the event loop still answers at once: a blocked loop would answer
+    # /health only when the batch ends, ~1 s later. Waiting for the batch to start (not a fixed sleep) keeps
+    # this true on a loaded machine, where encoding the four requests can take longer than the batch wait.
+    engine.batch_seconds = 1.0
+    engine.generating.clear()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, t) for t in ("a", "b", "boom", "c")]
+            assert engine.generating.wait(30)
+            t0 = time.time()
+            h = httpx.get(url + "/health", timeout=5).json()
+            health_latency = time.time() - t0
+            results = [f.result() for f in futures]
+    finally:
+        engine.batch_seconds = 0.4
+    assert health_latency < 0.5 and h["batching"]["busy"] is True
     assert [r.status_code for r in results] == [200, 200, 500, 200]
     assert [r.json()["choices"][0]["message"]["content"] for r in (results[0], results[1], results[3])] == ["x_{1} + 7"] * 3
     assert "boom in this batch" in results[2].json()["error"]["message"]

@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--stage1_augment", default="false", choices=("true", "false"),
                    help="augment stage-1 images (print validation is clean renders in the synth style: off learns faster)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--vit_lr", type=float, default=None,
+                   help="stage 1's vision-tower rate (default: --learning_rate; see bench/learning/sweep_2026-12-01)")
+    p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")
     p.add_argument("--min_pixels", type=int, default=30_000)
     p.add_argument("--max_pixels", type=int, default=120_000)
     p.add_argument("--workers", type=int, default=None, help="dataloader workers per GPU (default: cores / GPUs / 2)")
@@ -225,7 +228,12 @@ class Recipe:
                 "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(max(1, steps // 4)),
                 "--logging_steps", str(max(1, min(20, steps // 40))), "--predict_with_generate", "true",
                 "--max_new_tokens", str(a.max_new_tokens), "--eval_batch_size", "200",
-                "--output_dir", str(out), *self.sft_common()]
+                "--output_dir", str(out), *self.vision_rates(), *self.sft_common()]
+
+    def vision_rates(self) -> list[str]:
+        a = self.a
+        return [x for flag, lr in (("--vit_lr", a.vit_lr), ("--aligner_lr", a.aligner_lr)) if lr is not None
+                for x in (flag, str(lr))]
 
     def probe(self) -> float:
         """Seconds per stage-1 step here, from the probe's steady part (steps after the first third)."""

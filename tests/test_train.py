@@ -307,3 +307,30 @@ def test_run_refuses_a_given_model_it_cannot_honour(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="already has PEFT adapters"):
         run(wrapped, model=str(tiny_model_dir))
     assert not list(out.glob("**/args.json"))
+
+
+def test_vit_and_aligner_learning_rates_are_their_own_groups(tiny_model_dir):
+    """--vit_lr / --aligner_lr (ms-swift's flags): the vision tower's and the merger's parameters train at
+    their own peak rates, kept through the schedule (warm-up scales every group alike); without them the
+    optimizer is the usual two groups."""
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.qwen_vl import causal_lm
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import make_optimizer, prepare_model
+    model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),
+                          SftArgs(train_type="full", freeze_vit=False, gradient_checkpointing=False))
+    visual = causal_lm(model).model.visual
+    merger = {id(p) for p in visual.merger.parameters()}
+    vit = {id(p) for p in visual.parameters()} - merger
+    plain, _ = make_optimizer(model, SftArgs(learning_rate=1e-3), 10)
+    assert len(plain.param_groups) == 2 and {g["initial_lr"] for g in plain.param_groups} == {1e-3}
+    args = SftArgs(learning_rate=1e-3, vit_lr=1e-4, aligner_lr=5e-4, warmup_steps=4)
+    opt, sched = make_optimizer(model, args, 10)
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # the peak rates
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert {lr_of[i] for i in vit} == {1e-4} and {lr_of[i] for i in merger} == {5e-4}
+    assert {lr for i, lr in lr_of.items() if i not in vit | merger} == {1e-3}
+    for _ in range(2):  # half-way through the warm-up: every group at half its peak
+        opt.step()
+        sched.step()
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [5e-5, 2.5e-4, 5e-4]

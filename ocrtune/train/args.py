@@ -47,6 +47,10 @@ class SftArgs:
     eval_batch_size: int | None = arg(None, "evaluation batch size", aliases=("--per_device_eval_batch_size",))
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     learning_rate: float | None = arg(None, "peak learning rate (default: 1e-4 LoRA, 1e-5 full; 1e-3 / 5e-4 on presets)")
+    vit_lr: float | None = arg(None, "learning rate of the vision tower (ViT blocks, patch embedding) where it trains "
+                               "(default: --learning_rate)")
+    aligner_lr: float | None = arg(None, "learning rate of the vision-language merger (aligner) where it trains "
+                                   "(default: --learning_rate)")
     weight_decay: float = arg(0.1, "AdamW weight decay")
     adam_beta2: float = arg(0.95, "AdamW beta2")
     max_grad_norm: float = arg(1.0, "gradient clipping")
@@ -91,6 +95,7 @@ def validate(args: SftArgs) -> None:
         (args.batch_size >= 1, "--batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (args.learning_rate is None or args.learning_rate > 0, "--learning_rate must be positive"),
+        (all(lr is None or lr > 0 for lr in (args.vit_lr, args.aligner_lr)), "--vit_lr and --aligner_lr must be positive"),
         (args.lora_rank >= 1, "--lora_rank must be at least 1"),
         (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
         (args.dataset_test_ratio is None or 0 <= args.dataset_test_ratio < 1, "--dataset_test_ratio must be in [0, 1)"),

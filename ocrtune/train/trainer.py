@@ -113,14 +113,34 @@ def prepare_model(model, args: SftArgs):
     return model
 
 
+def vision_lrs(model, args: SftArgs) -> dict[int, float]:
+    """{id(parameter): lr} for the vision tower's parameters (--vit_lr) and its merger's, the aligner
+    (--aligner_lr), where those flags are given; everything else trains at --learning_rate."""
+    visual = getattr(getattr(qwen_vl.causal_lm(model), "model", None), "visual", None)
+    if visual is None or (args.vit_lr is None and args.aligner_lr is None):
+        return {}
+    lrs = {}
+    for name, module in visual.named_children():
+        lr = args.aligner_lr if "merger" in name else args.vit_lr
+        if lr is not None:
+            lrs.update({id(p): lr for p in module.parameters()})
+    return lrs
+
+
 def make_optimizer(model, args: SftArgs, total_steps: int):
     from transformers import get_scheduler
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen", "use --train_type lora, or --freeze_vit false with full")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    lrs = vision_lrs(model, args)
+    base = [p for p in params if id(p) not in lrs]
+    decay = [p for p in base if p.ndim >= 2]
+    no_decay = [p for p in base if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for lr in dict.fromkeys(lrs[id(p)] for p in params if id(p) in lrs):  # the vision groups after the usual two
+        own = [p for p in params if lrs.get(id(p)) == lr]
+        groups += [{"params": [p for p in own if p.ndim >= 2], "weight_decay": args.weight_decay, "lr": lr},
+                   {"params": [p for p in own if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     fused = all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused or None)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)

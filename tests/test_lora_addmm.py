@@ -158,21 +158,24 @@ def test_swiglu_down_lora_keeps_gate_and_up_not_their_product():
     assert sum(t.numel() for t in saved if t.data_ptr() not in big) <= T * R + a.numel() + b.numel() + w.numel()
 
 
-def _lora_model(tiny_model_dir, lean: bool):
+def _lora_model(tiny_model_dir, lean: bool, dropout: float = 0.0, recompute: bool = False):
     from peft import LoraConfig, get_peft_model
 
-    from ocrtune.compat import quiet_peft_deprecations
+    from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
     from ocrtune.models.loading import load_model, lora_target_regex
     from ocrtune.models.qwen_vl import PatchOptions, prepare
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, torch.float32, "sdpa")
     model.requires_grad_(False)
     with quiet_peft_deprecations():
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                  target_modules=lora_target_regex(model, ["all-linear"])))
     for n, prm in model.named_parameters():  # B starts at zero: give the LoRA path a value to check
         if "lora_B" in n:
             torch.nn.init.normal_(prm, std=0.1)
+    if recompute:
+        enable_activation_checkpointing(model, use_reentrant=False)
+    model.train()
     applied = prepare(model, PatchOptions(patch_embed=False, fused_lora=True, lean_mlp=lean))
     return model, applied
 
@@ -213,3 +216,29 @@ def test_lean_mlp_model_trains_like_the_fused_one_and_keeps_less(tiny_model_dir)
     tokens = batch["input_ids"].numel()
     fewer = results[False][2] - results[True][2]
     assert fewer == 2 * text.num_hidden_layers * tokens * text.intermediate_size * 4
+
+
+def test_lean_mlp_with_dropout_and_recompute_draws_the_same_masks(tiny_model_dir):
+    """LoRA dropout 0.2 under gradient checkpointing: the lean MLP draws its seeds in the fused path's order
+    (q, k, v, o, gate, up, down) and the recompute replays them (checkpoint restores the RNG), so loss and
+    gradients equal the fused path's within float32 rounding; a different mask would move them by ~20%."""
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.template import Template, collate
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.loss import ResponseLoss
+    from tolerance import float32_atol, matmul_stages
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
+                        Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
+    batch = collate([ds[i] for i in range(len(ds))], 0)
+    results = {}
+    for lean in (False, True):
+        model, _ = _lora_model(tiny_model_dir, lean, dropout=0.2, recompute=True)
+        torch.manual_seed(123)
+        loss, n, _ = ResponseLoss(model)(**batch)
+        (loss / n).backward()
+        results[lean] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    depth, width = matmul_stages(model.config)
+    assert torch.allclose(results[True][0], results[False][0], rtol=0, atol=float32_atol(results[False][0], depth, width))
+    for k, g in results[False][1].items():
+        assert torch.allclose(results[True][1][k], g, rtol=0, atol=float32_atol(g, 2 * depth, width)), k

@@ -416,6 +416,13 @@ def _plain_adapter(layer) -> str | None:
     return active[0]
 
 
+def _dropout_and_dtype(layer, name: str, dev: str, dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """(the LoRA dropout rate while training, else 0; the dtype the LoRA math runs in: autocast's, else `dtype`)."""
+    drop = layer.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return p, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else dtype
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
     name = None if (args or kwargs) else _plain_adapter(self)
     if name is None:
@@ -426,9 +433,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if not torch.is_autocast_enabled(dev) and not (result.dtype == x.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
         h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
         return (result + lora_b(h) * scaling).to(result.dtype)  # mixed dtypes without autocast: PEFT's math
-    drop = self.lora_dropout[name]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else result.dtype
+    p, dtype = _dropout_and_dtype(self, name, dev, result.dtype)
     # the dropout mask is drawn again in backward: only x (shared by q/k/v) is kept for A's gradient
     return lora_addmm(result, x, lora_a.weight, lora_b.weight, scaling, p, dtype).to(result.dtype)
 
@@ -456,9 +461,7 @@ def _lean_mlp_forward(self, x):
     dev = x.device.type
     if not torch.is_autocast_enabled(dev) and not (gate.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
         return down(torch.nn.functional.silu(gate) * up)  # mixed dtypes without autocast: PEFT's math
-    drop = down.lora_dropout[name]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else gate.dtype
+    p, dtype = _dropout_and_dtype(down, name, dev, gate.dtype)
     return swiglu_down_lora(gate, up, base.weight, base.bias, lora_a, lora_b, down.scaling[name], p, dtype)
 
 

@@ -132,15 +132,13 @@ def make_optimizer(model, args: SftArgs, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen", "use --train_type lora, or --freeze_vit false with full")
+    def decay_groups(ps, **lr):  # matrices decay, biases and norms don't
+        return [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": args.weight_decay, **lr},
+                {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, **lr}]
     lrs = vision_lrs(model, args)
-    base = [p for p in params if id(p) not in lrs]
-    decay = [p for p in base if p.ndim >= 2]
-    no_decay = [p for p in base if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_groups([p for p in params if id(p) not in lrs])
     for lr in dict.fromkeys(lrs[id(p)] for p in params if id(p) in lrs):  # the vision groups after the usual two
-        own = [p for p in params if lrs.get(id(p)) == lr]
-        groups += [{"params": [p for p in own if p.ndim >= 2], "weight_decay": args.weight_decay, "lr": lr},
-                   {"params": [p for p in own if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        groups += decay_groups([p for p in params if lrs.get(id(p)) == lr], lr=lr)
     fused = all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused or None)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)

@@ -34,21 +34,14 @@ def main(argv=None):
                    "features' gradient (no common shift is learned through them)")
     a = p.parse_args(argv)
     import torch
-    from sweep_reading import digit_task
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from sweep_reading import DEFAULTS, build, digit_task, encode
 
-    from ocrtune.models.loading import load_processor
-    from ocrtune.models.presets import ensure_preset
-    from ocrtune.models.template import Template, collate
+    from ocrtune.models.template import collate
     from ocrtune.train.loss import ResponseLoss
-    torch.manual_seed(0)
-    path = ensure_preset("small")
-    model = Qwen2VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-    tp = Template(load_processor(path), "qwen2_vl", 2048)
-    tp.set_pixels(120000, None)
-    enc = [tp.encode([{"role": "user", "content": "Read it."}, {"role": "assistant", "content": t}], [im])
-           for im, t in digit_task()[0][:256]]
-    probe = collate(enc[:8], tp.tokenizer.pad_token_id)
+    _, model = build("small", DEFAULTS, "cpu")
+    enc, _, pad = encode(types.SimpleNamespace(preset="small", max_pixels=120000, min_pixels=None),
+                         (digit_task()[0][:256], []))
+    probe = collate(enc[:8], pad)
     last = model.model.visual.merger.mlp[-1]
     if a.freeze_merger_out:
         last.requires_grad_(False)
@@ -84,7 +77,7 @@ def main(argv=None):
     print(f"{vars(a)}\nstep 0: {stats()}", flush=True)
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(enc), (16,), generator=gen).tolist()
-        loss, n, _ = loss_fn(**collate([enc[i] for i in idx], tp.tokenizer.pad_token_id))
+        loss, n, _ = loss_fn(**collate([enc[i] for i in idx], pad))
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

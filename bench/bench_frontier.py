@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results/frontier.json")
     a = p.parse_args(argv)
     t0 = time.time()
+    from ocrtune.compat import default_cuda_allocator
+    default_cuda_allocator()  # what `ocrtune sft` runs with (PYTORCH_CUDA_ALLOC_CONF= for the plain allocator)
     import torch
 
     from ocrtune.models.presets import build_preset, ensure_preset
@@ -119,7 +122,9 @@ def main(argv=None):
            "lora_dropout": a.lora_dropout, "fused_lora": bool(run.args.fused_lora),
            "overrides": json.loads(a.overrides), "check_loss": float(l) / int(n),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "setup_s": round(time.time() - t0, 1), "settings": []}
+           "torch": torch.__version__,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", "")),
+           "setup_s": round(time.time() - t0, 1), "settings": []}
     dest = Path(a.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     start = 0

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+
+# Packed steps change shape every step, and the CUDA caching allocator's fixed segments fragment under
+# that: 7B LoRA at 8,192 tokens without recompute held 47.0 GiB but reserved 66.6 GiB. Expandable
+# segments grow in place instead: 47.5 GiB reserved and 4% faster on an H200
+# (bench/results/frontier_7b_lean_mlp_dropout0{,_expandable}.json). NeMo sets the same default.
+ALLOCATOR_DEFAULT = "expandable_segments:True"
 
 
 def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
@@ -22,3 +29,13 @@ def quiet_peft_deprecations():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
         yield
+
+
+def default_cuda_allocator(env=os.environ) -> bool:
+    """Turn on expandable segments unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF, or
+    PYTORCH_ALLOC_CONF, its newer name). Must run before torch first touches CUDA; the entry points call
+    it first thing. Returns whether it set the default."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env:
+        return False
+    env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+    return True

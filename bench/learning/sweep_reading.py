@@ -43,9 +43,18 @@ VARIANTS = {
     "vit2_vis10": {"vit_depth": 2, "vis_mult": 10.0},
     "vis10_merger_small": {"vis_mult": 10.0, "merger_std": 0.002},
     "warm300_lr3e-4": {"warmup": 300, "lr": 3e-4},
+    "vis0.1": {"vis_mult": 0.1},                 # LM at 1e-3, vision tower + merger at 1e-4 (--vit_lr/--aligner_lr)
+    "vis0.03": {"vis_mult": 0.03},               # LM at 1e-3, vision tower + merger at 3e-5
+    "lr2e-4": {"lr": 2e-4},
+    # the random weights stay frozen, rank-32 LoRA on every attention/MLP Linear of the LM and the vision
+    # tower (the recipe's stage 2 targets) learns: full fine-tuning moves each weight by ~lr per step, LoRA
+    # moves the output by ~lr x rank instead of ~lr x fan-in
+    "lora": {"lora": 32},
+    "lora_lr3e-4": {"lora": 32, "lr": 3e-4},
 }
 DEFAULTS = {"lr": 1e-3, "warmup": 0, "vis_mult": 1.0, "freeze_lm": 0, "merger_std": None, "untie": False,
-            "vit_depth": None}
+            "vit_depth": None, "lora": 0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
 
 
 def number_image(num: int, rng: random.Random):
@@ -132,11 +141,15 @@ def run_variant(name: str, a, data, device, out) -> dict:
     from ocrtune.train.loss import ResponseLoss
     s = {**DEFAULTS, **VARIANTS[name]}
     _, model = build(a.preset, s, device)
+    if s["lora"]:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=s["lora"], lora_alpha=2 * s["lora"], lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS))
     train, held, pad = data
     val_batches = [collate(held[i:i + a.batch], pad) for i in range(0, len(held), a.batch)]
-    vis = [q for n, q in model.named_parameters() if ".visual." in n or n.startswith("visual.")]
+    vis = [q for n, q in model.named_parameters() if (".visual." in n or n.startswith("visual.")) and q.requires_grad]
     ids = {id(q) for q in vis}
-    lm = [q for q in model.parameters() if id(q) not in ids]
+    lm = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]
     opt = torch.optim.AdamW([{"params": vis, "lr": s["lr"] * s["vis_mult"]}, {"params": lm, "lr": s["lr"]}],
                             weight_decay=0.0, betas=(0.9, 0.95))
     base = [g["lr"] for g in opt.param_groups]

@@ -127,6 +127,8 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ocrtune.compat import default_cuda_allocator
+    default_cuda_allocator()  # before anything touches CUDA; a user's setting wins
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:

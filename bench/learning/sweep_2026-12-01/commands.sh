@@ -47,3 +47,11 @@ echo "sweep rc $?" >> $R/sweep_b256${TAG:-}.log
 tar czf $OUT/call3.tgz -C $R .
 
 # call 4: SWEEP_S=320 VARIANTS=lr3e-4,lr1e-4 TAG=_lr bash call3.sh
+
+# ---- third session of 2026-12-01 (carry .whl .whl_bench .carry/latex)
+# sweep_b256_vis.jsonl: the LM at 1e-3, the vision tower + merger at 0.1x / 0.03x
+python3 bench/learning/sweep_reading.py --device cuda --steps 250 --every 50 --batch 256 \
+  --variants vis0.1,vis0.03 --out sweep_b256_vis.jsonl
+# sweep_b256_lora.jsonl: frozen random weights + rank-32 LoRA (lr 1e-3, 3e-4), full fine-tuning at 2e-4
+python3 bench/learning/sweep_reading.py --device cuda --steps 250 --every 50 --batch 256 \
+  --variants lora,lr2e-4,lora_lr3e-4 --out sweep_b256_lora.jsonl

@@ -5,7 +5,9 @@
            rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
            formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
   stage 1  `ocrtune sft --model small --train_type full --freeze_vit false` on synth + real print rows,
-           with augmentation, on every visible GPU (NPROC_PER_NODE, DDP)
+           on every visible GPU (NPROC_PER_NODE, DDP), at lr 1e-4 (full fine-tuning at 1e-3 collapses the
+           image features: bench/learning/sweep_2026-12-01/FINDINGS.md); or, with --stage1_lora_rank R,
+           rank-R LoRA on the random weights (LM + vision tower, lr 1e-3), merged before the evaluations
   stage 2  `ocrtune sft --model <stage-1 checkpoint> --train_type lora` on LaTeX_OCR handwrite
   evals    `ocrtune eval --metrics bleu,edit_distance,exact_match,token_acc` (greedy generation): stage 1 on
            print validation, stage 1 and 2 on handwrite validation, and each --extra_eval set
@@ -14,8 +16,10 @@ Every step is the real ocrtune command line, run as a subprocess, and goes into 
 
 Phases (--phase), one device call of at most 10 minutes each, made back to back on the same machine so
 that --work_dir (default .work/from_scratch, git-ignored) survives between them:
-  train   synth rendering (CPU) while a short probe measures seconds per stage-1 step (GPU), then stage 1
-          with as many steps as fit the deadline (its cosine schedule ends at the last step)
+  train   synth rendering (all CPUs), then a short probe measures seconds per stage-1 step (GPU), then
+          stage 1 with as many steps as fit the deadline (its cosine schedule ends at the last step); the
+          probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe
+          read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
   rest    evaluations of stage 1, stage 2, evaluation of stage 2, the report
   all     both in one call (smoke tests)
 
@@ -42,6 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # ocrtune from this checkout, as the subprocesses get it (PYTHONPATH below)
 METRICS = "bleu,edit_distance,exact_match,token_acc"
 KEYS = ("bleu4", "exact_match", "token_acc", "edit_distance")  # the report's per-set metrics
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # language model
@@ -68,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--packing_tokens", type=int, default=16384, help="stage-1 tokens per GPU per step (~130 samples)")
     p.add_argument("--stage1_augment", default="false", choices=("true", "false"),
                    help="augment stage-1 images (print validation is clean renders in the synth style: off learns faster)")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="stage 1's rate (default 1e-4 for full fine-tuning, 1e-3 with --stage1_lora_rank)")
+    p.add_argument("--stage1_lora_rank", type=int, default=0,
+                   help="train stage 1 as rank-R LoRA over the random weights instead of full fine-tuning (0)")
     p.add_argument("--vit_lr", type=float, default=None,
                    help="stage 1's vision-tower rate (default: --learning_rate; see bench/learning/sweep_2026-12-01)")
     p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")
@@ -91,6 +99,8 @@ def parse_args(argv=None):
     a.work_dir = Path(a.work_dir).resolve() if a.work_dir else REPO / ".work" / "from_scratch"
     a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
     a.max_new_tokens = 256
+    if a.learning_rate is None:
+        a.learning_rate = 1e-3 if a.stage1_lora_rank else 1e-4
     if a.smoke:
         a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
@@ -221,7 +231,12 @@ class Recipe:
 
     def stage1_args(self, steps: int, data: list[str], out: Path) -> list[str]:
         a = self.a
-        return ["sft", "--model", a.model, "--train_type", "full", "--freeze_vit", "false", "--augment", a.stage1_augment,
+        if a.stage1_lora_rank:  # the sweep's setting: no dropout, alpha = 2 x rank, LM + vision tower linears
+            kind = ["--train_type", "lora", "--lora_rank", str(a.stage1_lora_rank), "--lora_alpha",
+                    str(2 * a.stage1_lora_rank), "--lora_dropout", "0", "--target_modules", *LORA_TARGETS]
+        else:
+            kind = ["--train_type", "full", "--freeze_vit", "false"]
+        return ["sft", "--model", a.model, *kind, "--augment", a.stage1_augment,
                 "--dataset", *data, "--val_dataset", f"{self.data / 'print' / 'validation.parquet'}#{a.eval_rows or 200}",
                 "--packing_tokens", str(a.packing_tokens),
                 "--learning_rate", str(a.learning_rate), "--warmup_ratio", "0.03", "--max_steps", str(steps),
@@ -263,10 +278,10 @@ class Recipe:
         for name in ("stage1", "stage2", "eval"):
             shutil.rmtree(self.work / name, ignore_errors=True)
         synth = self.synth()
+        if synth is not None:
+            self.wait(synth, timeout=self.left(300))
         sec = self.probe() if a.stage1_steps is None else None
         data = [self.path("print", "train")]
-        if synth is not None:
-            self.wait(synth, timeout=self.left(240))
         shards = sorted((self.work / "synth").glob("*.parquet"))
         if shards:
             import pyarrow.parquet as pq
@@ -326,6 +341,10 @@ class Recipe:
         if not ckpts:
             raise SystemExit(f"error: no finished stage-1 checkpoint in {self.work / 'stage1'}: run --phase train first")
         ckpt1 = ckpts[-1]
+        if (ckpt1 / "adapter_config.json").exists():  # a LoRA stage 1: stage 2 needs a whole model under it
+            if self.run("merge1", ["export", "--ckpt_dir", str(ckpt1), "--merge_lora", "true"], timeout=self.left(300)):
+                raise SystemExit(f"error: merging the stage-1 adapter {ckpt1} failed; see log.txt")
+            ckpt1 = ckpt1.parent / f"{ckpt1.name}-merged"
         self.report["stage1_checkpoint"] = str(ckpt1)
         self.report.setdefault("stage1", summarize_run(self.work / "stage1"))
         sets = {"stage1_print": self.path("print", "validation"), "stage1_handwrite": self.path("handwrite", "validation")}
@@ -347,7 +366,30 @@ class Recipe:
         self.report.update({"print": first.get("stage1_print"), "handwrite_before": first.get("stage1_handwrite"),
                             "handwrite_after": after.get("stage2_handwrite"),
                             "extra": {k[len("extra_"):]: v for k, v in first.items() if k.startswith("extra_")}})
+        self.report.update(self.unseen_handwriting())
         self.report["targets"] = targets(self.report)
+
+    def unseen_handwriting(self) -> dict:
+        """Most handwrite validation formulas also appear in handwrite train (83 of 100 in LaTeX_OCR: CROHME
+        has many writers per formula), so stage 2 can score by recognising a formula it was trained on. The
+        same metrics over the rows whose formula is not in stage 2's train set show what generalizes."""
+        import pyarrow.parquet as pq
+
+        from ocrtune.evaluate.metrics import compute_metrics
+        path, _, rows = self.path("handwrite", "train").partition("#")
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:int(rows) if rows else None]
+        seen = {" ".join(t.split()) for t in texts}
+        out = {}
+        for key, name in (("handwrite_before_unseen", "stage1_handwrite"), ("handwrite_after_unseen", "stage2_handwrite")):
+            res = [x for x in read_jsonl(self.work / "eval" / f"{name}.jsonl") if "reference" in x]
+            new = [x for x in res if " ".join(x["reference"].split()) not in seen]
+            if res:
+                out["handwrite_seen_in_train"] = len(res) - len(new)
+            if new:
+                m = compute_metrics([x["prediction"] for x in new], [x["reference"] for x in new])
+                out[key] = {"bleu4": m.get("bleu4"), "exact_match": m.get("exact_match"),
+                            "edit_distance": m["edit_distance_token"], "count": len(new)}
+        return out
 
     def plan_stage2(self) -> int:
         """Stage-2 steps for --stage2_seconds at ~2x the per-sample cost of stage 1 (measured on run 2)."""
@@ -446,6 +488,8 @@ def targets(r: dict) -> dict:
 def results_markdown(r: dict) -> str:
     rows = [("stage 1", "print validation", r.get("print")), ("stage 1", "handwrite validation", r.get("handwrite_before")),
             ("stage 2 (+LoRA)", "handwrite validation", r.get("handwrite_after"))]
+    rows += [("stage 1", "handwrite validation, formulas not in handwrite train", r.get("handwrite_before_unseen")),
+             ("stage 2 (+LoRA)", "handwrite validation, formulas not in handwrite train", r.get("handwrite_after_unseen"))]
     rows += [("stage 1", f"{k} (extra)", v) for k, v in (r.get("extra") or {}).items()]
     lines = ["| model | data | rows | BLEU-4 | exact match | token accuracy | edit distance |", "|---|---|---|---|---|---|---|"]
     for model, data, e in rows:

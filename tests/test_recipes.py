@@ -188,6 +188,14 @@ def test_from_scratch_report_has_the_issue_shape(from_scratch):
         r["handwrite_after"]["bleu4"] - r["handwrite_before"]["bleu4"], abs=1e-6)
     assert list(r["phases"]) == ["train", "rest"] and r["command"].count("--phase") == 2
     assert r["device"].startswith("cpu")
+    # the bundled sample's validation formulas are none of its train formulas, so the "unseen" subset is every
+    # row, and the recipe's own metrics over it must give what `ocrtune eval` reported for the whole set
+    assert r["handwrite_seen_in_train"] == 0
+    for key in ("handwrite_before", "handwrite_after"):
+        unseen, whole = r[f"{key}_unseen"], r[key]
+        assert unseen["count"] == whole["count"] == SMOKE_EVAL_ROWS
+        for k in ("bleu4", "exact_match", "edit_distance"):
+            assert unseen[k] == pytest.approx(whole[k], abs=1e-6), (key, k, unseen, whole)
 
 
 def test_from_scratch_trains_on_synthetic_rows_that_exclude_evaluation_formulas(from_scratch):
@@ -212,3 +220,34 @@ def test_from_scratch_rest_without_stage1_is_a_one_line_error(tmp_path):
     assert res.returncode == 1
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert any("no finished stage-1 checkpoint" in e for e in report["errors"]), report["errors"]
+
+
+def test_from_scratch_stage1_as_lora_is_merged_before_stage2(tmp_path):
+    """--stage1_lora_rank: stage 1 trains LoRA over the random weights (lr 1e-3), phase rest merges it, and
+    the evaluations and stage 2 run on the merged model, in which only the LoRA targets changed."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("LaTeX is not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    import torch
+    from safetensors.torch import load_file
+    cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", "all", "--stage1_lora_rank", "4",
+           "--data_dir", str(_data_dir(tmp_path)), "--work_dir", str(tmp_path / "work"), "--report_dir", str(tmp_path / "r")]
+    res, wall = _run(cmd, tmp_path, 900)
+    print(f"latex_ocr_from_scratch --smoke --stage1_lora_rank 4: {wall:.1f}s")
+    assert res.returncode == 0, _why(res)
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert r["errors"] == [], r["errors"]
+    stage1 = shlex.split(r["commands"]["stage1"].split("ocrtune ", 1)[1])
+    assert stage1[stage1.index("--train_type") + 1] == "lora" and float(stage1[stage1.index("--learning_rate") + 1]) == 1e-3
+    merged = Path(r["stage1_checkpoint"])
+    assert merged.name == f"checkpoint-{SMOKE_STAGE1_STEPS}-merged"
+    stage2 = shlex.split(r["commands"]["stage2"].split("ocrtune ", 1)[1])
+    assert stage2[stage2.index("--model") + 1] == str(merged) and r["stage2"]["steps"] == SMOKE_STAGE2_STEPS
+    assert r["print"]["count"] == r["handwrite_after"]["count"] == SMOKE_EVAL_ROWS
+    adapter = json.loads((merged.parent / f"checkpoint-{SMOKE_STAGE1_STEPS}" / "adapter_config.json").read_text())
+    base = load_file(Path(adapter["base_model_name_or_path"]) / "model.safetensors")
+    after = load_file(merged / "model.safetensors")
+    assert set(after) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2")
+    assert changed and all(k.endswith(".weight") and any(f".{t}." in k for t in targets) for k in changed), sorted(changed)
+    assert not any("embed_tokens" in k or "merger" in k for k in changed)

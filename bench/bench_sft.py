@@ -933,6 +933,9 @@ def main():
             print(f"error: case(s) {', '.join(failed)} failed (details in {a.out})", file=sys.stderr)
             sys.exit(1)
         return
+    if a.case != "baseline":  # ocrtune's processes start with its allocator default, as `ocrtune sft` does
+        from ocrtune.compat import default_cuda_allocator
+        default_cuda_allocator()
     r = {"baseline": run_baseline, "ocrtune": run_ocrtune, "probe": run_budget_probe, "profile": run_profile}[a.case](a)
     print("RESULT " + json.dumps(r), flush=True)
 

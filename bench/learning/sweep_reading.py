@@ -51,9 +51,14 @@ VARIANTS = {
     # moves the output by ~lr x rank instead of ~lr x fan-in
     "lora": {"lora": 32},
     "lora_lr3e-4": {"lora": 32, "lr": 3e-4},
+    "lora_r128": {"lora": 128},
+    "lora_embed": {"lora": 32, "train_embed": True},  # the (tied) embeddings train too
+    # LoRA for the first half, merged, then full fine-tuning of every weight at lr_after
+    "lora_then_full": {"lora": 32, "switch": 0.5, "lr_after": 1e-4},
+    "lora_then_full3e-4": {"lora": 32, "switch": 0.5, "lr_after": 3e-4},
 }
 DEFAULTS = {"lr": 1e-3, "warmup": 0, "vis_mult": 1.0, "freeze_lm": 0, "merger_std": None, "untie": False,
-            "vit_depth": None, "lora": 0}
+            "vit_depth": None, "lora": 0, "train_embed": False, "switch": 0.0, "lr_after": None}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
 
 
@@ -134,6 +139,16 @@ def encode(a, rows):
         return list(pool.map(one, rows[0])), list(pool.map(one, rows[1])), tp.tokenizer.pad_token_id
 
 
+def optimizer(model, lr: float, vis_mult: float):
+    """AdamW over what trains: the vision tower (and merger) in group 0 at lr x vis_mult, the rest in group 1."""
+    import torch
+    vis = [q for n, q in model.named_parameters() if (".visual." in n or n.startswith("visual.")) and q.requires_grad]
+    ids = {id(q) for q in vis}
+    lm = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]
+    return torch.optim.AdamW([{"params": vis, "lr": lr * vis_mult}, {"params": lm, "lr": lr}],
+                             weight_decay=0.0, betas=(0.9, 0.95))
+
+
 def run_variant(name: str, a, data, device, out) -> dict:
     import torch
 
@@ -145,17 +160,20 @@ def run_variant(name: str, a, data, device, out) -> dict:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=s["lora"], lora_alpha=2 * s["lora"], lora_dropout=0.0,
                                                  target_modules=LORA_TARGETS))
+        if s["train_embed"]:
+            model.get_input_embeddings().weight.requires_grad_(True)
     train, held, pad = data
     val_batches = [collate(held[i:i + a.batch], pad) for i in range(0, len(held), a.batch)]
-    vis = [q for n, q in model.named_parameters() if (".visual." in n or n.startswith("visual.")) and q.requires_grad]
-    ids = {id(q) for q in vis}
-    lm = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]
-    opt = torch.optim.AdamW([{"params": vis, "lr": s["lr"] * s["vis_mult"]}, {"params": lm, "lr": s["lr"]}],
-                            weight_decay=0.0, betas=(0.9, 0.95))
+    opt = optimizer(model, s["lr"], s["vis_mult"])
     base = [g["lr"] for g in opt.param_groups]
     loss_fn = ResponseLoss(model)
+    switch = int(s["switch"] * a.steps) if s["switch"] else None
     gen, t0, log = torch.Generator().manual_seed(1), time.time(), []
     for step in range(a.steps + 1):
+        if step == switch:  # the LoRA phase is over: merge it, then every weight trains at lr_after
+            model = model.merge_and_unload().requires_grad_(True)
+            opt = optimizer(model, s["lr_after"], s["vis_mult"])
+            base, loss_fn = [g["lr"] for g in opt.param_groups], ResponseLoss(model)
         if step % a.every == 0:
             model.eval()
             r = {"variant": name, "step": step, **evaluate(loss_fn, val_batches, device),

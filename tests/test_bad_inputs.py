@@ -211,4 +211,4 @@ def test_cuda_out_of_memory_names_the_flags_to_lower(capsys):
     from ocrtune.cli.main import _report_unexpected
     assert _report_unexpected(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "CUDA out of memory" in err[0] and "--batch_size" in err[0]
+    assert len(err) == 1 and "CUDA out of memory" in err[0] and "--batch_size" in err[0] and "--lean_mlp true" in err[0]

@@ -148,7 +148,7 @@ def _report_unexpected(e: Exception) -> int:
     import torch
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         print("error: CUDA out of memory; lower --batch_size (or --packing_tokens, --max_pixels, --max_length), "
-              "or turn on --gradient_checkpointing true", file=sys.stderr)
+              "or turn on --gradient_checkpointing true (with LoRA also --lean_mlp true)", file=sys.stderr)
         return 2
     if isinstance(e, (PermissionError,)):
         print(f"error: permission denied: {e.filename}; check the path's permissions", file=sys.stderr)

@@ -53,7 +53,7 @@ def _cuda(batch):
     return {k: v.cuda() for k, v in batch.items()}
 
 
-def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False):
+def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False):
     from ocrtune.models.loading import load_model
     from ocrtune.models.qwen_vl import apply_liger
     from ocrtune.train.args import SftArgs
@@ -61,7 +61,8 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False):
     model = load_model(d, dtype, "sdpa")
     if liger:
         assert apply_liger(model)
-    return prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp)).cuda()
+    return prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
+                                        lean_mlp_fp8=lean_mlp_fp8)).cuda()
 
 
 def _set_lora(models, std=0.02, seed=0):
@@ -240,6 +241,30 @@ def test_lean_mlp_matches_fused_lora(small, liger):
     med_l, worst_l = _grad_errors(g_lean, g_ref)
     assert worst_l <= 1.5 * worst_f + bf16_rtol(1), (worst_l, worst_f)
     assert med_l <= 1.5 * med_f + bf16_rtol(1), (med_l, med_f)
+
+
+@pytest.mark.parametrize("liger", [False, True], ids=["stock_kernels", "liger"])
+def test_lean_mlp_fp8_stays_near_the_lean_mlp(small, liger):
+    """--lean_mlp_fp8 in bf16 (gate/up kept in float8 e4m3 with a scale per token): the same loss as --lean_mlp
+    (the forward is unchanged: within a rounding), and gradients that differ from a float32 reference by at most the lean path's
+    error plus 2^-3: the backward multiplies two kept values, each rounded by at most 2^-4."""
+    from ocrtune.data.packing import pack
+    from ocrtune.models.qwen_vl import liger_unavailable_reason
+    if liger and liger_unavailable_reason() is not None:
+        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+    d, samples = small
+    reference = _lora_model(d, torch.float32)
+    lean = _lora_model(d, torch.bfloat16, liger=liger, lean_mlp=True)
+    fp8 = _lora_model(d, torch.bfloat16, liger=liger, lean_mlp_fp8=True)
+    _set_lora([reference, lean, fp8], std=0.05)
+    batch = _cuda(pack(samples, 0))
+    _, _, g_ref = _loss_and_grads(reference, batch)
+    l_lean, _, g_lean = _loss_and_grads(lean, batch)
+    l_fp8, _, g_fp8 = _loss_and_grads(fp8, batch)
+    assert abs(l_fp8 - l_lean) / abs(l_lean) <= bf16_rtol(2)  # equal up to kernel nondeterminism
+    med_l, worst_l = _grad_errors(g_lean, g_ref)
+    med_8, worst_8 = _grad_errors(g_fp8, g_ref)
+    assert worst_8 <= worst_l + 2 ** -3 and med_8 <= med_l + 2 ** -3, (worst_8, worst_l, med_8, med_l)
 
 
 # ---------------------------------------------------------------- packed vs padded

@@ -242,3 +242,93 @@ def test_lean_mlp_with_dropout_and_recompute_draws_the_same_masks(tiny_model_dir
     assert torch.allclose(results[True][0], results[False][0], rtol=0, atol=float32_atol(results[False][0], depth, width))
     for k, g in results[False][1].items():
         assert torch.allclose(results[True][1][k], g, rtol=0, atol=float32_atol(g, 2 * depth, width)), k
+
+
+# ---------------------------------------------------------------- --lean_mlp_fp8: gate/up kept in float8
+
+def test_fp8_rows_round_each_value_within_e4m3_precision():
+    """Every kept value is within 2^-4 of itself (3 mantissa bits, round to nearest) or 2^-10 of its row's
+    scale (the subnormal spacing is 2^-9 of it); each row's largest value maps to 448; a zero row stays 0."""
+    from ocrtune.models.lora_addmm import FP8, fp8_rows, from_fp8_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 300, generator=g, dtype=torch.float64) * torch.tensor([1e-6, 1e-2, 1.0, 30.0, 1e4, 0.0],
+                                                                               dtype=torch.float64)[:, None]
+    q, scale = fp8_rows(x.view(2, 3, 300))
+    assert q.dtype == FP8 and q.shape == (6, 300) and scale.shape == (6, 1) and scale.dtype == torch.float32
+    back = from_fp8_rows(q, scale, torch.float64)
+    err = (back - x).abs()
+    assert bool((err <= 2 ** -4 * x.abs() + 2 ** -10 * scale.double()).all())
+    assert torch.equal(q[:5].float().abs().amax(-1), torch.full((5,), 448.0)) and not back[5].any()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_swiglu_down_lora_fp8_backward_is_the_math_on_the_kept_values(p):
+    """With fp8 the forward is unchanged (bit for bit) and the backward is exactly the MLP tail's gradient
+    taken at the float8-rounded gate and up (float64: rounding only), except B's, which uses the forward's
+    own rank-r product and so equals the plain path's."""
+    from ocrtune.models.lora_addmm import fp8_rows, from_fp8_rows
+    gate, up, w, bias, a, b = _mlp_inputs()
+    seed, s = 99, 0.5
+    plain = _SwigluDownLora.apply(gate, up, w, bias, a, b, s, p, seed, torch.float64)
+    kept = _SwigluDownLora.apply(gate, up, w, bias, a, b, s, p, seed, torch.float64, True)
+    assert torch.equal(kept, plain)
+    gate_q = from_fp8_rows(*fp8_rows(gate), torch.float64).view(gate.shape).requires_grad_()
+    up_q = from_fp8_rows(*fp8_rows(up), torch.float64).view(up.shape).requires_grad_()
+    h = torch.nn.functional.silu(gate_q) * up_q
+    hd = h * _mask(h, p, seed) if p else h
+    at_kept = torch.nn.functional.linear(h, w, bias) + s * (hd @ a.t()) @ b.t()
+    got, want, exact = _grads(kept, (gate, up, a, b)), _grads(at_kept, (gate_q, up_q, a)), _grads(plain, (gate, b))
+    for g_, w_ in zip(got[:3], want):
+        assert torch.allclose(g_, w_, rtol=0, atol=1e-10)
+    assert torch.allclose(got[3], exact[1], rtol=0, atol=1e-12)
+    assert (got[0] - exact[0]).abs().max() > 1e-6  # the rounding is really there
+
+
+def test_lean_mlp_fp8_model_keeps_a_quarter_of_gate_and_up_and_trains_nearly_alike(tiny_model_dir):
+    """The tiny LoRA model with --lean_mlp_fp8 against --lean_mlp: the same loss (the forward is unchanged),
+    per decoder layer gate and up kept as 1-byte values plus a float32 scale per token instead of 4-byte
+    float32 values, and LoRA gradients within 2^-3 relative (L2) of the exact ones: the backward multiplies
+    two kept values, each rounded by at most 2^-4 (measured: at most 0.034)."""
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.models.loading import load_processor
+    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.template import Template, collate
+    from ocrtune.train.data import EncodedDataset, parquet_rows
+    from ocrtune.train.loss import ResponseLoss
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
+                        Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
+    batch = collate([ds[i] for i in range(len(ds))], 0)
+    results = {}
+    for fp8 in (False, True):
+        model, _ = _lora_model(tiny_model_dir, True)
+        prepare(model, PatchOptions(patch_embed=False, lean_mlp=True, lean_mlp_fp8=fp8))  # sets the float8 choice
+        saved = {}
+
+        def pack(t):
+            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, n, _ = ResponseLoss(model)(**batch)
+        (loss / n).backward()
+        results[fp8] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad},
+                        sum(saved.values()))
+    assert torch.equal(results[True][0], results[False][0])
+    text = model.config.text_config
+    tokens = batch["input_ids"].numel()
+    per_layer = 2 * tokens * text.intermediate_size * (4 - 1) - 2 * tokens * 4  # values 4 -> 1 byte, plus scales
+    assert results[False][2] - results[True][2] == text.num_hidden_layers * per_layer
+    for k, g in results[False][1].items():
+        if g.abs().sum() > 0:
+            assert (results[True][1][k] - g).norm() <= 2 ** -3 * g.norm(), k
+
+
+@pytest.mark.parametrize("flags,fp8", [({"lean_mlp": True}, False), ({"lean_mlp_fp8": True}, True)])
+def test_lean_mlp_flags_reach_the_mlps(tiny_model_dir, flags, fp8):
+    """`--lean_mlp_fp8` alone turns the lean MLP on, with gate/up kept in float8; `--lean_mlp` keeps them as they are."""
+    from ocrtune.models.loading import load_model
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"), SftArgs(train_type="lora", **flags))
+    mlps = [m for m in model.modules() if hasattr(m, "_ocrtune_lean_fp8")]
+    assert len(mlps) == model.config.text_config.num_hidden_layers
+    assert all(m._ocrtune_lean_fp8 is fp8 and hasattr(m, "_ocrtune_stock_forward") for m in mlps)

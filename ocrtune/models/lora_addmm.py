@@ -13,10 +13,14 @@ import torch
 
 
 def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), the same for the same (shape, device, seed)."""
-    gen = torch.Generator(device=x.device)
+    """The keep-mask scaled by 1/(1-p), the same for the same (shape, dtype, device, seed)."""
+    return _mask_of(x.shape, x.dtype, x.device, p, seed)
+
+
+def _mask_of(shape, dtype, device, p: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
 
 
 def _addmm(result, xd, a, b, scaling: float, dtype):
@@ -77,6 +81,25 @@ def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
 # 18944) that is 37 KB less per token and layer, about 16 GiB at 16k tokens without recomputation.
 # The base weight is frozen (LoRA), so its gradient, which would need h, is never computed.
 
+# --lean_mlp_fp8: gate and up are kept for backward as float8 e4m3 with one scale per token (row): half
+# their bytes. A kept value then differs from the forward's by at most 2^-4 of itself (3 mantissa bits,
+# round to nearest) or 2^-10 of its row's scale (subnormals); the forward is unchanged, the backward
+# computes from those values.
+FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
+
+
+def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` [..., n] as ([rows, n] float8 e4m3 values, [rows, 1] float32 scales), amax of each row at 448."""
+    t2 = t.detach().reshape(-1, t.shape[-1])
+    scale = t2.abs().amax(-1, keepdim=True).float().div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    # clamp: the rounded 1/scale can lift the row's amax just past 448, and e4m3fn has no infinity
+    return (t2 * scale.reciprocal().to(t2.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def from_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)
+
+
 def _swiglu_down(gate, up, weight, bias, dtype):
     """(h = silu(gate) * up, the base layer's output linear(h, weight, bias)), in `dtype`."""
     h = torch.nn.functional.silu(gate.to(dtype)) * up.to(dtype)
@@ -85,25 +108,33 @@ def _swiglu_down(gate, up, weight, bias, dtype):
 
 class _SwigluDownLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype):
+    def forward(ctx, gate, up, weight, bias, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype,
+                fp8: bool = False):
         with torch.autocast(gate.device.type, enabled=False):
             h, result = _swiglu_down(gate, up, weight, bias, dtype)
             out, z = _addmm(result, h * _mask(h, p, seed) if p > 0 else h, a, b, scaling, dtype)
-        ctx.save_for_backward(gate, up, z, weight, a, b)
-        ctx.scaling, ctx.p, ctx.seed, ctx.dtype, ctx.has_bias = scaling, p, seed, dtype, bias is not None
+        kept = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else (gate, up)
+        ctx.save_for_backward(*kept, z, weight, a, b)
+        ctx.scaling, ctx.p, ctx.seed, ctx.dtype, ctx.has_bias, ctx.fp8 = scaling, p, seed, dtype, bias is not None, fp8
+        ctx.gate_meta, ctx.up_meta = (gate.shape, gate.dtype, gate.device), (up.shape, up.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up, z, weight, a, b = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
+        if ctx.fp8:
+            gq, gs, uq, us, z, weight, a, b = ctx.saved_tensors
+            gate2, up2 = from_fp8_rows(gq, gs, dt), from_fp8_rows(uq, us, dt)
+        else:
+            gate, up, z, weight, a, b = ctx.saved_tensors
+            gate2, up2 = gate.reshape(-1, gate.shape[-1]).to(dt), up.reshape(-1, up.shape[-1]).to(dt)
+        (gate_shape, gate_dtype, device), (up_shape, up_dtype) = ctx.gate_meta, ctx.up_meta
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b.to(dt)) * s                                   # [tokens, r]
         grad_b = (g.t() @ z) * s if b.requires_grad else None
-        gate2, up2 = gate.reshape(-1, gate.shape[-1]).to(dt), up.reshape(-1, up.shape[-1]).to(dt)
         sig = torch.sigmoid(gate2)
         silu = gate2 * sig
-        mask = _mask(gate, ctx.p, ctx.seed).reshape(gate2.shape) if ctx.p > 0 else None
+        mask = _mask_of(gate_shape, gate_dtype, device, ctx.p, ctx.seed).reshape(gate2.shape) if ctx.p > 0 else None
         grad_a = None
         if a.requires_grad:
             hd = silu * up2                                       # h, recomputed
@@ -112,19 +143,19 @@ class _SwigluDownLora(torch.autograd.Function):
             del hd
         lora_dh = dz @ a.to(dt)
         dh = torch.addmm(lora_dh * mask if mask is not None else lora_dh, g, weight.to(dt))  # base + LoRA paths
-        grad_up = (dh * silu).view(up.shape).to(up.dtype)
-        grad_gate = (dh * up2 * (sig * (1 + gate2 * (1 - sig)))).view(gate.shape).to(gate.dtype)
+        grad_up = (dh * silu).view(up_shape).to(up_dtype)
+        grad_gate = (dh * up2 * (sig * (1 + gate2 * (1 - sig)))).view(gate_shape).to(gate_dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return (grad_gate, grad_up, None, grad_bias, None if grad_a is None else grad_a.to(a.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
 
 
 def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      a: torch.Tensor, b: torch.Tensor, scaling: float, p: float = 0.0,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
+                     dtype: torch.dtype | None = None, fp8: bool = False) -> torch.Tensor:
     """`linear(silu(gate) * up, weight, bias) + scaling * dropout_p(silu(gate) * up) @ a.T @ b.T` in `dtype`,
-    with a frozen `weight`. Under autograd only gate, up and the rank-r product are kept; h and the
-    dropout mask are made again in backward."""
+    with a frozen `weight`. Under autograd only gate, up and the rank-r product are kept (gate and up as
+    float8 with `fp8`: see `fp8_rows`); h and the dropout mask are made again in backward."""
     dtype = dtype or gate.dtype
     if weight.requires_grad:
         raise ValueError("swiglu_down_lora needs a frozen base weight (LoRA)")
@@ -133,4 +164,4 @@ def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
         hd = torch.nn.functional.dropout(h, p, training=True) if p > 0 else h
         return _addmm(result, hd, a, b, scaling, dtype)[0]
     seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
-    return _SwigluDownLora.apply(gate, up, weight, bias, a, b, float(scaling), float(p), seed, dtype)
+    return _SwigluDownLora.apply(gate, up, weight, bias, a, b, float(scaling), float(p), seed, dtype, bool(fp8))

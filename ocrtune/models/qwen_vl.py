@@ -462,19 +462,23 @@ def _lean_mlp_forward(self, x):
     if not torch.is_autocast_enabled(dev) and not (gate.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
         return down(torch.nn.functional.silu(gate) * up)  # mixed dtypes without autocast: PEFT's math
     p, dtype = _dropout_and_dtype(down, name, dev, gate.dtype)
-    return swiglu_down_lora(gate, up, base.weight, base.bias, lora_a, lora_b, down.scaling[name], p, dtype)
+    return swiglu_down_lora(gate, up, base.weight, base.bias, lora_a, lora_b, down.scaling[name], p, dtype,
+                            fp8=getattr(self, "_ocrtune_lean_fp8", False))
 
 
-def lean_swiglu_mlps(model: nn.Module) -> int:
+def lean_swiglu_mlps(model: nn.Module, fp8: bool = False) -> int:
     """Patch every SiLU-gated MLP (gate_proj, up_proj, down_proj; hidden_act silu) whose down_proj is a
-    PEFT LoRA layer to `_lean_mlp_forward`; returns how many."""
+    PEFT LoRA layer to `_lean_mlp_forward` (keeping gate/up in float8 with `fp8`); returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     def swiglu(m):
         act = getattr(getattr(m, "config", None), "hidden_act", None)
         return (act in ("silu", "swish") and all(hasattr(m, n) for n in ("gate_proj", "up_proj"))
                 and isinstance(getattr(m, "down_proj", None), LoraLinear))
-    return sum(replace_forward(m, _lean_mlp_forward) for m in model.modules() if swiglu(m))
+    mlps = [m for m in model.modules() if swiglu(m)]
+    for m in mlps:
+        m._ocrtune_lean_fp8 = fp8
+    return sum(replace_forward(m, _lean_mlp_forward) for m in mlps)
 
 
 def disable_lora_input_upcast(model: nn.Module) -> int:
@@ -655,6 +659,7 @@ class PatchOptions:
     patch_embed: bool = True                 # *PatchEmbed Conv3d -> one GEMM (all families)
     fused_lora: bool = False                 # --fused_lora on a LoRA model
     lean_mlp: bool = False                   # --lean_mlp on a LoRA model: SwiGLU MLPs keep gate/up, not h
+    lean_mlp_fp8: bool = False               # --lean_mlp_fp8: ... and keep gate/up in float8
     packing: bool = False                    # --packing: transformers' "sdpa" honours cu_seq_lens_q
     recompute_layers: int | None = None      # --recompute_layers with gradient checkpointing on
     vision_varlen: bool = False              # qwen2_vl ViT: one varlen call per block on CUDA (training)
@@ -683,7 +688,7 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
     if options.fused_lora and allowed["fused_lora"]:
         applied["fused_lora"] = fuse_lora_linears(model)
     if options.lean_mlp:
-        applied["lean_mlp"] = lean_swiglu_mlps(model) if allowed["lean_mlp"] else 0
+        applied["lean_mlp"] = lean_swiglu_mlps(model, options.lean_mlp_fp8) if allowed["lean_mlp"] else 0
     if options.recompute_layers is not None and allowed["recompute"]:
         applied["recompute"] = limit_recompute(model, options.recompute_layers)
     if options.vision_varlen and allowed["vision_varlen"] and allowed["packed_forward"]:

@@ -68,6 +68,8 @@ class SftArgs:
                            "(same math as PEFT, fewer kernels)")
     lean_mlp: bool = arg(False, "LoRA on a SwiGLU MLP: keep gate/up for backward and recompute their product "
                          "instead of storing it (less activation memory; same math)")
+    lean_mlp_fp8: bool = arg(False, "--lean_mlp, with gate/up kept for backward in float8 (e4m3, a scale per token): "
+                             "half their memory; the backward uses those rounded copies (approximate gradients)")
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
                                        "(default all); the rest keep their activations (faster, more memory)")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")

@@ -180,32 +180,41 @@ def _lora_model(tiny_model_dir, lean: bool, dropout: float = 0.0, recompute: boo
     return model, applied
 
 
-def test_lean_mlp_model_trains_like_the_fused_one_and_keeps_less(tiny_model_dir):
-    """The whole tiny LoRA model with --lean_mlp: same loss and LoRA gradients as with fused LoRA alone
-    (float32; tolerance from the depth and width of the network), and per decoder layer two fewer
-    [tokens, intermediate] tensors kept for backward on the stock MLP (silu(gate) and the product h)."""
+def _sample_batch(tiny_model_dir):
+    """Three bundled sample rows through the tiny model's template, as one padded batch."""
     from ocrtune.data.registry import SAMPLE_DIR
     from ocrtune.models.loading import load_processor
     from ocrtune.models.template import Template, collate
     from ocrtune.train.data import EncodedDataset, parquet_rows
-    from ocrtune.train.loss import ResponseLoss
-    from tolerance import float32_atol, matmul_stages
     ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
                         Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
-    batch = collate([ds[i] for i in range(len(ds))], 0)
+    return collate([ds[i] for i in range(len(ds))], 0)
+
+
+def _loss_grads_kept(model, batch):
+    """(loss, the trainable parameters' gradients, bytes of the distinct storages autograd kept for backward)."""
+    from ocrtune.train.loss import ResponseLoss
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n, _ = ResponseLoss(model)(**batch)
+    (loss / n).backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}, sum(saved.values())
+
+
+def test_lean_mlp_model_trains_like_the_fused_one_and_keeps_less(tiny_model_dir):
+    """The whole tiny LoRA model with --lean_mlp: same loss and LoRA gradients as with fused LoRA alone
+    (float32; tolerance from the depth and width of the network), and per decoder layer two fewer
+    [tokens, intermediate] tensors kept for backward on the stock MLP (silu(gate) and the product h)."""
+    from tolerance import float32_atol, matmul_stages
+    batch = _sample_batch(tiny_model_dir)
     results = {}
     for lean in (False, True):
         model, applied = _lora_model(tiny_model_dir, lean)
-        saved = {}
-
-        def pack(t):
-            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, n, _ = ResponseLoss(model)(**batch)
-        (loss / n).backward()
-        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-        results[lean] = (loss.detach(), grads, sum(saved.values()), applied)
+        results[lean] = (*_loss_grads_kept(model, batch), applied)
     cfg = _lora_model(tiny_model_dir, False)[0].config
     text = cfg.text_config
     assert results[True][3]["lean_mlp"] == text.num_hidden_layers and "lean_mlp" not in results[False][3]
@@ -222,15 +231,9 @@ def test_lean_mlp_with_dropout_and_recompute_draws_the_same_masks(tiny_model_dir
     """LoRA dropout 0.2 under gradient checkpointing: the lean MLP draws its seeds in the fused path's order
     (q, k, v, o, gate, up, down) and the recompute replays them (checkpoint restores the RNG), so loss and
     gradients equal the fused path's within float32 rounding; a different mask would move them by ~20%."""
-    from ocrtune.data.registry import SAMPLE_DIR
-    from ocrtune.models.loading import load_processor
-    from ocrtune.models.template import Template, collate
-    from ocrtune.train.data import EncodedDataset, parquet_rows
     from ocrtune.train.loss import ResponseLoss
     from tolerance import float32_atol, matmul_stages
-    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
-                        Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
-    batch = collate([ds[i] for i in range(len(ds))], 0)
+    batch = _sample_batch(tiny_model_dir)
     results = {}
     for lean in (False, True):
         model, _ = _lora_model(tiny_model_dir, lean, dropout=0.2, recompute=True)
@@ -289,29 +292,13 @@ def test_lean_mlp_fp8_model_keeps_a_quarter_of_gate_and_up_and_trains_nearly_ali
     per decoder layer gate and up kept as 1-byte values plus a float32 scale per token instead of 4-byte
     float32 values, and LoRA gradients within 2^-3 relative (L2) of the exact ones: the backward multiplies
     two kept values, each rounded by at most 2^-4 (measured: at most 0.034)."""
-    from ocrtune.data.registry import SAMPLE_DIR
-    from ocrtune.models.loading import load_processor
     from ocrtune.models.qwen_vl import PatchOptions, prepare
-    from ocrtune.models.template import Template, collate
-    from ocrtune.train.data import EncodedDataset, parquet_rows
-    from ocrtune.train.loss import ResponseLoss
-    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3),
-                        Template(load_processor(tiny_model_dir), "qwen2_vl", 2048))
-    batch = collate([ds[i] for i in range(len(ds))], 0)
+    batch = _sample_batch(tiny_model_dir)
     results = {}
     for fp8 in (False, True):
         model, _ = _lora_model(tiny_model_dir, True)
         prepare(model, PatchOptions(patch_embed=False, lean_mlp=True, lean_mlp_fp8=fp8))  # sets the float8 choice
-        saved = {}
-
-        def pack(t):
-            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, n, _ = ResponseLoss(model)(**batch)
-        (loss / n).backward()
-        results[fp8] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad},
-                        sum(saved.values()))
+        results[fp8] = _loss_grads_kept(model, batch)
     assert torch.equal(results[True][0], results[False][0])
     text = model.config.text_config
     tokens = batch["input_ids"].numel()

@@ -16,7 +16,7 @@ Every step is the real ocrtune command line, run as a subprocess, and goes into 
 
 Phases (--phase), one device call of at most 10 minutes each, made back to back on the same machine so
 that --work_dir (default .work/from_scratch, git-ignored) survives between them:
-  train   synth rendering (all CPUs), then a short probe measures seconds per stage-1 step (GPU), then
+  train   synth rendering (the CPUs but two per GPU), then a short probe measures seconds per stage-1 step (GPU), then
           stage 1 with as many steps as fit the deadline (its cosine schedule ends at the last step); the
           probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe
           read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
@@ -304,6 +304,8 @@ class Recipe:
     def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
         result = self.work / "eval" / f"{name}.jsonl"
         result.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (result, result.with_name(f"{name}_summary.json")):  # a failed re-run must not report the last one
+            stale.unlink(missing_ok=True)
         args = ["eval", "--ckpt_dir", str(ckpt), "--val_dataset", data, "--metrics", METRICS,
                 "--infer_batch_size", "256", "--max_new_tokens", str(self.a.max_new_tokens), "--result_path", str(result)]
         return self.start(name, args, devices=device)
@@ -366,22 +368,25 @@ class Recipe:
         self.report.update({"print": first.get("stage1_print"), "handwrite_before": first.get("stage1_handwrite"),
                             "handwrite_after": after.get("stage2_handwrite"),
                             "extra": {k[len("extra_"):]: v for k, v in first.items() if k.startswith("extra_")}})
-        self.report.update(self.unseen_handwriting())
+        self.report.update(self.unseen_handwriting({n for n, r in {**first, **after}.items() if r}))
         self.report["targets"] = targets(self.report)
 
-    def unseen_handwriting(self) -> dict:
+    def unseen_handwriting(self, finished: set[str]) -> dict:
         """Most handwrite validation formulas also appear in handwrite train (83 of 100 in LaTeX_OCR: CROHME
         has many writers per formula), so stage 2 can score by recognising a formula it was trained on. The
-        same metrics over the rows whose formula is not in stage 2's train set show what generalizes."""
-        import pyarrow.parquet as pq
-
+        same metrics over the rows whose formula is not in stage 2's train set show what generalizes.
+        `finished`: the evaluations that succeeded; rows without a prediction are left out, as `ocrtune eval`
+        leaves them out."""
+        from ocrtune.data.loading import load_dataset
         from ocrtune.evaluate.metrics import compute_metrics
-        path, _, rows = self.path("handwrite", "train").partition("#")
-        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:int(rows) if rows else None]
-        seen = {" ".join(t.split()) for t in texts}
+        train = load_dataset(self.path("handwrite", "train"))  # stage 2's rows: `path#N` is a seeded sample
+        seen = {" ".join(m[-1]["content"].split()) for m in train["messages"]}
         out = {}
         for key, name in (("handwrite_before_unseen", "stage1_handwrite"), ("handwrite_after_unseen", "stage2_handwrite")):
-            res = [x for x in read_jsonl(self.work / "eval" / f"{name}.jsonl") if "reference" in x]
+            if name not in finished:
+                continue
+            res = [x for x in read_jsonl(self.work / "eval" / f"{name}.jsonl")
+                   if isinstance(x.get("reference"), str) and isinstance(x.get("prediction"), str)]
             new = [x for x in res if " ".join(x["reference"].split()) not in seen]
             if res:
                 out["handwrite_seen_in_train"] = len(res) - len(new)

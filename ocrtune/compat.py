@@ -32,10 +32,10 @@ def quiet_peft_deprecations():
 
 
 def default_cuda_allocator(env=os.environ) -> bool:
-    """Turn on expandable segments unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF, or
-    PYTORCH_ALLOC_CONF, its newer name). Must run before torch first touches CUDA; the entry points call
-    it first thing. Returns whether it set the default."""
-    if "PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env:
+    """Turn on expandable segments unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF, its
+    newer name PYTORCH_ALLOC_CONF, or ROCm's PYTORCH_HIP_ALLOC_CONF). Must run before torch first touches
+    CUDA; the entry points call it first thing. Returns whether it set the default."""
+    if any(name in env for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")):
         return False
     env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
     return True

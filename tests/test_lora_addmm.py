@@ -249,19 +249,34 @@ def test_lean_mlp_with_dropout_and_recompute_draws_the_same_masks(tiny_model_dir
 
 # ---------------------------------------------------------------- --lean_mlp_fp8: gate/up kept in float8
 
-def test_fp8_rows_round_each_value_within_e4m3_precision():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_fp8_rows_round_each_value_within_e4m3_precision(dtype):
     """Every kept value is within 2^-4 of itself (3 mantissa bits, round to nearest) or 2^-10 of its row's
-    scale (the subnormal spacing is 2^-9 of it); each row's largest value maps to 448; a zero row stays 0."""
+    scale (the subnormal spacing is 2^-9 of it), up to float32 rounding of the scaling; each row's largest
+    value maps to 448; a zero row stays 0, and small rows too in float16 (where 1/scale would overflow)."""
     from ocrtune.models.lora_addmm import FP8, fp8_rows, from_fp8_rows
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 300, generator=g, dtype=torch.float64) * torch.tensor([1e-6, 1e-2, 1.0, 30.0, 1e4, 0.0],
-                                                                               dtype=torch.float64)[:, None]
+    rows = torch.tensor([1e-3, 1e-2, 1.0, 30.0, 1e4, 0.0], dtype=torch.float64)
+    x = (torch.randn(6, 300, generator=g, dtype=torch.float64) * rows[:, None]).to(dtype)
     q, scale = fp8_rows(x.view(2, 3, 300))
     assert q.dtype == FP8 and q.shape == (6, 300) and scale.shape == (6, 1) and scale.dtype == torch.float32
-    back = from_fp8_rows(q, scale, torch.float64)
-    err = (back - x).abs()
-    assert bool((err <= 2 ** -4 * x.abs() + 2 ** -10 * scale.double()).all())
+    back = from_fp8_rows(q, scale, dtype)
+    assert back.dtype == dtype and bool(back.isfinite().all())
+    x64, err = x.double(), (from_fp8_rows(q, scale, torch.float64) - x.double()).abs()
+    assert bool((err <= (2 ** -4 * x64.abs() + 2 ** -10 * scale.double()) * (1 + 2 ** -20)).all())
     assert torch.equal(q[:5].float().abs().amax(-1), torch.full((5,), 448.0)) and not back[5].any()
+
+
+def test_swiglu_down_lora_fp8_in_float16_keeps_small_and_zero_rows_finite():
+    """float16 (--dtype float16): rows whose largest value is under 448/65504 ~ 0.007, and zero rows, give
+    finite gradients (scaling in float16 would turn them into inf x 0 = NaN)."""
+    gate, up, w, bias, a, b = (t.detach().to(torch.float16) for t in _mlp_inputs(torch.float32))
+    gate[0, :3] = 0.0
+    up[0, 3:6] *= 1e-3
+    gate, up, a, b = (t.requires_grad_() for t in (gate, up, a, b))
+    out = swiglu_down_lora(gate, up, w, None, a, b, 0.5, fp8=True)
+    for grad in _grads(out, (gate, up, a, b)):
+        assert bool(grad.isfinite().all())
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

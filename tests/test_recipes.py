@@ -251,3 +251,37 @@ def test_from_scratch_stage1_as_lora_is_merged_before_stage2(tmp_path):
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2")
     assert changed and all(k.endswith(".weight") and any(f".{t}." in k for t in targets) for k in changed), sorted(changed)
     assert not any("embed_tokens" in k or "merger" in k for k in changed)
+
+
+def test_from_scratch_unseen_handwriting_uses_stage2s_sample_and_skips_failed_rows(tmp_path):
+    """The "formulas not in handwrite train" metrics compare against the rows stage 2 trained on (`train#48` is a
+    seeded sample, not the first 48 rows) and leave out rows without a prediction, as `ocrtune eval` does."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    from ocrtune.data.loading import load_dataset
+    spec = importlib.util.spec_from_file_location("latex_ocr_from_scratch", FROM_SCRATCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = _data_dir(tmp_path)
+    recipe = mod.Recipe(mod.parse_args(["--smoke", "--phase", "rest", "--data_dir", str(data), "--work_dir",
+                                        str(tmp_path / "work"), "--report_dir", str(tmp_path / "r")]))
+    norm = lambda t: " ".join(t.split())  # noqa: E731
+    sample = {norm(m[-1]["content"]) for m in load_dataset(recipe.path("handwrite", "train"))["messages"]}
+    rows = [norm(t) for t in pq.read_table(data / "handwrite" / "train.parquet", columns=["text"]).column("text").to_pylist()]
+    prefix = set(rows[:48])
+    seen = [t for t in dict.fromkeys(rows) if t in sample and t not in prefix][:3]      # trained on, past row 48
+    unseen = [t for t in dict.fromkeys(rows) if t not in sample and t in prefix][:3]    # in the first 48, not trained on
+    assert len(seen) == len(unseen) == 3
+    (recipe.work / "eval").mkdir(parents=True)
+    for name in ("stage1_handwrite", "stage2_handwrite"):
+        lines = [{"index": i, "reference": t, "prediction": t} for i, t in enumerate(seen)]
+        lines += [{"index": 3 + i, "reference": t, "prediction": "x"} for i, t in enumerate(unseen)]
+        lines += [{"index": 6, "reference": unseen[0], "prediction": None, "error": "generation failed"}]
+        (recipe.work / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = recipe.unseen_handwriting({"stage1_handwrite", "stage2_handwrite"})
+    assert out["handwrite_seen_in_train"] == 3
+    for key in ("handwrite_before_unseen", "handwrite_after_unseen"):
+        assert out[key]["count"] == 3 and out[key]["exact_match"] == 0.0, out[key]
+    assert recipe.unseen_handwriting({"stage1_handwrite"}).keys() == {"handwrite_seen_in_train", "handwrite_before_unseen"}

@@ -84,7 +84,7 @@ def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
 # --lean_mlp_fp8: gate and up are kept for backward as float8 e4m3 with one scale per token (row): half
 # their bytes. A kept value then differs from the forward's by at most 2^-4 of itself (3 mantissa bits,
 # round to nearest) or 2^-10 of its row's scale (subnormals); the forward is unchanged, the backward
-# computes from those values.
+# computes from those values. Scaling runs in float32: in float16 1/scale overflows for rows under ~0.007.
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 
 
@@ -93,11 +93,11 @@ def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t2 = t.detach().reshape(-1, t.shape[-1])
     scale = t2.abs().amax(-1, keepdim=True).float().div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
     # clamp: the rounded 1/scale can lift the row's amax just past 448, and e4m3fn has no infinity
-    return (t2 * scale.reciprocal().to(t2.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (t2.float() * scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def from_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scale.to(dtype)
+    return (q.float() * scale).to(dtype)
 
 
 def _swiglu_down(gate, up, weight, bias, dtype):

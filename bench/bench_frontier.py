@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results/frontier.json")
     a = p.parse_args(argv)
     t0 = time.time()
-    from ocrtune.compat import default_cuda_allocator
+    from ocrtune.compat import ALLOCATOR_VARS, default_cuda_allocator
     default_cuda_allocator()  # what `ocrtune sft` runs with (PYTORCH_CUDA_ALLOC_CONF= for the plain allocator)
     import torch
 
@@ -123,7 +123,7 @@ def main(argv=None):
            "overrides": json.loads(a.overrides), "check_loss": float(l) / int(n),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__,
-           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", "")),
+           "alloc_conf": next((os.environ[v] for v in ALLOCATOR_VARS if v in os.environ), ""),
            "setup_s": round(time.time() - t0, 1), "settings": []}
     dest = Path(a.out)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -346,7 +346,8 @@ class Recipe:
         if (ckpt1 / "adapter_config.json").exists():  # a LoRA stage 1: stage 2 needs a whole model under it
             if self.run("merge1", ["export", "--ckpt_dir", str(ckpt1), "--merge_lora", "true"], timeout=self.left(300)):
                 raise SystemExit(f"error: merging the stage-1 adapter {ckpt1} failed; see log.txt")
-            ckpt1 = ckpt1.parent / f"{ckpt1.name}-merged"
+            from ocrtune.checkpoint import merged_dir_for
+            ckpt1 = merged_dir_for(ckpt1)
         self.report["stage1_checkpoint"] = str(ckpt1)
         self.report.setdefault("stage1", summarize_run(self.work / "stage1"))
         sets = {"stage1_print": self.path("print", "validation"), "stage1_handwrite": self.path("handwrite", "validation")}

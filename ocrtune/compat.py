@@ -10,6 +10,7 @@ import warnings
 # segments grow in place instead: 47.5 GiB reserved and 4% faster on an H200
 # (bench/results/frontier_7b_lean_mlp_dropout0{,_expandable}.json). NeMo sets the same default.
 ALLOCATOR_DEFAULT = "expandable_segments:True"
+ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # old, new, ROCm's name
 
 
 def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
@@ -35,7 +36,7 @@ def default_cuda_allocator(env=os.environ) -> bool:
     """Turn on expandable segments unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF, its
     newer name PYTORCH_ALLOC_CONF, or ROCm's PYTORCH_HIP_ALLOC_CONF). Must run before torch first touches
     CUDA; the entry points call it first thing. Returns whether it set the default."""
-    if any(name in env for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")):
+    if any(name in env for name in ALLOCATOR_VARS):
         return False
     env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
     return True

@@ -81,17 +81,16 @@ def test_liger_backend_import_warnings_only_at_debug():
 
 
 def test_cuda_allocator_defaults_to_expandable_segments_unless_the_user_set_it():
-    from ocrtune.compat import ALLOCATOR_DEFAULT, default_cuda_allocator
+    from ocrtune.compat import ALLOCATOR_DEFAULT, ALLOCATOR_VARS, default_cuda_allocator
     env = {}
     assert default_cuda_allocator(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": ALLOCATOR_DEFAULT}
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"):
+    for name in ALLOCATOR_VARS:
         env = {name: ""}  # an empty value is the way to ask for the plain allocator
         assert not default_cuda_allocator(env) and env == {name: ""}
     # the entry point sets it before torch is imported (torch reads it at the first CUDA allocation)
     code = ("import os, sys\nfrom ocrtune.cli.main import main\n"
             "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), file=sys.stderr)")
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")}
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ALLOCATOR_VARS}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.stderr.strip().splitlines()[-1] == ALLOCATOR_DEFAULT, r.stderr

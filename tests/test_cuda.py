@@ -65,6 +65,12 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
                                         lean_mlp_fp8=lean_mlp_fp8)).cuda()
 
 
+def _skip_without_liger(liger: bool) -> None:
+    from ocrtune.models.qwen_vl import liger_unavailable_reason
+    if liger and liger_unavailable_reason() is not None:
+        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+
+
 def _set_lora(models, std=0.02, seed=0):
     """The same random LoRA weights in every model (B starts at zero: give the adapters a say)."""
     torch.manual_seed(seed)
@@ -222,9 +228,7 @@ def test_lean_mlp_matches_fused_lora(small, liger):
     without Liger's kernels: the loss within a rounding of the fused path's, the gradients as accurate
     against a float32 reference as the fused path's own."""
     from ocrtune.data.packing import pack
-    from ocrtune.models.qwen_vl import liger_unavailable_reason
-    if liger and liger_unavailable_reason() is not None:
-        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+    _skip_without_liger(liger)
     d, samples = small
     reference = _lora_model(d, torch.float32)
     fused = _lora_model(d, torch.bfloat16, liger=liger)
@@ -249,9 +253,7 @@ def test_lean_mlp_fp8_stays_near_the_lean_mlp(small, liger):
     (the forward is unchanged: within a rounding), and gradients that differ from a float32 reference by at most the lean path's
     error plus 2^-3: the backward multiplies two kept values, each rounded by at most 2^-4."""
     from ocrtune.data.packing import pack
-    from ocrtune.models.qwen_vl import liger_unavailable_reason
-    if liger and liger_unavailable_reason() is not None:
-        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+    _skip_without_liger(liger)
     d, samples = small
     reference = _lora_model(d, torch.float32)
     lean = _lora_model(d, torch.bfloat16, liger=liger, lean_mlp=True)
@@ -282,10 +284,9 @@ def test_packed_vs_padded_loss_and_grads(small, liger):
     and LoRA gradients: the loss within a bf16 rounding on each path, the gradients as accurate as the
     padded path's against a float32 reference of the same weights (worst and median over the tensors)."""
     from ocrtune.data.packing import pack
-    from ocrtune.models.qwen_vl import liger_fused_ce, liger_unavailable_reason
+    from ocrtune.models.qwen_vl import liger_fused_ce
     from ocrtune.models.template import collate
-    if liger and liger_unavailable_reason() is not None:
-        pytest.skip(f"Liger: {liger_unavailable_reason()}")
+    _skip_without_liger(liger)
     d, samples = small
     model = _lora_model(d, torch.bfloat16, liger=liger)
     reference = _lora_model(d, torch.float32)

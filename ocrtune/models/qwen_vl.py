@@ -659,7 +659,7 @@ class PatchOptions:
     patch_embed: bool = True                 # *PatchEmbed Conv3d -> one GEMM (all families)
     fused_lora: bool = False                 # --fused_lora on a LoRA model
     lean_mlp: bool = False                   # --lean_mlp on a LoRA model: SwiGLU MLPs keep gate/up, not h
-    lean_mlp_fp8: bool = False               # --lean_mlp_fp8: ... and keep gate/up in float8
+    lean_mlp_fp8: bool = False               # --lean_mlp_fp8: the lean MLP, keeping gate/up in float8
     packing: bool = False                    # --packing: transformers' "sdpa" honours cu_seq_lens_q
     recompute_layers: int | None = None      # --recompute_layers with gradient checkpointing on
     vision_varlen: bool = False              # qwen2_vl ViT: one varlen call per block on CUDA (training)
@@ -687,7 +687,7 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
         applied["patch_embed"] = linear_patch_embed(model)
     if options.fused_lora and allowed["fused_lora"]:
         applied["fused_lora"] = fuse_lora_linears(model)
-    if options.lean_mlp:
+    if options.lean_mlp or options.lean_mlp_fp8:
         applied["lean_mlp"] = lean_swiglu_mlps(model, options.lean_mlp_fp8) if allowed["lean_mlp"] else 0
     if options.recompute_layers is not None and allowed["recompute"]:
         applied["recompute"] = limit_recompute(model, options.recompute_layers)

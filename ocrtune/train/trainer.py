@@ -106,7 +106,7 @@ def prepare_model(model, args: SftArgs):
     # the patches of transformers/PEFT internals, in today's order: fused LoRA, recompute limit, ViT varlen, sdpa
     # varlen (the patch-embed GEMM was applied at load: `models.loading.load_model`)
     qwen_vl.prepare(model, PatchOptions(patch_embed=False, fused_lora=args.train_type == "lora" and args.fused_lora,
-                                        lean_mlp=args.train_type == "lora" and (args.lean_mlp or args.lean_mlp_fp8),
+                                        lean_mlp=args.train_type == "lora" and args.lean_mlp,
                                         lean_mlp_fp8=args.train_type == "lora" and args.lean_mlp_fp8,
                                         packing=args.packing,
                                         recompute_layers=args.recompute_layers if args.gradient_checkpointing else None,

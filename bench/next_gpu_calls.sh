@@ -7,17 +7,14 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
-A)  # issue 16: the cuda suite (lean MLP fp8 test included), --lean_mlp_fp8 and partial recompute on 7B;
-    # issue 13: the digits sweep's open questions (~130 s a variant)
+A)  # issue 16: the cuda suite (lean MLP fp8 test included), --lean_mlp_fp8, alone and with partial recompute, on 7B
     for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
     OUT=$R/cuda timeout 200 bash bench/run_cuda_tests.sh > $R/cuda_run_log.txt 2>&1
     F="python3 bench/bench_frontier.py --model 7b --liger --data .carry/latex/print/train.parquet"
     timeout 110 $F --grid '8192:0;16384:0' --overrides '{"lean_mlp_fp8": true}' --out $R/frontier_7b_lean_mlp_fp8.json > $R/fp8_log.txt 2>&1
     timeout 110 $F --grid '8192:0;16384:0' --lora_dropout 0 --overrides '{"lean_mlp_fp8": true}' --out $R/frontier_7b_lean_mlp_fp8_dropout0.json > $R/fp8_d0_log.txt 2>&1
-    timeout 110 $F --grid '8192:4,8;12288:8' --overrides '{"lean_mlp": true}' --out $R/frontier_7b_lean_mlp_partial.json > $R/partial_log.txt 2>&1
-    timeout 150 python3 bench/learning/sweep_reading.py --device cuda --steps 250 --every 50 --batch 256 \
-      --variants lora_then_full --out $R/sweep_b256_next.jsonl > $R/sweep_log.txt 2>&1
+    timeout 130 $F --grid '12288:4,8;16384:10,14' --lora_dropout 0 --overrides '{"lean_mlp_fp8": true}' --out $R/frontier_7b_lean_mlp_fp8_partial.json > $R/partial_log.txt 2>&1
     tar czf $OUT/callA.tgz -C $R . ;;
 B)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_rows 250000 \
       --stage1_lora_rank 64 > $OUT/phase_train_log.txt 2>&1 ;;

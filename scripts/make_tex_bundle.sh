@@ -64,6 +64,14 @@ awk 'NR==FNR {keep[$1]=1; next} ($1 in keep)' "$work/tfm" "$(kpsewhich -progname
 find "$root/texmf/fonts" -name '*.tfm' | while IFS= read -r t; do
   n=$(basename "$t" .tfm); grep -q "^$n " "$root/texmf/fonts/map/pdftex.map" || { echo "note: no outline, dropped $n.tfm" >&2; rm "$t"; }
 done
+# the outlines and encodings those map lines name (`<cmr10.pfb`, `<[cm-super-ts1.enc`): pdftex opens them only
+# while writing the PDF, which the recording run above never does when one formula hits a fatal font error
+mkdir -p "$root/texmf/fonts/type1"
+grep -o '<\[*[^ ]*' "$root/texmf/fonts/map/pdftex.map" | sed 's/^<\[*//' | sort -u | while IFS= read -r f; do
+  [ -e "$root/texmf/fonts/type1/$f" ] || find "$root/texmf/fonts" -name "$f" | grep -q . && continue
+  p=$(kpsewhich -progname=pdflatex "$f" || true)
+  if [ -n "$p" ]; then cp "$p" "$root/texmf/fonts/type1/"; else echo "note: not found: $f" >&2; fi
+done
 # TeX's memory sizes as Debian sets them for pdflatex (the format was dumped with them)
 for v in main_memory extra_mem_top extra_mem_bot font_mem_size font_max hash_extra pool_size string_vacancies \
          max_strings pool_free buf_size trie_size hyph_size nest_size max_in_open param_size save_size stack_size \

@@ -53,7 +53,7 @@ def _cuda(batch):
     return {k: v.cuda() for k, v in batch.items()}
 
 
-def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False):
+def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False, fp8_base=False):
     from ocrtune.models.loading import load_model
     from ocrtune.models.qwen_vl import apply_liger
     from ocrtune.train.args import SftArgs
@@ -61,8 +61,12 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
     model = load_model(d, dtype, "sdpa")
     if liger:
         assert apply_liger(model)
-    return prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
-                                        lean_mlp_fp8=lean_mlp_fp8)).cuda()
+    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
+                                         lean_mlp_fp8=lean_mlp_fp8)).cuda()
+    if fp8_base:  # as SftRun does, on the device
+        from ocrtune.models.qwen_vl import PatchOptions, prepare
+        assert prepare(model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"] > 0
+    return model
 
 
 def _skip_without_liger(liger: bool) -> None:
@@ -274,6 +278,96 @@ def test_lean_mlp_fp8_stays_near_the_lean_mlp(small, liger):
     med_l, worst_l = _grad_errors(g_lean, g_ref)
     med_8, worst_8 = _grad_errors(g_fp8, g_ref)
     assert worst_8 <= worst_l + 2 ** -3 and med_8 <= med_l + 2 ** -3, (worst_8, worst_l, med_8, med_l)
+
+
+def test_triton_kernels_match_the_torch_ops():
+    """The lean MLP's fused kernels compiled on CUDA (the CPU suite runs them only in Triton's interpreter):
+    float8 values and scales (the lean MLP's, and `--fp8_base`'s row quantizer) bit for bit those of the torch ops (IEEE division, round to nearest, saturating);
+    bf16 outputs within one rounding (2^-8 relative, plus float32's ~1e-7) of float64 math on the same inputs; rows over the
+    kernel's block width, a zero row, and a model-sized row (18944, Qwen2-VL-7B's intermediate size)."""
+    from ocrtune.models import triton_kernels
+    from ocrtune.models.fp8_linear import quantize_rows_torch
+    from ocrtune.models.lora_addmm import from_fp8_rows
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (2500, 18944):
+        gate = (torch.randn(65, n, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        up = torch.randn(65, n, device="cuda", generator=g).to(torch.bfloat16)
+        gate[7] = 0
+        assert triton_kernels.usable(gate, up)
+        h, (gq, gs, uq, us) = triton_kernels.swiglu_forward(gate, up, torch.bfloat16, True)
+        for q, sc, t in ((gq, gs, gate), (uq, us, up)):
+            rq, rs = quantize_rows_torch(t)
+            assert torch.equal(sc, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+        cols = torch.rand(n, device="cuda", generator=g) + 0.5  # --fp8_base folds W's scales into dy's columns
+        for col in (None, cols):
+            q1, s1 = triton_kernels.quantize_rows(gate, col)
+            q2, s2 = quantize_rows_torch(gate, col)
+            assert torch.equal(s1, s2) and torch.equal(q1.view(torch.uint8), q2.view(torch.uint8))
+        G, U = gate.double(), up.double()
+        sig = torch.sigmoid(G)
+        assert bool(((h.double() - G * sig * U).abs() <= 2 ** -8 * (G * sig * U).abs() + 1e-6).all())
+        dh = torch.randn(65, n, device="cuda", generator=g).to(torch.bfloat16)
+        D = dh.double()
+        for kept in ((gate, up, None, None), (gq, uq, gs, us)):
+            dg, du, h2 = triton_kernels.swiglu_backward(dh, kept[0], kept[1], kept[2], kept[3],
+                                                (torch.bfloat16, torch.bfloat16), torch.bfloat16)
+            Gk = from_fp8_rows(gq, gs, torch.float64) if kept[2] is not None else G
+            Uk = from_fp8_rows(uq, us, torch.float64) if kept[2] is not None else U
+            sk = torch.sigmoid(Gk)
+            for got, want in ((du, D * Gk * sk), (dg, D * Uk * sk * (1 + Gk * (1 - sk))), (h2, Gk * sk * Uk)):
+                # float32 math (cancellation in 1 + g(1 - sig)) adds ~1e-7 of the largest value
+                assert bool(((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6 * want.abs().max()).all())
+
+
+def test_fp8_scaled_mm_matches_the_emulated_float8_math():
+    """`torch._scaled_mm` (float8 tensor cores, row-wise scales) against the same rounded operands multiplied
+    in float32 (the CPU path): within bf16's output rounding (2^-8) and the accumulation order, with and
+    without fast accumulation; and the forward/backward of `Fp8BaseLinear` against the CPU path's math."""
+    from ocrtune.models.fp8_linear import Fp8BaseLinear, quantize_rows, scaled_mm
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1000, 3584, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(512, 3584, device="cuda", generator=g) / 60).to(torch.bfloat16)
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(w)
+    want = (xq.double() * xs.double()) @ (wq.double() * ws.double()).t()
+    for fast in (False, True):
+        got = scaled_mm(xq, xs, wq, ws.view(-1), torch.bfloat16, fast_accum=fast)
+        assert got.dtype == torch.bfloat16 and rel(got, want) <= 2 ** (-7 if fast else -8), (fast, rel(got, want))
+    lin = torch.nn.Linear(3584, 512, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    f8 = Fp8BaseLinear(lin)
+    xr = x.clone().requires_grad_()
+    y = f8(xr)
+    assert rel(y, want + lin.bias.double()) <= 2 ** -7
+    dy = torch.randn(1000, 512, device="cuda", generator=g).to(torch.bfloat16)
+    (dx,) = torch.autograd.grad(y, xr, dy)
+    gq, gs = quantize_rows(dy, f8.scale)
+    assert rel(dx, (gq.double() * gs.double()) @ f8.weight_q.double()) <= 2 ** -7
+    assert rel(dx, dy.double() @ w.double()) <= 2 ** -3  # each operand within 2^-4
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["fused_lora", "lean_mlp"])
+def test_fp8_base_model_trains_near_the_bf16_one(small, lean):
+    """--fp8_base on the small model in bf16 (with the lean MLP, whose down projection then multiplies the float8
+    weights itself): the loss within 2^-5 of the bf16 model's, and the LoRA gradients pointing the way the
+    float32 reference's do (cosine >= 0.95 over all of them; the CPU test measures ~0.99 on the tiny model)."""
+    from ocrtune.data.packing import pack
+    d, samples = small
+    reference = _lora_model(d, torch.float32)
+    plain = _lora_model(d, torch.bfloat16, lean_mlp=lean)
+    fp8 = _lora_model(d, torch.bfloat16, lean_mlp=lean, fp8_base=True)
+    _set_lora([reference, plain, fp8], std=0.05)
+    batch = _cuda(pack(samples, 0))
+    _, _, g_ref = _loss_and_grads(reference, batch)
+    l_plain, _, _ = _loss_and_grads(plain, batch)
+    l_fp8, _, g_fp8 = _loss_and_grads(fp8, batch)
+    assert abs(l_fp8 - l_plain) <= 2 ** -5 * abs(l_plain), (l_fp8, l_plain)
+    keys = sorted(g_ref)
+    assert g_fp8.keys() == g_ref.keys() and keys
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g_ref[k].flatten() for k in keys]),
+                                                torch.cat([g_fp8[k].flatten() for k in keys]), dim=0)
+    assert cos >= 0.95, float(cos)
 
 
 # ---------------------------------------------------------------- packed vs padded

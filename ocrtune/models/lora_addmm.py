@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ocrtune.models import fp8_linear, triton_kernels
+
 
 def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask scaled by 1/(1-p), the same for the same (shape, dtype, device, seed)."""
@@ -90,32 +92,56 @@ FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 
 def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` [..., n] as ([rows, n] float8 e4m3 values, [rows, 1] float32 scales), amax of each row at 448."""
-    t2 = t.detach().reshape(-1, t.shape[-1])
-    scale = t2.abs().amax(-1, keepdim=True).float().div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
-    # clamp: the rounded 1/scale can lift the row's amax just past 448, and e4m3fn has no infinity
-    return (t2.float() * scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return fp8_linear.quantize_rows(t)
 
 
 def from_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
 
 
+def _base_linear(h, weight, bias, dtype):
+    """The frozen down projection: `weight` a tensor, or an `Fp8BaseLinear` (--fp8_base, its bias its own)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.nn.functional.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return weight(h, dtype)
+
+
+def _plus_base_grad(lora_dh, g, weight, dtype):
+    """`lora_dh + g @ W`: the down projection's input gradient, its LoRA and base paths."""
+    if isinstance(weight, torch.Tensor):
+        return torch.addmm(lora_dh, g, weight.to(dtype))
+    return lora_dh + fp8_linear.grad_input(g, weight.weight_q, weight.scale, dtype)
+
+
 def _swiglu_down(gate, up, weight, bias, dtype):
     """(h = silu(gate) * up, the base layer's output linear(h, weight, bias)), in `dtype`."""
     h = torch.nn.functional.silu(gate.to(dtype)) * up.to(dtype)
-    return h, torch.nn.functional.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return h, _base_linear(h, weight, bias, dtype)
+
+
+def _masked(t, mask):
+    return t * mask if mask is not None else t
 
 
 class _SwigluDownLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype,
                 fp8: bool = False):
+        fused = triton_kernels.usable(gate, up)  # one Triton kernel for the element-wise work, else torch ops
         with torch.autocast(gate.device.type, enabled=False):
-            h, result = _swiglu_down(gate, up, weight, bias, dtype)
+            if fused:
+                h, q = triton_kernels.swiglu_forward(gate, up, dtype, fp8)
+                h = h.view(*gate.shape[:-1], h.shape[-1])
+                result = _base_linear(h, weight, bias, dtype)
+            else:
+                h, result = _swiglu_down(gate, up, weight, bias, dtype)
+                q = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else None
             out, z = _addmm(result, h * _mask(h, p, seed) if p > 0 else h, a, b, scaling, dtype)
-        kept = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else (gate, up)
-        ctx.save_for_backward(*kept, z, weight, a, b)
+        tensor_weight = isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a, b)
+        ctx.fp8_base = None if tensor_weight else weight  # frozen float8 weights: kept by the model anyway
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype, ctx.has_bias, ctx.fp8 = scaling, p, seed, dtype, bias is not None, fp8
+        ctx.fused = fused
         ctx.gate_meta, ctx.up_meta = (gate.shape, gate.dtype, gate.device), (up.shape, up.dtype)
         return out
 
@@ -123,28 +149,39 @@ class _SwigluDownLora(torch.autograd.Function):
     def backward(ctx, grad):
         dt, s = ctx.dtype, ctx.scaling
         if ctx.fp8:
-            gq, gs, uq, us, z, weight, a, b = ctx.saved_tensors
-            gate2, up2 = from_fp8_rows(gq, gs, dt), from_fp8_rows(uq, us, dt)
+            gk, gs, uk, us, z, weight, a, b = ctx.saved_tensors
         else:
-            gate, up, z, weight, a, b = ctx.saved_tensors
-            gate2, up2 = gate.reshape(-1, gate.shape[-1]).to(dt), up.reshape(-1, up.shape[-1]).to(dt)
+            (gk, uk, z, weight, a, b), gs, us = ctx.saved_tensors, None, None
+        weight = ctx.fp8_base if ctx.fp8_base is not None else weight
         (gate_shape, gate_dtype, device), (up_shape, up_dtype) = ctx.gate_meta, ctx.up_meta
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b.to(dt)) * s                                   # [tokens, r]
         grad_b = (g.t() @ z) * s if b.requires_grad else None
-        sig = torch.sigmoid(gate2)
-        silu = gate2 * sig
-        mask = _mask_of(gate_shape, gate_dtype, device, ctx.p, ctx.seed).reshape(gate2.shape) if ctx.p > 0 else None
-        grad_a = None
-        if a.requires_grad:
-            hd = silu * up2                                       # h, recomputed
-            hd = hd * mask if mask is not None else hd
-            grad_a = dz.t() @ hd
+        mask = _mask_of(gate_shape, gate_dtype, device, ctx.p, ctx.seed).reshape(-1, gate_shape[-1]) if ctx.p > 0 else None
+        if ctx.fused:
+            dh = _plus_base_grad(_masked(dz @ a.to(dt), mask), g, weight, dt)  # LoRA + base paths
+            grad_gate, grad_up, hd = triton_kernels.swiglu_backward(dh, gk, uk, gs, us, (gate_dtype, up_dtype), dt)
+            del dh
+            grad_a = None
+            if a.requires_grad:
+                grad_a = dz.t() @ _masked(hd, mask)
             del hd
-        lora_dh = dz @ a.to(dt)
-        dh = torch.addmm(lora_dh * mask if mask is not None else lora_dh, g, weight.to(dt))  # base + LoRA paths
-        grad_up = (dh * silu).view(up_shape).to(up_dtype)
-        grad_gate = (dh * up2 * (sig * (1 + gate2 * (1 - sig)))).view(gate_shape).to(gate_dtype)
+            grad_gate, grad_up = grad_gate.view(gate_shape), grad_up.view(up_shape)
+        else:
+            if ctx.fp8:
+                gate2, up2 = from_fp8_rows(gk, gs, dt), from_fp8_rows(uk, us, dt)
+            else:
+                gate2, up2 = gk.reshape(-1, gk.shape[-1]).to(dt), uk.reshape(-1, uk.shape[-1]).to(dt)
+            sig = torch.sigmoid(gate2)
+            silu = gate2 * sig
+            grad_a = None
+            if a.requires_grad:
+                hd = _masked(silu * up2, mask)                    # h, recomputed
+                grad_a = dz.t() @ hd
+                del hd
+            dh = _plus_base_grad(_masked(dz @ a.to(dt), mask), g, weight, dt)  # LoRA + base paths
+            grad_up = (dh * silu).view(up_shape).to(up_dtype)
+            grad_gate = (dh * up2 * (sig * (1 + gate2 * (1 - sig)))).view(gate_shape).to(gate_dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return (grad_gate, grad_up, None, grad_bias, None if grad_a is None else grad_a.to(a.dtype),
                 None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
@@ -157,7 +194,7 @@ def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     with a frozen `weight`. Under autograd only gate, up and the rank-r product are kept (gate and up as
     float8 with `fp8`: see `fp8_rows`); h and the dropout mask are made again in backward."""
     dtype = dtype or gate.dtype
-    if weight.requires_grad:
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise ValueError("swiglu_down_lora needs a frozen base weight (LoRA)")
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or a.requires_grad or b.requires_grad):
         h, result = _swiglu_down(gate, up, weight, bias, dtype)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ocrtune.models.fp8_linear import Fp8BaseLinear, float8_matmul_reason, fp8_base_linears
 from ocrtune.models.lora_addmm import lora_addmm, swiglu_down_lora
 
 log = logging.getLogger("ocrtune")
@@ -454,16 +455,18 @@ def _lean_mlp_forward(self, x):
     down = self.down_proj
     name = _plain_adapter(down) if hasattr(down, "lora_A") else None
     base = getattr(down, "base_layer", None)
-    if name is None or not isinstance(base, nn.Linear) or base.weight.requires_grad or not torch.is_grad_enabled():
+    plain = isinstance(base, nn.Linear) and not base.weight.requires_grad
+    if name is None or not (plain or isinstance(base, Fp8BaseLinear)) or not torch.is_grad_enabled():
         return self._ocrtune_stock_forward(x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev) and not (gate.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
+    base_dtype = base.weight.dtype if plain else gate.dtype  # float8 weights: the matmul's dtype is the input's
+    if not torch.is_autocast_enabled(dev) and not (gate.dtype == base_dtype == lora_a.dtype == lora_b.dtype):
         return down(torch.nn.functional.silu(gate) * up)  # mixed dtypes without autocast: PEFT's math
     p, dtype = _dropout_and_dtype(down, name, dev, gate.dtype)
-    return swiglu_down_lora(gate, up, base.weight, base.bias, lora_a, lora_b, down.scaling[name], p, dtype,
-                            fp8=getattr(self, "_ocrtune_lean_fp8", False))
+    return swiglu_down_lora(gate, up, base.weight if plain else base, base.bias if plain else None, lora_a, lora_b,
+                            down.scaling[name], p, dtype, fp8=getattr(self, "_ocrtune_lean_fp8", False))
 
 
 def lean_swiglu_mlps(model: nn.Module, fp8: bool = False) -> int:
@@ -660,6 +663,7 @@ class PatchOptions:
     fused_lora: bool = False                 # --fused_lora on a LoRA model
     lean_mlp: bool = False                   # --lean_mlp on a LoRA model: SwiGLU MLPs keep gate/up, not h
     lean_mlp_fp8: bool = False               # --lean_mlp_fp8: the lean MLP, keeping gate/up in float8
+    fp8_base: bool = False                   # --fp8_base on a LoRA model: the LM's frozen base linears in float8
     packing: bool = False                    # --packing: transformers' "sdpa" honours cu_seq_lens_q
     recompute_layers: int | None = None      # --recompute_layers with gradient checkpointing on
     vision_varlen: bool = False              # qwen2_vl ViT: one varlen call per block on CUDA (training)
@@ -687,6 +691,8 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
         applied["patch_embed"] = linear_patch_embed(model)
     if options.fused_lora and allowed["fused_lora"]:
         applied["fused_lora"] = fuse_lora_linears(model)
+    if options.fp8_base:
+        applied["fp8_base"] = fp8_base_linears(model, causal_lm(model).model.language_model)
     if options.lean_mlp or options.lean_mlp_fp8:
         applied["lean_mlp"] = lean_swiglu_mlps(model, options.lean_mlp_fp8) if allowed["lean_mlp"] else 0
     if options.recompute_layers is not None and allowed["recompute"]:

@@ -70,6 +70,9 @@ class SftArgs:
                          "instead of storing it (less activation memory; same math)")
     lean_mlp_fp8: bool = arg(False, "--lean_mlp, with gate/up kept for backward in float8 (e4m3, a scale per token): "
                              "half their memory; the backward uses those rounded copies (approximate gradients)")
+    fp8_base: bool = arg(False, "LoRA: keep the language model's frozen base linears in float8 (e4m3, a scale per "
+                         "output channel) and multiply on float8 tensor cores (GPUs of compute capability 8.9+): "
+                         "half their memory, faster matmuls; inputs rounded to float8 (approximate)")
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
                                        "(default all); the rest keep their activations (faster, more memory)")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")

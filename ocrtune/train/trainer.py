@@ -276,6 +276,8 @@ class SftRun:
         std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
         if self.meta and dist.engine_name(acc) != "fsdp2":  # unsharded: materialize here, before the optimizer
             dist.materialize(self.model, acc.device, buffers, std, args.seed)
+        if args.fp8_base:  # after materializing: the float8 copies are made from real weights
+            self._fp8_base(acc)
         if resume_state is not None and "adapter" in resume_state:
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(self.model, resume_state.pop("adapter"))
@@ -507,6 +509,21 @@ class SftRun:
     def steps_in_epoch(self, epoch: int) -> int:
         # an epoch's last group may be short: the loop never lets a group span two epochs
         return math.ceil(self.micro_per_epoch(epoch) / self.args.gradient_accumulation_steps)
+
+    def _fp8_base(self, acc) -> None:
+        """--fp8_base: the language model's frozen LoRA base linears as float8 (models/fp8_linear.py)."""
+        if self.args.train_type != "lora":
+            raise UserError("--fp8_base keeps the frozen base weights of a LoRA model in float8; full fine-tuning "
+                            "trains those weights", "drop --fp8_base, or pass --train_type lora")
+        reason = qwen_vl.float8_matmul_reason(acc.device)
+        if reason is not None:
+            raise UserError(reason)
+        if self.sharded:
+            raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (FSDP)",
+                            "drop --fsdp, or drop --fp8_base")
+        n = qwen_vl.prepare(self.model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"]
+        if self.main:
+            print(f"--fp8_base: {n} base linears of the language model in float8 e4m3", flush=True)
 
     def epoch_steps_total(self, epochs: float) -> int:
         """Optimizer steps in `epochs` epochs, each counted from its own plan (a fractional last

@@ -1,0 +1,169 @@
+"""Fused Triton kernels on CUDA: the lean SwiGLU MLP's (`--lean_mlp`, `--lean_mlp_fp8`) and the float8 row
+quantizer of `--fp8_base` (`quantize_rows`: a row's amax and its e4m3 values in one kernel).
+
+The lean MLP's element-wise work runs on [tokens, intermediate] tensors (18944 wide on Qwen2-VL-7B, about
+300 MB each at 8k tokens). Written as separate torch ops (sigmoid, multiply, ..., float8 scaling), every op
+is one more pass over such a tensor: about 9 GB of memory traffic per layer and step in the backward alone,
+more with float8. Here each row is read once per kernel and the math runs in float32 registers:
+
+  forward   gate, up -> h = silu(gate) * up  (and, with float8, gate and up as e4m3 + a float32 scale per row)
+  backward  dh, gate, up -> d gate, d up, and h again (the down projection's LoRA input, for A's gradient)
+
+Used when Triton can run the tensors (CUDA); `lora_addmm.swiglu_down_lora` keeps its torch ops elsewhere
+(CPU). Results agree with those ops up to rounding: one rounding to the output dtype here, one per op there.
+`TRITON_INTERPRET=1` runs these kernels on the CPU (tests/test_triton_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch ops are used
+    triton = None
+
+FP8_MAX = 448.0
+_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: a zero row keeps a finite scale
+_BLOCK = 2048
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these kernels can run on `tensors`: Triton present and the tensors on CUDA (or the Triton
+    interpreter on)."""
+    import os
+
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(g_ptr, u_ptr, h_ptr, gq_ptr, gs_ptr, uq_ptr, us_ptr, n,
+                        FP8: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * n
+        cols = tl.arange(0, BLOCK)
+        if FP8:  # pass 1: each row's amax (the row is read again below, mostly from L2)
+            gmax = tl.zeros([BLOCK], dtype=tl.float32)
+            umax = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n, BLOCK):
+                m = start + cols < n
+                gmax = tl.maximum(gmax, tl.abs(tl.load(g_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)))
+                umax = tl.maximum(umax, tl.abs(tl.load(u_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)))
+            gs = tl.maximum(tl.math.div_rn(tl.max(gmax, axis=0), 448.0), 1.1754943508222875e-38)
+            us = tl.maximum(tl.math.div_rn(tl.max(umax, axis=0), 448.0), 1.1754943508222875e-38)
+            tl.store(gs_ptr + row, gs)
+            tl.store(us_ptr + row, us)
+            g_inv = tl.math.div_rn(1.0, gs)  # IEEE division, as torch.reciprocal: the same float8 values
+            u_inv = tl.math.div_rn(1.0, us)
+        for start in range(0, n, BLOCK):
+            m = start + cols < n
+            g = tl.load(g_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            h = g * tl.sigmoid(g) * u
+            tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
+            if FP8:
+                tl.store(gq_ptr + base + start + cols, tl.clamp(g * g_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
+                tl.store(uq_ptr + base + start + cols, tl.clamp(u * u_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
+
+    @triton.jit
+    def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, n,
+                         FP8: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * n
+        cols = tl.arange(0, BLOCK)
+        if FP8:
+            gs = tl.load(gs_ptr + row)
+            us = tl.load(us_ptr + row)
+        for start in range(0, n, BLOCK):
+            m = start + cols < n
+            g = tl.load(g_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            if FP8:
+                g = g * gs
+                u = u * us
+            dh = tl.load(dh_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            tl.store(du_ptr + base + start + cols, (dh * silu).to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(dg_ptr + base + start + cols, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty),
+                     mask=m)
+            tl.store(h_ptr + base + start + cols, (silu * u).to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, c_ptr, q_ptr, s_ptr, n, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * n
+        cols = tl.arange(0, BLOCK)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            m = start + cols < n
+            x = tl.load(x_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_COL:
+                x = x * tl.load(c_ptr + start + cols, mask=m, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1.1754943508222875e-38)
+        tl.store(s_ptr + row, s)
+        inv = tl.math.div_rn(1.0, s)
+        for start in range(0, n, BLOCK):
+            m = start + cols < n
+            x = tl.load(x_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_COL:
+                x = x * tl.load(c_ptr + start + cols, mask=m, other=0.0)
+            tl.store(q_ptr + base + start + cols, tl.clamp(x * inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8: bool):
+    """(h = silu(gate) * up as [rows, n] in `dtype`, and with `fp8` (gate e4m3, gate scales, up e4m3, up
+    scales) as `lora_addmm.fp8_rows` makes them, else None)."""
+    g2, u2 = _rows(gate), _rows(up)
+    rows, n = g2.shape
+    h = torch.empty((rows, n), dtype=dtype, device=g2.device)
+    if fp8:
+        kept = (torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=g2.device),
+                torch.empty((rows, 1), dtype=torch.float32, device=g2.device),
+                torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=g2.device),
+                torch.empty((rows, 1), dtype=torch.float32, device=g2.device))
+    else:
+        kept = (h,) * 4  # unused pointers
+    if rows:
+        _forward_kernel[(rows,)](g2, u2, h, *kept, n, FP8=fp8, BLOCK=_BLOCK)
+    return h, (kept if fp8 else None)
+
+
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor | None,
+             up_scale: torch.Tensor | None, grad_dtypes: tuple[torch.dtype, torch.dtype], h_dtype: torch.dtype):
+    """(d gate, d up, h) as [rows, n]: from the down projection's input gradient `dh` and the kept gate/up
+    (float8 with their row scales, or as they were)."""
+    dh, g2, u2 = _rows(dh), _rows(gate), _rows(up)
+    rows, n = g2.shape
+    dg = torch.empty((rows, n), dtype=grad_dtypes[0], device=g2.device)
+    du = torch.empty((rows, n), dtype=grad_dtypes[1], device=g2.device)
+    h = torch.empty((rows, n), dtype=h_dtype, device=g2.device)
+    fp8 = gate_scale is not None
+    if rows:
+        _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, n,
+                                  FP8=fp8, BLOCK=_BLOCK)
+    return dg, du, h
+
+
+def quantize_rows(t: torch.Tensor, col_scale: torch.Tensor | None = None):
+    """`t` [..., n] (times `col_scale` [n], float32, per column, if given) as ([rows, n] float8 e4m3, [rows, 1]
+    float32 scales): `lora_addmm.fp8_rows`'s values, in one pass."""
+    t2 = _rows(t)
+    rows, n = t2.shape
+    q = torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=t2.device)
+    s = torch.empty((rows, 1), dtype=torch.float32, device=t2.device)
+    if rows:
+        c = col_scale.contiguous() if col_scale is not None else s
+        _quantize_rows_kernel[(rows,)](t2, c, q, s, n, HAS_COL=col_scale is not None, BLOCK=_BLOCK)
+    return q, s

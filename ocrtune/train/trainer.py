@@ -522,6 +522,8 @@ class SftRun:
             raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (FSDP)",
                             "drop --fsdp, or drop --fp8_base")
         n = qwen_vl.prepare(self.model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the bf16 weights just dropped go back to the device, not the cache
         if self.main:
             print(f"--fp8_base: {n} base linears of the language model in float8 e4m3", flush=True)
 

@@ -21,15 +21,15 @@ B)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/late
       --stage1_lora_rank 64 > $OUT/phase_train_log.txt 2>&1 ;;
 C)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
 D)  # issue 16: the lean MLP's fused Triton kernels and --fp8_base (float8 base matmuls), 7B, LoRA dropout 0; then the
-    # cuda suite (new: the kernels bit for bit against torch, _scaled_mm against the emulated math, --fp8_base models)
+    # cuda tests of the new kernels (bit for bit against torch), _scaled_mm against the emulated math, --fp8_base models
     for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
     F="python3 bench/bench_frontier.py --model 7b --liger --lora_dropout 0 --data .carry/latex/print/train.parquet"
     timeout 75 $F --grid '8192:0;16384:0' --overrides '{"lean_mlp": true}' --out $R/frontier_7b_lean_mlp_triton.json > $R/lean_log.txt 2>&1
-    timeout 65 $F --grid '8192:0;10240:0' --overrides '{"lean_mlp_fp8": true}' --out $R/frontier_7b_lean_mlp_fp8_triton.json > $R/lean_fp8_log.txt 2>&1
+    timeout 60 $F --grid '8192:0;10240:0' --overrides '{"lean_mlp_fp8": true}' --out $R/frontier_7b_lean_mlp_fp8_triton.json > $R/lean_fp8_log.txt 2>&1
     timeout 85 $F --grid '8192:0;12288:0;16384:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out $R/frontier_7b_fp8_base_lean_fp8.json > $R/fp8_base_lean_fp8_log.txt 2>&1
-    timeout 50 $F --grid '8192:0' --overrides '{"lean_mlp": true, "fp8_base": true}' --out $R/frontier_7b_fp8_base_lean.json > $R/fp8_base_lean_log.txt 2>&1
-    OUT=$R/cuda timeout 90 bash bench/run_cuda_tests.sh > $R/cuda_run_log.txt 2>&1
+    timeout 75 python3 -m pytest -q -m cuda tests/test_cuda.py -k "triton or fp8 or lean" -p no:cacheprovider \
+      --junitxml=$R/cuda_tests_fp8.xml > $R/cuda_tests_fp8_log.txt 2>&1
     tar czf $OUT/callD.tgz -C $R . ;;
 *)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D" >&2; exit 2 ;;
 esac

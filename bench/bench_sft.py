@@ -104,6 +104,7 @@ def _flop_counts(model):
     lm = causal_lm(model)
     text = lm.model.language_model
     n_text = sum(p.numel() for n, p in text.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    n_text += sum(b.numel() for n, b in text.named_buffers() if n.endswith("weight_fp8"))  # --fp8_base's weights
     n_vit = sum(p.numel() for n, p in lm.model.visual.named_parameters() if "lora_" not in n)
     w = lm.lm_head.weight
     return n_text, int(w.shape[0]) * int(w.shape[1]), n_vit

@@ -4,7 +4,7 @@
 #   call A  (carry .whl .whl_bench .carry/latex):          bash bench/next_gpu_calls.sh A
 #   call B  (carry .whl .whl_alt .carry/latex .carry/tex): bash bench/next_gpu_calls.sh B
 #   call C  right after B, same carry (the work dir must survive): bash bench/next_gpu_calls.sh C
-#   call D  (carry .whl .whl_bench .carry/latex):          bash bench/next_gpu_calls.sh D
+#   calls D, E (carry .whl .whl_bench .carry/latex):       bash bench/next_gpu_calls.sh D  (then E)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -31,5 +31,14 @@ D)  # issue 16: the lean MLP's fused Triton kernels and --fp8_base (float8 base 
     timeout 75 python3 -m pytest -q -m cuda tests/test_cuda.py -k "triton or fp8 or lean" -p no:cacheprovider \
       --junitxml=$R/cuda_tests_fp8.xml > $R/cuda_tests_fp8_log.txt 2>&1
     tar czf $OUT/callD.tgz -C $R . ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D" >&2; exit 2 ;;
+E)  # after D: the kernels' scales as torch computes them (times float32(1/448)); --fp8_base at 10k tokens
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
+    timeout 45 python3 -m pytest -q -m cuda tests/test_cuda.py -k "triton_kernels_match or scaled_mm" -p no:cacheprovider \
+      --junitxml=$R/cuda_tests_kernels.xml > $R/cuda_tests_kernels_log.txt 2>&1
+    timeout 60 python3 bench/bench_frontier.py --model 7b --liger --lora_dropout 0 --data .carry/latex/print/train.parquet \
+      --grid '10240:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out $R/frontier_7b_fp8_base_lean_fp8_10k.json \
+      > $R/fp8_base_10k_log.txt 2>&1
+    tar czf $OUT/callE.tgz -C $R . ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E" >&2; exit 2 ;;
 esac

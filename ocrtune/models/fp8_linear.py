@@ -39,7 +39,9 @@ def quantize_rows_torch(t: torch.Tensor, col_scale: torch.Tensor | None = None) 
     t2 = t.detach().reshape(-1, t.shape[-1]).float()
     if col_scale is not None:
         t2 = t2 * col_scale
-    scale = t2.abs().amax(-1, keepdim=True).div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    # times float32(1/448), not / 448: CUDA's division by a scalar multiplies by its reciprocal, the CPU's
+    # divides; this way both devices (and the Triton kernels) give the same scales
+    scale = t2.abs().amax(-1, keepdim=True).mul_(1.0 / FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
     # clamp: the rounded 1/scale can lift the row's amax just past 448, and e4m3fn has no infinity
     return (t2 * scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 

@@ -55,8 +55,8 @@ if triton is not None:
                 m = start + cols < n
                 gmax = tl.maximum(gmax, tl.abs(tl.load(g_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)))
                 umax = tl.maximum(umax, tl.abs(tl.load(u_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)))
-            gs = tl.maximum(tl.math.div_rn(tl.max(gmax, axis=0), 448.0), 1.1754943508222875e-38)
-            us = tl.maximum(tl.math.div_rn(tl.max(umax, axis=0), 448.0), 1.1754943508222875e-38)
+            gs = tl.maximum(tl.max(gmax, axis=0) * (1.0 / 448.0), 1.1754943508222875e-38)  # as torch: times fl32(1/448)
+            us = tl.maximum(tl.max(umax, axis=0) * (1.0 / 448.0), 1.1754943508222875e-38)
             tl.store(gs_ptr + row, gs)
             tl.store(us_ptr + row, us)
             g_inv = tl.math.div_rn(1.0, gs)  # IEEE division, as torch.reciprocal: the same float8 values
@@ -107,7 +107,7 @@ if triton is not None:
             if HAS_COL:
                 x = x * tl.load(c_ptr + start + cols, mask=m, other=0.0)
             amax = tl.maximum(amax, tl.abs(x))
-        s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1.1754943508222875e-38)
+        s = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1.1754943508222875e-38)
         tl.store(s_ptr + row, s)
         inv = tl.math.div_rn(1.0, s)
         for start in range(0, n, BLOCK):

@@ -166,7 +166,7 @@ def from_scratch(tmp_path_factory):
     shutil.copy(SAMPLE_DIR / "validation.parquet", extra)
     runs = {}
     for phase in ("train", "rest"):
-        cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--data_dir", str(data),
+        cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--stage1_lora_rank", "0", "--data_dir", str(data),
                "--work_dir", str(work), "--report_dir", str(root / phase), "--extra_eval", f"heldout={extra}"]
         res, wall = _run(cmd, root, 900)
         print(f"latex_ocr_from_scratch --smoke --phase {phase}: {wall:.1f}s")

@@ -361,7 +361,18 @@ def test_fp8_base_model_trains_near_the_bf16_one(small, lean):
     batch = _cuda(pack(samples, 0))
     _, _, g_ref = _loss_and_grads(reference, batch)
     l_plain, _, _ = _loss_and_grads(plain, batch)
-    l_fp8, _, g_fp8 = _loss_and_grads(fp8, batch)
+    calls, scaled_mm = [], torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return scaled_mm(*args, **kwargs)
+    torch._scaled_mm = counted
+    try:
+        l_fp8, _, g_fp8 = _loss_and_grads(fp8, batch)
+    finally:
+        torch._scaled_mm = scaled_mm
+    layers = fp8.config.get_text_config().num_hidden_layers
+    assert len(calls) == 2 * 7 * layers  # forward and backward of q k v o gate up down: float8 tensor cores ran
     assert abs(l_fp8 - l_plain) <= 2 ** -5 * abs(l_plain), (l_fp8, l_plain)
     keys = sorted(g_ref)
     assert g_fp8.keys() == g_ref.keys() and keys

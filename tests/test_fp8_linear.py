@@ -102,3 +102,15 @@ def test_fp8_base_flag_trains_and_refuses_full_fine_tuning(tiny_model_dir, tmp_p
     (log_file,) = tmp_path.glob("*/v*-*/logging.jsonl")
     losses = [r["loss"] for r in map(json.loads, log_file.read_text().splitlines()) if "loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_fp8_base_setup_on_cpu_and_ddp_keeps_its_buffers_local():
+    """Off CUDA there is nothing to refuse (the products are emulated); under DDP the float8 weights, buffers
+    that are the same on every rank, are not broadcast from rank 0 every step (about 7 GB on 7B)."""
+    from ocrtune.models.fp8_linear import float8_matmul_reason
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import _accelerator_kwargs
+    assert float8_matmul_reason(torch.device("cpu"), torch.float32) is None
+    (handler,) = _accelerator_kwargs(SftArgs(fp8_base=True))["kwargs_handlers"]
+    assert handler.broadcast_buffers is False
+    assert "kwargs_handlers" not in _accelerator_kwargs(SftArgs())

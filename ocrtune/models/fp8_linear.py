@@ -27,7 +27,7 @@ FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 def quantize_rows(t: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` [..., n], times `col_scale` [n] per column if given, as ([rows, n] e4m3, [rows, 1] float32 scales)
     with each row's amax at 448: one Triton kernel on CUDA, `quantize_rows_torch` elsewhere (same values)."""
-    if triton_kernels.usable(t):
+    if triton_kernels.usable(t, fp8=True):
         return triton_kernels.quantize_rows(t, col_scale)
     return quantize_rows_torch(t, col_scale)
 
@@ -89,9 +89,9 @@ class Fp8BaseLinear(nn.Module):
     """A frozen `nn.Linear` kept as float8 e4m3 values with a float32 scale per output channel. Both are
     stored under integer views (uint8, int32) so that `model.to(dtype)` leaves them as they are."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, device: torch.device | None = None):
         super().__init__()
-        w = linear.weight.detach()
+        w = linear.weight.detach().to(device)  # quantized where it will run (one kernel a weight on the GPU)
         q, s = quantize_rows(w)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_fp8", q.view(torch.uint8), persistent=False)
@@ -99,6 +99,7 @@ class Fp8BaseLinear(nn.Module):
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
+            self.bias.data = self.bias.data.to(w.device)
 
     @property
     def weight_q(self) -> torch.Tensor:
@@ -111,7 +112,7 @@ class Fp8BaseLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight_q.float() * self.scale[:, None]).to(dtype)
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         dev = x.device.type
         dtype = dtype or (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
         with torch.autocast(dev, enabled=False):
@@ -121,20 +122,31 @@ class Fp8BaseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8 e4m3"
 
 
-def float8_matmul_reason(device: torch.device) -> str | None:
-    """Why float8 matmuls can't run on `device` (None: they can, or it is not a GPU, where they are emulated)."""
+def float8_matmul_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `--fp8_base` can't run on `device` computing in `dtype` (None: it can; off CUDA the float8 products
+    are emulated, which the CPU tests use). One tiny row-wise `_scaled_mm` is tried: capability alone does not
+    say whether this torch build has the kernel."""
     if device.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return (f"--fp8_base needs float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
                 f"{torch.cuda.get_device_name(device)} has {major}.{minor}: drop --fp8_base")
+    if dtype != torch.bfloat16:
+        return f"--fp8_base multiplies into bfloat16 (row-wise float8 matmuls), not {dtype}: use --dtype bfloat16 or drop --fp8_base"
+    try:
+        a = torch.ones(16, 16, device=device).to(FP8)
+        scale = torch.ones(16, 1, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"--fp8_base: this torch {torch.__version__} has no row-wise float8 matmul on {torch.cuda.get_device_name(device)} ({str(e).splitlines()[0][:120]}): drop --fp8_base"
     return None
 
 
-def fp8_base_linears(model: nn.Module, root: nn.Module) -> int:
+def fp8_base_linears(model: nn.Module, root: nn.Module, device: torch.device | None = None) -> int:
     """Replace the base layer of every PEFT LoRA `Linear` under `root` (a frozen `nn.Linear` whose sizes are
-    multiples of 16, as float8 tensor cores need) with `Fp8BaseLinear`; returns how many."""
+    multiples of 16, as float8 tensor cores need) with `Fp8BaseLinear`, its values on `device` (default: where
+    the weight is); returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
@@ -142,6 +154,6 @@ def fp8_base_linears(model: nn.Module, root: nn.Module) -> int:
         base = getattr(module, "base_layer", None)
         if (isinstance(module, LoraLinear) and isinstance(base, nn.Linear) and not base.weight.requires_grad
                 and base.in_features % 16 == 0 and base.out_features % 16 == 0):
-            module.base_layer = Fp8BaseLinear(base)
+            module.base_layer = Fp8BaseLinear(base, device)
             n += 1
     return n

@@ -103,7 +103,7 @@ def _base_linear(h, weight, bias, dtype):
     """The frozen down projection: `weight` a tensor, or an `Fp8BaseLinear` (--fp8_base, its bias its own)."""
     if isinstance(weight, torch.Tensor):
         return torch.nn.functional.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
-    return weight(h, dtype)
+    return weight(h, dtype=dtype)
 
 
 def _plus_base_grad(lora_dh, g, weight, dtype):
@@ -127,7 +127,7 @@ class _SwigluDownLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype,
                 fp8: bool = False):
-        fused = triton_kernels.usable(gate, up)  # one Triton kernel for the element-wise work, else torch ops
+        fused = triton_kernels.usable(gate, up, fp8=fp8)  # one Triton kernel for the element-wise work, else torch ops
         with torch.autocast(gate.device.type, enabled=False):
             if fused:
                 h, q = triton_kernels.swiglu_forward(gate, up, dtype, fp8)
@@ -139,7 +139,7 @@ class _SwigluDownLora(torch.autograd.Function):
             out, z = _addmm(result, h * _mask(h, p, seed) if p > 0 else h, a, b, scaling, dtype)
         tensor_weight = isinstance(weight, torch.Tensor)
         ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a, b)
-        ctx.fp8_base = None if tensor_weight else weight  # frozen float8 weights: kept by the model anyway
+        ctx.fp8_weight = None if tensor_weight else weight  # --fp8_base's frozen float8 layer: kept by the model anyway
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype, ctx.has_bias, ctx.fp8 = scaling, p, seed, dtype, bias is not None, fp8
         ctx.fused = fused
         ctx.gate_meta, ctx.up_meta = (gate.shape, gate.dtype, gate.device), (up.shape, up.dtype)
@@ -152,7 +152,7 @@ class _SwigluDownLora(torch.autograd.Function):
             gk, gs, uk, us, z, weight, a, b = ctx.saved_tensors
         else:
             (gk, uk, z, weight, a, b), gs, us = ctx.saved_tensors, None, None
-        weight = ctx.fp8_base if ctx.fp8_base is not None else weight
+        weight = ctx.fp8_weight if ctx.fp8_weight is not None else weight
         (gate_shape, gate_dtype, device), (up_shape, up_dtype) = ctx.gate_meta, ctx.up_meta
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b.to(dt)) * s                                   # [tokens, r]
@@ -187,11 +187,12 @@ class _SwigluDownLora(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
 
 
-def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight, bias: torch.Tensor | None,
                      a: torch.Tensor, b: torch.Tensor, scaling: float, p: float = 0.0,
                      dtype: torch.dtype | None = None, fp8: bool = False) -> torch.Tensor:
     """`linear(silu(gate) * up, weight, bias) + scaling * dropout_p(silu(gate) * up) @ a.T @ b.T` in `dtype`,
-    with a frozen `weight`. Under autograd only gate, up and the rank-r product are kept (gate and up as
+    with a frozen `weight`: a tensor, or an `fp8_linear.Fp8BaseLinear` (--fp8_base; it adds its own bias, so
+    `bias` is then None). Under autograd only gate, up and the rank-r product are kept (gate and up as
     float8 with `fp8`: see `fp8_rows`); h and the dropout mask are made again in backward."""
     dtype = dtype or gate.dtype
     if isinstance(weight, torch.Tensor) and weight.requires_grad:

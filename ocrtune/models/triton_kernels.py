@@ -23,21 +23,22 @@ try:
 except ImportError:  # CPU-only installs: the torch ops are used
     triton = None
 
-FP8_MAX = 448.0
-_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: a zero row keeps a finite scale
+# the kernels write float8 e4m3 (amax 448) with scales clamped to float32's smallest normal, 1.1754943508222875e-38
 _BLOCK = 2048
 
 
-def usable(*tensors: torch.Tensor) -> bool:
+def usable(*tensors: torch.Tensor, fp8: bool = False) -> bool:
     """Whether these kernels can run on `tensors`: Triton present and the tensors on CUDA (or the Triton
-    interpreter on)."""
+    interpreter on); with `fp8`, a GPU with float8 conversions (compute capability 8.9+: Triton's e4m3)."""
     import os
 
     if triton is None:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return all(t.is_cuda for t in tensors)
+    if not all(t.is_cuda for t in tensors):
+        return False
+    return not fp8 or all(torch.cuda.get_device_capability(t.device) >= (8, 9) for t in tensors)
 
 
 if triton is not None:
@@ -118,13 +119,19 @@ if triton is not None:
             tl.store(q_ptr + base + start + cols, tl.clamp(x * inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 
 
+def _on(t: torch.Tensor):
+    """Launch on `t`'s GPU (Triton launches on the current device; --device_map spreads layers over several)."""
+    import contextlib
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8: bool):
     """(h = silu(gate) * up as [rows, n] in `dtype`, and with `fp8` (gate e4m3, gate scales, up e4m3, up
-    scales) as `lora_addmm.fp8_rows` makes them, else None)."""
+    scales) as `fp8_linear.quantize_rows_torch` makes them, else None)."""
     g2, u2 = _rows(gate), _rows(up)
     rows, n = g2.shape
     h = torch.empty((rows, n), dtype=dtype, device=g2.device)
@@ -136,7 +143,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8
     else:
         kept = (h,) * 4  # unused pointers
     if rows:
-        _forward_kernel[(rows,)](g2, u2, h, *kept, n, FP8=fp8, BLOCK=_BLOCK)
+        with _on(g2):
+            _forward_kernel[(rows,)](g2, u2, h, *kept, n, FP8=fp8, BLOCK=_BLOCK)
     return h, (kept if fp8 else None)
 
 
@@ -151,19 +159,21 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate
     h = torch.empty((rows, n), dtype=h_dtype, device=g2.device)
     fp8 = gate_scale is not None
     if rows:
-        _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, n,
-                                  FP8=fp8, BLOCK=_BLOCK)
+        with _on(g2):
+            _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, n,
+                                      FP8=fp8, BLOCK=_BLOCK)
     return dg, du, h
 
 
 def quantize_rows(t: torch.Tensor, col_scale: torch.Tensor | None = None):
     """`t` [..., n] (times `col_scale` [n], float32, per column, if given) as ([rows, n] float8 e4m3, [rows, 1]
-    float32 scales): `lora_addmm.fp8_rows`'s values, in one pass."""
+    float32 scales): `fp8_linear.quantize_rows_torch`'s values, in one pass."""
     t2 = _rows(t)
     rows, n = t2.shape
     q = torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=t2.device)
     s = torch.empty((rows, 1), dtype=torch.float32, device=t2.device)
     if rows:
         c = col_scale.contiguous() if col_scale is not None else s
-        _quantize_rows_kernel[(rows,)](t2, c, q, s, n, HAS_COL=col_scale is not None, BLOCK=_BLOCK)
+        with _on(t2):
+            _quantize_rows_kernel[(rows,)](t2, c, q, s, n, HAS_COL=col_scale is not None, BLOCK=_BLOCK)
     return q, s

@@ -23,6 +23,7 @@ from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (m
 from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
                                     resolve_model, template_name)
 from ocrtune.models import qwen_vl
+from ocrtune.models.fp8_linear import fp8_base_linears
 from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
@@ -277,7 +278,7 @@ class SftRun:
         if self.meta and dist.engine_name(acc) != "fsdp2":  # unsharded: materialize here, before the optimizer
             dist.materialize(self.model, acc.device, buffers, std, args.seed)
         if args.fp8_base:  # after materializing: the float8 copies are made from real weights
-            self._fp8_base(acc)
+            self._fp8_base(acc, dtype)
         if resume_state is not None and "adapter" in resume_state:
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(self.model, resume_state.pop("adapter"))
@@ -510,18 +511,24 @@ class SftRun:
         # an epoch's last group may be short: the loop never lets a group span two epochs
         return math.ceil(self.micro_per_epoch(epoch) / self.args.gradient_accumulation_steps)
 
-    def _fp8_base(self, acc) -> None:
-        """--fp8_base: the language model's frozen LoRA base linears as float8 (models/fp8_linear.py)."""
+    def _fp8_base(self, acc, dtype) -> None:
+        """--fp8_base: the language model's frozen LoRA base linears as float8 (models/fp8_linear.py), quantized
+        on the run's device. The evaluations during training see that float8 base too; the saved adapter is
+        plain LoRA, and `ocrtune infer --ckpt_dir` / `export --merge_lora true` put it on the original bf16 weights."""
         if self.args.train_type != "lora":
             raise UserError("--fp8_base keeps the frozen base weights of a LoRA model in float8; full fine-tuning "
                             "trains those weights", "drop --fp8_base, or pass --train_type lora")
-        reason = qwen_vl.float8_matmul_reason(acc.device)
+        if self.device_map:
+            raise UserError(f"--fp8_base runs the model on one GPU per process, not split by --device_map {self.device_map}",
+                            "pass --device_map none (NPROC_PER_NODE=<GPUs> for data parallel), or drop --fp8_base")
+        if self.sharded:
+            raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)",
+                            "drop --fsdp / --deepspeed, or drop --fp8_base")
+        reason = qwen_vl.float8_matmul_reason(acc.device, dtype)
         if reason is not None:
             raise UserError(reason)
-        if self.sharded:
-            raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (FSDP)",
-                            "drop --fsdp, or drop --fp8_base")
-        n = qwen_vl.prepare(self.model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"]
+        lm = qwen_vl.causal_lm(self.model).model.language_model
+        n = fp8_base_linears(self.model, lm, acc.device)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the bf16 weights just dropped go back to the device, not the cache
         if self.main:
@@ -636,6 +643,9 @@ def _accelerator_kwargs(args: SftArgs) -> dict:
     if args.deepspeed or args.fsdp:
         from ocrtune.train.distributed import plugin_kwargs
         kwargs.update(plugin_kwargs(args))
+    if args.fp8_base:  # its float8 weights are buffers, the same on every rank: DDP need not send them each step
+        from accelerate.utils import DistributedDataParallelKwargs
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     return kwargs
 
 

@@ -5,6 +5,7 @@
 #   call B  (carry .whl .whl_alt .carry/latex .carry/tex): bash bench/next_gpu_calls.sh B
 #   call C  right after B, same carry (the work dir must survive): bash bench/next_gpu_calls.sh C
 #   calls D, E (carry .whl .whl_bench .carry/latex):       bash bench/next_gpu_calls.sh D  (then E)
+#   call F (same carry), calls G then H right after (carry .whl .whl_alt .carry/latex .carry/tex): the next session's
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -40,5 +41,20 @@ E)  # after D: the kernels' scales as torch computes them (times float32(1/448))
       --grid '10240:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out $R/frontier_7b_fp8_base_lean_fp8_10k.json \
       > $R/fp8_base_10k_log.txt 2>&1
     tar czf $OUT/callE.tgz -C $R . ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E" >&2; exit 2 ;;
+F)  # next session, issue 16: the whole cuda suite after the review fixes (float8 scales as torch's, kernels on the
+    # tensors' GPU, the _scaled_mm probe), and --fp8_base at 10k tokens, with full recompute at 16k, and on 2B
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
+    OUT=$R/cuda timeout 150 bash bench/run_cuda_tests.sh > $R/cuda_run_log.txt 2>&1
+    F="python3 bench/bench_frontier.py --liger --lora_dropout 0 --data .carry/latex/print/train.parquet"
+    timeout 90 $F --model 7b --grid '10240:0;16384:all' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' \
+      --out $R/frontier_7b_fp8_base_more.json > $R/fp8_base_more_log.txt 2>&1
+    timeout 70 $F --model 2b --grid '32768:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' \
+      --out $R/frontier_2b_fp8_base.json > $R/fp8_base_2b_log.txt 2>&1
+    tar czf $OUT/callF.tgz -C $R . ;;
+G)  # next session, issue 13: run 7's recipe with the probe's 51 s given to stage 1 (run 7 paced 0.1664 s a step)
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_rows 250000 \
+      --stage1_steps 2200 > $OUT/phase_train_log.txt 2>&1 ;;
+H)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H" >&2; exit 2 ;;
 esac

@@ -15,3 +15,9 @@ $F --grid '8192:0;16384:0' --overrides '{"lean_mlp": true}' --out frontier_7b_le
 $F --grid '8192:0;10240:0' --overrides '{"lean_mlp_fp8": true}' --out frontier_7b_lean_mlp_fp8_triton.json
 $F --grid '8192:0;12288:0;16384:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out frontier_7b_fp8_base_lean_fp8.json
 python3 -m pytest -q -m cuda tests/test_cuda.py -k "triton or fp8 or lean" --junitxml=fp8_kernels_tests.xml
+# 2026-12-02, call F at commit 6f29031 (same carry): bash bench/next_gpu_calls.sh F
+#   -> frontier_7b_fp8_base_more.json, frontier_2b_fp8_base.json (+ _log.txt) and the whole cuda suite after the
+#      review fixes: cuda_tests_h200/full_suite_2026-12-02.xml (15 passed), qwen_vl_2026-12-02.xml (11 passed, 1 skip)
+#   F="python3 bench/bench_frontier.py --liger --lora_dropout 0 --data .carry/latex/print/train.parquet"
+#   $F --model 7b --grid '10240:0;16384:all' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out frontier_7b_fp8_base_more.json
+#   $F --model 2b --grid '32768:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' --out frontier_2b_fp8_base.json

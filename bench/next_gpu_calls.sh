@@ -5,7 +5,8 @@
 #   call B  (carry .whl .whl_alt .carry/latex .carry/tex): bash bench/next_gpu_calls.sh B
 #   call C  right after B, same carry (the work dir must survive): bash bench/next_gpu_calls.sh C
 #   calls D, E (carry .whl .whl_bench .carry/latex):       bash bench/next_gpu_calls.sh D  (then E)
-#   call F (same carry), calls G then H right after (carry .whl .whl_alt .carry/latex .carry/tex): the next session's
+#   call F (same carry; done 2026-12-02), calls G then H right after (carry .whl .whl_alt .carry/latex .carry/tex; done: run 8)
+#   calls I then J right after (same carry as G): issue 13 run 9, run 8 with the tied embeddings trained in stage 1
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -52,9 +53,13 @@ F)  # next session, issue 16: the whole cuda suite after the review fixes (float
     timeout 70 $F --model 2b --grid '32768:0' --overrides '{"lean_mlp_fp8": true, "fp8_base": true}' \
       --out $R/frontier_2b_fp8_base.json > $R/fp8_base_2b_log.txt 2>&1
     tar czf $OUT/callF.tgz -C $R . ;;
-G)  # next session, issue 13: run 7's recipe with the probe's 51 s given to stage 1 (run 7 paced 0.1664 s a step)
+G)  # 2026-12-02, issue 13 run 8 (done: bench/learning/run8_packing32k_h200/): twice run 7's tokens a step, probe kept
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_rows 250000 \
-      --stage1_steps 2200 > $OUT/phase_train_log.txt 2>&1 ;;
-H)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H" >&2; exit 2 ;;
+      --packing_tokens 32768 --workers 12 > $OUT/phase_train_log.txt 2>&1 ;;
+I)  # 2026-12-02, issue 13 run 9: run 8's settings, stage 1 now also trains the embeddings (--stage1_modules_to_save
+    # embed_tokens, the recipe's new default: the digits sweep's best, lora_embed)
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_rows 250000 \
+      --packing_tokens 32768 --workers 12 > $OUT/phase_train_log.txt 2>&1 ;;
+J|H)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J" >&2; exit 2 ;;
 esac

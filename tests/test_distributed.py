@@ -173,12 +173,13 @@ def test_even_batches_give_every_rank_the_same_number_of_passes():
 
 
 def test_bench_multigpu_smoke_runs_on_cpu(tmp_path, tiny_model_dir):
-    """bench/bench_multigpu.py --smoke: 1 process vs DDP vs FSDP2 on gloo (same fixed-batch loss) and the
-    FSDP2 train -> save -> eval with generation -> SIGKILL -> resume lifecycle, and the 72B case's
-    meta-device build + sharded materialization + adapter check on the tiny shape."""
+    """bench/bench_multigpu.py --smoke: 1 process vs FSDP2 on gloo (same fixed-batch loss) and the 72B case's
+    meta-device build + sharded materialization + adapter check on the tiny shape. Its lifecycle case
+    (life_fsdp2: train -> save -> eval -> SIGKILL -> resume through the CLI) is left to the GPU runs: on CPU
+    it took ~50 s of the suite, and test_fsdp2_save_matches_ddp_and_resumes covers the same CLI path here."""
     out = tmp_path / "mg.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_multigpu.py"), "--smoke", "--out", str(out),
-                          "--cases", "single,fsdp2,life_fsdp2,lora_72b", "--model_root", str(tmp_path), "--work", str(tmp_path / "w"),
+                          "--cases", "single,fsdp2,lora_72b", "--model_root", str(tmp_path), "--work", str(tmp_path / "w"),
                           "--port", free_port()],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
@@ -186,8 +187,6 @@ def test_bench_multigpu_smoke_runs_on_cpu(tmp_path, tiny_model_dir):
     assert r["loss_check"]["fsdp2"]["pass"]  # DDP == one process is tested above
     big = r["cases"]["lora_72b"]  # --smoke: the tiny shape through the same meta-device + FSDP2 path
     assert big["adapter_check"]["ok"] and big["steps"] == 5 and all(math.isfinite(x) for x in big["losses"])
-    life = r["cases"]["life_fsdp2"]
-    assert life["ok"] and life["final_step"] == 6 and life["adapter_check"]["ok"]
     assert "| fsdp2 | 2 |" in res.stdout
 
 

@@ -314,4 +314,6 @@ def test_render_is_fast():
     for f in formulas:
         assert render_formula(f) is not None
     per_formula = (time.perf_counter() - start) / len(formulas)
-    assert per_formula < 0.05
+    # ~0.02 s a formula on one idle core; the bound leaves room for a loaded 2-core CI machine (0.0505 s was
+    # seen there under load) and still catches a gross regression (a LaTeX subprocess a formula is ~0.5 s)
+    assert per_formula < 0.15

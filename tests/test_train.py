@@ -334,3 +334,49 @@ def test_vit_and_aligner_learning_rates_are_their_own_groups(tiny_model_dir):
         opt.step()
         sched.step()
     assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [5e-5, 2.5e-4, 5e-4]
+
+
+def test_modules_to_save_trains_the_tied_embeddings_saves_and_merges_them(tmp_path, tiny_model_dir):
+    """--modules_to_save embed_tokens (ms-swift's flag): a whole trained copy of the embeddings beside the LoRA
+    weights; on the tied tiny model lm_head is that same copy; the adapter file holds it, plain PEFT reloads it,
+    and the merged model is one tied matrix with the trained values."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from ocrtune.export.merge import merge_lora
+    args = SftArgs(dataset=["latex-ocr-sample#8"], max_steps=3, eval_steps=3, output_dir=str(tmp_path),
+                   dataset_test_ratio=0.25, modules_to_save=["embed_tokens"], learning_rate=1e-2)
+    ckpt = Path(SftRun(args).train()["last_model_checkpoint"])
+    saved = load_file(ckpt / "adapter_model.safetensors")
+    embed_keys = [k for k in saved if "embed_tokens" in k]
+    assert len(embed_keys) == 1 and any("lora_B" in k for k in saved)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    before = base.get_input_embeddings().weight.detach().clone()
+    trained = saved[embed_keys[0]]
+    assert trained.shape == before.shape
+    moved = (trained - before).abs().amax(dim=1) > 0  # rows of the tokens the 3 steps saw (and their logits)
+    assert moved.sum() > 10, int(moved.sum())
+
+    reloaded = PeftModel.from_pretrained(base, ckpt).eval()
+    assert torch.equal(reloaded.get_output_embeddings().weight, trained)  # the tie holds in the reloaded model
+    ids = torch.arange(2, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+    merged = AutoModelForImageTextToText.from_pretrained(merge_lora(ckpt)).eval()
+    assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
+    assert torch.equal(merged.get_input_embeddings().weight, trained)
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    depth, width = matmul_stages(merged.config)
+    torch.testing.assert_close(got, expected, rtol=0, atol=float32_atol(expected, depth, width))
+
+
+def test_modules_to_save_names_a_module_the_model_has(tmp_path):
+    from ocrtune.errors import UserError
+    with pytest.raises(UserError, match="no module of that name"):
+        SftRun(SftArgs(dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path),
+                       modules_to_save=["embed_tokenz"])).train()
+    with pytest.raises(UserError, match="goes with --train_type lora"):
+        SftRun(SftArgs(dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path), train_type="full",
+                       modules_to_save=["embed_tokens"])).train()

@@ -23,6 +23,8 @@ class SftArgs:
     lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",))
     target_modules: list[str] = arg(None, "LoRA targets: all-linear (language model linears) or module names",
                                     aliases=("--lora_target_modules",))
+    modules_to_save: list[str] = arg(None, "modules trained whole beside the LoRA adapters and saved with them, e.g. "
+                                     "embed_tokens (tied lm_head follows) or lm_head")
     freeze_vit: bool = arg(True, "keep the vision tower frozen")
     # data
     dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N "
@@ -115,6 +117,8 @@ def validate(args: SftArgs) -> None:
         (args.recompute_layers is None or args.recompute_layers >= 0, "--recompute_layers must be 0 or more"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
+        (not args.modules_to_save or args.train_type == "lora",
+         "--modules_to_save goes with --train_type lora (full fine-tuning trains every module already)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -93,8 +93,11 @@ def prepare_model(model, args: SftArgs):
         from peft import LoraConfig, get_peft_model
         model.requires_grad_(False)
         targets = lora_target_regex(model, args.target_modules or ["all-linear"])
+        # modules_to_save: whole trained copies (ms-swift's flag); the tie of embed_tokens and lm_head is kept,
+        # so on a tied model training one trains both, and merging writes one tied matrix
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=targets, task_type="CAUSAL_LM")
+                            target_modules=targets, task_type="CAUSAL_LM",
+                            modules_to_save=check_modules_to_save(model, args.modules_to_save), ensure_weight_tying=True)
         with quiet_peft_deprecations():
             model = get_peft_model(model, config)
     elif args.freeze_vit:
@@ -113,6 +116,18 @@ def prepare_model(model, args: SftArgs):
                                         recompute_layers=args.recompute_layers if args.gradient_checkpointing else None,
                                         vision_varlen=True))
     return model
+
+
+def check_modules_to_save(model, names: list[str] | None) -> list[str] | None:
+    """--modules_to_save as given, each name matching a module of the model (its last name parts)."""
+    if not names:
+        return None
+    have = {n for n, _ in model.named_modules()}
+    for name in names:
+        if not any(h == name or h.endswith("." + name) for h in have):
+            raise UserError(f"--modules_to_save {name}: the model has no module of that name",
+                            "name a module, e.g. embed_tokens or lm_head")
+    return list(names)
 
 
 def vision_lrs(model, args: SftArgs) -> dict[int, float]:

@@ -300,3 +300,18 @@ def test_from_scratch_unseen_handwriting_uses_stage2s_sample_and_skips_failed_ro
     for key in ("handwrite_before_unseen", "handwrite_after_unseen"):
         assert out[key]["count"] == 3 and out[key]["exact_match"] == 0.0, out[key]
     assert recipe.unseen_handwriting({"stage1_handwrite"}).keys() == {"handwrite_seen_in_train", "handwrite_before_unseen"}
+
+
+def test_from_scratch_stage2_plan_is_per_step_whatever_stage1s_tokens(tmp_path):
+    """Stage 2's steps for --stage2_seconds come from the probe's seconds a step (0.8x at batch 32), not from stage
+    1's samples a step: run 9 (32,768 tokens a step) planned 2,731 steps that way and ran out of time at half."""
+    mod = _recipe_module()
+    base = ["--phase", "rest", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir",
+            str(tmp_path / "r"), "--deadline_seconds", "600"]
+    for tokens in ("16384", "32768"):
+        recipe = mod.Recipe(mod.parse_args(base + ["--packing_tokens", tokens]))
+        recipe.report["probe"] = {"seconds_per_step": 0.2163}
+        assert recipe.plan_stage2() == int(150 / (0.8 * 0.2163))  # 866: 150 s at ~0.173 s a step
+    recipe = mod.Recipe(mod.parse_args(base + ["--stage2_batch_size", "64"]))
+    recipe.report["probe"] = {"seconds_per_step": 0.2163}
+    assert recipe.plan_stage2() == int(150 / (0.8 * 0.2163 * 2))

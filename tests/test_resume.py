@@ -77,7 +77,7 @@ def assert_same(reference, out):
     assert log == ref_log
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, seed):
     kill_at = random.Random(seed).randint(3, STEPS - 2)
     proc = sft(tmp_path)
@@ -85,6 +85,24 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert logged_steps(tmp_path) < STEPS
+    finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
+    assert_same(reference, tmp_path)
+
+
+def test_sigterm_saves_the_step_it_stopped_after_and_resume_is_bit_identical(reference, tmp_path):
+    """SIGTERM (preemption, `timeout`, a deadline) stops after the current step and saves it, even between two
+    save steps (--save_steps 2: an odd step is no save step of its own); exit 143; resuming completes the run."""
+    import re
+    proc = sft(tmp_path)
+    wait_for(lambda: logged_steps(tmp_path) >= 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+); saved (\S+)", err).group(1))
+    assert 4 <= stopped < STEPS
+    rd = run_dir(tmp_path)
+    state = json.loads((rd / f"checkpoint-{stopped}" / "trainer_state.json").read_text())
+    assert state["global_step"] == stopped and logged_steps(tmp_path) == stopped
     finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
     assert_same(reference, tmp_path)
 

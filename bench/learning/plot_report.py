@@ -24,8 +24,9 @@ def main(report: str, out: str) -> None:
             ax.plot([x["step"] for x in evals], [x[ekey] for x in evals], "o-", label="validation")
             ax.set(title=f"{stage}: {label}", xlabel="step")
             ax.legend()
-    fig.suptitle(f"{r.get('device', '')}: print BLEU-4 {r['print']['bleu4']:.3f}, handwrite "
-                 f"{r['handwrite_before']['bleu4']:.3f} -> {r['handwrite_after']['bleu4']:.3f}")
+    bleu = lambda key: f"{r[key]['bleu4']:.3f}" if r.get(key) else "-"  # noqa: E731 (a failed stage has none)
+    fig.suptitle(f"{r.get('device', '')}: print BLEU-4 {bleu('print')}, handwrite "
+                 f"{bleu('handwrite_before')} -> {bleu('handwrite_after')}")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
 

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -584,13 +586,17 @@ class SftRun:
         bar = tqdm(total=self.total_steps, initial=st["global_step"], desc="train", disable=not self.main,
                    dynamic_ncols=True, unit="step")
         try:
-            self._loop(bar, start, start_step)
+            with stop_on_sigterm() as stop:
+                self._loop(bar, start, start_step, stop)
         finally:
             bar.close()  # the bar's line ends before any error message is printed
             self.logger.close()
+        if stop.stopped_at is not None:
+            raise StoppedBySignal(f"stopped by SIGTERM at step {stop.stopped_at}; saved "
+                                  f"{self.run_dir / f'checkpoint-{stop.stopped_at}'}" if self.main else None)
         return self.finish()
 
-    def _loop(self, bar, start: float, start_step: int) -> None:
+    def _loop(self, bar, start: float, start_step: int, stop: "stop_on_sigterm | None" = None) -> None:
         args, st = self.args, self.state
         stream = self.micro_batches()
         metrics = None
@@ -621,8 +627,24 @@ class SftRun:
                 metrics = self.evaluate()
                 self.logger.log({**metrics, "step": step, "global_step/max_steps": f"{step}/{self.total_steps}"})
                 bar.write(json.dumps({**metrics, "step": step}))
-            if step % self.resolved.save_steps == 0 or last:
+            saved = step % self.resolved.save_steps == 0 or last
+            if saved:
                 self.save(metrics)
+            if stop is not None and not last and self._agreed(stop.requested):
+                if not saved:  # a preempted or timed-out run keeps every step it made
+                    self.save(metrics)
+                stop.stopped_at = step
+                return
+
+    def _agreed(self, flag: bool) -> bool:
+        """`flag` on any rank (torchrun forwards SIGTERM to every worker, not always within the same step), so that
+        all ranks stop after the same step and take part in its save."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def log_train(self, step: int, start: float, start_step: int) -> None:
         a = self.state["log_acc"]
@@ -651,6 +673,35 @@ class SftRun:
             print(f"best_model_checkpoint: {best}")
             print(f"images: {self.run_dir / 'images'}")
         return result
+
+
+class StoppedBySignal(SystemExit):
+    """SIGTERM (a scheduler's preemption or time limit, `timeout`, the recipe's deadline) ended training after a
+    step and its checkpoint: the process exits with 143, the code of a SIGTERM, and prints where it saved."""
+    def __init__(self, message: str | None):
+        if message:  # rank 0's
+            print(f"{message}; resume with --resume_from_checkpoint last", file=sys.stderr, flush=True)
+        super().__init__(143)
+
+
+class stop_on_sigterm:
+    """While training: SIGTERM asks the loop to stop after the current step and save it, instead of killing the
+    process mid-step (no handler is installed outside the main thread, where Python allows none)."""
+    def __init__(self):
+        self.requested, self.stopped_at, self._previous = False, None, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def _accelerator_kwargs(args: SftArgs) -> dict:

@@ -53,7 +53,8 @@ def _cuda(batch):
     return {k: v.cuda() for k, v in batch.items()}
 
 
-def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False, fp8_base=False):
+def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False, fp8_base=False,
+                modules_to_save=None):
     from ocrtune.models.loading import load_model
     from ocrtune.models.qwen_vl import apply_liger
     from ocrtune.train.args import SftArgs
@@ -62,7 +63,7 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
     if liger:
         assert apply_liger(model)
     model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
-                                         lean_mlp_fp8=lean_mlp_fp8)).cuda()
+                                         lean_mlp_fp8=lean_mlp_fp8, modules_to_save=modules_to_save)).cuda()
     if fp8_base:  # as SftRun does, on the device
         from ocrtune.models.qwen_vl import PatchOptions, prepare
         assert prepare(model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"] > 0
@@ -409,3 +410,28 @@ def test_packed_vs_padded_loss_and_grads(small, liger):
     assert worst_pack <= 1.5 * worst_pad + bf16_rtol(1), (worst_pack, worst_pad)
     assert med_pack <= 1.5 * med_pad + bf16_rtol(1), (med_pack, med_pad)
     assert bool(getattr(model.base_model.model.model.visual, "_ocrtune_varlen", False))
+
+
+def test_modules_to_save_trains_the_tied_embeddings_in_bf16(small):
+    """--modules_to_save embed_tokens on the GPU path (bf16, packed rows, Liger's fused cross-entropy where it is
+    installed; last in the file, as Liger patches the process): the trained copy is lm_head too, and its gradient
+    (input lookups plus output logits) is as accurate packed as padded against a float32 reference."""
+    from ocrtune.data.packing import pack
+    from ocrtune.models.qwen_vl import liger_fused_ce, liger_unavailable_reason
+    from ocrtune.models.template import collate
+    liger = liger_unavailable_reason() is None
+    d, samples = small
+    model = _lora_model(d, torch.bfloat16, liger=liger, modules_to_save=["embed_tokens"])
+    reference = _lora_model(d, torch.float32, modules_to_save=["embed_tokens"])
+    _set_lora([model, reference])
+    copy_ = model.get_input_embeddings().modules_to_save["default"].weight
+    assert copy_.requires_grad and model.get_output_embeddings().weight is copy_
+    fused_ce = liger_fused_ce() if liger else None
+    padded, packed = _cuda(collate(samples, 0)), _cuda(pack(samples, 0))
+    *_, g_ref = _loss_and_grads(reference, padded)
+    *_, g_pad = _loss_and_grads(model, padded, fused_ce)
+    *_, g_pack = _loss_and_grads(model, packed, fused_ce)
+    key = next(k for k in g_ref if "embed_tokens.modules_to_save" in k)
+    assert g_pack[key].abs().sum() > 0 and torch.isfinite(g_pack[key]).all()
+    assert rel(g_pack[key], g_ref[key]) <= 1.5 * rel(g_pad[key], g_ref[key]) + bf16_rtol(1)
+

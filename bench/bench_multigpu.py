@@ -192,7 +192,7 @@ def run_case(a, case: str, cmd: list[str], timeout: float) -> dict:
     rc, text = bs._run_proc(cmd, timeout, env=_env(a))
     lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
     if rc is None or rc != 0 or not lines:
-        tail = bs._tail(text, 20)
+        tail = bs._tail(text, 60)  # torchrun's summary alone is ~20 lines: keep the failing rank's own error too
         print(f"  {'timed out' if rc is None else f'rc={rc}'}\n" + "\n".join(tail), flush=True)
         return {"case": case, "error": f"timeout {timeout:.0f}s" if rc is None else (tail[-1] if tail else f"rc {rc}")[:300],
                 "log_tail": tail}
@@ -334,6 +334,7 @@ def orchestrate(a):
         mdir = Path(a.model_root) / f"mg_{big}_meta"
         if not (mdir / "config.json").exists():
             build_preset(big, mdir, meta=True)  # config + processor only: the weights are built sharded
+        a.port += 2
         b = argparse.Namespace(**{**vars(a), "model_dir": str(mdir), "steps": a.big_steps, "warmup": 2,
                                   "packing_tokens": a.big_packing_tokens})
         res["cases"]["lora_72b"] = run_case(a, "lora_72b", worker_cmd(b, "lora_72b", "fsdp2", 2, "72b",

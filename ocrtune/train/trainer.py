@@ -97,9 +97,11 @@ def prepare_model(model, args: SftArgs):
         targets = lora_target_regex(model, args.target_modules or ["all-linear"])
         # modules_to_save: whole trained copies (ms-swift's flag); the tie of embed_tokens and lm_head is kept,
         # so on a tied model training one trains both, and merging writes one tied matrix
+        saved = check_modules_to_save(model, args.modules_to_save)
+        tied = bool(saved) and getattr(model.get_output_embeddings(), "weight", None) is model.get_input_embeddings().weight
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=targets, task_type="CAUSAL_LM",
-                            modules_to_save=check_modules_to_save(model, args.modules_to_save), ensure_weight_tying=True)
+                            target_modules=targets, task_type="CAUSAL_LM", modules_to_save=saved,
+                            ensure_weight_tying=tied)  # (peft warns when asked to on an untied model)
         with quiet_peft_deprecations():
             model = get_peft_model(model, config)
     elif args.freeze_vit:

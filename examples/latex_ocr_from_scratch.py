@@ -83,7 +83,8 @@ def parse_args(argv=None):
                         "0.042 for full fine-tuning in run 6); 0: full fine-tuning")
     p.add_argument("--stage1_modules_to_save", nargs="*", default=["embed_tokens"],
                    help="with --stage1_lora_rank: modules trained whole beside the LoRA (the tied embeddings: in the "
-                        "digits sweep they fit the answer format at once and read sooner); none: LoRA only (runs 7-8)")
+                        "digits sweep they fit the answer format at once and read sooner); none (or the flag alone): LoRA only, "
+                        "as runs 7-8")
     p.add_argument("--vit_lr", type=float, default=None,
                    help="stage 1's vision-tower rate (default: --learning_rate; see bench/learning/sweep_2026-12-01)")
     p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")
@@ -106,6 +107,8 @@ def parse_args(argv=None):
     a.work_dir = Path(a.work_dir).resolve() if a.work_dir else REPO / ".work" / "from_scratch"
     a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
     a.max_new_tokens = 256
+    if a.stage1_modules_to_save in (["none"], ["None"]):  # the help's spelling of "LoRA only"
+        a.stage1_modules_to_save = []
     if a.learning_rate is None:
         a.learning_rate = 1e-3 if a.stage1_lora_rank else 1e-4
     if a.smoke:

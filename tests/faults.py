@@ -1,12 +1,15 @@
 """Fault injection for tests that run `ocrtune sft` as a subprocess: the faults are installed by
 wrapping ocrtune's functions in this process, never read by the package itself.
 
-    python tests/faults.py [--nan_at_step N] [--slow_save SECONDS] sft <sft flags...>
+    python tests/faults.py [--nan_at_step N] [--slow_save SECONDS] [--sigterm_at_step N] sft <sft flags...>
 
 --nan_at_step N     the loss of optimizer step N reads NaN (on every rank), just before the trainer's
                     finite check (`SftRun.check_finite`)
 --slow_save SECONDS every checkpoint save sleeps SECONDS after writing the weights into its temporary
                     folder (`.checkpoint-N.tmp`), so a test can kill the run mid-save
+--sigterm_at_step N as optimizer step N starts, SIGTERM goes to the whole process group (the loader workers
+                    too), as `timeout`, Slurm or torchrun's shutdown send it; start the command in a new
+                    session (`start_new_session=True`) so that the test's own process is not in that group
 
 With NPROC_PER_NODE the command re-runs itself under torchrun (`ocrtune.train.launch`): the ranks run
 this file with the same fault flags, not `-m ocrtune`. Tests build the command with `command(...)`.
@@ -20,27 +23,29 @@ from pathlib import Path
 HERE = str(Path(__file__).resolve())
 
 
-def command(*argv: str, nan_at_step: int | None = None, slow_save: float | None = None) -> list[str]:
+def command(*argv: str, nan_at_step: int | None = None, slow_save: float | None = None,
+            sigterm_at_step: int | None = None) -> list[str]:
     """The argv of a subprocess that runs `ocrtune <argv>` with the given faults."""
-    return [sys.executable, HERE, *fault_flags(nan_at_step, slow_save), *argv]
+    return [sys.executable, HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step), *argv]
 
 
-def fault_flags(nan_at_step: int | None, slow_save: float | None) -> list[str]:
+def fault_flags(nan_at_step: int | None, slow_save: float | None, sigterm_at_step: int | None = None) -> list[str]:
     return ([f"--nan_at_step={nan_at_step}"] if nan_at_step is not None else []) + \
-        ([f"--slow_save={slow_save}"] if slow_save is not None else [])
+        ([f"--slow_save={slow_save}"] if slow_save is not None else []) + \
+        ([f"--sigterm_at_step={sigterm_at_step}"] if sigterm_at_step is not None else [])
 
 
 def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """(faults, ocrtune's argv): the leading --nan_at_step=/--slow_save= flags, then the rest."""
-    faults = {"nan_at_step": None, "slow_save": None}
-    while argv and argv[0].startswith(("--nan_at_step=", "--slow_save=")):
+    """(faults, ocrtune's argv): the leading --nan_at_step=/--slow_save=/--sigterm_at_step= flags, then the rest."""
+    faults = {"nan_at_step": None, "slow_save": None, "sigterm_at_step": None}
+    while argv and argv[0].startswith(("--nan_at_step=", "--slow_save=", "--sigterm_at_step=")):
         name, value = argv[0][2:].split("=", 1)
-        faults[name] = int(value) if name == "nan_at_step" else float(value)
+        faults[name] = float(value) if name == "slow_save" else int(value)
         argv = argv[1:]
     return faults, argv
 
 
-def install(nan_at_step: int | None = None, slow_save: float | None = None) -> None:
+def install(nan_at_step: int | None = None, slow_save: float | None = None, sigterm_at_step: int | None = None) -> None:
     from ocrtune import checkpoint
     from ocrtune.train import launch
     from ocrtune.train.trainer import SftRun
@@ -53,6 +58,19 @@ def install(nan_at_step: int | None = None, slow_save: float | None = None) -> N
                 loss_sum = float("nan")
             return check_finite(self, loss_sum, grad_norm)
         SftRun.check_finite = nan_at
+
+    if sigterm_at_step is not None:
+        import os
+        import subprocess
+        train_step = SftRun.train_step
+
+        def sigterm_at(self, group):
+            if self.state["global_step"] + 1 == sigterm_at_step:
+                # sent by another process, as in real life: PyTorch's loader workers exit quietly on a SIGTERM
+                # from their parent, but die by it from anyone else (and the main process then fails)
+                subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"], check=False)
+            return train_step(self, group)
+        SftRun.train_step = sigterm_at
 
     if slow_save is not None:
         save_checkpoint = checkpoint.save_checkpoint
@@ -82,7 +100,7 @@ def install(nan_at_step: int | None = None, slow_save: float | None = None) -> N
             return None
         i = args.index("-m")
         assert args[i + 1] == "ocrtune", args
-        return [*args[:i], HERE, *fault_flags(nan_at_step, slow_save), *args[i + 2:]]
+        return [*args[:i], HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step), *args[i + 2:]]
     launch.torchrun_args = relaunch_here
 
 

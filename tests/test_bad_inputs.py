@@ -153,8 +153,9 @@ def check(name, out, pattern):
 
 
 # these go through `python -m ocrtune` itself; the rest through tests/cli_forks.py (the same entry point in
-# forked processes: one import of torch for all of them, ~2 minutes less on 2 cores)
-REAL_PROCESS = ("unknown_flag", "dataset_columns", "img_missing")
+# forked processes: one import of torch for all of them, ~2 minutes less on 2 cores). model_hub_offline needs its own
+# process: huggingface_hub reads HF_HUB_OFFLINE once, when imported (in the forks' parent, without it)
+REAL_PROCESS = ("unknown_flag", "dataset_columns", "img_missing", "model_hub_offline")
 
 
 def test_bad_inputs_table(files, tmp_path):

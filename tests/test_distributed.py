@@ -296,3 +296,30 @@ def test_a_rank_whose_micro_batch_fails_to_encode_stays_in_step(tmp_path, tiny_m
     evals = [r for r in log if "eval_loss" in r]
     assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
     assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_saves_it(tmp_path, tiny_model_dir):
+    """NPROC_PER_NODE=2: SIGTERM to the launcher (what `timeout` or a scheduler sends) reaches both ranks through
+    torchrun; they agree on the step to stop after, save it together (one checkpoint, no regular save due) and the
+    command exits 143 with rank 0's one-line message."""
+    import re
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(out),
+           "--max_steps", "400", "--save_steps", "1000", "--eval_steps", "1000"]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.time()
+    while not any(l.strip() for f in out.glob("tiny/v*-*/logging.jsonl") for l in f.read_text().splitlines()[1:]):
+        assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as `timeout` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+); saved", err).group(1))
+    run = next(out.glob("tiny/v*-*"))
+    assert [p.name for p in run.glob("checkpoint-*")] == [f"checkpoint-{step}"] and 2 <= step < 400
+    state = json.loads((run / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    assert state["global_step"] == step
+    assert load_file(run / f"checkpoint-{step}" / "adapter_model.safetensors")

@@ -89,20 +89,20 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, 
     assert_same(reference, tmp_path)
 
 
-def test_sigterm_saves_the_step_it_stopped_after_and_resume_is_bit_identical(reference, tmp_path):
-    """SIGTERM (preemption, `timeout`, a deadline) stops after the current step and saves it, even between two
-    save steps (--save_steps 2: an odd step is no save step of its own); exit 143; resuming completes the run."""
-    import re
-    proc = sft(tmp_path)
-    wait_for(lambda: logged_steps(tmp_path) >= 4, proc)
-    proc.send_signal(signal.SIGTERM)
+def test_sigterm_to_the_process_group_saves_the_step_it_stopped_after_and_resume_is_bit_identical(reference, tmp_path):
+    """SIGTERM to the whole process group (`timeout`, Slurm, torchrun's shutdown), loader workers included, during
+    step 5: the run finishes that step, saves it although 5 is no save step (--save_steps 2) and exits 143 with the
+    one-line message; resuming completes the run as if it had never stopped."""
+    import faults
+    cmd = faults.command("sft", *FLAGS, "--output_dir", str(tmp_path), "--dataloader_num_workers", "2",
+                         sigterm_at_step=5)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
-    stopped = int(re.search(r"stopped by SIGTERM at step (\d+); saved (\S+)", err).group(1))
-    assert 4 <= stopped < STEPS
     rd = run_dir(tmp_path)
-    state = json.loads((rd / f"checkpoint-{stopped}" / "trainer_state.json").read_text())
-    assert state["global_step"] == stopped and logged_steps(tmp_path) == stopped
+    assert f"stopped by SIGTERM at step 5; saved {rd / 'checkpoint-5'}; resume with --resume_from_checkpoint last" in err
+    state = json.loads((rd / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and logged_steps(tmp_path) == 5
     finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
     assert_same(reference, tmp_path)
 

@@ -144,9 +144,18 @@ def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,
                                        prefetch_factor=4 if num_workers else None,
+                                       worker_init_fn=_ignore_sigterm if num_workers else None,
                                        # own generator: creating a loader must not draw from the global RNG,
                                        # or a resumed run's dropout would differ from an uninterrupted one
                                        generator=torch.Generator().manual_seed(0))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM: a group-wide one (`timeout`, Slurm, torchrun's shutdown) must reach the main
+    process, which stops after its step and saves it; a dead worker would fail that step first. (Workers still
+    exit when the main process goes: PyTorch's watchdog ends them.)"""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _can_fork() -> bool:

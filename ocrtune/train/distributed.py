@@ -110,7 +110,9 @@ def gather_state(acc, loss_module, optimizer, train_type: str) -> tuple[dict | N
     if eng.startswith("zero"):
         sd = acc.get_state_dict(loss_module)  # ZeRO-3: gathers the 16-bit weights on every rank's call
         if train_type == "lora" and sd is not None:
-            trained = {n for n, p in acc.unwrap_model(loss_module).named_parameters() if p.requires_grad}
+            # every name of a shared parameter (a tied modules_to_save copy is embed_tokens' and lm_head's)
+            trained = {n for n, p in acc.unwrap_model(loss_module).named_parameters(remove_duplicate=False)
+                       if p.requires_grad}
             sd = {k: v for k, v in sd.items() if k in trained}
         return (_strip(sd) if acc.is_main_process else None), {}
     return None, None  # DDP / one process: rank 0 reads its own full copy

@@ -43,10 +43,13 @@ def maybe_relaunch(argv: list[str]) -> None:
         return
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     try:
         torchrun(args)
     except SystemExit as e:
         sys.exit(e.code)
+    except SignalException as e:  # SIGTERM/SIGINT to the launcher: the ranks stopped after a step and saved it
+        sys.exit(128 + int(e.sigval))
     except ChildFailedError as e:
         print(f"error: {rank_failure(e)}", file=sys.stderr)
         sys.exit(_exit_code(e))

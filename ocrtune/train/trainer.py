@@ -625,18 +625,16 @@ class SftRun:
                 self.log_train(step, start, start_step)
             metrics = None
             last = step == self.total_steps
+            if stop is not None and not last and self._agreed(stop.requested):
+                self.save(None)  # at once, no evaluation first: a preempted or timed-out run keeps every step it made
+                stop.stopped_at = step
+                return
             if self.val_ds is not None and (step % args.eval_steps == 0 or last):
                 metrics = self.evaluate()
                 self.logger.log({**metrics, "step": step, "global_step/max_steps": f"{step}/{self.total_steps}"})
                 bar.write(json.dumps({**metrics, "step": step}))
-            saved = step % self.resolved.save_steps == 0 or last
-            if saved:
+            if step % self.resolved.save_steps == 0 or last:
                 self.save(metrics)
-            if stop is not None and not last and self._agreed(stop.requested):
-                if not saved:  # a preempted or timed-out run keeps every step it made
-                    self.save(metrics)
-                stop.stopped_at = step
-                return
 
     def _agreed(self, flag: bool) -> bool:
         """`flag` on any rank (torchrun forwards SIGTERM to every worker, not always within the same step), so that
@@ -689,8 +687,10 @@ class StoppedBySignal(SystemExit):
 class stop_on_sigterm:
     """While training: SIGTERM asks the loop to stop after the current step and save it, instead of killing the
     process mid-step (no handler is installed outside the main thread, where Python allows none)."""
+    _UNSET = object()
+
     def __init__(self):
-        self.requested, self.stopped_at, self._previous = False, None, None
+        self.requested, self.stopped_at, self._previous = False, None, self._UNSET
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -701,8 +701,8 @@ class stop_on_sigterm:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not self._UNSET:  # None: a handler not set from Python; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
         return False
 
 

@@ -6,9 +6,9 @@
            formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
   stage 1  `ocrtune sft --model small` on synth + real print rows, on every visible GPU (NPROC_PER_NODE,
            DDP): rank-64 LoRA over the random weights (LM + vision tower, lr 1e-3; --stage1_lora_rank) with the
-           tied embeddings trained whole (--stage1_modules_to_save embed_tokens), merged before the evaluations; or, with --stage1_lora_rank 0, full fine-tuning with the vision
-           tower trained, at lr 1e-4 (at 1e-3 it collapses the image features:
-           bench/learning/sweep_2026-12-01/FINDINGS.md)
+           tied embeddings trained whole (--stage1_modules_to_save embed_tokens), merged before the evaluations;
+           or, with --stage1_lora_rank 0, full fine-tuning with the vision tower trained, at lr 1e-4 (at 1e-3
+           it collapses the image features: bench/learning/sweep_2026-12-01/FINDINGS.md)
   stage 2  `ocrtune sft --model <stage-1 checkpoint> --train_type lora` on LaTeX_OCR handwrite
   evals    `ocrtune eval --metrics bleu,edit_distance,exact_match,token_acc` (greedy generation): stage 1 on
            print validation, stage 1 and 2 on handwrite validation, and each --extra_eval set
@@ -83,8 +83,8 @@ def parse_args(argv=None):
                         "0.042 for full fine-tuning in run 6); 0: full fine-tuning")
     p.add_argument("--stage1_modules_to_save", nargs="*", default=["embed_tokens"],
                    help="with --stage1_lora_rank: modules trained whole beside the LoRA (the tied embeddings: in the "
-                        "digits sweep they fit the answer format at once and read sooner); none (or the flag alone): LoRA only, "
-                        "as runs 7-8")
+                        "digits sweep they fit the answer format at once and read sooner); none (or the flag alone): "
+                        "LoRA only, as runs 7-8")
     p.add_argument("--vit_lr", type=float, default=None,
                    help="stage 1's vision-tower rate (default: --learning_rate; see bench/learning/sweep_2026-12-01)")
     p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")

@@ -393,10 +393,15 @@ class SftRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # a SIGTERM seen by any rank stops every rank after this step (torchrun forwards it to each, not always
+        # within the same step): the flag rides in the step's last all-reduce, so all ranks read the same answer
+        sigterm = getattr(self, "_sigterm", None)  # None outside train() (benchmarks call train_step directly)
+        self._stop_now = sigterm is not None and sigterm.requested
         if acc.num_processes > 1:  # log the global batch's loss, not this rank's share
-            stats = acc.reduce(torch.stack([torch.as_tensor(loss_sum, device=acc.device, dtype=torch.float64),
-                                            torch.as_tensor(correct, device=acc.device, dtype=torch.float64)]), "sum")
+            stats = acc.reduce(torch.stack([torch.as_tensor(x, device=acc.device, dtype=torch.float64)
+                                            for x in (loss_sum, correct, float(self._stop_now))]), "sum")
             loss_sum, correct, tokens = stats[0], stats[1], global_tokens
+            self._stop_now = bool(stats[2] > 0)
         loss_sum = float(loss_sum)
         self.check_finite(loss_sum, float(grad_norm))
         return loss_sum, int(tokens), int(correct), float(grad_norm)
@@ -588,17 +593,20 @@ class SftRun:
         bar = tqdm(total=self.total_steps, initial=st["global_step"], desc="train", disable=not self.main,
                    dynamic_ncols=True, unit="step")
         try:
-            with stop_on_sigterm() as stop:
-                self._loop(bar, start, start_step, stop)
+            with stop_on_sigterm() as self._sigterm:
+                stopped_at = self._loop(bar, start, start_step)
         finally:
             bar.close()  # the bar's line ends before any error message is printed
             self.logger.close()
-        if stop.stopped_at is not None:
-            raise StoppedBySignal(f"stopped by SIGTERM at step {stop.stopped_at}; saved "
-                                  f"{self.run_dir / f'checkpoint-{stop.stopped_at}'}" if self.main else None)
+        if stopped_at is not None:  # SIGTERM (preemption, a time limit, `timeout`): the step is saved
+            if self.main:
+                print(f"stopped by SIGTERM at step {stopped_at}; saved {self.run_dir / f'checkpoint-{stopped_at}'}; "
+                      "resume with --resume_from_checkpoint last", file=sys.stderr, flush=True)
+            raise SystemExit(143)  # a SIGTERM's exit status
         return self.finish()
 
-    def _loop(self, bar, start: float, start_step: int, stop: "stop_on_sigterm | None" = None) -> None:
+    def _loop(self, bar, start: float, start_step: int) -> int | None:
+        """Train to the last step; returns the step it stopped after instead when SIGTERM asked it to."""
         args, st = self.args, self.state
         stream = self.micro_batches()
         metrics = None
@@ -625,26 +633,15 @@ class SftRun:
                 self.log_train(step, start, start_step)
             metrics = None
             last = step == self.total_steps
-            if stop is not None and not last and self._agreed(stop.requested):
+            if self._stop_now and not last:
                 self.save(None)  # at once, no evaluation first: a preempted or timed-out run keeps every step it made
-                stop.stopped_at = step
-                return
+                return step
             if self.val_ds is not None and (step % args.eval_steps == 0 or last):
                 metrics = self.evaluate()
                 self.logger.log({**metrics, "step": step, "global_step/max_steps": f"{step}/{self.total_steps}"})
                 bar.write(json.dumps({**metrics, "step": step}))
             if step % self.resolved.save_steps == 0 or last:
                 self.save(metrics)
-
-    def _agreed(self, flag: bool) -> bool:
-        """`flag` on any rank (torchrun forwards SIGTERM to every worker, not always within the same step), so that
-        all ranks stop after the same step and take part in its save."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=acc.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
 
     def log_train(self, step: int, start: float, start_step: int) -> None:
         a = self.state["log_acc"]
@@ -675,22 +672,13 @@ class SftRun:
         return result
 
 
-class StoppedBySignal(SystemExit):
-    """SIGTERM (a scheduler's preemption or time limit, `timeout`, the recipe's deadline) ended training after a
-    step and its checkpoint: the process exits with 143, the code of a SIGTERM, and prints where it saved."""
-    def __init__(self, message: str | None):
-        if message:  # rank 0's
-            print(f"{message}; resume with --resume_from_checkpoint last", file=sys.stderr, flush=True)
-        super().__init__(143)
-
-
 class stop_on_sigterm:
     """While training: SIGTERM asks the loop to stop after the current step and save it, instead of killing the
     process mid-step (no handler is installed outside the main thread, where Python allows none)."""
     _UNSET = object()
 
     def __init__(self):
-        self.requested, self.stopped_at, self._previous = False, None, self._UNSET
+        self.requested, self._previous = False, self._UNSET
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

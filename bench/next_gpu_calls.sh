@@ -7,6 +7,8 @@
 #   calls D, E (carry .whl .whl_bench .carry/latex):       bash bench/next_gpu_calls.sh D  (then E)
 #   call F (same carry; done 2026-12-02), calls G then H right after (carry .whl .whl_alt .carry/latex .carry/tex; done: run 8)
 #   calls I then J right after (same carry as G): issue 13 run 9, run 8 with the tied embeddings trained in stage 1
+#   calls K then L right after (same carry as G): issue 13 run 10, the recipe's new defaults (65,536 tokens a step,
+#   400k synthetic rows, stage 1 planned over both calls: stopped by --max_time in K, resumed in L)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -60,6 +62,7 @@ I)  # 2026-12-02, issue 13 run 9: run 8's settings, stage 1 now also trains the 
     # embed_tokens, the recipe's new default: the digits sweep's best, lora_embed)
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_rows 250000 \
       --packing_tokens 32768 --workers 12 > $OUT/phase_train_log.txt 2>&1 ;;
-J|H)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J" >&2; exit 2 ;;
+K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
+J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L" >&2; exit 2 ;;
 esac

@@ -18,10 +18,13 @@ Every step is the real ocrtune command line, run as a subprocess, and goes into 
 Phases (--phase), one device call of at most 10 minutes each, made back to back on the same machine so
 that --work_dir (default .work/from_scratch, git-ignored) survives between them:
   train   synth rendering (the CPUs but two per GPU), then a short probe measures seconds per stage-1 step (GPU), then
-          stage 1 with as many steps as fit the deadline (its cosine schedule ends at the last step); the
-          probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe
-          read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
-  rest    evaluations of stage 1, stage 2, evaluation of stage 2, the report
+          stage 1, its cosine schedule planned over the steps that fit this phase plus --stage1_rest_seconds of the
+          next; `ocrtune sft --max_time` stops it before the deadline and saves the step it stopped after. The
+          probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe read
+          0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
+  rest    stage 1 resumed (`--resume_from_checkpoint last`) to the end of its schedule, then the evaluations of
+          stage 1 and stage 2 at once (they share the GPU: the small model leaves it mostly idle), evaluation of
+          stage 2, the report
   all     both in one call (smoke tests)
 
 Writes to --report_dir: report.json ({"print": {...}, "handwrite_before": {...}, "handwrite_after": {...},
@@ -71,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--synth_rows", type=int, default=400_000, help="new formulas to render (ocrtune synth --mutate)")
     p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
     p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
-    p.add_argument("--packing_tokens", type=int, default=32768,
+    p.add_argument("--packing_tokens", type=int, default=65536,
                    help="stage-1 tokens per GPU per step (~250 samples; run 8: print BLEU-4 0.149 against run 7's 0.122 "
                         "at 16384, the small model being bound by per-step overhead)")
     p.add_argument("--stage1_augment", default="false", choices=("true", "false"),
@@ -90,11 +93,18 @@ def parse_args(argv=None):
     p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")
     p.add_argument("--min_pixels", type=int, default=30_000)
     p.add_argument("--max_pixels", type=int, default=120_000)
-    p.add_argument("--workers", type=int, default=None, help="dataloader workers per GPU (default: cores / GPUs / 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stage 1's dataloader workers per GPU (default: cores / GPUs - 3; stage 2 takes at most 8)")
     p.add_argument("--probe_steps", type=int, default=30)
     p.add_argument("--stage1_steps", type=int, default=None, help="fixed stage-1 steps (skips the probe)")
     p.add_argument("--stage2_steps", type=int, default=None)
-    p.add_argument("--stage2_seconds", type=float, default=150.0)
+    p.add_argument("--stage1_rest_seconds", type=float, default=280.0,
+                   help="seconds of stage-1 steps planned into phase rest (resumed there); 0: stage 1 ends in phase train")
+    p.add_argument("--stage1_train_seconds", type=float, default=None,
+                   help="stage 1's --max_time in phase train (default: what is left of the phase, less 25 s)")
+    p.add_argument("--rest_reserve_seconds", type=float, default=220.0,
+                   help="seconds phase rest keeps after resumed stage 1 for the merge, evaluations and stage 2")
+    p.add_argument("--stage2_seconds", type=float, default=100.0)
     p.add_argument("--stage2_batch_size", type=int, default=32)
     p.add_argument("--stage2_learning_rate", type=float, default=1e-3)
     p.add_argument("--lora_rank", type=int, default=32)
@@ -114,6 +124,8 @@ def parse_args(argv=None):
     if a.smoke:
         a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
+        if a.stage1_train_seconds is None:  # stage 1 stops after its first step in phase train, phase rest resumes it
+            a.stage1_train_seconds = 0.0
         a.min_pixels, a.max_pixels = 20_000, 60_000
     return a
 
@@ -132,7 +144,7 @@ class Recipe:
         self.data, self.work, self.out = Path(a.data_dir).resolve(), a.work_dir, Path(a.report_dir).resolve()
         self.gpus = a.gpus if a.gpus is not None else gpu_count()
         cores = os.cpu_count() or 2
-        self.workers = a.workers if a.workers is not None else max(2, cores // max(1, self.gpus) // 2)
+        self.workers = a.workers if a.workers is not None else max(2, cores // max(1, self.gpus) - 3)
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / "log.txt", "a", buffering=1)
@@ -218,10 +230,10 @@ class Recipe:
             out[name] = str(Path(path).resolve())
         return out
 
-    def sft_common(self) -> list[str]:
+    def sft_common(self, workers: int | None = None) -> list[str]:
         a = self.a
         return ["--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--packing", "true",
-                "--dataloader_num_workers", str(self.workers), "--gradient_checkpointing", "false",
+                "--dataloader_num_workers", str(self.workers if workers is None else workers), "--gradient_checkpointing", "false",
                 "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1"]
 
     # ------------------------------------------------------------ phase train
@@ -307,14 +319,19 @@ class Recipe:
         if a.stage1_steps:
             steps = a.stage1_steps
         else:  # what fits: start-up as the probe's plus 30 s to plan over the synthetic rows, 4 teacher-forced evals
-            # and 4 saves, 25 s margin; steps 10% slower than the probe's (run 9's stage 1 ran slower than its probe
-            # and was stopped at the deadline 312 steps short of its schedule's end)
+            # and 4 saves, 25 s margin, then --stage1_rest_seconds in phase rest; steps 10% slower than the probe's
+            # (run 9's stage 1 ran slower than its probe and was stopped at the deadline 312 steps short of its end)
             fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25
-            steps = max(20, int((self.left() - fixed) / (1.1 * sec)))
+            steps = max(20, int((self.left() - fixed + a.stage1_rest_seconds) / (1.1 * sec)))
         self.report["stage1_planned_steps"] = steps
         run = self.work / "stage1"
-        self.run("stage1", self.stage1_args(steps, data, run), timeout=self.left(5), gpus=self.gpus)
+        args = self.stage1_args(steps, data, run)
+        self.report["stage1_args"] = args
+        limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else self.left(25)
+        self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)],
+                 timeout=self.left(5), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
+        self.report["stage1_steps_in_phase_train"] = self.report["stage1"].get("steps")
 
     # ------------------------------------------------------------ phase rest
     def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
@@ -339,22 +356,37 @@ class Recipe:
         self.say(f"{name}: {json.dumps(out)}")
         return out
 
+    def start_evals(self, ckpt: Path, sets: dict[str, str]) -> list[tuple[str, dict]]:
+        """Start the evaluations of `ckpt`, one per set, all at once, spread over the GPUs (several share one:
+        generation with the small model leaves a GPU mostly idle)."""
+        return [(name, self.eval_job(name, ckpt, data, str(i % self.gpus) if self.gpus else None))
+                for i, (name, data) in enumerate(sets.items())]
+
+    def finish_evals(self, jobs: list[tuple[str, dict]], reserve: float = 60) -> dict:
+        return {name: self.collect(name, self.wait(job, timeout=self.left(reserve))) for name, job in jobs}
+
     def evaluate(self, ckpt: Path, sets: dict[str, str]) -> dict:
-        """Evaluate `ckpt` on each set, one GPU each, all at once (the GPUs take turns when sets > GPUs)."""
-        jobs, results = [], {}
-        for i, (name, data) in enumerate(sets.items()):
-            device = str(i % self.gpus) if self.gpus else None
-            jobs.append((name, self.eval_job(name, ckpt, data, device)))
-            if self.gpus and len(jobs) % self.gpus == 0 or not self.gpus:
-                for n, j in jobs:
-                    results[n] = self.collect(n, self.wait(j, timeout=self.left(60)))
-                jobs = []
-        for n, j in jobs:
-            results[n] = self.collect(n, self.wait(j, timeout=self.left(60)))
-        return results
+        return self.finish_evals(self.start_evals(ckpt, sets))
+
+    def resume_stage1(self) -> None:
+        """Phase train stopped stage 1 (--max_time) short of its planned steps: continue the same run, its
+        schedule and data order, until its last step or until phase rest must go on (--rest_reserve_seconds)."""
+        run, planned = self.work / "stage1", self.report.get("stage1_planned_steps")
+        ckpts = complete_checkpoints(run)
+        if not ckpts or not planned or not self.report.get("stage1_args") or step_of(ckpts[-1]) >= planned:
+            return
+        limit = max(1.0, self.left(self.a.rest_reserve_seconds))
+        self.say(f"stage 1 stopped at step {step_of(ckpts[-1])} of {planned}: resumed for at most {limit:.0f} s")
+        self.run("stage1_resumed", [*self.report["stage1_args"], "--resume_from_checkpoint", "last",
+                                    "--max_time", f"{limit:.0f}"], timeout=self.left(self.a.rest_reserve_seconds - 20),
+                 gpus=self.gpus)
+        self.report["stage1"] = summarize_run(run)
+        # its log's speeds restart with each process: the time is the two processes' (start-up included)
+        self.report["stage1"]["train_seconds"] = round(sum(self.report["timings_s"].get(k, 0) for k in ("stage1", "stage1_resumed")), 1)
 
     def phase_rest(self) -> None:
         a = self.a
+        self.resume_stage1()
         ckpts = complete_checkpoints(self.work / "stage1")
         if not ckpts:
             raise SystemExit(f"error: no finished stage-1 checkpoint in {self.work / 'stage1'}: run --phase train first")
@@ -368,7 +400,7 @@ class Recipe:
         self.report.setdefault("stage1", summarize_run(self.work / "stage1"))
         sets = {"stage1_print": self.path("print", "validation"), "stage1_handwrite": self.path("handwrite", "validation")}
         sets.update({f"extra_{k}": v for k, v in self.extra().items()})
-        first = self.evaluate(ckpt1, sets)
+        evals = self.start_evals(ckpt1, sets)  # alongside stage 2, which needs only the merged model
         steps = a.stage2_steps or self.plan_stage2()
         run = self.work / "stage2"
         self.run("stage2", [
@@ -377,8 +409,9 @@ class Recipe:
             "--dataset", self.path("handwrite", "train"), "--val_dataset", self.path("handwrite", "validation"),
             "--batch_size", str(a.stage2_batch_size), "--learning_rate", str(a.stage2_learning_rate),
             "--max_steps", str(steps), "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(steps),
-            "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run), *self.sft_common()],
-            timeout=self.left(70), gpus=min(self.gpus, 1))
+            "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run),
+            *self.sft_common(min(8, self.workers))], timeout=self.left(70), gpus=min(self.gpus, 1))
+        first = self.finish_evals(evals)
         self.report["stage2"] = summarize_run(run)
         ckpts2 = complete_checkpoints(run)
         after = self.evaluate(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")}) if ckpts2 else {}
@@ -466,6 +499,10 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1])
 
 
 def complete_checkpoints(run: Path) -> list[Path]:

@@ -214,6 +214,26 @@ def test_from_scratch_trains_on_synthetic_rows_that_exclude_evaluation_formulas(
     assert Path(r["stage1_checkpoint"]).name == f"checkpoint-{SMOKE_STAGE1_STEPS}-merged"
 
 
+def test_from_scratch_stage1_spans_both_phases(from_scratch):
+    """Stage 1's schedule is planned over both device calls: phase train stops it with `ocrtune sft --max_time`
+    (--smoke: 0 s, so after its first step), saving that step, and phase rest resumes the same run
+    (`--resume_from_checkpoint last`) to its last planned step before anything is evaluated. The log is one
+    run's: steps 1 to the end, the learning rate following one schedule."""
+    train, rest = from_scratch["train"], from_scratch["rest"]
+    assert train["stage1_planned_steps"] == SMOKE_STAGE1_STEPS and train["stage1_steps_in_phase_train"] == 1
+    assert "--max_time 0.0" in train["commands"]["stage1"] and train["errors"] == []
+    resumed = shlex.split(rest["commands"]["stage1_resumed"].split("ocrtune ", 1)[1])
+    first = shlex.split(rest["commands"]["stage1"].split("ocrtune ", 1)[1])
+    assert resumed[:len(first) - 2] == first[:-2]  # the same command, less its --max_time, ...
+    assert resumed[-4:-2] == ["--resume_from_checkpoint", "last"] and resumed[-2] == "--max_time"  # ... resumed
+    assert float(resumed[-1]) > 0
+    log = rest["stage1"]["train_log"]
+    assert [x["step"] for x in log] == list(range(1, SMOKE_STAGE1_STEPS + 1))
+    lrs = [x["learning_rate"] for x in log]
+    assert lrs[-1] < max(lrs)  # warm-up then cosine decay over the six steps, across the two processes
+    assert rest["stage1"]["steps"] == SMOKE_STAGE1_STEPS
+
+
 def test_from_scratch_rest_without_stage1_is_a_one_line_error(tmp_path):
     cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", "rest", "--data_dir", str(_data_dir(tmp_path)),
            "--work_dir", str(tmp_path / "empty"), "--report_dir", str(tmp_path / "r")]
@@ -311,7 +331,7 @@ def test_from_scratch_stage2_plan_is_per_step_whatever_stage1s_tokens(tmp_path):
     for tokens in ("16384", "32768"):
         recipe = mod.Recipe(mod.parse_args(base + ["--packing_tokens", tokens]))
         recipe.report["probe"] = {"seconds_per_step": 0.2163}
-        assert recipe.plan_stage2() == int(150 / (0.8 * 0.2163))  # 866: 150 s at ~0.173 s a step
+        assert recipe.plan_stage2() == int(100 / (0.8 * 0.2163))  # 577: --stage2_seconds 100 at ~0.173 s a step
     recipe = mod.Recipe(mod.parse_args(base + ["--stage2_batch_size", "64"]))
     recipe.report["probe"] = {"seconds_per_step": 0.2163}
-    assert recipe.plan_stage2() == int(150 / (0.8 * 0.2163 * 2))
+    assert recipe.plan_stage2() == int(100 / (0.8 * 0.2163 * 2))

@@ -107,6 +107,23 @@ def test_sigterm_to_the_process_group_saves_the_step_it_stopped_after_and_resume
     assert_same(reference, tmp_path)
 
 
+def test_max_time_stops_after_the_step_in_progress_saves_it_and_resume_is_bit_identical(reference, tmp_path):
+    """--max_time 0: the time is up as soon as the first step ends, so the run stops after step 1 (no save step),
+    saves it, says so and exits 0 with its schedule unfinished; the resumed run does not inherit the limit (it is
+    the stopped process's) and completes the run as if it had never stopped."""
+    proc = sft(tmp_path, "--max_time", "0")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rd = run_dir(tmp_path)
+    assert f"stopped at --max_time 0s at step 1; saved {rd / 'checkpoint-1'}; resume with --resume_from_checkpoint last" in err
+    assert f"last_model_checkpoint: {rd / 'checkpoint-1'}" in out
+    state = json.loads((rd / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and logged_steps(tmp_path) == 1
+    finish(sft(tmp_path, "--resume_from_checkpoint", "last"))
+    assert json.loads((rd / "args.json").read_text())["max_time"] is None
+    assert_same(reference, tmp_path)
+
+
 def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     proc = sft(tmp_path, slow_save=30)
     wait_for(lambda: any(run_dir(tmp_path).glob(".checkpoint-4.tmp")) if (tmp_path / "tiny").exists() else False, proc)

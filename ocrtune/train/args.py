@@ -88,6 +88,9 @@ class SftArgs:
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
     add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'last' for the newest of the newest run")
+    max_time: float | None = arg(None, "seconds this process may train, counted from the run's set-up (model "
+                                 "loading included): past them it stops after the step in progress and saves it; "
+                                 "--resume_from_checkpoint last continues the same schedule")
     report_to: list[str] = arg(None, "tensorboard (default) or none")
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
@@ -116,6 +119,7 @@ def validate(args: SftArgs) -> None:
          "--min_pixels must not exceed --max_pixels"),
         (args.recompute_layers is None or args.recompute_layers >= 0, "--recompute_layers must be 0 or more"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
+        (args.max_time is None or args.max_time >= 0, "--max_time must be 0 or more seconds"),
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
         (not args.modules_to_save or args.train_type == "lora",
          "--modules_to_save goes with --train_type lora (full fine-tuning trains every module already)"),

@@ -236,6 +236,7 @@ class SftRun:
         from accelerate.utils import set_seed
 
         validate(args)
+        self.t_start = time.monotonic()  # --max_time counts from here
         self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
             if args.resume_from_checkpoint else None
         resume_state = None
@@ -393,18 +394,23 @@ class SftRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # a SIGTERM seen by any rank stops every rank after this step (torchrun forwards it to each, not always
-        # within the same step): the flag rides in the step's last all-reduce, so all ranks read the same answer
+        # a SIGTERM or --max_time seen by any rank stops every rank after this step (torchrun forwards a signal to
+        # each, not always within the same step; clocks differ): the flags ride in the step's last all-reduce, so all
+        # ranks read the same answer
         sigterm = getattr(self, "_sigterm", None)  # None outside train() (benchmarks call train_step directly)
-        self._stop_now = sigterm is not None and sigterm.requested
+        self._stop_signal = sigterm is not None and sigterm.requested
+        self._stop_now = self._stop_signal or (sigterm is not None and self.time_is_up())
         if acc.num_processes > 1:  # log the global batch's loss, not this rank's share
-            stats = acc.reduce(torch.stack([torch.as_tensor(x, device=acc.device, dtype=torch.float64)
-                                            for x in (loss_sum, correct, float(self._stop_now))]), "sum")
+            stats = acc.reduce(torch.stack([torch.as_tensor(x, device=acc.device, dtype=torch.float64) for x in
+                                            (loss_sum, correct, float(self._stop_now), float(self._stop_signal))]), "sum")
             loss_sum, correct, tokens = stats[0], stats[1], global_tokens
-            self._stop_now = bool(stats[2] > 0)
+            self._stop_now, self._stop_signal = bool(stats[2] > 0), bool(stats[3] > 0)
         loss_sum = float(loss_sum)
         self.check_finite(loss_sum, float(grad_norm))
         return loss_sum, int(tokens), int(correct), float(grad_norm)
+
+    def time_is_up(self) -> bool:
+        return self.args.max_time is not None and time.monotonic() - self.t_start >= self.args.max_time
 
     def check_finite(self, loss_sum: float, grad_norm: float) -> None:
         """Stop the run when the step's loss or gradient norm is NaN or infinite, naming the last good
@@ -598,15 +604,17 @@ class SftRun:
         finally:
             bar.close()  # the bar's line ends before any error message is printed
             self.logger.close()
-        if stopped_at is not None:  # SIGTERM (preemption, a time limit, `timeout`): the step is saved
+        if stopped_at is not None:  # SIGTERM (preemption, a scheduler's limit, `timeout`) or --max_time: the step is saved
+            why = "by SIGTERM" if self._stop_signal else f"at --max_time {self.args.max_time:g}s"
             if self.main:
-                print(f"stopped by SIGTERM at step {stopped_at}; saved {self.run_dir / f'checkpoint-{stopped_at}'}; "
+                print(f"stopped {why} at step {stopped_at}; saved {self.run_dir / f'checkpoint-{stopped_at}'}; "
                       "resume with --resume_from_checkpoint last", file=sys.stderr, flush=True)
-            raise SystemExit(143)  # a SIGTERM's exit status
+            if self._stop_signal:
+                raise SystemExit(143)  # a SIGTERM's exit status
         return self.finish()
 
     def _loop(self, bar, start: float, start_step: int) -> int | None:
-        """Train to the last step; returns the step it stopped after instead when SIGTERM asked it to."""
+        """Train to the last step; returns the step it stopped after instead when SIGTERM or --max_time asked it to."""
         args, st = self.args, self.state
         stream = self.micro_batches()
         metrics = None

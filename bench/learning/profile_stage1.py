@@ -1,0 +1,142 @@
+"""Where a from-scratch stage-1 step of the `small` preset spends its time (issue 13: the small model is bound by
+per-step cost, not by its FLOPs).
+
+The step is the recipe's stage 1: rank-64 LoRA on every linear of the random LM and ViT, embed_tokens trained
+whole, packed rows of LaTeX_OCR print, no recompute. For each token budget: median synced step time of
+`SftRun.train_step` on pre-built batches; the data loader alone (batches a second from `micro_batches()` with
+--workers processes); one profiled step: GPU kernel time against wall time, kernel launches, the top
+operators by CPU time and by GPU time.
+
+    python bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --out $OUT/profile_stage1.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_sft as bs  # noqa: E402
+
+STAGE1 = dict(lora_rank=64, lora_alpha=128, min_pixels=30000, freeze_vit=False, augment=False,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                              "qkv", "proj", "fc1", "fc2"], modules_to_save=["embed_tokens"])
+
+
+def make_run(a, tokens: int, overrides: dict):
+    class A:  # what bench_sft.make_ocrtune_run reads
+        pass
+    b = A()
+    b.model_dir, b.data, b.rows, b.batch, b.liger = a.model_dir, a.data, a.rows, 32, a.liger
+    b.no_gc, b.lora_dropout, b.max_pixels, b.workers = True, 0.0, 120000, a.workers
+    return bs.make_ocrtune_run(b, 10**6, tokens, {**STAGE1, **overrides})
+
+
+def step_times(run, batches, warmup: int) -> list[float]:
+    out = []
+    for batch in batches:
+        bs._sync()
+        t = time.perf_counter()
+        run.train_step([batch])
+        bs._sync()
+        out.append(time.perf_counter() - t)
+    return out[warmup:]
+
+
+def profile_step(run, batch) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    bs._sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        run.train_step([batch])
+        bs._sync()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    cuda_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
+    self_cuda = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels_us = sum(getattr(e, self_cuda) for e in ev)
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(e.count for e in ev if "Synchronize" in e.key or e.key == "cudaStreamSynchronize")
+    top_cpu = [(e.key, e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in
+               sorted(ev, key=lambda e: -e.self_cpu_time_total)[:30]]
+    top_gpu = [(e.key[:90], e.count, round(getattr(e, self_cuda) / 1e3, 2)) for e in
+               sorted(ev, key=lambda e: -getattr(e, self_cuda))[:30]]
+    del torch, cuda_attr
+    return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernels_us / 1e3, 1), "kernel_launches": launches,
+            "syncs": syncs, "ops": sum(e.count for e in ev), "top_self_cpu_ms": top_cpu, "top_self_gpu_ms": top_gpu}
+
+
+def loader_rate(run, n: int) -> dict:
+    stream = run.micro_batches()
+    for _ in range(3):
+        next(stream)
+    t = time.perf_counter()
+    samples = 0
+    for _ in range(n):
+        samples += len(next(stream)[-1]["cu_seq_lens"]) - 1
+    s = time.perf_counter() - t
+    return {"batches_per_s": round(n / s, 2), "samples_per_s": round(samples / s, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=".carry/latex/print/train.parquet")
+    p.add_argument("--model", default="small")
+    p.add_argument("--model_root", default="/tmp")
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--tokens", default="16384,32768,65536")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--liger", action="store_true")
+    p.add_argument("--variants", default="{}", help='JSON {"name": {SftArgs overrides}}, each timed at every budget')
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    from ocrtune.models.presets import build_preset, preset_path
+    a.model_dir = str(preset_path(a.model))
+    if not Path(a.model_dir).exists():
+        build_preset(a.model, Path(a.model_dir))
+    variants = {"stage1": {}, **json.loads(a.variants)}
+    res = {"args": vars(a), "cases": []}
+    for name, ov in variants.items():
+        for tokens in [int(x) for x in a.tokens.split(",")]:
+            case = {"variant": name, "tokens": tokens}
+            try:
+                run = make_run(a, tokens, ov)
+                stream = run.micro_batches()
+                batches = [next(stream)[-1] for _ in range(a.steps + a.warmup + 1)]
+                bs._reset_mem()
+                ts = step_times(run, batches[:-1], a.warmup)
+                stats = bs._batch_stats(batches[-1])
+                case.update(step_s=round(statistics.median(ts), 4), samples_per_step=stats["samples"],
+                            samples_per_s=round(stats["samples"] / statistics.median(ts), 1), **bs._mem())
+                if name == "stage1" and tokens == 32768:
+                    case["profile"] = profile_step(run, batches[-1])
+                    case["loader"] = loader_rate(run, 30)
+            except Exception as e:  # one failing case must not lose the others
+                case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps({k: v for k, v in case.items() if k != "profile"}), flush=True)
+            res["cases"].append(case)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+            run = None
+            import gc
+            gc.collect()
+    for c in res["cases"]:
+        if "profile" in c:
+            pr = c["profile"]
+            print({k: v for k, v in pr.items() if not k.startswith("top")})
+            for row in pr["top_self_cpu_ms"]:
+                print("cpu", row)
+            for row in pr["top_self_gpu_ms"]:
+                print("gpu", row)
+
+
+if __name__ == "__main__":
+    main()

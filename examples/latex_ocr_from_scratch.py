@@ -363,7 +363,11 @@ class Recipe:
                 for i, (name, data) in enumerate(sets.items())]
 
     def finish_evals(self, jobs: list[tuple[str, dict]], reserve: float = 60) -> dict:
-        return {name: self.collect(name, self.wait(job, timeout=self.left(reserve))) for name, job in jobs}
+        """Wait for evaluations started earlier, each until `reserve` seconds before the deadline (wait's timeout
+        counts from the job's start: run 10's print evaluation, started before stage 2, was stopped when it was
+        given what was left of the phase counted from its start)."""
+        return {name: self.collect(name, self.wait(job, timeout=time.time() - job["start"] + self.left(reserve)))
+                for name, job in jobs}
 
     def evaluate(self, ckpt: Path, sets: dict[str, str]) -> dict:
         return self.finish_evals(self.start_evals(ckpt, sets))

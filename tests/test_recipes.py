@@ -335,3 +335,20 @@ def test_from_scratch_stage2_plan_is_per_step_whatever_stage1s_tokens(tmp_path):
     recipe = mod.Recipe(mod.parse_args(base + ["--stage2_batch_size", "64"]))
     recipe.report["probe"] = {"seconds_per_step": 0.2163}
     assert recipe.plan_stage2() == int(100 / (0.8 * 0.2163 * 2))
+
+
+def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path):
+    """Evaluations run alongside stage 2 and are waited for afterwards: each may run until `reserve` seconds before
+    the phase's deadline however long ago it started (run 10's print evaluation was stopped 48 s in, when the time
+    left at the wait was taken as its whole time since its start)."""
+    import subprocess
+    import time
+    mod = _recipe_module()
+    recipe = mod.Recipe(mod.parse_args(["--phase", "rest", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"),
+                                        "--report_dir", str(tmp_path / "r"), "--deadline_seconds", "600"]))
+    (recipe.work / "slow_eval.log").write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    job = {"name": "slow_eval", "proc": proc, "start": time.time() - 500, "logf": open(recipe.work / "slow_eval.log", "a")}
+    recipe.t0 = time.time() - 400  # 200 s of the phase left, the job started 500 s ago
+    assert recipe.finish_evals([("slow_eval", job)]) == {"slow_eval": None}  # no summary file: nothing to collect
+    assert proc.returncode == 0 and recipe.report["errors"] == []

@@ -298,6 +298,21 @@ def test_a_rank_whose_micro_batch_fails_to_encode_stays_in_step(tmp_path, tiny_m
     assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_max_time_under_torchrun_stops_both_ranks_after_the_same_step(tmp_path, tiny_model_dir):
+    """NPROC_PER_NODE=2 with --max_time 0: each rank's time is up after step 1; the stop rides in the step's
+    all-reduce, both ranks save step 1 together (no save step due) and the command exits 0 with the message."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(out),
+           "--max_steps", "400", "--save_steps", "1000", "--eval_steps", "1000", "--max_time", "0"]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = next(out.glob("tiny/v*-*"))
+    assert f"stopped at --max_time 0s at step 1; saved {run / 'checkpoint-1'}" in res.stderr
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+
+
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_saves_it(tmp_path, tiny_model_dir):
     """NPROC_PER_NODE=2: SIGTERM to the launcher (what `timeout` or a scheduler sends) reaches both ranks through
     torchrun; they agree on the step to stop after, save it together (one checkpoint, no regular save due) and the

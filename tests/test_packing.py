@@ -181,3 +181,38 @@ def test_packed_equals_padded_other_families(arch, tmp_path):
     assert n1 == n2 > 0
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
     _assert_grads_close(g2, g1)
+
+
+def test_collator_sends_pixels_in_the_vision_towers_half_dtype_with_the_same_result(tiny_model_dir, encoded):
+    """A bf16 vision tower casts its pixel values to bf16 before anything reads them, so the collator makes them
+    bf16 in the loader workers (half the bytes to move): loss and gradients are bit-identical to float32 pixels.
+    A float32 tower (CPU, float32 master weights) keeps float32 pixels."""
+    from ocrtune.models import qwen_vl
+    from ocrtune.models.loading import load_model
+    from ocrtune.train.data import Collator
+    assert qwen_vl.vision_input_dtype(_model(tiny_model_dir, "sdpa")) is None
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, torch.bfloat16, "sdpa")
+    model.eval()
+    model.requires_grad_(True)
+    half = qwen_vl.vision_input_dtype(model)
+    assert half == torch.bfloat16
+    full_batch, half_batch = Collator(0, packing=True)(list(encoded)), Collator(0, True, half)(list(encoded))
+    assert full_batch["pixel_values"].dtype == torch.float32 and half_batch["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(half_batch["pixel_values"], full_batch["pixel_values"].to(torch.bfloat16))
+    l1, n1, g1 = _loss_and_grads(model, full_batch)
+    l2, n2, g2 = _loss_and_grads(model, half_batch)
+    assert n1 == n2 > 0 and torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert any("visual" in k for k in g1)  # the vision tower's own gradients are among those compared
+
+
+def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    common = dict(dataset=["latex-ocr-sample#8"], max_steps=1, packing=True, report_to=["none"], dataset_test_ratio=0.25)
+    bf16 = SftRun(SftArgs(output_dir=str(tmp_path / "bf16"), dtype="bfloat16", **common))
+    assert bf16.collator.pixel_dtype == torch.bfloat16
+    batch = next(bf16.micro_batches())[-1]
+    assert batch["pixel_values"].dtype == torch.bfloat16
+    assert SftRun(SftArgs(output_dir=str(tmp_path / "fp32"), **common)).collator.pixel_dtype is None  # CPU: float32

@@ -73,9 +73,11 @@ def profile_step(run, batch) -> dict:
             "syncs": syncs, "ops": sum(e.count for e in ev), "top_self_cpu_ms": top_cpu, "top_self_gpu_ms": top_gpu}
 
 
-def loader_rate(run, n: int) -> dict:
+def loader_rate(run, n: int, skip: int = 3) -> dict:
+    """Batches a second from the run's own loader, after `skip` (with `skip` beyond the prefetched batches,
+    4 per worker, the workers' steady rate)."""
     stream = run.micro_batches()
-    for _ in range(3):
+    for _ in range(skip):
         next(stream)
     t = time.perf_counter()
     samples = 0
@@ -83,6 +85,33 @@ def loader_rate(run, n: int) -> dict:
         samples += len(next(stream)[-1]["cu_seq_lens"]) - 1
     s = time.perf_counter() - t
     return {"batches_per_s": round(n / s, 2), "samples_per_s": round(samples / s, 1)}
+
+
+def fed_step_rate(run, n: int, skip: int) -> dict:
+    """Seconds a step of `train_step` fed by the run's loader (what a training run sees), over `n` steps after `skip`."""
+    stream = run.micro_batches()
+    for i in range(skip + n):
+        if i == skip:
+            bs._sync()
+            t = time.perf_counter()
+        run.train_step([next(stream)[-1]])
+    bs._sync()
+    return {"fed_step_s": round((time.perf_counter() - t) / n, 4)}
+
+
+def loader_only(a) -> dict:
+    """The loader alone with the pixel values as float32 and in the vision tower's dtype, then steps fed by it."""
+    tokens = int(a.tokens.split(",")[-1])
+    run = make_run(a, tokens, {})
+    out = {"tokens": tokens, "workers": a.workers, "pixel_dtype": str(run.collator.pixel_dtype)}
+    half = run.collator.pixel_dtype
+    run.collator.pixel_dtype = None
+    out["loader_float32_pixels"] = loader_rate(run, 40, skip=8)
+    run.collator.pixel_dtype = half
+    out["loader_half_pixels"] = loader_rate(run, 40, skip=8)
+    out["fed_half_pixels"] = fed_step_rate(run, 40, skip=8)
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def main(argv=None):
@@ -97,12 +126,17 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--liger", action="store_true")
     p.add_argument("--variants", default="{}", help='JSON {"name": {SftArgs overrides}}, each timed at every budget')
+    p.add_argument("--loader_only", action="store_true", help="only the loader's rate (float32 / half pixels) and "
+                   "steps fed by it, at the last of --tokens")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from ocrtune.models.presets import build_preset, preset_path
     a.model_dir = str(preset_path(a.model))
     if not Path(a.model_dir).exists():
         build_preset(a.model, Path(a.model_dir))
+    if a.loader_only:
+        Path(a.out).write_text(json.dumps({"args": vars(a), "loader_only": loader_only(a)}, indent=1))
+        return
     variants = {"stage1": {}, **json.loads(a.variants)}
     res = {"args": vars(a), "cases": []}
     for name, ov in variants.items():

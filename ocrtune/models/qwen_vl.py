@@ -266,6 +266,17 @@ def linear_patch_embed(model: nn.Module) -> int:
                if type(mod).__name__.endswith("PatchEmbed") and _is_patchwise(getattr(mod, "proj", None)))
 
 
+def vision_input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The half dtype the vision tower casts its pixel values to before anything else reads them (the patch
+    embedding's weight dtype: transformers' PatchEmbed forwards and `_patch_embed_as_linear` cast to it), or None
+    where that is float32 or there is no patch embedding. Pixel values made in that dtype give the same result."""
+    for mod in model.modules():
+        w = getattr(getattr(mod, "proj", None), "weight", None)
+        if type(mod).__name__.endswith("PatchEmbed") and w is not None:
+            return w.dtype if w.dtype in (torch.bfloat16, torch.float16) else None
+    return None
+
+
 # ================================================================ varlen attention: packed text rows (sdpa wrapper) and the ViT
 
 # `ResponseLoss` feeds packed batches to the language model with `cu_seq_lens_*` attention kwargs. For sdpa models

@@ -330,7 +330,7 @@ class SftRun:
             dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
         if self.resume is not None and self.sharded:
             dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume, sharded_optimizer_state)
-        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing)
+        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, qwen_vl.vision_input_dtype(self.model))
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
 

@@ -105,12 +105,11 @@ def loader_only(a) -> dict:
     run = make_run(a, tokens, {})
     out = {"tokens": tokens, "workers": a.workers, "pixel_dtype": str(run.collator.pixel_dtype)}
     half = run.collator.pixel_dtype
-    run.collator.pixel_dtype = None
-    out["loader_float32_pixels"] = loader_rate(run, 40, skip=8)
-    run.collator.pixel_dtype = half
-    out["loader_half_pixels"] = loader_rate(run, 40, skip=8)
-    out["fed_half_pixels"] = fed_step_rate(run, 40, skip=8)
-    print(json.dumps(out), flush=True)
+    for key, dtype, fn in (("loader_float32_pixels", None, loader_rate), ("loader_half_pixels", half, loader_rate),
+                           ("fed_float32_pixels", None, fed_step_rate), ("fed_half_pixels", half, fed_step_rate)):
+        run.collator.pixel_dtype = dtype
+        out[key] = fn(run, 40, skip=8)
+        print(key, json.dumps(out[key]), flush=True)
     return out
 
 

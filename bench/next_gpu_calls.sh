@@ -8,7 +8,9 @@
 #   call F (same carry; done 2026-12-02), calls G then H right after (carry .whl .whl_alt .carry/latex .carry/tex; done: run 8)
 #   calls I then J right after (same carry as G): issue 13 run 9, run 8 with the tied embeddings trained in stage 1
 #   calls K then L right after (same carry as G): issue 13 run 10, the recipe's new defaults (65,536 tokens a step,
-#   400k synthetic rows, stage 1 planned over both calls: stopped by --max_time in K, resumed in L)
+#   400k synthetic rows, stage 1 planned over both calls: stopped by --max_time in K, resumed in L). Done: run 10.
+#   Next (run 11): K then L again, now with half the synthetic formulas scrambled (--synth_scramble 0.5), pixel
+#   values sent in bf16 by the loader workers and a 60-step probe: the same two commands
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in

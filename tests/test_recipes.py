@@ -206,6 +206,8 @@ def test_from_scratch_trains_on_synthetic_rows_that_exclude_evaluation_formulas(
     assert r["stage2"]["steps"] == SMOKE_STAGE2_STEPS
     stage1 = shlex.split(r["commands"]["stage1"].split("ocrtune ", 1)[1])
     assert str(from_scratch["work"] / "synth") in stage1[stage1.index("--dataset") + 1:]
+    synth_cmd = shlex.split(r["commands"]["synth"].split("ocrtune ", 1)[1])
+    assert float(synth_cmd[synth_cmd.index("--scramble") + 1]) == 0.5  # half the synthetic formulas scrambled
     synth = {" ".join(t.split()) for f in (from_scratch["work"] / "synth").glob("*.parquet")
              for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()}
     held = {" ".join(t.split()) for t in pq.read_table(SAMPLE_DIR / "validation.parquet", columns=["text"]).column("text").to_pylist()}

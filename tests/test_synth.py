@@ -17,7 +17,7 @@ from PIL import Image
 
 from ocrtune.data.registry import SAMPLE_DIR
 from ocrtune.errors import UserError
-from ocrtune.synth.mutate import CLASS_OF, mutate, normalize
+from ocrtune.synth.mutate import CLASS_OF, CLASSES, mutate, normalize, scramble_tokens
 from ocrtune.synth.render import find_tex, precheck, render_formulas
 from ocrtune.synth.run import SynthArgs, plan_formulas, run_synth
 from ocrtune.synth.style import BUCKETS, PAD, ink_box, pick_bucket
@@ -154,6 +154,57 @@ def test_mutate_makes_n_new_distinct_space_tokenized_formulas():
     assert mutate(inputs, 500, seed=3, exclude=excluded) == made and mutate(inputs, 500, seed=4, exclude=excluded) != made
     classed = sum(t in CLASS_OF for m in made for t in m.split())
     assert classed > 0
+
+
+def test_scramble_redraws_symbols_and_keeps_the_layout():
+    import random
+    tokens = " ".join(sample_texts()).split()
+    classed = [i for i, t in enumerate(tokens) if t in CLASS_OF]
+    assert scramble_tokens(tokens, random.Random(0), 0.0) == tokens
+    out = scramble_tokens(tokens, random.Random(0), 1.0)
+    assert len(out) == len(tokens) and len(classed) > 1000
+    assert all(o == t for o, t in zip(out, tokens) if t not in CLASS_OF)           # layout tokens untouched
+    assert all(CLASS_OF[o] == CLASS_OF[t] for o, t in zip(out, tokens) if t in CLASS_OF)  # same class
+    # redrawn uniformly from the class: a token stays what it was with chance 1/|class| (<= 1/10, digits)
+    kept = sum(out[i] == tokens[i] for i in classed) / len(classed)
+    expected = sum(1 / len(CLASSES[CLASS_OF[tokens[i]]]) for i in classed) / len(classed)
+    assert abs(kept - expected) < 4 * (expected / len(classed)) ** 0.5 + 0.01, (kept, expected)
+    half = scramble_tokens(tokens, random.Random(1), 0.5)
+    changed = sum(half[i] != tokens[i] for i in classed) / len(classed)
+    assert 0.5 * (1 - 0.2) < changed < 0.5  # about half redrawn, a few of those drawing the same token again
+
+
+def test_mutate_with_scramble_is_deterministic_new_and_unchanged_at_zero():
+    inputs = sample_texts()
+    excluded = {normalize(t) for t in sample_texts(50)[::2]}
+    plain = mutate(inputs, 300, seed=3, exclude=excluded)
+    assert mutate(inputs, 300, seed=3, exclude=excluded, scramble=0.0) == plain  # no draws at 0: same formulas
+    made = mutate(inputs, 300, seed=3, exclude=excluded, scramble=1.0)
+    assert made == mutate(inputs, 300, seed=3, exclude=excluded, scramble=1.0) and made != plain
+    assert len(set(made)) == 300 and not set(made) & ({normalize(t) for t in inputs} | excluded)
+    # scrambled formulas share far fewer symbols with the inputs' formulas: per output, the share of its classed
+    # tokens found at the same position of the input formula that has the most of them in common
+    def overlap(formulas):
+        srcs = [normalize(t).split() for t in inputs]
+        shares = []
+        for f in formulas[:100]:
+            toks = f.split()
+            idx = [i for i, t in enumerate(toks) if t in CLASS_OF]
+            if idx:
+                shares.append(max(sum(i < len(s) and s[i] == toks[i] for i in idx) for s in srcs) / len(idx))
+        return sum(shares) / len(shares)
+    assert overlap(made) < overlap(plain) - 0.3, (overlap(made), overlap(plain))
+
+
+@needs_tex
+def test_scrambled_formulas_typeset(tmp_path):
+    result, out = synth(tmp_path, dataset=["latex-ocr-sample#60"], mutate=60, scramble=1.0, seed=1, num_proc=2)
+    rows = shard_rows(out)
+    assert len(rows) == result["rendered"] >= 54, result  # as many typeset as plain mutations (~98%)
+    with pytest.raises(UserError, match="--scramble"):
+        synth(tmp_path, "bad", dataset=["latex-ocr-sample#5"], mutate=0, scramble=0.5)
+    with pytest.raises(UserError, match="--scramble 1.5"):
+        synth(tmp_path, "bad2", dataset=["latex-ocr-sample#5"], mutate=5, scramble=1.5)
 
 
 @needs_tex

@@ -1,4 +1,5 @@
-"""New formulas from old ones: swap tokens within their class and splice `{...}` groups between formulas.
+"""New formulas from old ones: swap tokens within their class and splice `{...}` groups between formulas; with
+`scramble`, a share of them also has most of its symbols redrawn (the structure kept, the symbols unpredictable).
 
 Formulas are space-tokenized like LaTeX_OCR's (`\\frac { a } { b }`), and so are the new ones.
 """
@@ -60,10 +61,22 @@ def splice(tokens: list[str], donor: list[str], rng: random.Random) -> list[str]
     return tokens[:a] + donor[c:d] + tokens[b:]
 
 
-def mutate(formulas: list[str], n: int, seed: int, exclude: set[str] = frozenset(), max_tokens: int = 400) -> list[str]:
+def scramble_tokens(tokens: list[str], rng: random.Random, p: float) -> list[str]:
+    """Redraw each classed token (letter, digit, Greek letter, operator, relation, big operator, function name)
+    from its class with probability p; braces, scripts, fractions and every other command stay where they are."""
+    return [rng.choice(CLASSES[CLASS_OF[t]]) if t in CLASS_OF and rng.random() < p else t for t in tokens]
+
+
+def mutate(formulas: list[str], n: int, seed: int, exclude: set[str] = frozenset(), max_tokens: int = 400,
+           scramble: float = 0.0) -> list[str]:
     """`n` new distinct formulas (normalized), none equal to an input or excluded formula after normalizing.
 
-    Deterministic for a given input order and seed. Stops early (fewer than n) when the attempts run out.
+    `scramble`: the share of them whose classed tokens are then each redrawn with a probability between 0.5 and 1
+    (per formula): real formulas' layouts with symbols a language model can't guess from the ones around them, so
+    that a model trained on them has to read its image (mutations alone keep most of a train formula, and a
+    from-scratch model learned their language instead of reading: issue 13's run 10). 0 gives exactly the
+    mutations of before. Deterministic for a given input order, seed and scramble. Stops early (fewer than n)
+    when the attempts run out.
     """
     sources = [normalize(f).split(" ") for f in formulas if normalize(f)]
     if not sources or n <= 0:
@@ -81,6 +94,8 @@ def mutate(formulas: list[str], n: int, seed: int, exclude: set[str] = frozenset
             tokens = splice(tokens, rng.choice(sources), rng)
             if rng.random() < 0.5:
                 tokens = swap_tokens(tokens, rng)
+        if scramble and rng.random() < scramble:  # no draws at scramble 0: the same formulas as without it
+            tokens = scramble_tokens(tokens, rng, rng.uniform(0.5, 1.0))
         candidate = " ".join(tokens)
         if len(tokens) <= max_tokens and candidate not in seen:
             seen.add(candidate)

@@ -376,6 +376,9 @@ def run_profile(a):
         run.train_step([b])
     _sync()
     b = {k: v.to(run.accelerator.device) for k, v in batches[3].items()}
+    if "pixel_frames" in b:  # the loader sends one frame of each still image; the model reads them all
+        from ocrtune.train.data import all_frames
+        b["pixel_values"] = all_frames(b["pixel_values"], int(b.pop("pixel_frames")))
     from ocrtune.train.loss import causal_lm
     vlm = causal_lm(run.model).model
     lm_loss = run.accelerator.unwrap_model(run.loss_module)

@@ -177,10 +177,18 @@ def test_packed_equals_padded_other_families(arch, tmp_path):
     model.eval()
     model.requires_grad_(True)
     l1, n1, g1 = _loss_and_grads(model, collate(samples, 0))
-    l2, n2, g2 = _loss_and_grads(model, pack(samples, 0, model.config.vision_config.spatial_merge_size))
+    packed = pack(samples, 0, model.config.vision_config.spatial_merge_size)
+    l2, n2, g2 = _loss_and_grads(model, packed)
     assert n1 == n2 > 0
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
     _assert_grads_close(g2, g1)
+    # one frame of each still image through the loader, repeated on the device: the very same computation
+    from ocrtune.train.data import Collator
+    frames = template.processor.image_processor.temporal_patch_size
+    light = Collator(0, packing=True, frames=frames, one_frame=True)(samples)
+    assert light["pixel_values"].shape[1] * frames == packed["pixel_values"].shape[1] and int(light["pixel_frames"]) == frames
+    l3, _, g3 = _loss_and_grads(model, light)
+    assert torch.equal(l3, l2) and all(torch.equal(g3[k], g2[k]) for k in g2)
 
 
 def test_collator_sends_pixels_in_the_vision_towers_half_dtype_with_the_same_result(tiny_model_dir, encoded):
@@ -214,5 +222,27 @@ def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
     bf16 = SftRun(SftArgs(output_dir=str(tmp_path / "bf16"), dtype="bfloat16", **common))
     assert bf16.collator.pixel_dtype == torch.bfloat16
     batch = next(bf16.micro_batches())[-1]
-    assert batch["pixel_values"].dtype == torch.bfloat16
+    assert batch["pixel_values"].dtype == torch.bfloat16 and "pixel_frames" not in batch  # no workers: plain input
+    bf16.args.dataloader_num_workers = 2  # from worker processes: one frame of each image, repeated by the loss
+    batch = next(bf16.micro_batches())[-1]
+    assert batch["pixel_values"].dtype == torch.bfloat16 and int(batch["pixel_frames"]) == 2
     assert SftRun(SftArgs(output_dir=str(tmp_path / "fp32"), **common)).collator.pixel_dtype is None  # CPU: float32
+
+
+def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_model_dir, encoded):
+    """The processor tiles each still image over the temporal patch (2 frames): the loader sends one and the loss
+    module repeats it on the device; loss and gradients are bit-identical. Frames that differ (a video) are sent
+    whole."""
+    from ocrtune.train.data import Collator, all_frames, one_frame
+    model = _model(tiny_model_dir, "sdpa")
+    model.requires_grad_(True)
+    full, light = Collator(0, True, None, 2)(list(encoded)), Collator(0, True, None, 2).for_workers()(list(encoded))
+    assert "pixel_frames" not in full and int(light["pixel_frames"]) == 2  # in-process: a plain model input
+    assert light["pixel_values"].shape == (full["pixel_values"].shape[0], full["pixel_values"].shape[1] // 2)
+    assert torch.equal(all_frames(light["pixel_values"], 2), full["pixel_values"])
+    l1, n1, g1 = _loss_and_grads(model, full)
+    l2, n2, g2 = _loss_and_grads(model, light)
+    assert n1 == n2 > 0 and torch.equal(l1, l2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    moving = full["pixel_values"].clone().view(full["pixel_values"].shape[0], 3, 2, -1)
+    moving[0, 0, 1, 0] += 1.0  # the second frame of one patch differs: nothing may be dropped
+    assert one_frame(moving.view(full["pixel_values"].shape), 2) is None

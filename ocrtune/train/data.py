@@ -93,14 +93,43 @@ def _lengths_fingerprint(rows, template: Template) -> str:
     return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
-class Collator:
-    """Samples -> one batch (packed or padded), in the dataloader workers. `pixel_dtype` (bf16/fp16): the pixel
-    values leave the worker in the dtype the vision tower casts them to anyway, half the bytes of float32 through
-    the workers' shared memory, the pinned copy and the host-to-device copy (with 65,536 tokens a step they are
-    ~375 MB in float32, and moving them set the pace of the small model's training: issue 13's run 10)."""
+def one_frame(pixel_values: torch.Tensor, frames: int) -> torch.Tensor | None:
+    """Qwen-VL patches of still images hold each image `frames` times (the processor tiles it over the temporal
+    patch: rows laid out channel, frame, pixel): the first frame alone, [N, C*P*P], or None where the frames
+    differ (a video) and nothing may be dropped."""
+    n, dim = pixel_values.shape
+    if dim % (3 * frames):
+        return None
+    v = pixel_values.view(n, 3, frames, dim // (3 * frames))
+    if not all(torch.equal(v[:, :, 0], v[:, :, t]) for t in range(1, frames)):
+        return None
+    return v[:, :, 0].reshape(n, -1)
 
-    def __init__(self, pad_token_id: int, packing: bool = False, pixel_dtype: torch.dtype | None = None):
-        self.pad_token_id, self.packing, self.pixel_dtype = pad_token_id, packing, pixel_dtype
+
+def all_frames(pixel_values: torch.Tensor, frames: int) -> torch.Tensor:
+    """`one_frame`'s inverse: each image's frame repeated `frames` times, in the processor's layout."""
+    n, dim = pixel_values.shape
+    return pixel_values.view(n, 3, 1, dim // 3).expand(n, 3, frames, dim // 3).reshape(n, 3 * frames * (dim // 3))
+
+
+class Collator:
+    """Samples -> one batch (packed or padded), in the dataloader workers. The pixel values are most of a batch's
+    bytes (~375 MB in float32 at 65,536 tokens), and moving them from the workers (shared memory, the pinned copy,
+    the host-to-device copy) set the pace of the small model's training (issue 13's run 10), so they leave the
+    worker lighter, with the same values arriving at the model:
+    - `pixel_dtype` (bf16/fp16): in the dtype the vision tower casts them to anyway (half the bytes);
+    - `frames` (the processor's temporal_patch_size) with `one_frame`: one copy of each still image's frames,
+      `pixel_frames` in the batch telling the loss module (`ResponseLoss`) to repeat it on the device
+      (`all_frames`) before the model reads it. Only the loaders' worker processes send that light form
+      (`make_loader` turns it on with workers): a batch made in-process is a plain model input."""
+
+    def __init__(self, pad_token_id: int, packing: bool = False, pixel_dtype: torch.dtype | None = None,
+                 frames: int | None = None, one_frame: bool = False):
+        self.pad_token_id, self.packing, self.pixel_dtype, self.frames = pad_token_id, packing, pixel_dtype, frames
+        self.one_frame = one_frame
+
+    def for_workers(self) -> "Collator":
+        return Collator(self.pad_token_id, self.packing, self.pixel_dtype, self.frames, one_frame=True)
 
     def __call__(self, samples):
         samples = [s for s in samples if s is not None]
@@ -113,6 +142,10 @@ class Collator:
             batch = collate(samples, self.pad_token_id)
         if self.pixel_dtype is not None and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        if self.one_frame and self.frames and self.frames > 1 and "pixel_values" in batch:
+            single = one_frame(batch["pixel_values"], self.frames)
+            if single is not None:
+                batch["pixel_values"], batch["pixel_frames"] = single, torch.tensor(self.frames)
         return batch
 
 
@@ -149,6 +182,7 @@ def parquet_rows(path, limit: int | None = None) -> list[dict]:
 
 
 def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator, num_workers: int, pin_memory: bool):
+    collator = collator.for_workers() if num_workers and isinstance(collator, Collator) else collator
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,

@@ -18,6 +18,7 @@ from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count
 from ocrtune.models import qwen_vl
 from ocrtune.models.qwen_vl import causal_lm  # noqa: F401  (moved; issue 14)
 from ocrtune.models.template import IGNORE_INDEX
+from ocrtune.train.data import all_frames
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
@@ -73,7 +74,10 @@ class ResponseLoss(nn.Module):
         return qwen_vl.image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
 
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, **kwargs):
+                position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
+                **kwargs):
+        if pixel_frames is not None:  # the collator sent one frame of each still image (train/data.py:Collator)
+            pixel_values = all_frames(pixel_values, int(pixel_frames))
         amp = self._autocast_dtype()
         with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
             return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,

@@ -330,7 +330,8 @@ class SftRun:
             dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
         if self.resume is not None and self.sharded:
             dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume, sharded_optimizer_state)
-        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, qwen_vl.vision_input_dtype(self.model))
+        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, qwen_vl.vision_input_dtype(self.model),
+                                 getattr(self.processor.image_processor, "temporal_patch_size", None))
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
 
@@ -377,7 +378,7 @@ class SftRun:
         loss_sum, correct = 0.0, 0
         self.loss_module.train()
         for i, (batch, ok) in enumerate(zip(group, real)):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             last = i == len(group) - 1
             # the group's end is the one gradient sync / optimizer step: DeepSpeed's engine steps
             # inside backward whenever accelerate's sync_gradients is set
@@ -456,7 +457,7 @@ class SftRun:
                 batch, real = self._eval_filler or self._first_good(self.val_ds) or self._train_filler(), False
             else:
                 self._eval_filler = batch
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             with acc.autocast():
                 l, n, c = self.loss_module(**batch)
             if real:
@@ -700,6 +701,12 @@ class stop_on_sigterm:
         if self._previous is not self._UNSET:  # None: a handler not set from Python; the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
         return False
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on `device`; `pixel_frames` (a count the loss module reads) stays on the host, where
+    reading it costs no device sync."""
+    return {k: v if k == "pixel_frames" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _accelerator_kwargs(args: SftArgs) -> dict:

@@ -107,6 +107,33 @@ def test_linear_patch_embed_matches_conv3d(tiny_model_dir):
     assert set(fast.state_dict()) == set(stock.state_dict())  # same parameter names: checkpoints unchanged
 
 
+def test_lora_on_the_patch_embedding_trains_through_the_linear_patch_embed(tiny_model_dir):
+    """LoRA on the vision tower's `proj` modules (the from-scratch recipe's targets) also wraps patch_embed.proj, a
+    Conv3d, after the load patched its forward: the patched forward must run the adapter (it read `.weight` and
+    skipped it, so the patch embedding's LoRA never trained), and give what transformers' own forward gives."""
+    from ocrtune.models.loading import load_model
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    torch.manual_seed(0)
+    model = prepare_model(load_model(tiny_model_dir, torch.float32), SftArgs(
+        target_modules=["qkv", "proj", "fc1", "fc2"], freeze_vit=False, lora_dropout=0.0, gradient_checkpointing=False))
+    pe = model.base_model.model.model.visual.patch_embed
+    assert hasattr(pe, "_ocrtune_stock_forward") and hasattr(pe.proj, "base_layer")  # patched, then wrapped
+    with torch.no_grad():
+        for name, p in pe.proj.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pixels = torch.randn(12, pe.in_channels * pe.temporal_patch_size * pe.patch_size ** 2)
+    out = pe(pixels)
+    with model.disable_adapter():
+        base = pe(pixels)
+    assert (out - base).abs().max() > 1e-3  # the adapter takes part
+    torch.testing.assert_close(out, pe._ocrtune_stock_forward(pixels))
+    out.sum().backward()
+    grads = {n: p.grad for n, p in pe.proj.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 def test_ocrtune_load_model_uses_linear_patch_embed(tiny_model_dir):
     from ocrtune.models.loading import load_model
     model = load_model(tiny_model_dir, torch.float32)

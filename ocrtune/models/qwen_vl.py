@@ -249,6 +249,9 @@ def causal_lm(model: nn.Module) -> nn.Module:
 # ================================================================ patch embedding: one GEMM instead of a Conv3d
 
 def _patch_embed_as_linear(self, hidden_states):
+    if not isinstance(self.proj, nn.Conv3d):  # wrapped since it was patched (PEFT LoRA on `proj`, e.g. the from-scratch
+        # recipe's vision targets): the stock forward runs the wrapper, adapter included (reading `.weight` skipped it)
+        return self._ocrtune_stock_forward(hidden_states)
     w = self.proj.weight  # [embed, channels, t, p, p]
     x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
     return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)

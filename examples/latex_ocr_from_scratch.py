@@ -242,12 +242,11 @@ class Recipe:
                 "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1"]
 
     # ------------------------------------------------------------ phase train
-    def synth(self) -> subprocess.Popen | None:
+    def synth(self) -> subprocess.Popen:
+        """Always `ocrtune synth`: on a folder it made with the same flags it renders only missing shards, and it
+        refuses one made with other flags (e.g. another --synth_scramble) instead of the recipe reusing it."""
         a = self.a
         out = self.work / "synth"
-        if list(out.glob("*.parquet")):
-            self.say(f"synthetic rows already in {out}")
-            return None
         excludes = [str(self.data / s / "validation.parquet") for s in ("print", "handwrite")] + list(self.extra().values())
         procs = a.synth_procs or max(1, (os.cpu_count() or 2) - 2 * max(1, self.gpus))
         args = ["synth", "--dataset", self.path("print", "train"), "--mutate", str(a.synth_rows), "--include_input", "false",
@@ -309,17 +308,15 @@ class Recipe:
         a = self.a
         for name in ("stage1", "stage2", "eval"):
             shutil.rmtree(self.work / name, ignore_errors=True)
-        synth = self.synth()
-        if synth is not None:
-            self.wait(synth, timeout=self.left(300))
+        synth_ok = self.wait(self.synth(), timeout=self.left(300)) == 0
         sec = self.probe() if a.stage1_steps is None else None
         data = [self.path("print", "train")]
-        shards = sorted((self.work / "synth").glob("*.parquet"))
+        shards = sorted((self.work / "synth").glob("*.parquet")) if synth_ok else []
         if shards:
             import pyarrow.parquet as pq
             data.insert(0, str(self.work / "synth"))
             self.report["synth"] = {"shards": len(shards), "rows": sum(pq.ParquetFile(s).metadata.num_rows for s in shards),
-                                    "seconds": self.report["timings_s"].get("synth")}
+                                    "seconds": self.report["timings_s"].get("synth"), "scramble": a.synth_scramble}
         else:
             self.report["errors"].append("no synthetic rows: stage 1 trains on the real print rows only")
         if a.stage1_steps:
@@ -328,16 +325,21 @@ class Recipe:
             # and 4 saves, 25 s margin, then --stage1_rest_seconds in phase rest; steps 10% slower than the probe's
             # (run 9's stage 1 ran slower than its probe and was stopped at the deadline 312 steps short of its end)
             fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25
-            steps = max(20, int((self.left() - fixed + a.stage1_rest_seconds) / (1.1 * sec)))
+            later = a.stage1_rest_seconds if a.phase == "train" else 0.0  # --phase all: no second call to go on in
+            steps = max(20, int((self.left() - fixed + later) / (1.1 * sec)))
         self.report["stage1_planned_steps"] = steps
         run = self.work / "stage1"
         args = self.stage1_args(steps, data, run)
         self.report["stage1_args"] = args
-        limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else self.left(25)
-        self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)],
-                 timeout=self.left(5), gpus=self.gpus)
+        # --max_time counts from the run's set-up, after the interpreter's imports: 45 s before the deadline leaves
+        # time for those, the last step, its save and the exit (run 10 ended 13-14 s after its limit)
+        limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else (
+            self.left(45) if a.phase == "train" else None)
+        stop = [] if limit is None else ["--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)]
+        self.run("stage1", [*args, *stop], timeout=self.left(5), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
-        self.report["stage1_steps_in_phase_train"] = self.report["stage1"].get("steps")
+        ckpts = complete_checkpoints(run)
+        self.report["stage1_steps_in_phase_train"] = step_of(ckpts[-1]) if ckpts else 0
 
     # ------------------------------------------------------------ phase rest
     def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
@@ -385,11 +387,11 @@ class Recipe:
         ckpts = complete_checkpoints(run)
         if not ckpts or not planned or not self.report.get("stage1_args") or step_of(ckpts[-1]) >= planned:
             return
-        limit = max(1.0, self.left(self.a.rest_reserve_seconds))
+        reserve = self.a.rest_reserve_seconds
+        limit = max(1.0, self.left(reserve + 20))  # ends ~reserve before the deadline (imports, last step, save, exit)
         self.say(f"stage 1 stopped at step {step_of(ckpts[-1])} of {planned}: resumed for at most {limit:.0f} s")
         self.run("stage1_resumed", [*self.report["stage1_args"], "--resume_from_checkpoint", "last",
-                                    "--max_time", f"{limit:.0f}"], timeout=self.left(self.a.rest_reserve_seconds - 20),
-                 gpus=self.gpus)
+                                    "--max_time", f"{limit:.0f}"], timeout=self.left(reserve - 30), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
         # its log's speeds restart with each process: the time is the two processes' (start-up included)
         self.report["stage1"]["train_seconds"] = round(sum(self.report["timings_s"].get(k, 0) for k in ("stage1", "stage1_resumed")), 1)
@@ -402,7 +404,9 @@ class Recipe:
             raise SystemExit(f"error: no finished stage-1 checkpoint in {self.work / 'stage1'}: run --phase train first")
         ckpt1 = ckpts[-1]
         if (ckpt1 / "adapter_config.json").exists():  # a LoRA stage 1: stage 2 needs a whole model under it
-            if self.run("merge1", ["export", "--ckpt_dir", str(ckpt1), "--merge_lora", "true"], timeout=self.left(300)):
+            # at least 60 s: after a resumed stage 1 only --rest_reserve_seconds are left (run 10's merge: 13 s)
+            if self.run("merge1", ["export", "--ckpt_dir", str(ckpt1), "--merge_lora", "true"],
+                        timeout=max(60.0, self.left(150))):
                 raise SystemExit(f"error: merging the stage-1 adapter {ckpt1} failed; see log.txt")
             from ocrtune.checkpoint import merged_dir_for
             ckpt1 = merged_dir_for(ckpt1)
@@ -420,11 +424,14 @@ class Recipe:
             "--batch_size", str(a.stage2_batch_size), "--learning_rate", str(a.stage2_learning_rate),
             "--max_steps", str(steps), "--eval_steps", str(max(1, steps // 2)), "--save_steps", str(steps),
             "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run),
-            *self.sft_common(min(8, self.workers))], timeout=self.left(70), gpus=min(self.gpus, 1))
-        first = self.finish_evals(evals)
+            *self.sft_common(min(8, self.workers))], timeout=self.left(50), gpus=min(self.gpus, 1))
         self.report["stage2"] = summarize_run(run)
         ckpts2 = complete_checkpoints(run)
-        after = self.evaluate(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")}) if ckpts2 else {}
+        if ckpts2:  # at once, beside stage 1's evaluations still running (run 10's print evaluation needed ~140 s)
+            evals += self.start_evals(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")})
+        results = self.finish_evals(evals, reserve=10)
+        first = {k: v for k, v in results.items() if k != "stage2_handwrite"}
+        after = {k: v for k, v in results.items() if k == "stage2_handwrite"}
         self.report.update({"print": first.get("stage1_print"), "handwrite_before": first.get("stage1_handwrite"),
                             "handwrite_after": after.get("stage2_handwrite"),
                             "extra": {k[len("extra_"):]: v for k, v in first.items() if k.startswith("extra_")}})
@@ -463,7 +470,7 @@ class Recipe:
         32,768 tokens a step: 2,731 steps for 150 s, and was stopped at the deadline at half of them.)"""
         probe = self.report.get("probe") or {}
         per_step = 0.8 * (probe.get("seconds_per_step") or 0.25) * max(1.0, self.a.stage2_batch_size / 32)
-        budget = min(self.a.stage2_seconds, self.left(reserve=130))
+        budget = min(self.a.stage2_seconds, self.left(reserve=100))  # its start-up, then its evaluation
         return max(20, int(budget / per_step))
 
     # ------------------------------------------------------------ report

@@ -1,7 +1,7 @@
 """Fault injection for tests that run `ocrtune sft` as a subprocess: the faults are installed by
 wrapping ocrtune's functions in this process, never read by the package itself.
 
-    python tests/faults.py [--nan_at_step N] [--slow_save SECONDS] [--sigterm_at_step N] sft <sft flags...>
+    python tests/faults.py [--nan_at_step N] [--slow_save SECONDS] [--sigterm_at_step N] [--time_up_on_rank R] sft <sft flags...>
 
 --nan_at_step N     the loss of optimizer step N reads NaN (on every rank), just before the trainer's
                     finite check (`SftRun.check_finite`)
@@ -10,6 +10,8 @@ wrapping ocrtune's functions in this process, never read by the package itself.
 --sigterm_at_step N as optimizer step N starts, SIGTERM goes to the whole process group (the loader workers
                     too), as `timeout`, Slurm or torchrun's shutdown send it; start the command in a new
                     session (`start_new_session=True`) so that the test's own process is not in that group
+--time_up_on_rank R the rank R (RANK) finds its --max_time up after every step, the others never do: the ranks
+                    must still stop after the same step (give --max_time so the run has a limit)
 
 With NPROC_PER_NODE the command re-runs itself under torchrun (`ocrtune.train.launch`): the ranks run
 this file with the same fault flags, not `-m ocrtune`. Tests build the command with `command(...)`.
@@ -24,28 +26,31 @@ HERE = str(Path(__file__).resolve())
 
 
 def command(*argv: str, nan_at_step: int | None = None, slow_save: float | None = None,
-            sigterm_at_step: int | None = None) -> list[str]:
+            sigterm_at_step: int | None = None, time_up_on_rank: int | None = None) -> list[str]:
     """The argv of a subprocess that runs `ocrtune <argv>` with the given faults."""
-    return [sys.executable, HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step), *argv]
+    return [sys.executable, HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step, time_up_on_rank), *argv]
 
 
-def fault_flags(nan_at_step: int | None, slow_save: float | None, sigterm_at_step: int | None = None) -> list[str]:
+def fault_flags(nan_at_step: int | None, slow_save: float | None, sigterm_at_step: int | None = None,
+                time_up_on_rank: int | None = None) -> list[str]:
     return ([f"--nan_at_step={nan_at_step}"] if nan_at_step is not None else []) + \
         ([f"--slow_save={slow_save}"] if slow_save is not None else []) + \
-        ([f"--sigterm_at_step={sigterm_at_step}"] if sigterm_at_step is not None else [])
+        ([f"--sigterm_at_step={sigterm_at_step}"] if sigterm_at_step is not None else []) + \
+        ([f"--time_up_on_rank={time_up_on_rank}"] if time_up_on_rank is not None else [])
 
 
 def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
     """(faults, ocrtune's argv): the leading --nan_at_step=/--slow_save=/--sigterm_at_step= flags, then the rest."""
-    faults = {"nan_at_step": None, "slow_save": None, "sigterm_at_step": None}
-    while argv and argv[0].startswith(("--nan_at_step=", "--slow_save=", "--sigterm_at_step=")):
+    faults = {"nan_at_step": None, "slow_save": None, "sigterm_at_step": None, "time_up_on_rank": None}
+    while argv and argv[0].startswith(("--nan_at_step=", "--slow_save=", "--sigterm_at_step=", "--time_up_on_rank=")):
         name, value = argv[0][2:].split("=", 1)
         faults[name] = float(value) if name == "slow_save" else int(value)
         argv = argv[1:]
     return faults, argv
 
 
-def install(nan_at_step: int | None = None, slow_save: float | None = None, sigterm_at_step: int | None = None) -> None:
+def install(nan_at_step: int | None = None, slow_save: float | None = None, sigterm_at_step: int | None = None,
+            time_up_on_rank: int | None = None) -> None:
     from ocrtune import checkpoint
     from ocrtune.train import launch
     from ocrtune.train.trainer import SftRun
@@ -71,6 +76,10 @@ def install(nan_at_step: int | None = None, slow_save: float | None = None, sigt
                 subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"], check=False)
             return train_step(self, group)
         SftRun.train_step = sigterm_at
+
+    if time_up_on_rank is not None:
+        import os
+        SftRun.time_is_up = lambda self: int(os.environ.get("RANK", "0")) == time_up_on_rank
 
     if slow_save is not None:
         save_checkpoint = checkpoint.save_checkpoint
@@ -100,7 +109,7 @@ def install(nan_at_step: int | None = None, slow_save: float | None = None, sigt
             return None
         i = args.index("-m")
         assert args[i + 1] == "ocrtune", args
-        return [*args[:i], HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step), *args[i + 2:]]
+        return [*args[:i], HERE, *fault_flags(nan_at_step, slow_save, sigterm_at_step, time_up_on_rank), *args[i + 2:]]
     launch.torchrun_args = relaunch_here
 
 

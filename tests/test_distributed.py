@@ -298,17 +298,21 @@ def test_a_rank_whose_micro_batch_fails_to_encode_stays_in_step(tmp_path, tiny_m
     assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
-def test_max_time_under_torchrun_stops_both_ranks_after_the_same_step(tmp_path, tiny_model_dir):
-    """NPROC_PER_NODE=2 with --max_time 0: each rank's time is up after step 1; the stop rides in the step's
-    all-reduce, both ranks save step 1 together (no save step due) and the command exits 0 with the message."""
+def test_max_time_on_one_rank_stops_both_ranks_after_the_same_step(tmp_path, tiny_model_dir):
+    """NPROC_PER_NODE=2, --max_time given, and only rank 1 finds its time up (ranks' clocks differ): the stop rides in
+    the step's all-reduce, so both ranks stop after step 1 and save it together (no save step due), and the command
+    exits 0 with rank 0's message. Without the agreement rank 0 would go on alone and wait for rank 1 forever.
+    Two loader workers per rank: the workers' light batches (one frame of each image) go through DDP."""
+    import faults
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", "2", "--output_dir", str(out),
-           "--max_steps", "400", "--save_steps", "1000", "--eval_steps", "1000", "--max_time", "0"]
+    cmd = faults.command("sft", *FLAGS, "--batch_size", "2", "--output_dir", str(out), "--max_steps", "400",
+                         "--save_steps", "1000", "--eval_steps", "1000", "--max_time", "3600",
+                         "--dataloader_num_workers", "2", time_up_on_rank=1)
     env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     run = next(out.glob("tiny/v*-*"))
-    assert f"stopped at --max_time 0s at step 1; saved {run / 'checkpoint-1'}" in res.stderr
+    assert f"stopped at --max_time 3600s at step 1; saved {run / 'checkpoint-1'}" in res.stderr
     assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-1"]
     assert json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
 

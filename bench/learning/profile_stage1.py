@@ -104,10 +104,12 @@ def loader_only(a) -> dict:
     tokens = int(a.tokens.split(",")[-1])
     run = make_run(a, tokens, {})
     out = {"tokens": tokens, "workers": a.workers, "pixel_dtype": str(run.collator.pixel_dtype)}
-    half = run.collator.pixel_dtype
-    for key, dtype, fn in (("loader_float32_pixels", None, loader_rate), ("loader_half_pixels", half, loader_rate),
-                           ("fed_float32_pixels", None, fed_step_rate), ("fed_half_pixels", half, fed_step_rate)):
-        run.collator.pixel_dtype = dtype
+    half, frames = run.collator.pixel_dtype, run.collator.frames
+    # float32: as before 2026-12-02; half: bf16 pixels; light: bf16 and one frame of each still image (the default)
+    cases = (("float32", None, None), ("half", half, None), ("light", half, frames))
+    for (name, dtype, fr), (kind, fn) in ((c, k) for k in (("loader", loader_rate), ("fed", fed_step_rate)) for c in cases):
+        run.collator.pixel_dtype, run.collator.frames = dtype, fr
+        key = f"{kind}_{name}_pixels"
         out[key] = fn(run, 40, skip=8)
         print(key, json.dumps(out[key]), flush=True)
     return out

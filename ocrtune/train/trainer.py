@@ -705,7 +705,7 @@ class stop_on_sigterm:
 
 def to_device(batch: dict, device) -> dict:
     """A batch's tensors on `device`; `pixel_frames` (a count the loss module reads) stays on the host, where
-    reading it costs no device sync."""
+    reading it costs no device sync (a DDP/FSDP wrapper may still move it: correct, one small sync)."""
     return {k: v if k == "pixel_frames" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -22,10 +22,10 @@ that --work_dir (default .work/from_scratch, git-ignored) survives between them:
           next; `ocrtune sft --max_time` stops it before the deadline and saves the step it stopped after. The
           probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe read
           0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
-  rest    stage 1 resumed (`--resume_from_checkpoint last`) to the end of its schedule, then the evaluations of
-          stage 1 and stage 2 at once (they share the GPU: the small model leaves it mostly idle), evaluation of
-          stage 2, the report
-  all     both in one call (smoke tests)
+  rest    stage 1 resumed (`--resume_from_checkpoint last`) to the end of its schedule, merged, then stage 1's
+          evaluations alongside stage 2 (they share the GPU: the small model leaves it mostly idle), stage 2's
+          evaluation as soon as stage 2 ends, the report
+  all     both in one call, stage 1 planned and trained to its end within it (smoke tests)
 
 Writes to --report_dir: report.json ({"print": {...}, "handwrite_before": {...}, "handwrite_after": {...},
 "extra": {name: {...}}, "command", "device", plus settings, commands, timings and the training logs),

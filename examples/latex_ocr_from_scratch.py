@@ -51,6 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # ocrtune from this checkout, as the subprocesses get it (PYTHONPATH below)
+from ocrtune.checkpoint import list_checkpoints  # noqa: E402  (complete checkpoint-N folders, oldest first)
 METRICS = "bleu,edit_distance,exact_match,token_acc"
 KEYS = ("bleu4", "exact_match", "token_acc", "edit_distance")  # the report's per-set metrics
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # language model
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_rest_seconds", type=float, default=280.0,
                    help="seconds of stage-1 steps planned into phase rest (resumed there); 0: stage 1 ends in phase train")
     p.add_argument("--stage1_train_seconds", type=float, default=None,
-                   help="stage 1's --max_time in phase train (default: what is left of the phase, less 25 s)")
+                   help="stage 1's --max_time in phase train (default: what is left of the phase, less 45 s)")
     p.add_argument("--rest_reserve_seconds", type=float, default=220.0,
                    help="seconds phase rest keeps after resumed stage 1 for the merge, evaluations and stage 2")
     p.add_argument("--stage2_seconds", type=float, default=100.0)
@@ -338,7 +339,7 @@ class Recipe:
         stop = [] if limit is None else ["--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)]
         self.run("stage1", [*args, *stop], timeout=self.left(5), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
-        ckpts = complete_checkpoints(run)
+        ckpts = list_checkpoints(run)
         self.report["stage1_steps_in_phase_train"] = step_of(ckpts[-1]) if ckpts else 0
 
     # ------------------------------------------------------------ phase rest
@@ -377,14 +378,11 @@ class Recipe:
         return {name: self.collect(name, self.wait(job, timeout=time.time() - job["start"] + self.left(reserve)))
                 for name, job in jobs}
 
-    def evaluate(self, ckpt: Path, sets: dict[str, str]) -> dict:
-        return self.finish_evals(self.start_evals(ckpt, sets))
-
     def resume_stage1(self) -> None:
         """Phase train stopped stage 1 (--max_time) short of its planned steps: continue the same run, its
         schedule and data order, until its last step or until phase rest must go on (--rest_reserve_seconds)."""
         run, planned = self.work / "stage1", self.report.get("stage1_planned_steps")
-        ckpts = complete_checkpoints(run)
+        ckpts = list_checkpoints(run)
         if not ckpts or not planned or not self.report.get("stage1_args") or step_of(ckpts[-1]) >= planned:
             return
         reserve = self.a.rest_reserve_seconds
@@ -399,7 +397,7 @@ class Recipe:
     def phase_rest(self) -> None:
         a = self.a
         self.resume_stage1()
-        ckpts = complete_checkpoints(self.work / "stage1")
+        ckpts = list_checkpoints(self.work / "stage1")
         if not ckpts:
             raise SystemExit(f"error: no finished stage-1 checkpoint in {self.work / 'stage1'}: run --phase train first")
         ckpt1 = ckpts[-1]
@@ -426,7 +424,7 @@ class Recipe:
             "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run),
             *self.sft_common(min(8, self.workers))], timeout=self.left(50), gpus=min(self.gpus, 1))
         self.report["stage2"] = summarize_run(run)
-        ckpts2 = complete_checkpoints(run)
+        ckpts2 = list_checkpoints(run)
         if ckpts2:  # at once, beside stage 1's evaluations still running (run 10's print evaluation needed ~140 s)
             evals += self.start_evals(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")})
         results = self.finish_evals(evals, reserve=10)
@@ -520,12 +518,6 @@ def read_json(path: Path) -> dict:
 
 def step_of(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[-1])
-
-
-def complete_checkpoints(run: Path) -> list[Path]:
-    """checkpoint-N folders saved whole (trainer_state.json is written last), oldest first."""
-    found = [p for p in Path(run).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def summarize_run(run: Path) -> dict:

@@ -260,22 +260,25 @@ def _is_patchwise(conv) -> bool:
     return (isinstance(conv, nn.Conv3d) and conv.stride == conv.kernel_size and conv.groups == 1
             and all(p == 0 for p in conv.padding) and all(d == 1 for d in conv.dilation))
 
+def _patch_embeds(model: nn.Module):
+    return (mod for mod in model.modules() if type(mod).__name__.endswith("PatchEmbed"))
+
 def linear_patch_embed(model: nn.Module) -> int:
     """Run Qwen-VL patch embeddings (a Conv3d whose stride equals its kernel: one projection per
     patch) as one GEMM on the flattened patches. cuDNN has no good kernel for that conv shape (in
     bf16 its weight gradient is slowest); the GEMM is the same computation. Returns how many
     modules were patched."""
-    return sum(replace_forward(mod, _patch_embed_as_linear) for mod in model.modules()
-               if type(mod).__name__.endswith("PatchEmbed") and _is_patchwise(getattr(mod, "proj", None)))
+    return sum(replace_forward(mod, _patch_embed_as_linear) for mod in _patch_embeds(model)
+               if _is_patchwise(getattr(mod, "proj", None)))
 
 
 def vision_input_dtype(model: nn.Module) -> torch.dtype | None:
     """The half dtype the vision tower casts its pixel values to before anything else reads them (the patch
     embedding's weight dtype: transformers' PatchEmbed forwards and `_patch_embed_as_linear` cast to it), or None
     where that is float32 or there is no patch embedding. Pixel values made in that dtype give the same result."""
-    for mod in model.modules():
+    for mod in _patch_embeds(model):
         w = getattr(getattr(mod, "proj", None), "weight", None)
-        if type(mod).__name__.endswith("PatchEmbed") and w is not None:
+        if w is not None:
             return w.dtype if w.dtype in (torch.bfloat16, torch.float16) else None
     return None
 

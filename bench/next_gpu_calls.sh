@@ -9,11 +9,11 @@
 #   calls I then J right after (same carry as G): issue 13 run 9, run 8 with the tied embeddings trained in stage 1
 #   calls K then L right after (same carry as G): issue 13 run 10, the recipe's new defaults (65,536 tokens a step,
 #   400k synthetic rows, stage 1 planned over both calls: stopped by --max_time in K, resumed in L). Done: run 10.
-#   Next (run 11): K then L again, now with half the synthetic formulas scrambled (--synth_scramble 0.5), pixel
-#   values sent in bf16 and one frame of each image by the loader workers, the patch embedding's LoRA trained (it
-#   was skipped in runs 7-10) and a 60-step probe: the same two commands. Before them, if time allows (carry .whl
-#   .whl_bench .carry/latex, ~130 s): python3 bench/learning/profile_stage1.py --rows 13918 --tokens 65536 --workers 13
-#   --loader_only --out $OUT/loader_h200.json (float32 / half / light pixels, the loader and steps fed by it)
+#   K then L again (2026-12-02, sixth session): run 11, half the synthetic formulas scrambled; done
+#   (bench/learning/run11_scrambled_h200/, with stage 1b, a third call: run11_scrambled_h200/stage1b/commands.sh).
+#   Next (run 12): K then L once more, the recipe's new defaults (40 s more of phase rest for stage 1, stage 2 70 s),
+#   on nvidia-h200-x2 where status lends it (the recipe trains stage 1 with DDP on every visible GPU: twice the
+#   tokens a step); the carry as for G.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in

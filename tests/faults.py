@@ -5,8 +5,9 @@ wrapping ocrtune's functions in this process, never read by the package itself.
 
 --nan_at_step N     the loss of optimizer step N reads NaN (on every rank), just before the trainer's
                     finite check (`SftRun.check_finite`)
---slow_save SECONDS every checkpoint save sleeps SECONDS after writing the weights into its temporary
-                    folder (`.checkpoint-N.tmp`), so a test can kill the run mid-save
+--slow_save SECONDS every checkpoint save after the first sleeps SECONDS after writing the weights into its
+                    temporary folder (`.checkpoint-N.tmp`), so a test can kill the run mid-save with one
+                    complete checkpoint behind it
 --sigterm_at_step N as optimizer step N starts, SIGTERM goes to the whole process group (the loader workers
                     too), as `timeout`, Slurm or torchrun's shutdown send it; start the command in a new
                     session (`start_new_session=True`) so that the test's own process is not in that group
@@ -97,8 +98,11 @@ def install(nan_at_step: int | None = None, slow_save: float | None = None, sigt
                 self._model.save_pretrained(*a, **kw)
                 time.sleep(slow_save)
 
+        saves = []
+
         def slow(run_dir, step, model, *a, **kw):
-            return save_checkpoint(run_dir, step, SlowSave(model), *a, **kw)
+            saves.append(step)  # the first save is quick: the test needs one complete checkpoint behind the slow one
+            return save_checkpoint(run_dir, step, SlowSave(model) if len(saves) > 1 else model, *a, **kw)
         checkpoint.save_checkpoint = slow  # the trainer calls it through the module (`ckpt_io.save_checkpoint`)
 
     torchrun_args = launch.torchrun_args

@@ -333,10 +333,10 @@ def test_from_scratch_stage2_plan_is_per_step_whatever_stage1s_tokens(tmp_path):
     for tokens in ("16384", "32768"):
         recipe = mod.Recipe(mod.parse_args(base + ["--packing_tokens", tokens]))
         recipe.report["probe"] = {"seconds_per_step": 0.2163}
-        assert recipe.plan_stage2() == int(100 / (0.8 * 0.2163))  # 577: --stage2_seconds 100 at ~0.173 s a step
+        assert recipe.plan_stage2() == int(70 / (0.8 * 0.2163))  # 404: --stage2_seconds 70 at ~0.173 s a step
     recipe = mod.Recipe(mod.parse_args(base + ["--stage2_batch_size", "64"]))
     recipe.report["probe"] = {"seconds_per_step": 0.2163}
-    assert recipe.plan_stage2() == int(100 / (0.8 * 0.2163 * 2))
+    assert recipe.plan_stage2() == int(70 / (0.8 * 0.2163 * 2))
 
 
 def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path):

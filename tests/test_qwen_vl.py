@@ -219,3 +219,41 @@ def test_prepare_liger_patches_the_unwrapped_model_once(tiny_model_dir, monkeypa
     torch.testing.assert_close(applied["fused_ce"](w, h, t), torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum"))
     again = prepare(_lora(model), PatchOptions(patch_embed=False, liger=True))
     assert again["liger"] is True and len(calls) == 1  # idempotent: the wrapped model's base is not patched twice
+
+
+@pytest.mark.parametrize("grid", [[[1, 4, 6], [1, 8, 2], [1, 4, 6]], [[2, 6, 4], [1, 2, 2], [3, 4, 4]]])
+def test_vision_host_kwargs_are_what_transformers_builds(grid):
+    """The ViT's position ids and attention boundaries made on the host equal, value and dtype, what the vision
+    forward builds image by image on the device (videos, t > 1, included)."""
+    from transformers import vision_utils
+    want_pos = vision_utils.get_vision_position_ids(torch.tensor(grid), 2)
+    want_cu = vision_utils.get_vision_cu_seqlens(torch.tensor(grid))
+    got = qwen_vl.vision_host_kwargs(grid, 2, "cpu")
+    assert got["position_ids"].dtype == want_pos.dtype and torch.equal(got["position_ids"], want_pos)
+    assert got["cu_seqlens"].dtype == want_cu.dtype and torch.equal(got["cu_seqlens"], want_cu)
+
+
+def test_image_embeds_take_the_host_positions_and_match_the_stock_ones(tiny_model_dir, encoded, monkeypatch):
+    """The packed forward hands the ViT its host-made position ids (the vision forward finds them in its kwargs
+    rather than building them: fails if a transformers release stops reading them) with the same image features,
+    bit for bit, as the stock path."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    from ocrtune.data.packing import pack
+    from ocrtune.models.loading import load_model
+    lm = qwen_vl.causal_lm(load_model(tiny_model_dir, torch.float32, "sdpa").eval())
+    batch = pack(encoded, 0)
+    assert len(batch["image_grid_thw"]) == len(encoded) > 1
+    stock_ids, handed = modeling_qwen2_vl.get_vision_position_ids, []
+
+    def spy(grid_thw, spatial_merge_size, *a, kwargs=None, **k):
+        handed.append(kwargs is not None and kwargs.get("position_ids") is not None)
+        return stock_ids(grid_thw, spatial_merge_size, *a, kwargs=kwargs, **k)
+    monkeypatch.setattr(modeling_qwen2_vl, "get_vision_position_ids", spy)
+    args = (lm, lm.model, batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    with torch.no_grad():
+        ours = qwen_vl.image_embeds(*args)
+        monkeypatch.setattr(qwen_vl, "HOST_VISION_IDS", False)
+        stock = qwen_vl.image_embeds(*args)
+    assert handed == [True, False]
+    assert torch.equal(ours, stock)

@@ -126,7 +126,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--liger", action="store_true")
-    p.add_argument("--variants", default="{}", help='JSON {"name": {SftArgs overrides}}, each timed at every budget')
+    p.add_argument("--profile_variants", default="stage1", help="variants whose step is profiled (torch.profiler)")
+    p.add_argument("--profile_tokens", default="32768", help="the token budget at which they are profiled")
+    p.add_argument("--variants", default="{}", help='JSON {"name": {SftArgs overrides}}, each timed at every budget; '
+                   '"_host_vision_ids": false in a variant builds the ViT position ids on the device (the stock way)')
     p.add_argument("--loader_only", action="store_true", help="only the loader's rate (float32 / half pixels) and "
                    "steps fed by it, at the last of --tokens")
     p.add_argument("--out", required=True)
@@ -140,9 +143,13 @@ def main(argv=None):
         return
     variants = {"stage1": {}, **json.loads(a.variants)}
     res = {"args": vars(a), "cases": []}
+    from ocrtune.models import qwen_vl
     for name, ov in variants.items():
+        ov = dict(ov)
+        # "_host_vision_ids": false builds the ViT's position ids image by image on the device (transformers' way)
+        qwen_vl.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
         for tokens in [int(x) for x in a.tokens.split(",")]:
-            case = {"variant": name, "tokens": tokens}
+            case = {"variant": name, "tokens": tokens, "host_vision_ids": qwen_vl.HOST_VISION_IDS}
             try:
                 run = make_run(a, tokens, ov)
                 stream = run.micro_batches()
@@ -152,7 +159,7 @@ def main(argv=None):
                 stats = bs._batch_stats(batches[-1])
                 case.update(step_s=round(statistics.median(ts), 4), samples_per_step=stats["samples"],
                             samples_per_s=round(stats["samples"] / statistics.median(ts), 1), **bs._mem())
-                if name == "stage1" and tokens == 32768:
+                if name in a.profile_variants.split(",") and tokens == int(a.profile_tokens):
                     case["profile"] = profile_step(run, batches[-1])
                     case["loader"] = loader_rate(run, 30)
             except Exception as e:  # one failing case must not lose the others

@@ -89,9 +89,14 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
                ("transformers.integrations.sdpa_attention:sdpa_attention_forward",
                 "transformers.modeling_utils:AttentionInterface.register",
                 "transformers.modeling_utils:ALL_ATTENTION_FUNCTIONS"), "transformers", _TF),
-    PatchPoint("packed_forward", "Qwen2VLModel.forward (qwen2_vl only) -> hidden_states(): packed rows, frozen-ViT no_grad",
+    PatchPoint("packed_forward", "Qwen2VLModel.forward (qwen2_vl only) -> hidden_states(): packed rows, frozen-ViT no_grad, "
+               "the ViT's position ids and attention boundaries made on the host (vision_host_kwargs)",
                (f"{_Q2}:Qwen2VLModel.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
                 f"{_Q2}:Qwen2VLModel.get_image_features(pixel_values, image_grid_thw)",
+                f"{_Q2}:get_vision_position_ids(grid_thw, spatial_merge_size, kwargs)",
+                f"{_Q2}:get_vision_attention_seqlens(grid_thw, config, kwargs)",
+                "transformers.vision_utils:get_vision_cu_seqlens(grid_thw, kwargs)",
+                f"{_Q2}:Qwen2VisionTransformerPretrainedModel#spatial_merge_size",
                 "transformers.modeling_outputs:BaseModelOutputWithPooling.pooler_output",
                 f"{_Q2}:Qwen2VLModel#visual", f"{_Q2}:Qwen2VLModel#language_model",
                 f"{_Q2}:Qwen2VLTextModel#config._attn_implementation", f"{_Q2}:Qwen2VLTextModel#config.layer_types"),
@@ -611,19 +616,46 @@ def liger_fused_ce():
 
 # ================================================================ packed forward: Qwen2VLModel.forward by hand (what ResponseLoss runs)
 
+HOST_VISION_IDS = True  # vision_host_kwargs in image_embeds (bench/learning/profile_stage1.py turns it off to compare)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_positions(t: int, h: int, w: int, merge: int) -> torch.Tensor:
+    """[t*h*w, 2] (row, column) of one image's patches in the ViT's order, merge x merge blocks first: what
+    transformers' `get_vision_position_ids` builds for that image (the same ops, on the host). Read-only: cached."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    block = (h // merge, merge, w // merge, merge)
+    return torch.stack([rows.reshape(block).transpose(1, 2).flatten(),
+                        cols.reshape(block).transpose(1, 2).flatten()], dim=-1).repeat(t, 1)
+
+
+def vision_host_kwargs(grid: list[list[int]], merge: int, device) -> dict:
+    """The Qwen2-VL ViT's rotary position ids and per-frame attention boundaries for images of `grid` ([t, h, w]
+    each), made on the host and copied to `device` once. The vision forward takes them from its kwargs
+    (`get_vision_position_ids` / `get_vision_cu_seqlens` pop them) instead of building them image by image on the
+    device: about ten small kernels an image, thousands a step of packed formula images (~430 at 65,536 tokens),
+    each launched before the ViT's first matmul can start."""
+    positions = torch.cat([_grid_positions(t, h, w, merge) for t, h, w in grid])
+    seqlens = torch.tensor([h * w for t, h, w in grid for _ in range(t)], dtype=torch.int32)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+    return {"position_ids": positions.to(device), "cu_seqlens": cu_seqlens.to(device)}
+
+
 def image_embeds(lm, vlm, input_ids, pixel_values, image_grid_thw):
     """Token embeddings with the image features scattered into the image-pad positions. The ViT runs
-    without autograd when it is frozen, and (CUDA) with all images in one varlen call per block."""
+    without autograd when it is frozen, with its position ids made on the host (`vision_host_kwargs`), and
+    (CUDA) with all images in one varlen call per block."""
     embeds = vlm.get_input_embeddings()(input_ids)
     if pixel_values is None:
         return embeds
     frozen = not any(p.requires_grad for p in vlm.visual.parameters())
-    kwargs = {}
+    grid = image_grid_thw.tolist()  # the one read of the grids from the device
+    kwargs = vision_host_kwargs(grid, vlm.visual.spatial_merge_size, pixel_values.device) if HOST_VISION_IDS else {}
     if pixel_values.is_cuda:  # all images in one varlen attention call per ViT block (trained or frozen)
         if getattr(vlm.visual, "_ocrtune_varlen", None) is None:
             vlm.visual._ocrtune_varlen = patch_vision_varlen(vlm.visual)
         if vlm.visual._ocrtune_varlen:
-            kwargs["max_seqlen"] = int((image_grid_thw[:, 1] * image_grid_thw[:, 2]).max())
+            kwargs["max_seqlen"] = max(h * w for _, h, w in grid)
     with torch.no_grad() if frozen else contextlib.nullcontext():
         feats = vlm.get_image_features(pixel_values, image_grid_thw, **kwargs).pooler_output
         feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats

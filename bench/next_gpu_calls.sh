@@ -15,7 +15,8 @@
 #   on nvidia-h200-x2 where status lends it (the recipe trains stage 1 with DDP on every visible GPU: twice the
 #   tokens a step); the carry as for G. Before them, call M (carry .whl .whl_bench .carry/latex, ~120 s): stage 1's
 #   step with the ViT's position ids made on the host (the new default) against the stock per-image way, both profiled
-#   at 65,536 tokens (the profile of 2026-12-02 counted ~4,000 small per-image kernels a step there)
+#   at 65,536 tokens (the profile of 2026-12-02 counted ~4,000 small per-image kernels a step there), and with
+#   Liger's kernels (the recipe's machine has no liger-kernel: its norms and activations run unfused)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -72,7 +73,7 @@ I)  # 2026-12-02, issue 13 run 9: run 8's settings, stage 1 now also trains the 
 M)  for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
     timeout 280 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
-      --tokens 32768,65536 --workers 13 --variants '{"stock_vision_ids": {"_host_vision_ids": false}}' \
+      --tokens 65536 --workers 13 --variants '{"stock_vision_ids": {"_host_vision_ids": false}, "liger": {"use_liger": true}}' \
       --profile_variants stage1,stock_vision_ids --profile_tokens 65536 --out $OUT/profile_host_vision_ids_h200.json \
       > $OUT/profile_log.txt 2>&1 ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;

@@ -109,9 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--stage1_rest_seconds", type=float, default=320.0,
                    help="seconds of stage-1 steps planned into phase rest (resumed there); 0: stage 1 ends in phase train")
     p.add_argument("--stage1_train_seconds", type=float, default=None,
-                   help="stage 1's --max_time in phase train (default: what is left of the phase, less 45 s)")
+                   help="stage 1's --max_time (default: what is left of phase train less 45 s; in phase all, less "
+                        "--rest_reserve_seconds and 20 s)")
     p.add_argument("--rest_reserve_seconds", type=float, default=180.0,
-                   help="seconds phase rest keeps after resumed stage 1 for the merge, evaluations and stage 2")
+                   help="seconds kept after stage 1 (resumed in phase rest; in phase all, its plan and --max_time) for "
+                        "the merge, the evaluations and stage 2")
     p.add_argument("--stage2_seconds", type=float, default=70.0)
     p.add_argument("--stage2_batch_size", type=int, default=32)
     p.add_argument("--stage2_learning_rate", type=float, default=1e-3)
@@ -132,7 +134,7 @@ def parse_args(argv=None):
     if a.smoke:
         a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
-        if a.stage1_train_seconds is None:  # stage 1 stops after its first step in phase train, phase rest resumes it
+        if a.stage1_train_seconds is None and a.phase == "train":  # stops after its first step, phase rest resumes it
             a.stage1_train_seconds = 0.0
         a.min_pixels, a.max_pixels = 20_000, 60_000
     return a
@@ -322,27 +324,37 @@ class Recipe:
                                     "seconds": self.report["timings_s"].get("synth"), "scramble": a.synth_scramble}
         else:
             self.report["errors"].append("no synthetic rows: stage 1 trains on the real print rows only")
-        if a.stage1_steps:
-            steps = a.stage1_steps
-        else:  # what fits: start-up as the probe's plus 30 s to plan over the synthetic rows, 4 teacher-forced evals
-            # and 4 saves, 25 s margin, then --stage1_rest_seconds in phase rest; steps 10% slower than the probe's
-            # (run 9's stage 1 ran slower than its probe and was stopped at the deadline 312 steps short of its end)
-            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25
-            later = a.stage1_rest_seconds if a.phase == "train" else 0.0  # --phase all: no second call to go on in
-            steps = max(20, int((self.left() - fixed + later) / (1.1 * sec)))
+        steps, limit, timeout = self.plan_stage1(sec)
         self.report["stage1_planned_steps"] = steps
         run = self.work / "stage1"
         args = self.stage1_args(steps, data, run)
         self.report["stage1_args"] = args
-        # --max_time counts from the run's set-up, after the interpreter's imports: 45 s before the deadline leaves
-        # time for those, the last step, its save and the exit (run 10 ended 13-14 s after its limit)
-        limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else (
-            self.left(45) if a.phase == "train" else None)
-        stop = [] if limit is None else ["--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)]
-        self.run("stage1", [*args, *stop], timeout=self.left(5), gpus=self.gpus)
+        self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)], timeout=timeout,
+                 gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
         ckpts = list_checkpoints(run)
         self.report["stage1_steps_in_phase_train"] = step_of(ckpts[-1]) if ckpts else 0
+
+    def plan_stage1(self, sec: float | None) -> tuple[int, float, float]:
+        """Stage 1's steps (its cosine schedule's length), its `--max_time` and the subprocess's time-out. What fits:
+        start-up as the probe's plus 30 s to plan over the synthetic rows, 4 teacher-forced evaluations and 4 saves,
+        25 s margin, at 1.1x the probe's seconds a step (run 9's stage 1 ran slower than its probe and was stopped
+        at the deadline 312 steps short of its end). Phase train adds --stage1_rest_seconds of phase rest (stage 1
+        resumes there) and stops 45 s before its deadline (--max_time counts from the run's set-up, after the
+        imports: those, the last step, its save and the exit; run 10 ended 13-14 s after its limit). Phase all
+        keeps --rest_reserve_seconds of its own deadline for the merge, the evaluations and stage 2."""
+        a = self.a
+        if a.phase == "train":
+            later, stop_before, kill_before = a.stage1_rest_seconds, 45.0, 5.0
+        else:  # all: the rest follows in this process, before the same deadline
+            later, stop_before, kill_before = -a.rest_reserve_seconds, a.rest_reserve_seconds + 20, a.rest_reserve_seconds - 30
+        if a.stage1_steps:
+            steps = a.stage1_steps
+        else:
+            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25
+            steps = max(20, int((self.left() - fixed + later) / (1.1 * sec)))
+        limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else self.left(stop_before)
+        return steps, limit, self.left(kill_before)
 
     # ------------------------------------------------------------ phase rest
     def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
@@ -385,7 +397,8 @@ class Recipe:
         schedule and data order, until its last step or until phase rest must go on (--rest_reserve_seconds)."""
         run, planned = self.work / "stage1", self.report.get("stage1_planned_steps")
         ckpts = list_checkpoints(run)
-        if not ckpts or not planned or not self.report.get("stage1_args") or step_of(ckpts[-1]) >= planned:
+        if (self.a.phase == "all" or not ckpts or not planned or not self.report.get("stage1_args")
+                or step_of(ckpts[-1]) >= planned):  # phase all: stopped by its --max_time, with nothing left to resume in
             return
         reserve = self.a.rest_reserve_seconds
         limit = max(1.0, self.left(reserve + 20))  # ends ~reserve before the deadline (imports, last step, save, exit)

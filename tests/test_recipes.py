@@ -339,6 +339,25 @@ def test_from_scratch_stage2_plan_is_per_step_whatever_stage1s_tokens(tmp_path):
     assert recipe.plan_stage2() == int(70 / (0.8 * 0.2163 * 2))
 
 
+def test_from_scratch_stage1_plan_keeps_the_rest_of_phase_all_and_spans_two_calls_in_phase_train(tmp_path, monkeypatch):
+    """Phase train plans stage 1 over this call and --stage1_rest_seconds of the next and stops it 45 s before its
+    deadline; phase all (one process, e.g. an hour on one's own GPU) keeps --rest_reserve_seconds of its deadline
+    for the merge, evaluations and stage 2, in the plan and in --max_time (it once planned the whole deadline)."""
+    mod = _recipe_module()
+    base = ["--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir", str(tmp_path / "r"),
+            "--deadline_seconds", "3600", "--rest_reserve_seconds", "200", "--stage1_rest_seconds", "300"]
+    monkeypatch.setattr(mod.time, "time", lambda: 1000.0)  # the deadline's clock, frozen at the start
+    monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
+    plans = {}
+    for phase in ("train", "all"):
+        recipe = mod.Recipe(mod.parse_args(base + ["--phase", phase]))
+        recipe.report["probe"] = {"startup_seconds": 25.0}
+        plans[phase] = recipe.plan_stage1(0.25)
+    fixed = 25 + 30 + 4 * 5 + 25
+    assert plans["train"] == (int((3600 - fixed + 300) / (1.1 * 0.25)), 3600 - 45, 3600 - 5)
+    assert plans["all"] == (int((3600 - fixed - 200) / (1.1 * 0.25)), 3600 - 220, 3600 - 170)
+
+
 def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path):
     """Evaluations run alongside stage 2 and are waited for afterwards: each may run until `reserve` seconds before
     the phase's deadline however long ago it started (run 10's print evaluation was stopped 48 s in, when the time

@@ -16,7 +16,8 @@
 #   tokens a step); the carry as for G. Before them, call M (carry .whl .whl_bench .carry/latex, ~120 s): stage 1's
 #   step with the ViT's position ids made on the host (the new default) against the stock per-image way, both profiled
 #   at 65,536 tokens (the profile of 2026-12-02 counted ~4,000 small per-image kernels a step there), and with
-#   Liger's kernels (the recipe's machine has no liger-kernel: its norms and activations run unfused)
+#   Liger's kernels (the recipe's machine has no liger-kernel: its norms and activations run unfused). Call N
+#   (~520 s) compares stage-1 settings by what they learn in 400 steps, for the choice of run 12's.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -76,7 +77,11 @@ M)  for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps 
       --tokens 65536 --workers 13 --variants '{"stock_vision_ids": {"_host_vision_ids": false}, "liger": {"use_liger": true}}' \
       --profile_variants stage1,stock_vision_ids --profile_tokens 65536 --out $OUT/profile_host_vision_ids_h200.json \
       > $OUT/profile_log.txt 2>&1 ;;
+N)  # ~520 s, carry as for G: stage-1 variants on 120k synthetic rows, 400 steps each (bench/learning/sweep_stage1.py:
+    # the recipe's stage 1; rank 128 at half the rate; rank 64 at twice the rate), validation every 100 steps
+    RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
+      --synth_rows 120000 --steps 400 --max_time 150 --out $OUT/sweep_stage1_h200.json > $OUT/sweep_log.txt 2>&1 ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@
 # then runs the recipe with the arguments given. Two calls back to back:
 #   bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir "$OUT"
 #   bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir "$OUT"
+# RECIPE_PY=bench/learning/sweep_stage1.py runs that script instead, with the same set-up.
 set -uo pipefail
 export LATEX_OCR_T0=$(date +%s.%N)  # the deadline counts from here
 cd "$(dirname "$0")/.."
@@ -24,4 +25,4 @@ if [ -z "${OCRTUNE_TEX_ROOT:-}" ] && ! command -v pdflatex >/dev/null && [ -f "$
 fi
 python3 -c "import datasets, pyarrow; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-exec python3 examples/latex_ocr_from_scratch.py "$@"
+exec python3 "${RECIPE_PY:-examples/latex_ocr_from_scratch.py}" "$@"  # RECIPE_PY: another script, same set-up

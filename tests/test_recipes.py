@@ -373,3 +373,28 @@ def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path)
     recipe.t0 = time.time() - 400  # 200 s of the phase left, the job started 500 s ago
     assert recipe.finish_evals([("slow_eval", job)]) == {"slow_eval": None}  # no summary file: nothing to collect
     assert proc.returncode == 0 and recipe.report["errors"] == []
+
+
+def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
+    """bench/learning/sweep_stage1.py: a variant's command is the recipe's stage 1 with only its flags' effects
+    changed, and its summary reads steps and evaluations back from the run's logging.jsonl."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sweep_stage1", REPO / "bench" / "learning" / "sweep_stage1.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    mod = sweep.recipe_module()
+    base = ["--phase", "train", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir",
+            str(tmp_path / "r")]
+    plain = sweep.variant_args(mod, base, [], 400, ["rows"], tmp_path / "o")
+    wide = sweep.variant_args(mod, base, sweep.DEFAULT_VARIANTS["r128_lr5e-4"], 400, ["rows"], tmp_path / "o")
+    changed = {plain[i - 1]: (plain[i], wide[i]) for i in range(1, len(plain)) if plain[i] != wide[i]}
+    assert changed == {"--lora_rank": ("64", "128"), "--lora_alpha": ("128", "256"), "--learning_rate": ("0.001", "0.0005")}
+    assert plain[plain.index("--max_steps") + 1] == "400" and plain[plain.index("--dataset") + 1] == "rows"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "logging.jsonl").write_text("\n".join(json.dumps(x) for x in (
+        {"loss": 2.0, "token_acc": 0.5, "step": 200}, {"eval_loss": 1.5, "eval_acc": 0.6, "step": 200},
+        {"loss": 1.0, "token_acc": 0.7, "step": 400}, {"eval_loss": 1.2, "eval_acc": 0.65, "step": 400})) + "\n")
+    s = sweep.summarize(run, 120.0)
+    assert (s["steps"], s["train_loss"], s["train_acc"], s["seconds_per_step_incl_startup"]) == (400, 1.0, 0.7, 0.3)
+    assert s["eval"] == [{"step": 200, "loss": 1.5, "acc": 0.6}, {"step": 400, "loss": 1.2, "acc": 0.65}]

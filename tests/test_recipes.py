@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -346,7 +347,7 @@ def test_from_scratch_stage1_plan_keeps_the_rest_of_phase_all_and_spans_two_call
     mod = _recipe_module()
     base = ["--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir", str(tmp_path / "r"),
             "--deadline_seconds", "3600", "--rest_reserve_seconds", "200", "--stage1_rest_seconds", "300"]
-    monkeypatch.setattr(mod.time, "time", lambda: 1000.0)  # the deadline's clock, frozen at the start
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))  # the recipe's clock, frozen
     monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
     plans = {}
     for phase in ("train", "all"):

@@ -619,7 +619,7 @@ def liger_fused_ce():
 HOST_VISION_IDS = True  # vision_host_kwargs in image_embeds (bench/learning/profile_stage1.py turns it off to compare)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)  # bucketed formula images repeat a few sizes; 512 megapixel images: ~40 MB
 def _grid_positions(t: int, h: int, w: int, merge: int) -> torch.Tensor:
     """[t*h*w, 2] (row, column) of one image's patches in the ViT's order, merge x merge blocks first: what
     transformers' `get_vision_position_ids` builds for that image (the same ops, on the host). Read-only: cached."""

@@ -396,6 +396,6 @@ def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
     (run / "logging.jsonl").write_text("\n".join(json.dumps(x) for x in (
         {"loss": 2.0, "token_acc": 0.5, "step": 200}, {"eval_loss": 1.5, "eval_acc": 0.6, "step": 200},
         {"loss": 1.0, "token_acc": 0.7, "step": 400}, {"eval_loss": 1.2, "eval_acc": 0.65, "step": 400})) + "\n")
-    s = sweep.summarize(run, 120.0)
-    assert (s["steps"], s["train_loss"], s["train_acc"], s["seconds_per_step_incl_startup"]) == (400, 1.0, 0.7, 0.3)
-    assert s["eval"] == [{"step": 200, "loss": 1.5, "acc": 0.6}, {"step": 400, "loss": 1.2, "acc": 0.65}]
+    s = sweep.summarize(mod, run, 120.0)
+    assert (s["steps"], s["final_loss"], s["final_token_acc"], s["seconds_per_step_incl_startup"]) == (400, 1.0, 0.7, 0.3)
+    assert s["eval_log"] == [{"eval_loss": 1.5, "eval_acc": 0.6, "step": 200}, {"eval_loss": 1.2, "eval_acc": 0.65, "step": 400}]

@@ -5,7 +5,7 @@ still rising, train and validation accuracy close), so the question is learning 
 Each variant is the recipe's stage 1 (`examples/latex_ocr_from_scratch.py`: `Recipe.stage1_args`) with some recipe
 flags changed and its own cosine schedule of `steps`, stopped by `--max_time` if it runs long. Reported per variant:
 steps run, seconds a step, the last train loss / token accuracy and print validation loss / teacher-forced token
-accuracy at each evaluation (200 rows, from its `logging.jsonl`).
+accuracy at each evaluation (200 rows), as the recipe's `summarize_run` reads them from its `logging.jsonl`.
 
     python bench/learning/sweep_stage1.py --data_dir .carry/latex --synth_rows 120000 --steps 400 \\
         --variants '{"base": [], "r128_lr5e-4": ["--stage1_lora_rank", "128", "--learning_rate", "5e-4"]}' \\
@@ -41,14 +41,12 @@ def variant_args(mod, base: list[str], flags: list[str], steps: int, data: list[
     return recipe.stage1_args(steps, data, out)
 
 
-def summarize(run: Path, seconds: float) -> dict:
-    log = [json.loads(line) for line in open(run / "logging.jsonl")] if (run / "logging.jsonl").exists() else []
-    train = [x for x in log if "loss" in x and "token_acc" in x]
-    evals = [{"step": x["step"], "loss": x["eval_loss"], "acc": x["eval_acc"]} for x in log if "eval_loss" in x]
-    steps = train[-1]["step"] if train else 0
-    return {"seconds": round(seconds, 1), "steps": steps,
-            "train_loss": train[-1]["loss"] if train else None, "train_acc": train[-1]["token_acc"] if train else None,
-            "eval": evals, "seconds_per_step_incl_startup": round(seconds / steps, 4) if steps else None}
+def summarize(mod, run: Path, seconds: float) -> dict:
+    """The recipe's own summary of a run (`summarize_run`: steps, final loss / token accuracy, the train and
+    evaluation logs), with the variant's wall time, start-up included."""
+    out = {"seconds": round(seconds, 1), **mod.summarize_run(run)}
+    out["seconds_per_step_incl_startup"] = round(seconds / out["steps"], 4) if out.get("steps") else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -80,8 +78,9 @@ def main(argv=None) -> int:
         t = time.time()
         rc = recipe.run(name, args, timeout=a.max_time + 120, gpus=recipe.gpus)
         res["variants"][name] = {"flags": flags, "rc": rc, "command": recipe.report["commands"][name],
-                                 **summarize(run, time.time() - t)}
-        print(name, json.dumps({k: v for k, v in res["variants"][name].items() if k != "command"}), flush=True)
+                                 **summarize(mod, run, time.time() - t)}
+        print(name, json.dumps({k: v for k, v in res["variants"][name].items() if k not in ("command", "train_log")}),
+              flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0
 

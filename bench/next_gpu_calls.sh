@@ -81,7 +81,13 @@ N)  # ~520 s, carry as for G: stage-1 variants on 120k synthetic rows, 400 steps
     # the recipe's stage 1; rank 128 at half the rate; rank 64 at twice the rate), validation every 100 steps
     RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
       --synth_rows 120000 --steps 400 --max_time 150 --out $OUT/sweep_stage1_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+O)  # run 12's third call, right after L on the same machine (its synthetic rows are reused, none rendered): stage 1
+    # with ReLoRA's 5 cycles against one adapter throughout, 600 steps each, the same rows, the same schedule otherwise
+    RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
+      --work_dir .work/from_scratch --synth_rows 400000 --steps 600 --max_time 215 \
+      --variants '{"relora5": [], "one_adapter": ["--stage1_relora_cycles", "1"]}' \
+      --out $OUT/sweep_relora_h200.json > $OUT/sweep_log.txt 2>&1 ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O" >&2; exit 2 ;;
 esac

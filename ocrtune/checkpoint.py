@@ -12,6 +12,9 @@
   newest checkpoint is used).
 * Merge info: `ocrtune_merge.json` in a merged folder (`write_merge_info`, `read_merge_info`, `is_merged`)
   records its source adapter and carries the run settings inference needs.
+* Base overlay: a LoRA checkpoint of a `--relora_steps` run also holds `relora_base.safetensors`, the base
+  weights its adapters sit on (earlier adapters folded in); `load_base_overlay` puts them into the base model
+  before the adapter is attached (resume, inference, merge).
 * Older layouts: a full checkpoint saved without its processor loads the processor from its base model.
 
 What a training run does with a checkpoint (which flags a resume may change) is `ocrtune.train.resume`.
@@ -38,6 +41,7 @@ from ocrtune.fileio import read_json, replace_dir
 log = logging.getLogger("ocrtune")
 
 STATE_FILE = "trainer_state.json"
+BASE_OVERLAY = "relora_base.safetensors"  # a --relora_steps checkpoint's base weights (the folded adapters)
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -65,14 +69,19 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, processor=None) -> Path:
-    """Write checkpoint-<step> atomically; returns its path."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, processor=None,
+                    base_overlay: dict | None = None) -> Path:
+    """Write checkpoint-<step> atomically; returns its path. base_overlay: {name: tensor} of base weights
+    written beside a LoRA adapter (BASE_OVERLAY)."""
+    from safetensors.torch import save_file
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".checkpoint-{step}.tmp"
     try:
         remove_interrupted_saves(run_dir)
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        if base_overlay is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in base_overlay.items()}, tmp / BASE_OVERLAY)
         if processor is not None and not hasattr(model, "peft_config"):
             processor.save_pretrained(tmp)  # full fine-tuning: the folder is a loadable model
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -168,6 +177,9 @@ def read_resume_state(ckpt: Path, train_type: str, optimizer: bool = True) -> di
     if train_type == "lora":
         check_safetensors(ckpt / "adapter_model.safetensors")
         state["adapter"] = load_file(ckpt / "adapter_model.safetensors")
+        if (ckpt / BASE_OVERLAY).exists():
+            check_safetensors(ckpt / BASE_OVERLAY)
+            state["base_overlay"] = load_file(ckpt / BASE_OVERLAY)
     else:
         if not any(ckpt.glob("*.safetensors")):
             raise corrupt(ckpt / "model.safetensors", "missing")
@@ -175,6 +187,27 @@ def read_resume_state(ckpt: Path, train_type: str, optimizer: bool = True) -> di
     names = ("optimizer.pt", "scheduler.pt", "rng_state.pt") if optimizer else ("scheduler.pt", "rng_state.pt")
     state.update({name: _torch_load(ckpt / name) for name in names})
     return state
+
+
+def load_base_overlay(model, folder: Path, overlay: dict | None = None) -> int:
+    """Put a LoRA checkpoint's base overlay (BASE_OVERLAY, or `overlay` already read) into the base model
+    `model` (not PEFT-wrapped) before its adapter is attached; returns the number of tensors (0: none)."""
+    from safetensors.torch import load_file
+    path = Path(folder) / BASE_OVERLAY
+    if overlay is None:
+        if not path.exists():
+            return 0
+        check_safetensors(path)
+        overlay = load_file(path)
+    params = dict(model.named_parameters())
+    missing = [k for k in overlay if k not in params or params[k].shape != overlay[k].shape]
+    if missing:
+        raise UserError(f"{path} does not fit the base model: {len(missing)} of its tensors have no parameter of that "
+                        f"name and shape (first: {missing[0]})", "pass the base model the run was trained on with --model")
+    with torch.no_grad():
+        for k, v in overlay.items():
+            params[k].copy_(v.to(params[k].dtype))
+    return len(overlay)
 
 
 def apply_states(ckpt: Path, states: dict, optimizer, scheduler) -> None:

@@ -255,7 +255,10 @@ def test_from_scratch_stage1_as_lora_is_merged_before_stage2(from_scratch):
     r = from_scratch["rest"]
     stage1 = shlex.split(r["commands"]["stage1"].split("ocrtune ", 1)[1])
     assert stage1[stage1.index("--train_type") + 1] == "lora" and float(stage1[stage1.index("--learning_rate") + 1]) == 1e-3
+    # ReLoRA in 5 cycles of ceil(6 / 5) = 2 steps: the last checkpoint carries the folded base it was merged onto
+    assert stage1[stage1.index("--relora_steps") + 1] == "2"
     merged = Path(r["stage1_checkpoint"])
+    assert (merged.parent / f"checkpoint-{SMOKE_STAGE1_STEPS}" / "relora_base.safetensors").exists()
     assert merged.name == f"checkpoint-{SMOKE_STAGE1_STEPS}-merged"
     stage2 = shlex.split(r["commands"]["stage2"].split("ocrtune ", 1)[1])
     assert stage2[stage2.index("--model") + 1] == str(merged) and r["stage2"]["steps"] == SMOKE_STAGE2_STEPS

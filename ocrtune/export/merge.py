@@ -16,7 +16,7 @@ from pathlib import Path
 from ocrtune.compat import quiet_peft_deprecations
 from ocrtune.errors import UserError
 from ocrtune.fileio import replace_dir, temp_dir_for
-from ocrtune.checkpoint import (Source, base_model, describe, file_sha256, is_merged, merged_dir_for,  # noqa: F401
+from ocrtune.checkpoint import (Source, base_model, describe, file_sha256, is_merged, load_base_overlay, merged_dir_for,  # noqa: F401
                                 read_merge_info, write_merge_info)
 
 log = logging.getLogger("ocrtune")
@@ -63,6 +63,7 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     torch_dtype = dtype_for(dtype, "merge", model_dir=base_dir)  # auto: the base model's stored dtype
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
+    load_base_overlay(base, src.path)  # a --relora_steps checkpoint's folded base weights
     try:
         with quiet_peft_deprecations():
             peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)

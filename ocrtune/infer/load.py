@@ -57,6 +57,9 @@ def load_for_inference(args: InferArgs):
     if adapter is not None:
         from peft import PeftModel
 
+        from ocrtune.checkpoint import load_base_overlay
+        load_base_overlay(model, adapter)  # a --relora_steps checkpoint's folded base weights
+
         from ocrtune.compat import quiet_peft_deprecations
         try:
             with quiet_peft_deprecations():

@@ -25,6 +25,10 @@ class SftArgs:
                                     aliases=("--lora_target_modules",))
     modules_to_save: list[str] = arg(None, "modules trained whole beside the LoRA adapters and saved with them, e.g. "
                                      "embed_tokens (tied lm_head follows) or lm_head")
+    relora_steps: int = arg(0, "ReLoRA: every N steps fold the LoRA adapters into their base weights and restart them "
+                            "from zero (a sum of rank-r updates; for training a model from scratch with LoRA); 0: off")
+    relora_warmup_steps: int | None = arg(None, "with --relora_steps: learning-rate warm-up after each restart "
+                                          "(default: a tenth of --relora_steps)")
     freeze_vit: bool = arg(True, "keep the vision tower frozen")
     # data
     dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N "
@@ -123,6 +127,12 @@ def validate(args: SftArgs) -> None:
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
         (not args.modules_to_save or args.train_type == "lora",
          "--modules_to_save goes with --train_type lora (full fine-tuning trains every module already)"),
+        (args.relora_steps >= 0 and (args.relora_warmup_steps or 0) >= 0, "--relora_steps and --relora_warmup_steps must be 0 or more"),
+        (not args.relora_steps or args.train_type == "lora", "--relora_steps folds LoRA adapters: it needs --train_type lora"),
+        (not args.relora_steps or not (args.fsdp or args.deepspeed),
+         "--relora_steps runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)"),
+        (not args.relora_steps or not args.fp8_base,
+         "--relora_steps folds the adapters into the base weights, which --fp8_base keeps in float8: use one of them"),
     ]
     for ok, message in checks:
         if not ok:

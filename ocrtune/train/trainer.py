@@ -29,7 +29,7 @@ from ocrtune.models.fp8_linear import fp8_base_linears
 from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
-from ocrtune.train import distributed as dist
+from ocrtune.train import distributed as dist, relora
 from ocrtune.train.args import SftArgs, validate
 from ocrtune.train.resume import resume_args
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
@@ -285,6 +285,8 @@ class SftRun:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
         model = self.base_model(model, weights, dtype)
+        if resume_state is not None and "base_overlay" in resume_state:  # a --relora_steps run: its folded base
+            ckpt_io.load_base_overlay(model, self.resume, resume_state.pop("base_overlay"))
         if self.device_map:
             n = len({str(d) for d in model.hf_device_map.values()})
             print(f"ocrtune: one process, the model's layers split over {n} GPUs (--device_map {self.device_map}); "
@@ -394,6 +396,8 @@ class SftRun:
         grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed without clipping reports none
         self.optimizer.step()
         self.scheduler.step()
+        if self.args.relora_steps:  # the next step's rate: warming up again after a restart
+            self._scale_lr(relora.lr_factor(self.state["global_step"] + 1, self.args.relora_steps, self.relora_warmup))
         self.optimizer.zero_grad(set_to_none=True)
         # a SIGTERM or --max_time seen by any rank stops every rank after this step (torchrun forwards a signal to
         # each, not always within the same step; clocks differ): the flags ride in the step's last all-reduce, so all
@@ -409,6 +413,16 @@ class SftRun:
         loss_sum = float(loss_sum)
         self.check_finite(loss_sum, float(grad_norm))
         return loss_sum, int(tokens), int(correct), float(grad_norm)
+
+    def _scale_lr(self, factor: float) -> None:
+        if factor != 1.0:
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr * factor
+
+    @property
+    def relora_warmup(self) -> int:
+        a = self.args
+        return a.relora_warmup_steps if a.relora_warmup_steps is not None else max(1, a.relora_steps // 10)
 
     def time_is_up(self) -> bool:
         return self.args.max_time is not None and time.monotonic() - self.t_start >= self.args.max_time
@@ -514,7 +528,9 @@ class SftRun:
             model = acc.unwrap_model(self.loss_module).model
             model, optimizer = ((dist.WithState(model, model_sd), dist.WithState(self.optimizer, optim_sd))
                                 if self.sharded else (model, self.optimizer))
-            ckpt_io.save_checkpoint(self.run_dir, step, model, optimizer, self.scheduler, dict(self.state), self.processor)
+            overlay = relora.base_overlay(model) if self.args.relora_steps else None
+            ckpt_io.save_checkpoint(self.run_dir, step, model, optimizer, self.scheduler, dict(self.state), self.processor,
+                                    base_overlay=overlay)
         acc.wait_for_everyone()
         dist.save_engine_state(acc, self.loss_module, self.run_dir / f"checkpoint-{step}")
         acc.wait_for_everyone()
@@ -642,6 +658,10 @@ class SftRun:
                 self.log_train(step, start, start_step)
             metrics = None
             last = step == self.total_steps
+            if args.relora_steps and step % args.relora_steps == 0 and not last:
+                n = relora.fold_and_restart(self.accelerator.unwrap_model(self.loss_module).model, self.optimizer, args.seed + step)
+                if self.main:
+                    bar.write(f"relora: {n} LoRA adapters folded into their base weights and restarted at step {step}")
             if self._stop_now and not last:
                 self.save(None)  # at once, no evaluation first: a preempted or timed-out run keeps every step it made
                 return step
@@ -657,7 +677,7 @@ class SftRun:
         done = step - start_step
         elapsed = time.time() - start
         record = {"loss": round(a[0] / max(a[1], 1), 6), "token_acc": round(a[2] / max(a[1], 1), 6),
-                  "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.scheduler.get_last_lr()[0],
+                  "grad_norm": round(a[3] / max(a[4], 1), 6), "learning_rate": self.optimizer.param_groups[0]["lr"],
                   "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
                   "epoch": round(self.epoch_progress(), 4),
                   "global_step/max_steps": f"{step}/{self.total_steps}",

@@ -249,7 +249,10 @@ class Recipe:
         a = self.a
         return ["--min_pixels", str(a.min_pixels), "--max_pixels", str(a.max_pixels), "--packing", "true",
                 "--dataloader_num_workers", str(self.workers if workers is None else workers), "--gradient_checkpointing", "false",
-                "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1"]
+                "--add_output_dir_suffix", "false", "--report_to", "none", "--save_total_limit", "1",
+                # Liger's kernels made the small model's stage-1 step slower on an H200 (0.276 against 0.205 s at
+                # 65,536 tokens: bench/learning/profile_liger_h200.json); sft's default turns them on where installed
+                "--use_liger", "false"]
 
     # ------------------------------------------------------------ phase train
     def synth(self) -> subprocess.Popen:

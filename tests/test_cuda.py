@@ -435,3 +435,33 @@ def test_modules_to_save_trains_the_tied_embeddings_in_bf16(small):
     assert g_pack[key].abs().sum() > 0 and torch.isfinite(g_pack[key]).all()
     assert rel(g_pack[key], g_ref[key]) <= 1.5 * rel(g_pad[key], g_ref[key]) + bf16_rtol(1)
 
+
+
+def test_relora_fold_on_bf16_weights_keeps_the_loss(small):
+    """--relora_steps on the GPU path: the recipe's LoRA targets (language model and vision tower, the patch
+    embedding's conv included) over bf16 weights, folded into them (one bf16 rounding of each weight): the loss stays
+    as near a float32 reference of the unfolded model as the unfolded bf16 model is, plus a rounding."""
+    from ocrtune.data.packing import pack
+    from ocrtune.models.loading import load_model
+    from ocrtune.train import relora
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import prepare_model
+    d, samples = small
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
+    models = [prepare_model(load_model(d, dtype, "sdpa"), SftArgs(lora_dropout=0.0, lora_rank=16, lora_alpha=32,
+                                                                   target_modules=targets)).cuda()
+              for dtype in (torch.float32, torch.bfloat16)]
+    reference, model = models
+    _set_lora(models, std=0.05)
+    batch = _cuda(pack(samples, 0))
+    l_ref, *_ = _loss_and_grads(reference, batch)
+    l_before, *_ = _loss_and_grads(model, batch)
+    bases = {k: v.clone() for k, v in relora.base_overlay(model).items()}
+    assert any("patch_embed" in k for k in bases)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+    assert relora.fold_and_restart(model, opt, seed=1) == len(bases)
+    after = relora.base_overlay(model)
+    assert all(not torch.equal(after[k], bases[k]) for k in bases)
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+    l_after, *_ = _loss_and_grads(model, batch)
+    assert abs(l_after - l_ref) <= 1.5 * abs(l_before - l_ref) + bf16_rtol(1) * abs(l_ref), (l_after, l_before, l_ref)

@@ -33,16 +33,18 @@ def _stock(tiny_model_dir):
     return AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
-def _lora(model, **kw):
+def _lora(model, patch_embed=False, **kw):
     from peft import LoraConfig, get_peft_model
 
     from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
 
     from ocrtune.models.loading import lora_target_regex
     model.requires_grad_(False)
+    targets = lora_target_regex(model, ["all-linear"])
+    if patch_embed:  # the patch embedding's Conv3d too (PEFT's LoRA Conv3d, as the from-scratch recipe has it)
+        targets = f"({targets})|(.*patch_embed\\.proj)"
     with quiet_peft_deprecations():
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=lora_target_regex(model, ["all-linear"])))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     enable_activation_checkpointing(model)
     return model
 
@@ -146,7 +148,7 @@ def test_untested_peft_leaves_lora_layers_alone(tiny_model_dir, monkeypatch):
 def test_patch_points_resolve(tiny_model_dir):
     """Every private name a patch point relies on exists in the installed transformers/PEFT, on a
     model that holds every patched kind of module (LoRA layers, checkpointed decoder layers, ViT)."""
-    model = _lora(_stock(tiny_model_dir))
+    model = _lora(_stock(tiny_model_dir), patch_embed=True)
     assert qwen_vl.unresolved(model) == []
     for point in PATCH_POINTS:
         for ref in point.relies_on:

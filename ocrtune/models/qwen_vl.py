@@ -79,6 +79,10 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
                "peft", _PEFT),
     PatchPoint("patch_embed", "*PatchEmbed.forward (a Conv3d with stride == kernel) -> one GEMM",
                (f"{_Q2}:PatchEmbed#proj.weight", f"{_Q2}:PatchEmbed#proj.bias"), "transformers", _TF),
+    PatchPoint("patch_embed_lora", "PEFT's LoRA Conv3d on the patch embedding, inside the patch-embed GEMM -> two GEMMs",
+               tuple(f"peft.tuners.lora.layer:Conv3d#{a}" for a in (
+                   "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "merged", "disable_adapters",
+                   "lora_variant", "lora_bias", "base_layer", "_cast_input_dtype")), "peft", _PEFT),
     PatchPoint("vision_varlen", "Qwen2-VL VisionAttention.forward -> one varlen call per ViT block",
                (f"{_Q2}:VisionAttention.forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen)",
                 f"{_Q2}:VisionAttention#qkv", f"{_Q2}:VisionAttention#proj", f"{_Q2}:VisionAttention#num_heads",
@@ -254,12 +258,38 @@ def causal_lm(model: nn.Module) -> nn.Module:
 # ================================================================ patch embedding: one GEMM instead of a Conv3d
 
 def _patch_embed_as_linear(self, hidden_states):
-    if not isinstance(self.proj, nn.Conv3d):  # wrapped since it was patched (PEFT LoRA on `proj`, e.g. the from-scratch
-        # recipe's vision targets): the stock forward runs the wrapper, adapter included (reading `.weight` skipped it)
-        return self._ocrtune_stock_forward(hidden_states)
-    w = self.proj.weight  # [embed, channels, t, p, p]
+    proj = self.proj
+    lora = isinstance(proj, nn.Module) and _plain_lora(proj)
+    if not isinstance(proj, nn.Conv3d) and not lora:  # wrapped some other way since it was patched: the stock
+        return self._ocrtune_stock_forward(hidden_states)  # forward runs the wrapper (reading `.weight` skips it)
+    base = proj.get_base_layer() if lora else proj
+    w = base.weight  # [embed, channels, t, p, p]
     x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
-    return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
+    out = F.linear(x, w.reshape(w.shape[0], -1), base.bias)
+    dtype = out.dtype
+    if lora:  # PEFT's LoRA on the conv (the from-scratch recipe's vision targets): A is a conv of the same
+        # patchwise shape, B a 1x1x1 conv, so both are GEMMs on the flattened patches too (cuDNN's weight
+        # gradient of that conv shape cost ~15 ms of a 0.2 s stage-1 step on an H200)
+        for name in proj.active_adapters:
+            if name not in proj.lora_A:
+                continue
+            a, b = proj.lora_A[name].weight, proj.lora_B[name].weight
+            xa = proj._cast_input_dtype(x, a.dtype)
+            lo = F.linear(F.linear(proj.lora_dropout[name](xa), a.reshape(a.shape[0], -1)), b.reshape(b.shape[0], -1))
+            out = out + lo * proj.scaling[name]
+    return out.to(dtype)  # as PEFT: the base layer's output dtype
+
+
+_LORA_CONV_ATTRS = ("lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "_cast_input_dtype", "get_base_layer")
+
+
+def _plain_lora(proj: nn.Module) -> bool:
+    """PEFT's plain LoRA on a patchwise Conv3d, adapters active and unmerged (no DoRA, no LoRA bias). Any of the
+    PEFT names it reads missing (patch point `patch_embed_lora`) leaves the stock forward, not an error."""
+    base = getattr(proj, "base_layer", None)
+    return (base is not None and _is_patchwise(base) and all(hasattr(proj, a) for a in _LORA_CONV_ATTRS)
+            and not getattr(proj, "merged", True) and not getattr(proj, "disable_adapters", True)
+            and not getattr(proj, "lora_variant", None) and not any(getattr(proj, "lora_bias", {}).values()))
 
 def _is_patchwise(conv) -> bool:
     return (isinstance(conv, nn.Conv3d) and conv.stride == conv.kernel_size and conv.groups == 1

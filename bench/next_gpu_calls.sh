@@ -11,13 +11,13 @@
 #   400k synthetic rows, stage 1 planned over both calls: stopped by --max_time in K, resumed in L). Done: run 10.
 #   K then L again (2026-12-02, sixth session): run 11, half the synthetic formulas scrambled; done
 #   (bench/learning/run11_scrambled_h200/, with stage 1b, a third call: run11_scrambled_h200/stage1b/commands.sh).
-#   Next (run 12): K then L once more, the recipe's new defaults (40 s more of phase rest for stage 1, stage 2 70 s),
-#   on nvidia-h200-x2 where status lends it (the recipe trains stage 1 with DDP on every visible GPU: twice the
-#   tokens a step); the carry as for G. Before them, call M (carry .whl .whl_bench .carry/latex, ~120 s): stage 1's
-#   step with the ViT's position ids made on the host (the new default) against the stock per-image way, both profiled
-#   at 65,536 tokens (the profile of 2026-12-02 counted ~4,000 small per-image kernels a step there), and with
-#   Liger's kernels (the recipe's machine has no liger-kernel: its norms and activations run unfused). Call N
-#   (~520 s) compares stage-1 settings by what they learn in 400 steps, for the choice of run 12's.
+#   K then L again (2026-12-03, seventh session): run 12, stage 1 as ReLoRA in 5 cycles, host ViT ids; done
+#   (bench/learning/run12_relora_h200/, print BLEU-4 0.321), then O (ReLoRA against one adapter at 600 steps; done).
+#   Next (run 13): K then L with the train/validation gap in mind (run 12: train token accuracy 0.86 against 0.77):
+#   more distinct formulas, e.g. `K` with --synth_scramble 0.75 added to the recipe line (a new synth folder: the old
+#   one is refused with other flags), on nvidia-h200-x2 where status lends it. Before them, ~60 s: stage 1's step with
+#   the patch embedding's LoRA as GEMMs (new, CPU-tested) against run 12's 0.227 s (profile_stage1.py as in M, no
+#   variants), and the cuda suite (bench/run_cuda_tests.sh) since that change.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in

@@ -140,3 +140,20 @@ def test_relora_is_refused_where_it_cannot_fold():
     for bad in (dict(train_type="full"), dict(fsdp="full_shard auto_wrap"), dict(fp8_base=True)):
         with pytest.raises(UserError, match="relora_steps"):
             validate(SftArgs(relora_steps=10, **bad))
+
+
+def test_a_damaged_or_foreign_base_overlay_is_a_one_line_error(uninterrupted, tmp_path, tiny_model_dir):
+    import shutil
+
+    from ocrtune.checkpoint import load_base_overlay
+    from ocrtune.errors import UserError
+    from ocrtune.models.loading import load_model
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(uninterrupted / "checkpoint-6", ckpt)
+    model = load_model(tiny_model_dir, torch.float32)
+    data = (ckpt / BASE_OVERLAY).read_bytes()
+    (ckpt / BASE_OVERLAY).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="relora_base.safetensors"):
+        load_base_overlay(model, ckpt)
+    with pytest.raises(UserError, match="does not fit the base model"):
+        load_base_overlay(model, ckpt, {"model.no_such.weight": torch.zeros(2)})

@@ -58,9 +58,8 @@ def load_for_inference(args: InferArgs):
         from peft import PeftModel
 
         from ocrtune.checkpoint import load_base_overlay
-        load_base_overlay(model, adapter)  # a --relora_steps checkpoint's folded base weights
-
         from ocrtune.compat import quiet_peft_deprecations
+        load_base_overlay(model, adapter)  # a --relora_steps checkpoint's folded base weights
         try:
             with quiet_peft_deprecations():
                 model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

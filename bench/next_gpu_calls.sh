@@ -13,11 +13,11 @@
 #   (bench/learning/run11_scrambled_h200/, with stage 1b, a third call: run11_scrambled_h200/stage1b/commands.sh).
 #   K then L again (2026-12-03, seventh session): run 12, stage 1 as ReLoRA in 5 cycles, host ViT ids; done
 #   (bench/learning/run12_relora_h200/, print BLEU-4 0.321), then O (ReLoRA against one adapter at 600 steps; done).
-#   Next (run 13): K then L with the train/validation gap in mind (run 12: train token accuracy 0.86 against 0.77):
-#   more distinct formulas, e.g. `K` with --synth_scramble 0.75 added to the recipe line (a new synth folder: the old
-#   one is refused with other flags), on nvidia-h200-x2 where status lends it. Before them, ~60 s: stage 1's step with
-#   the patch embedding's LoRA as GEMMs (new, CPU-tested) against run 12's 0.227 s (profile_stage1.py as in M, no
-#   variants), and the cuda suite (bench/run_cuda_tests.sh) since that change.
+#   Next (run 13): P then L, with run 12's train/validation gap in mind (train token accuracy 0.86 against 0.77): half
+#   the synthetic formulas recombined from two train formulas' halves (ocrtune synth --recombine, new; the recipe's
+#   --synth_recombine 0.5), everything else run 12's; on nvidia-h200-x2 where status lends it. Before them, ~60 s:
+#   stage 1's step with the patch embedding's LoRA as GEMMs (new, CPU-tested) against run 12's 0.227 s
+#   (profile_stage1.py as in M, without --variants), and the cuda suite (bench/run_cuda_tests.sh) since that change.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -87,7 +87,10 @@ O)  # run 12's third call, right after L on the same machine (its synthetic rows
       --work_dir .work/from_scratch --synth_rows 400000 --steps 600 --max_time 215 \
       --variants '{"relora5": [], "one_adapter": ["--stage1_relora_cycles", "1"]}' \
       --out $OUT/sweep_relora_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+P)  # run 13's phase train (then L): run 12's recipe with half the synthetic formulas recombined
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_recombine 0.5 \
+      > $OUT/phase_train_log.txt 2>&1 ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P" >&2; exit 2 ;;
 esac

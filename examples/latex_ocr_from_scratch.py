@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--synth_scramble", type=float, default=0.5,
                    help="share of the synthetic formulas with their symbols redrawn (ocrtune synth --scramble): "
                         "run 10's model learned the mutated formulas' language (train token accuracy 0.91, validation 0.68)")
+    p.add_argument("--synth_recombine", type=float, default=0.0,
+                   help="share of the synthetic formulas joined from two train formulas' halves at top-level relations "
+                        "or commas (ocrtune synth --recombine): new overall structures, for run 12's train/validation "
+                        "gap (not yet run on the GPU)")
     p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
     p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
     p.add_argument("--packing_tokens", type=int, default=65536,
@@ -264,6 +268,7 @@ class Recipe:
         procs = a.synth_procs or max(1, (os.cpu_count() or 2) - 2 * max(1, self.gpus))
         args = ["synth", "--dataset", self.path("print", "train"), "--mutate", str(a.synth_rows), "--include_input", "false",
                 *(["--scramble", str(a.synth_scramble)] if a.synth_scramble else []),
+                *(["--recombine", str(a.synth_recombine)] if a.synth_recombine else []),
                 "--exclude", *excludes, "--output_dir", str(out), "--seed", "0", "--num_proc", str(procs)]
         if a.tex_root:
             args += ["--tex_root", a.tex_root]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ocrtune.data.registry import SAMPLE_DIR
 from ocrtune.errors import UserError
-from ocrtune.synth.mutate import CLASS_OF, CLASSES, mutate, normalize, scramble_tokens
+from ocrtune.synth.mutate import CLASS_OF, CLASSES, mutate, normalize, recombine_tokens, scramble_tokens, top_level_cuts
 from ocrtune.synth.render import find_tex, precheck, render_formulas
 from ocrtune.synth.run import SynthArgs, plan_formulas, run_synth
 from ocrtune.synth.style import BUCKETS, PAD, ink_box, pick_bucket
@@ -194,6 +194,49 @@ def test_mutate_with_scramble_is_deterministic_new_and_unchanged_at_zero():
                 shares.append(max(sum(i < len(s) and s[i] == toks[i] for i in idx) for s in srcs) / len(idx))
         return sum(shares) / len(shares)
     assert overlap(made) < overlap(plain) - 0.3, (overlap(made), overlap(plain))
+
+
+def test_recombine_joins_a_head_and_a_tail_at_top_level_cuts():
+    import random
+    a = "\\frac { a = b } { c } = \\left ( x , y \\right ) + z".split()
+    assert top_level_cuts(a) == [9]  # not the = inside {...} nor the , inside \\left ... \\right
+    b = "p \\leq \\begin { array } { c } q = r \\end { array } , s".split()
+    assert top_level_cuts(b) == [1, 16]  # not the = inside \\begin ... \\end
+    rng = random.Random(0)
+    outs = {" ".join(recombine_tokens(a, b, rng)) for _ in range(40)}
+    assert outs == {"\\frac { a = b } { c } \\leq \\begin { array } { c } q = r \\end { array } , s",
+                    "\\frac { a = b } { c } , s"}
+    assert recombine_tokens("x + 1".split(), b, rng) == "x + 1".split()  # no cut: unchanged
+
+
+def test_mutate_with_recombine_makes_new_structures_and_is_unchanged_at_zero():
+    inputs = sample_texts()
+    plain = mutate(inputs, 300, seed=3)
+    assert mutate(inputs, 300, seed=3, recombine=0.0) == plain  # no draws at 0: the same formulas
+    made = mutate(inputs, 300, seed=3, recombine=1.0)
+    assert made == mutate(inputs, 300, seed=3, recombine=1.0) and len(set(made)) == 300
+    # structure: a formula with its classed symbols replaced by their class names; a recombined set holds more
+    # structures that no input has (mutations keep most of an input's)
+    def skeleton(f):
+        return " ".join(CLASS_OF.get(t, t) for t in f.split())
+    known = {skeleton(normalize(t)) for t in inputs}
+    def new_share(formulas):
+        return sum(skeleton(f) not in known for f in formulas) / len(formulas)
+    # a swap keeps the skeleton and a splice replaces one group: about half the plain ones are new; recombined
+    # ones join two inputs' halves
+    assert new_share(made) > new_share(plain) + 0.2, (new_share(made), new_share(plain))
+    heads = {" ".join(normalize(t).split()[:3]) for t in inputs}
+    assert sum(" ".join(f.split()[:3]) in heads for f in made) > 0.5 * len(made)  # they still start as inputs do
+
+
+@needs_tex
+def test_recombined_formulas_typeset(tmp_path):
+    result, out = synth(tmp_path, dataset=["latex-ocr-sample#60"], mutate=60, recombine=1.0, seed=1, num_proc=2)
+    assert len(shard_rows(out)) == result["rendered"] >= 54, result  # as many typeset as plain mutations (~98%)
+    with pytest.raises(UserError, match="--recombine"):
+        synth(tmp_path, "bad", dataset=["latex-ocr-sample#5"], mutate=0, recombine=0.5)
+    with pytest.raises(UserError, match="--recombine 2"):
+        synth(tmp_path, "bad2", dataset=["latex-ocr-sample#5"], mutate=5, recombine=2.0)
 
 
 @needs_tex

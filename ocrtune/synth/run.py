@@ -29,6 +29,8 @@ class SynthArgs:
     scramble: float = arg(0.0, "share of the --mutate formulas whose letters, digits, Greek letters, operators, "
                                "relations and function names are then mostly redrawn at random (layout kept, symbols "
                                "unpredictable: trains reading rather than the formulas' language)")
+    recombine: float = arg(0.0, "share of the --mutate formulas made of the head of one input and the tail of another, "
+                                 "joined at a top-level relation or comma (new overall structures)")
     exclude: list[str] = arg(None, "datasets (same forms as --dataset; all splits of a registry name) whose formulas are never produced")
     include_input: bool | None = arg(None, "render the input formulas too (default: true without --mutate, false with it)")
     max_rows: int | None = arg(None, "render at most this many formulas (the first ones; skipped ones are not replaced)")
@@ -94,7 +96,7 @@ def plan_formulas(args: SynthArgs) -> tuple[list[str], collections.Counter]:
                 seen.add(key)
                 formulas.append(t)
     if args.mutate:
-        made = mutate(inputs, args.mutate, args.seed, excluded, scramble=args.scramble)
+        made = mutate(inputs, args.mutate, args.seed, excluded, scramble=args.scramble, recombine=args.recombine)
         if len(made) < args.mutate:
             dropped[f"mutate made only {len(made)} distinct"] += args.mutate - len(made)
         formulas += made
@@ -112,6 +114,10 @@ def validate(args: SynthArgs) -> None:
         raise UserError(f"--scramble {args.scramble} is out of range", "give a share between 0 and 1, e.g. --scramble 0.5")
     if args.scramble and not args.mutate:
         raise UserError("--scramble applies to the --mutate formulas, and --mutate is 0", "add --mutate N")
+    if not 0.0 <= args.recombine <= 1.0:
+        raise UserError(f"--recombine {args.recombine} is out of range", "give a share between 0 and 1, e.g. --recombine 0.5")
+    if args.recombine and not args.mutate:
+        raise UserError("--recombine applies to the --mutate formulas, and --mutate is 0", "add --mutate N")
     for name in ("mutate", "shard_size", "chunk_size", "timeout", "max_rows", "num_proc"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name not in ("mutate", "max_rows"))):
@@ -121,8 +127,9 @@ def validate(args: SynthArgs) -> None:
 def check_manifest(out: Path, args: SynthArgs) -> None:
     """Refuse to mix shards of different flags in one folder; same flags -> resume."""
     key = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "num_proc", "timeout", "tex_root")}
-    if not key["scramble"]:  # folders made before --scramble existed resume as before
-        del key["scramble"]
+    for name in ("scramble", "recombine"):  # folders made before these flags existed resume as before
+        if not key[name]:
+            del key[name]
     path = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file", "pass a folder (new or empty) for the shards")

@@ -59,6 +59,24 @@ def test_two_process_ddp_matches_one_process(tmp_path, one_process):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def test_relora_under_ddp_matches_one_process(tmp_path):
+    """--relora_steps with two processes: every rank redraws the same adapters at each restart (seeded: a rank with
+    other ones would move the logged loss, the mean over ranks, far from the one-process run's), and rank 0 saves
+    the same adapters and folded base."""
+    relora = ["--relora_steps", "2", "--save_steps", "1"]
+    one_dir, one = sft(tmp_path / "one", 4, extra=relora)
+    two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"},
+                       extra=relora)
+    key = lambda log, k: [r[k] for r in log if k in r]
+    assert key(two, "loss") == pytest.approx(key(one, "loss"), rel=1e-4)  # steps 3-5 come after restarts
+    a, b = (load_file(d / "checkpoint-4" / "adapter_model.safetensors") for d in (one_dir, two_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a if "lora_A" in k)  # redrawn at step 4: the same draw
+    assert all(not a[k].any() and not b[k].any() for k in a if "lora_B" in k)
+    for name in ("adapter_model.safetensors", "relora_base.safetensors"):
+        a, b = load_file(one_dir / "checkpoint-5" / name), load_file(two_dir / "checkpoint-5" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+
 def test_deepspeed_configs_ship_with_the_package():
     from types import SimpleNamespace
     from ocrtune.train.distributed import deepspeed_config

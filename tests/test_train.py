@@ -380,3 +380,28 @@ def test_modules_to_save_names_a_module_the_model_has(tmp_path):
     with pytest.raises(UserError, match="goes with --train_type lora"):
         SftRun(SftArgs(dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path), train_type="full",
                        modules_to_save=["embed_tokens"])).train()
+
+
+def test_a_run_that_builds_the_preset_trains_as_one_that_loads_it(tmp_path):
+    """--seed decides the adapters' initial weights even when the run builds the preset first (which seeds and draws
+    its own random weights): the first run on an empty cache and the second, loading the cached preset, match."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    env = {**os.environ, "OCRTUNE_CACHE": str(tmp_path / "cache")}
+    runs = []
+    for name in ("builds", "loads"):
+        res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "2",
+                              "--batch_size", "4", "--lora_dropout", "0", "--logging_steps", "1", "--report_to", "none",
+                              "--dataset_test_ratio", "0.25", "--seed", "5", "--output_dir", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(next((tmp_path / name / "tiny").glob("v*-*")))
+    logs = [[(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
+            for run in runs]
+    assert logs[0] == logs[1]  # the gradient norm of step 1 depends on the adapters' A (B starts at zero)
+    a, b = (load_file(run / "checkpoint-2" / "adapter_model.safetensors") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -294,6 +294,10 @@ class SftRun:
         buffers = dist.real_buffers(model) if self.meta else None
         # Liger patches the unwrapped model, so it goes first; its fused CE is the loss's (below)
         liger = qwen_vl.prepare(model, PatchOptions(patch_embed=False, liger=True)) if self.resolved.use_liger else {}
+        # the adapters' initial weights come from --seed whatever ran since set_seed: a preset built by this process
+        # (resolve_model) seeds and draws its own random weights, and a run that built it started from other adapters
+        # than the same run with the preset already in the cache
+        set_seed(args.seed)
         self.model = prepare_model(model, args)
         dist.wrap_classes_of(acc, self.model)
         std = getattr(model.config.get_text_config(), "initializer_range", 0.02)

@@ -15,9 +15,8 @@
 #   (bench/learning/run12_relora_h200/, print BLEU-4 0.321), then O (ReLoRA against one adapter at 600 steps; done).
 #   Next (run 13): P then L, with run 12's train/validation gap in mind (train token accuracy 0.86 against 0.77): half
 #   the synthetic formulas recombined from two train formulas' halves (ocrtune synth --recombine, new; the recipe's
-#   --synth_recombine 0.5), everything else run 12's; on nvidia-h200-x2 where status lends it. Before them, ~60 s:
-#   stage 1's step with the patch embedding's LoRA as GEMMs (new, CPU-tested) against run 12's 0.227 s
-#   (profile_stage1.py as in M, without --variants), and the cuda suite (bench/run_cuda_tests.sh) since that change.
+#   --synth_recombine 0.5), everything else run 12's; on nvidia-h200-x2 where status lends it. Before them, ~150 s:
+#   call Q (the cuda suite since the patch embedding's LoRA became GEMMs, and stage 1's step with it).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -87,10 +86,18 @@ O)  # run 12's third call, right after L on the same machine (its synthetic rows
       --work_dir .work/from_scratch --synth_rows 400000 --steps 600 --max_time 215 \
       --variants '{"relora5": [], "one_adapter": ["--stage1_relora_cycles", "1"]}' \
       --out $OUT/sweep_relora_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+Q)  # ~150 s, carry .whl .whl_bench .carry/latex: the cuda suite since the patch embedding's LoRA became two GEMMs, then
+    # stage 1's step at 65,536 tokens with it (run 12's probe: 0.227 s; the profile of 2026-12-03: 0.196-0.205 s)
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
+    OUT=$R/cuda timeout 120 bash bench/run_cuda_tests.sh > $R/cuda_run_log.txt 2>&1
+    timeout 150 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 --tokens 65536 \
+      --workers 13 --profile_variants stage1 --profile_tokens 65536 --out $R/profile_patch_embed_gemm_h200.json > $R/profile_log.txt 2>&1
+    tar czf $OUT/callQ.tgz -C $R . ;;
 P)  # run 13's phase train (then L): run 12's recipe with half the synthetic formulas recombined
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_recombine 0.5 \
       > $OUT/phase_train_log.txt 2>&1 ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q" >&2; exit 2 ;;
 esac

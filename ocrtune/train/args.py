@@ -69,7 +69,8 @@ class SftArgs:
     packing: bool = arg(False, "pack samples into one row up to --packing_tokens (padding-free)")
     packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)")
     use_liger: bool | None = arg(None, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy "
-                                 "(default: on where a CUDA device and liger-kernel are present)", aliases=("--use_liger_kernel",))
+                                 "(default: on where a CUDA device and liger-kernel are present, for models of hidden size 1024 or more: "
+                                 "at the small preset's 512 they were slower)", aliases=("--use_liger_kernel",))
     fused_lora: bool = arg(True, "add each LoRA update into its base layer's output with one fused multiply-add "
                            "(same math as PEFT, fewer kernels)")
     lean_mlp: bool = arg(False, "LoRA on a SwiGLU MLP: keep gate/up for backward and recompute their product "

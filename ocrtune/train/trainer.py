@@ -183,15 +183,30 @@ class ResolvedRun:
     learning_rate: float
 
     @classmethod
-    def of(cls, args: SftArgs, spec) -> "ResolvedRun":
+    def of(cls, args: SftArgs, spec, model_dir=None) -> "ResolvedRun":
         use_liger = args.use_liger
-        if use_liger is None:  # auto: on where it can run, silently off elsewhere
+        if use_liger is None:  # auto: on where it can run and pays, silently off elsewhere
             from ocrtune.models.qwen_vl import liger_unavailable_reason
-            use_liger = liger_unavailable_reason() is None
+            use_liger = liger_unavailable_reason() is None and hidden_size(model_dir) >= LIGER_MIN_HIDDEN
         return cls(dataset=args.dataset or ["latex-ocr-sample"], save_steps=args.save_steps or args.eval_steps,
                    use_liger=use_liger,
                    learning_rate=default_lr(args, bool(spec and spec.preset)) if args.learning_rate is None
                    else args.learning_rate)
+
+
+# Liger's Triton kernels lose to the stock ones at small widths: the small preset (hidden 512, ViT 384) stepped 0.276
+# against 0.205 s on an H200 (bench/learning/profile_liger_h200.json); at Qwen2-VL-2B's 1536 and 7B's 3584 they win
+LIGER_MIN_HIDDEN = 1024
+
+
+def hidden_size(model_dir) -> int:
+    """The language model's hidden size from `model_dir`'s config.json (a large number when unknown: no opinion)."""
+    from ocrtune.fileio import read_json
+    path = Path(model_dir) / "config.json" if model_dir else None
+    if path is None or not path.exists():
+        return 1 << 30
+    config = read_json(path)
+    return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 1 << 30)
 
 
 def memory_gib() -> float:
@@ -267,7 +282,7 @@ class SftRun:
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)
-        self.resolved = ResolvedRun.of(args, spec)
+        self.resolved = ResolvedRun.of(args, spec, model_dir)
         # the run's settings: what was given, with the resolved defaults filled in (these go to args.json, as before)
         self.args = args = dataclasses.replace(args, **dataclasses.asdict(self.resolved))
 

@@ -58,6 +58,16 @@ def model_arch(path: Path) -> str:
         return json.load(f).get("model_type", "")
 
 
+def hidden_size(path: Path) -> int:
+    """The language model's hidden size from the folder's config.json (a large number where it has none: no opinion)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        return 1 << 30
+    with open(config_path) as f:
+        config = json.load(f)
+    return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 1 << 30)
+
+
 def template_name(path: Path, spec: ModelSpec | None = None) -> str:
     arch = spec.arch if spec else model_arch(path)
     if arch not in TEMPLATE_BY_ARCH:

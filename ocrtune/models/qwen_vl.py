@@ -259,7 +259,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 def _patch_embed_as_linear(self, hidden_states):
     proj = self.proj
-    lora = isinstance(proj, nn.Module) and _plain_lora(proj)
+    lora = _plain_lora(proj)
     if not isinstance(proj, nn.Conv3d) and not lora:  # wrapped some other way since it was patched: the stock
         return self._ocrtune_stock_forward(hidden_states)  # forward runs the wrapper (reading `.weight` skips it)
     base = proj.get_base_layer() if lora else proj

@@ -22,8 +22,8 @@ from ocrtune.data.checks import check_dataset
 from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.errors import UserError
 from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (moved; issue 14)
-from ocrtune.models.loading import (build_on_meta, is_random_init, load_model, load_processor, lora_target_regex,
-                                    resolve_model, template_name)
+from ocrtune.models.loading import (build_on_meta, hidden_size, is_random_init, load_model, load_processor,
+                                    lora_target_regex, resolve_model, template_name)
 from ocrtune.models import qwen_vl
 from ocrtune.models.fp8_linear import fp8_base_linears
 from ocrtune.models.qwen_vl import PatchOptions
@@ -187,7 +187,7 @@ class ResolvedRun:
         use_liger = args.use_liger
         if use_liger is None:  # auto: on where it can run and pays, silently off elsewhere
             from ocrtune.models.qwen_vl import liger_unavailable_reason
-            use_liger = liger_unavailable_reason() is None and hidden_size(model_dir) >= LIGER_MIN_HIDDEN
+            use_liger = liger_unavailable_reason() is None and (model_dir is None or hidden_size(model_dir) >= LIGER_MIN_HIDDEN)
         return cls(dataset=args.dataset or ["latex-ocr-sample"], save_steps=args.save_steps or args.eval_steps,
                    use_liger=use_liger,
                    learning_rate=default_lr(args, bool(spec and spec.preset)) if args.learning_rate is None
@@ -197,16 +197,6 @@ class ResolvedRun:
 # Liger's Triton kernels lose to the stock ones at small widths: the small preset (hidden 512, ViT 384) stepped 0.276
 # against 0.205 s on an H200 (bench/learning/profile_liger_h200.json); at Qwen2-VL-2B's 1536 and 7B's 3584 they win
 LIGER_MIN_HIDDEN = 1024
-
-
-def hidden_size(model_dir) -> int:
-    """The language model's hidden size from `model_dir`'s config.json (a large number when unknown: no opinion)."""
-    from ocrtune.fileio import read_json
-    path = Path(model_dir) / "config.json" if model_dir else None
-    if path is None or not path.exists():
-        return 1 << 30
-    config = read_json(path)
-    return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 1 << 30)
 
 
 def memory_gib() -> float:

@@ -362,6 +362,22 @@ def test_from_scratch_stage1_plan_keeps_the_rest_of_phase_all_and_spans_two_call
     assert plans["all"] == (int((3600 - fixed - 200) / (1.1 * 0.25)), 3600 - 220, 3600 - 170)
 
 
+def test_from_scratch_given_pace_skips_the_probe_and_plans_as_a_probe_would(tmp_path, monkeypatch):
+    """--stage1_seconds_per_step: stage 1 is planned from the given pace (and run 12's probe start-up) without the
+    probe's run, and stage 2 from the same pace."""
+    mod = _recipe_module()
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
+    recipe = mod.Recipe(mod.parse_args(["--phase", "train", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"),
+                                        "--report_dir", str(tmp_path / "r"), "--deadline_seconds", "560",
+                                        "--stage1_seconds_per_step", "0.2"]))
+    monkeypatch.setattr(recipe, "probe", lambda: pytest.fail("the probe ran"))
+    assert recipe.pace() == 0.2 and recipe.report["probe"]["given"] is True
+    fixed = 35.4 + 30 + 4 * 5 + 25
+    assert recipe.plan_stage1(0.2) == (int((560 - fixed + 360) / (1.1 * 0.2)), 560 - 45, 560 - 5)
+    assert recipe.plan_stage2() == int(70 / (0.8 * 0.2))
+
+
 def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path):
     """Evaluations run alongside stage 2 and are waited for afterwards: each may run until `reserve` seconds before
     the phase's deadline however long ago it started (run 10's print evaluation was stopped 48 s in, when the time

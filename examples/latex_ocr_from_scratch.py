@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """LaTeX OCR from scratch: synthetic + real printed formulas, then LoRA on handwriting.
 
-  synth    `ocrtune synth`: --synth_rows new formulas made from the print train formulas (--mutate),
-           rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
+  synth    `ocrtune synth`: --synth_rows new formulas made from the print train formulas (--mutate; half of them
+           joined from two formulas' halves, --synth_recombine, and, independently, half with their symbols redrawn,
+           --synth_scramble), rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
            formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
   stage 1  `ocrtune sft --model small` on synth + real print rows, on every visible GPU (NPROC_PER_NODE,
            DDP): rank-64 LoRA over the random weights (LM + vision tower, lr 1e-3; --stage1_lora_rank), folded into
@@ -77,10 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--synth_scramble", type=float, default=0.5,
                    help="share of the synthetic formulas with their symbols redrawn (ocrtune synth --scramble): "
                         "run 10's model learned the mutated formulas' language (train token accuracy 0.91, validation 0.68)")
-    p.add_argument("--synth_recombine", type=float, default=0.0,
+    p.add_argument("--synth_recombine", type=float, default=0.5,
                    help="share of the synthetic formulas joined from two train formulas' halves at top-level relations "
-                        "or commas (ocrtune synth --recombine): new overall structures, for run 12's train/validation "
-                        "gap (not yet run on the GPU)")
+                        "or commas (ocrtune synth --recombine): new overall structures (run 13 with 0.5: print "
+                        "validation loss 0.65 against run 12's 0.92, BLEU-4 0.429 against 0.321, with 16%% more steps)")
     p.add_argument("--synth_procs", type=int, default=None, help="rendering processes (default: cores - 2 x GPUs)")
     p.add_argument("--tex_root", default=os.environ.get("OCRTUNE_TEX_ROOT"), help="portable TeX tree for ocrtune synth")
     p.add_argument("--packing_tokens", type=int, default=65536,
@@ -350,7 +351,8 @@ class Recipe:
             import pyarrow.parquet as pq
             data.insert(0, str(self.work / "synth"))
             self.report["synth"] = {"shards": len(shards), "rows": sum(pq.ParquetFile(s).metadata.num_rows for s in shards),
-                                    "seconds": self.report["timings_s"].get("synth"), "scramble": a.synth_scramble}
+                                    "seconds": self.report["timings_s"].get("synth"), "scramble": a.synth_scramble,
+                                    "recombine": a.synth_recombine}
         else:
             self.report["errors"].append("no synthetic rows: stage 1 trains on the real print rows only")
         steps, limit, timeout = self.plan_stage1(sec)

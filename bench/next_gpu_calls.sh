@@ -17,6 +17,10 @@
 #   the synthetic formulas recombined from two train formulas' halves (ocrtune synth --recombine, new; the recipe's
 #   --synth_recombine 0.5), everything else run 12's; on nvidia-h200-x2 where status lends it. Before them, ~150 s:
 #   call Q (the cuda suite since the patch embedding's LoRA became GEMMs, and stage 1's step with it).
+#   Done 2026-12-03 (eighth session): the cuda suite (passed), then SEC=0.2268 P, L, R: run 13, print BLEU-4 0.429
+#   greedy / 0.454 with 3 beams (bench/learning/run13_recombine_h200/).
+#   Next (run 14): S then L: run 13 at twice the visual tokens per formula (--min_pixels 60000 --max_pixels 240000;
+#   run 13 reads 57% of main-line symbols but 39% of sub/superscripts), with the probe (the pace changes); then R.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -94,11 +98,15 @@ Q)  # ~150 s, carry .whl .whl_bench .carry/latex: the cuda suite since the patch
     timeout 150 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 --tokens 65536 \
       --workers 13 --profile_variants stage1 --profile_tokens 65536 --out $R/profile_patch_embed_gemm_h200.json > $R/profile_log.txt 2>&1
     tar czf $OUT/callQ.tgz -C $R . ;;
-P)  # run 13's phase train (then L): run 12's recipe with half the synthetic formulas recombined, no probe (run 12's
+P)  # run 13's phase train (then L; done): run 12's recipe with half the synthetic formulas recombined (now the default), no probe (run 12's
     # probe's pace, SEC), and the recipe's new phase-rest split (stage 1 gets 40 s of run 12's idle 114 s)
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --synth_recombine 0.5 \
       --stage1_seconds_per_step ${SEC:-0.2268} > $OUT/phase_train_log.txt 2>&1 ;;
+S)  # run 14's phase train (then L, then R): run 13's recipe at twice the visual tokens per formula, paced by the probe
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --min_pixels 60000 \
+      --max_pixels 240000 > $OUT/phase_train_log.txt 2>&1 ;;
 R)  # right after L (same machine, its work dir): stage 1's merged model on print validation with beam search (3 beams)
+    export PYTHONPATH=/tmp/site:$PWD  # the wheels the recipe's wrapper installed there (datasets, rapidfuzz)
     M=$(ls -d .work/from_scratch/stage1/checkpoint-*-merged | tail -1)
     timeout 200 python3 -m ocrtune eval --ckpt_dir $M --val_dataset .carry/latex/print/validation.parquet \
       --metrics bleu,edit_distance,exact_match,token_acc --infer_batch_size 256 --max_new_tokens 256 --num_beams 3 \
@@ -106,5 +114,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S" >&2; exit 2 ;;
 esac

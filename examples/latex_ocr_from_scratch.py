@@ -60,6 +60,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
                 "qkv", "proj", "fc1", "fc2"]  # vision tower
 TARGETS = {"print_bleu4": 0.6, "handwrite_bleu4_gain": 0.15}
 DEADLINES = {"train": 560.0, "rest": 560.0, "all": 3600.0}
+PIXELS = {"min_pixels": 30_000, "max_pixels": 120_000}  # ~40-150 visual tokens a LaTeX_OCR print image
 
 
 def parse_args(argv=None):
@@ -105,8 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--vit_lr", type=float, default=None,
                    help="stage 1's vision-tower rate (default: --learning_rate; see bench/learning/sweep_2026-12-01)")
     p.add_argument("--aligner_lr", type=float, default=None, help="stage 1's merger rate (default: --learning_rate)")
-    p.add_argument("--min_pixels", type=int, default=30_000)
-    p.add_argument("--max_pixels", type=int, default=120_000)
+    p.add_argument("--min_pixels", type=int, default=None,
+                   help=f"image size bounds of both stages (default {PIXELS['min_pixels']:,}; phase rest: phase train's)")
+    p.add_argument("--max_pixels", type=int, default=None, help=f"(default {PIXELS['max_pixels']:,}; phase rest: phase train's)")
     p.add_argument("--workers", type=int, default=None,
                    help="stage 1's dataloader workers per GPU (default: cores / GPUs - 3; stage 2 takes at most 8)")
     p.add_argument("--probe_steps", type=int, default=60,
@@ -149,7 +151,7 @@ def parse_args(argv=None):
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
         if a.stage1_train_seconds is None and a.phase == "train":  # stops after its first step, phase rest resumes it
             a.stage1_train_seconds = 0.0
-        a.min_pixels, a.max_pixels = 20_000, 60_000
+        a.min_pixels, a.max_pixels = a.min_pixels or 20_000, a.max_pixels or 60_000
     return a
 
 
@@ -177,6 +179,9 @@ class Recipe:
                         PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
         self.state_path = self.work / "state.json"
         self.report = read_json(self.state_path) if a.phase == "rest" else {}
+        for k, default in PIXELS.items():  # stage 2 sees images as stage 1 did, unless told otherwise
+            if getattr(a, k) is None:
+                setattr(a, k, self.report.get("settings_train", {}).get(k) or default)
         self.report.setdefault("commands", {})
         self.report.setdefault("timings_s", {})
         self.report.setdefault("errors", [])

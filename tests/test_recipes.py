@@ -378,6 +378,23 @@ def test_from_scratch_given_pace_skips_the_probe_and_plans_as_a_probe_would(tmp_
     assert recipe.plan_stage2() == int(70 / (0.8 * 0.2))
 
 
+def test_from_scratch_phase_rest_sees_images_as_phase_train_did(tmp_path):
+    """Stage 2 (phase rest) trains with phase train's --min_pixels/--max_pixels unless given again, so a run at more
+    visual tokens per image does not fine-tune at fewer; without either phase's flags, the defaults."""
+    mod = _recipe_module()
+    base = ["--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir", str(tmp_path / "r")]
+    train = mod.Recipe(mod.parse_args(base + ["--phase", "train", "--min_pixels", "60000", "--max_pixels", "240000"]))
+    train.state_path.write_text(json.dumps(train.report))
+    rest = mod.Recipe(mod.parse_args(base + ["--phase", "rest"]))
+    assert (rest.a.min_pixels, rest.a.max_pixels) == (60000, 240000)
+    assert rest.sft_common()[:4] == ["--min_pixels", "60000", "--max_pixels", "240000"]
+    told = mod.Recipe(mod.parse_args(base + ["--phase", "rest", "--max_pixels", "200000"]))
+    assert (told.a.min_pixels, told.a.max_pixels) == (60000, 200000)
+    train.state_path.unlink()
+    fresh = mod.Recipe(mod.parse_args(base + ["--phase", "train"]))
+    assert (fresh.a.min_pixels, fresh.a.max_pixels) == (30000, 120000)
+
+
 def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path):
     """Evaluations run alongside stage 2 and are waited for afterwards: each may run until `reserve` seconds before
     the phase's deadline however long ago it started (run 10's print evaluation was stopped 48 s in, when the time

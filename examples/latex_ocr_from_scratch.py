@@ -22,8 +22,9 @@ that --work_dir (default .work/from_scratch, git-ignored) survives between them:
   train   synth rendering (the CPUs but two per GPU), then a short probe measures seconds per stage-1 step (GPU;
           --stage1_seconds_per_step skips it), then stage 1, its cosine schedule planned over the steps that fit
           this phase plus --stage1_rest_seconds of the next; `ocrtune sft --max_time` stops it before the deadline
-          and saves the step it stopped after. The probe runs after the rendering because its dataloader shares the CPUs (run 6's concurrent probe read
-          0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
+          and saves the step it stopped after. The probe runs after the rendering because its dataloader shares
+          the CPUs (run 6's concurrent probe read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of
+          the call unused)
   rest    stage 1 resumed (`--resume_from_checkpoint last`) to the end of its schedule, merged, then stage 1's
           evaluations alongside stage 2 (they share the GPU: the small model leaves it mostly idle), stage 2's
           evaluation as soon as stage 2 ends, the report

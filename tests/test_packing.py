@@ -229,6 +229,40 @@ def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
     assert SftRun(SftArgs(output_dir=str(tmp_path / "fp32"), **common)).collator.pixel_dtype is None  # CPU: float32
 
 
+def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_dir, monkeypatch):
+    """With loader workers, the next epoch's loader (its workers) starts 2 x workers micro-batches before this epoch
+    ends, so the GPU doesn't wait at the boundary for fresh workers' first batch; the rows, in the order and with
+    the epoch (augmentation seed) a workerless run reads them, are unchanged."""
+    from ocrtune.train import trainer as tr
+    from ocrtune.train.data import all_frames
+    from ocrtune.train.args import SftArgs
+
+    def stream(workers: int) -> tuple[list, list]:
+        run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, augment=True, report_to=["none"],
+                                dataset_test_ratio=0.0, dataloader_num_workers=workers,
+                                output_dir=str(tmp_path / str(workers))))
+        events, made = [], tr.make_loader
+        monkeypatch.setattr(tr, "make_loader", lambda ds, *a: events.append(("loader", ds.epoch)) or made(ds, *a))
+        rows = []
+        for epoch, done, size, batch in run.micro_batches():
+            events.append(("batch", epoch, done, size))
+            pixels = batch["pixel_values"]
+            if "pixel_frames" in batch:  # made by a worker: one frame of each image
+                pixels = all_frames(pixels, int(batch["pixel_frames"]))
+            rows.append((epoch, batch["input_ids"], pixels))
+            if (epoch, done) == (2, size):
+                return events, rows
+
+    events, rows = stream(2)
+    # 8 micro-batches an epoch; 2 workers: the next loader starts as the 4th from the end is handed out
+    assert events.index(("loader", 1)) == events.index(("batch", 0, 4, 8)) - 1
+    assert events.index(("loader", 2)) == events.index(("batch", 1, 4, 8)) - 1
+    plain_events, plain_rows = stream(0)
+    assert plain_events.index(("loader", 1)) == plain_events.index(("batch", 0, 8, 8)) + 1  # no workers: in turn
+    assert [e for e, *_ in rows] == [e for e, *_ in plain_rows] == [0] * 8 + [1] * 8 + [2] * 8
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(rows, plain_rows))
+
+
 def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_model_dir, encoded):
     """The processor tiles each still image over the temporal patch (2 frames): the loader sends one and the loss
     module repeats it on the device; loss and gradients are bit-identical. Frames that differ (a video) are sent

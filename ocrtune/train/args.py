@@ -45,7 +45,8 @@ class SftArgs:
     min_pixels: int | None = arg(None, "smallest image size in pixels", env="MIN_PIXELS")
     system: str | None = arg(None, "system prompt (default: the template's)")
     augment: bool = arg(False, "augment images for printed/scanned text (scale, rotation, blur, noise)")
-    dataloader_num_workers: int = arg(0, "dataloader worker processes")
+    dataloader_num_workers: int = arg(0, "dataloader worker processes (the next epoch's start 2 x this many micro-batches "
+                                          "before the epoch ends, so no step waits for fresh workers)")
     # optimisation
     num_train_epochs: float = arg(1.0, "epochs")
     max_steps: int = arg(-1, "stop after this many optimizer steps (overrides epochs)", env="MAX_STEPS")

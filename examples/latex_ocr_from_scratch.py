@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -113,8 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None,
                    help="stage 1's dataloader workers per GPU (default: cores / GPUs - 3; stage 2 takes at most 8)")
     p.add_argument("--probe_steps", type=int, default=60,
-                   help="steps of the speed probe; its pace is read over the second half (run 10's 30-step probe read "
-                        "0.22 s a step, where stage 1, fed by its loader over longer, ran 0.36)")
+                   help="steps of the speed probe; its pace is read over the second half (run 10's 30-step probe read 0.22 s "
+                        "a step, where stage 1, fed by its loader over longer, ran 0.36), leaving out the intervals in "
+                        "which an epoch of its print rows ended (run 14's read 0.39 for 0.26)")
     p.add_argument("--stage1_seconds_per_step", type=float, default=None,
                    help="stage 1's pace on this machine, as an earlier probe read it (skips the probe and its ~60 s of "
                         "phase train; run 12's probe on one H200: 0.2268); stage 1 is planned from it as from a probe's")
@@ -162,6 +164,18 @@ def gpu_count() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
+
+
+def probe_pace(logs: list[dict]) -> float:
+    """Seconds a step over the probe's second half (its steady part), from its train logs, leaving out the intervals
+    in which an epoch ended. The probe reads print train alone, an epoch every ~40 steps, where stage 1 has one every
+    ~1,000: a new epoch's loader starts its workers afresh, ~3 s the GPU waits (run 14's probe, at twice the visual
+    tokens, had the boundary inside its measured half and read 0.39 s a step where stage 1 then ran 0.26)."""
+    pts = [(x["step"], x["step"] / x["train_speed(iter/s)"], x.get("epoch", 0.0)) for x in logs]
+    pairs = list(zip(pts[len(pts) // 2:], pts[len(pts) // 2 + 1:]))
+    # an interval is left out when an epoch ends in it, or ended exactly at its start (its first fetch is the new one's)
+    steady = [(a, b) for a, b in pairs if math.floor(a[2]) == math.floor(b[2]) and a[2] != math.floor(a[2])] or pairs
+    return sum(b[1] - a[1] for a, b in steady) / sum(b[0] - a[0] for a, b in steady)
 
 
 class Recipe:
@@ -333,14 +347,13 @@ class Recipe:
         args[args.index("--save_steps") + 1] = str(10 ** 6)
         args[args.index("--eval_steps") + 1] = str(10 ** 6)
         rc = self.run("probe", args, timeout=min(200.0, self.left(200)), gpus=self.gpus)
-        pts = [(x["step"], x["step"] / x["train_speed(iter/s)"]) for x in read_jsonl(run / "logging.jsonl")
-               if x.get("train_speed(iter/s)")]
-        if rc != 0 or len(pts) < 3:
+        logs = [x for x in read_jsonl(run / "logging.jsonl") if x.get("train_speed(iter/s)")]
+        if rc != 0 or len(logs) < 3:
             raise RuntimeError("the probe failed; see log.txt")
-        (s0, t0), (s1, t1) = pts[len(pts) // 2], pts[-1]
-        sec = (t1 - t0) / (s1 - s0)
+        sec = probe_pace(logs)
+        last = logs[-1]["step"] / logs[-1]["train_speed(iter/s)"]
         self.report["probe"] = {"seconds_per_step": round(sec, 4),
-                                "startup_seconds": round(self.report["timings_s"]["probe"] - t1, 1)}
+                                "startup_seconds": round(self.report["timings_s"]["probe"] - last, 1)}
         self.say(f"probe: {json.dumps(self.report['probe'])}")
         shutil.rmtree(run, ignore_errors=True)
         return sec

@@ -378,6 +378,28 @@ def test_from_scratch_given_pace_skips_the_probe_and_plans_as_a_probe_would(tmp_
     assert recipe.plan_stage2() == int(70 / (0.8 * 0.2))
 
 
+def test_from_scratch_probe_pace_leaves_out_the_epoch_boundary():
+    """The probe's pace is read over its second half without the intervals in which an epoch ended (a new epoch's
+    loader starting cold). The logs are shaped like run 14's probe: 60 steps logged every 6, 0.26 s a step, 339
+    rows a step over 13,918 (an epoch every 41 steps), 3.3 s lost at the boundary."""
+    mod = _recipe_module()
+    per_epoch, t, logs = 13918 / 339, 10.0, []
+    for step in range(6, 61, 6):
+        t += 6 * 0.26 + (3.3 if step - 6 < per_epoch <= step else 0.0)
+        logs.append({"step": step, "train_speed(iter/s)": step / t, "epoch": round(step / per_epoch, 4)})
+    assert mod.probe_pace(logs) == pytest.approx(0.26, rel=1e-9)
+    # what the second half as a whole reads (the old pace): 3.3 s spread over its 24 steps
+    assert (logs[-1]["step"] / logs[-1]["train_speed(iter/s)"] - logs[5]["step"] / logs[5]["train_speed(iter/s)"]) / 24 \
+        == pytest.approx(0.26 + 3.3 / 24)
+    # an epoch that ends exactly at a logged step: the interval after it holds the new loader's first fetch
+    exact = [{"step": s, "train_speed(iter/s)": s / (10 + 0.26 * s + (3.3 if s > 36 else 0)), "epoch": s / 36}
+             for s in range(6, 61, 6)]
+    assert mod.probe_pace(exact) == pytest.approx(0.26, rel=1e-9)
+    # no interval free of a boundary: all of the half is kept
+    short = [{"step": s, "train_speed(iter/s)": s / (0.3 * s), "epoch": s / 5} for s in range(6, 61, 6)]
+    assert mod.probe_pace(short) == pytest.approx(0.3)
+
+
 def test_from_scratch_phase_rest_sees_images_as_phase_train_did(tmp_path):
     """Stage 2 (phase rest) trains with phase train's --min_pixels/--max_pixels unless given again, so a run at more
     visual tokens per image does not fine-tune at fewer; without either phase's flags, the defaults."""
@@ -427,6 +449,9 @@ def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
     changed = {plain[i - 1]: (plain[i], wide[i]) for i in range(1, len(plain)) if plain[i] != wide[i]}
     assert changed == {"--lora_rank": ("64", "128"), "--lora_alpha": ("128", "256"), "--learning_rate": ("0.001", "0.0005")}
     assert plain[plain.index("--max_steps") + 1] == "400" and plain[plain.index("--dataset") + 1] == "rows"
+    big = sweep.variant_args(mod, base, ["--packing_tokens", "131072", "--stage1_steps", "300"], 400, ["rows"], tmp_path / "o")
+    assert big[big.index("--max_steps") + 1] == "300" and big[big.index("--eval_steps") + 1] == "75"  # its own schedule
+    assert big[big.index("--packing_tokens") + 1] == "131072"
     run = tmp_path / "run"
     run.mkdir()
     (run / "logging.jsonl").write_text("\n".join(json.dumps(x) for x in (

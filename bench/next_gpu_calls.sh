@@ -19,8 +19,13 @@
 #   call Q (the cuda suite since the patch embedding's LoRA became GEMMs, and stage 1's step with it).
 #   Done 2026-12-03 (eighth session): the cuda suite (passed), then SEC=0.2268 P, L, R: run 13, print BLEU-4 0.429
 #   greedy / 0.454 with 3 beams (bench/learning/run13_recombine_h200/).
-#   Next (run 14): S then L: run 13 at twice the visual tokens per formula (--min_pixels 60000 --max_pixels 240000;
+#   Run 14: S then L: run 13 at twice the visual tokens per formula (--min_pixels 60000 --max_pixels 240000;
 #   run 13 reads 57% of main-line symbols but 39% of sub/superscripts), with the probe (the pace changes); then R.
+#   Done 2026-12-03 (ninth session): S, L, R, then T (the pixel sweep): print BLEU-4 0.183, its probe misled by an
+#   epoch boundary (fixed: the probe's pace leaves it out, and sft starts the next epoch's loader early);
+#   bench/learning/run14_pixels60k_h200/ and sweep_pixels_2026-12-03/.
+#   Next: V (~530 s, carry as for G): equal-time stage-1 variants (twice the tokens a step; 15k pixels) against the
+#   recipe's; then run 15 as U (phase train, RUN15_FLAGS = the winner's recipe flags, the probe on), L, R.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -105,6 +110,21 @@ P)  # run 13's phase train (then L; done): run 12's recipe with half the synthet
 S)  # run 14's phase train (then L, then R): run 13's recipe at twice the visual tokens per formula, paced by the probe
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT --min_pixels 60000 \
       --max_pixels 240000 > $OUT/phase_train_log.txt 2>&1 ;;
+T)  # ~540 s, carry as for G: stage 1 at three image sizes, 450 steps each on 100k synthetic rows (run 14 found twice
+    # run 13's visual tokens worse at equal time and at equal samples; is fewer better?), validation every ~112 steps
+    RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
+      --synth_rows 100000 --steps 450 --max_time 140 --variants '{"px30k": [], "px20k": ["--min_pixels", "20000",
+      "--max_pixels", "80000"], "px15k": ["--min_pixels", "15000", "--max_pixels", "60000"]}' \
+      --out $OUT/sweep_pixels_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+V)  # ~530 s, carry as for G: the recipe's stage 1 against twice its tokens a step (at fewer steps: about the same
+    # minutes, if a step of 131,072 tokens costs ~0.33 s) and against 15k pixels (14% quicker a step in T: more steps)
+    RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
+      --synth_rows 100000 --steps 450 --max_time 170 --variants '{"base": [], "tokens131k": ["--packing_tokens",
+      "131072", "--stage1_steps", "340"], "px15k": ["--min_pixels", "15000", "--max_pixels", "60000", "--stage1_steps",
+      "500"]}' --out $OUT/sweep_equal_time_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags), paced by the probe
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT ${RUN15_FLAGS:-} \
+      > $OUT/phase_train_log.txt 2>&1 ;;
 R)  # right after L (same machine, its work dir): stage 1's merged model on print validation with beam search (3 beams)
     export PYTHONPATH=/tmp/site:$PWD  # the wheels the recipe's wrapper installed there (datasets, rapidfuzz)
     M=$(ls -d .work/from_scratch/stage1/checkpoint-*-merged | tail -1)
@@ -114,5 +134,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V" >&2; exit 2 ;;
 esac

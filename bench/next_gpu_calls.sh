@@ -24,8 +24,10 @@
 #   Done 2026-12-03 (ninth session): S, L, R, then T (the pixel sweep): print BLEU-4 0.183, its probe misled by an
 #   epoch boundary (fixed: the probe's pace leaves it out, and sft starts the next epoch's loader early);
 #   bench/learning/run14_pixels60k_h200/ and sweep_pixels_2026-12-03/.
-#   Next: V (~530 s, carry as for G): equal-time stage-1 variants (twice the tokens a step; 15k pixels) against the
-#   recipe's; then run 15 as U (phase train, RUN15_FLAGS = the winner's recipe flags, the probe on), L, R.
+#   Next: W (~200 s, carry .whl .whl_bench .carry/latex): does torch.compile of the decoder layers and ViT blocks speed
+#   up the small model's step (elementwise- and launch-bound)? Then V (~530 s, carry as for G): equal-time stage-1
+#   variants (twice the tokens a step; 15k pixels) against the recipe's; then run 15 as U (phase train, RUN15_FLAGS =
+#   the winner's recipe flags, the probe on), L, R.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -116,6 +118,14 @@ T)  # ~540 s, carry as for G: stage 1 at three image sizes, 450 steps each on 10
       --synth_rows 100000 --steps 450 --max_time 140 --variants '{"px30k": [], "px20k": ["--min_pixels", "20000",
       "--max_pixels", "80000"], "px15k": ["--min_pixels", "15000", "--max_pixels", "60000"]}' \
       --out $OUT/sweep_pixels_h200.json > $OUT/sweep_log.txt 2>&1 ;;
+W)  # ~200 s: the stage-1 step at 65,536 tokens eager against its decoder layers and ViT blocks compiled (dynamic
+    # shapes; on CPU the tiny model recompiled for every new image count in transformers' per-image ViT attention,
+    # which the GPU replaces with varlen attention): warmup_s is the compiling, steps_s shows recompiles
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
+    timeout 280 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
+      --tokens 65536 --workers 13 --steps 10 --warmup 12 --profile_variants stage1,compiled --profile_tokens 65536 \
+      --variants '{"compiled": {"_compile_blocks": true}}' --out $OUT/profile_compile_h200.json > $OUT/profile_log.txt 2>&1 ;;
 V)  # ~530 s, carry as for G: the recipe's stage 1 against twice its tokens a step (at fewer steps: about the same
     # minutes, if a step of 131,072 tokens costs ~0.33 s) and against 15k pixels (14% quicker a step in T: more steps)
     RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
@@ -134,5 +144,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W" >&2; exit 2 ;;
 esac

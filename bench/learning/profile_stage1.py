@@ -38,6 +38,18 @@ def make_run(a, tokens: int, overrides: dict):
     return bs.make_ocrtune_run(b, 10**6, tokens, {**STAGE1, **overrides})
 
 
+def compile_blocks(run) -> int:
+    """torch.compile each LM decoder layer and ViT block in place (`nn.Module.compile`, dynamic shapes: packed steps
+    differ in length): the step is bound by ~2,400 small kernels, most of them elementwise, that inductor can fuse.
+    A measurement first (`"_compile_blocks": true` in a variant); `ocrtune sft` has no such flag yet."""
+    from ocrtune.models import qwen_vl
+    m = qwen_vl.causal_lm(run.accelerator.unwrap_model(run.loss_module).model).model
+    blocks = list(m.language_model.layers) + list(m.visual.blocks)
+    for blk in blocks:
+        blk.compile(dynamic=True)
+    return len(blocks)
+
+
 def step_times(run, batches, warmup: int) -> list[float]:
     out = []
     for batch in batches:
@@ -129,7 +141,9 @@ def main(argv=None):
     p.add_argument("--profile_variants", default="stage1", help="variants whose step is profiled (torch.profiler)")
     p.add_argument("--profile_tokens", default="32768", help="the token budget at which they are profiled")
     p.add_argument("--variants", default="{}", help='JSON {"name": {SftArgs overrides}}, each timed at every budget; '
-                   '"_host_vision_ids": false in a variant builds the ViT position ids on the device (the stock way)')
+                   '"_host_vision_ids": false in a variant builds the ViT position ids on the device (the stock way); '
+                   '"_compile_blocks": true compiles the decoder layers and ViT blocks (raise --warmup: it compiles '
+                   'again for new shapes)')
     p.add_argument("--loader_only", action="store_true", help="only the loader's rate (float32 / half pixels) and "
                    "steps fed by it, at the last of --tokens")
     p.add_argument("--out", required=True)
@@ -148,14 +162,20 @@ def main(argv=None):
         ov = dict(ov)
         # "_host_vision_ids": false builds the ViT's position ids image by image on the device (transformers' way)
         qwen_vl.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
+        compiled = bool(ov.pop("_compile_blocks", False))
         for tokens in [int(x) for x in a.tokens.split(",")]:
             case = {"variant": name, "tokens": tokens, "host_vision_ids": qwen_vl.HOST_VISION_IDS}
             try:
                 run = make_run(a, tokens, ov)
+                if compiled:
+                    case["compiled_blocks"] = compile_blocks(run)
                 stream = run.micro_batches()
                 batches = [next(stream)[-1] for _ in range(a.steps + a.warmup + 1)]
                 bs._reset_mem()
+                t0 = time.perf_counter()
                 ts = step_times(run, batches[:-1], a.warmup)
+                case["warmup_s"] = round(time.perf_counter() - t0 - sum(ts), 2)  # compiling, when compiled
+                case["steps_s"] = [round(t, 4) for t in ts]  # a compiled step slower than the rest compiled again
                 stats = bs._batch_stats(batches[-1])
                 case.update(step_s=round(statistics.median(ts), 4), samples_per_step=stats["samples"],
                             samples_per_s=round(stats["samples"] / statistics.median(ts), 1), **bs._mem())

@@ -232,25 +232,27 @@ def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
 def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_dir, monkeypatch):
     """With loader workers, the next epoch's loader (its workers) starts 2 x workers micro-batches before this epoch
     ends, so the GPU doesn't wait at the boundary for fresh workers' first batch; the rows, in the order and with
-    the epoch (augmentation seed) a workerless run reads them, are unchanged."""
+    the epoch (augmentation seed) a workerless run reads them, are unchanged. A run whose last step comes first
+    starts no loader for an epoch it won't reach."""
     from ocrtune.train import trainer as tr
-    from ocrtune.train.data import all_frames
     from ocrtune.train.args import SftArgs
+    from ocrtune.train.data import all_frames
 
-    def stream(workers: int) -> tuple[list, list]:
-        run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, augment=True, report_to=["none"],
-                                dataset_test_ratio=0.0, dataloader_num_workers=workers,
-                                output_dir=str(tmp_path / str(workers))))
+    def stream(workers: int, max_steps: int = 100, epochs: int = 3) -> tuple[list, list]:
+        run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=max_steps, batch_size=2, augment=True,
+                                report_to=["none"], dataset_test_ratio=0.0, dataloader_num_workers=workers,
+                                output_dir=str(tmp_path / f"{workers}_{max_steps}")))
         events, made = [], tr.make_loader
         monkeypatch.setattr(tr, "make_loader", lambda ds, *a: events.append(("loader", ds.epoch)) or made(ds, *a))
         rows = []
         for epoch, done, size, batch in run.micro_batches():
+            run.state["global_step"] += 1  # as the training loop counts steps (one micro-batch a step)
             events.append(("batch", epoch, done, size))
             pixels = batch["pixel_values"]
             if "pixel_frames" in batch:  # made by a worker: one frame of each image
                 pixels = all_frames(pixels, int(batch["pixel_frames"]))
             rows.append((epoch, batch["input_ids"], pixels))
-            if (epoch, done) == (2, size):
+            if (epoch, done) == (epochs - 1, size):
                 return events, rows
 
     events, rows = stream(2)
@@ -261,6 +263,8 @@ def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_d
     assert plain_events.index(("loader", 1)) == plain_events.index(("batch", 0, 8, 8)) + 1  # no workers: in turn
     assert [e for e, *_ in rows] == [e for e, *_ in plain_rows] == [0] * 8 + [1] * 8 + [2] * 8
     assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(rows, plain_rows))
+    last_events, _ = stream(2, max_steps=8, epochs=1)  # the run ends with epoch 0
+    assert ("loader", 1) not in last_events and len(last_events) == 9
 
 
 def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_model_dir, encoded):

@@ -611,9 +611,10 @@ class SftRun:
         # new `epoch`) `2 x workers` micro-batches before this one ends: a fresh loader's first batch takes about one
         # batch per worker to make, a stall the GPU waited out at every epoch (~3 s at 13 workers on an H200,
         # run 14's probe; every ~37 steps for stage 2 on the 1,168 handwrite rows).
-        # Not when the run's last step comes first (no pool forked for an epoch that never runs). The filler batch
-        # (`_first_good`) may then be encoded with the next epoch's augmentation: its loss counts 0 anyway.
-        workers, acc = self.args.dataloader_num_workers, self.args.gradient_accumulation_steps
+        # Not when the run's last step comes first (no pool forked for an epoch that never runs). While the next
+        # epoch's loader exists, a filler batch (`_first_good`, made in this process) takes that epoch's augmentation:
+        # its loss counts 0 anyway.
+        workers, accum = self.args.dataloader_num_workers, self.args.gradient_accumulation_steps
         epoch, skip = self.state["epoch"], self.state["micro_batches_done"]
         batches, loader = self.epoch_loader(epoch, skip)
         while True:
@@ -621,7 +622,7 @@ class SftRun:
             for done, batch in enumerate(loader, start=skip + 1):
                 left = len(batches) - done + 1  # micro-batches of this epoch from this one on
                 if workers and upcoming is None and left <= 2 * workers + 1 \
-                        and self.state["global_step"] + math.ceil(left / acc) < self.total_steps:
+                        and self.state["global_step"] + math.ceil(left / accum) < self.total_steps:
                     upcoming = self.epoch_loader(epoch + 1, 0)
                 yield epoch, done, len(batches), batch
             epoch, skip = epoch + 1, 0

@@ -460,3 +460,18 @@ def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
     s = sweep.summarize(mod, run, 120.0)
     assert (s["steps"], s["final_loss"], s["final_token_acc"], s["seconds_per_step_incl_startup"]) == (400, 1.0, 0.7, 0.3)
     assert s["eval_log"] == [{"eval_loss": 1.5, "eval_acc": 0.6, "step": 200}, {"eval_loss": 1.2, "eval_acc": 0.65, "step": 400}]
+
+
+def test_misreads_counts_main_line_and_script_tokens_apart():
+    """bench/learning/misreads.py: braces, `_` and `^` count nowhere; a script is the group or the one token after
+    `_`/`^` (nested groups inside it too); the read shares come from the aligned tokens."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("misreads", REPO / "bench" / "learning" / "misreads.py")
+    mis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mis)
+    ref = "x _ { i { j } } ^ 2 + \\frac { a } { b }".split()
+    assert mis.script_mask(ref) == [False, None, None, True, None, True, None, None, None, True, False, False,
+                                    None, False, None, None, False, None]
+    # main line x + \frac a b (5), scripts i j 2 (3); the prediction drops j and reads b as c
+    rates = mis.read_rates([{"reference": " ".join(ref), "prediction": "x _ { i } ^ 2 + \\frac { a } { c }"}])
+    assert (rates["main_line_read"], rates["script_read"]) == (0.8, round(2 / 3, 3))

@@ -275,12 +275,17 @@ def test_from_scratch_stage1_as_lora_is_merged_before_stage2(from_scratch):
     assert not any("merger" in k for k in changed)
 
 
-def _recipe_module():
+def _script_module(path: Path):
+    """A script of the repo (not a package module) imported by its path."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("latex_ocr_from_scratch", FROM_SCRATCH)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _recipe_module():
+    return _script_module(FROM_SCRATCH)
 
 
 def test_from_scratch_stage1_lora_rank_0_is_full_fine_tuning_at_1e4(tmp_path):
@@ -437,10 +442,7 @@ def test_from_scratch_evaluations_started_early_get_until_the_deadline(tmp_path)
 def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
     """bench/learning/sweep_stage1.py: a variant's command is the recipe's stage 1 with only its flags' effects
     changed, and its summary reads steps and evaluations back from the run's logging.jsonl."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sweep_stage1", REPO / "bench" / "learning" / "sweep_stage1.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _script_module(REPO / "bench" / "learning" / "sweep_stage1.py")
     mod = sweep.recipe_module()
     base = ["--phase", "train", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir",
             str(tmp_path / "r")]
@@ -465,10 +467,7 @@ def test_sweep_stage1_variant_is_the_recipes_stage1_with_its_flags(tmp_path):
 def test_misreads_counts_main_line_and_script_tokens_apart():
     """bench/learning/misreads.py: braces, `_` and `^` count nowhere; a script is the group or the one token after
     `_`/`^` (nested groups inside it too); the read shares come from the aligned tokens."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("misreads", REPO / "bench" / "learning" / "misreads.py")
-    mis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mis)
+    mis = _script_module(REPO / "bench" / "learning" / "misreads.py")
     ref = "x _ { i { j } } ^ 2 + \\frac { a } { b }".split()
     assert mis.script_mask(ref) == [False, None, None, True, None, True, None, None, None, True, False, False,
                                     None, False, None, None, False, None]

@@ -123,18 +123,28 @@ W)  # ~200 s: the stage-1 step at 65,536 tokens eager against its decoder layers
     # which the GPU replaces with varlen attention): warmup_s is the compiling, steps_s shows recompiles
     for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
-    timeout 280 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
+    timeout 420 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
       --tokens 65536 --workers 13 --steps 10 --warmup 12 --profile_variants stage1,compiled --profile_tokens 65536 \
-      --variants '{"compiled": {"_compile_blocks": true}}' --out $OUT/profile_compile_h200.json > $OUT/profile_log.txt 2>&1 ;;
+      --variants '{"compiled": {"_compile_blocks": true}, "compiled_lm": {"_compile_blocks": "lm"}}' --out $OUT/profile_compile_h200.json > $OUT/profile_log.txt 2>&1 ;;
 V)  # ~530 s, carry as for G: the recipe's stage 1 against twice its tokens a step (at fewer steps: about the same
     # minutes, if a step of 131,072 tokens costs ~0.33 s) and against 15k pixels (14% quicker a step in T: more steps)
     RECIPE_PY=bench/learning/sweep_stage1.py bash examples/latex_ocr_from_scratch.sh --data_dir .carry/latex \
       --synth_rows 100000 --steps 450 --max_time 170 --variants '{"base": [], "tokens131k": ["--packing_tokens",
       "131072", "--stage1_steps", "340"], "px15k": ["--min_pixels", "15000", "--max_pixels", "60000", "--stage1_steps",
       "500"]}' --out $OUT/sweep_equal_time_h200.json > $OUT/sweep_log.txt 2>&1 ;;
-U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags), paced by the probe
-    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT ${RUN15_FLAGS:-} \
-      > $OUT/phase_train_log.txt 2>&1 ;;
+X)  # ~170 s, carry as for G (the recipe's wheels: U follows on the same machine): the stage-1 step fed by the loader
+    # (per-sample frame dropping, new), eager and with sft --torch_compile (new; W: 0.134 s a step against 0.192 eager,
+    # its blocks compiled in ~94 s). Writes .work/run15_flags: U's pace and compile settings (bench/learning/compile_decision.py)
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
+    TORCH_LOGS=graph_breaks,recompiles timeout 240 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet \
+      --rows 13918 --tokens 65536 --workers 13 --steps 6 --warmup 8 --fed_steps 50 --profile_variants none \
+      --variants '{"compiled": {"torch_compile": true}}' --out $OUT/profile_compile_fed_h200.json > $OUT/profile_log.txt 2>&1
+    mkdir -p .work && python3 bench/learning/compile_decision.py $OUT/profile_compile_fed_h200.json > .work/run15_flags
+    cat .work/run15_flags ;;
+U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags; default: what X wrote)
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT \
+      ${RUN15_FLAGS:-$(cat .work/run15_flags 2>/dev/null)} > $OUT/phase_train_log.txt 2>&1 ;;
 R)  # right after L (same machine, its work dir): stage 1's merged model on print validation with beam search (3 beams)
     export PYTHONPATH=/tmp/site:$PWD  # the wheels the recipe's wrapper installed there (datasets, rapidfuzz)
     M=$(ls -d .work/from_scratch/stage1/checkpoint-*-merged | tail -1)
@@ -144,5 +154,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X" >&2; exit 2 ;;
 esac

@@ -117,6 +117,14 @@ def parse_args(argv=None):
                    help="steps of the speed probe; its pace is read over the second half (run 10's 30-step probe read 0.22 s "
                         "a step, where stage 1, fed by its loader over longer, ran 0.36), leaving out the intervals in "
                         "which an epoch of its print rows ended (run 14's read 0.39 for 0.26)")
+    p.add_argument("--stage1_torch_compile", default="auto", choices=("auto", "true", "false"),
+                   help="stage 1 with `ocrtune sft --torch_compile` (auto: where there are GPUs): its decoder layers and "
+                        "ViT blocks compiled, 0.099 s a step on one H200 at 65,536 tokens against 0.173 eager "
+                        "(bench/learning/profile_compile_fed_h200.json); fed by 13 loader workers, 0.18 against 0.247 "
+                        "(run 15), after --stage1_compile_seconds of compiling")
+    p.add_argument("--stage1_compile_seconds", type=float, nargs=2, default=[70.0, 35.0], metavar=("TRAIN", "REST"),
+                   help="seconds stage 1's first steps spend compiling in phase train (cold) and, resumed, in phase rest "
+                        "(inductor's caches on the same machine; run 15: ~60 and ~35); planned in beside the steps")
     p.add_argument("--stage1_seconds_per_step", type=float, default=None,
                    help="stage 1's pace on this machine, as an earlier probe read it (skips the probe and its ~60 s of "
                         "phase train; run 12's probe on one H200: 0.2268); stage 1 is planned from it as from a probe's")
@@ -149,6 +157,9 @@ def parse_args(argv=None):
         a.stage1_modules_to_save = []
     if a.learning_rate is None:
         a.learning_rate = 1e-3 if a.stage1_lora_rank else 1e-4
+    a.stage1_torch_compile = a.stage1_torch_compile == "true" or (a.stage1_torch_compile == "auto" and gpu_count() > 0)
+    if not a.stage1_torch_compile:
+        a.stage1_compile_seconds = [0.0, 0.0]
     if a.smoke:
         a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
@@ -319,7 +330,8 @@ class Recipe:
                 "--eval_steps", str(-(-steps // 4)), "--save_steps", str(-(-steps // 4)),  # ceil: no 5th at the end
                 "--logging_steps", str(max(1, min(20, steps // 40))), "--predict_with_generate", "false",
                 "--max_new_tokens", str(a.max_new_tokens), "--eval_batch_size", "200",
-                "--output_dir", str(out), *self.vision_rates(), *self.sft_common()]
+                "--output_dir", str(out), "--torch_compile", str(a.stage1_torch_compile).lower(), *self.vision_rates(),
+                *self.sft_common()]
 
     def vision_rates(self) -> list[str]:
         a = self.a
@@ -346,7 +358,8 @@ class Recipe:
         args[args.index("--logging_steps") + 1] = str(max(1, a.probe_steps // 10))
         args[args.index("--save_steps") + 1] = str(10 ** 6)
         args[args.index("--eval_steps") + 1] = str(10 ** 6)
-        rc = self.run("probe", args, timeout=min(200.0, self.left(200)), gpus=self.gpus)
+        wait = 200.0 + a.stage1_compile_seconds[0]
+        rc = self.run("probe", args, timeout=min(wait, self.left(wait)), gpus=self.gpus)
         logs = [x for x in read_jsonl(run / "logging.jsonl") if x.get("train_speed(iter/s)")]
         if rc != 0 or len(logs) < 3:
             raise RuntimeError("the probe failed; see log.txt")
@@ -394,14 +407,15 @@ class Recipe:
         imports: those, the last step, its save and the exit; run 10 ended 13-14 s after its limit). Phase all
         keeps --rest_reserve_seconds of its own deadline for the merge, the evaluations and stage 2."""
         a = self.a
+        cold, warm = a.stage1_compile_seconds  # --torch_compile's first steps (0 without it)
         if a.phase == "train":
-            later, stop_before, kill_before = a.stage1_rest_seconds, 45.0, 5.0
+            later, stop_before, kill_before = a.stage1_rest_seconds - warm, 45.0, 5.0
         else:  # all: the rest follows in this process, before the same deadline
             later, stop_before, kill_before = -a.rest_reserve_seconds, a.rest_reserve_seconds + 20, a.rest_reserve_seconds - 30
         if a.stage1_steps:
             steps = a.stage1_steps
         else:
-            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25
+            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25 + cold
             steps = max(20, int((self.left() - fixed + later) / (1.1 * sec)))
         limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else self.left(stop_before)
         return steps, limit, self.left(kill_before)

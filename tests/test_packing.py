@@ -284,3 +284,11 @@ def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_
     moving = full["pixel_values"].clone().view(full["pixel_values"].shape[0], 3, 2, -1)
     moving[0, 0, 1, 0] += 1.0  # the second frame of one patch differs: nothing may be dropped
     assert one_frame(moving.view(full["pixel_values"].shape), 2) is None
+    # frames are dropped sample by sample, before the batch is concatenated: one sample with moving frames keeps
+    # the whole batch in the full layout (a batch has one), and its pixels arrive untouched
+    samples = [dict(s) for s in encoded]
+    video = samples[-1]["pixel_values"].clone().view(samples[-1]["pixel_values"].shape[0], 3, 2, -1)
+    video[0, 0, 1, 0] += 1.0
+    samples[-1]["pixel_values"] = video.view(samples[-1]["pixel_values"].shape)
+    mixed = Collator(0, True, None, 2).for_workers()(samples)
+    assert "pixel_frames" not in mixed and torch.equal(mixed["pixel_values"], Collator(0, True, None, 2)(samples)["pixel_values"])

@@ -383,6 +383,27 @@ def test_from_scratch_given_pace_skips_the_probe_and_plans_as_a_probe_would(tmp_
     assert recipe.plan_stage2() == int(70 / (0.8 * 0.2))
 
 
+def test_from_scratch_compiled_stage1_plans_its_compiling_in(tmp_path, monkeypatch):
+    """--stage1_torch_compile true: stage 1 runs `ocrtune sft --torch_compile true`, and its plan leaves out the
+    seconds its first steps compile, cold in phase train and warm in phase rest's resumed run
+    (--stage1_compile_seconds); auto is off without a GPU, and then nothing is left out."""
+    mod = _recipe_module()
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
+    monkeypatch.setattr(mod, "gpu_count", lambda: 0)
+    base = ["--phase", "train", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir",
+            str(tmp_path / "r"), "--deadline_seconds", "560", "--stage1_seconds_per_step", "0.2"]
+    fixed = 35.4 + 30 + 4 * 5 + 25
+    for flags, compiled, cold, warm in (([], False, 0, 0), (["--stage1_torch_compile", "true"], True, 70, 35),
+                                        (["--stage1_torch_compile", "true", "--stage1_compile_seconds", "90", "30"],
+                                         True, 90, 30)):
+        recipe = mod.Recipe(mod.parse_args(base + flags))
+        args = recipe.stage1_args(6, ["d"], tmp_path / "out")
+        assert args[args.index("--torch_compile") + 1] == str(compiled).lower()
+        recipe.pace()
+        assert recipe.plan_stage1(0.2)[0] == int((560 - fixed - cold + 360 - warm) / (1.1 * 0.2))
+
+
 def test_from_scratch_probe_pace_leaves_out_the_epoch_boundary():
     """The probe's pace is read over its second half without the intervals in which an epoch ended (a new epoch's
     loader starting cold). The logs are shaped like run 14's probe: 60 steps logged every 6, 0.26 s a step, 339

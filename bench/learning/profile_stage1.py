@@ -38,13 +38,14 @@ def make_run(a, tokens: int, overrides: dict):
     return bs.make_ocrtune_run(b, 10**6, tokens, {**STAGE1, **overrides})
 
 
-def compile_blocks(run) -> int:
-    """torch.compile each LM decoder layer and ViT block in place (`nn.Module.compile`, dynamic shapes: packed steps
-    differ in length): the step is bound by ~2,400 small kernels, most of them elementwise, that inductor can fuse.
-    A measurement first (`"_compile_blocks": true` in a variant); `ocrtune sft` has no such flag yet."""
+def compile_blocks(run, which="all") -> int:
+    """torch.compile the decoder layers and ViT blocks in place: `which` "all" is `ocrtune sft --torch_compile`
+    (`qwen_vl.compile_blocks`); "lm" or "vit" compiles one tower's blocks only."""
     from ocrtune.models import qwen_vl
+    if which == "all":
+        return qwen_vl.compile_blocks(run.loss_module)
     m = qwen_vl.causal_lm(run.accelerator.unwrap_model(run.loss_module).model).model
-    blocks = list(m.language_model.layers) + list(m.visual.blocks)
+    blocks = list(m.language_model.layers) if which == "lm" else list(m.visual.blocks)
     for blk in blocks:
         blk.compile(dynamic=True)
     return len(blocks)
@@ -144,6 +145,8 @@ def main(argv=None):
                    '"_host_vision_ids": false in a variant builds the ViT position ids on the device (the stock way); '
                    '"_compile_blocks": true compiles the decoder layers and ViT blocks (raise --warmup: it compiles '
                    'again for new shapes)')
+    p.add_argument("--fed_steps", type=int, default=0, help="also time this many steps fed by the run's loader")
+    p.add_argument("--skip_stage1", action="store_true", help="leave out the plain stage-1 variant")
     p.add_argument("--loader_only", action="store_true", help="only the loader's rate (float32 / half pixels) and "
                    "steps fed by it, at the last of --tokens")
     p.add_argument("--out", required=True)
@@ -155,20 +158,20 @@ def main(argv=None):
     if a.loader_only:
         Path(a.out).write_text(json.dumps({"args": vars(a), "loader_only": loader_only(a)}, indent=1))
         return
-    variants = {"stage1": {}, **json.loads(a.variants)}
+    variants = {**({} if a.skip_stage1 else {"stage1": {}}), **json.loads(a.variants)}
     res = {"args": vars(a), "cases": []}
     from ocrtune.models import qwen_vl
     for name, ov in variants.items():
         ov = dict(ov)
         # "_host_vision_ids": false builds the ViT's position ids image by image on the device (transformers' way)
         qwen_vl.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
-        compiled = bool(ov.pop("_compile_blocks", False))
+        compiled = ov.pop("_compile_blocks", False)  # true (all), "lm" or "vit"
         for tokens in [int(x) for x in a.tokens.split(",")]:
             case = {"variant": name, "tokens": tokens, "host_vision_ids": qwen_vl.HOST_VISION_IDS}
             try:
                 run = make_run(a, tokens, ov)
                 if compiled:
-                    case["compiled_blocks"] = compile_blocks(run)
+                    case["compiled_blocks"] = compile_blocks(run, "all" if compiled is True else compiled)
                 stream = run.micro_batches()
                 batches = [next(stream)[-1] for _ in range(a.steps + a.warmup + 1)]
                 bs._reset_mem()
@@ -179,6 +182,8 @@ def main(argv=None):
                 stats = bs._batch_stats(batches[-1])
                 case.update(step_s=round(statistics.median(ts), 4), samples_per_step=stats["samples"],
                             samples_per_s=round(stats["samples"] / statistics.median(ts), 1), **bs._mem())
+                if a.fed_steps:  # fed by the run's loader, as in training (after the compiling above)
+                    case.update(fed_step_rate(run, a.fed_steps, skip=3))
                 if name in a.profile_variants.split(",") and tokens == int(a.profile_tokens):
                     case["profile"] = profile_step(run, batches[-1])
                     case["loader"] = loader_rate(run, 30)

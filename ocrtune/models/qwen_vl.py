@@ -732,6 +732,23 @@ def hidden_states(lm, input_ids, attention_mask=None, pixel_values=None, image_g
     return out.last_hidden_state
 
 
+# ================================================================ regional compilation (--torch_compile)
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each decoder layer of the language model and each block of the vision tower, in place
+    (`nn.Module.compile`: names and state dicts unchanged), with dynamic shapes (packed steps differ in length).
+    Regional compilation, as accelerate's `compile_regions` does it: the blocks are alike, so inductor compiles one
+    of each kind and the rest reuse it; the model's own forward (packing, image placement) stays eager. A small
+    model's step is thousands of little elementwise kernels (issue 13: the small preset's ~2,400 a step, matmuls ~35
+    of ~290 ms) that inductor fuses. Returns the number of blocks compiled."""
+    inner = causal_lm(model).model
+    blocks = [*getattr(getattr(inner, "language_model", None), "layers", []),
+              *getattr(getattr(inner, "visual", None), "blocks", [])]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 # ================================================================ prepare: at model load, for Liger (SftRun), in trainer.prepare_model
 
 @dataclass

@@ -83,6 +83,9 @@ class SftArgs:
                          "half their memory, faster matmuls; inputs rounded to float8 (approximate)")
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
                                        "(default all); the rest keep their activations (faster, more memory)")
+    torch_compile: bool = arg(False, "torch.compile the language model's decoder layers and the vision tower's blocks "
+                              "(regional, dynamic shapes): fewer, fused kernels; the first steps compile (a minute or two "
+                              "on a GPU); evaluation stays eager")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
     # evaluation, saving, logging
     eval_steps: int = arg(50, "evaluate every N steps")

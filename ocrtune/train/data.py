@@ -93,17 +93,18 @@ def _lengths_fingerprint(rows, template: Template) -> str:
     return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
-def one_frame(pixel_values: torch.Tensor, frames: int) -> torch.Tensor | None:
+def one_frame(pixel_values: torch.Tensor, frames: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Qwen-VL patches of still images hold each image `frames` times (the processor tiles it over the temporal
-    patch: rows laid out channel, frame, pixel): the first frame alone, [N, C*P*P], or None where the frames
-    differ (a video) and nothing may be dropped."""
+    patch: rows laid out channel, frame, pixel): the first frame alone, [N, C*P*P] (in `dtype` if given), or None
+    where the frames differ (a video) and nothing may be dropped."""
     n, dim = pixel_values.shape
     if dim % (3 * frames):
         return None
     v = pixel_values.view(n, 3, frames, dim // (3 * frames))
     if not all(torch.equal(v[:, :, 0], v[:, :, t]) for t in range(1, frames)):
         return None
-    return v[:, :, 0].reshape(n, -1)
+    first = torch.empty(n, 3, dim // (3 * frames), dtype=dtype or v.dtype)
+    return first.copy_(v[:, :, 0]).view(n, -1)  # one pass: the slice, gathered and cast
 
 
 def all_frames(pixel_values: torch.Tensor, frames: int) -> torch.Tensor:
@@ -135,18 +136,33 @@ class Collator:
         samples = [s for s in samples if s is not None]
         if not samples:
             return None
+        samples, frames = self._light_pixels(samples)
         if self.packing:
             from ocrtune.data.packing import pack
             batch = pack(samples, self.pad_token_id)
         else:
             batch = collate(samples, self.pad_token_id)
-        if self.pixel_dtype is not None and "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
-        if self.one_frame and self.frames and self.frames > 1 and "pixel_values" in batch:
-            single = one_frame(batch["pixel_values"], self.frames)
-            if single is not None:
-                batch["pixel_values"], batch["pixel_frames"] = single, torch.tensor(self.frames)
+        if frames:
+            batch["pixel_frames"] = torch.tensor(frames)
         return batch
+
+    def _light_pixels(self, samples: list[dict]) -> tuple[list[dict], int | None]:
+        """The samples with their pixels in `pixel_dtype` and, in workers, one frame of each still image (and the
+        frame count to restore, or None), sample by sample before the batch concatenates them: concatenating all
+        frames in float32 first (~375 MB at 65,536 tokens), then casting and slicing the whole, was half of a worker's
+        time per batch, and the loader set the small model's pace (0.22 s a batch with 13 workers)."""
+        pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        if not pixels:
+            return samples, None
+        frames = None
+        if self.one_frame and self.frames and self.frames > 1:
+            single = [one_frame(p, self.frames, self.pixel_dtype) for p in pixels]
+            if all(p is not None for p in single):  # all or none: a batch has one layout
+                pixels, frames = single, self.frames
+        if self.pixel_dtype is not None:
+            pixels = [p.to(self.pixel_dtype) for p in pixels]  # (no copy where one_frame cast them)
+        light = iter(pixels)
+        return [{**s, "pixel_values": next(light)} if "pixel_values" in s else s for s in samples], frames
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,

@@ -341,6 +341,10 @@ class SftRun:
             dist.materialize(self.loss_module, acc.device, buffers, std, args.seed)
         if self.resume is not None and self.sharded:
             dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume, sharded_optimizer_state)
+        if args.torch_compile:  # in place, after the wrappers (DDP, FSDP2): the blocks keep their names
+            blocks = qwen_vl.compile_blocks(self.loss_module)
+            if self.main:
+                print(f"torch.compile: {blocks} blocks, compiled in the first steps", flush=True)
         self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, qwen_vl.vision_input_dtype(self.model),
                                  getattr(self.processor.image_processor, "temporal_patch_size", None))
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
@@ -463,8 +467,13 @@ class SftRun:
                 return self.collator([sample])
         return None
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        # eager under --torch_compile: no-grad passes (and generation's cache) would compile every block again
+        with torch.compiler.set_stance("force_eager") if self.args.torch_compile else contextlib.nullcontext():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         args, acc = self.args, self.accelerator
         self.loss_module.eval()
         loss, tokens, correct = 0.0, 0, 0
@@ -659,8 +668,13 @@ class SftRun:
 
     def _loop(self, bar, start: float, start_step: int) -> int | None:
         """Train to the last step; returns the step it stopped after instead when SIGTERM or --max_time asked it to."""
+        # closed on the way out, an error's too: its loaders' workers ignore SIGTERM (see `make_loader`), so a pool
+        # still alive at interpreter exit would keep multiprocessing's exit handler waiting for it forever
+        with contextlib.closing(self.micro_batches()) as stream:
+            return self._steps(bar, start, start_step, stream)
+
+    def _steps(self, bar, start: float, start_step: int, stream) -> int | None:
         args, st = self.args, self.state
-        stream = self.micro_batches()
         metrics = None
         while st["global_step"] < self.total_steps:
             group = []

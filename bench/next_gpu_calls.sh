@@ -142,6 +142,13 @@ X)  # ~170 s, carry as for G (the recipe's wheels: U follows on the same machine
       --variants '{"compiled": {"torch_compile": true}}' --out $OUT/profile_compile_fed_h200.json > $OUT/profile_log.txt 2>&1
     mkdir -p .work && python3 bench/learning/compile_decision.py $OUT/profile_compile_fed_h200.json > .work/run15_flags
     cat .work/run15_flags ;;
+Y)  # ~100 s, carry .whl .whl_bench .carry/latex: the loader alone at 65,536 tokens with 13 workers, since the workers
+    # encode still images as one frame (the processor at temporal_patch_size 1) and cache the prompt's token ids (new):
+    # is it now quicker than the compiled step (0.099 s, X)? Then steps fed by it (eager)
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
+    timeout 150 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
+      --tokens 65536 --workers 13 --loader_only --out $OUT/loader_one_frame_h200.json > $OUT/loader_log.txt 2>&1 ;;
 U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags; default: what X wrote)
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT \
       ${RUN15_FLAGS:-$(cat .work/run15_flags 2>/dev/null)} > $OUT/phase_train_log.txt 2>&1 ;;
@@ -154,5 +161,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y" >&2; exit 2 ;;
 esac

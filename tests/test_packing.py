@@ -1,6 +1,8 @@
 """Padding-free packing computes the same loss and gradients as padded batches (fp32, CPU)."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -292,3 +294,40 @@ def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_
     samples[-1]["pixel_values"] = video.view(samples[-1]["pixel_values"].shape)
     mixed = Collator(0, True, None, 2).for_workers()(samples)
     assert "pixel_frames" not in mixed and torch.equal(mixed["pixel_values"], Collator(0, True, None, 2)(samples)["pixel_values"])
+
+
+def test_loader_workers_encode_still_images_as_one_frame_and_batches_stay_the_same(tiny_model_dir, encoded):
+    """In loader workers the dataset asks the processor for one frame of each still image (its tiling copy over the
+    temporal patch was most of its time): the pixels are the first frame of a full encode, bit for bit, and so are
+    the batches, from workers (light) and in-process (every frame restored); the token ids are the same too (the
+    prompt segments' ids come from a cache after the first row)."""
+    from ocrtune.models.loading import load_processor
+    from ocrtune.train.data import Collator, make_loader, one_frame
+    template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=6), template)
+    ds.one_frame = True
+    single = [ds[i] for i in range(len(ds))]
+    assert template._segment_ids  # the prompt segments were cached
+    for s, full in zip(single, encoded):
+        assert s["pixel_frames"] == 2 and torch.equal(s["pixel_values"], one_frame(full["pixel_values"], 2))
+        assert s["input_ids"] == full["input_ids"] and s["labels"] == full["labels"]
+    collator = Collator(0, True, torch.bfloat16, 2)
+    want_full, want_light = collator(list(encoded)), collator.for_workers()(list(encoded))
+    got_full, got_light = collator(list(single)), collator.for_workers()(list(single))
+    for got, want in ((got_full, want_full), (got_light, want_light)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a real loader with a worker: the worker's copy of the dataset encodes one frame, the main process's does not
+    ds.one_frame = False
+    batch = next(iter(make_loader(ds, [list(range(len(ds)))], collator, 1, False)))
+    assert not ds.one_frame and all(torch.equal(batch[k], want_light[k]) for k in want_light)
+
+
+def test_worker_init_turns_one_frame_on_only_under_our_collator(monkeypatch):
+    from ocrtune.train import data
+    ds = EncodedDataset([], None)
+    monkeypatch.setattr(data, "_ignore_sigterm", lambda worker_id: None)  # (this process keeps its SIGTERM)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(dataset=ds))
+    data._init_worker(0, one_frame=False)
+    assert ds.one_frame is False
+    data._init_worker(0, one_frame=True)
+    assert ds.one_frame is True

@@ -8,7 +8,7 @@ becomes <|vision_start|> + N x <|image_pad|> + <|vision_end|>, N the image's mer
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ class Template:
     template: str = "qwen2_vl"
     max_length: int | None = None
     system: str | None = None  # None: the family default
+    # token ids of each segment text seen: the system and prompt segments repeat from row to row (the prompt's image
+    # pads differ only in count), so a row costs one tokenizer call, for its answer, instead of about five
+    _segment_ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokenizer(self):
@@ -48,15 +51,24 @@ class Template:
     def _system(self) -> str | None:
         return self.system if self.system is not None else DEFAULT_SYSTEM.get(self.template)
 
-    def _image_inputs(self, images) -> tuple[dict, list[int]]:
+    def _image_inputs(self, images, one_frame: bool = False) -> tuple[dict, list[int]]:
         if not images:
             return {}, []
         for im in images:  # PIL images handed in directly: the processor would refuse > 200:1 with a traceback
             check_size(*im.size, max_pixels=2**62)
-        out = self.processor.image_processor(images=images, return_tensors="pt")
-        merge = self.processor.image_processor.merge_size ** 2
+        ip = self.processor.image_processor
+        frames = getattr(ip, "temporal_patch_size", None) or 1
+        one_frame = one_frame and frames > 1
+        # one frame: the processor tiles each still image over the temporal patch, `frames` copies in a strided
+        # copy that was most of its time (~1.4-2.6 ms an image against ~0.6 for one frame); the loss module makes
+        # the copies on the device (`pixel_frames`)
+        out = ip(images=images, return_tensors="pt", **({"temporal_patch_size": 1} if one_frame else {}))
+        vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        if one_frame and vision["pixel_values"].shape[-1] * frames == 3 * frames * ip.patch_size ** 2:
+            vision["pixel_frames"] = frames  # (a processor that ignored the request sent every frame: left as is)
+        merge = ip.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
+        return vision, counts
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """(text, trained) pieces of the conversation in chat-template order."""
@@ -106,16 +118,29 @@ class Template:
         used = 0
         for text, trained in self._segments(messages, add_generation_prompt):
             text, used = self._expand_images(text, counts, used)
-            piece = self.tokenizer.encode(text, add_special_tokens=False)
+            piece = self._ids_of(text, cache=not trained)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
         return ids, labels
 
-    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False) -> dict:
+    def _ids_of(self, text: str, cache: bool) -> list[int]:
+        if not cache:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self._segment_ids.get(text)
+        if ids is None:
+            if len(self._segment_ids) >= 4096:  # prompts that differ row to row: bounded, not a leak
+                self._segment_ids.clear()
+            ids = self._segment_ids[text] = self.tokenizer.encode(text, add_special_tokens=False)
+        return list(ids)
+
+    def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False,
+               one_frame: bool = False) -> dict:
         """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
-        add_generation_prompt=True (labels then are all -100)."""
+        add_generation_prompt=True (labels then are all -100). `one_frame`: each still image's pixels once, not
+        tiled over the temporal patch, with `pixel_frames` = the patch's frame count (what the training loader
+        sends: `train.data.Collator` makes a plain model input of it where one is needed)."""
         messages = _with_image_tags(messages, len(images))
-        vision, counts = self._image_inputs(images)
+        vision, counts = self._image_inputs(images, one_frame)
         ids, labels = self._ids_labels(messages, counts, add_generation_prompt)
         if self.max_length and len(ids) > self.max_length:
             raise SampleTooLong(f"sample has {len(ids)} tokens, over --max_length {self.max_length}")

@@ -1,6 +1,7 @@
 """Canonical rows -> encoded samples -> batches, in a seeded order that a resumed run can replay."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.cache = {} if (cache and augment is None) else None
         self._lengths = None
+        self.one_frame = False  # set in loader workers (`make_loader`): still images leave them as one frame
 
     def __len__(self):
         return len(self.rows)
@@ -55,7 +57,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             if self.augment is not None:  # seeded by (seed, epoch, row): same images after a resume
                 rng = random.Random(hash((self.seed, self.epoch, int(i))))
                 images = [self.augment(im, rng) for im in images]
-            return self.template.encode(row["messages"], images)
+            return self.template.encode(row["messages"], images, one_frame=self.one_frame)
         except (SampleTooLong, BadImage, ValueError) as e:
             log.debug("row %d skipped: %s", i, e)
             return None
@@ -150,19 +152,26 @@ class Collator:
         """The samples with their pixels in `pixel_dtype` and, in workers, one frame of each still image (and the
         frame count to restore, or None), sample by sample before the batch concatenates them: concatenating all
         frames in float32 first (~375 MB at 65,536 tokens), then casting and slicing the whole, was half of a worker's
-        time per batch, and the loader set the small model's pace (0.22 s a batch with 13 workers)."""
-        pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        time per batch, and the loader set the small model's pace (0.22 s a batch with 13 workers). Samples encoded
+        as one frame (`pixel_frames`, in workers) stay so; in a batch made in-process every frame is restored."""
+        pixels = [(s["pixel_values"], s.get("pixel_frames")) for s in samples if "pixel_values" in s]
         if not pixels:
             return samples, None
         frames = None
         if self.one_frame and self.frames and self.frames > 1:
-            single = [one_frame(p, self.frames, self.pixel_dtype) for p in pixels]
+            single = [p if f == self.frames else one_frame(p, self.frames, self.pixel_dtype) for p, f in pixels]
             if all(p is not None for p in single):  # all or none: a batch has one layout
-                pixels, frames = single, self.frames
-        if self.pixel_dtype is not None:
-            pixels = [p.to(self.pixel_dtype) for p in pixels]  # (no copy where one_frame cast them)
-        light = iter(pixels)
-        return [{**s, "pixel_values": next(light)} if "pixel_values" in s else s for s in samples], frames
+                frames = self.frames
+        light = iter(single if frames else [all_frames(p, f) if f else p for p, f in pixels])
+        dtype = self.pixel_dtype
+        out = []
+        for s in samples:
+            if "pixel_values" in s:
+                p = next(light)
+                s = {k: v for k, v in s.items() if k != "pixel_frames"}
+                s["pixel_values"] = p if dtype is None else p.to(dtype)  # (no copy where one_frame cast it)
+            out.append(s)
+        return out, frames
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
@@ -203,10 +212,20 @@ def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,
                                        prefetch_factor=4 if num_workers else None,
-                                       worker_init_fn=_ignore_sigterm if num_workers else None,
+                                       worker_init_fn=functools.partial(_init_worker, one_frame=isinstance(collator, Collator))
+                                       if num_workers else None,
                                        # own generator: creating a loader must not draw from the global RNG,
                                        # or a resumed run's dropout would differ from an uninterrupted one
                                        generator=torch.Generator().manual_seed(0))
+
+
+def _init_worker(worker_id: int, one_frame: bool) -> None:
+    """A loader worker: SIGTERM ignored (below), and, under our collator (which sends them so, `Collator.for_workers`),
+    its copy of the dataset encodes still images as one frame; a dataset read in the main process keeps every frame."""
+    _ignore_sigterm(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if one_frame and isinstance(getattr(info, "dataset", None), EncodedDataset):
+        info.dataset.one_frame = True
 
 
 def _ignore_sigterm(worker_id: int) -> None:

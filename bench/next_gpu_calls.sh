@@ -28,6 +28,12 @@
 #   up the small model's step (elementwise- and launch-bound)? Then V (~530 s, carry as for G): equal-time stage-1
 #   variants (twice the tokens a step; 15k pixels) against the recipe's; then run 15 as U (phase train, RUN15_FLAGS =
 #   the winner's recipe flags, the probe on), L, R.
+#   Done 2026-12-03 (tenth session): W (compiled blocks: 0.134 s a step against 0.192), X (sft --torch_compile fed by
+#   the loader: 0.216 s, the loader bounding it; the step alone 0.099), then U and L: run 15, stage 1 compiled, print
+#   BLEU-4 0.346 at 2,419 steps (planned short by X's pace; ran 0.18 s a step): bench/learning/run15_compiled_h200/.
+#   Next: Y (~100 s, carry .whl .whl_bench .carry/latex): the loader since the workers encode one frame; then run 16 as
+#   U with RUN15_FLAGS="--stage1_torch_compile true" (paced by its probe, compiled too), L, R (bench/learning/README.md,
+#   "Run 15").
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in

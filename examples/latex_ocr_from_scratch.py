@@ -6,7 +6,7 @@
            --synth_scramble), rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
            formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
   stage 1  `ocrtune sft --model small` on synth + real print rows, on every visible GPU (NPROC_PER_NODE,
-           DDP): rank-64 LoRA over the random weights (LM + vision tower, lr 1e-3; --stage1_lora_rank), folded into
+           DDP), compiled (--torch_compile, --stage1_torch_compile; on GPUs): rank-64 LoRA over the random weights (LM + vision tower, lr 1e-3; --stage1_lora_rank), folded into
            them and restarted from zero, in 5 cycles over the schedule (ReLoRA, --stage1_relora_cycles), with the
            tied embeddings trained whole (--stage1_modules_to_save embed_tokens), merged before the evaluations;
            or, with --stage1_lora_rank 0, full fine-tuning with the vision tower trained, at lr 1e-4 (at 1e-3
@@ -405,7 +405,9 @@ class Recipe:
         at the deadline 312 steps short of its end). Phase train adds --stage1_rest_seconds of phase rest (stage 1
         resumes there) and stops 45 s before its deadline (--max_time counts from the run's set-up, after the
         imports: those, the last step, its save and the exit; run 10 ended 13-14 s after its limit). Phase all
-        keeps --rest_reserve_seconds of its own deadline for the merge, the evaluations and stage 2."""
+        keeps --rest_reserve_seconds of its own deadline for the merge, the evaluations and stage 2. Compiled, the
+        seconds its first steps compile are left out too (--stage1_compile_seconds: cold after a given pace, warm
+        after the probe, which compiled first, and warm when phase rest resumes it)."""
         a = self.a
         cold, warm = a.stage1_compile_seconds  # --torch_compile's first steps (0 without it)
         if a.phase == "train":
@@ -415,7 +417,8 @@ class Recipe:
         if a.stage1_steps:
             steps = a.stage1_steps
         else:
-            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25 + cold
+            probed = not self.report["probe"].get("given")  # the probe compiled first: stage 1 starts from its caches
+            fixed = self.report["probe"]["startup_seconds"] + 30 + 4 * 5 + 25 + (warm if probed else cold)
             steps = max(20, int((self.left() - fixed + later) / (1.1 * sec)))
         limit = a.stage1_train_seconds if a.stage1_train_seconds is not None else self.left(stop_before)
         return steps, limit, self.left(kill_before)

@@ -59,6 +59,9 @@ def files(tmp_path_factory, tiny_model_dir):
     f["emptydir"] = str(d / "emptydir")
     (d / "noconfig").mkdir()
     f["noconfig"] = str(d / "noconfig")
+    (d / "badconfig").mkdir()
+    (d / "badconfig" / "config.json").write_text('{"model_type": "qwen2_vl",')  # cut short
+    f["badconfig"] = str(d / "badconfig")
     bert = d / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -98,6 +101,7 @@ CASES = [
     ("min_gt_max", lambda f: S("--min_pixels", "99999", "--max_pixels", "5000"), {}, r"--min_pixels"),
     ("grad_norm0", lambda f: S("--max_grad_norm", "0"), {}, r"--max_grad_norm"),
     ("ds_and_fsdp", lambda f: S("--deepspeed", "zero2", "--fsdp", "full_shard"), {}, r"--deepspeed and --fsdp"),
+    ("compile_and_ds", lambda f: S("--deepspeed", "zero3", "--torch_compile", "true"), {}, r"--torch_compile runs on one GPU"),
     ("train_type", lambda f: S("--train_type", "qlora"), {}, r"--train_type.*invalid choice"),
     ("bool_value", lambda f: S("--freeze_vit", "maybe"), {}, r"--freeze_vit.*true or false"),
     ("unknown_flag", lambda f: S("--lora_rnak", "8"), {}, r"unrecognized arguments: --lora_rnak"),
@@ -112,6 +116,7 @@ CASES = [
     ("model_name", lambda f: S("--model", "qwen9-vl-7b"), {}, r"unknown model_type 'qwen9-vl-7b'"),
     ("model_missing_dir", lambda f: S("--model", "./no/such/model"), {}, r"model folder not found"),
     ("model_no_config", lambda f: S("--model", f["noconfig"]), {}, r"has no config.json"),
+    ("model_bad_config", lambda f: S("--model", f["badconfig"]), {}, r"config.json is not valid JSON"),
     ("model_bert", lambda f: S("--model", f["bert"]), {}, r"'bert' model"),
     ("model_no_weights", lambda f: S("--model", f["noweights"], "--dataset", f["good"]), {}, r"could not load model weights"),
     ("model_hub_offline", lambda f: S("--model", "someorg/some-vl-model"), {"HF_HUB_OFFLINE": "1"}, r"could not download model 'someorg/some-vl-model'"),

@@ -386,7 +386,8 @@ def test_from_scratch_given_pace_skips_the_probe_and_plans_as_a_probe_would(tmp_
 def test_from_scratch_compiled_stage1_plans_its_compiling_in(tmp_path, monkeypatch):
     """--stage1_torch_compile true: stage 1 runs `ocrtune sft --torch_compile true`, and its plan leaves out the
     seconds its first steps compile, cold in phase train and warm in phase rest's resumed run
-    (--stage1_compile_seconds); auto is off without a GPU, and then nothing is left out."""
+    (--stage1_compile_seconds; after a probe, which compiled first, warm in both); auto is off without a GPU, and then
+    nothing is left out."""
     mod = _recipe_module()
     monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))
     monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
@@ -402,6 +403,8 @@ def test_from_scratch_compiled_stage1_plans_its_compiling_in(tmp_path, monkeypat
         assert args[args.index("--torch_compile") + 1] == str(compiled).lower()
         recipe.pace()
         assert recipe.plan_stage1(0.2)[0] == int((560 - fixed - cold + 360 - warm) / (1.1 * 0.2))
+        recipe.report["probe"] = {"seconds_per_step": 0.2, "startup_seconds": 35.4}  # a probe ran (and compiled)
+        assert recipe.plan_stage1(0.2)[0] == int((560 - fixed - warm + 360 - warm) / (1.1 * 0.2))
 
 
 def test_from_scratch_probe_pace_leaves_out_the_epoch_boundary():

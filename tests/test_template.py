@@ -72,3 +72,37 @@ def test_collate_pads_right(processor):
     assert batch["attention_mask"][1].sum() == len(b["input_ids"])
     assert (batch["labels"][1, len(b["input_ids"]):] == IGNORE_INDEX).all()
     assert batch["image_grid_thw"].shape == (2, 3)
+
+
+def test_prompt_ids_from_the_cache_equal_tokenizing_the_expanded_text(processor):
+    """The prompt segments' texts around their images are tokenized once and cached, the image blocks spliced in as
+    ids: the same ids as tokenizing each expanded segment, for 0, 1 and 2 images, tags first, between words and last;
+    a tokenizer for which splicing differs (checked once, on the first prompt with images) gets the plain way."""
+    from ocrtune.models.template import _with_image_tags
+
+    def plain(t, msgs, counts):
+        ids, used = [], 0
+        for text, _ in t._segments(_with_image_tags(msgs, len(counts)), False):
+            text, used = t._expand_images(text, counts, used)
+            ids += t.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    answer = {"role": "assistant", "content": "x ^ { 2 }"}
+    cases = [([{"role": "user", "content": "plain text, no image"}, answer], []),
+             ([{"role": "user", "content": "<image>" + OCR_PROMPT}, answer], [7]),
+             ([{"role": "user", "content": "left <image> middle <image>"}, answer], [3, 12]),
+             ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "<image><image> two"}, answer], [5, 1])]
+    for check in (None, False):
+        t = Template(processor)
+        if check is not None:
+            t._segment_ids[None] = check  # as if the once-only check had found splicing wrong
+        for _ in range(2):  # the second time from the cache
+            for msgs, counts in cases:
+                assert t._ids_labels(_with_image_tags(msgs, len(counts)), counts, False)[0] == plain(t, msgs, counts)
+        assert t._segment_ids[None] is (check if check is not None else True)
+    # pickled (as `datasets` does to fingerprint a map function) without the cache: the same bytes after use
+    import pickle
+    fresh = Template(processor)
+    before = pickle.dumps(fresh)
+    fresh._ids_labels(_with_image_tags(cases[1][0], 1), [7], False)
+    assert fresh._segment_ids and pickle.dumps(fresh) == before

@@ -13,7 +13,6 @@ depends on what the weights are for:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -60,8 +59,9 @@ def train_dtype(name: str, device: torch.device) -> torch.dtype:
 def stored_dtype(model_dir: Path):
     """The dtype the base model's weights are stored in (config.json), fp32 if not stated."""
     import torch
-    with open(model_dir / "config.json") as f:
-        cfg = json.load(f)
+
+    from ocrtune.models.loading import model_config
+    cfg = model_config(model_dir)
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") \
         or (cfg.get("text_config") or {}).get("torch_dtype") or "float32"
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)

@@ -22,6 +22,7 @@ def resolve_model(model: str | None, model_type: str | None = None, use_hf: bool
             if not (local / "config.json").exists():
                 raise UserError(f"model folder {local} has no config.json",
                                 "point --model at a folder saved with save_pretrained (or a merged checkpoint)")
+            model_config(local)  # a damaged config.json is named before anything else reads it
             return local, spec
         if model.startswith((".", "/", "~")) or (os.sep in model and model.count("/") != 1):
             raise UserError(f"model folder not found: {model}", "check the path, or pass a hub id or a --model_type name")
@@ -53,18 +54,29 @@ def download(hub_id: str, use_hf: bool, revision: str | None = None) -> Path:
                           "check the network and the id, or pass a local model folder to --model", limit=160) from None
 
 
+def model_config(path: Path) -> dict:
+    """The model folder's config.json ({} where it has none): the one reader of it before transformers loads the
+    model, so a damaged file is a one-line error wherever it is first read."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({str(e)[:80]})",
+                        "restore the model folder (copy or download it again)") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} does not hold a JSON object", "restore the model folder (copy or download it again)")
+    return config
+
+
 def model_arch(path: Path) -> str:
-    with open(Path(path) / "config.json") as f:
-        return json.load(f).get("model_type", "")
+    return model_config(path).get("model_type", "")
 
 
 def hidden_size(path: Path) -> int:
     """The language model's hidden size from the folder's config.json (a large number where it has none: no opinion)."""
-    config_path = Path(path) / "config.json"
-    if not config_path.exists():
-        return 1 << 30
-    with open(config_path) as f:
-        config = json.load(f)
+    config = model_config(path)
     return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 1 << 30)
 
 

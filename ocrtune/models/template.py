@@ -30,8 +30,8 @@ class Template:
     template: str = "qwen2_vl"
     max_length: int | None = None
     system: str | None = None  # None: the family default
-    # token ids of each segment text seen: the system and prompt segments repeat from row to row (the prompt's image
-    # pads differ only in count), so a row costs one tokenizer call, for its answer, instead of about five
+    # token ids of the prompt segments' texts around their images: they repeat from row to row, so a row costs one
+    # tokenizer call, for its answer, instead of about five (`_prompt_ids`)
     _segment_ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -117,21 +117,50 @@ class Template:
         labels: list[int] = []
         used = 0
         for text, trained in self._segments(messages, add_generation_prompt):
-            text, used = self._expand_images(text, counts, used)
-            piece = self._ids_of(text, cache=not trained)
+            if trained:
+                text, used = self._expand_images(text, counts, used)
+                piece = self.tokenizer.encode(text, add_special_tokens=False)
+            else:
+                piece, used = self._prompt_ids(text, counts, used)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
         return ids, labels
 
-    def _ids_of(self, text: str, cache: bool) -> list[int]:
-        if not cache:
-            return self.tokenizer.encode(text, add_special_tokens=False)
+    def _prompt_ids(self, text: str, counts: list[int], start: int) -> tuple[list[int], int]:
+        """Token ids of an untrained segment, its `<image>` tags expanded, and the next image's index. The text
+        around the tags comes from a cache, the image blocks are spliced in as ids: the same ids as tokenizing the
+        expanded text, as <|vision_start|>, <|image_pad|> and <|vision_end|> are special tokens, which the
+        tokenizer splits on first (`tests/test_template.py` checks it), without keying the cache on pad counts."""
+        pieces = text.split(IMAGE_TAG)
+        if len(pieces) > 1 and self._segment_ids.get(None) is False:  # a tokenizer that joins across them
+            text, start = self._expand_images(text, counts, start)
+            return self.tokenizer.encode(text, add_special_tokens=False), start
+        ids, first = self._cached_ids(pieces[0]), start
+        if len(pieces) > 1:
+            tok = self.tokenizer.convert_tokens_to_ids
+            vs, pad, ve = tok("<|vision_start|>"), tok("<|image_pad|>"), tok("<|vision_end|>")
+            for piece in pieces[1:]:
+                ids += [vs] + [pad] * counts[start] + [ve] + self._cached_ids(piece)
+                start += 1
+            if None not in self._segment_ids:  # checked once against the plain way, on the first prompt with images
+                whole = self.tokenizer.encode(self._expand_images(text, counts, first)[0], add_special_tokens=False)
+                self._segment_ids[None] = whole == ids
+                if whole != ids:
+                    return whole, start
+        return ids, start
+
+    def _cached_ids(self, text: str) -> list[int]:
         ids = self._segment_ids.get(text)
         if ids is None:
             if len(self._segment_ids) >= 4096:  # prompts that differ row to row: bounded, not a leak
                 self._segment_ids.clear()
             ids = self._segment_ids[text] = self.tokenizer.encode(text, add_special_tokens=False)
         return list(ids)
+
+    def __getstate__(self) -> dict:
+        # pickled without the cache: `datasets` fingerprints map functions that close over a template by pickling
+        # them, and a cache filled by earlier rows would change the fingerprint (no cache hits on reruns)
+        return {**self.__dict__, "_segment_ids": {}}
 
     def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False,
                one_frame: bool = False) -> dict:
@@ -172,6 +201,9 @@ def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
 
 def collate(samples: list[dict], pad_token_id: int) -> dict:
     """Right-pad a list of encoded samples into a batch."""
+    if any("pixel_frames" in s for s in samples):
+        raise ValueError("a sample encoded as one frame (one_frame=True) goes through train.data.Collator, which "
+                         "restores its frames")
     n = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), n), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)

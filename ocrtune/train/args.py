@@ -84,8 +84,9 @@ class SftArgs:
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
                                        "(default all); the rest keep their activations (faster, more memory)")
     torch_compile: bool = arg(False, "torch.compile the language model's decoder layers and the vision tower's blocks "
-                              "(regional, dynamic shapes): fewer, fused kernels; the first steps compile (a minute or two "
-                              "on a GPU); evaluation stays eager")
+                              "(regional, dynamic shapes): fewer, fused kernels (the small preset's step on an H200: 0.099 "
+                              "s against 0.173); the first steps compile (about a minute); evaluation stays eager. For "
+                              "GPUs: on a CPU the vision tower compiles again for every new image count")
     loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
     # evaluation, saving, logging
     eval_steps: int = arg(50, "evaluate every N steps")
@@ -136,6 +137,8 @@ def validate(args: SftArgs) -> None:
         (not args.relora_steps or args.train_type == "lora", "--relora_steps folds LoRA adapters: it needs --train_type lora"),
         (not args.relora_steps or not (args.fsdp or args.deepspeed),
          "--relora_steps runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)"),
+        (not (args.torch_compile and args.deepspeed),
+         "--torch_compile runs on one GPU, with DDP or with --fsdp; under --deepspeed (its parameter hooks) it is untested"),
         (not args.relora_steps or not args.fp8_base,
          "--relora_steps folds the adapters into the base weights, which --fp8_base keeps in float8: use one of them"),
     ]

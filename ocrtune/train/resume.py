@@ -16,7 +16,7 @@ RESUME_SAFE = frozenset({
     "resume_from_checkpoint", "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "report_to", "predict_with_generate", "max_new_tokens", "eval_batch_size", "dataloader_num_workers",
     "use_liger", "attn_impl", "fused_lora", "lean_mlp", "recompute_layers", "loss_chunk_size", "gradient_checkpointing",
-    "max_time",
+    "torch_compile", "max_time",
 })
 # resolved per machine ("auto"), or a limit of the process that saved the run: not taken from the saved run
 RESUME_AUTO = ("use_liger", "max_time")

@@ -64,7 +64,7 @@ class Template:
         # the copies on the device (`pixel_frames`)
         out = ip(images=images, return_tensors="pt", **({"temporal_patch_size": 1} if one_frame else {}))
         vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        if one_frame and vision["pixel_values"].shape[-1] * frames == 3 * frames * ip.patch_size ** 2:
+        if one_frame and vision["pixel_values"].shape[-1] == 3 * ip.patch_size ** 2:
             vision["pixel_frames"] = frames  # (a processor that ignored the request sent every frame: left as is)
         merge = ip.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]

@@ -157,13 +157,14 @@ class Collator:
         pixels = [(s["pixel_values"], s.get("pixel_frames")) for s in samples if "pixel_values" in s]
         if not pixels:
             return samples, None
-        frames = None
+        frames, kept = None, None
         if self.one_frame and self.frames and self.frames > 1:
             single = [p if f == self.frames else one_frame(p, self.frames, self.pixel_dtype) for p, f in pixels]
             if all(p is not None for p in single):  # all or none: a batch has one layout
-                frames = self.frames
-        light = iter(single if frames else [all_frames(p, f) if f else p for p, f in pixels])
-        dtype = self.pixel_dtype
+                frames, kept = self.frames, single
+        if kept is None:  # a plain model input: every image with all its frames
+            kept = [all_frames(p, f) if f else p for p, f in pixels]
+        light, dtype = iter(kept), self.pixel_dtype
         out = []
         for s in samples:
             if "pixel_values" in s:

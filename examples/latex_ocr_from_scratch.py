@@ -6,9 +6,10 @@
            --synth_scramble), rendered with real LaTeX in the LaTeX_OCR print style; the print and handwrite validation
            formulas (and every --extra_eval set) are excluded, so evaluation is on formulas never seen
   stage 1  `ocrtune sft --model small` on synth + real print rows, on every visible GPU (NPROC_PER_NODE,
-           DDP), compiled (--torch_compile, --stage1_torch_compile; on GPUs): rank-64 LoRA over the random weights (LM + vision tower, lr 1e-3; --stage1_lora_rank), folded into
-           them and restarted from zero, in 5 cycles over the schedule (ReLoRA, --stage1_relora_cycles), with the
-           tied embeddings trained whole (--stage1_modules_to_save embed_tokens), merged before the evaluations;
+           DDP), compiled (--torch_compile, --stage1_torch_compile; on GPUs): rank-64 LoRA over the random
+           weights (LM + vision tower, lr 1e-3; --stage1_lora_rank), folded into them and restarted from zero, in
+           5 cycles over the schedule (ReLoRA, --stage1_relora_cycles), with the tied embeddings trained whole
+           (--stage1_modules_to_save embed_tokens), merged before the evaluations;
            or, with --stage1_lora_rank 0, full fine-tuning with the vision tower trained, at lr 1e-4 (at 1e-3
            it collapses the image features: bench/learning/sweep_2026-12-01/FINDINGS.md)
   stage 2  `ocrtune sft --model <stage-1 checkpoint> --train_type lora` on LaTeX_OCR handwrite

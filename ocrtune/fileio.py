@@ -75,12 +75,15 @@ def temp_dir_for(final: Path):
         os.close(fd)
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, fix: str = "restore the file from the run") -> dict:
+    """A JSON object from `path`; a damaged file is a one-line error with `fix` as its remedy."""
     try:
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", "restore the file from the run") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", fix) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON (not UTF-8 text)", fix) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object", "restore the file from the run")
+        raise UserError(f"{path} does not hold a JSON object", fix)
     return data

@@ -1,11 +1,11 @@
 """Find a model (registry name, hub id, local folder or preset) and load it with its processor."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ocrtune.errors import UserError, hub_failure, import_modelscope
+from ocrtune.fileio import read_json
 from ocrtune.models.presets import PRESETS, ensure_preset
 from ocrtune.models.registry import TEMPLATE_BY_ARCH, ModelSpec, find_model, get_model_spec
 
@@ -60,14 +60,7 @@ def model_config(path: Path) -> dict:
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         return {}
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON ({str(e)[:80]})",
-                        "restore the model folder (copy or download it again)") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} does not hold a JSON object", "restore the model folder (copy or download it again)")
-    return config
+    return read_json(config_path, fix="restore the model folder (copy or download it again)")
 
 
 def model_arch(path: Path) -> str:

@@ -208,12 +208,13 @@ def parquet_rows(path, limit: int | None = None) -> list[dict]:
 
 
 def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator, num_workers: int, pin_memory: bool):
-    collator = collator.for_workers() if num_workers and isinstance(collator, Collator) else collator
+    ours = isinstance(collator, Collator)
+    collator = collator.for_workers() if num_workers and ours else collator
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,
                                        prefetch_factor=4 if num_workers else None,
-                                       worker_init_fn=functools.partial(_init_worker, one_frame=isinstance(collator, Collator))
+                                       worker_init_fn=functools.partial(_init_worker, one_frame=ours)
                                        if num_workers else None,
                                        # own generator: creating a loader must not draw from the global RNG,
                                        # or a resumed run's dropout would differ from an uninterrupted one

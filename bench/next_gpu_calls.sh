@@ -34,6 +34,11 @@
 #   Next: Y (~100 s, carry .whl .whl_bench .carry/latex): the loader since the workers encode one frame; then run 16 as
 #   U with RUN15_FLAGS="--stage1_torch_compile true" (paced by its probe, compiled too), L, R (bench/learning/README.md,
 #   "Run 15").
+#   Done 2026-12-03 (eleventh session): U, L, R = run 16 (the probe read 0.156 s a step, stage 1 ran 0.22; stopped
+#   undecayed at 1,754 of 2,638 steps: print BLEU-4 0.323), then the recipe's new clock schedule on the GPU (--phase all,
+#   350 s): bench/learning/run16_compiled_probe_h200/ and time_schedule_check_h200/.
+#   Next: run 17 = the recipe's defaults (--schedule_by time, no probe, compiled; batches in shared memory): K, then L,
+#   then R, back to back on one machine (carry .whl .whl_alt .carry/latex .carry/tex).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in

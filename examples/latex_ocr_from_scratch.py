@@ -20,15 +20,17 @@ Every step is the real ocrtune command line, run as a subprocess, and goes into 
 
 Phases (--phase), one device call of at most 10 minutes each, made back to back on the same machine so
 that --work_dir (default .work/from_scratch, git-ignored) survives between them:
-  train   synth rendering (the CPUs but two per GPU), then a short probe measures seconds per stage-1 step (GPU;
-          --stage1_seconds_per_step skips it), then stage 1, its cosine schedule planned over the steps that fit
-          this phase plus --stage1_rest_seconds of the next; `ocrtune sft --max_time` stops it before the deadline
-          and saves the step it stopped after. The probe runs after the rendering because its dataloader shares
-          the CPUs (run 6's concurrent probe read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of
-          the call unused)
-  rest    stage 1 resumed (`--resume_from_checkpoint last`) to the end of its schedule, merged, then stage 1's
-          evaluations alongside stage 2 (they share the GPU: the small model leaves it mostly idle), stage 2's
-          evaluation as soon as stage 2 ends, the report
+  train   synth rendering (the CPUs but two per GPU), then stage 1: by time (--schedule_by time, the default),
+          warmed up and held at its rate until `ocrtune sft --max_time` stops it before the deadline, saving the
+          step it stopped after; by steps, a cosine planned over the steps that fit this phase plus
+          --stage1_rest_seconds of the next at the pace a short probe measures first (--stage1_seconds_per_step
+          skips it). The probe runs after the rendering because its dataloader shares the CPUs (run 6's
+          concurrent probe read 0.23 s a step where stage 1 then ran 0.12 s, and left 40% of the call unused)
+  rest    stage 1 resumed (`--resume_from_checkpoint last`): by time, its rate decays to 0 along a cosine from its
+          first step to its --max_time, where it ends (`--lr_decay_seconds`); by steps, to the end of its
+          schedule. Then merged, stage 1's evaluations alongside stage 2 (they share the GPU: the small model
+          leaves it mostly idle; stage 2 by time decays over its --stage2_seconds), stage 2's evaluation as soon as
+          stage 2 ends, the report
   all     both in one call, stage 1 planned and trained to its end within it (smoke tests)
 
 Writes to --report_dir: report.json ({"print": {...}, "handwrite_before": {...}, "handwrite_after": {...},
@@ -64,6 +66,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TARGETS = {"print_bleu4": 0.6, "handwrite_bleu4_gain": 0.15}
 DEADLINES = {"train": 560.0, "rest": 560.0, "all": 3600.0}
 PIXELS = {"min_pixels": 30_000, "max_pixels": 120_000}  # ~40-150 visual tokens a LaTeX_OCR print image
+GUESSED_PACE = 0.2  # s a stage-1 step, --schedule_by time's size of the ReLoRA cycles and evaluations (not of the schedule)
 
 
 def parse_args(argv=None):
@@ -128,7 +131,15 @@ def parse_args(argv=None):
                         "(inductor's caches on the same machine; run 15: ~60 and ~35); planned in beside the steps")
     p.add_argument("--stage1_seconds_per_step", type=float, default=None,
                    help="stage 1's pace on this machine, as an earlier probe read it (skips the probe and its ~60 s of "
-                        "phase train; run 12's probe on one H200: 0.2268); stage 1 is planned from it as from a probe's")
+                        "phase train; run 12's probe on one H200: 0.2268); stage 1 is planned from it as from a probe's "
+                        f"(default with --schedule_by time: {GUESSED_PACE}, compiled runs 15-16's 0.18-0.22)")
+    p.add_argument("--schedule_by", default="time", choices=("time", "steps"),
+                   help="time: stage 1 warms up, holds its rate through phase train and decays it to 0 along a cosine "
+                        "over its resumed run in phase rest, ending by the clock (`ocrtune sft --lr_decay_seconds`), and "
+                        "stage 2 decays over its seconds; the pace only sizes the ReLoRA cycles and evaluations, so no "
+                        "probe runs (runs 14-16 were each planned from a pace that the run then missed, by 25-50%%, and "
+                        "stopped before their cosine ended or left time unused). steps: cosines over steps planned from "
+                        "the probe's pace (--stage1_steps / --stage2_steps fix them and imply it)")
     p.add_argument("--stage1_steps", type=int, default=None, help="fixed stage-1 steps (skips the probe)")
     p.add_argument("--stage2_steps", type=int, default=None)
     # run 11's phase rest ended at 414 s of its 560 with 280 / 220 / 100: stage 1 got 40 s more of it, stage 2 30 s
@@ -325,7 +336,7 @@ class Recipe:
         return ["sft", "--model", a.model, *kind, "--augment", a.stage1_augment,
                 "--dataset", *data, "--val_dataset", f"{self.data / 'print' / 'validation.parquet'}#{a.eval_rows or 200}",
                 "--packing_tokens", str(a.packing_tokens),
-                "--learning_rate", str(a.learning_rate), "--warmup_ratio", "0.03", "--max_steps", str(steps),
+                "--learning_rate", str(a.learning_rate), *self.stage1_schedule(steps),
                 # teacher-forced evaluations only: phase rest generates over all of print validation, and a generation
                 # pass here (200 rows, up to 256 tokens) cost run 9 tens of seconds each, part of why it ran out of time
                 "--eval_steps", str(-(-steps // 4)), "--save_steps", str(-(-steps // 4)),  # ceil: no 5th at the end
@@ -334,13 +345,29 @@ class Recipe:
                 "--output_dir", str(out), "--torch_compile", str(a.stage1_torch_compile).lower(), *self.vision_rates(),
                 *self.sft_common()]
 
+    @property
+    def stage1_by_time(self) -> bool:
+        return self.a.schedule_by == "time" and self.a.stage1_steps is None
+
+    def stage1_schedule(self, steps: int) -> list[str]:
+        """By steps: warm-up and a cosine over `steps`. By time: `steps` is an estimate (it sizes the ReLoRA cycles
+        and the evaluations); the rate warms up and holds, and the run's last process decays it by the clock
+        (--lr_decay_seconds), so --max_steps is only a bound, 10x the estimate (a bound reached first would end the run
+        undecayed: the tiny model on a CPU runs ~20x faster than the guess)."""
+        if not self.stage1_by_time:
+            return ["--warmup_ratio", "0.03", "--max_steps", str(steps)]
+        return ["--lr_scheduler_type", "constant", "--warmup_steps", str(max(1, math.ceil(0.03 * steps))),
+                "--max_steps", str(10 * steps)]
+
     def vision_rates(self) -> list[str]:
         a = self.a
         return [x for flag, lr in (("--vit_lr", a.vit_lr), ("--aligner_lr", a.aligner_lr)) if lr is not None
                 for x in (flag, str(lr))]
 
     def pace(self) -> float:
-        """Seconds per stage-1 step: --stage1_seconds_per_step, else the probe's."""
+        """Seconds per stage-1 step: --stage1_seconds_per_step, else the probe's (by time: else a guess, no probe)."""
+        if self.a.stage1_seconds_per_step is None and self.stage1_by_time:
+            self.a.stage1_seconds_per_step = GUESSED_PACE
         if self.a.stage1_seconds_per_step is None:
             return self.probe()
         # the start-up that the plan adds is run 12's probe's (35.4 s: imports, model, the loader's workers)
@@ -389,11 +416,14 @@ class Recipe:
         else:
             self.report["errors"].append("no synthetic rows: stage 1 trains on the real print rows only")
         steps, limit, timeout = self.plan_stage1(sec)
-        self.report["stage1_planned_steps"] = steps
         run = self.work / "stage1"
         args = self.stage1_args(steps, data, run)
+        # the step it ends at: by time, --max_steps is a bound (the clock ends the run in its last process)
+        self.report["stage1_planned_steps"] = int(args[args.index("--max_steps") + 1])
+        self.report["stage1_by_time"] = self.stage1_by_time
         self.report["stage1_args"] = args
-        self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit)], timeout=timeout,
+        decay = ["--lr_decay_seconds", f"{limit / 2:.0f}"] if self.stage1_by_time and a.phase == "all" else []
+        self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit), *decay], timeout=timeout,
                  gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
         ckpts = list_checkpoints(run)
@@ -470,9 +500,12 @@ class Recipe:
             return
         reserve = self.a.rest_reserve_seconds
         limit = max(1.0, self.left(reserve + 20))  # ends ~reserve before the deadline (imports, last step, save, exit)
-        self.say(f"stage 1 stopped at step {step_of(ckpts[-1])} of {planned}: resumed for at most {limit:.0f} s")
+        # by time: the rate decays from the resumed run's first step to its --max_time, where the run ends
+        decay = ["--lr_decay_seconds", f"{limit:.0f}"] if self.report.get("stage1_by_time") else []
+        self.say(f"stage 1 stopped at step {step_of(ckpts[-1])} of {planned}: resumed for at most {limit:.0f} s"
+                 + (", its rate decaying to 0 by then" if decay else ""))
         self.run("stage1_resumed", [*self.report["stage1_args"], "--resume_from_checkpoint", "last",
-                                    "--max_time", f"{limit:.0f}"], timeout=self.left(reserve - 30), gpus=self.gpus)
+                                    "--max_time", f"{limit:.0f}", *decay], timeout=self.left(reserve - 30), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
         # its log's speeds restart with each process: the time is the two processes' (start-up included)
         self.report["stage1"]["train_seconds"] = round(sum(self.report["timings_s"].get(k, 0) for k in ("stage1", "stage1_resumed")), 1)
@@ -497,13 +530,15 @@ class Recipe:
         sets.update({f"extra_{k}": v for k, v in self.extra().items()})
         evals = self.start_evals(ckpt1, sets)  # alongside stage 2, which needs only the merged model
         steps = a.stage2_steps or self.plan_stage2()
+        by_time = a.schedule_by == "time" and not a.stage2_steps
         run = self.work / "stage2"
         self.run("stage2", [
             "sft", "--model", str(ckpt1), "--train_type", "lora", "--lora_rank", str(a.lora_rank),
             "--lora_alpha", str(a.lora_alpha), "--target_modules", *LORA_TARGETS, "--augment", "true",
             "--dataset", self.path("handwrite", "train"), "--val_dataset", self.path("handwrite", "validation"),
             "--batch_size", str(a.stage2_batch_size), "--learning_rate", str(a.stage2_learning_rate),
-            "--max_steps", str(steps), "--eval_steps", str(-(-steps // 2)), "--save_steps", str(steps),
+            *(self.stage2_by_time(steps) if by_time else ["--max_steps", str(steps)]),
+            "--eval_steps", str(-(-steps // 2)), "--save_steps", str(10 * steps if by_time else steps),
             "--logging_steps", str(max(1, min(10, steps // 30))), "--output_dir", str(run),
             *self.sft_common(min(8, self.workers))], timeout=self.left(50), gpus=min(self.gpus, 1))
         self.report["stage2"] = summarize_run(run)
@@ -543,6 +578,14 @@ class Recipe:
                 out[key] = {"bleu4": m.get("bleu4"), "exact_match": m.get("exact_match"),
                             "edit_distance": m["edit_distance_token"], "count": len(new)}
         return out
+
+    def stage2_by_time(self, steps: int) -> list[str]:
+        """Stage 2 by the clock: warm-up, then a cosine to 0 over what is left of its seconds (`steps` estimates its
+        steps; --max_steps bounds them at 10x). Run 16's stage 2, planned 519 steps from a pace it missed, was stopped
+        at the deadline at step 311, its rate still high."""
+        budget = min(self.a.stage2_seconds, self.left(reserve=60))
+        return ["--lr_scheduler_type", "constant", "--warmup_steps", str(max(1, steps // 20)), "--max_steps",
+                str(10 * steps), "--max_time", f"{budget:.0f}", "--lr_decay_seconds", f"{budget:.0f}"]
 
     def plan_stage2(self) -> int:
         """Stage-2 steps for --stage2_seconds. Its small batches are bound by per-step overhead, not by samples: a

@@ -331,3 +331,22 @@ def test_worker_init_turns_one_frame_on_only_under_our_collator(monkeypatch):
     assert ds.one_frame is False
     data._init_worker(0, one_frame=True)
     assert ds.one_frame is True
+
+
+def _cat_in_worker(batch):
+    from ocrtune.data.packing import shared_cat
+    out = shared_cat(batch)
+    return out, torch.tensor(out.is_shared())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_cat_writes_a_workers_batch_into_shared_memory(dtype):
+    """In a loader worker the pixels' concatenation is allocated in shared memory (pickling it for the main process
+    then copies nothing), with the values and shape of torch.cat; outside workers it is torch.cat itself."""
+    from ocrtune.data.packing import shared_cat
+    parts = [torch.randn(n, 6, generator=torch.Generator().manual_seed(n)).to(dtype) for n in (3, 5, 1)]
+    loader = torch.utils.data.DataLoader(parts, batch_size=3, collate_fn=_cat_in_worker, num_workers=1)
+    out, shared_in_worker = next(iter(loader))
+    assert bool(shared_in_worker) and out.dtype == dtype and torch.equal(out, torch.cat(parts))
+    here = shared_cat(parts)
+    assert not here.is_shared() and torch.equal(here, torch.cat(parts))

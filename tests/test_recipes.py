@@ -407,6 +407,49 @@ def test_from_scratch_compiled_stage1_plans_its_compiling_in(tmp_path, monkeypat
         assert recipe.plan_stage1(0.2)[0] == int((560 - fixed - warm + 360 - warm) / (1.1 * 0.2))
 
 
+def test_from_scratch_by_time_holds_stage1s_rate_then_decays_it_by_the_clock_in_phase_rest(tmp_path, monkeypatch):
+    """--schedule_by time (the default without fixed steps): no probe (a guessed pace sizes the ReLoRA cycles and
+    the evaluations only); stage 1 warms up and holds its rate (constant, --max_steps a bound at 10x the estimate),
+    phase rest resumes it with --lr_decay_seconds equal to its --max_time (decay from its first step to the end),
+    and stage 2 decays over its own seconds."""
+    mod = _recipe_module()
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setenv("LATEX_OCR_T0", "1000.0")
+    monkeypatch.setattr(mod, "gpu_count", lambda: 0)
+    base = ["--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"), "--report_dir", str(tmp_path / "r"),
+            "--deadline_seconds", "560"]
+    recipe = mod.Recipe(mod.parse_args(base + ["--phase", "train"]))
+    monkeypatch.setattr(recipe, "probe", lambda: pytest.fail("the probe ran"))
+    assert recipe.pace() == mod.GUESSED_PACE
+    steps = recipe.plan_stage1(mod.GUESSED_PACE)[0]
+    assert steps == int((560 - (35.4 + 30 + 4 * 5 + 25) + 360) / (1.1 * mod.GUESSED_PACE))
+    args = recipe.stage1_args(steps, ["d"], tmp_path / "out")
+    flag = lambda f: args[args.index(f) + 1]  # noqa: E731
+    assert flag("--lr_scheduler_type") == "constant" and "--warmup_ratio" not in args
+    assert int(flag("--warmup_steps")) == math.ceil(0.03 * steps) and int(flag("--max_steps")) == 10 * steps
+    assert int(flag("--relora_steps")) == -(-steps // 5) and int(flag("--eval_steps")) == -(-steps // 4)
+    # by steps (or with fixed steps): the cosine over the planned steps, as before
+    for extra in (["--schedule_by", "steps"], ["--stage1_steps", "600"]):
+        r = mod.Recipe(mod.parse_args(base + ["--phase", "train", *extra]))
+        a2 = r.stage1_args(600, ["d"], tmp_path / "out")
+        assert "--lr_scheduler_type" not in a2 and a2[a2.index("--max_steps") + 1] == "600"
+
+    rest = mod.Recipe(mod.parse_args(base + ["--phase", "rest"]))
+    rest.report.update(stage1_by_time=True, stage1_args=args, stage1_planned_steps=10 * steps)
+    ckpt = tmp_path / "w" / "stage1" / "checkpoint-420"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    ran = {}
+    monkeypatch.setattr(rest, "run", lambda name, cmd, **kw: ran.setdefault(name, cmd) and 0)
+    rest.resume_stage1()
+    limit = f"{560 - (140 + 20):.0f}"  # what is left of the deadline less --rest_reserve_seconds and 20 s
+    assert ran["stage1_resumed"][len(args):] == ["--resume_from_checkpoint", "last", "--max_time", limit,
+                                                 "--lr_decay_seconds", limit]
+    s2 = rest.stage2_by_time(400)
+    assert s2 == ["--lr_scheduler_type", "constant", "--warmup_steps", "20", "--max_steps", "4000",
+                  "--max_time", "70", "--lr_decay_seconds", "70"]
+
+
 def test_from_scratch_probe_pace_leaves_out_the_epoch_boundary():
     """The probe's pace is read over its second half without the intervals in which an epoch ended (a new epoch's
     loader starting cold). The logs are shaped like run 14's probe: 60 steps logged every 6, 0.26 s a step, 339

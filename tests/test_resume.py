@@ -3,6 +3,7 @@ the same logging.jsonl and the same data order as an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -195,3 +196,46 @@ def final_state_at(out: Path, step: int):
     log = [{k: r[k] for k in (*COMPARED, "epoch") if k in r}
            for r in map(json.loads, (rd / "logging.jsonl").read_text().splitlines())]
     return weights, log
+
+
+def test_time_decay_is_one_then_a_cosine_that_ends_at_max_time():
+    from ocrtune.train.schedule import time_decay
+    # decay over the last 40 s of 100, the first step ended at 5 s
+    assert time_decay(10, 100, 40, 5) == 1.0 and time_decay(60, 100, 40, 5) == 1.0
+    assert time_decay(70, 100, 40, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 10 / 40)))
+    assert time_decay(80, 100, 40, 5) == pytest.approx(0.5)
+    assert time_decay(100, 100, 40, 5) == 0.0 and time_decay(130, 100, 40, 5) == 0.0
+    # more decay than time left after the first step: it starts at the first step (30 s), not before
+    assert time_decay(30, 100, 100, 30) == 1.0
+    assert time_decay(65, 100, 100, 30) == pytest.approx(0.5)
+
+
+def test_lr_decay_seconds_anneals_by_the_clock_and_ends_the_run_there(tmp_path):
+    """A warm-up/stable/decay run planned by time: the first process trains at the constant rate and is stopped by
+    --max_time (saved, to be resumed); the resumed process decays the rate to ~0 over its --lr_decay_seconds and
+    ends by the clock, long before --max_steps, as at a last step: evaluated, saved, exit 0."""
+    flags = ["--max_steps", "100000", "--lr_scheduler_type", "constant", "--warmup_steps", "2", "--save_steps", "100000",
+             "--eval_steps", "100000"]
+    proc = sft(tmp_path, *flags, "--max_time", "0")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "stopped at --max_time 0s at step 1" in err, err[-3000:]
+    rd = run_dir(tmp_path)
+    proc = sft(tmp_path, *flags, "--resume_from_checkpoint", "last", "--max_time", "14", "--lr_decay_seconds", "14")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    log = [json.loads(l) for l in (rd / "logging.jsonl").read_text().splitlines()]
+    train = [r for r in log if "loss" in r]
+    last = train[-1]["step"]
+    assert "the learning rate decayed to 0 at --max_time 14s (--lr_decay_seconds 14): the run ends at step " \
+           f"{last}" in out + err, (out + err)[-3000:]
+    assert f"last_model_checkpoint: {rd / f'checkpoint-{last}'}" in out
+    assert (rd / f"checkpoint-{last}" / "adapter_model.safetensors").exists()
+    assert any("eval_loss" in r and r["step"] == last for r in log)  # evaluated at its end
+    assert int(json.loads((rd / f"checkpoint-{last}" / "trainer_state.json").read_text())["global_step"]) == last
+    peak = 1e-3  # a preset's default LoRA rate, reached after 2 warm-up steps (the first process ran step 1)
+    lrs = [r["learning_rate"] for r in train[1:]]  # the resumed process's steps (2 on)
+    assert len(lrs) >= 4, lrs
+    assert lrs[0] == pytest.approx(peak, rel=1e-6)  # step 2 at the full rate: the decay starts after its first step
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(lrs, lrs[1:])), lrs  # then only falls
+    assert lrs[-1] < 0.5 * peak, lrs  # the last step at a fraction of it: within a step of --max_time
+    assert json.loads((rd / "args.json").read_text())["lr_decay_seconds"] == 14  # this process's, saved as given

@@ -37,8 +37,9 @@ def recipe_module():
 
 def variant_args(mod, base: list[str], flags: list[str], steps: int, data: list[str], out: Path) -> list[str]:
     """`ocrtune sft` arguments of one variant: the recipe's stage 1 with `flags` (recipe flags) over `base`; a
-    variant's own `--stage1_steps` replaces `steps` (to compare at equal time variants whose steps cost differently)."""
-    recipe = mod.Recipe(mod.parse_args([*base, *flags]))
+    variant's own `--stage1_steps` replaces `steps` (to compare at equal time variants whose steps cost differently).
+    Variants run a fixed number of steps, so the recipe's stage 1 is taken by steps (its cosine over them)."""
+    recipe = mod.Recipe(mod.parse_args([*base, "--schedule_by", "steps", *flags]))
     return recipe.stage1_args(recipe.a.stage1_steps or steps, data, out)
 
 

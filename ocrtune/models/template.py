@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ocrtune.data.images import check_size
-from ocrtune.data.packing import IGNORE_INDEX  # noqa: F401  (defined with the data packing)
+from ocrtune.data.packing import IGNORE_INDEX, shared_cat  # noqa: F401  (IGNORE_INDEX: defined with the data packing)
 IMAGE_TAG = "<image>"
 
 # Default system prompt per template family (None: the family's chat template adds none).
@@ -218,6 +218,6 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
     with_images = [s for s in samples if "pixel_values" in s]
     if with_images:
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+        batch["pixel_values"] = shared_cat([s["pixel_values"] for s in with_images])  # (into shared memory in workers)
         batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
     return batch

@@ -101,6 +101,10 @@ class SftArgs:
     max_time: float | None = arg(None, "seconds this process may train, counted from the run's set-up (model "
                                  "loading included): past them it stops after the step in progress and saves it; "
                                  "--resume_from_checkpoint last continues the same schedule")
+    lr_decay_seconds: float | None = arg(None, "with --max_time: the learning rate falls to 0 along a cosine over the last "
+                                         "N seconds before --max_time (from the first step if fewer are left then), on top "
+                                         "of --lr_scheduler_type, and the run ends there as at its last step (evaluated, "
+                                         "saved): it ends annealed however fast its steps turn out (this process only)")
     report_to: list[str] = arg(None, "tensorboard (default) or none")
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
@@ -130,6 +134,8 @@ def validate(args: SftArgs) -> None:
         (args.recompute_layers is None or args.recompute_layers >= 0, "--recompute_layers must be 0 or more"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
         (args.max_time is None or args.max_time >= 0, "--max_time must be 0 or more seconds"),
+        (args.lr_decay_seconds is None or (args.lr_decay_seconds > 0 and args.max_time is not None),
+         "--lr_decay_seconds must be positive and goes with --max_time (the decay ends when --max_time does)"),
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
         (not args.modules_to_save or args.train_type == "lora",
          "--modules_to_save goes with --train_type lora (full fine-tuning trains every module already)"),

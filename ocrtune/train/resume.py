@@ -16,10 +16,11 @@ RESUME_SAFE = frozenset({
     "resume_from_checkpoint", "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "report_to", "predict_with_generate", "max_new_tokens", "eval_batch_size", "dataloader_num_workers",
     "use_liger", "attn_impl", "fused_lora", "lean_mlp", "recompute_layers", "loss_chunk_size", "gradient_checkpointing",
-    "torch_compile", "max_time",
+    "torch_compile", "max_time", "lr_decay_seconds",
 })
-# resolved per machine ("auto"), or a limit of the process that saved the run: not taken from the saved run
-RESUME_AUTO = ("use_liger", "max_time")
+# resolved per machine ("auto"), or a limit of the process that saved the run (--lr_decay_seconds ends with that
+# process's --max_time): not taken from the saved run
+RESUME_AUTO = ("use_liger", "max_time", "lr_decay_seconds")
 
 
 def resume_args(args, ckpt: Path):

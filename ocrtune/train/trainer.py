@@ -29,7 +29,7 @@ from ocrtune.models.fp8_linear import fp8_base_linears
 from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
-from ocrtune.train import distributed as dist, relora
+from ocrtune.train import distributed as dist, relora, schedule
 from ocrtune.train.args import SftArgs, validate
 from ocrtune.train.resume import resume_args
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
@@ -242,6 +242,7 @@ class SftRun:
 
         validate(args)
         self.t_start = time.monotonic()  # --max_time counts from here
+        self._first_step_at = None  # seconds after t_start when this process's first step ended (--lr_decay_seconds)
         self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
             if args.resume_from_checkpoint else None
         resume_state = None
@@ -409,20 +410,22 @@ class SftRun:
         grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed without clipping reports none
         self.optimizer.step()
         self.scheduler.step()
-        if self.args.relora_steps:  # the next step's rate: warming up again after a restart
-            self._scale_lr(relora.lr_factor(self.state["global_step"] + 1, self.args.relora_steps, self.relora_warmup))
         self.optimizer.zero_grad(set_to_none=True)
         # a SIGTERM or --max_time seen by any rank stops every rank after this step (torchrun forwards a signal to
         # each, not always within the same step; clocks differ): the flags ride in the step's last all-reduce, so all
-        # ranks read the same answer
+        # ranks read the same answer, and so does the clock that --lr_decay_seconds reads (the ranks' mean)
         sigterm = getattr(self, "_sigterm", None)  # None outside train() (benchmarks call train_step directly)
         self._stop_signal = sigterm is not None and sigterm.requested
         self._stop_now = self._stop_signal or (sigterm is not None and self.time_is_up())
+        elapsed = time.monotonic() - self.t_start
         if acc.num_processes > 1:  # log the global batch's loss, not this rank's share
             stats = acc.reduce(torch.stack([torch.as_tensor(x, device=acc.device, dtype=torch.float64) for x in
-                                            (loss_sum, correct, float(self._stop_now), float(self._stop_signal))]), "sum")
+                                            (loss_sum, correct, float(self._stop_now), float(self._stop_signal),
+                                             elapsed)]), "sum")
             loss_sum, correct, tokens = stats[0], stats[1], global_tokens
             self._stop_now, self._stop_signal = bool(stats[2] > 0), bool(stats[3] > 0)
+            elapsed = float(stats[4]) / acc.num_processes
+        self._scale_lr(self.lr_factor(elapsed))  # the next step's rate
         loss_sum = float(loss_sum)
         self.check_finite(loss_sum, float(grad_norm))
         return loss_sum, int(tokens), int(correct), float(grad_norm)
@@ -431,6 +434,18 @@ class SftRun:
         if factor != 1.0:
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr * factor
+
+    def lr_factor(self, elapsed: float) -> float:
+        """The next step's multiplier of the step schedule's rate: warming up again after a ReLoRA restart, and
+        `--lr_decay_seconds`' decay by the clock (`elapsed`: seconds since set-up, as --max_time counts them)."""
+        a, factor = self.args, 1.0
+        if a.relora_steps:
+            factor *= relora.lr_factor(self.state["global_step"] + 1, a.relora_steps, self.relora_warmup)
+        if a.lr_decay_seconds:
+            if self._first_step_at is None:
+                self._first_step_at = elapsed
+            factor *= schedule.time_decay(elapsed, a.max_time, a.lr_decay_seconds, self._first_step_at)
+        return factor
 
     @property
     def relora_warmup(self) -> int:
@@ -695,10 +710,12 @@ class SftRun:
             st["log_acc"] = [a[0] + loss, a[1] + tokens, a[2] + correct, a[3] + grad_norm, a[4] + 1]
             step = st["global_step"]
             bar.update(1)
-            if step % args.logging_steps == 0 or step == self.total_steps:
+            # --lr_decay_seconds: the clock's schedule has reached 0 at --max_time, so the run is done, not paused
+            decayed = bool(args.lr_decay_seconds) and self._stop_now and not self._stop_signal
+            last = step == self.total_steps or decayed
+            if step % args.logging_steps == 0 or last:
                 self.log_train(step, start, start_step)
             metrics = None
-            last = step == self.total_steps
             if args.relora_steps and step % args.relora_steps == 0 and not last:
                 n = relora.fold_and_restart(self.accelerator.unwrap_model(self.loss_module).model, self.optimizer, args.seed + step)
                 if self.main:
@@ -712,6 +729,11 @@ class SftRun:
                 bar.write(json.dumps({**metrics, "step": step}))
             if step % self.resolved.save_steps == 0 or last:
                 self.save(metrics)
+            if decayed:
+                if self.main:
+                    bar.write(f"the learning rate decayed to 0 at --max_time {args.max_time:g}s (--lr_decay_seconds "
+                              f"{args.lr_decay_seconds:g}): the run ends at step {step}")
+                return None
 
     def log_train(self, step: int, start: float, start_step: int) -> None:
         a = self.state["log_acc"]

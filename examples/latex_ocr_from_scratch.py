@@ -430,7 +430,8 @@ class Recipe:
         self.report["stage1_steps_in_phase_train"] = step_of(ckpts[-1]) if ckpts else 0
 
     def plan_stage1(self, sec: float | None) -> tuple[int, float, float]:
-        """Stage 1's steps (its cosine schedule's length), its `--max_time` and the subprocess's time-out. What fits:
+        """Stage 1's steps (by steps its cosine schedule's length; by time the estimate that sizes its ReLoRA cycles and
+        evaluations), its `--max_time` and the subprocess's time-out. What fits:
         start-up as the probe's plus 30 s to plan over the synthetic rows, 4 teacher-forced evaluations and 4 saves,
         25 s margin, at 1.1x the probe's seconds a step (run 9's stage 1 ran slower than its probe and was stopped
         at the deadline 312 steps short of its end). Phase train adds --stage1_rest_seconds of phase rest (stage 1

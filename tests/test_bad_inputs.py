@@ -94,6 +94,7 @@ CASES = [
     ("max_length", lambda f: S("--max_length", "5"), {}, r"--max_length"),
     ("epochs0", lambda f: S("--num_train_epochs", "0"), {}, r"--num_train_epochs"),
     ("eval_steps0", lambda f: S("--eval_steps", "0"), {}, r"--eval_steps"),
+    ("lr_decay_no_max_time", lambda f: S("--lr_decay_seconds", "60"), {}, r"--lr_decay_seconds .* goes with --max_time"),
     ("save_steps0", lambda f: S("--save_steps", "0"), {}, r"--save_steps"),
     ("grad_acc0", lambda f: S("--gradient_accumulation_steps", "0"), {}, r"--gradient_accumulation_steps"),
     ("warmup", lambda f: S("--warmup_ratio", "2"), {}, r"--warmup_ratio"),

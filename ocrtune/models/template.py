@@ -199,8 +199,8 @@ def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
     return out
 
 
-def collate(samples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a list of encoded samples into a batch."""
+def collate(samples: list[dict], pad_token_id: int, pixel_dtype: torch.dtype | None = None) -> dict:
+    """Right-pad a list of encoded samples into a batch (`pixel_dtype` casts the pixels as they are joined)."""
     if any("pixel_frames" in s for s in samples):
         raise ValueError("a sample encoded as one frame (one_frame=True) goes through train.data.Collator, which "
                          "restores its frames")
@@ -218,6 +218,6 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
     with_images = [s for s in samples if "pixel_values" in s]
     if with_images:
-        batch["pixel_values"] = shared_cat([s["pixel_values"] for s in with_images])  # (into shared memory in workers)
+        batch["pixel_values"] = shared_cat([s["pixel_values"] for s in with_images], pixel_dtype)  # (shared memory in workers)
         batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
     return batch

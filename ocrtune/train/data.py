@@ -141,19 +141,20 @@ class Collator:
         samples, frames = self._light_pixels(samples)
         if self.packing:
             from ocrtune.data.packing import pack
-            batch = pack(samples, self.pad_token_id)
+            batch = pack(samples, self.pad_token_id, pixel_dtype=self.pixel_dtype)
         else:
-            batch = collate(samples, self.pad_token_id)
+            batch = collate(samples, self.pad_token_id, pixel_dtype=self.pixel_dtype)
         if frames:
             batch["pixel_frames"] = torch.tensor(frames)
         return batch
 
     def _light_pixels(self, samples: list[dict]) -> tuple[list[dict], int | None]:
-        """The samples with their pixels in `pixel_dtype` and, in workers, one frame of each still image (and the
-        frame count to restore, or None), sample by sample before the batch concatenates them: concatenating all
-        frames in float32 first (~375 MB at 65,536 tokens), then casting and slicing the whole, was half of a worker's
-        time per batch, and the loader set the small model's pace (0.22 s a batch with 13 workers). Samples encoded
-        as one frame (`pixel_frames`, in workers) stay so; in a batch made in-process every frame is restored."""
+        """The samples with, in workers, one frame of each still image (and the frame count to restore, or None),
+        sample by sample before the batch concatenates them (concatenating all frames in float32 first, ~375 MB at
+        65,536 tokens, then casting and slicing the whole, was half of a worker's time per batch, and the loader set
+        the small model's pace: 0.22 s a batch with 13 workers); the cast to `pixel_dtype` happens as `pack`/`collate`
+        join them. Samples encoded as one frame (`pixel_frames`, in workers) stay so; in a batch made in-process every
+        frame is restored."""
         pixels = [(s["pixel_values"], s.get("pixel_frames")) for s in samples if "pixel_values" in s]
         if not pixels:
             return samples, None
@@ -164,13 +165,12 @@ class Collator:
                 frames, kept = self.frames, single
         if kept is None:  # a plain model input: every image with all its frames
             kept = [all_frames(p, f) if f else p for p, f in pixels]
-        light, dtype = iter(kept), self.pixel_dtype
+        light = iter(kept)
         out = []
-        for s in samples:
+        for s in samples:  # (cast to pixel_dtype as the batch joins them: one pass, not one more per sample)
             if "pixel_values" in s:
-                p = next(light)
                 s = {k: v for k, v in s.items() if k != "pixel_frames"}
-                s["pixel_values"] = p if dtype is None else p.to(dtype)  # (no copy where one_frame cast it)
+                s["pixel_values"] = next(light)
             out.append(s)
         return out, frames
 

@@ -169,7 +169,7 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     timeout 200 python3 -m ocrtune eval --ckpt_dir $M --val_dataset .carry/latex/print/validation.parquet \
       --metrics bleu,edit_distance,exact_match,token_acc --infer_batch_size 256 --max_new_tokens 256 --num_beams 3 \
       --result_path $OUT/stage1_print_beams3.jsonl > $OUT/beams3_log.txt 2>&1
-    cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl ;;
+    cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl *.log ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
 *)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y" >&2; exit 2 ;;

@@ -271,7 +271,9 @@ class Recipe:
         secs = round(time.time() - job["start"], 1)
         self.report["timings_s"][job["name"]] = secs
         tail = (self.work / f"{job['name']}.log").read_text(errors="replace").replace("\r", "\n").splitlines()
-        tail = [t for t in tail if t.strip() and "it/s]" not in t and "step/s]" not in t][-8:]
+        # sft's line on where its start-up went (set-up, first batch, first step), then the end of the log
+        tail = [t for t in tail if "start-up: set-up" in t][:1] + \
+            [t for t in tail if t.strip() and "it/s]" not in t and "step/s]" not in t][-8:]
         for t in tail:
             self.log.write(f"    {job['name']}| {t}\n")
         if rc != 0:

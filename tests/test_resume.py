@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def test_lr_decay_seconds_anneals_by_the_clock_and_ends_the_run_there(tmp_path):
     assert "the learning rate decayed to 0 at --max_time 14s (--lr_decay_seconds 14): the run ends at step " \
            f"{last}" in out + err, (out + err)[-3000:]
     assert f"last_model_checkpoint: {rd / f'checkpoint-{last}'}" in out
+    assert re.search(r"start-up: set-up [\d.]+ s \(data [\d.]+ s\), first batch after [\d.]+ s, first step [\d.]+ s", out)
     assert (rd / f"checkpoint-{last}" / "adapter_model.safetensors").exists()
     assert any("eval_loss" in r and r["step"] == last for r in log)  # evaluated at its end
     assert int(json.loads((rd / f"checkpoint-{last}" / "trainer_state.json").read_text())["global_step"]) == last

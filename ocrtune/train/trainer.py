@@ -277,7 +277,9 @@ class SftRun:
         # the run's settings: what was given, with the resolved defaults filled in (these go to args.json, as before)
         self.args = args = dataclasses.replace(args, **dataclasses.asdict(self.resolved))
 
+        t_data = time.monotonic()
         self.train_ds, self.val_ds = (data or build_data)(args, self.template, acc)
+        self._startup = {"data_s": time.monotonic() - t_data}  # where a run's first minutes go (printed at step 1)
         dtype = resolve_dtype(args.dtype, acc.device)
         weights = self.resume if (self.resume and args.train_type == "full") else model_dir
         if model is not None:
@@ -350,6 +352,7 @@ class SftRun:
                                  getattr(self.processor.image_processor, "temporal_patch_size", None))
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
+        self._startup["setup_s"] = time.monotonic() - self.t_start
 
     def base_model(self, builder, weights: Path, dtype):
         """The model before Liger and the LoRA wrap: `builder`'s (with the patches `load_model` applies),
@@ -691,8 +694,10 @@ class SftRun:
     def _steps(self, bar, start: float, start_step: int, stream) -> int | None:
         args, st = self.args, self.state
         metrics = None
+        first = True
         while st["global_step"] < self.total_steps:
             group = []
+            t_fetch = time.monotonic()
             for _ in range(args.gradient_accumulation_steps):
                 epoch, done, size, batch = next(stream)  # the stream's position is the one saved
                 st["epoch"], st["micro_batches_done"] = (epoch + 1, 0) if done >= size else (epoch, done)
@@ -701,7 +706,14 @@ class SftRun:
                     self._filler = batch
                 if done >= size:  # a group never spans two epochs
                     break
+            t_step = time.monotonic()
             out = self.train_step(group)
+            if first and self.main:  # one line on where the start-up went (compiling shows in the first step)
+                first = False
+                su = self._startup
+                bar.write(f"start-up: set-up {su['setup_s']:.1f} s (data {su['data_s']:.1f} s), first batch after "
+                          f"{t_step - t_fetch:.1f} s, first step {time.monotonic() - t_step:.1f} s"
+                          + (" (compiling included)" if args.torch_compile else ""))
             if out is None:  # no rank had a row that encodes: no step
                 continue
             loss, tokens, correct, grad_norm = out

@@ -586,7 +586,7 @@ class Recipe:
         """Stage 2 by the clock: warm-up, then a cosine to 0 over what is left of its seconds (`steps` estimates its
         steps; --max_steps bounds them at 10x). Run 16's stage 2, planned 519 steps from a pace it missed, was stopped
         at the deadline at step 311, its rate still high."""
-        budget = min(self.a.stage2_seconds, self.left(reserve=60))
+        budget = self.stage2_budget()
         return ["--lr_scheduler_type", "constant", "--warmup_steps", str(max(1, steps // 20)), "--max_steps",
                 str(10 * steps), "--max_time", f"{budget:.0f}", "--lr_decay_seconds", f"{budget:.0f}"]
 
@@ -597,8 +597,11 @@ class Recipe:
         32,768 tokens a step: 2,731 steps for 150 s, and was stopped at the deadline at half of them.)"""
         probe = self.report.get("probe") or {}
         per_step = 0.8 * (probe.get("seconds_per_step") or 0.25) * max(1.0, self.a.stage2_batch_size / 32)
-        budget = min(self.a.stage2_seconds, self.left(reserve=60))  # its start-up (~5 s), then its evaluation (21 s)
-        return max(20, int(budget / per_step))
+        return max(20, int(self.stage2_budget() / per_step))
+
+    def stage2_budget(self) -> float:
+        """Stage 2's seconds: --stage2_seconds, within what is left but 60 s (its start-up, ~5 s, then its evaluation)."""
+        return min(self.a.stage2_seconds, self.left(reserve=60))
 
     # ------------------------------------------------------------ report
     def save(self) -> None:

@@ -63,9 +63,9 @@ def shared_cat(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) ->
     shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
     if torch.utils.data.get_worker_info() is None:
         out = torch.empty(shape, dtype=dtype, device=first.device)
-    else:
-        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device=first.device)
-        out = torch.empty(0, dtype=dtype).new(storage).view(shape)
+    else:  # a tensor of `dtype` over a new shared-memory storage
+        proto = torch.empty(0, dtype=dtype)
+        out = proto.new(proto._typed_storage()._new_shared(math.prod(shape), device=first.device)).view(shape)
     return torch.cat(tensors, out=out)
 
 

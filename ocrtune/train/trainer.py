@@ -694,7 +694,7 @@ class SftRun:
     def _steps(self, bar, start: float, start_step: int, stream) -> int | None:
         args, st = self.args, self.state
         metrics = None
-        first = True
+        first = self.main  # the start-up line still to print (rank 0's)
         while st["global_step"] < self.total_steps:
             group = []
             t_fetch = time.monotonic()
@@ -708,7 +708,7 @@ class SftRun:
                     break
             t_step = time.monotonic()
             out = self.train_step(group)
-            if first and self.main:  # one line on where the start-up went (compiling shows in the first step)
+            if first:  # one line on where the start-up went (compiling shows in the first step)
                 first = False
                 su = self._startup
                 bar.write(f"start-up: set-up {su['setup_s']:.1f} s (data {su['data_s']:.1f} s), first batch after "

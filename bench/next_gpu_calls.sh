@@ -39,6 +39,9 @@
 #   350 s): bench/learning/run16_compiled_probe_h200/ and time_schedule_check_h200/.
 #   Next: run 17 = the recipe's defaults (--schedule_by time, no probe, compiled; batches in shared memory): K, then L,
 #   then R, back to back on one machine (carry .whl .whl_alt .carry/latex .carry/tex).
+#   Twelfth session: the loader's workers now send 8-bit pixels (one frame, one channel for gray images; normalized on
+#   the device). First Z (~100 s, carry .whl .whl_bench .carry/latex): the loader with 13 workers, 8 bits against the
+#   bf16 frame it replaces (bench/learning/loader_pixels.py); then run 17 as K, L, R on a machine of its own.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; R=/tmp/r; mkdir -p $R
 case "$1" in
@@ -160,6 +163,12 @@ Y)  # ~100 s, carry .whl .whl_bench .carry/latex: the loader alone at 65,536 tok
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
     timeout 150 python3 bench/learning/profile_stage1.py --data .carry/latex/print/train.parquet --rows 13918 \
       --tokens 65536 --workers 13 --loader_only --out $OUT/loader_one_frame_h200.json > $OUT/loader_log.txt 2>&1 ;;
+Z)  # ~100 s, carry .whl .whl_bench .carry/latex: the loader alone at 65,536 tokens with the recipe's 13 workers, the
+    # workers' pixels in 8 bits (new) against the bf16 frame they sent before, alternated twice
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
+    timeout 200 python3 bench/learning/loader_pixels.py --data .carry/latex/print/train.parquet --workers 13 --rounds 2 \
+      --batches 40 --skip 20 --out $OUT/loader_pixels_h200.json > $OUT/loader_pixels_log.txt 2>&1 ;;
 U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags; default: what X wrote)
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT \
       ${RUN15_FLAGS:-$(cat .work/run15_flags 2>/dev/null)} > $OUT/phase_train_log.txt 2>&1 ;;
@@ -172,5 +181,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl *.log ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z" >&2; exit 2 ;;
 esac

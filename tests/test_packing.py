@@ -187,7 +187,7 @@ def test_packed_equals_padded_other_families(arch, tmp_path):
     # one frame of each still image through the loader, repeated on the device: the very same computation
     from ocrtune.train.data import Collator
     frames = template.processor.image_processor.temporal_patch_size
-    light = Collator(0, packing=True, frames=frames, one_frame=True)(samples)
+    light = Collator(0, packing=True, frames=frames, light_pixels=True)(samples)
     assert light["pixel_values"].shape[1] * frames == packed["pixel_values"].shape[1] and int(light["pixel_frames"]) == frames
     l3, _, g3 = _loss_and_grads(model, light)
     assert torch.equal(l3, l2) and all(torch.equal(g3[k], g2[k]) for k in g2)
@@ -226,8 +226,9 @@ def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
     batch = next(bf16.micro_batches())[-1]
     assert batch["pixel_values"].dtype == torch.bfloat16 and "pixel_frames" not in batch  # no workers: plain input
     bf16.args.dataloader_num_workers = 2  # from worker processes: one frame of each image, repeated by the loss
-    batch = next(bf16.micro_batches())[-1]
-    assert batch["pixel_values"].dtype == torch.bfloat16 and int(batch["pixel_frames"]) == 2
+    batch = next(bf16.micro_batches())[-1]  # (8 bits, one channel: the sample's images are gray)
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape[1] == 1
+    assert int(batch["pixel_frames"]) == 2 and batch["pixel_norm"].shape == (2, 3)
     assert SftRun(SftArgs(output_dir=str(tmp_path / "fp32"), **common)).collator.pixel_dtype is None  # CPU: float32
 
 
@@ -238,7 +239,7 @@ def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_d
     starts no loader for an epoch it won't reach."""
     from ocrtune.train import trainer as tr
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import all_frames
+    from ocrtune.train.data import model_pixels
 
     def stream(workers: int, max_steps: int = 100, epochs: int = 3) -> tuple[list, list]:
         run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=max_steps, batch_size=2, augment=True,
@@ -251,8 +252,8 @@ def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_d
             run.state["global_step"] += 1  # as the training loop counts steps (one micro-batch a step)
             events.append(("batch", epoch, done, size))
             pixels = batch["pixel_values"]
-            if "pixel_frames" in batch:  # made by a worker: one frame of each image
-                pixels = all_frames(pixels, int(batch["pixel_frames"]))
+            if "pixel_frames" in batch:  # made by a worker: light pixels (one frame, 8 bits)
+                pixels = model_pixels(pixels, batch["pixel_frames"], batch.get("pixel_norm"))
             rows.append((epoch, batch["input_ids"], pixels))
             if (epoch, done) == (epochs - 1, size):
                 return events, rows
@@ -296,41 +297,80 @@ def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_
     assert "pixel_frames" not in mixed and torch.equal(mixed["pixel_values"], Collator(0, True, None, 2)(samples)["pixel_values"])
 
 
-def test_loader_workers_encode_still_images_as_one_frame_and_batches_stay_the_same(tiny_model_dir, encoded):
-    """In loader workers the dataset asks the processor for one frame of each still image (its tiling copy over the
-    temporal patch was most of its time): the pixels are the first frame of a full encode, bit for bit, and so are
-    the batches, from workers (light) and in-process (every frame restored); the token ids are the same too (the
+def test_loader_workers_encode_light_pixels_and_batches_stay_the_same(tiny_model_dir, encoded):
+    """In loader workers the dataset asks the processor for one frame of each still image in 8 bits, before its
+    rescale and normalization (the tiling copy over the temporal patch and the float math were most of its time):
+    normalized as `model_pixels` does it, the pixels are a full encode's first frame bit for bit, a gray image's in
+    one channel; so are the batches, from workers (light) and in-process (plain); the token ids are the same too (the
     prompt segments' ids come from a cache after the first row)."""
     from ocrtune.models.loading import load_processor
-    from ocrtune.train.data import Collator, make_loader, one_frame
+    from ocrtune.train.data import Collator, make_loader, model_pixels, one_frame
     template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
     ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=6), template)
-    ds.one_frame = True
+    ds.light_pixels = True
     single = [ds[i] for i in range(len(ds))]
     assert template._segment_ids  # the prompt segments were cached
     for s, full in zip(single, encoded):
-        assert s["pixel_frames"] == 2 and torch.equal(s["pixel_values"], one_frame(full["pixel_values"], 2))
+        assert s["pixel_frames"] == 2 and s["pixel_values"].dtype == torch.uint8 and s["pixel_values"].shape[1] == 1
+        assert torch.equal(model_pixels(s["pixel_values"], None, s["pixel_norm"]), one_frame(full["pixel_values"], 2))
         assert s["input_ids"] == full["input_ids"] and s["labels"] == full["labels"]
     collator = Collator(0, True, torch.bfloat16, 2)
     want_full, want_light = collator(list(encoded)), collator.for_workers()(list(encoded))
     got_full, got_light = collator(list(single)), collator.for_workers()(list(single))
-    for got, want in ((got_full, want_full), (got_light, want_light)):
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    # a real loader with a worker: the worker's copy of the dataset encodes one frame, the main process's does not
-    ds.one_frame = False
+    assert got_full.keys() == want_full.keys() and all(torch.equal(got_full[k], want_full[k]) for k in want_full)
+    assert got_light["pixel_values"].dtype == torch.uint8 and want_light["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(model_pixels(got_light["pixel_values"], 2, got_light["pixel_norm"], torch.bfloat16),
+                       want_full["pixel_values"])
+    assert all(torch.equal(got_light[k], want_light[k]) for k in want_light if k != "pixel_values")
+    # a real loader with a worker: the worker's copy of the dataset encodes light pixels, the main process's does not
+    ds.light_pixels = False
     batch = next(iter(make_loader(ds, [list(range(len(ds)))], collator, 1, False)))
-    assert not ds.one_frame and all(torch.equal(batch[k], want_light[k]) for k in want_light)
+    assert not ds.light_pixels and batch.keys() == got_light.keys()
+    assert all(torch.equal(batch[k], got_light[k]) for k in got_light)
 
 
-def test_worker_init_turns_one_frame_on_only_under_our_collator(monkeypatch):
+def test_eight_bit_pixels_give_the_model_the_same_loss_and_gradients(tiny_model_dir):
+    """A batch of 8-bit pixels (gray and color images mixed: the gray one's channel repeated in the batch) restored by
+    the loss module gives the loss and gradients of the plain batch, bit for bit, in float32 and with a bf16 model;
+    an in-process collator restores light samples to the plain input."""
+    import numpy as np
+    from PIL import Image
+
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.train.data import Collator
+    template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
+    rng = np.random.default_rng(0)
+    color = Image.fromarray(rng.integers(0, 256, (40, 120, 3), dtype=np.uint8))
+    gray = Image.fromarray(rng.integers(0, 256, (28, 90), dtype=np.uint8)).convert("RGB")
+    msgs = [{"role": "user", "content": "<image>Read it."}, {"role": "assistant", "content": "x ^ { 2 }"}]
+    plain = [template.encode(msgs, [im]) for im in (gray, color)]
+    light = [template.encode(msgs, [im], light_pixels=True) for im in (gray, color)]
+    assert [s["pixel_values"].shape[1] for s in light] == [1, 3]
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir, dtype, "sdpa")
+        model.eval()
+        model.requires_grad_(True)
+        half = dtype if dtype != torch.float32 else None
+        collator = Collator(0, True, half, 2)
+        want, got = collator(list(plain)), collator.for_workers()(list(light))
+        assert got["pixel_values"].dtype == torch.uint8 and got["pixel_values"].shape[1] == 3
+        assert torch.equal(collator(list(light))["pixel_values"], want["pixel_values"])  # in-process: plain
+        l1, n1, g1 = _loss_and_grads(model, want)
+        l2, n2, g2 = _loss_and_grads(model, got)
+        assert n1 == n2 > 0 and torch.equal(l1, l2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+        assert any("visual" in k for k in g1)
+
+
+def test_worker_init_turns_light_pixels_on_only_under_our_collator(monkeypatch):
     from ocrtune.train import data
     ds = EncodedDataset([], None)
     monkeypatch.setattr(data, "_ignore_sigterm", lambda worker_id: None)  # (this process keeps its SIGTERM)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(dataset=ds))
-    data._init_worker(0, one_frame=False)
-    assert ds.one_frame is False
-    data._init_worker(0, one_frame=True)
-    assert ds.one_frame is True
+    data._init_worker(0, light_pixels=False)
+    assert ds.light_pixels is False
+    data._init_worker(0, light_pixels=True)
+    assert ds.light_pixels is True
 
 
 def _cat_in_worker(batch):

@@ -77,8 +77,8 @@ def pack(samples: list[dict], pad_token_id: int, spatial_merge_size: int = 2,
     ids, labels, types, text_pos, mrope, lens = [], [], [], [], [], []
     for s in samples:
         if "pixel_frames" in s:
-            raise ValueError("a sample encoded as one frame (one_frame=True) goes through train.data.Collator, "
-                             "which restores its frames")
+            raise ValueError("a sample encoded with light_pixels=True goes through train.data.Collator, which "
+                             "restores its pixels")
         n = len(s["input_ids"])
         if n == 0:
             continue

@@ -51,24 +51,44 @@ class Template:
     def _system(self) -> str | None:
         return self.system if self.system is not None else DEFAULT_SYSTEM.get(self.template)
 
-    def _image_inputs(self, images, one_frame: bool = False) -> tuple[dict, list[int]]:
+    def _image_inputs(self, images, light_pixels: bool = False) -> tuple[dict, list[int]]:
         if not images:
             return {}, []
         for im in images:  # PIL images handed in directly: the processor would refuse > 200:1 with a traceback
             check_size(*im.size, max_pixels=2**62)
         ip = self.processor.image_processor
         frames = getattr(ip, "temporal_patch_size", None) or 1
-        one_frame = one_frame and frames > 1
-        # one frame: the processor tiles each still image over the temporal patch, `frames` copies in a strided
-        # copy that was most of its time (~1.4-2.6 ms an image against ~0.6 for one frame); the loss module makes
-        # the copies on the device (`pixel_frames`)
-        out = ip(images=images, return_tensors="pt", **({"temporal_patch_size": 1} if one_frame else {}))
-        vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        if one_frame and vision["pixel_values"].shape[-1] == 3 * ip.patch_size ** 2:
-            vision["pixel_frames"] = frames  # (a processor that ignored the request sent every frame: left as is)
+        if light_pixels and frames > 1:
+            out = self._light_pixels(ip, images, frames)
+        else:
+            out = ip(images=images, return_tensors="pt")
+            out = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         merge = ip.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
-        return vision, counts
+        return out, counts
+
+    def _light_pixels(self, ip, images, frames: int) -> dict | None:
+        """What the training loader's workers send (`train.data.Collator` restores the model's input on the device,
+        `train.data.model_pixels`): each still image as one frame, not tiled over the temporal patch (that strided
+        copy was most of the processor's time), in 8 bits [N, C, P*P] (C = 1 for a gray image) before the
+        processor's rescale and normalization (`pixel_norm` = its fused mean and std, [2, 3] float32, as
+        transformers computes them), a sixth of the bytes of bf16 RGB. A processor that can't give that form sends
+        one normalized frame ([N, 3*P*P]), or, ignoring the one-frame request too, every frame (a plain input)."""
+        size = 3 * ip.patch_size ** 2
+        eight_bit = getattr(ip, "do_rescale", True) and getattr(ip, "do_normalize", True)
+        if eight_bit:
+            out = ip(images=images, return_tensors="pt", temporal_patch_size=1, do_rescale=False, do_normalize=False)
+            pv = out["pixel_values"]
+            if pv.dtype == torch.uint8 and pv.shape[-1] == size:
+                rgb = pv.view(pv.shape[0], 3, -1)
+                gray = torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 0], rgb[:, 2])
+                return {"pixel_values": rgb[:, :1] if gray else rgb, "image_grid_thw": out["image_grid_thw"],
+                        "pixel_frames": frames, "pixel_norm": pixel_norm(ip)}
+        out = ip(images=images, return_tensors="pt", temporal_patch_size=1)
+        vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        if vision["pixel_values"].shape[-1] == size:
+            vision["pixel_frames"] = frames
+        return vision
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """(text, trained) pieces of the conversation in chat-template order."""
@@ -163,13 +183,13 @@ class Template:
         return {**self.__dict__, "_segment_ids": {}}
 
     def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False,
-               one_frame: bool = False) -> dict:
+               light_pixels: bool = False) -> dict:
         """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
-        add_generation_prompt=True (labels then are all -100). `one_frame`: each still image's pixels once, not
-        tiled over the temporal patch, with `pixel_frames` = the patch's frame count (what the training loader
-        sends: `train.data.Collator` makes a plain model input of it where one is needed)."""
+        add_generation_prompt=True (labels then are all -100). `light_pixels`: the pixels in the form the training
+        loader's workers send (`_light_pixels`: one frame, 8 bits; `pixel_frames` and `pixel_norm` say how to
+        restore them), which `train.data.Collator` turns into a plain model input where one is needed."""
         messages = _with_image_tags(messages, len(images))
-        vision, counts = self._image_inputs(images, one_frame)
+        vision, counts = self._image_inputs(images, light_pixels)
         ids, labels = self._ids_labels(messages, counts, add_generation_prompt)
         if self.max_length and len(ids) > self.max_length:
             raise SampleTooLong(f"sample has {len(ids)} tokens, over --max_length {self.max_length}")
@@ -183,6 +203,15 @@ class Template:
         messages = _with_image_tags(messages, n_images)
         return "".join(t for t, _ in self._segments(messages, add_generation_prompt)).replace(
             IMAGE_TAG, "<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def pixel_norm(ip) -> torch.Tensor:
+    """[2, 3] float32: the mean and std that a transformers image processor's fused rescale-and-normalize subtracts
+    and divides by ((x - mean / rescale_factor) / (std / rescale_factor), computed as it does), so 8-bit pixels
+    normalized with them equal its own output bit for bit."""
+    scale = 1.0 / ip.rescale_factor
+    return torch.stack([torch.tensor(ip.image_mean, dtype=torch.float32) * scale,
+                        torch.tensor(ip.image_std, dtype=torch.float32) * scale])
 
 
 def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
@@ -202,8 +231,8 @@ def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
 def collate(samples: list[dict], pad_token_id: int, pixel_dtype: torch.dtype | None = None) -> dict:
     """Right-pad a list of encoded samples into a batch (`pixel_dtype` casts the pixels as they are joined)."""
     if any("pixel_frames" in s for s in samples):
-        raise ValueError("a sample encoded as one frame (one_frame=True) goes through train.data.Collator, which "
-                         "restores its frames")
+        raise ValueError("a sample encoded with light_pixels=True goes through train.data.Collator, which restores "
+                         "its pixels")
     n = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), n), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)

@@ -30,7 +30,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.cache = {} if (cache and augment is None) else None
         self._lengths = None
-        self.one_frame = False  # set in loader workers (`make_loader`): still images leave them as one frame
+        self.light_pixels = False  # set in loader workers (`make_loader`): pixels leave them light (one frame, 8 bits)
 
     def __len__(self):
         return len(self.rows)
@@ -57,7 +57,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             if self.augment is not None:  # seeded by (seed, epoch, row): same images after a resume
                 rng = random.Random(hash((self.seed, self.epoch, int(i))))
                 images = [self.augment(im, rng) for im in images]
-            return self.template.encode(row["messages"], images, one_frame=self.one_frame)
+            return self.template.encode(row["messages"], images, light_pixels=self.light_pixels)
         except (SampleTooLong, BadImage, ValueError) as e:
             log.debug("row %d skipped: %s", i, e)
             return None
@@ -115,64 +115,90 @@ def all_frames(pixel_values: torch.Tensor, frames: int) -> torch.Tensor:
     return pixel_values.view(n, 3, 1, dim // 3).expand(n, 3, frames, dim // 3).reshape(n, 3 * frames * (dim // 3))
 
 
+def model_pixels(pixel_values: torch.Tensor, frames=None, norm: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The loader's light pixels -> the model's input, [N, 3*frames*P*P] in the processor's layout: 8-bit values
+    ([N, C, P*P], C = 1 for a gray image) normalized as the processor does, in float32 (`norm`: its fused mean and
+    std, `models.template.pixel_norm`; bit for bit its output), cast to `dtype`; then each image's one frame
+    repeated `frames` times. Runs on the device (`ResponseLoss`), or in-process where a batch must be plain."""
+    if norm is not None:
+        n, _, pp = pixel_values.shape  # (a gray image's one channel broadcasts to three)
+        pixel_values = ((pixel_values.float() - norm[0].view(1, 3, 1)) / norm[1].view(1, 3, 1)).view(n, 3 * pp)
+    if dtype is not None:
+        pixel_values = pixel_values.to(dtype)
+    return all_frames(pixel_values, int(frames)) if frames is not None else pixel_values
+
+
 class Collator:
     """Samples -> one batch (packed or padded), in the dataloader workers. The pixel values are most of a batch's
-    bytes (~375 MB in float32 at 65,536 tokens), and moving them from the workers (shared memory, the pinned copy,
-    the host-to-device copy) set the pace of the small model's training (issue 13's run 10), so they leave the
-    worker lighter, with the same values arriving at the model:
-    - `pixel_dtype` (bf16/fp16): in the dtype the vision tower casts them to anyway (half the bytes);
-    - `frames` (the processor's temporal_patch_size) with `one_frame`: one copy of each still image's frames,
-      `pixel_frames` in the batch telling the loss module (`ResponseLoss`) to repeat it on the device
-      (`all_frames`) before the model reads it. Only the loaders' worker processes send that light form
-      (`make_loader` turns it on with workers): a batch made in-process is a plain model input."""
+    bytes (~375 MB in float32 at 65,536 tokens), and making and moving them in the workers (normalizing, casting,
+    shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training (issue 13's
+    runs 10-16), so they leave the workers light and the model reads the same values:
+    - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
+      one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the loss module
+      (`ResponseLoss`) normalizes it and repeats its frame on the device (`model_pixels`): a sixth of the bytes of
+      bf16, a twelfth of float32, for gray formula images;
+    - a processor that can't give 8 bits sends one normalized frame in `pixel_dtype` (bf16/fp16: the dtype the
+      vision tower casts them to anyway).
+    Only the loaders' worker processes send the light form (`make_loader` turns it on with workers): a batch made
+    in-process is a plain model input, every frame restored and in `pixel_dtype`."""
 
     def __init__(self, pad_token_id: int, packing: bool = False, pixel_dtype: torch.dtype | None = None,
-                 frames: int | None = None, one_frame: bool = False):
+                 frames: int | None = None, light_pixels: bool = False):
         self.pad_token_id, self.packing, self.pixel_dtype, self.frames = pad_token_id, packing, pixel_dtype, frames
-        self.one_frame = one_frame
+        self.light_pixels = light_pixels
 
     def for_workers(self) -> "Collator":
-        return Collator(self.pad_token_id, self.packing, self.pixel_dtype, self.frames, one_frame=True)
+        return Collator(self.pad_token_id, self.packing, self.pixel_dtype, self.frames, light_pixels=True)
 
     def __call__(self, samples):
         samples = [s for s in samples if s is not None]
         if not samples:
             return None
-        samples, frames = self._light_pixels(samples)
+        samples, extra = self._pixels(samples)
+        dtype = None if "pixel_norm" in extra else self.pixel_dtype  # 8 bits stay 8 bits
         if self.packing:
             from ocrtune.data.packing import pack
-            batch = pack(samples, self.pad_token_id, pixel_dtype=self.pixel_dtype)
+            batch = pack(samples, self.pad_token_id, pixel_dtype=dtype)
         else:
-            batch = collate(samples, self.pad_token_id, pixel_dtype=self.pixel_dtype)
-        if frames:
-            batch["pixel_frames"] = torch.tensor(frames)
-        return batch
+            batch = collate(samples, self.pad_token_id, pixel_dtype=dtype)
+        return {**batch, **extra}
 
-    def _light_pixels(self, samples: list[dict]) -> tuple[list[dict], int | None]:
-        """The samples with, in workers, one frame of each still image (and the frame count to restore, or None),
-        sample by sample before the batch concatenates them (concatenating all frames in float32 first, ~375 MB at
-        65,536 tokens, then casting and slicing the whole, was half of a worker's time per batch, and the loader set
-        the small model's pace: 0.22 s a batch with 13 workers); the cast to `pixel_dtype` happens as `pack`/`collate`
-        join them. Samples encoded as one frame (`pixel_frames`, in workers) stay so; in a batch made in-process every
-        frame is restored."""
-        pixels = [(s["pixel_values"], s.get("pixel_frames")) for s in samples if "pixel_values" in s]
+    def _pixels(self, samples: list[dict]) -> tuple[list[dict], dict]:
+        """The samples with the pixels the batch joins (cast to `pixel_dtype` as `pack`/`collate` join them: one
+        pass), and what the batch needs to restore them (`pixel_frames`, `pixel_norm`). A batch has one layout: in
+        workers 8 bits where every sample has them (a gray image's channel repeated where others have three), else
+        one frame of each still image where every sample allows it (a video's frames differ: all are sent), else
+        the plain input."""
+        pixels = [(s["pixel_values"], s.get("pixel_frames"), s.get("pixel_norm")) for s in samples if "pixel_values" in s]
         if not pixels:
-            return samples, None
-        frames, kept = None, None
-        if self.one_frame and self.frames and self.frames > 1:
-            single = [p if f == self.frames else one_frame(p, self.frames, self.pixel_dtype) for p, f in pixels]
-            if all(p is not None for p in single):  # all or none: a batch has one layout
-                frames, kept = self.frames, single
-        if kept is None:  # a plain model input: every image with all its frames
-            kept = [all_frames(p, f) if f else p for p, f in pixels]
+            return samples, {}
+        kept, extra = None, {}
+        if self.light_pixels and self.frames and self.frames > 1:
+            if all(n is not None and f == self.frames for _, f, n in pixels):
+                channels = max(p.shape[1] for p, _, _ in pixels)
+                kept = [p.expand(-1, channels, -1) for p, _, _ in pixels]
+                extra = {"pixel_frames": torch.tensor(self.frames), "pixel_norm": pixels[0][2]}
+            else:
+                single = [self._one_frame(p, f, n) for p, f, n in pixels]
+                if all(p is not None for p in single):
+                    kept, extra = single, {"pixel_frames": torch.tensor(self.frames)}
+        if kept is None:  # a plain model input: every image normalized, with all its frames
+            kept = [model_pixels(p, f, n) for p, f, n in pixels]
         light = iter(kept)
         out = []
-        for s in samples:  # (cast to pixel_dtype as the batch joins them: one pass, not one more per sample)
+        for s in samples:
             if "pixel_values" in s:
-                s = {k: v for k, v in s.items() if k != "pixel_frames"}
+                s = {k: v for k, v in s.items() if k not in ("pixel_frames", "pixel_norm")}
                 s["pixel_values"] = next(light)
             out.append(s)
-        return out, frames
+        return out, extra
+
+    def _one_frame(self, pixels, frames, norm):
+        """One normalized frame of a sample's still images in `pixel_dtype`, or None where its frames differ."""
+        if norm is not None:
+            return model_pixels(pixels, None, norm, self.pixel_dtype)
+        return pixels if frames == self.frames else one_frame(pixels, self.frames, self.pixel_dtype)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
@@ -214,20 +240,21 @@ def make_loader(ds: EncodedDataset, batches: list[list[int]], collator: Collator
                                        pin_memory=pin_memory, persistent_workers=False,
                                        multiprocessing_context="fork" if num_workers and _can_fork() else None,
                                        prefetch_factor=4 if num_workers else None,
-                                       worker_init_fn=functools.partial(_init_worker, one_frame=ours)
+                                       worker_init_fn=functools.partial(_init_worker, light_pixels=ours)
                                        if num_workers else None,
                                        # own generator: creating a loader must not draw from the global RNG,
                                        # or a resumed run's dropout would differ from an uninterrupted one
                                        generator=torch.Generator().manual_seed(0))
 
 
-def _init_worker(worker_id: int, one_frame: bool) -> None:
+def _init_worker(worker_id: int, light_pixels: bool) -> None:
     """A loader worker: SIGTERM ignored (below), and, under our collator (which sends them so, `Collator.for_workers`),
-    its copy of the dataset encodes still images as one frame; a dataset read in the main process keeps every frame."""
+    its copy of the dataset encodes light pixels (one frame, 8 bits); a dataset read in the main process encodes
+    plain model inputs."""
     _ignore_sigterm(worker_id)
     info = torch.utils.data.get_worker_info()
-    if one_frame and isinstance(getattr(info, "dataset", None), EncodedDataset):
-        info.dataset.one_frame = True
+    if light_pixels and isinstance(getattr(info, "dataset", None), EncodedDataset):
+        info.dataset.light_pixels = True
 
 
 def _ignore_sigterm(worker_id: int) -> None:

@@ -132,7 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_seconds_per_step", type=float, default=None,
                    help="stage 1's pace on this machine, as an earlier probe read it (skips the probe and its ~60 s of "
                         "phase train; run 12's probe on one H200: 0.2268); stage 1 is planned from it as from a probe's "
-                        f"(default with --schedule_by time: {GUESSED_PACE}, compiled runs 15-16's 0.18-0.22)")
+                        f"(default with --schedule_by time: {GUESSED_PACE}, compiled runs 15-16's 0.18-0.22, run 17's 0.15 with 8-bit pixels)")
     p.add_argument("--schedule_by", default="time", choices=("time", "steps"),
                    help="time: stage 1 warms up, holds its rate through phase train and decays it to 0 along a cosine "
                         "over its resumed run in phase rest, ending by the clock (`ocrtune sft --lr_decay_seconds`), and "

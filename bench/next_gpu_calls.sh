@@ -171,6 +171,12 @@ Z)  # ~100 s, carry .whl .whl_bench .carry/latex: the loader alone at 65,536 tok
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
     timeout 200 python3 bench/learning/loader_pixels.py --data .carry/latex/print/train.parquet --workers 13 --rounds 2 \
       --batches 40 --skip 20 --out $OUT/loader_pixels_h200.json > $OUT/loader_pixels_log.txt 2>&1 ;;
+FP) # ~220 s, carry .whl .whl_bench .carry/latex: stage 1 compiled, steps fed by the loader with 13 workers, 8-bit
+    # pixels against the bf16 frame on one machine (Z measured the loader alone; run 17 ran 0.15 s a step)
+    for d in .whl .whl_bench; do python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl 2>/dev/null; done
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ
+    timeout 320 python3 bench/learning/fed_pixels.py --data .carry/latex/print/train.parquet --workers 13 --rounds 2 \
+      --steps 50 --skip 15 --out $OUT/fed_pixels_h200.json > $OUT/fed_pixels_log.txt 2>&1 ;;
 U)  # run 15's phase train (then L, then R): the recipe with RUN15_FLAGS (recipe flags; default: what X wrote)
     bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT \
       ${RUN15_FLAGS:-$(cat .work/run15_flags 2>/dev/null)} > $OUT/phase_train_log.txt 2>&1 ;;
@@ -183,5 +189,5 @@ R)  # right after L (same machine, its work dir): stage 1's merged model on prin
     cd .work/from_scratch && tar czf $OUT/stage_logs.tgz stage1/logging.jsonl stage2/logging.jsonl *.log ;;
 K)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
 J|H|L)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT > $OUT/phase_rest_log.txt 2>&1 ;;
-*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z" >&2; exit 2 ;;
+*)  echo "usage: bash bench/next_gpu_calls.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|FP" >&2; exit 2 ;;
 esac

@@ -285,7 +285,9 @@ def run_ocrtune(a):
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     lengths = run.train_ds.lengths()
-    for i in range(len(run.train_ds)):  # encode every row once, before the workers fork and share the cache
+    # encode every row once, before the workers fork and share the cache (in this process: plain samples, which the
+    # workers send as one bf16 frame, not the 8 bits of a run's own workers; bench/learning/fed_pixels.py compares)
+    for i in range(len(run.train_ds)):
         run.train_ds[i]
     t_encode = time.perf_counter() - t0
     counts = _flop_counts(run.model)

@@ -191,6 +191,14 @@ def test_packed_equals_padded_other_families(arch, tmp_path):
     assert light["pixel_values"].shape[1] * frames == packed["pixel_values"].shape[1] and int(light["pixel_frames"]) == frames
     l3, _, g3 = _loss_and_grads(model, light)
     assert torch.equal(l3, l2) and all(torch.equal(g3[k], g2[k]) for k in g2)
+    # and as the loader's workers encode them, in 8 bits (this family's patch size, mean and std), restored on the way
+    # to the device (`trainer.to_device`): the same computation again
+    from ocrtune.train.trainer import to_device
+    ds.light_pixels = True
+    eight = Collator(0, packing=True, frames=frames, light_pixels=True)([ds[i] for i in range(len(ds))])
+    assert eight["pixel_values"].dtype == torch.uint8 and eight["pixel_norm"].shape == (2, 3)
+    l4, _, g4 = _loss_and_grads(model, to_device(eight, "cpu"))
+    assert torch.equal(l4, l2) and all(torch.equal(g4[k], g2[k]) for k in g2)
 
 
 def test_collator_sends_pixels_in_the_vision_towers_half_dtype_with_the_same_result(tiny_model_dir, encoded):
@@ -390,3 +398,29 @@ def test_shared_cat_writes_a_workers_batch_into_shared_memory(dtype):
     assert bool(shared_in_worker) and out.dtype == dtype and torch.equal(out, torch.cat(parts))
     here = shared_cat(parts)
     assert not here.is_shared() and torch.equal(here, torch.cat(parts))
+
+
+def test_a_processor_without_eight_bit_output_falls_back_once(tiny_model_dir, encoded):
+    """A processor that returns floats where 8 bits were asked for (e.g. transformers' PIL backend) gets one
+    normalized frame sent instead, the same values as a plain encode's first frame; the template remembers and asks
+    once an image from then on."""
+    from ocrtune.models.loading import load_processor
+    from ocrtune.train.data import one_frame
+    template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
+    ip, calls = template.processor.image_processor, []
+    real = type(ip).__call__
+
+    def floats_only(self, *args, **kw):  # 8 bits asked for: floats, as a processor without that option gives
+        calls.append(kw)
+        out = real(self, *args, **kw)
+        if kw.get("do_normalize") is False:
+            out["pixel_values"] = out["pixel_values"].float()
+        return out
+    ip.__class__ = type("FloatsOnly", (type(ip),), {"__call__": floats_only})
+    ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=3), template)
+    ds.light_pixels = True
+    first, second = ds[0], ds[1]
+    assert len(calls) == 3 and template._eight_bit is False  # 8 bits tried once, then one call an image
+    for s, full in ((first, encoded[0]), (second, encoded[1])):
+        assert "pixel_norm" not in s and s["pixel_frames"] == 2
+        assert torch.equal(s["pixel_values"], one_frame(full["pixel_values"], 2))

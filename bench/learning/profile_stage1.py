@@ -113,7 +113,9 @@ def fed_step_rate(run, n: int, skip: int) -> dict:
 
 
 def loader_only(a) -> dict:
-    """The loader alone with the pixel values as float32 and in the vision tower's dtype, then steps fed by it."""
+    """The loader alone with the pixel values as float32 and in the vision tower's dtype, then steps fed by it.
+    (Written before the workers encoded 8 bits: since then every case's workers encode 8 bits and the collator
+    restores them, normalized, in the case's form; `loader_pixels.py` compares 8 bits with the bf16 frame.)"""
     tokens = int(a.tokens.split(",")[-1])
     run = make_run(a, tokens, {})
     out = {"tokens": tokens, "workers": a.workers, "pixel_dtype": str(run.collator.pixel_dtype)}

@@ -33,6 +33,7 @@ class Template:
     # token ids of the prompt segments' texts around their images: they repeat from row to row, so a row costs one
     # tokenizer call, for its answer, instead of about five (`_prompt_ids`)
     _segment_ids: dict = field(default_factory=dict, repr=False, compare=False)
+    _eight_bit: bool | None = field(default=None, repr=False, compare=False)  # whether the processor gives 8 bits
 
     @property
     def tokenizer(self):
@@ -67,7 +68,7 @@ class Template:
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
         return out, counts
 
-    def _light_pixels(self, ip, images, frames: int) -> dict | None:
+    def _light_pixels(self, ip, images, frames: int) -> dict:
         """What the training loader's workers send (`train.data.Collator` restores the model's input on the device,
         `train.data.model_pixels`): each still image as one frame, not tiled over the temporal patch (that strided
         copy was most of the processor's time), in 8 bits [N, C, P*P] (C = 1 for a gray image) before the
@@ -75,15 +76,16 @@ class Template:
         transformers computes them), a sixth of the bytes of bf16 RGB. A processor that can't give that form sends
         one normalized frame ([N, 3*P*P]), or, ignoring the one-frame request too, every frame (a plain input)."""
         size = 3 * ip.patch_size ** 2
-        eight_bit = getattr(ip, "do_rescale", True) and getattr(ip, "do_normalize", True)
-        if eight_bit:
+        if self._eight_bit is not False and getattr(ip, "do_rescale", True) and getattr(ip, "do_normalize", True):
             out = ip(images=images, return_tensors="pt", temporal_patch_size=1, do_rescale=False, do_normalize=False)
             pv = out["pixel_values"]
             if pv.dtype == torch.uint8 and pv.shape[-1] == size:
                 rgb = pv.view(pv.shape[0], 3, -1)
                 gray = torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 0], rgb[:, 2])
-                return {"pixel_values": rgb[:, :1] if gray else rgb, "image_grid_thw": out["image_grid_thw"],
+                self._eight_bit = True
+                return {"pixel_values": rgb[:, :1].clone() if gray else rgb, "image_grid_thw": out["image_grid_thw"],
                         "pixel_frames": frames, "pixel_norm": pixel_norm(ip)}
+            self._eight_bit = False  # (this processor can't: not asked again, one call an image from now on)
         out = ip(images=images, return_tensors="pt", temporal_patch_size=1)
         vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         if vision["pixel_values"].shape[-1] == size:
@@ -180,7 +182,7 @@ class Template:
     def __getstate__(self) -> dict:
         # pickled without the cache: `datasets` fingerprints map functions that close over a template by pickling
         # them, and a cache filled by earlier rows would change the fingerprint (no cache hits on reruns)
-        return {**self.__dict__, "_segment_ids": {}}
+        return {**self.__dict__, "_segment_ids": {}, "_eight_bit": None}
 
     def encode(self, messages: list[dict], images: list, add_generation_prompt: bool = False,
                light_pixels: bool = False) -> dict:
@@ -210,8 +212,8 @@ def pixel_norm(ip) -> torch.Tensor:
     and divides by ((x - mean / rescale_factor) / (std / rescale_factor), computed as it does), so 8-bit pixels
     normalized with them equal its own output bit for bit."""
     scale = 1.0 / ip.rescale_factor
-    return torch.stack([torch.tensor(ip.image_mean, dtype=torch.float32) * scale,
-                        torch.tensor(ip.image_std, dtype=torch.float32) * scale])
+    return torch.stack([torch.tensor(ip.image_mean, dtype=torch.float32).expand(3) * scale,
+                        torch.tensor(ip.image_std, dtype=torch.float32).expand(3) * scale])
 
 
 def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:

@@ -77,7 +77,8 @@ class ResponseLoss(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
                 pixel_norm=None, **kwargs):
-        if pixel_frames is not None:  # the loader's light pixels: one frame, 8 bits (train/data.py:Collator)
+        if pixel_frames is not None:  # the loader's light pixels, handed in as they are (the trainer restores them
+            # before the wrapped model: `trainer.to_device`): one frame, 8 bits (train/data.py:Collator)
             if self._vision_dtype is None:
                 self._vision_dtype = (qwen_vl.vision_input_dtype(self.model),)
             pixel_values = model_pixels(pixel_values, pixel_frames, pixel_norm, self._vision_dtype[0])

@@ -32,7 +32,7 @@ from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist, relora, schedule
 from ocrtune.train.args import SftArgs, validate
 from ocrtune.train.resume import resume_args
-from ocrtune.train.data import Collator, EncodedDataset, make_loader, plan_batches
+from ocrtune.train.data import Collator, EncodedDataset, make_loader, model_pixels, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
 
@@ -397,7 +397,7 @@ class SftRun:
         loss_sum, correct = 0.0, 0
         self.loss_module.train()
         for i, (batch, ok) in enumerate(zip(group, real)):
-            batch = to_device(batch, acc.device)
+            batch = to_device(batch, acc.device, self.collator.pixel_dtype)
             last = i == len(group) - 1
             # the group's end is the one gradient sync / optimizer step: DeepSpeed's engine steps
             # inside backward whenever accelerate's sync_gradients is set
@@ -507,7 +507,7 @@ class SftRun:
                 batch, real = self._eval_filler or self._first_good(self.val_ds) or self._train_filler(), False
             else:
                 self._eval_filler = batch
-            batch = to_device(batch, acc.device)
+            batch = to_device(batch, acc.device, self.collator.pixel_dtype)
             with acc.autocast():
                 l, n, c = self.loss_module(**batch)
             if real:
@@ -798,10 +798,16 @@ class stop_on_sigterm:
         return False
 
 
-def to_device(batch: dict, device) -> dict:
-    """A batch's tensors on `device`; `pixel_frames` (a count the loss module reads) stays on the host, where
-    reading it costs no device sync (a DDP/FSDP wrapper may still move it: correct, one small sync)."""
-    return {k: v if k == "pixel_frames" else v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device, pixel_dtype: torch.dtype | None = None) -> dict:
+    """A batch's tensors on `device`, as the model reads them: the loader's light pixels (one frame, 8 bits; a sixth
+    of the bytes to copy) restored there (`model_pixels`, in `pixel_dtype`), before the batch reaches the wrapped
+    model, whose mixed-precision policy (FSDP2, DeepSpeed fp16) would cast a float `pixel_norm` passed through it."""
+    frames, norm = batch.get("pixel_frames"), batch.get("pixel_norm")
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("pixel_frames", "pixel_norm")}
+    if frames is not None:
+        norm = None if norm is None else norm.to(device, non_blocking=True)
+        out["pixel_values"] = model_pixels(out["pixel_values"], int(frames), norm, pixel_dtype)
+    return out
 
 
 def _accelerator_kwargs(args: SftArgs) -> dict:

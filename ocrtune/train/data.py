@@ -120,7 +120,7 @@ def model_pixels(pixel_values: torch.Tensor, frames=None, norm: torch.Tensor | N
     """The loader's light pixels -> the model's input, [N, 3*frames*P*P] in the processor's layout: 8-bit values
     ([N, C, P*P], C = 1 for a gray image) normalized as the processor does, in float32 (`norm`: its fused mean and
     std, `models.template.pixel_norm`; bit for bit its output), cast to `dtype`; then each image's one frame
-    repeated `frames` times. Runs on the device (`ResponseLoss`), or in-process where a batch must be plain."""
+    repeated `frames` times. Runs on the device (`trainer.to_device`), or in-process where a batch must be plain."""
     if norm is not None:
         n, _, pp = pixel_values.shape  # (a gray image's one channel broadcasts to three)
         pixel_values = ((pixel_values.float() - norm[0].view(1, 3, 1)) / norm[1].view(1, 3, 1)).view(n, 3 * pp)
@@ -135,9 +135,9 @@ class Collator:
     shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training (issue 13's
     runs 10-16), so they leave the workers light and the model reads the same values:
     - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
-      one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the loss module
-      (`ResponseLoss`) normalizes it and repeats its frame on the device (`model_pixels`): a sixth of the bytes of
-      bf16, a twelfth of float32, for gray formula images;
+      one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the trainer normalizes it and
+      repeats its frame on the device (`trainer.to_device` -> `model_pixels`; `ResponseLoss` too, handed a light
+      batch): a sixth of the bytes of bf16, a twelfth of float32, for gray formula images;
     - a processor that can't give 8 bits sends one normalized frame in `pixel_dtype` (bf16/fp16: the dtype the
       vision tower casts them to anyway).
     Only the loaders' worker processes send the light form (`make_loader` turns it on with workers): a batch made

@@ -377,12 +377,8 @@ def run_profile(a):
     for b in batches[:3]:
         run.train_step([b])
     _sync()
-    b = {k: v.to(run.accelerator.device) for k, v in batches[3].items()}
-    if "pixel_frames" in b:  # the loader sends light pixels (one frame, 8 bits); the model reads them restored
-        from ocrtune.models.qwen_vl import vision_input_dtype
-        from ocrtune.train.data import model_pixels
-        b["pixel_values"] = model_pixels(b["pixel_values"], b.pop("pixel_frames"), b.pop("pixel_norm", None),
-                                         vision_input_dtype(run.model))
+    from ocrtune.train.trainer import to_device  # (the loader's light pixels restored, as the training step does)
+    b = to_device(batches[3], run.accelerator.device, run.collator.pixel_dtype)
     from ocrtune.train.loss import causal_lm
     vlm = causal_lm(run.model).model
     lm_loss = run.accelerator.unwrap_model(run.loss_module)

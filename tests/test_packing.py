@@ -40,8 +40,12 @@ def _assert_grads_close(g2, g1, tol=1e-5):
 
 
 def _loss_and_grads(model, batch):
+    """Loss, response tokens and gradients of `batch`, its pixels restored as the trainer does (`to_device`: a
+    loader worker's light pixels made the model's input, in the vision tower's dtype)."""
+    from ocrtune.models.qwen_vl import vision_input_dtype
+    from ocrtune.train.trainer import to_device
     model.zero_grad(set_to_none=True)
-    loss, n, _ = ResponseLoss(model, chunk_size=7)(**batch)
+    loss, n, _ = ResponseLoss(model, chunk_size=7)(**to_device(batch, "cpu", vision_input_dtype(model)))
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), int(n), grads
@@ -193,11 +197,10 @@ def test_packed_equals_padded_other_families(arch, tmp_path):
     assert torch.equal(l3, l2) and all(torch.equal(g3[k], g2[k]) for k in g2)
     # and as the loader's workers encode them, in 8 bits (this family's patch size, mean and std), restored on the way
     # to the device (`trainer.to_device`): the same computation again
-    from ocrtune.train.trainer import to_device
     ds.light_pixels = True
     eight = Collator(0, packing=True, frames=frames, light_pixels=True)([ds[i] for i in range(len(ds))])
     assert eight["pixel_values"].dtype == torch.uint8 and eight["pixel_norm"].shape == (2, 3)
-    l4, _, g4 = _loss_and_grads(model, to_device(eight, "cpu"))
+    l4, _, g4 = _loss_and_grads(model, eight)
     assert torch.equal(l4, l2) and all(torch.equal(g4[k], g2[k]) for k in g2)
 
 
@@ -364,6 +367,8 @@ def test_eight_bit_pixels_give_the_model_the_same_loss_and_gradients(tiny_model_
         want, got = collator(list(plain)), collator.for_workers()(list(light))
         assert got["pixel_values"].dtype == torch.uint8 and got["pixel_values"].shape[1] == 3
         assert torch.equal(collator(list(light))["pixel_values"], want["pixel_values"])  # in-process: plain
+        with pytest.raises(ValueError, match="to_device"):  # unrestored, the model would read raw 8-bit values
+            ResponseLoss(model)(**got)
         l1, n1, g1 = _loss_and_grads(model, want)
         l2, n2, g2 = _loss_and_grads(model, got)
         assert n1 == n2 > 0 and torch.equal(l1, l2) and all(torch.equal(g1[k], g2[k]) for k in g1)

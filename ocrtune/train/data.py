@@ -136,8 +136,8 @@ class Collator:
     runs 10-16), so they leave the workers light and the model reads the same values:
     - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
       one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the trainer normalizes it and
-      repeats its frame on the device (`trainer.to_device` -> `model_pixels`; `ResponseLoss` too, handed a light
-      batch): a sixth of the bytes of bf16, a twelfth of float32, for gray formula images;
+      repeats its frame on the device (`trainer.to_device` -> `model_pixels`) before the model reads it: a sixth of
+      the bytes of bf16, a twelfth of float32, for gray formula images;
     - a processor that can't give 8 bits sends one normalized frame in `pixel_dtype` (bf16/fp16: the dtype the
       vision tower casts them to anyway).
     Only the loaders' worker processes send the light form (`make_loader` turns it on with workers): a batch made

@@ -18,7 +18,6 @@ from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count
 from ocrtune.models import qwen_vl
 from ocrtune.models.qwen_vl import causal_lm  # noqa: F401  (moved; issue 14)
 from ocrtune.models.template import IGNORE_INDEX
-from ocrtune.train.data import model_pixels
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
@@ -54,7 +53,6 @@ class ResponseLoss(nn.Module):
         super().__init__()
         self.model, self.chunk_size, self.fused_ce = model, chunk_size, fused_ce
         self._amp = None
-        self._vision_dtype = None  # (dtype,): what the vision tower casts pixels to (`qwen_vl.vision_input_dtype`)
 
     def _autocast_dtype(self):
         """PEFT keeps LoRA weights in float32 on a bf16/fp16 model and upcasts every LoRA input to
@@ -77,11 +75,9 @@ class ResponseLoss(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
                 pixel_norm=None, **kwargs):
-        if pixel_frames is not None:  # the loader's light pixels, handed in as they are (the trainer restores them
-            # before the wrapped model: `trainer.to_device`): one frame, 8 bits (train/data.py:Collator)
-            if self._vision_dtype is None:
-                self._vision_dtype = (qwen_vl.vision_input_dtype(self.model),)
-            pixel_values = model_pixels(pixel_values, pixel_frames, pixel_norm, self._vision_dtype[0])
+        if pixel_frames is not None or pixel_norm is not None:  # the loader's light pixels (train/data.py:Collator)
+            raise ValueError("a batch with light pixels (pixel_frames/pixel_norm): restore them with "
+                             "ocrtune.train.trainer.to_device before the model reads it")
         amp = self._autocast_dtype()
         with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
             return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,

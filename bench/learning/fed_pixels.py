@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "learning"))
 
 import profile_stage1 as ps  # noqa: E402
-from loader_pixels import _bf16_frame  # noqa: E402
+from loader_pixels import pixel_ways  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,18 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=15)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from ocrtune.models.presets import build_preset, preset_path
-    from ocrtune.models.template import Template
-
-    class A:  # what profile_stage1.make_run reads
-        model_dir, data, rows, liger, workers = str(preset_path("small")), a.data, 13918, False, a.workers
-    if not Path(A.model_dir).exists():
-        build_preset("small", Path(A.model_dir))
-    run = ps.make_run(A, a.tokens, {"torch_compile": a.compile == "true"})
-    out = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "workers": a.workers, "tokens": a.tokens,
-           "compiled": a.compile == "true", "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-                      + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")}
+    run = ps.small_stage1_run(a.data, a.workers, a.tokens, {"torch_compile": a.compile == "true"})
+    out = ps.record(workers=a.workers, tokens=a.tokens, compiled=a.compile == "true")
     t = time.perf_counter()
     ps.fed_step_rate(run, 10, skip=0)  # compiling (the restore of 8-bit pixels runs outside the compiled blocks)
     out["warmup_s"] = round(time.perf_counter() - t, 1)
@@ -57,15 +43,8 @@ def main(argv=None) -> int:
     del stream
     out["prebuilt_step_s"] = round(statistics.median(ps.step_times(run, batches, 2)), 4)
     print(json.dumps(out), flush=True)
-    eight_bit = Template._light_pixels
-    ways = {"eight_bit": eight_bit, "bf16_frame": _bf16_frame}
-    fed = {k: [] for k in ways}
-    for _ in range(a.rounds):
-        for name, fn in ways.items():
-            Template._light_pixels = fn  # the loader's workers fork after this, so they see it
-            fed[name].append(ps.fed_step_rate(run, a.steps, skip=a.skip)["fed_step_s"])
-            print(name, fed[name][-1], flush=True)
-    Template._light_pixels = eight_bit
+    ways, install = pixel_ways()
+    fed = ps.alternate(ways, a.rounds, install, lambda name: ps.fed_step_rate(run, a.steps, skip=a.skip)["fed_step_s"])
     med = {k: statistics.median(v) for k, v in fed.items()}
     out.update(fed_step_s=fed, median_fed_step_s=med,
                speedup_eight_bit_over_bf16_frame=round(med["bf16_frame"] / med["eight_bit"], 2))

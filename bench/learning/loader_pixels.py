@@ -1,6 +1,6 @@
 """The loader's rate with the workers' pixels in 8 bits (the default since 2026-12-03: one frame [N, C, P*P], one
-channel for a gray image, normalized on the device by the loss module) against one normalized frame in bf16 (what
-the workers sent before): the small preset's stage-1 batches (65,536 tokens, print train rows), `--workers` loader
+channel for a gray image, normalized on the device by the trainer) against one normalized frame in bf16 (what the
+workers sent before): the small preset's stage-1 batches (65,536 tokens, print train rows), `--workers` loader
 workers, the two ways alternated `--rounds` times, batches a second over `--batches` after `--skip`. Also the bytes
 of a batch's pixels each way.
 
@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +28,16 @@ def _bf16_frame(self, ip, images, frames):
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"], "pixel_frames": frames}
 
 
+def pixel_ways() -> tuple[dict, object]:
+    """The two ways of the workers' pixels ({name: `Template._light_pixels`}), and the function that installs one
+    (the loader's workers fork after it, so they see it)."""
+    from ocrtune.models.template import Template
+
+    def install(fn):
+        Template._light_pixels = fn
+    return {"eight_bit": Template._light_pixels, "bf16_frame": _bf16_frame}, install
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT / ".carry/latex/print/train.parquet"))
@@ -40,32 +47,22 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from ocrtune.models.presets import build_preset, preset_path
-    from ocrtune.models.template import Template
-
-    class A:  # what profile_stage1.make_run reads
-        model_dir, data, rows, liger, workers = str(preset_path("small")), a.data, 13918, False, a.workers
-    if not Path(A.model_dir).exists():
-        build_preset("small", Path(A.model_dir))
-    run = ps.make_run(A, 65536, {})
+    run = ps.small_stage1_run(a.data, a.workers)
     run.collator.pixel_dtype = torch.bfloat16  # what the GPU run sends (the CPU run's vision dtype is float32)
-    eight_bit = Template._light_pixels
-    ways = {"eight_bit": eight_bit, "bf16_frame": _bf16_frame}
-    rates, nbytes = {k: [] for k in ways}, {}
-    for _ in range(a.rounds):
-        for name, fn in ways.items():
-            Template._light_pixels = fn  # the workers fork after this, so they see it
-            rates[name].append(ps.loader_rate(run, a.batches, skip=a.skip)["batches_per_s"])
-            print(name, rates[name][-1], flush=True)
-            if name not in nbytes:
-                batch = next(run.micro_batches())[-1]
-                nbytes[name] = batch["pixel_values"].numel() * batch["pixel_values"].element_size()
-    Template._light_pixels = eight_bit
+    nbytes = {}
+
+    def measure(name):
+        rate = ps.loader_rate(run, a.batches, skip=a.skip)["batches_per_s"]
+        if name not in nbytes:
+            pixels = next(run.micro_batches())[-1]["pixel_values"]
+            nbytes[name] = pixels.numel() * pixels.element_size()
+        return rate
+    ways, install = pixel_ways()
+    rates = ps.alternate(ways, a.rounds, install, measure)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "workers": a.workers, "tokens": 65536,
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-           "date": time.strftime("%Y-%m-%d"), "batches_per_s": rates, "median_batches_per_s": med,
-           "pixel_bytes_first_batch": nbytes, "ratio_eight_bit_over_bf16_frame": round(med["eight_bit"] / med["bf16_frame"], 2)}
+    out = ps.record(workers=a.workers, tokens=65536, batches_per_s=rates, median_batches_per_s=med,
+                    pixel_bytes_first_batch=nbytes,
+                    ratio_eight_bit_over_bf16_frame=round(med["eight_bit"] / med["bf16_frame"], 2))
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
     return 0

@@ -38,6 +38,43 @@ def make_run(a, tokens: int, overrides: dict):
     return bs.make_ocrtune_run(b, 10**6, tokens, {**STAGE1, **overrides})
 
 
+def small_stage1_run(data: str, workers: int, tokens: int = 65536, overrides: dict | None = None):
+    """`make_run` for the small preset (built into the cache first where missing) on `data`'s 13,918 print train rows:
+    the run the loader benchmarks measure (`loader_shared_memory.py`, `loader_pixels.py`, `fed_pixels.py`)."""
+    import types
+
+    from ocrtune.models.presets import build_preset, preset_path
+    model_dir = preset_path("small")
+    if not model_dir.exists():
+        build_preset("small", model_dir)
+    a = types.SimpleNamespace(model_dir=str(model_dir), data=data, rows=13918, liger=False, workers=workers)
+    return make_run(a, tokens, overrides or {})
+
+
+def alternate(ways: dict, rounds: int, install, measure) -> dict:
+    """{name: [`measure(name)` of each round]}: `ways` ({name: function}) installed in turn with `install(function)`
+    (a function the loader's workers fork with, patched), `rounds` times; the first one installed again at the end."""
+    results = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            install(fn)
+            results[name].append(measure(name))
+            print(name, results[name][-1], flush=True)
+    install(next(iter(ways.values())))
+    return results
+
+
+def record(**fields) -> dict:
+    """A benchmark's JSON: the command that made it, the machine, the date, then `fields`."""
+    import os
+    import platform
+
+    import torch
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}{gpu}", **fields}
+
+
 def compile_blocks(run, which="all") -> int:
     """torch.compile the decoder layers and ViT blocks in place: `which` "all" is `ocrtune sft --torch_compile`
     (`qwen_vl.compile_blocks`); "lm" or "vit" compiles one tower's blocks only."""

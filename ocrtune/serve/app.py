@@ -5,16 +5,18 @@
     GET  /health                status, limits and batching counters
     GET  /                      the web page (static/, KaTeX bundled: works offline)
 
-Safe by default: inline images only (no paths, no URLs unless --allow_image_urls), bounded body
-size, image pixels, prompt length and max_tokens; every bad request gets a 4xx JSON error in
-OpenAI's shape and the server keeps serving. Listens on 127.0.0.1 unless --host says otherwise.
+Safe by default: inline images only (no paths, no URLs unless --allow_image_urls, and then public
+addresses only: serve/fetch.py), bounded body size, image pixels, prompt length and max_tokens; every
+bad request gets a 4xx JSON error in OpenAI's shape and the server keeps serving. Listens on
+127.0.0.1 unless --host says otherwise, and then answers only loopback Host names (serve/hosts.py).
+Slow and idle connections are closed at deadlines and can't crowd out real ones (serve/guard.py);
+a request whose client hangs up before its answer is dropped from the batch queue.
 """
 from __future__ import annotations
 
 import asyncio
 import copy
 import hmac
-import ipaddress
 import logging
 import socket
 import sys
@@ -25,12 +27,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ocrtune.errors import UserError
 from ocrtune.serve.batching import Batcher, QueueFull
+from ocrtune.serve.fetch import REFUSED, Refused, UrlPolicy, fetch
+from ocrtune.serve.guard import Guard
+from ocrtune.serve.hosts import FrontDoor, HostPolicy, is_loopback
 from ocrtune.serve.protocol import (ApiError, ChatRequest, Limits, Stripper, check_content_type, chunk_body,
                                     completion_body, completion_id, decode_image, error_body, parse_chat_request,
                                     parse_json, sse, usage_body)
@@ -56,7 +62,7 @@ class Prep:
 
     def prepare(self, req: ChatRequest) -> dict:
         """Decode the request's images and encode the prompt (token ids + pixels), ready for the engine."""
-        images = [decode_image(src.data, self.max_image_pixels, src.param) for src in req.images]
+        images = [self.decode(src) for src in req.images]
         with self.lock:
             try:
                 enc = self.template.encode(req.messages, images, add_generation_prompt=True)
@@ -69,10 +75,41 @@ class Prep:
         enc.pop("labels", None)
         return enc
 
+    def decode(self, src):
+        try:
+            return decode_image(src.data, self.max_image_pixels, src.param)
+        except ApiError:
+            if src.kind == "url":  # what a fetched URL held says something about its host: one message for all
+                raise ApiError(400, f"{src.param}: {REFUSED}", src.param, "image_url_refused") from None
+            raise
+
     def count(self, text: str, max_tokens: int) -> int:
         """Tokens in an answer (re-tokenized, so capped at what generation was allowed)."""
         with self.lock:
             return min(len(self.tokenizer.encode(text, add_special_tokens=False)), max_tokens)
+
+
+async def until_disconnect(request: Request, work):
+    """Await `work` (a coroutine) unless the client disconnects first: then cancel it and return None."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client is gone (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def reserved_tokens(tokenizer) -> tuple[str, ...]:
@@ -90,6 +127,7 @@ def create_app(args, engine, model_name: str, on_ready=None):
                     allow_image_urls=args.allow_image_urls, reserved_tokens=reserved_tokens(engine.template.tokenizer))
     prep = Prep(engine, args.max_image_pixels)
     batcher = Batcher(engine, args.max_batch_size, args.batch_wait_ms / 1000.0, args.max_queue)
+    url_policy = UrlPolicy(args.allowed_image_hosts or ())
     started = time.time()
 
     @asynccontextmanager
@@ -103,6 +141,7 @@ def create_app(args, engine, model_name: str, on_ready=None):
 
     app = FastAPI(title="ocrtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.model_name = batcher, model_name
+    app.add_middleware(FrontDoor, policy=HostPolicy(args.host, args.allowed_hosts))
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -116,21 +155,14 @@ def create_app(args, engine, model_name: str, on_ready=None):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc):  # the client left (or was closed at a deadline) mid-request: nobody to answer
+        return Response(status_code=400)
+
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):  # last resort; the server goes on serving
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if request.url.path == "/" or request.url.path.startswith("/static"):
-            response.headers["Content-Security-Policy"] = (
-                "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-                "font-src 'self'; connect-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
-                "frame-ancestors 'none'")
-        return response
 
     def check_auth(request: Request) -> None:
         if not args.api_key:
@@ -161,22 +193,11 @@ def create_app(args, engine, model_name: str, on_ready=None):
         return b"".join(chunks)
 
     async def fetch_image(url: str, param: str) -> bytes:
-        import httpx
         try:
-            async with httpx.AsyncClient(timeout=10.0, follow_redirects=True, max_redirects=3) as client:
-                async with client.stream("GET", url) as r:
-                    if r.status_code != 200:
-                        raise ApiError(400, f"{param}: fetching the image URL gave HTTP {r.status_code}", param)
-                    data = bytearray()
-                    async for chunk in r.aiter_bytes():
-                        data += chunk
-                        if len(data) > max_body:
-                            raise ApiError(400, f"{param}: the image at the URL is larger than {max_body} bytes", param)
-                    return bytes(data)
-        except ApiError:
-            raise
-        except Exception as e:
-            raise ApiError(400, f"{param}: could not fetch the image URL ({type(e).__name__})", param) from None
+            return await fetch(url, url_policy, max_body, args.image_fetch_timeout)
+        except Refused as e:  # the reason goes to the log only: the client sees one message for every case
+            log.info("image URL refused: %s", e)
+            raise ApiError(400, f"{param}: {REFUSED}", param, "image_url_refused") from None
 
     # ---- pages and info ---------------------------------------------------------------------------
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -239,7 +260,10 @@ def create_app(args, engine, model_name: str, on_ready=None):
             if req.stream:
                 pieces = await batcher.stream(prompt, req.max_tokens, req.temperature, req.top_p, stop=stop, usage=usage)
             else:
-                answer = await batcher.generate(prompt, req.max_tokens, req.temperature, req.top_p)
+                answer = await until_disconnect(request, batcher.generate(prompt, req.max_tokens, req.temperature,
+                                                                           req.top_p))
+                if answer is None:  # the client hung up: its request was dropped, nobody to answer
+                    return Response(status_code=499)
         except QueueFull as e:
             raise ApiError(503, f"server busy ({e}); retry shortly", code="server_busy") from None
         except Exception as e:
@@ -295,19 +319,14 @@ def validate(args) -> None:
         (args.batch_wait_ms >= 0, "--batch_wait_ms can't be negative"),
         (args.max_queue >= 1, "--max_queue must be at least 1"),
         (args.api_key is None or args.api_key.strip() != "", "--api_key is empty"),
+        (args.header_timeout > 0, "--header_timeout must be positive"),
+        (args.body_timeout > 0, "--body_timeout must be positive"),
+        (args.image_fetch_timeout > 0, "--image_fetch_timeout must be positive"),
+        (args.max_connections >= 1, "--max_connections must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message, "see `ocrtune serve --help`")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -328,12 +347,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args) -> None:
-    import uvicorn
-
     from ocrtune.serve.loader import default_model_name, load_engine
 
     validate(args)
-    if not _is_loopback(args.host) and not args.api_key:
+    if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this machine can use "
               "the model", file=sys.stderr)
     sock = bind(args.host, args.port)  # before loading, so a taken port fails fast
@@ -350,7 +367,15 @@ def run_serve(args) -> None:
         print(f"ocrtune serve: model '{name}' listening on http://{shown}:{port} "
               f"(web page at /, API at /v1)", flush=True)
 
-    app = create_app(args, engine, name, on_ready=announce)
-    config = uvicorn.Config(app, log_level=args.log_level, limit_concurrency=args.max_queue + 64,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = make_server(args, create_app(args, engine, name, on_ready=announce))
+    server.run(sockets=[sock])
+
+
+def make_server(args, app):
+    """The uvicorn server for an app: h11 under the connection guard (deadlines, idle-first eviction);
+    no uvicorn limit_concurrency (it counted idle connections: busy work is bounded by --max_queue)."""
+    import uvicorn
+    guard = Guard(args.header_timeout, args.body_timeout, args.max_connections)
+    config = uvicorn.Config(app, http=guard.protocol(), log_level=args.log_level, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5, server_header=False)
+    return uvicorn.Server(config)

@@ -26,8 +26,22 @@ class ServeArgs:
     api_key: str | None = arg(None, "require 'Authorization: Bearer <key>' on /v1/* (the web page asks for it); "
                                     "or set OCRTUNE_API_KEY",
                               env="OCRTUNE_API_KEY")
+    allowed_hosts: list[str] = arg(None, "Host header names the server answers besides localhost and loopback "
+                                         "addresses ('*': any); default: loopback names only when listening on "
+                                         "loopback, any name otherwise")
     allow_image_urls: bool = arg(False, "also fetch http(s) image URLs named by clients (off: only inline "
-                                        "base64 data URLs are accepted; local paths are never read)")
+                                        "base64 data URLs are accepted; local paths are never read); public "
+                                        "addresses only")
+    allowed_image_hosts: list[str] = arg(None, "with --allow_image_urls, fetch only from these host names "
+                                               "(*.example.com for subdomains) or IP addresses/networks (which may "
+                                               "be private, e.g. 10.0.0.0/8)")
+    image_fetch_timeout: float = arg(10.0, "seconds one image URL fetch may take in all (redirects included)")
+    # connections
+    header_timeout: float = arg(10.0, "seconds a client has to send a request's headers; slower or silent "
+                                      "connections are closed")
+    body_timeout: float = arg(60.0, "seconds a client has to send a request's whole body once its headers are in")
+    max_connections: int = arg(512, "most open connections; at the limit the longest-idle one is closed to make "
+                                    "room, and only when all are busy is a new one refused (503)")
     # batching
     max_batch_size: int = arg(8, "most requests generated together in one batch")
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -49,14 +49,18 @@ class Job:
 
     @property
     def abandoned(self) -> bool:
-        return self.future is not None and self.future.done()
+        """Its client is gone (or it was answered): no reason to generate it."""
+        if self.future is not None:
+            return self.future.done()
+        return self.stop is not None and self.stop.is_set()
 
 
 class Batcher:
     def __init__(self, engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256):
         self.engine = engine
         self.max_batch_size, self.wait_s, self.max_queue = max(1, max_batch_size), max(0.0, wait_s), max_queue
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.waiting: deque[Job] = deque()  # abandoned jobs are dropped from it, so they hold no place
+        self.arrived = asyncio.Event()
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ocrtune-model")
         self.task: asyncio.Task | None = None
         self.busy = False
@@ -78,23 +82,41 @@ class Batcher:
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
     def snapshot(self) -> dict:
-        return {**self.stats, "generate_seconds": round(self.stats["generate_seconds"], 3), "queued": self.queue.qsize(),
+        return {**self.stats, "generate_seconds": round(self.stats["generate_seconds"], 3), "queued": self._live(),
                 "busy": self.busy, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
     # ---- client side ----------------------------------------------------------------------------
+    def _live(self) -> int:
+        """Jobs waiting whose clients are still there (the abandoned ones are dropped here)."""
+        if any(job.abandoned for job in self.waiting):
+            self.waiting = deque(job for job in self.waiting if not job.abandoned)
+        return len(self.waiting)
+
     def _put(self, job: Job) -> None:
         if self.task is None or self.task.done():
             raise RuntimeError("the batching worker is not running")
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.queue.qsize()} requests are already waiting")
-        self.queue.put_nowait(job)
+        if self._live() >= self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(job)
+        self.arrived.set()
+
+    async def _next(self) -> Job:
+        while not self._live():
+            self.arrived.clear()
+            await self.arrived.wait()
+        return self.waiting.popleft()
 
     async def generate(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
         """-> an `Answer` (text, tokens, finish_reason); tokens and finish_reason are None from an
-        engine that only has `generate` (the caller then counts)."""
+        engine that only has `generate` (the caller then counts). Cancelling the caller (its client
+        left) cancels the job: it leaves the queue and is not generated."""
         job = Job(record, max_new_tokens, temperature, top_p, future=asyncio.get_running_loop().create_future())
         self._put(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            if job.future.cancelled():
+                self._live()
 
     async def stream(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                      stop: threading.Event | None = None, usage: dict | None = None):
@@ -121,17 +143,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         later: list[Job] = []  # streamed jobs met while collecting a batch
         while True:
-            first = later.pop(0) if later else await self.queue.get()
+            first = later.pop(0) if later else await self._next()
             taken = [first]
             try:
                 if first.pieces is not None:
                     await self._run_stream(loop, first)
                     continue
                 batch = [first]
-                if self.wait_s and self.queue.qsize() < self.max_batch_size - 1:
+                if self.wait_s and self._live() < self.max_batch_size - 1:
                     await asyncio.sleep(self.wait_s)  # let requests sent together arrive
-                while len(batch) < self.max_batch_size and not self.queue.empty():
-                    job = self.queue.get_nowait()
+                while len(batch) < self.max_batch_size and self._live():
+                    job = self.waiting.popleft()
                     (later if job.pieces is not None else batch).append(job)
                 taken = batch
                 groups: dict[tuple, list[Job]] = {}

@@ -122,10 +122,17 @@ def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok_type:
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {_json_type(v)}", name)
-    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        lo_s = f"> {lo}" if lo_open else f">= {lo}"
-        raise ApiError(400, f"'{name}' is {v}; it must be {lo_s} and <= {hi}", name)
+    # ints are compared as ints: a 400-digit one can't be turned into a float (OverflowError, a 500)
+    if (isinstance(v, float) and not math.isfinite(v)) or v < lo or v > hi or (lo_open and v == lo):
+        lo_s = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise ApiError(400, f"'{name}' is {_shown(v)}; it must be {lo_s} and <= {hi:g}", name)
     return v
+
+
+def _shown(v) -> str:
+    """A number as the client sent it, shortened (a 400-digit one is not echoed whole)."""
+    text = repr(v) if isinstance(v, float) else str(v)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 def parse_chat_request(body: dict, limits: Limits) -> ChatRequest:
@@ -134,7 +141,8 @@ def parse_chat_request(body: dict, limits: Limits) -> ChatRequest:
         raise ApiError(400, f"'model' must be a string, got {_json_type(model)}", "model")
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, f"'n' must be 1 (one answer per request), got {json.dumps(n)[:40]}", "n")
+        shown = _shown(n) if isinstance(n, (int, float)) else json.dumps(n)[:40]
+        raise ApiError(400, f"'n' must be 1 (one answer per request), got {shown}", "n")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -143,7 +151,12 @@ def parse_chat_request(body: dict, limits: Limits) -> ChatRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    include_usage = bool(opts.get("include_usage", False))
+    include_usage = opts.get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, f"'stream_options.include_usage' must be true or false, got {_json_type(include_usage)}",
+                       "stream_options.include_usage")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, limits.max_new_tokens, 1, limits.max_new_tokens, integer=True)
     temperature = float(_number(body, "temperature", 0.0, 0.0, 2.0))
@@ -159,7 +172,9 @@ def _parse_messages(messages, limits: Limits) -> tuple[list[dict], list[ImageSou
     if messages is None:
         raise ApiError(400, "'messages' is required: a list of {role, content} objects", "messages")
     if not isinstance(messages, list):
-        raise ApiError(400, f"'messages' must be an array, got {_json_type(messages)}", "messages")
+        hint = " (send the array itself, not JSON text)" if isinstance(messages, str) else ""
+        raise ApiError(400, f"'messages' must be an array of {{role, content}} objects, got {_json_type(messages)}"
+                            f"{hint}", "messages")
     if not messages:
         raise ApiError(400, "'messages' is empty; send at least one user message", "messages")
     if len(messages) > MAX_MESSAGES:
@@ -183,10 +198,9 @@ def _parse_messages(messages, limits: Limits) -> tuple[list[dict], list[ImageSou
             text, n_images = "", 0
             for j, part in enumerate(content):
                 pwhere = f"{where}.content[{j}]"
-                if isinstance(part, str):
-                    part = {"type": "text", "text": part}
                 if not isinstance(part, dict):
-                    raise ApiError(400, f"{pwhere} must be an object like {{\"type\": \"text\", \"text\": ...}}", pwhere)
+                    raise ApiError(400, f"{pwhere} must be an object like {{\"type\": \"text\", \"text\": ...}}, "
+                                        f"got {_json_type(part)}", pwhere)
                 kind = part.get("type")
                 if kind == "text":
                     if not isinstance(part.get("text"), str):

@@ -62,7 +62,17 @@
   function scheduleRender() {
     if (!renderQueued) { renderQueued = true; requestAnimationFrame(renderNow); }
   }
-  latex.addEventListener("input", scheduleRender);
+  // Once the user edits the box, it is theirs: a recognition still streaming into it is cancelled
+  // (the server stops generating), so no token lands in the middle of their edit.
+  latex.addEventListener("input", () => {
+    if (current) {
+      current.abort();
+      current = null;
+      setStatus("Stopped: you edited the LaTeX.", false);
+      document.body.dataset.state = "edited";
+    }
+    scheduleRender();
+  });
 
   // ---- copy --------------------------------------------------------------------------------------
   copyBtn.addEventListener("click", async () => {
@@ -152,6 +162,7 @@
             if (msg.error) throw new Error(msg.error.message);
             const choice = msg.choices && msg.choices[0];
             if (!choice) continue;
+            if (current !== ctrl) return; // cancelled (edited or replaced): never write into the box again
             if (choice.delta && choice.delta.content) { latex.value += choice.delta.content; scheduleRender(); }
             if (choice.finish_reason) finish = choice.finish_reason;
           }

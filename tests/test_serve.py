@@ -408,7 +408,8 @@ def fake_server(tiny_model_dir):
     from ocrtune.serve.args import ServeArgs
 
     engine = SlowEngine(Template(load_processor(tiny_model_dir)))
-    args = ServeArgs(max_batch_size=4, batch_wait_ms=200, max_new_tokens=32, max_queue=10, allow_image_urls=True)
+    args = ServeArgs(max_batch_size=4, batch_wait_ms=200, max_new_tokens=32, max_queue=10, allow_image_urls=True,
+                     allowed_image_hosts=["127.0.0.1"])  # the test's image server is on loopback
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(args, engine, "fake"), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -475,7 +476,9 @@ def test_batcher_isolates_failures_and_keeps_loop_responsive(fake_server):
 
 
 def test_image_urls_are_fetched_only_when_allowed(fake_server, tmp_path):
-    """The fake server runs with --allow_image_urls: http(s) URLs are fetched, paths and file:// never."""
+    """The fake server runs with --allow_image_urls (and --allowed_image_hosts 127.0.0.1): http(s) URLs are
+    fetched, paths and file:// never; a failed fetch and a fetched non-image get the same message."""
+    from ocrtune.serve.fetch import REFUSED
     import http.server
     import socketserver
     url, _ = fake_server
@@ -493,10 +496,9 @@ def test_image_urls_are_fetched_only_when_allowed(fake_server, tmp_path):
         try:
             r = ask(base + "/f.png")
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "x_{1} + 3"
-            r = ask(base + "/missing.png")
-            assert r.status_code == 400 and "HTTP 404" in r.json()["error"]["message"]
-            r = ask(base + "/bad.png")
-            assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
+            for missing_or_bad in ("/missing.png", "/bad.png"):
+                r = ask(base + missing_or_bad)
+                assert r.status_code == 400 and r.json()["error"]["message"].endswith(REFUSED)
             for ref in (str(tmp_path / "f.png"), "file://" + str(tmp_path / "f.png")):
                 r = ask(ref)
                 assert r.status_code == 400 and "never read" in r.json()["error"]["message"]

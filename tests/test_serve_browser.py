@@ -10,10 +10,12 @@ import base64
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from test_serve import SAMPLE, start_server, stop_server
 
@@ -119,3 +121,37 @@ def test_page_reads_an_uploaded_formula(page_server, browser_page, tmp_path):
     assert seen["requests"] and all(u.startswith(page_server) or u.startswith(("data:", "blob:")) for u in seen["requests"])
     assert not seen["failed"], seen["failed"]
     assert not seen["console_errors"], seen["console_errors"]
+
+
+def test_editing_the_box_stops_the_stream_writing_into_it(tmp_path):
+    """Once the user types in the LaTeX box, tokens still streaming never land in it, and the request is
+    cancelled (the server stops generating). A fake engine streams 'a ' every 0.05 s, 200 times."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_serve_hardening import FakeEngine, serving
+    engine = FakeEngine()
+    engine.pieces, engine.piece_s = 200, 0.05
+    image = tmp_path / "f.png"
+    Image.new("RGB", (60, 20), "white").save(image)
+    with serving(engine, max_new_tokens=MAX_NEW) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            expect(page.locator("#model-name")).to_have_text("fake", timeout=15_000)
+            page.set_input_files("#file", str(image))
+            expect(page.locator("#latex")).to_have_value(re.compile(r"^(a )+a?$"), timeout=15_000)
+            page.locator("#latex").press("End")
+            page.locator("#latex").type("X")  # the user's edit, mid-stream
+            edited = page.locator("#latex").input_value()
+            assert edited.endswith("X")
+            time.sleep(1.0)  # ~20 more pieces would have arrived
+            assert page.locator("#latex").input_value() == edited
+            expect(page.locator("#status")).to_have_text("Stopped: you edited the LaTeX.")
+            assert page.locator("#error").is_hidden()
+            assert engine.streamed < 100  # the server stopped generating once the page cancelled
+        finally:
+            browser.close()

@@ -78,8 +78,8 @@ class FrontDoor:
 
 async def _refuse_host(host: str | None, send) -> None:
     shown = json.dumps(host[:80]) if host else "missing"
-    message = (f"Host header {shown} is not served here; this server answers localhost and loopback "
-               "addresses only (start it with --allowed_hosts NAME to add names)")
+    message = (f"Host header {shown} is not served here; this server answers only localhost, loopback addresses "
+               "and the names given with --allowed_hosts (start it with --allowed_hosts NAME to add one)")
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": "host_not_allowed"}}).encode()
     await send({"type": "http.response.start", "status": 400,

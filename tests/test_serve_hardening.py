@@ -426,3 +426,28 @@ def test_out_of_range_numbers_and_odd_shapes_get_400_with_one_clear_message():
         assert r.status_code == 413 and "more than the 52428" in r.json()["error"]["message"]
         assert engine.seen == []
         assert post(url, ask_body("still fine")).status_code == 200
+
+
+# ---- the new flags -----------------------------------------------------------------------------------
+
+def test_new_flags_parse_and_bad_values_are_one_line_user_errors():
+    import argparse
+
+    from ocrtune.cli.parsing import add_dataclass_args, build
+    from ocrtune.errors import UserError
+    from ocrtune.serve.app import validate
+    from ocrtune.serve.args import ServeArgs
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ServeArgs)
+    args = build(ServeArgs, parser.parse_args(["--allowed_hosts", "ocr.example.com,*.lan", "--allowed_image_hosts",
+                                               "10.0.0.0/8", "--header_timeout", "2.5", "--max_connections", "64"]))
+    assert args.allowed_hosts == ["ocr.example.com", "*.lan"] and args.allowed_image_hosts == ["10.0.0.0/8"]
+    assert (args.header_timeout, args.body_timeout, args.max_connections) == (2.5, 60.0, 64)
+    validate(args)
+    for field, value, message in (("header_timeout", 0, "--header_timeout must be positive"),
+                                  ("body_timeout", -1, "--body_timeout must be positive"),
+                                  ("image_fetch_timeout", 0, "--image_fetch_timeout must be positive"),
+                                  ("max_connections", 0, "--max_connections must be at least 1")):
+        with pytest.raises(UserError) as e:
+            validate(ServeArgs(**{field: value}))
+        assert str(e.value).startswith(message)

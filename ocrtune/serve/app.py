@@ -295,6 +295,8 @@ def validate(args) -> None:
         (args.batch_wait_ms >= 0, "--batch_wait_ms can't be negative"),
         (args.max_queue >= 1, "--max_queue must be at least 1"),
         (args.api_key is None or args.api_key.strip() != "", "--api_key is empty"),
+        (getattr(args, "quant_bits", None) in (None, 4, 8),
+         f"--quant_bits {getattr(args, 'quant_bits', None)}: bitsandbytes quantizes to 4 or 8 bits (or drop it)"),
     ]
     for ok, message in checks:
         if not ok:

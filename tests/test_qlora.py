@@ -199,3 +199,43 @@ def test_qlora_resume_ends_where_the_uninterrupted_run_does(qlora_run):
     assert again.keys() == straight.keys()
     for k, v in straight.items():
         torch.testing.assert_close(again[k], v, rtol=0, atol=0)
+
+
+# merged weights are stored in bf16: each rounded to 8 significant bits (relative error <= 2^-9); through the tiny
+# model that moves the logits by at most MERGE_BOUND of the largest one (measured 0.015 on CPU)
+MERGE_BOUND = 0.03
+
+
+def test_qlora_merge_is_bf16_from_unquantized_weights(tiny_model_dir, qlora_run, tmp_path, capsys):
+    """export --merge_lora of a QLoRA adapter: bf16, from the base's own weights (never dequantized 4-bit ones);
+    its logits match the adapter over the unquantized base within MERGE_BOUND, and it says so."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from ocrtune.export.merge import merge_lora
+    from ocrtune.models.template import Template
+    from ocrtune.models.loading import load_processor
+    out = merge_lora(qlora_run["ckpt"], tmp_path / "merged")
+    err = capsys.readouterr().err
+    assert f"merging a QLoRA adapter (trained over a 4-bit base) into the unquantized weights of {tiny_model_dir} in bfloat16" in err
+    assert json.loads((out / "config.json").read_text()).get("quantization_config") is None
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    assert next(iter(merged.state_dict().values())).dtype == torch.float32  # upcast here; stored as bf16
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    stored = base.model.language_model.layers[0].mlp.up_proj.weight
+    ref = PeftModel.from_pretrained(base, str(qlora_run["ckpt"])).eval()
+    # a weight with no adapter on it is the base's own, rounded to bf16: not the NF4 grid's values
+    torch.testing.assert_close(merged.model.language_model.embed_tokens.weight,
+                               base.model.language_model.embed_tokens.weight.to(torch.bfloat16).float(), rtol=0, atol=0)
+    delta = (merged.model.language_model.layers[0].mlp.up_proj.weight - stored).abs().max()
+    assert delta < 0.05 * stored.abs().max()  # NF4's error would be ~1/16 of the block's absmax, far more than bf16's
+    tmpl = Template(load_processor(tiny_model_dir), "qwen2_vl", None)
+    from tests.samples import sample_rows
+    row = sample_rows(1)[0]
+    from ocrtune.data.images import open_image
+    enc = tmpl.encode(row["messages"], [open_image(r) for r in row["images"]])
+    batch = {"input_ids": torch.tensor([enc["input_ids"]]), "pixel_values": enc["pixel_values"],
+             "image_grid_thw": enc["image_grid_thw"], "mm_token_type_ids": torch.tensor([enc["mm_token_type_ids"]])}
+    with torch.no_grad():
+        want, got = ref(**batch).logits, merged.eval()(**batch).logits
+    assert (got - want).abs().max() <= MERGE_BOUND * want.abs().max()

@@ -176,6 +176,9 @@ def run_baseline(a):
                                                             quantization_config=bnb_config(a.quant_bits))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dev.type == "cpu":  # CPU smoke runs only: the loss check's eval forward would repack the weights for inference
+            from ocrtune.models.quant import keep_training_layout
+            keep_training_layout(model)
     else:
         model = AutoModelForImageTextToText.from_pretrained(a.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                             attn_implementation="sdpa").to(dev)

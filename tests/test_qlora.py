@@ -162,11 +162,12 @@ def qlora_run(tiny_model_dir, tmp_path_factory):
     from tests.samples import sample_rows
     if quant.bnb_version() is None or quant.bnb_version() < quant.BNB_CPU_MIN:
         pytest.skip("bitsandbytes with CPU kernels (>= 0.48) not installed")
-    common = dict(model=str(tiny_model_dir), train_type="qlora", max_steps=2, batch_size=2, eval_steps=100,
+    # an evaluation after step 1, then step 2: the 4-bit weights keep their training layout through it (CPU)
+    common = dict(model=str(tiny_model_dir), train_type="qlora", max_steps=2, batch_size=2, eval_steps=1,
                   save_steps=1, save_total_limit=None, dataset_test_ratio=0, report_to=["none"], lora_dropout=0.0,
                   learning_rate=5e-3, output_dir=str(tmp_path_factory.mktemp("qlora")))
     rows = sample_rows(4)
-    out = SftRun(SftArgs(**common), data=rows_data(rows)).train()
+    out = SftRun(SftArgs(**common), data=rows_data(rows, rows[:2])).train()
     ckpt = Path(out["last_model_checkpoint"])
     return {"common": common, "rows": rows, "run_dir": ckpt.parent, "ckpt": ckpt}
 
@@ -194,7 +195,7 @@ def test_qlora_resume_ends_where_the_uninterrupted_run_does(qlora_run):
     from ocrtune.train.trainer import SftRun, rows_data
     straight = load_file(qlora_run["ckpt"] / "adapter_model.safetensors")
     args = SftArgs(**qlora_run["common"], resume_from_checkpoint=str(qlora_run["run_dir"] / "checkpoint-1"))
-    out = SftRun(args, data=rows_data(qlora_run["rows"])).train()
+    out = SftRun(args, data=rows_data(qlora_run["rows"], qlora_run["rows"][:2])).train()
     again = load_file(Path(out["last_model_checkpoint"]) / "adapter_model.safetensors")
     assert again.keys() == straight.keys()
     for k, v in straight.items():

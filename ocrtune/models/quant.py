@@ -83,3 +83,15 @@ def dequantized_weight(module):
     """A bitsandbytes linear's weight in its compute dtype (a new tensor; for checks, not for the step)."""
     from peft.utils.integrations import dequantize_bnb_weight
     return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+
+
+def keep_training_layout(model) -> int:
+    """Keep bitsandbytes' 4-bit linears in their one weight layout. On CPUs with AVX512-BF16 a no-grad eval-mode
+    forward repacks the weight for its inference kernel, and the training forwards after it (a run's evaluation,
+    then its next step) fail in that kernel's in-place bias add. Returns how many layers were set."""
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu") and is_bnb_linear(mod):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

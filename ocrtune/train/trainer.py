@@ -297,6 +297,9 @@ class SftRun:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
         model = self.base_model(model, weights, dtype)
+        if args.quant_bits:  # evaluations between steps must not repack the 4-bit weights for inference (CPU)
+            from ocrtune.models.quant import keep_training_layout
+            keep_training_layout(model)
         if resume_state is not None and "base_overlay" in resume_state:  # a --relora_steps run: its folded base
             ckpt_io.load_base_overlay(model, self.resume, resume_state.pop("base_overlay"))
         if self.device_map:

@@ -25,6 +25,8 @@ tokens (forward + backward) + the ViT forward, over the H100 SXM dense bf16 peak
     python bench/bench_sft.py --data .carry/print.parquet --models 7b,2b --out $OUT/results.json
     python bench/bench_sft.py --data .carry_bench/print.parquet --models 7b --liger --cases abc \
         --b_variants "fused_lora=false;fused_lora=true" --budget_s 550 --out $OUT/print_7b.json
+QLoRA (bench/qlora_gpu_call.sh): --quant_bits 4 makes (a) plain Trainer + PEFT + bitsandbytes QLoRA and (b) ocrtune
+QLoRA; a variant quant_bits=none adds ocrtune's bf16 LoRA to the same run.
 """
 from __future__ import annotations
 
@@ -165,8 +167,21 @@ def run_baseline(a):
     need = a.baseline_batch * (a.steps + a.warmup)
     ds = EncodedDataset(parquet_rows(a.data, limit=max(need, CHECK_ROWS)), template, cache=True)
     samples = [s for s in (ds[i] for i in range(len(ds))) if s is not None]
-    model = AutoModelForImageTextToText.from_pretrained(a.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                        attn_implementation="sdpa").to(dev)
+    if a.quant_bits:  # plain QLoRA as the PEFT/transformers docs show it: bitsandbytes config + prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
+
+        from ocrtune.models.quant import bnb_config
+        model = AutoModelForImageTextToText.from_pretrained(a.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                            attn_implementation="sdpa", device_map={"": dev},
+                                                            quantization_config=bnb_config(a.quant_bits))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dev.type == "cpu":  # CPU smoke runs only: the loss check's eval forward would repack the weights for inference
+            from ocrtune.models.quant import keep_training_layout
+            keep_training_layout(model)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(a.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                            attn_implementation="sdpa").to(dev)
     model.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=lora_target_regex(model, ["all-linear"])))
@@ -208,7 +223,8 @@ def run_baseline(a):
     # so the wall clock of the whole steady state is used instead when it is longer
     total = time.perf_counter() - t0
     out = _summarize("a_trainer_peft", steps, counts, a.warmup,
-                     {"batch": a.baseline_batch, "check_loss": check, "train_wall_s": round(total, 2)})
+                     {"batch": a.baseline_batch, "check_loss": check, "train_wall_s": round(total, 2),
+                      "quant_bits": a.quant_bits})
     return out
 
 
@@ -766,13 +782,16 @@ def orchestrate(a):
         entry = {"model": size}
         results["runs"].append(entry)
         if "a" in a.cases:
-            entry["a"] = _child(a, "baseline", ["--baseline_batch", str(a.baseline_batch)], time_left())
+            extra = ["--baseline_batch", str(a.baseline_batch)] + (["--quant_bits", str(a.quant_bits)] if a.quant_bits else [])
+            entry["a"] = _child(a, "baseline", extra, time_left())
             save()
         if "b" in a.cases:
             budgets = [int(x) for x in str(a.packing_tokens_list or a.packing_tokens).split(",")]
             entry["b_all"] = []
             for budget in budgets:
                 for ov in variants:
+                    if a.quant_bits and "quant_bits" not in ov:  # a variant may name quant_bits=none (bf16 LoRA)
+                        ov = {**ov, "quant_bits": a.quant_bits}
                     extra = ["--packing_tokens", str(budget), "--workers", str(a.workers), "--batch", str(a.batch)]
                     extra += ["--liger"] if a.liger else []
                     extra += ["--no_gc"] if a.no_gc else []
@@ -903,6 +922,10 @@ def main():
                         "each runs in its own process (x each --packing_tokens_list budget)")
     p.add_argument("--b_max_reserved_gib", type=float, default=40.0,
                    help="(b) is the fastest variant whose loss check passes and whose max reserved memory is <= this")
+    p.add_argument("--quant_bits", type=int, choices=(4, 8),
+                   help="QLoRA: (a) loads the base with bitsandbytes (NF4, double quant, bf16 compute) and "
+                        "prepare_model_for_kbit_training; (b) gets quant_bits unless a --b_variants variant names it "
+                        "(quant_bits=none: ocrtune's bf16 LoRA in the same run)")
     p.add_argument("--overrides", help=argparse.SUPPRESS)  # child: JSON of SftArgs overrides
     p.add_argument("--liger", action="store_true")
     p.add_argument("--no_gc", action="store_true")

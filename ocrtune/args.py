@@ -53,6 +53,11 @@ def max_new_tokens_arg(default: int, help: str):
     return arg(default, help)
 
 
+def quant_bits_arg(help: str = "run the base model's linears in 4 bits (NF4, bitsandbytes) or 8 (LLM.int8); "
+                                "default: unquantized"):
+    return arg(None, help, aliases=("--quantization_bit",))
+
+
 def given_flags(args) -> set[str]:
     """Fields set explicitly: on the command line when `args` came from `build`, otherwise (built in
     Python) those that differ from the dataclass defaults. Environment-variable defaults don't count."""

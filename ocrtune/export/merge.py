@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ocrtune.compat import quiet_peft_deprecations
@@ -60,7 +61,13 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     from ocrtune.models.template import Template
 
     base_dir, spec = base_model(src, model, model_type, use_hf)
+    bits = src.run_args.get("quant_bits")
+    if bits and dtype in (None, "auto"):
+        dtype = "bfloat16"  # a QLoRA adapter trained against bf16 compute
     torch_dtype = dtype_for(dtype, "merge", model_dir=base_dir)  # auto: the base model's stored dtype
+    if bits:  # the base is loaded unquantized below: folding into dequantized 4-bit weights would bake their error in
+        print(f"merging a QLoRA adapter (trained over a {bits}-bit base) into the unquantized weights of {base_dir} in "
+              f"{str(torch_dtype).replace('torch.', '')}", file=sys.stderr)
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
     load_base_overlay(base, src.path)  # a --relora_steps checkpoint's folded base weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
-                          model_type_arg, use_hf_arg)
+                          model_type_arg, quant_bits_arg, use_hf_arg)
 from ocrtune.export.args import ExportArgs  # noqa: F401  (moved; issue 14)
 
 
@@ -32,6 +32,8 @@ class InferArgs:
     stream: bool = arg(True, "print the answer token by token (interactive mode)")
     result_path: str | None = arg(None, "results jsonl (default: <ckpt_dir>/infer_result/<time>.jsonl)")
     dtype: str = dtype_arg(choices=None)
+    quant_bits: int | None = quant_bits_arg("run the base model in 4 bits (NF4) or 8 by bitsandbytes, with or without "
+                                            "an adapter (a QLoRA run's base); default: unquantized")
     seed: int = arg(42, "seed for sampling and dataset sampling")
 
 

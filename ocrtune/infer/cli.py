@@ -37,6 +37,14 @@ def validate(args: InferArgs) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message, "see `ocrtune infer --help`")
+    check_quant_bits(args.quant_bits)
+
+
+def check_quant_bits(bits: int | None) -> None:
+    """--quant_bits of infer, eval and serve: 4 or 8 (bitsandbytes), or none."""
+    if bits is not None and bits not in (4, 8):
+        raise UserError(f"--quant_bits {bits}: bitsandbytes quantizes to 4 or 8 bits",
+                        "pass --quant_bits 4 (NF4) or 8, or drop it to run the unquantized model")
 
 
 def dataset_mode(args: InferArgs) -> bool:

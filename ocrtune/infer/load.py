@@ -53,7 +53,7 @@ def load_for_inference(args: InferArgs):
     tmpl = Template(processor, template, None, run_args.get("system"))
     max_pixels = args.max_pixels or run_args.get("max_pixels")
     tmpl.set_pixels(max_pixels, run_args.get("min_pixels"))
-    model = load_model(weights_dir, dtype, device=device)
+    model = load_model(weights_dir, dtype, device=device, quant_bits=args.quant_bits)
     if adapter is not None:
         from peft import PeftModel
 
@@ -75,5 +75,6 @@ def load_for_inference(args: InferArgs):
     info = {"kind": "lora" if adapter is not None else ("model" if ckpt else "base"),
             "ckpt_dir": str(ckpt) if ckpt else None, "model_dir": str(weights_dir), "template": template,
             "max_pixels": max_pixels, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "quant_bits": args.quant_bits,
             "run_args": run_args}
     return InferEngine(model, processor, tmpl), info

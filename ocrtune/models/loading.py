@@ -90,14 +90,22 @@ def load_processor(path: Path):
                         "the folder needs tokenizer and preprocessor files (as saved by processor.save_pretrained)") from None
 
 
-def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None, device_map: str | None = None):
+def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None, device_map: str | None = None,
+               quant_bits: int | None = None, quant_vit: bool = False):
     """Load weights with transformers (safetensors only); device_map ('auto', 'balanced', ...) splits
-    the layers over the visible GPUs (accelerate's hooks move activations between them)."""
+    the layers over the visible GPUs (accelerate's hooks move activations between them). `quant_bits` 4 or 8:
+    the linears quantized by bitsandbytes as they load, on `device` (`models/quant.py`; the vision tower kept
+    unquantized unless `quant_vit`)."""
     import torch
     from transformers import AutoModelForImageTextToText
     kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True}
     if attn_impl:
         kwargs["attn_implementation"] = attn_impl
+    if quant_bits:
+        from ocrtune.models.quant import bnb_config, check_quant_backend
+        device = device if device is not None or device_map is not None else torch.device("cpu")
+        check_quant_backend(quant_bits, torch.device(device).type if device is not None else "cuda")
+        kwargs["quantization_config"] = bnb_config(quant_bits, quant_vit)  # quantized where it is placed
     if device is not None:
         kwargs["device_map"] = {"": device}
     elif device_map is not None:

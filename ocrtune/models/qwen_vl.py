@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ocrtune.models.fp8_linear import Fp8BaseLinear, float8_matmul_reason, fp8_base_linears
 from ocrtune.models.lora_addmm import lora_addmm, swiglu_down_lora
+from ocrtune.models.quant import is_bnb_linear
 
 log = logging.getLogger("ocrtune")
 
@@ -491,12 +492,28 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return lora_addmm(result, x, lora_a.weight, lora_b.weight, scaling, p, dtype).to(result.dtype)
 
 
-def fuse_lora_linears(model: nn.Module) -> int:
-    """Patch every PEFT LoRA `Linear` in `model` to `_fused_lora_forward`; returns how many."""
+def _lora_linear_classes() -> tuple[type, ...]:
+    """PEFT's LoRA layers over a linear base: `Linear`, and its bitsandbytes ones where bitsandbytes is installed
+    (QLoRA: their base output is bitsandbytes' matmul, which dequantizes the weight in its compute dtype; only the
+    LoRA update is fused, so the result is the same as PEFT's)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
+    classes = [LoraLinear]
+    if "bitsandbytes" not in sys.modules:  # no model is quantized (loading one imports it); importing it costs seconds
+        return tuple(classes)
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+        classes += [getattr(lora_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, n)]
+    except ImportError:
+        pass
+    return tuple(classes)
 
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Patch every PEFT LoRA linear (plain or bitsandbytes-quantized base) in `model` to `_fused_lora_forward`;
+    returns how many."""
+    classes = _lora_linear_classes()
     return sum(replace_forward(mod, _fused_lora_forward) for mod in model.modules()
-               if isinstance(mod, LoraLinear) and isinstance(mod.base_layer, nn.Linear))
+               if isinstance(mod, classes) and isinstance(mod.base_layer, nn.Linear))
 
 
 # --lean_mlp: a SwiGLU MLP whose down_proj is plain LoRA keeps gate and up for backward, not their product
@@ -507,7 +524,8 @@ def _lean_mlp_forward(self, x):
     down = self.down_proj
     name = _plain_adapter(down) if hasattr(down, "lora_A") else None
     base = getattr(down, "base_layer", None)
-    plain = isinstance(base, nn.Linear) and not base.weight.requires_grad
+    # a bitsandbytes linear is an nn.Linear whose `.weight` holds packed integers: never read as the weight
+    plain = isinstance(base, nn.Linear) and not is_bnb_linear(base) and not base.weight.requires_grad
     if name is None or not (plain or isinstance(base, Fp8BaseLinear)) or not torch.is_grad_enabled():
         return self._ocrtune_stock_forward(x)
     gate, up = self.gate_proj(x), self.up_proj(x)

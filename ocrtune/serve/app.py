@@ -323,6 +323,8 @@ def validate(args) -> None:
         (args.body_timeout > 0, "--body_timeout must be positive"),
         (args.image_fetch_timeout > 0, "--image_fetch_timeout must be positive"),
         (args.max_connections >= 1, "--max_connections must be at least 1"),
+        (getattr(args, "quant_bits", None) in (None, 4, 8),
+         f"--quant_bits {getattr(args, 'quant_bits', None)}: bitsandbytes quantizes to 4 or 8 bits (or drop it)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
-                          model_type_arg, use_hf_arg)
+                          model_type_arg, quant_bits_arg, use_hf_arg)
 
 
 @dataclass
@@ -16,6 +16,8 @@ class ServeArgs:
     use_hf: bool = use_hf_arg()
     merge_lora: bool = merge_lora_arg()
     dtype: str = dtype_arg()
+    quant_bits: int | None = quant_bits_arg("serve the base model in 4 bits (NF4) or 8 by bitsandbytes, with or "
+                                            "without an adapter; default: unquantized")
     max_pixels: int | None = max_pixels_arg("images are resized down to at most this many pixels before the model "
                                             "(default: the run's / the model's)")
     served_model_name: str | None = arg(None, "model id clients send and /v1/models lists "

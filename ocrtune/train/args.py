@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, model_arg, model_type_arg, use_hf_arg  # noqa: F401
+from ocrtune.args import (arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, model_arg, model_type_arg,  # noqa: F401
+                          quant_bits_arg, use_hf_arg)
 from ocrtune.errors import UserError
 
 
@@ -17,7 +18,14 @@ class SftArgs:
     dtype: str = dtype_arg("auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
     attn_impl: str | None = arg(None, "attention kernel: sdpa, eager, flash_attention_2, flex_attention")
     # tuner
-    train_type: str = arg("lora", "lora or full", aliases=("--sft_type", "--tuner_type"), choices=("lora", "full"))
+    train_type: str = arg("lora", "lora, qlora (lora over a 4-bit base: --quant_bits 4) or full",
+                          aliases=("--sft_type", "--tuner_type"), choices=("lora", "qlora", "full"))
+    quant_method: str | None = arg(None, "quantize the frozen base for LoRA (QLoRA): bnb (bitsandbytes; the default "
+                                   "where --quant_bits is given)", choices=("bnb",))
+    quant_bits: int | None = quant_bits_arg("LoRA over a base quantized to 4 bits (QLoRA: NF4, double quantization, "
+                                            "bf16 compute) or 8 by bitsandbytes; default: unquantized (4 with "
+                                            "--train_type qlora)")
+    quant_vit: bool = arg(False, "with --quant_bits: quantize the vision tower too (default: it stays unquantized)")
     lora_rank: int = arg(8, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha")
     lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",))
@@ -137,10 +145,10 @@ def validate(args: SftArgs) -> None:
         (args.lr_decay_seconds is None or (args.lr_decay_seconds > 0 and args.max_time is not None),
          "--lr_decay_seconds must be positive and goes with --max_time (the decay ends when --max_time does)"),
         (not (args.deepspeed and args.fsdp), "--deepspeed and --fsdp can't be used together"),
-        (not args.modules_to_save or args.train_type == "lora",
+        (not args.modules_to_save or args.train_type in ("lora", "qlora"),
          "--modules_to_save goes with --train_type lora (full fine-tuning trains every module already)"),
         (args.relora_steps >= 0 and (args.relora_warmup_steps or 0) >= 0, "--relora_steps and --relora_warmup_steps must be 0 or more"),
-        (not args.relora_steps or args.train_type == "lora", "--relora_steps folds LoRA adapters: it needs --train_type lora"),
+        (not args.relora_steps or args.train_type in ("lora", "qlora"), "--relora_steps folds LoRA adapters: it needs --train_type lora"),
         (not args.relora_steps or not (args.fsdp or args.deepspeed),
          "--relora_steps runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)"),
         (not (args.torch_compile and args.deepspeed),
@@ -151,3 +159,57 @@ def validate(args: SftArgs) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message, "see `ocrtune sft --help`")
+    validate_quant(args)
+
+
+def quant_bits_of(args: SftArgs) -> int | None:
+    """The bits the base is quantized to: --quant_bits, else 4 for --train_type qlora, else None (unquantized)."""
+    return args.quant_bits if args.quant_bits is not None else (4 if args.train_type == "qlora" else None)
+
+
+def normalized(args: SftArgs) -> SftArgs:
+    """`args` with --train_type qlora spelled out as SWIFT/LLaMA-Factory mean it (lora, --quant_bits 4) and
+    --quant_method bnb filled in where bits are given: the rest of the run (and args.json, and a resume of it) sees
+    lora + bits. A copy; the flags given stay the ones given (plus those the shorthand stood for)."""
+    import dataclasses
+
+    from ocrtune.args import given_flags
+    bits = quant_bits_of(args)
+    if args.train_type != "qlora" and (bits is None or args.quant_method):
+        return args
+    given = given_flags(args)
+    out = dataclasses.replace(args, train_type="lora" if args.train_type == "qlora" else args.train_type,
+                              quant_bits=bits, quant_method=args.quant_method or "bnb")
+    out._given_flags = frozenset(given | ({"quant_bits", "quant_method"} if "train_type" in given or
+                                          "quant_bits" in given else set()))
+    return out
+
+
+def validate_quant(args: SftArgs) -> None:
+    """--quant_method / --quant_bits / --train_type qlora against the flags they can't go with."""
+    bits = quant_bits_of(args)
+    if args.quant_bits is not None and args.quant_bits not in (4, 8):
+        raise UserError(f"--quant_bits {args.quant_bits}: bitsandbytes quantizes to 4 or 8 bits",
+                        "pass --quant_bits 4 (QLoRA, NF4) or 8, or drop it to train over the bf16 base")
+    if args.quant_method and bits is None:
+        raise UserError(f"--quant_method {args.quant_method} needs --quant_bits 4 or 8", "add --quant_bits 4 (QLoRA)")
+    if args.quant_vit and bits is None:
+        raise UserError("--quant_vit quantizes the vision tower of a quantized base", "add --quant_bits 4, or drop --quant_vit")
+    if bits is None:
+        return
+    refusals = [
+        (args.train_type == "full", f"--quant_bits {bits} freezes the base in {bits} bits, and --train_type full trains "
+         "every weight", "use --train_type lora (or qlora) over the quantized base, or drop --quant_bits for full fine-tuning"),
+        (args.fp8_base, f"--fp8_base and --quant_bits {bits} both replace the frozen base weights",
+         "use one: --quant_bits 4 (least memory) or --fp8_base (float8 matmuls, faster)"),
+        (args.lean_mlp or args.lean_mlp_fp8, f"--lean_mlp recomputes the MLP's down projection from its bf16 weight, "
+         f"which --quant_bits {bits} keeps in {bits} bits", "drop --lean_mlp/--lean_mlp_fp8 (or drop --quant_bits)"),
+        (bool(args.relora_steps), f"--relora_steps folds the adapters into the base weights, which --quant_bits {bits} "
+         "keeps quantized", "drop --relora_steps, or train over the bf16 base"),
+        (bool(args.fsdp or args.deepspeed), f"a base quantized by --quant_bits {bits} runs on one GPU or with DDP "
+         "(NPROC_PER_NODE=<GPUs>), not sharded by --fsdp/--deepspeed", "drop --fsdp/--deepspeed (a 4-bit 7B fits one "
+         "GPU), or drop --quant_bits"),
+    ]
+    for bad, problem, fix in refusals:
+        if bad:
+            raise UserError(problem, fix)

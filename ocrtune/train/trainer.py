@@ -30,7 +30,7 @@ from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist, relora, schedule
-from ocrtune.train.args import SftArgs, validate
+from ocrtune.train.args import SftArgs, normalized, validate
 from ocrtune.train.resume import resume_args
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, model_pixels, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
@@ -168,7 +168,7 @@ def make_optimizer(model, args: SftArgs, total_steps: int):
 
 
 def default_lr(args: SftArgs, preset: bool) -> float:
-    if args.train_type == "lora":
+    if args.train_type in ("lora", "qlora"):
         return 1e-3 if preset else 1e-4
     return 5e-4 if preset else 1e-5
 
@@ -241,6 +241,7 @@ class SftRun:
         from accelerate.utils import set_seed
 
         validate(args)
+        args = normalized(args)  # --train_type qlora -> lora + --quant_bits 4 (what args.json records)
         self.t_start = time.monotonic()  # --max_time counts from here
         self._first_step_at = None  # seconds after t_start when this process's first step ended (--lr_decay_seconds)
         self.resume = ckpt_io.find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)) \
@@ -262,6 +263,9 @@ class SftRun:
         if self.device_map:
             kwargs["device_placement"] = False  # the layers stay where device_map put them
         self.accelerator = acc = Accelerator(**kwargs)
+        if args.quant_bits:  # before the data is read: bitsandbytes missing, or no kernels for this device
+            from ocrtune.models.quant import check_quant_backend
+            check_quant_backend(args.quant_bits, acc.device.type)
         dist.fsdp_on_cpu(acc, kwargs)
         self.main = acc.is_main_process
         dist.quiet_other_ranks(acc)
@@ -293,6 +297,9 @@ class SftRun:
             raise UserError(f"{weights} is a random-init (shape-only) model folder, which cannot be resumed",
                             "start a new run, or train a model folder that holds weights")
         model = self.base_model(model, weights, dtype)
+        if args.quant_bits:  # evaluations between steps must not repack the 4-bit weights for inference (CPU)
+            from ocrtune.models.quant import keep_training_layout
+            keep_training_layout(model)
         if resume_state is not None and "base_overlay" in resume_state:  # a --relora_steps run: its folded base
             ckpt_io.load_base_overlay(model, self.resume, resume_state.pop("base_overlay"))
         if self.device_map:
@@ -359,9 +366,20 @@ class SftRun:
         else loaded from `weights` (built on meta for a shape-only folder)."""
         args = self.args
         if builder is None:
-            return build_on_meta(weights, dtype, args.attn_impl) if self.meta else \
-                load_model(weights, dtype, args.attn_impl, device_map=self.device_map)
+            if self.meta:
+                return build_on_meta(weights, dtype, args.attn_impl)
+            # a quantized base is quantized where it will run (bitsandbytes packs the weights on that device)
+            device = self.accelerator.device if args.quant_bits and not self.device_map else None
+            return load_model(weights, dtype, args.attn_impl, device=device, device_map=self.device_map,
+                              quant_bits=args.quant_bits, quant_vit=args.quant_vit)
         model = builder(args, weights, dtype)
+        from ocrtune.models.quant import model_quant_bits
+        bits = model_quant_bits(model)
+        if bits != args.quant_bits:
+            have, want = f"{bits}-bit quantized" if bits else "unquantized", f"--quant_bits {args.quant_bits}" \
+                if args.quant_bits else "an unquantized base"
+            raise UserError(f"the model given to the run is {have}, and the run asks for {want}",
+                            "load it as the run would (models.loading.load_model(..., quant_bits=...)), or match --quant_bits to it")
         if getattr(model, "peft_config", None):  # prepare_model would wrap it a second time
             raise UserError("the model given to the run already has PEFT adapters",
                             "give the base model: the run adds its own LoRA adapters (and resumes them)")

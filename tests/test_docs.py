@@ -21,7 +21,7 @@ def _flag_table():
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, markup and punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|<[^>]+>", "", heading.strip()).lower()
+    text = re.sub(r"[`*]|<[^>]+>", "", heading.strip()).lower()
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
@@ -94,5 +94,5 @@ def test_flag_table_write_rewrites_only_the_marked_table(tmp_path):
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == 'pip install -q -e ".[test]" && python -m pytest -q'
-    head = (ROOT / "README.md").read_text().split("```", 2)[1]
-    assert 'pip install -e ".[test]" && python -m pytest -q' in head
+    first_block = (ROOT / "README.md").read_text().split("```", 2)[1]
+    assert ci.replace("pip install -q ", "pip install ") in first_block  # the same command, louder

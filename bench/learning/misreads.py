@@ -3,7 +3,7 @@
 matching blocks); braces, `_` and `^` are left out of both counts; a token counts as script when it is the single
 token or inside the `{...}` group after `_` or `^`.
 
-    python bench/learning/misreads.py bench/learning/run13_recombine_h200/stage1_print_beams3.jsonl.gz
+    python bench/learning/misreads.py bench/learning/run17_eight_bit_h200/stage1_print_beams3.jsonl.gz
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ the reference and the prediction typeset by real LaTeX in the print style (`ocrt
 BLEU-4. Rows come from the run's predictions.jsonl (the first 20 of each evaluation); images from the dataset.
 
     python bench/learning/plot_predictions.py --data_dir ../shared/data/latex_ocr --eval stage2_handwrite \\
-        --split handwrite/validation --rows 6 --out bench/learning/predictions_handwrite.png
+        --split handwrite/validation --rows 6 --out bench/learning/run17_eight_bit_h200/predictions_handwrite.png
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--predictions", default="bench/learning/predictions.jsonl")
+    p.add_argument("--predictions", default="bench/learning/run17_eight_bit_h200/predictions.jsonl")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--eval", default="stage2_handwrite", help="which evaluation's rows (the 'eval' key)")
     p.add_argument("--split", default="handwrite/validation", help="<subset>/<split> the evaluation read")

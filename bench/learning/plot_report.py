@@ -1,7 +1,7 @@
 """Training curves of a from-scratch recipe report (examples/latex_ocr_from_scratch.py's report.json):
 loss and teacher-forced token accuracy per step for stage 1 and stage 2, validation points included.
 
-    python bench/learning/plot_report.py bench/learning/report.json bench/learning/curves.png
+    python bench/learning/plot_report.py bench/learning/run17_eight_bit_h200/report.json bench/learning/run17_eight_bit_h200/curves.png
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import os
 import types
 import typing
 
-from ocrtune.args import given_flags  # noqa: F401  (moved; issue 14)
+from ocrtune.args import check_domains, given_flags  # noqa: F401  (given_flags moved; issue 14)
 from ocrtune.errors import UserError
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
@@ -82,12 +82,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 def build(cls, namespace: argparse.Namespace):
     """Dataclass instance from parsed flags; fields not given fall back to env vars, then defaults."""
     hints = typing.get_type_hints(cls)
-    values = {}
+    values, from_env = {}, {}
     for f in dataclasses.fields(cls):
         if hasattr(namespace, f.name):
             values[f.name] = getattr(namespace, f.name)
         elif f.metadata.get("env") and os.environ.get(f.metadata["env"]):
             raw = os.environ[f.metadata["env"]]
+            from_env[f.name] = f.metadata["env"]
             tp = _base_type(hints[f.name])
             try:
                 values[f.name] = str2bool(raw) if tp is bool else tp(raw)
@@ -99,6 +100,7 @@ def build(cls, namespace: argparse.Namespace):
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0] and k != "dataset":
             values[k] = [s.strip() for s in v[0].split(",") if s.strip()]
     obj = cls(**values)
+    check_domains(obj, from_env)  # every command's numbers, given or from the environment, before any work
     # which flags the command line set (defaults are SUPPRESSed, so only given ones are in the namespace);
     # a resumed run lets these, and only these, override its saved settings
     obj._given_flags = frozenset(f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -79,9 +80,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(*names, **kwargs)
 
 
+_hints = functools.cache(typing.get_type_hints)  # a class's hints don't change; resolving them is most of `build`
+
+
 def build(cls, namespace: argparse.Namespace):
     """Dataclass instance from parsed flags; fields not given fall back to env vars, then defaults."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values, from_env = {}, {}
     for f in dataclasses.fields(cls):
         if hasattr(namespace, f.name):
@@ -93,8 +97,9 @@ def build(cls, namespace: argparse.Namespace):
             try:
                 values[f.name] = str2bool(raw) if tp is bool else tp(raw)
             except (ValueError, argparse.ArgumentTypeError):
-                raise UserError(f"environment variable {f.metadata['env']}={raw!r} is not a valid {tp.__name__}",
-                                f"set it to a {tp.__name__} or unset it") from None
+                what = {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, tp.__name__)
+                raise UserError(f"environment variable {f.metadata['env']}={raw!r} (--{f.name}) is not {what}",
+                                f"set it to {what} or unset it") from None
     # lists given as one comma-separated value (e.g. --target_modules q_proj,v_proj) are split
     for k, v in values.items():
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0] and k != "dataset":

@@ -1,0 +1,159 @@
+"""Every numeric flag of every command has a domain, and a value outside it (given or from an environment
+variable) ends at parse time with exit 2 and one `error:` line naming the flag; values that could only fail
+once a model is known (LoRA rank, generation length, target modules) are refused before anything is built.
+Bad dataset shapes and a non-UTF-8 logging.jsonl get one line too. Every case calls the CLI in-process."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import pytest
+
+from ocrtune.args import Domain
+from ocrtune.cli.parsing import _base_type
+from ocrtune.export.args import ExportArgs
+from ocrtune.infer.args import InferArgs
+from ocrtune.serve.args import ServeArgs
+from ocrtune.synth.run import SynthArgs
+from ocrtune.train.args import SftArgs
+
+COMMANDS = {"sft": SftArgs, "infer": InferArgs, "eval": InferArgs, "export": ExportArgs, "serve": ServeArgs,
+            "synth": SynthArgs}
+ENV_NAMES = sorted({f.metadata["env"] for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.metadata.get("env")})
+
+
+def numeric_fields(cls) -> list[tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(cls)
+            if _base_type(hints[f.name]) in (int, float)]
+
+
+class Reached(BaseException):  # not an Exception: main() reports those
+    """The command got past parsing: the value was accepted."""
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """argv -> (exit code, stderr lines); the command itself never runs (the parsed args raise `Reached`)."""
+    import ocrtune.cli.main as cli_main
+    import ocrtune.cli.parsing as parsing
+    real_build = parsing.build
+    parser = cli_main._parser()  # built once: building it is most of a call's time, and parsing leaves it as it was
+    monkeypatch.setattr(cli_main, "_parser", lambda: parser)
+
+    def build_only(cls, ns):
+        real_build(cls, ns)
+        raise Reached(cls.__name__)
+
+    monkeypatch.setattr(parsing, "build", build_only)
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+    def call(argv: list[str]) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        try:
+            cli_main.main(argv)
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err.splitlines()
+        except Reached:
+            return "accepted", capsys.readouterr().err.splitlines()
+        raise AssertionError("main() returned without exiting")
+    return call
+
+
+def out_of_domain(d: Domain, tp: type) -> list[str]:
+    """Values just outside each end, 0 and -1 where they are outside, and the absurd ones."""
+    values = {d.lo if d.lo_open else d.lo - 1, d.hi if d.hi_open else d.hi + (1 if tp is int else d.hi * 0.5),
+              0, -1, 10**20, -10**20}
+    values = {v for v in values if not d.contains(tp(v))}
+    below = d.lo - 2  # below the range though `lo - 1` is a special value (save_total_limit 0, max_steps -1)
+    values.add(below if not d.contains(below) else d.lo - 3)
+    texts = [str(int(v)) if tp is int else repr(float(v)) for v in sorted(values)]
+    return texts + ["inf", "-inf", "nan"] + (["1.5"] if tp is int else [])
+
+
+def one_error(code, err, flag: str) -> str | None:
+    if code == 2 and len(err) == 1 and err[0].startswith("error: ") and flag in err[0] and "unexpected" not in err[0]:
+        return None
+    return f"{flag}: exit {code}, stderr {err}"
+
+
+def test_every_numeric_flag_has_a_domain_that_holds_its_default():
+    missing, bad_default = [], []
+    for cmd, cls in COMMANDS.items():
+        for f, tp in numeric_fields(cls):
+            d = f.metadata.get("domain")
+            if d is None:
+                missing.append(f"{cmd} --{f.name}")
+            elif f.default is not None and not d.contains(f.default):
+                bad_default.append(f"{cmd} --{f.name} {f.default}")
+            elif d is not None:
+                assert math.isfinite(d.lo) and math.isfinite(d.hi) and d.hi < 10**20, (cmd, f.name)
+    assert not missing and not bad_default, (missing, bad_default)
+    assert len([f for cls in COMMANDS.values() for f in numeric_fields(cls)]) >= 55
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if numeric_fields(COMMANDS[c])])
+def test_sweep_every_numeric_flag_refuses_values_outside_its_domain(cli, cmd):
+    failures, tried = [], 0
+    for f, tp in numeric_fields(COMMANDS[cmd]):
+        for value in out_of_domain(f.metadata["domain"], tp):
+            code, err = cli([cmd, f"--{f.name}={value}"])
+            tried += 1
+            problem = one_error(code, err, f"--{f.name}")
+            if problem:
+                failures.append(f"{cmd} {problem} (value {value})")
+    assert tried >= 8 * len(numeric_fields(COMMANDS[cmd]))
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_sweep_environment_variables_go_through_the_same_domains(cli, monkeypatch):
+    failures = []
+    for cmd, cls in COMMANDS.items():
+        for f, tp in numeric_fields(cls):
+            if not f.metadata.get("env"):
+                continue
+            for value in out_of_domain(f.metadata["domain"], tp):
+                monkeypatch.setenv(f.metadata["env"], value)
+                code, err = cli([cmd])
+                monkeypatch.delenv(f.metadata["env"])
+                problem = one_error(code, err, f.metadata["env"])
+                if problem or f"--{f.name}" not in err[0]:
+                    failures.append(f"{cmd} {problem} (value {value})")
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("argv, env, line", [
+    (["sft", "--adam_beta2", "2"], {}, "error: --adam_beta2 must be below 1, got 2.0; use a number from 0 to below 1"),
+    (["sft", "--num_train_epochs", "inf"], {}, "error: --num_train_epochs must be a finite number, got inf; "
+                                               "use a number from 0 to 1000000"),
+    (["sft", "--seed", "-1"], {}, "error: --seed must be at least 0, got -1; use a whole number from 0 to 4294967295"),
+    (["sft", "--seed", "100000000000000000000"], {},
+     "error: --seed must be at most 4294967295, got 100000000000000000000; use a whole number from 0 to 4294967295"),
+    (["sft", "--dataloader_num_workers", "-1"], {},
+     "error: --dataloader_num_workers must be at least 0, got -1; use a whole number from 0 to 256"),
+    (["sft", "--gradient_accumulation_steps", "1000000"], {},
+     "error: --gradient_accumulation_steps must be at most 65536, got 1000000; use a whole number from 1 to 65536"),
+    (["infer", "--max_new_tokens", "1000000000000"], {},
+     "error: --max_new_tokens must be at most 1048576, got 1000000000000; use a whole number from 1 to 1048576"),
+    (["infer", "--num_beams", "100000"], {}, "error: --num_beams must be at most 64, got 100000; use a whole number from 1 to 64"),
+    (["sft", "--learning_rate", "nan"], {}, "error: --learning_rate must be a finite number, got nan; "
+                                            "use a number above 0, up to 10"),
+    (["sft"], {"MAX_STEPS": "-5"}, "error: --max_steps must be -1 (off) or at least 1, got -5 from the environment "
+                                   "variable MAX_STEPS; use -1 (off) or a whole number from 1 to 1000000000"),
+    (["serve"], {"MAX_PIXELS": "10"}, "error: --max_pixels must be at least 3136, got 10 from the environment variable "
+                                      "MAX_PIXELS; use a whole number from 3136 to 1073741824"),
+])
+def test_the_reported_examples_name_the_flag_the_value_and_the_range(cli, monkeypatch, argv, env, line):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli(argv) == (2, [line])
+
+
+def test_values_inside_the_domains_still_parse(cli):
+    for argv in (["sft", "--max_steps", "-1", "--save_total_limit", "0", "--seed", "0", "--adam_beta2", "0.999",
+                  "--num_train_epochs", "0.5", "--max_steps", "10", "--lora_rank", "64"],
+                 ["infer", "--num_beams", "4", "--top_p", "1", "--temperature", "0"],
+                 ["serve", "--port", "0"], ["synth", "--max_rows", "0", "--scramble", "1"]):
+        assert cli(argv)[0] == "accepted", argv

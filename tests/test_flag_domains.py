@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 
 import pytest
@@ -157,3 +158,103 @@ def test_values_inside_the_domains_still_parse(cli):
                  ["infer", "--num_beams", "4", "--top_p", "1", "--temperature", "0"],
                  ["serve", "--port", "0"], ["synth", "--max_rows", "0", "--scramble", "1"]):
         assert cli(argv)[0] == "accepted", argv
+
+
+# ---- values that only the model can bound
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """argv -> (exit code, stderr lines) of the real command, in-process."""
+    from ocrtune.cli.main import main
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+    def call(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        return e.value.code, capsys.readouterr().err.splitlines()
+    return call
+
+
+def shape_only_model(tmp_path, positions=32768):
+    """A model folder with a config.json alone: enough for every check that runs before the weights load."""
+    import json
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2_vl",
+                                               "text_config": {"max_position_embeddings": positions}}))
+    return str(d)
+
+
+@pytest.mark.parametrize("cmd", ["infer", "sft"])
+def test_max_new_tokens_beyond_the_models_positions_is_refused_before_loading(run_cli, tmp_path, cmd):
+    model = shape_only_model(tmp_path, positions=4096)
+    extra = ["--query", "hi"] if cmd == "infer" else ["--predict_with_generate", "true", "--output_dir", str(tmp_path / "o")]
+    assert run_cli([cmd, "--model", model, "--max_new_tokens", "5000", *extra]) == (2, [
+        f"error: --max_new_tokens 5000 exceeds the model's 4096 positions ({model}); use --max_new_tokens 4096 or less"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_serve_passes_its_max_new_tokens_to_the_model_check(tmp_path):
+    from ocrtune.errors import UserError
+    from ocrtune.serve.loader import load_engine
+    model = shape_only_model(tmp_path, positions=4096)
+    with pytest.raises(UserError, match="--max_new_tokens 5000 exceeds the model's 4096 positions"):
+        load_engine(ServeArgs(model=model, max_new_tokens=5000))
+
+
+def no_peft(monkeypatch):
+    """A `peft` that fails the test when used: the checks come before PEFT allocates anything."""
+    import types
+    fake = types.ModuleType("peft")
+    fake.LoraConfig = fake.get_peft_model = lambda *a, **k: pytest.fail("PEFT was reached")
+    monkeypatch.setitem(sys.modules, "peft", fake)
+
+
+class FakeQwen:
+    """Module names and shapes of a Qwen2-VL language model (hidden 128, 2 KV heads of 16), no weights to load."""
+
+    @staticmethod
+    def build():
+        import torch.nn as nn
+        attn = nn.Module()
+        attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (nn.Linear(128, 128), nn.Linear(128, 32),
+                                                              nn.Linear(128, 32), nn.Linear(128, 128))
+        layer = nn.Module()
+        layer.self_attn, layer.mlp = attn, nn.Module()
+        layer.mlp.gate_proj, layer.mlp.down_proj = nn.Linear(128, 256), nn.Linear(256, 128)
+        lm = nn.Module()
+        lm.layers = nn.ModuleList([layer])
+        inner = nn.Module()
+        inner.language_model, inner.visual = lm, nn.Module()
+        model = nn.Module()
+        model.model, model.lm_head = inner, nn.Linear(128, 1000)
+        return model
+
+
+def test_lora_rank_above_the_smallest_target_size_is_refused_before_peft_allocates(monkeypatch):
+    from ocrtune.errors import UserError
+    from ocrtune.train.trainer import prepare_model
+    no_peft(monkeypatch)
+    with pytest.raises(UserError) as e:
+        prepare_model(FakeQwen.build(), SftArgs(lora_rank=100000))
+    assert str(e.value) == ("--lora_rank 100000 exceeds the size of the target module "
+                            "model.language_model.layers.0.self_attn.k_proj (32); use --lora_rank 32 or less "
+                            "(or target larger modules with --target_modules)")
+    with pytest.raises(UserError, match=r"--lora_rank 129 exceeds .*o_proj \(128\)"):  # only the named targets count
+        prepare_model(FakeQwen.build(), SftArgs(lora_rank=129, target_modules=["q_proj", "o_proj"]))
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["qproj"], "--target_modules qproj matches no module of the model; name linear layers, e.g. "
+                "down_proj, gate_proj, k_proj, o_proj, q_proj, v_proj, or use all-linear"),
+    (["mlp"], "--target_modules mlp matches model.language_model.layers.0.mlp, a Module, which LoRA can't "
+              "adapt; name linear layers (e.g. q_proj, v_proj), or use all-linear"),
+])
+def test_target_modules_that_match_no_linear_layer_are_named(monkeypatch, targets, message):
+    from ocrtune.errors import UserError
+    from ocrtune.train.trainer import prepare_model
+    no_peft(monkeypatch)
+    with pytest.raises(UserError) as e:
+        prepare_model(FakeQwen.build(), SftArgs(target_modules=targets))
+    assert str(e.value) == message

@@ -10,7 +10,8 @@ def infer_args(args):
     """ServeArgs -> InferArgs (the fields loading reads)."""
     from ocrtune.infer.args import InferArgs
     return InferArgs(ckpt_dir=args.ckpt_dir, model=args.model, model_type=args.model_type, use_hf=args.use_hf,
-                     merge_lora=args.merge_lora, max_pixels=args.max_pixels, dtype=args.dtype)
+                     merge_lora=args.merge_lora, max_pixels=args.max_pixels, dtype=args.dtype,
+                     max_new_tokens=args.max_new_tokens)
 
 
 def default_model_name(args) -> str:

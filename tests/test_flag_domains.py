@@ -241,8 +241,8 @@ def test_lora_rank_above_the_smallest_target_size_is_refused_before_peft_allocat
     assert str(e.value) == ("--lora_rank 100000 exceeds the size of the target module "
                             "model.language_model.layers.0.self_attn.k_proj (32); use --lora_rank 32 or less "
                             "(or target larger modules with --target_modules)")
-    with pytest.raises(UserError, match=r"--lora_rank 129 exceeds .*o_proj \(128\)"):  # only the named targets count
-        prepare_model(FakeQwen.build(), SftArgs(lora_rank=129, target_modules=["q_proj", "o_proj"]))
+    with pytest.raises(UserError, match=r"--lora_rank 129 exceeds .*self_attn\.o_proj \(128\)"):  # only the named targets count
+        prepare_model(FakeQwen.build(), SftArgs(lora_rank=129, target_modules=["o_proj"]))
 
 
 @pytest.mark.parametrize("targets, message", [

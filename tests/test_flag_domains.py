@@ -258,3 +258,65 @@ def test_target_modules_that_match_no_linear_layer_are_named(monkeypatch, target
     with pytest.raises(UserError) as e:
         prepare_model(FakeQwen.build(), SftArgs(target_modules=targets))
     assert str(e.value) == message
+
+
+# ---- dataset shapes: one line naming the file / row and the fix
+
+def write_jsonl(path, rows) -> str:
+    import json
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+ASSISTANT = {"role": "assistant", "content": "x^2"}
+
+
+@pytest.mark.parametrize("messages, reason", [
+    (["<image>read it", "x^2"], 'messages[0] is a string, not an object; give a list of {"role": ..., "content": ...} objects'),
+    ([{"role": "user", "content": ["<image>read it"]}, ASSISTANT],
+     'messages[0].content[0] is a string, not a part such as {"type": "text", "text": ...} or {"type": "image"}; '
+     'or give the content as one string'),
+    ('[{"role": "user", "content": "x"', "messages is a string that is not valid JSON (Expecting ',' delimiter, char 32); "
+                                         'give a list of {"role": ..., "content": ...} objects'),
+    (7, 'messages is a number, not a list of {"role": ..., "content": ...} objects'),
+])
+def test_messages_of_the_wrong_shape_name_the_row_and_the_fix(tmp_path, messages, reason):
+    from ocrtune.data.checks import check_dataset
+    from ocrtune.data.loading import load_dataset
+    from ocrtune.errors import UserError
+    good = {"messages": [{"role": "user", "content": "read it"}, ASSISTANT]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {"messages": messages}] if messages != 7 else [{"messages": messages}])
+    row = 1 if messages != 7 else 0
+    ds = load_dataset(path)
+    with pytest.raises(UserError) as e:
+        check_dataset(ds, "error", path)
+    assert str(e.value) == (f"row {row} of {path}: {reason}; fix or remove the row, or pass --check_dataset_strategy "
+                            "discard to drop bad rows")
+    if row:  # discard keeps the good row
+        assert len(check_dataset(ds, "discard", path)) == 1
+
+
+def test_an_empty_jsonl_and_a_folder_with_one_malformed_file_are_named(tmp_path):
+    from ocrtune.data.loading import load_dataset
+    from ocrtune.errors import UserError
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_dataset(str(tmp_path / "empty.jsonl"))
+    assert str(e.value) == f"dataset file {tmp_path / 'empty.jsonl'} is empty (0 bytes); give it rows (one JSON object a line for .jsonl)"
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"query": "q", "response": "r"}])
+    write_jsonl(folder / "b.jsonl", ['{"query": "q", "resp'])
+    with pytest.raises(UserError, match=rf"^could not read dataset file {folder / 'b.jsonl'}: .*; check that the file is valid jsonl$"):
+        load_dataset(str(folder))
+
+
+@pytest.mark.parametrize("count", ["0", "100000000000000000000"])
+def test_a_sample_count_of_zero_or_absurd_size_is_refused(count):
+    from ocrtune.data.loading import parse_dataset_arg
+    from ocrtune.errors import UserError
+    with pytest.raises(UserError) as e:
+        parse_dataset_arg(f"latex-ocr-sample#{count}")
+    assert str(e.value) == (f"row count {count} in --dataset 'latex-ocr-sample#{count}' is out of range; write name#N "
+                            "with N from 1 to 1000000000, e.g. latex-ocr-sample#500 (or latex-ocr-sample for every row)")
+    assert parse_dataset_arg("latex-ocr-sample#1000000000") == ("latex-ocr-sample", 10**9)

@@ -24,6 +24,8 @@ def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -
     if not msgs:
         return "no messages"
     for m in msgs:
+        if str(m.get("role")).startswith("<invalid: "):  # a `messages` of the wrong shape (data/loading.py)
+            return m["role"][len("<invalid: "):-1]
         if m.get("role") not in ("system", "user", "assistant"):
             return f"unknown role {m.get('role')!r}"
         if not isinstance(m.get("content"), str):

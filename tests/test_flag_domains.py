@@ -320,3 +320,24 @@ def test_a_sample_count_of_zero_or_absurd_size_is_refused(count):
     assert str(e.value) == (f"row count {count} in --dataset 'latex-ocr-sample#{count}' is out of range; write name#N "
                             "with N from 1 to 1000000000, e.g. latex-ocr-sample#500 (or latex-ocr-sample for every row)")
     assert parse_dataset_arg("latex-ocr-sample#1000000000") == ("latex-ocr-sample", 10**9)
+
+
+# ---- ocrtune plot over a damaged logging.jsonl
+
+@pytest.mark.parametrize("content, line", [
+    (b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \xff1.5}\n', "is not UTF-8 text (byte 45 is 0xff)"),
+    (b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": }\n{"step": 3, "loss": 1.0}\n', "line 2 of {log} is not valid JSON"),
+    (b'{"step": 1, "loss": 2.0}\n[1, 2]\n', "line 2 of {log} is not a JSON object"),
+])
+def test_plot_over_a_damaged_logging_jsonl_is_one_line(run_cli, tmp_path, content, line):
+    log = tmp_path / "logging.jsonl"
+    log.write_bytes(content)
+    code, err = run_cli(["plot", str(tmp_path)])
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and line.format(log=log) in err[0], err
+    assert log.read_bytes() == content and not (tmp_path / "images").exists()
+
+
+def test_plot_skips_a_last_line_cut_short_and_records_without_a_step(tmp_path):
+    from ocrtune.plot.plots import plot_run
+    (tmp_path / "logging.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [p.name for p in plot_run(tmp_path)] == ["train_loss.png"]

@@ -341,3 +341,20 @@ def test_plot_skips_a_last_line_cut_short_and_records_without_a_step(tmp_path):
     from ocrtune.plot.plots import plot_run
     (tmp_path / "logging.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [p.name for p in plot_run(tmp_path)] == ["train_loss.png"]
+
+
+# ---- found by trying each command with bad inputs
+
+def test_a_bad_log_level_is_one_line(run_cli, monkeypatch):
+    monkeypatch.setenv("OCRTUNE_LOG_LEVEL", "loud")
+    assert run_cli(["list"]) == (2, ["error: environment variable OCRTUNE_LOG_LEVEL='loud' is not a log level; "
+                                     "set it to DEBUG, INFO, WARNING or ERROR, or unset it"])
+    from ocrtune.cli.main import log_level
+    assert log_level("debug") == 10 and log_level("20") == 20 and log_level(None) == 30
+
+
+def test_a_host_name_the_resolver_refuses_is_one_line():
+    from ocrtune.errors import UserError
+    from ocrtune.serve.app import bind
+    with pytest.raises(UserError, match=r"^can't resolve --host bad\.\.host: .*; use an IP address such as 127\.0\.0\.1$"):
+        bind("bad..host", 0)

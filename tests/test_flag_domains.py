@@ -358,3 +358,18 @@ def test_a_host_name_the_resolver_refuses_is_one_line():
     from ocrtune.serve.app import bind
     with pytest.raises(UserError, match=r"^can't resolve --host bad\.\.host: .*; use an IP address such as 127\.0\.0\.1$"):
         bind("bad..host", 0)
+
+
+def test_report_to_names_what_it_can_do(cli):
+    code, err = cli(["sft", "--report_to", "wandb"])
+    assert code == 2 and len(err) == 1 and "--report_to: invalid choice: 'wandb'" in err[0], err
+    assert cli(["sft", "--report_to", "none"])[0] == "accepted"
+
+
+def test_the_discard_summary_counts_wrong_shapes_as_one_kind(tmp_path, caplog):
+    from ocrtune.data.checks import check_dataset
+    from ocrtune.data.loading import load_dataset
+    good = {"messages": [{"role": "user", "content": "read it"}, ASSISTANT]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {"messages": ["a", "b"]}, {"messages": [1]}])
+    assert len(check_dataset(load_dataset(path), "discard", path)) == 1
+    assert f"{path}: dropped 2 of 3 rows (messages of the wrong shape: 2)" in caplog.text

@@ -167,7 +167,7 @@ def check_lora_targets(model, targets: str | list[str], rank: int) -> None:
     the smallest in/out size among them (a larger rank only adds memory: PEFT would allocate it, then fail)."""
     import torch.nn as nn
     found = lora_targets(model, targets)
-    given = targets if isinstance(targets, str) else " ".join(targets)
+    given = (targets if isinstance(targets, str) else " ".join(targets)).strip() or "''"
     if not found:
         some = lm_linear_names(model) or sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                                                  if isinstance(m, nn.Linear)})

@@ -117,7 +117,7 @@ class SftArgs:
                                          "of --lr_scheduler_type, and the run ends there as at its last step (evaluated, "
                                          "saved): it ends annealed however fast its steps turn out (this process only)",
                                          domain=positive(1e9))
-    report_to: list[str] = arg(None, "tensorboard (default) or none")
+    report_to: list[str] = arg(None, "tensorboard (default) or none", choices=("tensorboard", "none"))
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
     fsdp: str | None = arg(None, "FSDP: 'full_shard auto_wrap' or an accelerate FSDP config")

@@ -373,3 +373,24 @@ def test_the_discard_summary_counts_wrong_shapes_as_one_kind(tmp_path, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", [good, {"messages": ["a", "b"]}, {"messages": [1]}])
     assert len(check_dataset(load_dataset(path), "discard", path)) == 1
     assert f"{path}: dropped 2 of 3 rows (messages of the wrong shape: 2)" in caplog.text
+
+
+@pytest.mark.parametrize("env, line", [
+    ({"NPROC_PER_NODE": "100000000000000000000"}, "NPROC_PER_NODE=100000000000000000000 is out of range (at most 4096)"),
+    ({"NPROC_PER_NODE": "2", "NNODES": "99999", "MASTER_ADDR": "10.0.0.1"}, "NNODES=99999 is out of range (at most 4096)"),
+])
+def test_launcher_variables_are_bounded(monkeypatch, env, line):
+    from ocrtune.errors import UserError
+    from ocrtune.train.launch import torchrun_args
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match="^" + line.replace("(", r"\(").replace(")", r"\)") + "; set it to"):
+        torchrun_args(["sft"])
+
+
+def test_help_shows_each_numeric_flags_allowed_range():
+    from ocrtune.cli.parsing import help_text
+    field = {f.name: f for f in dataclasses.fields(SftArgs)}
+    assert help_text(field["lora_rank"]) == "LoRA rank (default: 8) (allowed: a whole number from 1 to 65536)"
+    assert "(allowed: -1 (off) or a whole number from 1 to 1000000000) (env MAX_STEPS)" in help_text(field["max_steps"])

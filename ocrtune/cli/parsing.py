@@ -56,6 +56,8 @@ def help_text(f: dataclasses.Field) -> str:
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     if "default" not in text:
         text += f" (default: {show_default(default)})"
+    if f.metadata.get("domain"):
+        text += f" (allowed: {f.metadata['domain'].allowed()})"
     if f.metadata.get("env"):
         text += f" (env {f.metadata['env']})"
     return text.replace("%", "%%")

@@ -18,7 +18,7 @@ class SftArgs:
     attn_impl: str | None = arg(None, "attention kernel: sdpa, eager, flash_attention_2, flex_attention")
     # tuner
     train_type: str = arg("lora", "lora or full", aliases=("--sft_type", "--tuner_type"), choices=("lora", "full"))
-    lora_rank: int = arg(8, "LoRA rank (at most the smallest in/out size of a target module)", domain=ints(1, 65536))
+    lora_rank: int = arg(8, "LoRA rank", domain=ints(1, 65536))
     lora_alpha: int = arg(32, "LoRA alpha", domain=ints(1, 65536))
     lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",), domain=SHARE)
     target_modules: list[str] = arg(None, "LoRA targets: all-linear (language model linears) or module names",

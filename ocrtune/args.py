@@ -1,17 +1,105 @@
 """Argument helpers every command shares (foundation layer; issue 14).
 
-`arg()` declares a dataclass field with its help text, aliases, choices and environment default;
-`given_flags()` says which fields were set explicitly. Moved here from `ocrtune/train/args.py` and
+`arg()` declares a dataclass field with its help text, aliases, choices, environment default and, for a
+number, its domain (`Domain`: the values it may take; `check_domains` refuses the others, for every command
+at parse time); `given_flags()` says which fields were set explicitly. Moved here from `ocrtune/train/args.py` and
 `ocrtune/cli/parsing.py`, which re-export them.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import field
+import math
+from dataclasses import dataclass, field
+
+from ocrtune.errors import UserError
 
 
-def arg(default=None, help: str = "", aliases: tuple[str, ...] = (), choices=None, env: str | None = None):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "env": env})
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric flag may take: finite numbers from `lo` to `hi` (either end excluded when
+    `lo_open`/`hi_open`), whole ones when `integer`, plus the `special` values (e.g. -1 for "off"),
+    described in words by `special_help`. Every numeric flag has both bounds: 10**20 is a typo, never a setting."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    special: tuple = ()
+    special_help: str = ""
+
+    def contains(self, value) -> bool:
+        if value in self.special and not (isinstance(value, float) and math.isnan(value)):
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and value != int(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def allowed(self) -> str:
+        """The domain in words: 'from 1 to 4096', 'above 0, up to 10', 'from 0 to below 1' (+ the special values)."""
+        lo, hi = _num(self.lo), _num(self.hi)
+        low = f"above {lo}," if self.lo_open else f"from {lo}"
+        high = f"{'' if self.lo_open else 'to '}below {hi}" if self.hi_open else f"{'up ' if self.lo_open else ''}to {hi}"
+        words = f"{'a whole number' if self.integer else 'a number'} {low} {high}"
+        return f"{self.special_help} or {words}" if self.special_help else words
+
+    def problem(self, value) -> str:
+        """What is wrong with `value`, as the end of 'must be ...'."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "a finite number"
+        if self.integer and isinstance(value, float) and value != int(value):
+            return "a whole number"
+        if value < self.lo or (self.lo_open and value == self.lo):
+            low = ("positive" if self.lo == 0 else f"above {_num(self.lo)}") if self.lo_open else f"at least {_num(self.lo)}"
+            return f"{self.special_help} or {low}" if self.special_help else low
+        return f"below {_num(self.hi)}" if self.hi_open else f"at most {_num(self.hi)}"
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def ints(lo: int, hi: int, special: tuple = (), special_help: str = "") -> Domain:
+    return Domain(lo, hi, integer=True, special=special, special_help=special_help)
+
+
+def reals(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Domain:
+    return Domain(lo, hi, lo_open, hi_open)
+
+
+def positive(hi: float) -> Domain:
+    """Above 0, up to `hi` (learning rates, seconds, sizes in MB)."""
+    return Domain(0, hi, lo_open=True)
+
+
+SHARE = Domain(0, 1, hi_open=True)  # a share of something that can't be all of it (dropout, warm-up ratio)
+SEED = ints(0, 2**32 - 1)  # what numpy's and torch's seeding accept
+BIG = 10**9  # steps, rows: beyond any run, still far below what a typo (10**20) gives
+
+
+def arg(default=None, help: str = "", aliases: tuple[str, ...] = (), choices=None, env: str | None = None,
+        domain: Domain | None = None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "env": env,
+                                            "domain": domain})
+
+
+def check_domain(f: dataclasses.Field, value, env: str | None = None) -> None:
+    """UserError unless `value` (None: not set) lies in field `f`'s domain; `env` names the environment
+    variable the value came from."""
+    domain = f.metadata.get("domain")
+    if value is None or domain is None or domain.contains(value):
+        return
+    source = f" from the environment variable {env}" if env else ""
+    raise UserError(f"--{f.name} must be {domain.problem(value)}, got {value}{source}", f"use {domain.allowed()}")
+
+
+def check_domains(args, from_env: dict[str, str] | None = None) -> None:
+    """Every field of the dataclass `args` in its domain (`from_env`: field -> the variable that set it)."""
+    for f in dataclasses.fields(args):
+        check_domain(f, getattr(args, f.name), (from_env or {}).get(f.name))
 
 
 # Flags several commands share (model, checkpoint, dtype, image size, generation length), declared once here
@@ -45,12 +133,16 @@ def dtype_arg(help: str = "auto, bfloat16, float16 or float32", choices=DTYPE_CH
     return arg("auto", help, aliases=aliases, choices=choices)
 
 
+PIXELS = ints(28 * 28 * 4, 2**30)  # at least 4 patches; far beyond the largest image a dataset may hold
+NEW_TOKENS = ints(1, 2**20)  # also checked against the model's positions once its config is read
+
+
 def max_pixels_arg(help: str):
-    return arg(None, help, env="MAX_PIXELS")
+    return arg(None, help, env="MAX_PIXELS", domain=PIXELS)
 
 
 def max_new_tokens_arg(default: int, help: str):
-    return arg(default, help)
+    return arg(default, help, domain=NEW_TOKENS)
 
 
 def quant_bits_arg(help: str = "run the base model's linears in 4 bits (NF4, bitsandbytes) or 8 (LLM.int8); "

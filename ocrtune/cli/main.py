@@ -115,8 +115,18 @@ class DemoteLiger(logging.Filter):
         return True
 
 
+def log_level(raw: str | None) -> int:
+    """OCRTUNE_LOG_LEVEL: a level name in any case (debug, INFO) or number; anything else is a one-line error."""
+    raw = (raw or "WARNING").strip()
+    level = int(raw) if raw.isdigit() else logging.getLevelName(raw.upper())
+    if not isinstance(level, int):
+        raise UserError(f"environment variable OCRTUNE_LOG_LEVEL={raw!r} is not a log level",
+                        "set it to DEBUG, INFO, WARNING or ERROR, or unset it")
+    return level
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("OCRTUNE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    logging.basicConfig(level=log_level(os.environ.get("OCRTUNE_LOG_LEVEL")), format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(DemoteLiger())
     for name in ("transformers", "datasets", "accelerate", "httpx"):
@@ -129,9 +139,9 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> None:
     from ocrtune.compat import default_cuda_allocator
     default_cuda_allocator()  # before anything touches CUDA; a user's setting wins
-    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
+        setup_logging()
         code = run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import types
 import typing
 
-from ocrtune.args import given_flags  # noqa: F401  (moved; issue 14)
+from ocrtune.args import check_domains, given_flags  # noqa: F401  (given_flags moved; issue 14)
 from ocrtune.errors import UserError
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
@@ -55,6 +56,8 @@ def help_text(f: dataclasses.Field) -> str:
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     if "default" not in text:
         text += f" (default: {show_default(default)})"
+    if f.metadata.get("domain"):
+        text += f" (allowed: {f.metadata['domain'].allowed()})"
     if f.metadata.get("env"):
         text += f" (env {f.metadata['env']})"
     return text.replace("%", "%%")
@@ -79,26 +82,32 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(*names, **kwargs)
 
 
+_hints = functools.cache(typing.get_type_hints)  # a class's hints don't change; resolving them is most of `build`
+
+
 def build(cls, namespace: argparse.Namespace):
     """Dataclass instance from parsed flags; fields not given fall back to env vars, then defaults."""
-    hints = typing.get_type_hints(cls)
-    values = {}
+    hints = _hints(cls)
+    values, from_env = {}, {}
     for f in dataclasses.fields(cls):
         if hasattr(namespace, f.name):
             values[f.name] = getattr(namespace, f.name)
         elif f.metadata.get("env") and os.environ.get(f.metadata["env"]):
             raw = os.environ[f.metadata["env"]]
+            from_env[f.name] = f.metadata["env"]
             tp = _base_type(hints[f.name])
             try:
                 values[f.name] = str2bool(raw) if tp is bool else tp(raw)
             except (ValueError, argparse.ArgumentTypeError):
-                raise UserError(f"environment variable {f.metadata['env']}={raw!r} is not a valid {tp.__name__}",
-                                f"set it to a {tp.__name__} or unset it") from None
+                what = {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, tp.__name__)
+                raise UserError(f"environment variable {f.metadata['env']}={raw!r} (--{f.name}) is not {what}",
+                                f"set it to {what} or unset it") from None
     # lists given as one comma-separated value (e.g. --target_modules q_proj,v_proj) are split
     for k, v in values.items():
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0] and k != "dataset":
             values[k] = [s.strip() for s in v[0].split(",") if s.strip()]
     obj = cls(**values)
+    check_domains(obj, from_env)  # every command's numbers, given or from the environment, before any work
     # which flags the command line set (defaults are SUPPRESSed, so only given ones are in the namespace);
     # a resumed run lets these, and only these, override its saved settings
     obj._given_flags = frozenset(f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name))

@@ -24,6 +24,8 @@ def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -
     if not msgs:
         return "no messages"
     for m in msgs:
+        if str(m.get("role")).startswith("<invalid: "):  # a `messages` of the wrong shape (data/loading.py)
+            return m["role"][len("<invalid: "):-1]
         if m.get("role") not in ("system", "user", "assistant"):
             return f"unknown role {m.get('role')!r}"
         if not isinstance(m.get("content"), str):
@@ -49,6 +51,8 @@ def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -
 
 
 def _reason_kind(problem: str) -> str:
+    if problem.startswith("messages"):  # the shapes data/loading.py refuses: one kind in the summary
+        return "messages of the wrong shape"
     for key in (TOO_LONG, "an aspect ratio over", "once padded", "not found", "not a readable image", "pixels, over", "too large", "empty response", "is empty",
                 "not a string", "unknown role", "<image> tags", "URL", "folder"):
         if key in problem:

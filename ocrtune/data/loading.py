@@ -24,10 +24,16 @@ FEATURES = datasets.Features({
 })
 
 
+MAX_SAMPLE = 10**9  # name#N: more rows than any dataset holds is a typo
+
+
 def parse_dataset_arg(arg: str) -> tuple[str, int | None]:
     """`name#N` -> (name, N): sample N rows."""
     name, sep, n = arg.rpartition("#")
     if sep and n.isdigit():
+        if not 1 <= int(n) <= MAX_SAMPLE:
+            raise UserError(f"row count {n} in --dataset '{arg}' is out of range",
+                            f"write name#N with N from 1 to {MAX_SAMPLE}, e.g. {name}#500 (or {name} for every row)")
         return name, int(n)
     if sep and not Path(arg).exists():
         raise UserError(f"bad row count in --dataset '{arg}'", "write name#N with N a whole number, e.g. latex-ocr-print#500")
@@ -45,15 +51,36 @@ def _load_local(path: Path) -> datasets.Dataset:
         if not files:
             raise UserError(f"dataset folder {path} holds no data files",
                             "put .jsonl/.json/.csv/.parquet files in it, or save it with Dataset.save_to_disk")
-        builder = FILE_BUILDERS[files[0].suffix]
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files if f.suffix == files[0].suffix], split="train")
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
+        files = [f for f in files if f.suffix == files[0].suffix]
+        try:
+            return datasets.load_dataset(FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        except Exception as e:
+            for f in files:  # name the file that fails on its own
+                _read_file(f)
+            raise UserError(f"could not read the files of dataset folder {path} together: {_why(e)}",
+                            "give every file the same columns") from None
+    if path.suffix.lower() not in FILE_BUILDERS:
         raise UserError(f"unsupported dataset file type '{path.suffix}' ({path})", "use .jsonl, .json, .csv or .parquet")
+    return _read_file(path)
+
+
+def _why(e: BaseException) -> str:
+    """What went wrong, from the innermost cause (datasets wraps the parser's error in 'An error occurred while
+    generating the dataset')."""
+    for _ in range(5):
+        if e.__cause__ is None:
+            break
+        e = e.__cause__
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _read_file(path: Path) -> datasets.Dataset:
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty (0 bytes)", "give it rows (one JSON object a line for .jsonl)")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as e:
-        raise UserError(f"could not read dataset file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        raise UserError(f"could not read dataset file {path}: {_why(e)}",
                         "check that the file is valid " + path.suffix.lstrip(".")) from None
 
 
@@ -114,15 +141,44 @@ def _text(v) -> str:
     return v if isinstance(v, str) else ("" if v is None else json.dumps(v) if not isinstance(v, (int, float)) else str(v))
 
 
+def invalid_messages(reason: str) -> list[dict]:
+    """A row whose `messages` has the wrong shape: one message whose role carries the reason, so that
+    --check_dataset_strategy decides (as for a broken image reference) and names the row."""
+    return [{"role": f"{INVALID}{reason}>", "content": None}]
+
+
+INVALID = "<invalid: "
+SHAPE_FIX = 'a list of {"role": ..., "content": ...} objects'
+
+
+def _kind(v) -> str:
+    return {str: "a string", int: "a number", float: "a number", bool: "a boolean", dict: "an object",
+            list: "a list"}.get(type(v), type(v).__name__)
+
+
 def _from_messages(row):
     msgs = row["messages"]
     if isinstance(msgs, str):
-        msgs = json.loads(msgs)
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError as e:
+            return {"messages": invalid_messages(f"messages is a string that is not valid JSON ({e.msg}, char {e.pos}); "
+                                                 f"give {SHAPE_FIX}")}
+    if msgs is not None and not isinstance(msgs, list):
+        return {"messages": invalid_messages(f"messages is {_kind(msgs)}, not {SHAPE_FIX}")}
     out = []
-    for m in msgs or []:
+    for i, m in enumerate(msgs or []):
+        if not isinstance(m, dict):
+            return {"messages": invalid_messages(f"messages[{i}] is {_kind(m)}, not an object; give {SHAPE_FIX}")}
         content = m.get("content")
         if isinstance(content, list):  # OpenAI-style parts: keep text, images become <image> tags
-            content = "".join("<image>" if p.get("type") in ("image", "image_url") else p.get("text", "") for p in content)
+            bad = next((j for j, p in enumerate(content) if not isinstance(p, dict)), None)
+            if bad is not None:
+                return {"messages": invalid_messages(
+                    f'messages[{i}].content[{bad}] is {_kind(content[bad])}, not a part such as {{"type": "text", '
+                    f'"text": ...}} or {{"type": "image"}}; or give the content as one string')}
+            content = "".join("<image>" if p.get("type") in ("image", "image_url") else _text(p.get("text", ""))
+                              for p in content)
         out.append({"role": str(m.get("role", "")), "content": content if isinstance(content, str) else None})
     return {"messages": out}
 

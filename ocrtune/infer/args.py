@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
-                          model_type_arg, quant_bits_arg, use_hf_arg)
+from ocrtune.args import (SEED, arg, ckpt_dir_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg, merge_lora_arg,
+                          model_arg, model_type_arg, quant_bits_arg, reals, use_hf_arg)
 from ocrtune.export.args import ExportArgs  # noqa: F401  (moved; issue 14)
 
 
@@ -23,18 +23,18 @@ class InferArgs:
     val_dataset: list[str] = arg(None, "same as --dataset")
     split: str = arg("validation", "split of registry datasets to use")
     metrics: str = arg("bleu,edit_distance,exact_match", "comma-separated: bleu, edit_distance, exact_match, token_acc, render")
-    infer_batch_size: int = arg(8, "batch size for generation", aliases=("--batch_size",))
+    infer_batch_size: int = arg(8, "batch size for generation", aliases=("--batch_size",), domain=ints(1, 65536))
     max_new_tokens: int = max_new_tokens_arg(512, "longest answer in tokens")
-    temperature: float = arg(0.0, "0 = greedy")
-    top_p: float = arg(1.0, "nucleus sampling when temperature > 0")
-    num_beams: int = arg(1, "beam search width")
+    temperature: float = arg(0.0, "0 = greedy", domain=reals(0, 100))
+    top_p: float = arg(1.0, "nucleus sampling when temperature > 0", domain=reals(0, 1, lo_open=True))
+    num_beams: int = arg(1, "beam search width", domain=ints(1, 64))
     max_pixels: int | None = max_pixels_arg("largest image size in pixels (default: the run's)")
     stream: bool = arg(True, "print the answer token by token (interactive mode)")
     result_path: str | None = arg(None, "results jsonl (default: <ckpt_dir>/infer_result/<time>.jsonl)")
     dtype: str = dtype_arg(choices=None)
     quant_bits: int | None = quant_bits_arg("run the base model in 4 bits (NF4) or 8 by bitsandbytes, with or without "
                                             "an adapter (a QLoRA run's base); default: unquantized")
-    seed: int = arg(42, "seed for sampling and dataset sampling")
+    seed: int = arg(42, "seed for sampling and dataset sampling", domain=SEED)
 
 
 def gen_kwargs(args: InferArgs) -> dict:

@@ -24,7 +24,7 @@ def load_for_inference(args: InferArgs):
     `--model` alone. Returns (InferEngine, info) where info tells what was loaded and the run's settings."""
     from ocrtune.checkpoint import describe, resolve_source
     from ocrtune.infer.engine import InferEngine, pick_device, pick_dtype
-    from ocrtune.models.loading import load_model, load_processor, resolve_model, template_name
+    from ocrtune.models.loading import check_new_tokens, load_model, load_processor, resolve_model, template_name
     from ocrtune.models.template import Template
 
     device = pick_device()
@@ -48,6 +48,7 @@ def load_for_inference(args: InferArgs):
     else:
         raise UserError("no model given", "pass --ckpt_dir output/.../checkpoint-N, or --model (a hub id, folder or preset)")
 
+    check_new_tokens(weights_dir, args.max_new_tokens)
     template = run_args.get("template") or template_name(weights_dir, spec)
     processor = load_processor(processor_dir)
     tmpl = Template(processor, template, None, run_args.get("system"))

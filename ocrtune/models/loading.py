@@ -160,4 +160,52 @@ def lora_target_regex(model, target_modules: list[str]) -> str | list[str]:
     return target_modules
 
 
-__all__ = ["resolve_model", "download", "load_processor", "load_model", "template_name", "lora_target_regex", "PRESETS"]
+def lora_targets(model, targets: str | list[str]) -> dict[str, object]:
+    """The modules PEFT's LoRA wraps for `targets`: a regex matching the whole module name, or names that match
+    a module name or its last parts (PEFT's rule)."""
+    import re
+    if isinstance(targets, str):
+        return {n: m for n, m in model.named_modules() if n and re.fullmatch(targets, n)}
+    return {n: m for n, m in model.named_modules()
+            if n and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def check_lora_targets(model, targets: str | list[str], rank: int) -> None:
+    """--target_modules must name linear (or embedding/conv) layers of the model, and --lora_rank must not exceed
+    the smallest in/out size among them (a larger rank only adds memory: PEFT would allocate it, then fail)."""
+    import torch.nn as nn
+    found = lora_targets(model, targets)
+    given = (targets if isinstance(targets, str) else " ".join(targets)).strip() or "''"
+    if not found:
+        some = lm_linear_names(model) or sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                                 if isinstance(m, nn.Linear)})
+        raise UserError(f"--target_modules {given} matches no module of the model",
+                        f"name linear layers, e.g. {', '.join(some[:8]) or 'q_proj, v_proj'}, or use all-linear")
+    sizes = {}
+    for name, m in found.items():
+        if isinstance(m, nn.Linear):
+            sizes[name] = min(m.in_features, m.out_features)
+        elif isinstance(m, nn.Embedding):
+            sizes[name] = min(m.num_embeddings, m.embedding_dim)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            sizes[name] = min(m.in_channels, m.out_channels)
+        else:
+            raise UserError(f"--target_modules {given} matches {name}, a {type(m).__name__}, which LoRA can't adapt",
+                            "name linear layers (e.g. q_proj, v_proj), or use all-linear")
+    name, smallest = min(sizes.items(), key=lambda kv: kv[1])
+    if rank > smallest:
+        raise UserError(f"--lora_rank {rank} exceeds the size of the target module {name} ({smallest})",
+                        f"use --lora_rank {smallest} or less (or target larger modules with --target_modules)")
+
+
+def check_new_tokens(model_dir: Path, max_new_tokens: int) -> None:
+    """--max_new_tokens within the model's positions (config.json): beyond them the answer can't be generated,
+    and the attention masks and caches sized for them only waste memory."""
+    config = model_config(model_dir)
+    limit = (config.get("text_config") or {}).get("max_position_embeddings") or config.get("max_position_embeddings")
+    if isinstance(limit, int) and max_new_tokens > limit:
+        raise UserError(f"--max_new_tokens {max_new_tokens} exceeds the model's {limit} positions ({model_dir})",
+                        f"use --max_new_tokens {limit} or less")
+
+
+__all__ = ["resolve_model", "check_lora_targets", "check_new_tokens", "download", "load_processor", "load_model", "template_name", "lora_target_regex", "PRESETS"]

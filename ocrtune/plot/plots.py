@@ -37,11 +37,31 @@ def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "logging.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir} has no logging.jsonl", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    fix = "pass the logging.jsonl that ocrtune sft wrote (one JSON object a line), or move the damaged file away"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})", fix) from None
+    except OSError as e:
+        raise UserError(f"can't read {path}: {e.strerror}", fix) from None
+    lines = [(n, l) for n, l in enumerate(text.splitlines(), 1) if l.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == lines[-1][0]:  # the last line of a run killed while writing it
+                break
+            raise UserError(f"line {n} of {path} is not valid JSON ({e.msg})", fix) from None
+        if not isinstance(record, dict):
+            raise UserError(f"line {n} of {path} is not a JSON object", fix)
+        records.append(record)
+    return records
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    pts = [(r["step"], r[key]) for r in records
+           if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
@@ -52,6 +72,8 @@ def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
 
     records = read_log(run_dir)
     out_dir = Path(run_dir) / "images"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, where the plots go", "move it away")
     out_dir.mkdir(exist_ok=True)
     names = dict(TRAIN_KEYS)
     names.update({k: k for r in records for k in r if k.startswith("eval_") and isinstance(r[k], (int, float))})

@@ -334,8 +334,9 @@ def validate(args) -> None:
 def bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise UserError(f"can't resolve --host {host}: {e.strerror}", "use an IP address such as 127.0.0.1") from None
+    except (socket.gaierror, UnicodeError) as e:  # UnicodeError: a name the IDNA codec refuses (empty label, ...)
+        raise UserError(f"can't resolve --host {host}: {getattr(e, 'strerror', None) or e}",
+                        "use an IP address such as 127.0.0.1") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
-                          model_type_arg, quant_bits_arg, use_hf_arg)
+from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
+                          model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ServeArgs:
                                               "(default: --model, or <run folder>/<checkpoint-N> for --ckpt_dir)")
     # network
     host: str = arg("127.0.0.1", "address to listen on; 0.0.0.0 exposes the server to the network")
-    port: int = arg(8000, "TCP port (0 picks a free one and prints it)")
+    port: int = arg(8000, "TCP port (0 picks a free one and prints it)", domain=ints(0, 65535))
     api_key: str | None = arg(None, "require 'Authorization: Bearer <key>' on /v1/* (the web page asks for it); "
                                     "or set OCRTUNE_API_KEY",
                               env="OCRTUNE_API_KEY")
@@ -45,12 +45,13 @@ class ServeArgs:
     max_connections: int = arg(512, "most open connections; at the limit the longest-idle one is closed to make "
                                     "room, and only when all are busy is a new one refused (503)")
     # batching
-    max_batch_size: int = arg(8, "most requests generated together in one batch")
-    batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives")
-    max_queue: int = arg(256, "requests waiting beyond this many are refused with 503")
+    max_batch_size: int = arg(8, "most requests generated together in one batch", domain=ints(1, 65536))
+    batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives",
+                               domain=reals(0, 60_000))
+    max_queue: int = arg(256, "requests waiting beyond this many are refused with 503", domain=ints(1, 10**7))
     # limits
     max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")
-    max_request_mb: float = arg(20.0, "largest request body in MB")
-    max_image_pixels: int = arg(25_000_000, "images with more pixels than this are refused (400)")
+    max_request_mb: float = arg(20.0, "largest request body in MB", domain=positive(65536))
+    max_image_pixels: int = arg(25_000_000, "images with more pixels than this are refused (400)", domain=ints(1, 2**31))
     log_level: str = arg("info", "uvicorn log level: critical, error, warning, info, debug",
                          choices=("critical", "error", "warning", "info", "debug"))

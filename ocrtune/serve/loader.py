@@ -11,7 +11,7 @@ def infer_args(args):
     from ocrtune.infer.args import InferArgs
     return InferArgs(ckpt_dir=args.ckpt_dir, model=args.model, model_type=args.model_type, use_hf=args.use_hf,
                      merge_lora=args.merge_lora, max_pixels=args.max_pixels, dtype=args.dtype,
-                     quant_bits=args.quant_bits)
+                     quant_bits=args.quant_bits, max_new_tokens=args.max_new_tokens)
 
 
 def default_model_name(args) -> str:

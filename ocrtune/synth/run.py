@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ocrtune.errors import UserError
-from ocrtune.args import arg
+from ocrtune.args import BIG, SEED, arg, ints, positive, reals
 
 MANIFEST = "synth_args.txt"  # not .json: a dataset folder's data files are found by suffix
 
@@ -25,20 +25,21 @@ class SynthArgs:
     dataset: list[str] = arg(None, "formulas: registry name (latex-ocr-sample), or a .parquet/.jsonl/.json/.csv file or "
                                    "folder with a `text` column/key, or a .txt file with one formula a line; name#N samples N")
     output_dir: str | None = arg(None, "folder for the parquet shards (train-00000.parquet, ...) in the LaTeX_OCR schema")
-    mutate: int = arg(0, "also make this many new distinct formulas from the inputs (token swaps, `{...}` splices)")
+    mutate: int = arg(0, "also make this many new distinct formulas from the inputs (token swaps, `{...}` splices)", domain=ints(0, BIG))
     scramble: float = arg(0.0, "share of the --mutate formulas whose letters, digits, Greek letters, operators, "
                                "relations and function names are then mostly redrawn at random (layout kept, symbols "
-                               "unpredictable: trains reading rather than the formulas' language)")
+                               "unpredictable: trains reading rather than the formulas' language)", domain=reals(0, 1))
     recombine: float = arg(0.0, "share of the --mutate formulas made of the head of one input and the tail of another, "
-                                 "joined at a top-level relation or comma (new overall structures)")
+                                 "joined at a top-level relation or comma (new overall structures)", domain=reals(0, 1))
     exclude: list[str] = arg(None, "datasets (same forms as --dataset; all splits of a registry name) whose formulas are never produced")
     include_input: bool | None = arg(None, "render the input formulas too (default: true without --mutate, false with it)")
-    max_rows: int | None = arg(None, "render at most this many formulas (the first ones; skipped ones are not replaced)")
-    seed: int = arg(42, "seed for --mutate and name#N sampling; the same flags give byte-identical shards")
-    num_proc: int | None = arg(None, "worker processes (default: all cores)")
-    shard_size: int = arg(5000, "formulas per parquet shard")
-    chunk_size: int = arg(1000, "formulas per pdflatex run (each run costs a fixed ~0.1 s to start)")
-    timeout: float = arg(10.0, "seconds one pdflatex run may take before its formulas are split to find a loop")
+    max_rows: int | None = arg(None, "render at most this many formulas (the first ones; skipped ones are not replaced)", domain=ints(0, BIG))
+    seed: int = arg(42, "seed for --mutate and name#N sampling; the same flags give byte-identical shards", domain=SEED)
+    num_proc: int | None = arg(None, "worker processes (default: all cores)", domain=ints(1, 4096))
+    shard_size: int = arg(5000, "formulas per parquet shard", domain=ints(1, BIG))
+    chunk_size: int = arg(1000, "formulas per pdflatex run (each run costs a fixed ~0.1 s to start)", domain=ints(1, BIG))
+    timeout: float = arg(10.0, "seconds one pdflatex run may take before its formulas are split to find a loop",
+                          domain=positive(86400))
     tex_root: str | None = arg(None, "unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the system "
                                      "pdflatex", env="OCRTUNE_TEX_ROOT")
     use_hf: bool = arg(True, "download registry datasets from Hugging Face (true) or ModelScope (false)", env="USE_HF")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import (arg, dtype_arg, max_new_tokens_arg, max_pixels_arg, model_arg, model_type_arg,  # noqa: F401
-                          quant_bits_arg, use_hf_arg)
+from ocrtune.args import (BIG, SEED, SHARE, arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,  # noqa: F401
+                          model_arg, model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
 from ocrtune.errors import UserError
 
 
@@ -26,17 +26,18 @@ class SftArgs:
                                             "bf16 compute) or 8 by bitsandbytes; default: unquantized (4 with "
                                             "--train_type qlora)")
     quant_vit: bool = arg(False, "with --quant_bits: quantize the vision tower too (default: it stays unquantized)")
-    lora_rank: int = arg(8, "LoRA rank")
-    lora_alpha: int = arg(32, "LoRA alpha")
-    lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",))
+    lora_rank: int = arg(8, "LoRA rank", domain=ints(1, 65536))
+    lora_alpha: int = arg(32, "LoRA alpha", domain=ints(1, 65536))
+    lora_dropout: float = arg(0.05, "LoRA dropout", aliases=("--lora_dropout_p",), domain=SHARE)
     target_modules: list[str] = arg(None, "LoRA targets: all-linear (language model linears) or module names",
                                     aliases=("--lora_target_modules",))
     modules_to_save: list[str] = arg(None, "modules trained whole beside the LoRA adapters and saved with them, e.g. "
                                      "embed_tokens (tied lm_head follows) or lm_head")
     relora_steps: int = arg(0, "ReLoRA: every N steps fold the LoRA adapters into their base weights and restart them "
-                            "from zero (a sum of rank-r updates; for training a model from scratch with LoRA); 0: off")
+                            "from zero (a sum of rank-r updates; for training a model from scratch with LoRA); 0: off",
+                            domain=ints(0, BIG))
     relora_warmup_steps: int | None = arg(None, "with --relora_steps: learning-rate warm-up after each restart "
-                                          "(default: a tenth of --relora_steps)")
+                                          "(default: a tenth of --relora_steps)", domain=ints(0, BIG))
     freeze_vit: bool = arg(True, "keep the vision tower frozen")
     # data
     dataset: list[str] = arg(None, "registry name(s) (latex-ocr-print, ...), files or folders; name#N samples N "
@@ -45,38 +46,44 @@ class SftArgs:
                                        "--dataset_test_ratio of --dataset)")
     dataset_test_ratio: float | None = arg(None, "share of --dataset held out for evaluation (default: the dataset's "
                                            "own validation split when it has one, else 0.01)",
-                                           aliases=("--split_dataset_ratio",))
+                                           aliases=("--split_dataset_ratio",), domain=SHARE)
     check_dataset_strategy: str = arg("warning", "bad rows: none, discard, error or warning",
                                       choices=("none", "discard", "error", "warning"))
-    max_length: int = arg(2048, "longest sample in tokens; longer samples are dropped")
+    max_length: int = arg(2048, "longest sample in tokens; longer samples are dropped", domain=ints(16, 2**20))
     max_pixels: int | None = max_pixels_arg("largest image size in pixels (resized down beyond)")
-    min_pixels: int | None = arg(None, "smallest image size in pixels", env="MIN_PIXELS")
+    min_pixels: int | None = arg(None, "smallest image size in pixels", env="MIN_PIXELS", domain=ints(28 * 28, 2**30))
     system: str | None = arg(None, "system prompt (default: the template's)")
     augment: bool = arg(False, "augment images for printed/scanned text (scale, rotation, blur, noise)")
     dataloader_num_workers: int = arg(0, "dataloader worker processes (the next epoch's start 2 x this many micro-batches "
-                                          "before the epoch ends, so no step waits for fresh workers)")
+                                          "before the epoch ends, so no step waits for fresh workers)",
+                                 domain=ints(0, 256))
     # optimisation
-    num_train_epochs: float = arg(1.0, "epochs")
-    max_steps: int = arg(-1, "stop after this many optimizer steps (overrides epochs)", env="MAX_STEPS")
-    batch_size: int = arg(4, "samples per device per micro-batch", aliases=("--per_device_train_batch_size",))
-    eval_batch_size: int | None = arg(None, "evaluation batch size", aliases=("--per_device_eval_batch_size",))
-    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
-    learning_rate: float | None = arg(None, "peak learning rate (default: 1e-4 LoRA, 1e-5 full; 1e-3 / 5e-4 on presets)")
+    num_train_epochs: float = arg(1.0, "epochs", domain=reals(0, 1e6))
+    max_steps: int = arg(-1, "stop after this many optimizer steps (overrides epochs); -1: off", env="MAX_STEPS",
+                         domain=ints(1, BIG, special=(-1,), special_help="-1 (off)"))
+    batch_size: int = arg(4, "samples per device per micro-batch", aliases=("--per_device_train_batch_size",),
+                         domain=ints(1, 65536))
+    eval_batch_size: int | None = arg(None, "evaluation batch size", aliases=("--per_device_eval_batch_size",),
+                                     domain=ints(1, 65536))
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", domain=ints(1, 65536))
+    learning_rate: float | None = arg(None, "peak learning rate (default: 1e-4 LoRA, 1e-5 full; 1e-3 / 5e-4 on presets)",
+                                    domain=positive(10))
     vit_lr: float | None = arg(None, "learning rate of the vision tower (ViT blocks, patch embedding) where it trains "
-                               "(default: --learning_rate)")
+                               "(default: --learning_rate)", domain=positive(10))
     aligner_lr: float | None = arg(None, "learning rate of the vision-language merger (aligner) where it trains "
-                                   "(default: --learning_rate)")
-    weight_decay: float = arg(0.1, "AdamW weight decay")
-    adam_beta2: float = arg(0.95, "AdamW beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
+                                   "(default: --learning_rate)", domain=positive(10))
+    weight_decay: float = arg(0.1, "AdamW weight decay", domain=reals(0, 10))
+    adam_beta2: float = arg(0.95, "AdamW beta2", domain=SHARE)
+    max_grad_norm: float = arg(1.0, "gradient clipping", domain=positive(1e6))
     lr_scheduler_type: str = arg("cosine", "cosine, linear or constant", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = arg(0.05, "share of steps spent warming up")
-    warmup_steps: int = arg(0, "warm-up steps (overrides warmup_ratio)")
+    warmup_ratio: float = arg(0.05, "share of steps spent warming up", domain=SHARE)
+    warmup_steps: int = arg(0, "warm-up steps (overrides warmup_ratio)", domain=ints(0, BIG))
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
-    seed: int = arg(42, "random seed")
+    seed: int = arg(42, "random seed", domain=SEED)
     # speed
     packing: bool = arg(False, "pack samples into one row up to --packing_tokens (padding-free)")
-    packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)")
+    packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)",
+                                      domain=ints(16, 2**24))
     use_liger: bool | None = arg(None, "Liger kernels (GPU): RMSNorm, SwiGLU, RoPE, fused linear cross-entropy "
                                  "(default: on where a CUDA device and liger-kernel are present, for models of hidden size 1024 or more: "
                                  "at the small preset's 512 they were slower)", aliases=("--use_liger_kernel",))
@@ -90,17 +97,21 @@ class SftArgs:
                          "output channel) and multiply on float8 tensor cores (GPUs of compute capability 8.9+): "
                          "half their memory, faster matmuls; inputs rounded to float8 (approximate)")
     recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
-                                       "(default all); the rest keep their activations (faster, more memory)")
+                                       "(default all); the rest keep their activations (faster, more memory)",
+                                       domain=ints(0, 100_000))
     torch_compile: bool = arg(False, "torch.compile the language model's decoder layers and the vision tower's blocks "
                               "(regional, dynamic shapes): fewer, fused kernels (the small preset's step on an H200: 0.099 "
                               "s against 0.173); the first steps compile (about a minute); evaluation stays eager. For "
                               "GPUs: on a CPU the vision tower compiles again for every new image count")
-    loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy")
+    loss_chunk_size: int = arg(2048, "response tokens per chunk of the chunked cross-entropy",
+                                 domain=ints(1, 2**24))
     # evaluation, saving, logging
-    eval_steps: int = arg(50, "evaluate every N steps")
-    save_steps: int | None = arg(None, "save a checkpoint every N steps (default: eval_steps)")
-    save_total_limit: int | None = arg(2, "checkpoints kept (the best and the newest are always kept)")
-    logging_steps: int = arg(5, "log every N steps")
+    eval_steps: int = arg(50, "evaluate every N steps", domain=ints(1, BIG))
+    save_steps: int | None = arg(None, "save a checkpoint every N steps (default: eval_steps)",
+                                     domain=ints(1, BIG))
+    save_total_limit: int | None = arg(2, "checkpoints kept (the best and the newest are always kept); 0: all",
+                                          domain=ints(1, BIG, special=(0,), special_help="0 (keep all)"))
+    logging_steps: int = arg(5, "log every N steps", domain=ints(1, BIG))
     predict_with_generate: bool = arg(False, "also generate on the validation set and log BLEU/edit distance/exact match")
     max_new_tokens: int = max_new_tokens_arg(256, "generation length for --predict_with_generate")
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
@@ -108,12 +119,13 @@ class SftArgs:
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'last' for the newest of the newest run")
     max_time: float | None = arg(None, "seconds this process may train, counted from the run's set-up (model "
                                  "loading included): past them it stops after the step in progress and saves it; "
-                                 "--resume_from_checkpoint last continues the same schedule")
+                                 "--resume_from_checkpoint last continues the same schedule", domain=reals(0, 1e9))
     lr_decay_seconds: float | None = arg(None, "with --max_time: the learning rate falls to 0 along a cosine over the last "
                                          "N seconds before --max_time (from the first step if fewer are left then), on top "
                                          "of --lr_scheduler_type, and the run ends there as at its last step (evaluated, "
-                                         "saved): it ends annealed however fast its steps turn out (this process only)")
-    report_to: list[str] = arg(None, "tensorboard (default) or none")
+                                         "saved): it ends annealed however fast its steps turn out (this process only)",
+                                         domain=positive(1e9))
+    report_to: list[str] = arg(None, "tensorboard (default) or none", choices=("tensorboard", "none"))
     # distributed
     deepspeed: str | None = arg(None, "DeepSpeed config: zero2, zero3 or a json path")
     fsdp: str | None = arg(None, "FSDP: 'full_shard auto_wrap' or an accelerate FSDP config")

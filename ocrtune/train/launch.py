@@ -8,12 +8,17 @@ import sys
 from ocrtune.errors import UserError
 
 
+MAX_PROCS = 4096  # processes per node or nodes: beyond any machine, and torchrun would try to start them all
+
+
 def _whole(name: str, default: str | None, fix: str, minimum: int = 1) -> int | None:
     value = os.environ.get(name, default)
     if value is None:
         return None
     if not value.isdigit() or int(value) < minimum:
         raise UserError(f"{name}={value!r} is not a {'whole' if minimum == 0 else 'positive'} number", fix)
+    if int(value) > MAX_PROCS:
+        raise UserError(f"{name}={value} is out of range (at most {MAX_PROCS})", fix)
     return int(value)
 
 

@@ -93,8 +93,11 @@ def prepare_model(model, args: SftArgs):
     """Freeze what is not trained, add LoRA adapters, and apply the model patches (`qwen_vl.prepare`)."""
     if args.train_type == "lora":
         from peft import LoraConfig, get_peft_model
+
+        from ocrtune.models.loading import check_lora_targets
         model.requires_grad_(False)
         targets = lora_target_regex(model, args.target_modules or ["all-linear"])
+        check_lora_targets(model, targets, args.lora_rank)  # before PEFT allocates the adapters
         # modules_to_save: whole trained copies (ms-swift's flag); the tie of embed_tokens and lm_head is kept,
         # so on a tied model training one trains both, and merging writes one tied matrix
         saved = check_modules_to_save(model, args.modules_to_save)
@@ -274,6 +277,9 @@ class SftRun:
 
         model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf, args.model_revision)
         self.model_dir, self.spec = model_dir, spec
+        if args.predict_with_generate:  # before the data and weights: the model's positions bound the answers
+            from ocrtune.models.loading import check_new_tokens
+            check_new_tokens(model_dir, args.max_new_tokens)
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)

@@ -147,7 +147,7 @@ def max_new_tokens_arg(default: int, help: str):
 
 def quant_bits_arg(help: str = "run the base model's linears in 4 bits (NF4, bitsandbytes) or 8 (LLM.int8); "
                                 "default: unquantized"):
-    return arg(None, help, aliases=("--quantization_bit",))
+    return arg(None, help, aliases=("--quantization_bit",), choices=(4, 8), domain=ints(4, 8))
 
 
 def given_flags(args) -> set[str]:

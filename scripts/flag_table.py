@@ -54,7 +54,7 @@ def table(cls) -> str:
         env = f" (env `{m['env']}`)" if m.get("env") else ""
         default = f.default if f.default is not dataclasses.MISSING else ""
         help_ = m.get("help", "").replace("|", "\\|")
-        choices = f" Choices: {', '.join(m['choices'])}." if m.get("choices") else ""
+        choices = f" Choices: {', '.join(map(str, m['choices']))}." if m.get("choices") else ""
         rows.append(f"| {names}{env} | `{default}` | {help_}{choices} |")
     return "\n".join(rows)
 

@@ -37,13 +37,15 @@ class ServeArgs:
     allowed_image_hosts: list[str] = arg(None, "with --allow_image_urls, fetch only from these host names "
                                                "(*.example.com for subdomains) or IP addresses/networks (which may "
                                                "be private, e.g. 10.0.0.0/8)")
-    image_fetch_timeout: float = arg(10.0, "seconds one image URL fetch may take in all (redirects included)")
+    image_fetch_timeout: float = arg(10.0, "seconds one image URL fetch may take in all (redirects included)",
+                                     domain=positive(3600))
     # connections
     header_timeout: float = arg(10.0, "seconds a client has to send a request's headers; slower or silent "
-                                      "connections are closed")
-    body_timeout: float = arg(60.0, "seconds a client has to send a request's whole body once its headers are in")
+                                      "connections are closed", domain=positive(3600))
+    body_timeout: float = arg(60.0, "seconds a client has to send a request's whole body once its headers are in",
+                              domain=positive(3600))
     max_connections: int = arg(512, "most open connections; at the limit the longest-idle one is closed to make "
-                                    "room, and only when all are busy is a new one refused (503)")
+                                    "room, and only when all are busy is a new one refused (503)", domain=ints(1, 1_000_000))
     # batching
     max_batch_size: int = arg(8, "most requests generated together in one batch", domain=ints(1, 65536))
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives",

@@ -96,7 +96,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError) and not _is_write_failure(e):
             raise
-        if _is_disk_full(e):
+        if _is_disk_full(e, run_dir):
             raise UserError(f"disk full while saving checkpoint-{step}; the previous checkpoint is intact",
                             f"free disk space in {run_dir} or lower --save_total_limit, "
                             "then resume with --resume_from_checkpoint last") from None
@@ -108,6 +108,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
 
 # how the writers report a failed write: safetensors wraps the io::Error in its message, torch.save names its writer
 _WRITE_FAILURE = ("IoError", "Error while serializing", "PytorchStreamWriter failed", "file write failed")
+FULL_BELOW = 64 << 20  # free bytes under which a failed write is taken for a full disk
 _DISK_FULL = ("No space left", "StorageFull", "code: 28", "Disk quota exceeded", "QuotaExceeded", "code: 122")
 
 
@@ -115,10 +116,15 @@ def _is_write_failure(e: BaseException) -> bool:
     return any(m in str(e) for m in _WRITE_FAILURE)
 
 
-def _is_disk_full(e: BaseException) -> bool:
+def _is_disk_full(e: BaseException, run_dir: Path) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(m in str(e) for m in _DISK_FULL)
+    if any(m in str(e) for m in _DISK_FULL):
+        return True
+    try:  # torch.save's "file write failed" does not say why: the free space left does
+        return shutil.disk_usage(run_dir).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def remove_interrupted_saves(run_dir: Path) -> None:

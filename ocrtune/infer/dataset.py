@@ -257,11 +257,11 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
     # the engine sorts rows by length, encodes ahead in threads and answers batch by batch out of
     # order; lines are written in row order as soon as every row before them is answered
     answers: dict[int, object] = {}
-    written = len(done)
-    todo = rows.select(range(written, len(rows))) if hasattr(rows, "select") else rows[written:]
+    first = written = len(done)
+    todo = rows.select(range(first, len(rows))) if hasattr(rows, "select") else rows[first:]
     with _open_result(path, end) as out, Progress(len(todo), "infer", every_s=PROGRESS_EVERY_S) as bar:
         for i, answer in (engine.iter_answers(todo, args.infer_batch_size, **gen) if len(todo) else ()):
-            answers[written + i] = answer
+            answers[first + i] = answer
             bar.update(1)
             while written in answers:
                 row, res = rows[written], answers.pop(written)

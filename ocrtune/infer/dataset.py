@@ -258,7 +258,8 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
     # order; lines are written in row order as soon as every row before them is answered
     answers: dict[int, object] = {}
     first = written = len(done)
-    todo = rows.select(range(first, len(rows))) if hasattr(rows, "select") else rows[first:]
+    todo = rows if not first else [] if first == len(rows) else \
+        rows.select(range(first, len(rows))) if hasattr(rows, "select") else rows[first:]
     with _open_result(path, end) as out, Progress(len(todo), "infer", every_s=PROGRESS_EVERY_S) as bar:
         for i, answer in (engine.iter_answers(todo, args.infer_batch_size, **gen) if len(todo) else ()):
             answers[first + i] = answer

@@ -75,8 +75,8 @@ def load_adapter(model, adapter: dict, ckpt: Path, lora_rank: int) -> None:
         detail = (f"it has LoRA rank {saved_rank} and this run --lora_rank {lora_rank}" if saved_rank not in (None, lora_rank)
                   else _first_mismatch(str(e)) or first_line(e))
         raise UserError(f"the adapter in {ckpt} does not fit this run's LoRA shape: {detail}",
-                        f"resume with the run's own LoRA flags (e.g. --lora_rank {saved_rank or 'of the run'}), "
-                        "or start a new run without --resume_from_checkpoint") from None
+                        "resume with the run's own LoRA flags" + (f" (--lora_rank {saved_rank})" if saved_rank else "")
+                        + ", or start a new run without --resume_from_checkpoint") from None
 
 
 def _first_mismatch(message: str) -> str | None:

@@ -73,6 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
                     base_overlay: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically; returns its path. base_overlay: {name: tensor} of base weights
     written beside a LoRA adapter (BASE_OVERLAY)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".checkpoint-{step}.tmp"
@@ -91,14 +92,39 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
             json.dump(trainer_state, f, indent=2)
         _fsync_dir(tmp)
         replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the old folder out
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's writer fails with a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"disk full while saving checkpoint-{step} in {run_dir}; the previous checkpoint is intact",
-                            "free disk space or lower --save_total_limit, then resume with --resume_from_checkpoint last") from None
-        raise UserError(f"could not save checkpoint-{step} in {run_dir}: {e.strerror}",
+        if not isinstance(e, OSError) and not _is_write_failure(e):
+            raise
+        if _is_disk_full(e, run_dir):
+            raise UserError(f"disk full while saving checkpoint-{step}; the previous checkpoint is intact",
+                            f"free disk space in {run_dir} or lower --save_total_limit, "
+                            "then resume with --resume_from_checkpoint last") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"could not save checkpoint-{step} in {run_dir}: {reason}",
                         "check that the output folder is writable, then resume with --resume_from_checkpoint last") from None
     return final
+
+
+# how the writers report a failed write: safetensors wraps the io::Error in its message, torch.save names its writer
+_WRITE_FAILURE = ("IoError", "Error while serializing", "PytorchStreamWriter failed", "file write failed")
+FULL_BELOW = 64 << 20  # free bytes under which a failed write is taken for a full disk
+_DISK_FULL = ("No space left", "StorageFull", "code: 28", "Disk quota exceeded", "QuotaExceeded", "code: 122")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return any(m in str(e) for m in _WRITE_FAILURE)
+
+
+def _is_disk_full(e: BaseException, run_dir: Path) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if any(m in str(e) for m in _DISK_FULL):
+        return True
+    try:  # torch.save's "file write failed" does not say why: the free space left does
+        return shutil.disk_usage(run_dir).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def remove_interrupted_saves(run_dir: Path) -> None:

@@ -87,3 +87,36 @@ def read_json(path: Path, fix: str = "restore the file from the run") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object", fix)
     return data
+
+
+def _real(path) -> Path:
+    return Path(path).expanduser().resolve()  # symlinks resolved: two names of one file are one file
+
+
+def within(path, folder) -> bool:
+    """`path` is `folder` or lies somewhere under it (both resolved)."""
+    p, f = _real(path), _real(folder)
+    return p == f or f in p.parents
+
+
+def check_not_input(flag: str, output, inputs, *, contains: bool = False, inside: bool = True) -> None:
+    """Refuse (UserError) an output that would write over one of the command's own inputs.
+
+    `inputs` are (name, path) pairs; missing paths are skipped. Refused: `output` is an input (same file or
+    folder, symlinks resolved); with `inside`, it lies inside an input folder; with `contains` (a folder
+    the command fills or replaces), an input lies inside it."""
+    out = _real(output)
+    for name, path in inputs:
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        src = _real(path)
+        if out == src:
+            problem = f"{flag} {output} is {name} {path} itself"
+        elif inside and src.is_dir() and src in out.parents:
+            problem = f"{flag} {output} lies inside {name} {path}"
+        elif contains and out in src.parents:
+            problem = f"{flag} {output} contains {name} {path}"
+        else:
+            continue
+        raise UserError(f"{problem}, which this command reads; writing there would destroy it",
+                        f"choose another {flag}")

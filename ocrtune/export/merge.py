@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ocrtune.compat import quiet_peft_deprecations
 from ocrtune.errors import UserError
-from ocrtune.fileio import replace_dir, temp_dir_for
+from ocrtune.fileio import check_not_input, replace_dir, temp_dir_for
 from ocrtune.checkpoint import (Source, base_model, describe, file_sha256, is_merged, load_base_overlay, merged_dir_for,  # noqa: F401
                                 read_merge_info, write_merge_info)
 
@@ -37,19 +37,62 @@ def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force
         raise UserError(f"{src.path} is already a full model folder, not a LoRA checkpoint; there is nothing to merge",
                         f"use it directly: ocrtune infer --ckpt_dir {src.path}")
     out = Path(output_dir).expanduser() if output_dir else merged_dir_for(src.path)
+    check_output_dir(out, src)
     adapter_sha = file_sha256(src.path / "adapter_model.safetensors")
-    if out.exists() and not force:
-        if _is_merged(out):
-            info = read_merge_info(out)
-            if info.get("adapter_sha256") != adapter_sha:  # e.g. the run was resumed and re-saved this step
-                raise UserError(f"{out} was merged from a different adapter than {src.path} now holds",
-                                "pass --force true to merge again, or --output_dir for a new folder")
-            return out
-        raise UserError(f"{out} already exists and is not a merged checkpoint",
-                        "pass --force true to replace it, or choose another --output_dir")
-    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
-        raise UserError(f"--output_dir {out} is inside the checkpoint {src.path}", "write the merged model elsewhere")
+    if out.exists() and _is_merged(out) and not force:
+        info = read_merge_info(out)
+        if info.get("adapter_sha256") != adapter_sha:  # e.g. the run was resumed and re-saved this step
+            raise UserError(f"{out} was merged from a different adapter than {src.path} now holds",
+                            "pass --force true to merge again, or --output_dir for a new folder")
+        return out
     return _merge(src, out, adapter_sha, dtype, model, model_type, use_hf)
+
+
+RUN_MARKERS = ("args.json", "logging.jsonl", "trainer_state.json", "adapter_config.json")
+
+
+def _holds_run(folder: Path) -> Path | None:
+    """A file under `folder` that marks a training run or a checkpoint (the first one found), else None."""
+    for root, dirs, files in os.walk(folder):
+        hit = next((f for f in files if f in RUN_MARKERS), None)
+        if hit:
+            return Path(root) / hit
+    return None
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A checkpoint of a run, or a model folder (config.json beside safetensors weights)."""
+    return any((folder / m).exists() for m in ("trainer_state.json", "adapter_config.json")) or \
+        ((folder / "config.json").exists() and any(folder.glob("*.safetensors")))
+
+
+def check_output_dir(out: Path, src: Source) -> None:
+    """Where an export may write: a new folder, an empty one, or an earlier export (its MERGE_INFO marker,
+    no subfolders), replaced only with --force. Never the checkpoint, a run, a folder holding either, or a
+    folder inside a checkpoint or model; a new folder directly in the run (the default place) is fine."""
+    check_not_input("--output_dir", out, [("the checkpoint", src.path)], contains=True)
+    if src.run_dir is not None:  # the default checkpoint-N-merged lies in the run: only "is" and "contains" count
+        check_not_input("--output_dir", out, [("the run folder", src.run_dir)], contains=True, inside=False)
+    real = out.expanduser().resolve()
+    for parent in real.parents:
+        if _is_checkpoint(parent):
+            raise UserError(f"--output_dir {out} lies inside the checkpoint or model folder {parent}",
+                            "write the merged model elsewhere")
+        if parent != real.parent and (parent / "args.json").exists() and (parent / "logging.jsonl").exists():
+            raise UserError(f"--output_dir {out} lies inside the training run {parent}",
+                            "write the merged model next to the checkpoints (the default) or outside the run")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file", "choose a new folder for the merged model")
+    if _is_merged(out) and not any(p.is_dir() for p in out.iterdir()):
+        return  # an earlier export: reused, or replaced with --force
+    if not any(out.iterdir()):
+        return
+    run = _holds_run(out)
+    what = f"holds a training run or checkpoint ({run})" if run else "is not a merged checkpoint written by ocrtune export"
+    raise UserError(f"{out} already exists and {what}",
+                    "choose a new or empty --output_dir; --force true only replaces an earlier export")
 
 
 def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_type, use_hf) -> Path:
@@ -64,17 +107,20 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     bits = src.run_args.get("quant_bits")
     if bits and dtype in (None, "auto"):
         dtype = "bfloat16"  # a QLoRA adapter trained against bf16 compute
+    check_not_input("--output_dir", out, [("the base model", base_dir)], contains=True)
     torch_dtype = dtype_for(dtype, "merge", model_dir=base_dir)  # auto: the base model's stored dtype
     if bits:  # the base is loaded unquantized below: folding into dequantized 4-bit weights would bake their error in
         print(f"merging a QLoRA adapter (trained over a {bits}-bit base) into the unquantized weights of {base_dir} in "
               f"{str(torch_dtype).replace('torch.', '')}", file=sys.stderr)
     device = pick_device()
     base = load_model(base_dir, torch_dtype, device=device)
-    load_base_overlay(base, src.path)  # a --relora_steps checkpoint's folded base weights
     try:
+        load_base_overlay(base, src.path)  # a --relora_steps checkpoint's folded base weights
         with quiet_peft_deprecations():
             peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        if not (src.path / "adapter_model.safetensors").exists():
+            raise gone(src.path) from None
         raise UserError(f"the adapter in {src.path} does not fit the base model {base_dir}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
                         "pass the base model it was trained on with --model") from None
@@ -114,6 +160,11 @@ def _write_merged(merged, processor, src: Source, out: Path, tmp: Path, base_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def gone(ckpt: Path) -> UserError:
+    return UserError(f"checkpoint {ckpt} was deleted while it was being exported (e.g. by --save_total_limit "
+                     "of a run still training)", "export a checkpoint that the run keeps, e.g. its newest one")
 
 
 def run_export(args) -> Path:

@@ -16,7 +16,7 @@ from ocrtune.infer.args import InferArgs
 from ocrtune.infer.args import gen_kwargs as _gen_kwargs  # noqa: F401  (moved; issue 14)
 from ocrtune.infer.dataset import (  # noqa: F401  (moved; issue 14)
     METRIC_CHOICES, PROGRESS_EVERY_S, _image_label, _open_result, _query, _reference, _result_path, format_table,
-    load_eval_rows, parse_metrics, run_dataset, token_accuracy)
+    load_eval_rows, parse_metrics, run_dataset, summary_path_for, token_accuracy)
 from ocrtune.infer.interactive import (  # noqa: F401  (moved; issue 14)
     EXIT_WORDS, IMAGE_PROMPT, QUERY_PROMPT, _answer, _clean_path, _read, _say_error, interactive, one_shot)
 from ocrtune.infer.load import _quiet_transformers, load_for_inference  # noqa: F401  (moved; issue 14)
@@ -89,7 +89,7 @@ def run_eval(args: InferArgs) -> dict:
             raise UserError("ocrtune eval needs data", "pass --dataset (or --val_dataset), or a --ckpt_dir from an ocrtune sft run")
         args.load_dataset_config = True
     summary = run_dataset(engine, info, args, metrics)
-    summary_path = Path(summary["result_path"]).with_name(Path(summary["result_path"]).stem + "_summary.json")
+    summary_path = summary_path_for(Path(summary["result_path"]))
     summary["summary_path"] = str(summary_path)
     summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(format_table(summary))

@@ -2,8 +2,11 @@
 batched generation with one jsonl line per row, OCR metrics, teacher-forced token accuracy, the summary table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -95,12 +98,93 @@ def _result_path(args: InferArgs, info: dict) -> Path:
     return path
 
 
-def _open_result(path: Path):
+def summary_path_for(path: Path) -> Path:
+    return Path(path).with_name(Path(path).stem + "_summary.json")
+
+
+def _open_result(path: Path, keep: int = 0):
+    """The result file for appending after its first `keep` bytes (the lines an earlier run finished)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if keep:
+            os.truncate(path, keep)
+            return open(path, "a", encoding="utf-8")
         return open(path, "w", encoding="utf-8")
     except OSError as e:
         raise UserError(f"can't write results to {path} ({e.strerror})", "pass a writable --result_path") from None
+
+
+def row_key(row: dict) -> str:
+    """What a result line answers: a hash of the row's images (bytes, else path) and its query."""
+    h = hashlib.sha256()
+    for ref in row.get("images") or []:
+        data = ref.get("bytes") if isinstance(ref, dict) else None
+        h.update(data if data else str(ref.get("path") if isinstance(ref, dict) else ref).encode())
+        h.update(b"\0")
+    h.update(_query(row).encode())
+    return h.hexdigest()[:16]
+
+
+def setup_key(info: dict, args: InferArgs) -> str:
+    """Who answered: the checkpoint/model (its weight files' sizes and times) and the generation settings."""
+    folders = [Path(p) for p in (info.get("ckpt_dir"), info.get("model_dir")) if p]
+    weights = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                     for d in folders if d.is_dir() for f in d.glob("*.safetensors"))
+    key = {"folders": [str(d.resolve()) for d in folders], "weights": weights, "gen": _gen_kwargs(args),
+           "max_pixels": info.get("max_pixels"), "seed": args.seed if args.temperature > 0 else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_done(path: Path, rows, setup: str) -> tuple[list[dict], int, bool]:
+    """(the lines of an earlier, killed run over the same rows and model, the bytes they take, whether a
+    half-written last line was dropped). Anything else in the file is refused: it is never overwritten."""
+    if not path.exists():
+        return [], 0, False
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"can't read the existing results {path} ({e.strerror})", "pass another --result_path") from None
+    *lines, tail = data.split(b"\n")
+    done, end = [], 0
+    for i, raw in enumerate(lines):
+        why = _not_ours(raw, i, rows, setup)
+        if why:
+            raise UserError(f"--result_path {path} already holds other results (line {i + 1}: {why}); it is left as it is",
+                            "pass another --result_path, or delete that file to start over")
+        done.append(json.loads(raw))
+        end += len(raw) + 1
+    half = bool(tail)
+    if half and not tail.startswith(b'{"index": '):  # not a line this command began: not ours to cut
+        raise UserError(f"--result_path {path} already exists and is not a result file of ocrtune infer/eval",
+                        "pass another --result_path, or delete that file")
+    return done, end, half
+
+
+def _not_ours(raw: bytes, i: int, rows, setup: str) -> str | None:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return "not a result line"
+    if not isinstance(rec, dict) or rec.get("index") != i:
+        return "not a result line of row %d" % i
+    if i >= len(rows) or rec.get("input_sha") != row_key(rows[i]):
+        return f"row {i} was another image or query (another dataset)"
+    if rec.get("setup") != setup:
+        return "written by another model, checkpoint or generation settings"
+    return None
+
+
+def check_outputs(paths, args: InferArgs, info: dict) -> None:
+    """No result file may be one of the datasets it reads, or lie in a dataset folder."""
+    from ocrtune.data.fingerprint import dataset_paths
+    from ocrtune.fileio import check_not_input
+    ra = info.get("run_args") or {}
+    values = list(args.val_dataset or []) + list(args.dataset or [])
+    if args.load_dataset_config:
+        values += list(ra.get("val_dataset") or []) + list(ra.get("dataset") or [])
+    inputs = [(f"the dataset {v}", p) for v, p in dataset_paths(values)]
+    for path in paths:
+        check_not_input("--result_path", path, inputs)
 
 
 def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
@@ -156,15 +240,29 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
     render = "render" in metrics
     if render:
         from ocrtune.evaluate.render import render_match
+    check_outputs([path, summary_path_for(path)], args, info)
+    setup = setup_key(info, args)
+    done, end, half = read_done(path, rows, setup)
     preds, refs, failed = [], [], 0
+    for rec in done:  # an earlier run's answers count as if given now
+        if rec.get("prediction") is None:
+            failed += 1
+        elif rec.get("reference") is not None:
+            preds.append(rec["prediction"])
+            refs.append(rec["reference"])
+    if done or half:
+        print(f"continuing {path}: kept {len(done)} of {len(rows)} rows already answered"
+              + (", dropped a half-written last line" if half else ""), file=sys.stderr)
     start = time.time()
     # the engine sorts rows by length, encodes ahead in threads and answers batch by batch out of
     # order; lines are written in row order as soon as every row before them is answered
     answers: dict[int, object] = {}
-    written = 0
-    with _open_result(path) as out, Progress(len(rows), "infer", every_s=PROGRESS_EVERY_S) as bar:
-        for i, answer in engine.iter_answers(rows, args.infer_batch_size, **gen):
-            answers[i] = answer
+    first = written = len(done)
+    todo = rows if not first else [] if first == len(rows) else \
+        rows.select(range(first, len(rows))) if hasattr(rows, "select") else rows[first:]
+    with _open_result(path, end) as out, Progress(len(todo), "infer", every_s=PROGRESS_EVERY_S) as bar:
+        for i, answer in (engine.iter_answers(todo, args.infer_batch_size, **gen) if len(todo) else ()):
+            answers[first + i] = answer
             bar.update(1)
             while written in answers:
                 row, res = rows[written], answers.pop(written)
@@ -183,6 +281,7 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
                             rec["render"] = render_match(pred, ref)
                         preds.append(pred)
                         refs.append(ref)
+                rec.update(input_sha=row_key(row), setup=setup)  # what a continued run checks
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 written += 1
             out.flush()

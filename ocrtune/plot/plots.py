@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ocrtune.errors import UserError
+from ocrtune.fileio import check_not_input
 
 TRAIN_KEYS = {"loss": "train_loss", "learning_rate": "train_learning_rate", "token_acc": "train_token_acc",
               "grad_norm": "train_grad_norm", "memory(GiB)": "train_memory"}
@@ -94,6 +95,7 @@ def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / f"{name}.png"
+        check_not_input("the plot", path, [("the log", Path(run_dir) / "logging.jsonl")])  # e.g. through a symlink
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ocrtune.errors import UserError
 from ocrtune.args import BIG, SEED, arg, ints, positive, reals
+from ocrtune.data.fingerprint import dataset_paths
+from ocrtune.fileio import check_not_input
 
 MANIFEST = "synth_args.txt"  # not .json: a dataset folder's data files are found by suffix
 
@@ -198,6 +200,9 @@ def run_synth(args: SynthArgs) -> dict:
 
     from ocrtune.synth.render import find_tex, preflight
     validate(args)
+    inputs = [(f"the dataset {v}", p) for v, p in dataset_paths((args.dataset or []) + (args.exclude or []))]
+    # shards written among the inputs would also be read as part of them
+    check_not_input("--output_dir", args.output_dir, inputs, contains=True)
     tex = find_tex(args.tex_root, args.timeout)
     try:
         import pypdfium2  # noqa: F401  (the workers rasterize with it)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ocrtune.args import (BIG, SEED, SHARE, arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,  # noqa: F401
                           model_arg, model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
@@ -117,6 +118,8 @@ class SftArgs:
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
     add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'last' for the newest of the newest run")
+    allow_data_change: bool = arg(False, "resume even though a dataset file changed on disk since the run was saved "
+                                         "(its order and content are then not the run's)")
     max_time: float | None = arg(None, "seconds this process may train, counted from the run's set-up (model "
                                  "loading included): past them it stops after the step in progress and saves it; "
                                  "--resume_from_checkpoint last continues the same schedule", domain=reals(0, 1e9))
@@ -225,3 +228,14 @@ def validate_quant(args: SftArgs) -> None:
     for bad, problem, fix in refusals:
         if bad:
             raise UserError(problem, fix)
+
+
+def check_output_dir(args: SftArgs) -> None:
+    """--output_dir must not be, or lie inside, one of the run's local datasets or its --model folder: the run
+    would write its folders and logs among the files it reads."""
+    from ocrtune.data.fingerprint import dataset_paths
+    from ocrtune.fileio import check_not_input
+    inputs = [(f"--dataset {v}", p) for v, p in dataset_paths((args.dataset or []) + (args.val_dataset or []))]
+    if args.model and Path(args.model).expanduser().exists():
+        inputs.append(("--model", Path(args.model).expanduser()))
+    check_not_input("--output_dir", args.output_dir, inputs)

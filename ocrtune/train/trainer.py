@@ -30,8 +30,9 @@ from ocrtune.models.qwen_vl import PatchOptions
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist, relora, schedule
-from ocrtune.train.args import SftArgs, normalized, validate
-from ocrtune.train.resume import resume_args
+from ocrtune.data.fingerprint import write_fingerprints
+from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
+from ocrtune.train.resume import load_adapter, resume_args
 from ocrtune.train.data import Collator, EncodedDataset, make_loader, model_pixels, plan_batches
 from ocrtune.train.logger import RunLogger, fmt_time
 from ocrtune.train.loss import ResponseLoss
@@ -258,6 +259,7 @@ class SftRun:
             resume_state = ckpt_io.read_resume_state(self.resume, args.train_type, optimizer=not other_rank)
             if os.environ.get("RANK", "0") == "0":  # the Accelerator (and its is_main_process) comes later
                 print(note, file=sys.stderr)
+        check_output_dir(args)
         self.given = args  # not changed below (a resume's settings are the run's saved ones, merged into a new object)
         kwargs = _accelerator_kwargs(args)
         # a given model is never split over GPUs (check_given_model refuses an explicit --device_map)
@@ -327,8 +329,7 @@ class SftRun:
         if args.fp8_base:  # after materializing: the float8 copies are made from real weights
             self._fp8_base(acc, dtype)
         if resume_state is not None and "adapter" in resume_state:
-            from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(self.model, resume_state.pop("adapter"))
+            load_adapter(self.model, resume_state.pop("adapter"), self.resume, args.lora_rank)
 
         run_dir = self.resume.parent if self.resume else new_run_dir(args, spec.name if spec else Path(str(model_dir)).name)
         self.run_dir = Path(_from_main(acc, str(run_dir)))  # every rank writes to rank 0's folder
@@ -351,6 +352,7 @@ class SftRun:
             with open(self.run_dir / "args.json", "w") as f:
                 json.dump({**dataclasses.asdict(args), "model_dir": str(model_dir), "template": self.template.template,
                            "model_type": spec.name if spec else args.model_type}, f, indent=2)
+            write_fingerprints(self.run_dir, (args.dataset or []) + (args.val_dataset or []))  # checked on resume
         self.loss_module = ResponseLoss(self.model, args.loss_chunk_size, liger.get("fused_ce"))
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, self.optimizer)
         if self.meta and dist.engine_name(acc) == "fsdp2":  # each rank allocates and initializes its shards only

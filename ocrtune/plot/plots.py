@@ -30,6 +30,9 @@ def effective_smoothing(weight: float, n: int) -> float:
     return max(0.0, min(weight, 1.0 - 10.0 / max(n, 1)))
 
 
+MAX_LOG_BYTES = 1 * 2**30  # a million steps log about 400 MB
+
+
 def read_log(run_dir: Path) -> list[dict]:
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist" if not Path(run_dir).exists()
@@ -37,7 +40,12 @@ def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "logging.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir} has no logging.jsonl", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    from ocrtune.fileio import UnsafeFile, read_bounded
+    try:  # a regular file, bounded: a FIFO or /dev/zero under that name would hang or exhaust memory
+        text = read_bounded(path, MAX_LOG_BYTES, "training log").decode("utf-8", "replace")
+    except UnsafeFile as e:
+        raise UserError(str(e), "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)") from None
+    return [json.loads(l) for l in text.splitlines() if l.strip()]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

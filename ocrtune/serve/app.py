@@ -161,12 +161,21 @@ def create_app(args, engine, model_name: str, on_ready=None):
         return b"".join(chunks)
 
     async def fetch_image(url: str, param: str) -> bytes:
+        import asyncio
+
         import httpx
-        try:
-            async with httpx.AsyncClient(timeout=10.0, follow_redirects=True, max_redirects=3) as client:
+
+        from ocrtune.data.images import URL_DEADLINE_S
+        try:  # a total deadline besides httpx's per-read timeout: a server trickling bytes can't hold a request
+            async with asyncio.timeout(URL_DEADLINE_S), \
+                    httpx.AsyncClient(timeout=10.0, follow_redirects=True, max_redirects=3) as client:
                 async with client.stream("GET", url) as r:
                     if r.status_code != 200:
                         raise ApiError(400, f"{param}: fetching the image URL gave HTTP {r.status_code}", param)
+                    length = r.headers.get("content-length", "")
+                    if length.isdigit() and int(length) > max_body:  # refused before a byte of the body
+                        raise ApiError(400, f"{param}: the image at the URL is {length} bytes, more than the "
+                                            f"{max_body} allowed", param)
                     data = bytearray()
                     async for chunk in r.aiter_bytes():
                         data += chunk
@@ -175,6 +184,8 @@ def create_app(args, engine, model_name: str, on_ready=None):
                     return bytes(data)
         except ApiError:
             raise
+        except TimeoutError:
+            raise ApiError(400, f"{param}: fetching the image URL took longer than {URL_DEADLINE_S:g} s", param) from None
         except Exception as e:
             raise ApiError(400, f"{param}: could not fetch the image URL ({type(e).__name__})", param) from None
 

@@ -266,6 +266,7 @@ def _ignore_sigterm(worker_id: int) -> None:
     exit when the main process goes: PyTorch's watchdog ends them.)"""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process saves and stops
 
 
 def _can_fork() -> bool:

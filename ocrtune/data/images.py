@@ -51,11 +51,13 @@ def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float = URL_DEADLINE_S) -> bytes:
+def fetch_url(url: str, max_bytes: int | None = None, deadline_s: float | None = None) -> bytes:
     """The body of an http(s) URL, streamed: refused when its Content-Length or the bytes received pass
     `max_bytes`, or when the whole fetch takes longer than `deadline_s` (each read waits at most
     URL_READ_TIMEOUT_S, so a trickling server can't stretch it much past the deadline)."""
     import urllib.request
+    max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    deadline_s = URL_DEADLINE_S if deadline_s is None else deadline_s
     end = time.monotonic() + deadline_s
     try:
         with urllib.request.urlopen(url, timeout=min(URL_READ_TIMEOUT_S, deadline_s)) as r:
@@ -66,7 +68,7 @@ def fetch_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float = UR
             while True:
                 if time.monotonic() > end:
                     raise BadImage(f"image URL {url} took longer than {deadline_s:g} s to fetch")
-                chunk = r.read(min(1 << 16, max_bytes + 1 - total))
+                chunk = r.read1(min(1 << 16, max_bytes + 1 - total))  # what has come: read() would wait for all of it
                 if not chunk:
                     return b"".join(chunks)
                 chunks.append(chunk)
@@ -79,10 +81,10 @@ def fetch_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float = UR
         raise BadImage(f"could not fetch image URL {url}: {e}") from None
 
 
-def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def read_image_file(path: str, max_bytes: int | None = None) -> bytes:
     """A local image file's bytes: regular files only, bounded (see `fileio.read_bounded`)."""
     try:
-        return read_bounded(path, max_bytes, "image file")
+        return read_bounded(path, MAX_IMAGE_BYTES if max_bytes is None else max_bytes, "image file")
     except UnsafeFile as e:
         raise BadImage(str(e)) from None
     except FileNotFoundError:
@@ -223,6 +225,8 @@ def image_size(ref, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]
         w, h = oriented_size(open_bytes(_read_bytes(ref)))  # URLs too: the check pass fetched them already
     except BadImage:
         raise
+    except Image.UnidentifiedImageError:
+        raise BadImage(f"{name} is not a readable image (not one of {', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:
         raise BadImage(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     check_size(w, h, max_image_pixels, name)

@@ -19,7 +19,7 @@ from PIL import Image
 from ocrtune.data import images
 from ocrtune.data.images import BadImage, open_image
 from ocrtune.errors import UserError
-from ocrtune.fileio import UnsafeFile, read_bounded, read_json
+from ocrtune.fileio import read_json
 
 
 def png(size=(40, 20)) -> bytes:
@@ -56,6 +56,7 @@ def test_a_fifo_image_path_is_refused_without_blocking(tmp_path):
 def test_a_fifo_swapped_in_after_the_check_cannot_block_the_open(tmp_path, monkeypatch):
     """The path passes the stat check (as a regular file would), then a FIFO stands there: the open is
     non-blocking and the open file is checked again."""
+    from ocrtune.fileio import UnsafeFile, read_bounded
     fifo, regular = tmp_path / "swap.png", tmp_path / "real.png"
     os.mkfifo(fifo)
     regular.write_bytes(png())
@@ -90,6 +91,7 @@ def test_a_small_png_followed_by_a_gigabyte_is_refused_from_its_size(tmp_path):
 def test_a_file_growing_past_the_bound_is_not_read_past_it(tmp_path, monkeypatch):
     """The size checked up front can be stale: the read itself stops at bound + 1 bytes."""
     from ocrtune import fileio
+    from ocrtune.fileio import UnsafeFile, read_bounded
     path = tmp_path / "grows.bin"
     path.write_bytes(b"x" * 5000)
     monkeypatch.setattr(fileio, "check_regular", lambda *a, **k: 0)  # as if it was small when checked

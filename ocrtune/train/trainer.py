@@ -855,8 +855,8 @@ class stop_on_sigterm:
             return
         self.requested, self.signum = True, signum
         if os.environ.get("RANK", "0") == "0":
-            print(f"{signal.Signals(signum).name}: stopping after the current micro-batch and saving the last step "
-                  "(send it again to abort at once)", file=sys.stderr, flush=True)
+            print(f"{signal.Signals(signum).name}: stopping after the current micro-batch, saving the last completed "
+                  "step (send it again to abort at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, previous in self._previous.items():  # None: a handler not set from Python; the default then

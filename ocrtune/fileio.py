@@ -88,7 +88,7 @@ def _kind(mode: int) -> str:
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "a special file"
 
 
 def check_regular(path, max_bytes: int | None = None, what: str = "file", st: os.stat_result | None = None) -> int:

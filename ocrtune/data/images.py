@@ -127,17 +127,22 @@ def open_bytes(data: bytes) -> Image.Image:
 def oriented_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) after the EXIF orientation is applied, from the header: orientations 5-8 turn it 90 degrees."""
     w, h = im.size
+    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(im: Image.Image) -> int | None:
     try:
-        orientation = im.getexif().get(0x0112)
+        return im.getexif().get(0x0112)
     except Exception:  # a damaged EXIF block: exif_transpose ignores it too
-        return w, h
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return None
 
 
 def finish_image(im: Image.Image) -> Image.Image:
     """A decoded image as the model sees it, the same for train, infer, eval and serve: turned upright by its
     EXIF orientation (phone photos), RGB (see `to_rgb`), padded to a ratio the processor takes."""
-    return fit_aspect_ratio(to_rgb(ImageOps.exif_transpose(im)))
+    if _orientation(im) not in (None, 1):  # exif_transpose copies even an upright image: only when it turns
+        im = ImageOps.exif_transpose(im)
+    return fit_aspect_ratio(to_rgb(im))
 
 
 def open_image(ref, allow_urls: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

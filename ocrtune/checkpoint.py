@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ocrtune.errors import UserError, first_line
-from ocrtune.fileio import read_json, replace_dir
+from ocrtune.fileio import MAX_JSON_BYTES, UnsafeFile, check_regular, read_bounded, read_json, replace_dir
 
 log = logging.getLogger("ocrtune")
 
@@ -158,9 +158,10 @@ def check_safetensors(path: Path) -> None:
     garbage file fails here, in milliseconds, instead of deep inside a load)."""
     from safetensors import SafetensorError, safe_open
     try:
+        check_regular(path)  # a FIFO or device in its place would block or never end
         with safe_open(str(path), "pt") as f:
             f.keys()
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, UnsafeFile) as e:
         raise corrupt(path, first_line(e)) from None
 
 
@@ -173,9 +174,8 @@ def check_weights(folder: Path) -> None:
 def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     try:
-        with open(path) as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = json.loads(read_bounded(path, MAX_JSON_BYTES, "trainer state"))
+    except (json.JSONDecodeError, UnicodeDecodeError, UnsafeFile) as e:
         raise corrupt(path, first_line(e)) from None
     missing = [k for k in ("global_step", "epoch", "micro_batches_done") if not isinstance(state, dict) or k not in state]
     if missing:
@@ -185,6 +185,7 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 def _torch_load(path: Path):
     try:
+        check_regular(path)
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise corrupt(path, "missing") from None
@@ -379,6 +380,10 @@ def base_model(src: Source, model: str | None = None, model_type: str | None = N
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
+    try:
+        check_regular(path, what="checkpoint file")  # a FIFO would block the read, a device never end it
+    except UnsafeFile as e:
+        raise corrupt(path, str(e)) from None
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

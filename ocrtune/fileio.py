@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -75,11 +76,61 @@ def temp_dir_for(final: Path):
         os.close(fd)
 
 
-def read_json(path: Path, fix: str = "restore the file from the run") -> dict:
-    """A JSON object from `path`; a damaged file is a one-line error with `fix` as its remedy."""
+MAX_JSON_BYTES = 64 * 2**20  # config and state files are kilobytes; a bigger one is not ours
+
+
+class UnsafeFile(ValueError):
+    """A user-named path that is not a regular file, or is larger than its bound (the message says which)."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def check_regular(path, max_bytes: int | None = None, what: str = "file", st: os.stat_result | None = None) -> int:
+    """The size of `path` (links followed), refusing anything but a regular file (a FIFO blocks a reader for
+    ever, /dev/zero never ends) and files over `max_bytes`. OSErrors (missing, permission) pass through."""
+    st = os.stat(path) if st is None else st
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UnsafeFile(f"{what} {path} is {st.st_size} bytes, over the {max_bytes}-byte limit")
+    return st.st_size
+
+
+def read_bounded(path, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of the regular file `path`, at most `max_bytes` of them: checked before opening, opened
+    non-blocking (a FIFO swapped in after the check can't block the open), checked again on the open file,
+    and read no further than `max_bytes + 1` (a file growing meanwhile is refused, not read whole)."""
+    check_regular(path, max_bytes, what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path) as f:
-            data = json.load(f)
+        check_regular(path, max_bytes, what, st=os.fstat(fd))
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > max_bytes:
+        raise UnsafeFile(f"{what} {path} is over the {max_bytes}-byte limit")
+    return b"".join(chunks)
+
+
+def read_json(path: Path, fix: str = "restore the file from the run", max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from `path` (a regular file of at most `max_bytes`); a damaged file is a one-line error
+    with `fix` as its remedy."""
+    try:
+        data = json.loads(read_bounded(path, max_bytes, "JSON file").decode("utf-8"))
+    except UnsafeFile as e:
+        raise UserError(str(e), fix) from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", fix) from None
     except UnicodeDecodeError:

@@ -89,3 +89,55 @@ def test_16_bit_png_keeps_its_dark_pixels():
     assert np.array_equal(got, gray) and (got < 128).mean() == dark
     from ocrtune.serve.protocol import decode_image
     assert np.array_equal(np.asarray(decode_image(data, 10**8).convert("L")), gray)
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 10\n%%EndComments\n"
+       b"newpath 0 0 moveto 20 10 lineto stroke\nshowpage\n%%EOF\n")
+
+
+@pytest.mark.parametrize("via", ["bytes", "path"])
+def test_eps_named_png_never_reaches_ghostscript(tmp_path, monkeypatch, via):
+    """PostScript bytes in a .png: refused as a format outside the allow-list, in training/infer (open_image), in
+    the packing sizes (image_size) and in serve (decode_image); PIL's EPS plugin never hands them to Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    from ocrtune.data.images import IMAGE_FORMATS, image_size
+    from ocrtune.serve.protocol import ApiError, decode_image
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (20, 10)))
+    assert {"EPS", "PDF", "PS"}.isdisjoint(IMAGE_FORMATS)
+    path = tmp_path / "formula.png"
+    path.write_bytes(EPS)
+    ref = EPS if via == "bytes" else str(path)
+    for call in (lambda: open_image(ref), lambda: image_size(ref)):
+        with pytest.raises(BadImage, match=r"is not a readable image \(not one of PNG, JPEG, WEBP, GIF, BMP, TIFF\)"):
+            call()
+    with pytest.raises(ApiError, match="not an image in a supported format"):
+        decode_image(EPS, 10**8)
+    assert calls == []
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    """A 40x20 JPEG, left half black, right half white, tagged with an EXIF orientation."""
+    im = Image.new("L", (40, 20), 255)
+    im.paste(0, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_everywhere_and_in_the_header_size():
+    """Orientation 6 (a phone held upright: turn 90 degrees clockwise to view): the stored 40x20 image comes out 20x40
+    with its left (black) half on top, for training/infer (open_image), serve (decode_image) alike; and image_size,
+    read from the header for packing plans, gives the turned size too."""
+    from ocrtune.data.images import image_size
+    from ocrtune.serve.protocol import decode_image
+    data = exif_jpeg(6)
+    for im in (open_image(data), decode_image(data, 10**8)):
+        a = np.asarray(im.convert("L")).astype(int)
+        assert im.size == (20, 40)
+        assert a[:18].mean() < 30 and a[22:].mean() > 225  # black on top, white below
+    assert image_size(data) == (20, 40)
+    assert open_image(exif_jpeg(1)).size == image_size(exif_jpeg(1)) == (40, 20)

@@ -15,6 +15,16 @@ STRATEGIES = ("none", "discard", "error", "warning")
 
 
 TOO_LONG = "over --max_length"
+MAX_TEXT_CHARS = 1_000_000  # far past any --max_length: a longer message is refused before it is tokenized
+
+
+def text_problem(msgs: list[dict]) -> str | None:
+    """A message too long to tokenize (a 100 MB string would take minutes and gigabytes), or None."""
+    for m in msgs:
+        content = m.get("content")
+        if isinstance(content, str) and len(content) > MAX_TEXT_CHARS:
+            return f"{m.get('role')} text is {len(content)} characters, over the {MAX_TEXT_CHARS} limit"
+    return None
 
 
 def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -> str | None:
@@ -30,6 +40,8 @@ def row_problem(row: dict, max_image_pixels: int | None = None, template=None) -
             return f"unknown role {m.get('role')!r}"
         if not isinstance(m.get("content"), str):
             return f"{m.get('role')} content is missing or not a string"
+    if text_problem(msgs):
+        return text_problem(msgs)
     if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
         return "empty response"
     if not any(m["role"] == "user" for m in msgs):
@@ -54,10 +66,12 @@ def _reason_kind(problem: str) -> str:
     if problem.startswith("messages"):  # the shapes data/loading.py refuses: one kind in the summary
         return "messages of the wrong shape"
     for key in (TOO_LONG, "an aspect ratio over", "once padded", "not found", "not a readable image", "pixels, over", "too large", "empty response", "is empty",
-                "not a string", "unknown role", "<image> tags", "URL", "folder"):
+                "not a string", "unknown role", "<image> tags", "URL", "folder", "can't be read", "not a regular file",
+                "-byte limit", "characters, over"):
         if key in problem:
             return {"pixels, over": "too many pixels", "once padded": "too many pixels", TOO_LONG: "longer than --max_length",
-                    "an aspect ratio over": "aspect ratio over 200:1"}.get(key, key)
+                    "an aspect ratio over": "aspect ratio over 200:1", "-byte limit": "file too large",
+                    "characters, over": "text too long"}.get(key, key)
     return problem[:40]
 
 

@@ -15,6 +15,7 @@ from ocrtune.data.images import BadImage, image_ref
 from ocrtune.data.parallel import auto_num_proc
 from ocrtune.data.registry import DATASETS, OCR_PROMPT, get_dataset_spec, latex_ocr_preprocess
 from ocrtune.errors import UserError, hub_failure, import_modelscope
+from ocrtune.fileio import UnsafeFile, check_regular
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 FEATURES = datasets.Features({
@@ -40,6 +41,22 @@ def parse_dataset_arg(arg: str) -> tuple[str, int | None]:
     return arg, None
 
 
+MAX_JSON_DATASET_BYTES = 2 * 2**30  # a .json array is parsed whole in memory (JSON lines and the rest stream)
+
+
+def _check_data_file(path: Path) -> None:
+    """Only regular files reach the readers (a FIFO would block them for ever, a link to /dev/zero never
+    ends); a .json file, parsed whole, is bounded too."""
+    bound = MAX_JSON_DATASET_BYTES if path.suffix.lower() == ".json" else None
+    try:
+        check_regular(path, bound, "dataset file")
+    except UnsafeFile as e:
+        fix = "convert it to .jsonl (one row a line)" if "limit" in str(e) else "pass a regular file or a folder of them"
+        raise UserError(str(e), fix) from None
+    except OSError as e:
+        raise UserError(f"can't read dataset file {path} ({e.strerror})", "check the path and its permissions") from None
+
+
 def _load_local(path: Path) -> datasets.Dataset:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
@@ -52,6 +69,8 @@ def _load_local(path: Path) -> datasets.Dataset:
             raise UserError(f"dataset folder {path} holds no data files",
                             "put .jsonl/.json/.csv/.parquet files in it, or save it with Dataset.save_to_disk")
         files = [f for f in files if f.suffix == files[0].suffix]
+        for f in files:
+            _check_data_file(f)
         try:
             return datasets.load_dataset(FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
         except Exception as e:
@@ -61,6 +80,7 @@ def _load_local(path: Path) -> datasets.Dataset:
                             "give every file the same columns") from None
     if path.suffix.lower() not in FILE_BUILDERS:
         raise UserError(f"unsupported dataset file type '{path.suffix}' ({path})", "use .jsonl, .json, .csv or .parquet")
+    _check_data_file(path)
     return _read_file(path)
 
 

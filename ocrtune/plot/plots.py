@@ -31,6 +31,9 @@ def effective_smoothing(weight: float, n: int) -> float:
     return max(0.0, min(weight, 1.0 - 10.0 / max(n, 1)))
 
 
+MAX_LOG_BYTES = 1 * 2**30  # a million steps log about 400 MB
+
+
 def read_log(run_dir: Path) -> list[dict]:
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist" if not Path(run_dir).exists()
@@ -39,8 +42,11 @@ def read_log(run_dir: Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"{run_dir} has no logging.jsonl", "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)")
     fix = "pass the logging.jsonl that ocrtune sft wrote (one JSON object a line), or move the damaged file away"
-    try:
-        text = path.read_bytes().decode("utf-8")
+    from ocrtune.fileio import UnsafeFile, read_bounded
+    try:  # a regular file, bounded: a FIFO or /dev/zero under that name would hang or exhaust memory
+        text = read_bounded(path, MAX_LOG_BYTES, "training log").decode("utf-8")
+    except UnsafeFile as e:
+        raise UserError(str(e), "pass a run folder written by ocrtune sft (output/<model>/v<N>-...)") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})", fix) from None
     except OSError as e:

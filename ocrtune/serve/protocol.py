@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ocrtune.data.images import BadImage, check_size, fit_aspect_ratio, to_rgb
+from ocrtune.data.images import IMAGE_FORMATS, BadImage, check_size, finish_image, open_bytes
 from ocrtune.data.registry import OCR_PROMPT
 from ocrtune.models.template import IMAGE_TAG
 
 MAX_MESSAGES = 64
 MAX_IMAGES = 8
 MAX_TEXT_CHARS = 32_000
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # never EPS/PDF & co (they run external tools)
 ROLES = ("system", "developer", "user", "assistant")
 _B64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
 
@@ -307,7 +306,7 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            im = open_bytes(data)  # the data path's allow-list (data/images.py: IMAGE_FORMATS)
             w, h = im.size
             try:  # the size that will be allocated (after padding), checked before anything is decoded
                 check_size(w, h, max_pixels, "image")
@@ -316,7 +315,7 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
                 raise ApiError(400, f"{param}: {e}" + ("; send a smaller image" if too_large else ""), param,
                                "image_too_large" if too_large else "invalid_image") from None
             im.load()
-            im = to_rgb(im)
+            return finish_image(im)  # upright by EXIF, RGB, padded: as in training
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -327,7 +326,6 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Im
     except Exception as e:  # truncated or corrupt files, odd modes
         raise ApiError(400, f"{param}: image data is truncated or corrupt ({type(e).__name__}: {str(e)[:120]})",
                        param, "invalid_image") from None
-    return fit_aspect_ratio(im)
 
 
 # ---- responses ---------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class SynthArgs:
     use_hf: bool = arg(True, "download registry datasets from Hugging Face (true) or ModelScope (false)", env="USE_HF")
 
 
+MAX_FORMULA_FILE_BYTES = 2 * 2**30
+
+
 def read_formulas(arg_value: str, split: str, use_hf: bool, seed: int) -> list[str]:
     """The `text` of every row of a dataset argument (images are never decoded)."""
     from ocrtune.data.loading import load_raw, parse_dataset_arg
@@ -54,7 +57,12 @@ def read_formulas(arg_value: str, split: str, use_hf: bool, seed: int) -> list[s
     name, n = parse_dataset_arg(arg_value)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".txt" and path.is_file():
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from ocrtune.fileio import UnsafeFile, read_bounded
+        try:  # bounded like every user file: a link to /dev/zero would never end
+            text = read_bounded(path, MAX_FORMULA_FILE_BYTES, "formula file").decode("utf-8")
+        except UnsafeFile as e:
+            raise UserError(str(e), "split the formulas over several files, or pass a .jsonl/.parquet dataset") from None
+        texts = [line for line in text.splitlines() if line.strip()]
     else:
         raw = load_raw(name, split, use_hf)[0]
         if "text" not in raw.column_names:

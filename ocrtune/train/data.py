@@ -8,6 +8,7 @@ import random
 
 import torch
 
+from ocrtune.data.checks import text_problem
 from ocrtune.data.images import BadImage, image_size, open_image
 from ocrtune.data.parallel import auto_num_proc, column_list
 from ocrtune.models.template import SampleTooLong, Template, collate
@@ -64,6 +65,8 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 def _row_length(row: dict, template: Template) -> int:
+    if text_problem(row["messages"]):  # never tokenized, whatever --check_dataset_strategy
+        return 0
     try:
         n = template.token_count(row["messages"], [image_size(r) for r in row["images"]])
     except (BadImage, ValueError) as e:
@@ -263,6 +266,7 @@ def _ignore_sigterm(worker_id: int) -> None:
     exit when the main process goes: PyTorch's watchdog ends them.)"""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process saves and stops
 
 
 def _can_fork() -> bool:

@@ -27,7 +27,8 @@ def deepspeed_config(value: str, args) -> dict:
     path = CONFIGS / f"{value}.json" if value in ("zero2", "zero3") else Path(value)
     if not path.exists():
         raise UserError(f"DeepSpeed config '{value}' not found", "use zero2, zero3 or a path to a DeepSpeed json config")
-    config = json.loads(path.read_text())
+    from ocrtune.fileio import read_json
+    config = read_json(path, fix="pass a valid DeepSpeed json config")  # a regular file, bounded
     # fill SWIFT/HF-style "auto" values from the flags (we drive the loop ourselves)
     config["train_micro_batch_size_per_gpu"] = args.batch_size
     # The loop accumulates a group itself and scales the loss by the group's token count; the

@@ -423,6 +423,8 @@ class SftRun:
         loss_sum, correct = 0.0, 0
         self.loss_module.train()
         for i, (batch, ok) in enumerate(zip(group, real)):
+            if self.signalled(i):
+                raise StopMidGroup
             batch = to_device(batch, acc.device, self.collator.pixel_dtype)
             last = i == len(group) - 1
             # the group's end is the one gradient sync / optimizer step: DeepSpeed's engine steps
@@ -458,6 +460,35 @@ class SftRun:
         loss_sum = float(loss_sum)
         self.check_finite(loss_sum, float(grad_norm))
         return loss_sum, int(tokens), int(correct), float(grad_norm)
+
+    def signalled(self, i: int) -> bool:
+        """Whether SIGTERM/SIGINT asks to stop before micro-batch `i` (> 0) of a group, so a long gradient
+        accumulation can't hold a signal for minutes. Several processes decide together (a collective) every
+        STOP_CHECK_EVERY micro-batches: the same on every rank, so none is left waiting in a collective."""
+        sigterm = getattr(self, "_sigterm", None)  # None outside train() (benchmarks call train_step directly)
+        if sigterm is None or i == 0:
+            return False
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return sigterm.requested
+        if i % STOP_CHECK_EVERY:
+            return False
+        return bool(acc.reduce(torch.tensor(float(sigterm.requested), device=acc.device), "sum").item() > 0)
+
+    def stop_mid_group(self, group_start: tuple) -> int:
+        """A signal inside a group: its micro-batches are dropped (no optimizer step), the data position and RNG go
+        back to the group's start, and the last completed step is saved (unless it already is; step 0 has nothing
+        to save), so a resumed run redoes the group as if it had never stopped. Returns that step."""
+        st = self.state
+        st["epoch"], st["micro_batches_done"], rng = group_start
+        self.optimizer.zero_grad(set_to_none=True)
+        if rng is not None:
+            ckpt_io.set_rng_state(rng)
+        self._stop_now = self._stop_signal = True
+        step = st["global_step"]
+        if step and not (self.run_dir / f"checkpoint-{step}").exists():
+            self.save(None)
+        return step
 
     def _scale_lr(self, factor: float) -> None:
         if factor != 1.0:
@@ -701,13 +732,16 @@ class SftRun:
         finally:
             bar.close()  # the bar's line ends before any error message is printed
             self.logger.close()
-        if stopped_at is not None:  # SIGTERM (preemption, a scheduler's limit, `timeout`) or --max_time: the step is saved
-            why = "by SIGTERM" if self._stop_signal else f"at --max_time {self.args.max_time:g}s"
+        if stopped_at is not None:  # SIGTERM (preemption, a scheduler's limit, `timeout`), Ctrl-C or --max_time
+            why = f"by {self._sigterm.name}" if self._stop_signal else f"at --max_time {self.args.max_time:g}s"
             if self.main:
-                print(f"stopped {why} at step {stopped_at}; saved {self.run_dir / f'checkpoint-{stopped_at}'}; "
-                      "resume with --resume_from_checkpoint last", file=sys.stderr, flush=True)
+                ckpt = self.run_dir / f"checkpoint-{stopped_at}"
+                print(f"stopped {why} at step {stopped_at}; saved {ckpt}; resume with --resume_from_checkpoint last"
+                      if stopped_at and ckpt.exists() else
+                      f"stopped {why} before the first optimizer step; nothing to save; start the run again",
+                      file=sys.stderr, flush=True)
             if self._stop_signal:
-                raise SystemExit(143)  # a SIGTERM's exit status
+                raise SystemExit(128 + self._sigterm.signum)  # the signal's exit status: 143 SIGTERM, 130 SIGINT
         return self.finish()
 
     def _loop(self, bar, start: float, start_step: int) -> int | None:
@@ -723,8 +757,13 @@ class SftRun:
         first = self.main  # the start-up line still to print (rank 0's)
         while st["global_step"] < self.total_steps:
             group = []
+            # where a signal inside this group takes the run back to (RNG only where a group has several micro-batches)
+            group_start = (st["epoch"], st["micro_batches_done"],
+                           ckpt_io.rng_state() if args.gradient_accumulation_steps > 1 else None)
             t_fetch = time.monotonic()
             for _ in range(args.gradient_accumulation_steps):
+                if self.signalled(len(group)):
+                    return self.stop_mid_group(group_start)
                 epoch, done, size, batch = next(stream)  # the stream's position is the one saved
                 st["epoch"], st["micro_batches_done"] = (epoch + 1, 0) if done >= size else (epoch, done)
                 group.append(batch)  # None kept: train_step decides (the same on every rank)
@@ -733,7 +772,10 @@ class SftRun:
                 if done >= size:  # a group never spans two epochs
                     break
             t_step = time.monotonic()
-            out = self.train_step(group)
+            try:
+                out = self.train_step(group)
+            except StopMidGroup:
+                return self.stop_mid_group(group_start)
             if first:  # one line on where the start-up went (compiling shows in the first step)
                 first = False
                 su = self._startup
@@ -802,25 +844,49 @@ class SftRun:
         return result
 
 
+STOP_CHECK_EVERY = 16  # micro-batches between the ranks' joint checks for a signal inside a group
+
+
+class StopMidGroup(Exception):
+    """Raised by train_step when a signal asks to stop between two micro-batches of a group."""
+
+
 class stop_on_sigterm:
-    """While training: SIGTERM asks the loop to stop after the current step and save it, instead of killing the
-    process mid-step (no handler is installed outside the main thread, where Python allows none)."""
+    """While training: SIGTERM, or SIGINT (Ctrl-C) alike, asks the loop to stop and save instead of killing the
+    process: after the current step, or between two micro-batches of a long gradient accumulation (the group is
+    dropped, the last completed step saved). A second one aborts at once: SIGINT raises KeyboardInterrupt, a
+    second SIGTERM kills the process by its default action. No handler is installed outside the main thread,
+    where Python allows none."""
     _UNSET = object()
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested, self._previous = False, self._UNSET
+        self.requested, self.signum, self._previous = False, signal.SIGTERM, {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested:  # the second: no more waiting
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested, self.signum = True, signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{signal.Signals(signum).name}: stopping after the current micro-batch, saving the last completed "
+                  "step (send it again to abort at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not self._UNSET:  # None: a handler not set from Python; the default then
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        for s, previous in self._previous.items():  # None: a handler not set from Python; the default then
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
         return False
 
 

@@ -21,6 +21,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from ocrtune.models.generate import Answer
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "ocrtune" / "data" / "sample" / "validation.parquet"
 KEY = "sk-test-0123456789"
@@ -368,7 +370,7 @@ def test_cli_refuses_a_taken_port_and_bad_flags(tiny_model_dir):
 
 # ---- the batcher with a slow fake engine (in-process server): responsiveness and failure isolation ----
 
-class SlowEngine:
+class SlowEngine:  # implements ocrtune.serve.engine.Engine
     """Real tiny template (the server encodes prompts with it), fake generation: `batch_seconds` (0.4 s)
     per batch, `generating` set when a batch starts, and a batch holding a prompt with 'boom' fails."""
 
@@ -379,15 +381,15 @@ class SlowEngine:
     def _text(self, record) -> str:
         return self.template.tokenizer.decode(record["input_ids"])
 
-    def generate(self, records, max_new_tokens=512, **kw):
+    def generate_answers(self, records, max_new_tokens=512, temperature=0.0, top_p=1.0):
         self.batches.append(len(records))
         self.generating.set()
         time.sleep(self.batch_seconds)
         if any("boom" in self._text(r) for r in records):
             raise RuntimeError("boom in this batch")
-        return [f"x_{{{len(r['image_grid_thw'])}}} + {max_new_tokens}" for r in records]
+        return [Answer(f"x_{{{len(r['image_grid_thw'])}}} + {max_new_tokens}", 5, "stop") for r in records]
 
-    def stream(self, record, max_new_tokens=512, stop=None, **kw):
+    def stream(self, record, max_new_tokens=512, stop=None, usage=None, temperature=0.0, top_p=1.0):
         self.streamed = 0
         pieces = ["  x", "_{", "1}", " + ", f"{max_new_tokens}  "] if max_new_tokens < 30 else ["a "] * 100
         for piece in pieces:
@@ -396,6 +398,8 @@ class SlowEngine:
             time.sleep(0.05)
             self.streamed += 1
             yield piece
+        if usage is not None:
+            usage.update(tokens=self.streamed, finish_reason="stop")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from ocrtune.models.generate import Answer
 from ocrtune.serve.fetch import REFUSED, CheckedBackend, Refused, UrlPolicy, is_public
 from ocrtune.serve.hosts import HostPolicy
 
@@ -52,8 +53,8 @@ class FakeTemplate:
         return {"input_ids": list(text.encode()), "text": text, "images": len(images)}
 
 
-class FakeEngine:
-    """generate: answers 'seen: <prompt>' after `hold` (a threading.Event when set up, else at once);
+class FakeEngine:  # implements ocrtune.serve.engine.Engine
+    """generate_answers: answers 'seen: <prompt>' after `hold` (a threading.Event when set up, else at once);
     stream: `pieces` pieces of 'a ' every `piece_s` seconds until stopped."""
 
     def __init__(self):
@@ -61,14 +62,14 @@ class FakeEngine:
         self.seen, self.started, self.hold = [], threading.Event(), None
         self.pieces, self.piece_s, self.streamed = 3, 0.0, 0
 
-    def generate(self, records, max_new_tokens=512, **kw):
+    def generate_answers(self, records, max_new_tokens=512, temperature=0.0, top_p=1.0):
         self.seen += [r["text"] for r in records]
         self.started.set()
         if self.hold is not None:
             self.hold.wait(10)
-        return [f"seen {r['text'][:20]}" for r in records]
+        return [Answer(f"seen {r['text'][:20]}", 3, "stop") for r in records]
 
-    def stream(self, record, max_new_tokens=512, stop=None, **kw):
+    def stream(self, record, max_new_tokens=512, stop=None, usage=None, temperature=0.0, top_p=1.0):
         self.streamed = 0
         for _ in range(self.pieces):
             if stop is not None and stop.is_set():
@@ -76,6 +77,8 @@ class FakeEngine:
             time.sleep(self.piece_s)
             self.streamed += 1
             yield "a "
+        if usage is not None:
+            usage.update(tokens=self.streamed, finish_reason="length" if self.streamed >= max_new_tokens else "stop")
 
 
 def png_url(size=(40, 20)) -> str:

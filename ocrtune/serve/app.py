@@ -11,299 +11,46 @@ bad request gets a 4xx JSON error in OpenAI's shape and the server keeps serving
 127.0.0.1 unless --host says otherwise, and then answers only loopback Host names (serve/hosts.py).
 Slow and idle connections are closed at deadlines and can't crowd out real ones (serve/guard.py);
 a request whose client hangs up before its answer is dropped from the batch queue.
+
+The routes (serve/routes.py) work over one `Service` (serve/service.py): the `Engine` (serve/engine.py)
+behind the batcher (serve/batching.py), prompt preparation and the limits; requests are validated by
+serve/protocol.py. This module builds the app and runs it from the command line.
 """
 from __future__ import annotations
 
-import asyncio
-import copy
-import hmac
-import logging
 import socket
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from ocrtune.errors import UserError
-from ocrtune.serve.batching import Batcher, QueueFull
-from ocrtune.serve.fetch import REFUSED, Refused, UrlPolicy, fetch
+from ocrtune.serve.engine import Engine
 from ocrtune.serve.guard import Guard
 from ocrtune.serve.hosts import FrontDoor, HostPolicy, is_loopback
-from ocrtune.serve.protocol import (ApiError, ChatRequest, Limits, Stripper, check_content_type, chunk_body,
-                                    completion_body, completion_id, decode_image, error_body, parse_chat_request,
-                                    parse_json, sse, usage_body)
-
-STATIC = Path(__file__).parent / "static"
-MAX_PROMPT_TOKENS = 8192
-log = logging.getLogger("ocrtune.serve")
+from ocrtune.serve.routes import STATIC, add_error_handlers, router
+from ocrtune.serve.service import Service
 
 
-class Prep:
-    """CPU work outside the model thread: image decoding, prompt token counting. Uses its own copy
-    of the template (tokenizers must not be shared between threads)."""
-
-    def __init__(self, engine, max_image_pixels: int):
-        try:
-            self.template = copy.deepcopy(engine.template)
-        except Exception:  # pragma: no cover - a processor that can't be copied: share it under our lock
-            self.template = engine.template
-        self.tokenizer = self.template.processor.tokenizer
-        self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix="ocrtune-prep")
-        self.max_image_pixels = max_image_pixels
-
-    def prepare(self, req: ChatRequest) -> dict:
-        """Decode the request's images and encode the prompt (token ids + pixels), ready for the engine."""
-        images = [self.decode(src) for src in req.images]
-        with self.lock:
-            try:
-                enc = self.template.encode(req.messages, images, add_generation_prompt=True)
-            except Exception as e:  # e.g. the image processor refuses an odd shape
-                raise ApiError(400, f"the request can't be encoded for the model: {type(e).__name__}: {str(e)[:200]}",
-                               "messages") from None
-        n = len(enc["input_ids"])
-        if n > MAX_PROMPT_TOKENS:
-            raise ApiError(400, f"the prompt is {n} tokens long, more than the {MAX_PROMPT_TOKENS} allowed", "messages")
-        enc.pop("labels", None)
-        return enc
-
-    def decode(self, src):
-        try:
-            return decode_image(src.data, self.max_image_pixels, src.param)
-        except ApiError:
-            if src.kind == "url":  # what a fetched URL held says something about its host: one message for all
-                raise ApiError(400, f"{src.param}: {REFUSED}", src.param, "image_url_refused") from None
-            raise
-
-    def count(self, text: str, max_tokens: int) -> int:
-        """Tokens in an answer (re-tokenized, so capped at what generation was allowed)."""
-        with self.lock:
-            return min(len(self.tokenizer.encode(text, add_special_tokens=False)), max_tokens)
-
-
-async def until_disconnect(request: Request, work):
-    """Await `work` (a coroutine) unless the client disconnects first: then cancel it and return None."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request itself was cancelled
-        task.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client is gone (the body has been read: the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def reserved_tokens(tokenizer) -> tuple[str, ...]:
-    try:
-        added = list(tokenizer.get_added_vocab().keys())
-    except Exception:
-        added = []
-    return tuple(sorted({t for t in [*added, *getattr(tokenizer, "all_special_tokens", [])] if t.startswith("<|")}))
-
-
-def create_app(args, engine, model_name: str, on_ready=None):
-    """The FastAPI app over a loaded engine (tests may pass any object with generate/stream/template)."""
-    max_body = int(args.max_request_mb * 1024 * 1024)
-    limits = Limits(max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                    allow_image_urls=args.allow_image_urls, reserved_tokens=reserved_tokens(engine.template.tokenizer))
-    prep = Prep(engine, args.max_image_pixels)
-    batcher = Batcher(engine, args.max_batch_size, args.batch_wait_ms / 1000.0, args.max_queue)
-    url_policy = UrlPolicy(args.allowed_image_hosts or ())
-    started = time.time()
+def create_app(args, engine: Engine, model_name: str, on_ready=None) -> FastAPI:
+    """The FastAPI app over a loaded engine (anything that implements `Engine`) for ServeArgs `args`."""
+    svc = Service(args, engine, model_name)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        svc.start()
         if on_ready:
             on_ready()
         yield
-        await batcher.stop()
-        prep.pool.shutdown(wait=False, cancel_futures=True)
+        await svc.stop()
 
     app = FastAPI(title="ocrtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher, app.state.model_name = batcher, model_name
+    app.state.service = svc
     app.add_middleware(FrontDoor, policy=HostPolicy(args.host, args.allowed_hosts))
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        message = {404: f"no such endpoint: {request.method} {request.url.path}; the API is under /v1 "
-                        "(POST /v1/chat/completions, GET /v1/models) and GET /health",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request, exc):  # the client left (or was closed at a deadline) mid-request: nobody to answer
-        return Response(status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc):  # last resort; the server goes on serving
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-    def check_auth(request: Request) -> None:
-        if not args.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), args.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                raise ApiError(400, "bad Content-Length header") from None
-            if n > max_body:
-                raise ApiError(413, f"request body is {n} bytes, more than the {max_body} allowed "
-                                    f"(--max_request_mb {args.max_request_mb:g}); send a smaller image")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_body:
-                raise ApiError(413, f"request body is more than the {max_body} bytes allowed "
-                                    f"(--max_request_mb {args.max_request_mb:g}); send a smaller image")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def fetch_image(url: str, param: str) -> bytes:
-        try:
-            return await fetch(url, url_policy, max_body, args.image_fetch_timeout)
-        except Refused as e:  # the reason goes to the log only: the client sees one message for every case
-            log.info("image URL refused: %s", e)
-            raise ApiError(400, f"{param}: {REFUSED}", param, "image_url_refused") from None
-
-    # ---- pages and info ---------------------------------------------------------------------------
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    async def favicon():
-        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
-
+    add_error_handlers(app)
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "uptime_s": round(time.time() - started, 1),
-                "auth_required": bool(args.api_key),
-                "limits": {"max_new_tokens": args.max_new_tokens, "max_request_bytes": max_body,
-                           "max_image_pixels": args.max_image_pixels, "max_batch_size": args.max_batch_size,
-                           "allow_image_urls": bool(args.allow_image_urls)},
-                "batching": batcher.snapshot()}
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": int(started), "owned_by": "ocrtune"}
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
-        check_auth(request)
-        if model_id != model_name:
-            raise ApiError(404, f"model '{model_id}' is not served here; this server serves '{model_name}'",
-                           "model", "model_not_found")
-        return model_card()
-
-    # ---- completions ------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        check_auth(request)
-        check_content_type(request.headers.get("content-type"))
-        loop = asyncio.get_running_loop()
-        body = await read_body(request)
-        # parsing a large body (JSON, base64) is CPU work: keep it off the event loop
-        req = await loop.run_in_executor(prep.pool, lambda: parse_chat_request(parse_json(body), limits))
-        if req.model is not None and req.model != model_name:
-            raise ApiError(404, f"model '{req.model}' is not served here; this server serves '{model_name}' "
-                                "(see GET /v1/models)", "model", "model_not_found")
-        for src in req.images:
-            if src.kind == "url":
-                src.data = await fetch_image(src.url, src.param)
-        prompt = await loop.run_in_executor(prep.pool, prep.prepare, req)
-        prompt_tokens = len(prompt["input_ids"])
-        cid = completion_id()
-        stop = threading.Event()  # set when a streaming client goes away: generation ends early
-        usage: dict = {}  # a streamed answer's tokens and finish_reason, filled in when it ends
-        try:
-            if req.stream:
-                pieces = await batcher.stream(prompt, req.max_tokens, req.temperature, req.top_p, stop=stop, usage=usage)
-            else:
-                answer = await until_disconnect(request, batcher.generate(prompt, req.max_tokens, req.temperature,
-                                                                           req.top_p))
-                if answer is None:  # the client hung up: its request was dropped, nobody to answer
-                    return Response(status_code=499)
-        except QueueFull as e:
-            raise ApiError(503, f"server busy ({e}); retry shortly", code="server_busy") from None
-        except Exception as e:
-            log.warning("generation failed: %s", e)
-            raise ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:200]}", type="server_error") from None
-        async def tokens_and_finish(text: str, tokens: int | None, finish: str | None) -> tuple[int, str]:
-            if tokens is not None:  # counted by the engine from the generated ids
-                return tokens, finish
-            n = await loop.run_in_executor(prep.pool, prep.count, text, req.max_tokens)  # a text-only engine
-            return n, "length" if n >= req.max_tokens else "stop"
-
-        if not req.stream:
-            n, finish = await tokens_and_finish(answer.text, answer.tokens, answer.finish_reason)
-            return JSONResponse(completion_body(cid, model_name, answer.text, finish, usage_body(prompt_tokens, n)))
-
-        async def events():
-            created = int(time.time())
-            yield sse(chunk_body(cid, model_name, created, {"role": "assistant", "content": ""}))
-            strip, parts = Stripper(), []
-            try:
-                async for piece in pieces:
-                    out = strip.feed(piece)
-                    if out:
-                        parts.append(out)
-                        yield sse(chunk_body(cid, model_name, created, {"content": out}))
-            except Exception as e:
-                yield sse(error_body(f"generation failed: {type(e).__name__}: {str(e)[:200]}", "server_error"))
-                yield sse(b"[DONE]")
-                return
-            finally:
-                stop.set()  # normal end, or the client disconnected (the generator is closed)
-            n, finish = await tokens_and_finish("".join(parts), usage.get("tokens"), usage.get("finish_reason"))
-            yield sse(chunk_body(cid, model_name, created, {}, finish))
-            if req.include_usage:
-                yield sse(chunk_body(cid, model_name, created, {}, usage=usage_body(prompt_tokens, n), choices=False))
-            yield sse(b"[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     return app
 
 

@@ -16,14 +16,11 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ocrtune.serve.engine import Engine
+
 log = logging.getLogger("ocrtune.serve")
 
 
-@dataclass
-class Answer:  # the shape of ocrtune.infer.engine.Answer, for engines that only return text
-    text: str
-    tokens: int | None
-    finish_reason: str | None
 _END = object()
 
 
@@ -56,7 +53,7 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256):
         self.engine = engine
         self.max_batch_size, self.wait_s, self.max_queue = max(1, max_batch_size), max(0.0, wait_s), max_queue
         self.waiting: deque[Job] = deque()  # abandoned jobs are dropped from it, so they hold no place
@@ -107,9 +104,8 @@ class Batcher:
         return self.waiting.popleft()
 
     async def generate(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
-        """-> an `Answer` (text, tokens, finish_reason); tokens and finish_reason are None from an
-        engine that only has `generate` (the caller then counts). Cancelling the caller (its client
-        left) cancels the job: it leaves the queue and is not generated."""
+        """-> an `Answer` (text, tokens, finish_reason). Cancelling the caller (its client left) cancels
+        the job: it leaves the queue and is not generated."""
         job = Job(record, max_new_tokens, temperature, top_p, future=asyncio.get_running_loop().create_future())
         self._put(job)
         try:
@@ -121,7 +117,7 @@ class Batcher:
     async def stream(self, record: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                      stop: threading.Event | None = None, usage: dict | None = None):
         """Async iterator of text pieces; setting `stop` ends generation early (client gone); `usage`
-        gets tokens and finish_reason once the pieces end (from an engine with `generate_answers`).
+        gets tokens and finish_reason once the pieces end.
         Raises QueueFull at once if the queue is full."""
         job = Job(record, max_new_tokens, temperature, top_p, pieces=asyncio.Queue(), stop=stop or threading.Event(),
                   usage=usage)
@@ -197,9 +193,7 @@ class Batcher:
                 job.future.set_result(res)
 
     def _answers(self, records: list[dict], **kw) -> list:
-        if hasattr(self.engine, "generate_answers"):
-            return list(self.engine.generate_answers(records, **kw))
-        return [Answer(text, None, None) for text in self.engine.generate(records, **kw)]
+        return list(self.engine.generate_answers(records, **kw))
 
     def _generate(self, jobs: list[Job]) -> list:
         """Runs in the model thread."""
@@ -227,12 +221,12 @@ class Batcher:
             put(_END)
             return
 
-        extra = {"usage": job.usage} if job.usage is not None and hasattr(self.engine, "generate_answers") else {}
+        usage = job.usage if job.usage is not None else {}
 
         def work():
             try:
                 for piece in self.engine.stream(job.record, max_new_tokens=job.max_new_tokens, stop=job.stop,
-                                                temperature=job.temperature, top_p=job.top_p, **extra):
+                                                temperature=job.temperature, top_p=job.top_p, usage=usage):
                     if piece:
                         loop.call_soon_threadsafe(put, piece)
                     if job.stop.is_set():

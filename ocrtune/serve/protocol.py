@@ -86,6 +86,27 @@ def check_content_type(content_type: str | None) -> None:
                             "'Content-Type: application/json'", code="unsupported_media_type")
 
 
+async def read_body(request, max_body: int, max_request_mb: float) -> bytes:
+    """The request body, refused (413) as soon as it is known to be larger than `max_body` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise ApiError(400, "bad Content-Length header") from None
+        if n > max_body:
+            raise ApiError(413, f"request body is {n} bytes, more than the {max_body} allowed "
+                                f"(--max_request_mb {max_request_mb:g}); send a smaller image")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_body:
+            raise ApiError(413, f"request body is more than the {max_body} bytes allowed "
+                                f"(--max_request_mb {max_request_mb:g}); send a smaller image")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_json(body: bytes) -> dict:
     if not body or not body.strip():
         raise ApiError(400, "request body is empty; send a JSON object with 'messages'")

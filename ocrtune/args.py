@@ -1,9 +1,9 @@
-"""Argument helpers every command shares (foundation layer; issue 14).
+"""Argument helpers every command shares (foundation layer).
 
 `arg()` declares a dataclass field with its help text, aliases, choices, environment default and, for a
 number, its domain (`Domain`: the values it may take; `check_domains` refuses the others, for every command
 at parse time); `given_flags()` says which fields were set explicitly. Moved here from `ocrtune/train/args.py` and
-`ocrtune/cli/parsing.py`, which re-export them.
+`ocrtune/cli/parsing.py`. `ModelSource` groups the model-source flags several commands share.
 """
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ def check_domains(args, from_env: dict[str, str] | None = None) -> None:
         check_domain(f, getattr(args, f.name), (from_env or {}).get(f.name))
 
 
-# Flags several commands share (model, checkpoint, dtype, image size, generation length), declared once here
-# (issue 14). Each call returns a fresh dataclass field; a command passes `help` (or `choices`) only where its
+# Flags several commands share (model, checkpoint, dtype, image size, generation length), declared once here.
+# Each call returns a fresh dataclass field; a command passes `help` (or `choices`) only where its
 # wording or accepted values really differ.
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 
@@ -148,6 +148,28 @@ def max_new_tokens_arg(default: int, help: str):
 def quant_bits_arg(help: str = "run the base model's linears in 4 bits (NF4, bitsandbytes) or 8 (LLM.int8); "
                                 "default: unquantized"):
     return arg(None, help, aliases=("--quantization_bit",), choices=(4, 8), domain=ints(4, 8))
+
+
+@dataclass
+class ModelSource:
+    """The model-source flags `infer`, `eval`, `serve` and `export` share: what to load (`--ckpt_dir`, or
+    `--model`/`--model_type` from `--use_hf`'s hub), how (`--dtype`, `--quant_bits`, `--max_pixels`) and whether
+    a LoRA checkpoint is merged first (`--merge_lora`, again with `--force`). Each command declares the fields
+    with the helpers above (its own help wording and flag order); `of` reads them back from its args."""
+    ckpt_dir: str | None = ckpt_dir_arg()
+    model: str | None = model_arg()
+    model_type: str | None = model_type_arg()
+    use_hf: bool = use_hf_arg()
+    merge_lora: bool = merge_lora_arg()
+    force: bool = arg(False, "merge again even if the merged folder exists")
+    dtype: str = dtype_arg()
+    quant_bits: int | None = quant_bits_arg()
+    max_pixels: int | None = max_pixels_arg("largest image size in pixels (default: the run's)")
+
+    @classmethod
+    def of(cls, args) -> ModelSource:
+        """The model source of a command's args (fields a command lacks keep their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def given_flags(args) -> set[str]:

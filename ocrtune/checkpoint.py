@@ -5,7 +5,8 @@
   weights) as safetensors plus optimizer/scheduler/RNG/trainer state for an exact resume
   (`read_resume_state`, `apply_states`); `rotate_checkpoints` keeps `--save_total_limit` of them.
 * Resolving: `find_resume_checkpoint` (`--resume_from_checkpoint`: a folder, a run folder or `last`),
-  `describe` (`--ckpt_dir`), `resolve_source` (which weights, processor and adapter folders to load).
+  `describe` (`--ckpt_dir`). Which base model a LoRA checkpoint loads (and downloading it) is
+  `ocrtune.models.source`; loading base + adapter is `ocrtune.export.source.load_adapted`.
 * Kinds: a LoRA checkpoint (`adapter_config.json`; the run's `args.json` one level up), a model folder
   (`config.json` + weights: a full fine-tuning checkpoint, a `checkpoint-N-merged/` folder written by
   `ocrtune export`, or any `save_pretrained` folder), a run folder (`args.json` + `checkpoint-*/`: its
@@ -24,7 +25,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -38,7 +38,6 @@ import torch
 from ocrtune.errors import UserError, first_line
 from ocrtune.fileio import MAX_JSON_BYTES, UnsafeFile, check_regular, read_bounded, read_json, replace_dir
 
-log = logging.getLogger("ocrtune")
 
 STATE_FILE = "trainer_state.json"
 BASE_OVERLAY = "relora_base.safetensors"  # a --relora_steps checkpoint's base weights (the folded adapters)
@@ -346,38 +345,6 @@ def describe(ckpt_dir: str | Path) -> Source:
                     "pass a checkpoint-N folder written by ocrtune sft, or a merged checkpoint-N-merged folder")
 
 
-def _spec_or_none(name: str | None):
-    from ocrtune.models.registry import find_model
-    return find_model(name) if name else None
-
-
-def base_model(src: Source, model: str | None = None, model_type: str | None = None,
-               use_hf: bool | None = None):
-    """(folder, registry spec or None) of the base model a LoRA checkpoint was trained on.
-
-    `--model`/`--model_type` given by the user win; then the run's `model_dir` (if it is still there);
-    then the run's `--model`/`--model_type` resolved again (presets are rebuilt, hub models re-downloaded);
-    then the adapter's `base_model_name_or_path`."""
-    from ocrtune.models.loading import resolve_model
-    ra = src.run_args
-    hf = ra.get("use_hf", True) if use_hf is None else use_hf
-    if model or model_type:
-        return resolve_model(model, model_type, hf)
-    model_dir = ra.get("model_dir")
-    if model_dir and (Path(model_dir) / "config.json").exists():
-        return Path(model_dir), _spec_or_none(ra.get("model_type"))
-    if ra.get("model") or ra.get("model_type"):
-        return resolve_model(ra.get("model"), ra.get("model_type"), hf)
-    if src.kind == "lora":
-        base = read_json(src.path / "adapter_config.json").get("base_model_name_or_path")
-        if base and (Path(base) / "config.json").exists():
-            return Path(base), None
-        if base and not base.startswith((".", "/", "~")):
-            return resolve_model(base, None, hf)
-    raise UserError(f"can't tell which base model the adapter in {src.path} belongs to (no run args.json next to it)",
-                    "pass the base model with --model")
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     try:
@@ -410,24 +377,3 @@ def write_merge_info(folder: Path, src: Source, base_dir, torch_dtype, adapter_s
 
 def read_merge_info(folder: Path) -> dict:
     return read_json(folder / MERGE_INFO)
-
-
-# ---------------------------------------------------------------- what to load for a checkpoint
-
-def resolve_source(src: Source, model: str | None = None, model_type: str | None = None):
-    """(weights folder, registry spec or None, processor folder, adapter folder or None) to load for `src`.
-    A LoRA checkpoint loads its base model (`base_model`) plus the adapter; a model folder loads itself
-    (`--model`/`--model_type` are ignored, with a warning), except that an older full checkpoint saved
-    without its processor takes the processor from its base model."""
-    adapter = None
-    run_args = src.run_args
-    if src.kind == "lora":
-        weights_dir, spec = base_model(src, model, model_type)
-        processor_dir, adapter = weights_dir, src.path
-    else:
-        if model or model_type:
-            log.warning("--model/--model_type are ignored: %s is a full model folder", src.path)
-        weights_dir, spec, processor_dir = src.path, None, src.path
-        if not any((src.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) and run_args:
-            processor_dir = base_model(src)[0]  # an older full checkpoint saved without its processor
-    return weights_dir, spec, processor_dir, adapter

@@ -13,7 +13,7 @@ from ocrtune.train.trainer import SftRun
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_family_trains_and_generates(arch, tmp_path, tiny_model_dir):
     from families import build
-    from ocrtune.infer.engine import InferEngine
+    from ocrtune.models.generate import InferEngine
     from ocrtune.data.loading import load_dataset
 
     model_dir = build(arch, str(tmp_path / arch))

@@ -81,8 +81,8 @@ def test_serve_refuses_3_bits():
     from ocrtune.serve.args import ServeArgs
     with pytest.raises(UserError, match=r"^--quant_bits 3: bitsandbytes quantizes to 4 or 8 bits"):
         serve_validate(ServeArgs(quant_bits=3))
-    from ocrtune.serve.loader import infer_args
-    assert infer_args(ServeArgs(model="tiny", quant_bits=4)).quant_bits == 4
+    from ocrtune.args import ModelSource
+    assert ModelSource.of(ServeArgs(model="tiny", quant_bits=4)).quant_bits == 4
 
 
 def test_missing_or_cpu_less_bitsandbytes_is_one_error():

@@ -1,4 +1,4 @@
-"""Arguments of `ocrtune export` (SWIFT's names). Moved from `ocrtune/infer/args.py` (issue 14), which re-exports it."""
+"""Arguments of `ocrtune export` (SWIFT's names); its model-source flags are those of `ocrtune.args.ModelSource`."""
 from __future__ import annotations
 
 from dataclasses import dataclass

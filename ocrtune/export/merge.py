@@ -14,16 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from ocrtune.compat import quiet_peft_deprecations
+from ocrtune.checkpoint import Source, describe, file_sha256, is_merged, merged_dir_for, read_merge_info, write_merge_info
 from ocrtune.errors import UserError
+from ocrtune.export.source import load_adapted
 from ocrtune.fileio import check_not_input, replace_dir, temp_dir_for
-from ocrtune.checkpoint import (Source, base_model, describe, file_sha256, is_merged, load_base_overlay, merged_dir_for,  # noqa: F401
-                                read_merge_info, write_merge_info)
+from ocrtune.models.source import base_model
 
 log = logging.getLogger("ocrtune")
-
-
-_is_merged = is_merged  # moved to ocrtune.checkpoint (issue 14), like merged_dir_for
 
 
 def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force: bool = False, dtype: str = "auto",
@@ -39,7 +36,7 @@ def merge_lora(ckpt_dir: str | Path, output_dir: str | Path | None = None, force
     out = Path(output_dir).expanduser() if output_dir else merged_dir_for(src.path)
     check_output_dir(out, src)
     adapter_sha = file_sha256(src.path / "adapter_model.safetensors")
-    if out.exists() and _is_merged(out) and not force:
+    if out.exists() and is_merged(out) and not force:
         info = read_merge_info(out)
         if info.get("adapter_sha256") != adapter_sha:  # e.g. the run was resumed and re-saved this step
             raise UserError(f"{out} was merged from a different adapter than {src.path} now holds",
@@ -85,7 +82,7 @@ def check_output_dir(out: Path, src: Source) -> None:
         return
     if not out.is_dir():
         raise UserError(f"--output_dir {out} is a file", "choose a new folder for the merged model")
-    if _is_merged(out) and not any(p.is_dir() for p in out.iterdir()):
+    if is_merged(out) and not any(p.is_dir() for p in out.iterdir()):
         return  # an earlier export: reused, or replaced with --force
     if not any(out.iterdir()):
         return
@@ -97,10 +94,9 @@ def check_output_dir(out: Path, src: Source) -> None:
 
 def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_type, use_hf) -> Path:
     import torch
-    from peft import PeftModel
 
     from ocrtune.models.dtypes import dtype_for, pick_device
-    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.loading import load_processor
     from ocrtune.models.template import Template
 
     base_dir, spec = base_model(src, model, model_type, use_hf)
@@ -113,17 +109,7 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
         print(f"merging a QLoRA adapter (trained over a {bits}-bit base) into the unquantized weights of {base_dir} in "
               f"{str(torch_dtype).replace('torch.', '')}", file=sys.stderr)
     device = pick_device()
-    base = load_model(base_dir, torch_dtype, device=device)
-    try:
-        load_base_overlay(base, src.path)  # a --relora_steps checkpoint's folded base weights
-        with quiet_peft_deprecations():
-            peft_model = PeftModel.from_pretrained(base, str(src.path), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        if not (src.path / "adapter_model.safetensors").exists():
-            raise gone(src.path) from None
-        raise UserError(f"the adapter in {src.path} does not fit the base model {base_dir}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
-                        "pass the base model it was trained on with --model") from None
+    peft_model = load_adapted(base_dir, src.path, torch_dtype, device, command="export")
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True  # training turns the KV cache off; a shipped model wants it on
     processor = load_processor(base_dir)
@@ -133,7 +119,7 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
 
     with temp_dir_for(out) as tmp:
         _write_merged(merged, processor, src, out, tmp, base_dir, torch_dtype, adapter_sha)
-    del base, peft_model, merged
+    del peft_model, merged
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -152,7 +138,7 @@ def _write_merged(merged, processor, src: Source, out: Path, tmp: Path, base_dir
         replace_dir(tmp, out)  # with --force, the old folder is swapped out only once the new one is whole
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_merged(out):  # another process finished the same merge first: use its folder
+        if is_merged(out):  # another process finished the same merge first: use its folder
             return out
         raise UserError(f"could not write the merged model to {out}: {e.strerror or e}",
                         "check free disk space and that the folder is writable, or pass --output_dir") from None
@@ -160,11 +146,6 @@ def _write_merged(merged, processor, src: Source, out: Path, tmp: Path, base_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def gone(ckpt: Path) -> UserError:
-    return UserError(f"checkpoint {ckpt} was deleted while it was being exported (e.g. by --save_total_limit "
-                     "of a run still training)", "export a checkpoint that the run keeps, e.g. its newest one")
 
 
 def run_export(args) -> Path:

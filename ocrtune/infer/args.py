@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from ocrtune.args import (SEED, arg, ckpt_dir_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg, merge_lora_arg,
                           model_arg, model_type_arg, quant_bits_arg, reals, use_hf_arg)
-from ocrtune.export.args import ExportArgs  # noqa: F401  (moved; issue 14)
 
 
 @dataclass
@@ -41,6 +40,3 @@ def gen_kwargs(args: InferArgs) -> dict:
     """The generation settings of `args`, as `InferEngine.generate`/`stream` take them."""
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "num_beams": args.num_beams}
-
-
-_gen_kwargs = gen_kwargs  # moved from ocrtune.infer.cli (issue 14)

@@ -1,12 +1,13 @@
-"""Loading for `ocrtune infer`, `ocrtune eval` and `ocrtune serve`: `--ckpt_dir` (a LoRA checkpoint, a merged or
-full model folder, or a run folder; resolved by `ocrtune.checkpoint`) or `--model` alone -> an `InferEngine`."""
+"""Loading for `ocrtune infer`, `ocrtune eval` and `ocrtune serve`: their model source (`ocrtune.args.ModelSource`:
+`--ckpt_dir`, a LoRA checkpoint, a merged or full model folder, or a run folder, classified by `ocrtune.checkpoint`;
+or `--model` alone, found by `ocrtune.models`) -> an `InferEngine`."""
 from __future__ import annotations
 
 import logging
 import sys
 
+from ocrtune.args import ModelSource
 from ocrtune.errors import UserError
-from ocrtune.infer.args import InferArgs
 
 log = logging.getLogger("ocrtune")
 
@@ -19,13 +20,19 @@ def _quiet_transformers() -> None:
         pass
 
 
-def load_for_inference(args: InferArgs):
-    """Build the engine for `--ckpt_dir` (LoRA checkpoint, merged/full model folder or run folder) or
-    `--model` alone. Returns (InferEngine, info) where info tells what was loaded and the run's settings."""
-    from ocrtune.checkpoint import describe, resolve_source
-    from ocrtune.infer.engine import InferEngine, pick_device, pick_dtype
-    from ocrtune.models.loading import check_new_tokens, load_model, load_processor, resolve_model, template_name
+def load_for_inference(args):
+    """Build the engine for the model source of `args` (InferArgs or ServeArgs: `--ckpt_dir`, a LoRA checkpoint,
+    merged/full model folder or run folder, or `--model` alone) with room for `args.max_new_tokens`. Returns
+    (InferEngine, info) where info tells what was loaded and the run's settings."""
+    from ocrtune.checkpoint import describe
+    from ocrtune.export.source import load_adapted
+    from ocrtune.models.dtypes import pick_device, pick_dtype
+    from ocrtune.models.generate import InferEngine
+    from ocrtune.models.loading import check_new_tokens, load_processor, resolve_model, template_name
+    from ocrtune.models.source import resolve_source
     from ocrtune.models.template import Template
+
+    max_new_tokens, args = args.max_new_tokens, ModelSource.of(args)
 
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
@@ -48,26 +55,13 @@ def load_for_inference(args: InferArgs):
     else:
         raise UserError("no model given", "pass --ckpt_dir output/.../checkpoint-N, or --model (a hub id, folder or preset)")
 
-    check_new_tokens(weights_dir, args.max_new_tokens)
+    check_new_tokens(weights_dir, max_new_tokens)
     template = run_args.get("template") or template_name(weights_dir, spec)
     processor = load_processor(processor_dir)
     tmpl = Template(processor, template, None, run_args.get("system"))
     max_pixels = args.max_pixels or run_args.get("max_pixels")
     tmpl.set_pixels(max_pixels, run_args.get("min_pixels"))
-    model = load_model(weights_dir, dtype, device=device, quant_bits=args.quant_bits)
-    if adapter is not None:
-        from peft import PeftModel
-
-        from ocrtune.checkpoint import load_base_overlay
-        from ocrtune.compat import quiet_peft_deprecations
-        load_base_overlay(model, adapter)  # a --relora_steps checkpoint's folded base weights
-        try:
-            with quiet_peft_deprecations():
-                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise UserError(f"the adapter in {adapter} does not fit the base model {weights_dir}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
-                            "pass the base model it was trained on with --model") from None
+    model = load_adapted(weights_dir, adapter, dtype, device, args.quant_bits)
     model.eval()
     model.requires_grad_(False)
     for m in (model, getattr(model, "base_model", None)):

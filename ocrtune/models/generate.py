@@ -1,10 +1,10 @@
 """Generation: batched greedy/sampled/beam decoding and token streaming over a model + template.
 
-Moved from `ocrtune/infer/engine.py` (issue 14) so that training (`--predict_with_generate`), `infer`
-and `serve` all use it from the `models` layer; `ocrtune.infer.engine` still re-exports every name.
+It lives in the `models` layer so that training (`--predict_with_generate`), `infer` and `serve` all use it
+(`serve` through its `Engine` protocol, ocrtune/serve/engine.py).
 The device/dtype choice is `ocrtune.models.dtypes`.
 
-The fast path (issue 16), used by `ocrtune eval`, dataset-mode `infer`, `serve`'s batcher and
+The fast path, used by `ocrtune eval`, dataset-mode `infer`, `serve`'s batcher and
 evaluation during training:
 
 * `iter_answers`/`answer_rows` sort the rows by prompt length (image tokens + text, estimated from

@@ -1,17 +1,8 @@
 """Load the one model instance the server uses, the same way `ocrtune infer` does
-(`ocrtune.infer.load.load_for_inference`: --model, or --ckpt_dir with a LoRA or full checkpoint; what a
-checkpoint folder holds and which folders it loads is resolved by `ocrtune.checkpoint`)."""
+(`ocrtune.infer.load.load_for_inference` over the model-source flags, `ocrtune.args.ModelSource`)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def infer_args(args):
-    """ServeArgs -> InferArgs (the fields loading reads)."""
-    from ocrtune.infer.args import InferArgs
-    return InferArgs(ckpt_dir=args.ckpt_dir, model=args.model, model_type=args.model_type, use_hf=args.use_hf,
-                     merge_lora=args.merge_lora, max_pixels=args.max_pixels, dtype=args.dtype,
-                     quant_bits=args.quant_bits, max_new_tokens=args.max_new_tokens)
 
 
 def default_model_name(args) -> str:
@@ -27,4 +18,4 @@ def default_model_name(args) -> str:
 def load_engine(args):
     """-> (InferEngine, info dict) for ServeArgs."""
     from ocrtune.infer.load import load_for_inference
-    return load_for_inference(infer_args(args))
+    return load_for_inference(args)

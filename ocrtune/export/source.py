@@ -7,7 +7,7 @@ from pathlib import Path
 from ocrtune.checkpoint import load_base_overlay
 from ocrtune.compat import quiet_peft_deprecations
 from ocrtune.errors import UserError
-from ocrtune.models.loading import load_model
+from ocrtune.models import loading
 
 
 def load_adapted(weights_dir: Path, adapter: Path | None, dtype, device, quant_bits: int | None = None,
@@ -15,7 +15,7 @@ def load_adapted(weights_dir: Path, adapter: Path | None, dtype, device, quant_b
     """The model in `weights_dir` (quantized to `quant_bits` if given) with the LoRA adapter in `adapter`
     attached (a PeftModel, not trainable), or alone when `adapter` is None. `command` ("load", "export")
     words the error for a checkpoint deleted meanwhile."""
-    model = load_model(weights_dir, dtype, device=device, quant_bits=quant_bits)
+    model = loading.load_model(weights_dir, dtype, device=device, quant_bits=quant_bits)
     if adapter is None:
         return model
     from peft import PeftModel

@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
 from ocrtune.errors import UserError
 from ocrtune.serve.guard import Guard
 from ocrtune.serve.hosts import FrontDoor, HostPolicy, is_loopback
@@ -71,8 +75,9 @@ def flag_schema() -> list[dict]:
         if f.name in UI_OWNED:
             continue
         tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        kind = "list" if typing.get_origin(args[0]) is list else getattr(args[0], "__name__", "str")
+        if typing.get_origin(tp) is not list:
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        kind = "list" if typing.get_origin(tp) is list else getattr(tp, "__name__", "str")
         domain = f.metadata.get("domain")
         out.append({"name": f.name, "type": kind, "default": f.default, "help": f.metadata.get("help", ""),
                     "choices": list(f.metadata["choices"]) if f.metadata.get("choices") else None,
@@ -180,10 +185,6 @@ def registry_info() -> tuple[list[dict], list[dict]]:
 
 def create_app(args, check_sft, token: str | None = None):
     """`check_sft(argv) -> SftArgs` parses and validates sft flags exactly as the CLI does (raises UserError)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-    from fastapi.staticfiles import StaticFiles
-
     output = Path(args.output_dir).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     uploads = Path(args.upload_dir).expanduser() if args.upload_dir else output / "webui_uploads"
@@ -253,7 +254,7 @@ def create_app(args, check_sft, token: str | None = None):
     @app.post("/api/launch")
     async def launch(request: Request):
         argv = sft_argv(await body(request))
-        job = runs.launch(argv, paths.output)
+        job = runs.launch(argv)
         return {"job": job.id, "command": shlex.join(["ocrtune", *argv])}
 
     @app.get("/api/runs")
@@ -284,7 +285,7 @@ def create_app(args, check_sft, token: str | None = None):
         if not ckpts:
             raise Fail(409, "this run saved no checkpoint yet; start it again from the Train tab")
         argv = ["sft", "--resume_from_checkpoint", str(run_dir / ckpts[-1]), "--output_dir", str(paths.output)]
-        job = runs.launch(argv, paths.output)
+        job = runs.launch(argv, run_dir)
         return {"job": job.id, "command": shlex.join(["ocrtune", *argv])}
 
     @app.post("/api/delete")
@@ -325,7 +326,7 @@ def create_app(args, check_sft, token: str | None = None):
 
     async def cli(argv: list[str]) -> str:
         """Run `ocrtune <argv>` to its end; its stdout, or a Fail with its one-line error."""
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ocrtune", *argv, cwd=str(paths.output),
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ocrtune", *argv, cwd=str(runs.jobs_dir.parent),
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                     stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         try:
@@ -352,7 +353,7 @@ def create_app(args, check_sft, token: str | None = None):
         summary = json.loads(Path(m.group(1)).read_text()) if m else {}
         rows = [json.loads(ln) for ln in result.read_text().splitlines()[:20] if ln.strip()] if result.exists() else []
         return {"summary": summary, "rows": [{k: r.get(k) for k in ("index", "reference", "prediction",
-                                                                    "bleu", "edit_distance", "exact_match")}
+                                                                    "bleu4", "edit_distance_char", "exact_match")}
                                               for r in rows]}
 
     @app.post("/api/export")

@@ -105,6 +105,7 @@ class Runs:
     def __init__(self, output_dir: Path):
         self.root = output_dir.resolve()
         self.jobs_dir = self.root / STATE_DIR / "jobs"
+        (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
@@ -124,8 +125,10 @@ class Runs:
         tmp.write_text(json.dumps(asdict(job)))
         os.replace(tmp, self.jobs_dir / f"{job.id}.json")
 
-    def launch(self, argv: list[str], cwd: Path) -> Job:
-        """Start `ocrtune <argv>` (an argument list, never a shell line) in a new session; its output goes to a log."""
+    def launch(self, argv: list[str], run_dir: Path | None = None) -> Job:
+        """Start `ocrtune <argv>` (an argument list, never a shell line) in a new session; its output goes to a log.
+        It runs in the UI's state folder: in the output folder a run's model folder (e.g. tiny/) would shadow
+        the preset of the same name."""
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         logs = self.root / STATE_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -133,8 +136,9 @@ class Runs:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ocrtune", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
-        job = Job(job_id, list(argv), proc.pid, proc_start_ticks(proc.pid), str(log), time.time())
+                                    stdin=subprocess.DEVNULL, cwd=self.root / STATE_DIR, env=env, start_new_session=True)
+        job = Job(job_id, list(argv), proc.pid, proc_start_ticks(proc.pid), str(log), time.time(),
+                  str(run_dir.resolve()) if run_dir else None)
         with self.lock:
             self.jobs[job_id], self.children[job_id] = job, proc
             self._save(job)

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("export",),                               # merges checkpoints
     ("infer",),                                # loads checkpoints, answers, evaluates datasets
     ("serve", "synth"),                        # commands built on the layers above
+    ("webui",),                                # the training page: launches the CLI, uses serve's host/guard layers
     ("cli",),                                  # argument parsing and dispatch
     ("__main__",),                             # `python -m ocrtune`
 ]

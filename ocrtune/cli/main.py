@@ -16,8 +16,9 @@ COMMANDS = {
     "synth": "render LaTeX formulas into LaTeX_OCR-style training rows (parquet shards)",
     "plot": "redraw a run's PNG plots from its logging.jsonl",
     "list": "list registered models and datasets",
+    "web-ui": "a local web page to fine-tune, watch, evaluate, merge and try runs",
 }
-ALIASES = {"deploy": "serve"}  # SWIFT's name for serving
+ALIASES = {"deploy": "serve", "webui": "web-ui"}  # SWIFT's name for serving; web-ui's short spelling
 
 
 def _parser():
@@ -48,7 +49,19 @@ def _parser():
                    help="TensorBoard-style smoothing of the loss, token_acc and grad_norm curves, 0 (none) to <1; "
                         "lowered on short runs so the curve keeps up (default: 0.9)")
     sub.add_parser("list", help=COMMANDS["list"], prog="ocrtune list")
+    from ocrtune.webui.args import WebUiArgs
+    add_dataclass_args(sub.add_parser("web-ui", help=COMMANDS["web-ui"] + " (alias: webui)", prog="ocrtune web-ui"),
+                       WebUiArgs)
     return parser
+
+
+def check_sft(argv: list[str]):
+    """sft flags parsed and validated exactly as `ocrtune sft` does (the web page's check); UserError if bad."""
+    from ocrtune.cli.parsing import build
+    from ocrtune.train.args import SftArgs, validate
+    args = build(SftArgs, _parser().parse_args(["sft", *argv]))
+    validate(args)
+    return args
 
 
 def run(argv: list[str]) -> int:
@@ -91,6 +104,10 @@ def run(argv: list[str]) -> int:
             raise UserError(f"--smoothing {ns.smoothing} is out of range", "use a value from 0 (no smoothing) to below 1")
         for path in plot_run(ns.run_dir, ns.smoothing):
             print(path)
+    elif cmd == "web-ui":
+        from ocrtune.webui.app import run_webui
+        from ocrtune.webui.args import WebUiArgs
+        run_webui(build(WebUiArgs, ns), check_sft)
     elif cmd == "list":
         from ocrtune.data.registry import DATASETS
         from ocrtune.models.registry import MODELS

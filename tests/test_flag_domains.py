@@ -17,10 +17,11 @@ from ocrtune.export.args import ExportArgs
 from ocrtune.infer.args import InferArgs
 from ocrtune.serve.args import ServeArgs
 from ocrtune.synth.run import SynthArgs
+from ocrtune.webui.args import WebUiArgs
 from ocrtune.train.args import SftArgs
 
 COMMANDS = {"sft": SftArgs, "infer": InferArgs, "eval": InferArgs, "export": ExportArgs, "serve": ServeArgs,
-            "synth": SynthArgs}
+            "synth": SynthArgs, "web-ui": WebUiArgs}
 ENV_NAMES = sorted({f.metadata["env"] for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.metadata.get("env")})
 
 

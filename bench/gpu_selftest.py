@@ -78,7 +78,7 @@ def check_model(liger: bool):
     d, samples = _small_samples()
     model = load_model(d, torch.bfloat16, "sdpa")
     applied = apply_liger(model) if liger else False
-    model = prepare_model(model, SftArgs(lora_dropout=0.0)).cuda()
+    model = prepare_model(model, SftArgs(lora_dropout=0.0, packing=True)).cuda()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -120,9 +120,9 @@ def check_fused_lora():
     d, samples = _small_samples()
     batch = {k: v.to(dev) for k, v in pack(samples, 0).items()}
     base = load_model(d, torch.bfloat16, "sdpa")
-    models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0)),
-              "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0)),
-              "fused": prepare_model(base, SftArgs(fused_lora=True, lora_dropout=0.0))}
+    models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0, packing=True)),
+              "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0, packing=True)),
+              "fused": prepare_model(base, SftArgs(fused_lora=True, lora_dropout=0.0, packing=True))}
     torch.manual_seed(0)
     with torch.no_grad():
         ref = dict(models["reference_fp32"].named_parameters())

@@ -62,7 +62,8 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
     model = load_model(d, dtype, "sdpa")
     if liger:
         assert apply_liger(model)
-    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
+    # packing=True: packed rows run the varlen attention, as `ocrtune sft --packing` has them
+    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp, packing=True,
                                          lean_mlp_fp8=lean_mlp_fp8, modules_to_save=modules_to_save)).cuda()
     if fp8_base:  # as SftRun does, on the device
         from ocrtune.models.patches import PatchOptions, prepare
@@ -449,7 +450,7 @@ def test_relora_fold_on_bf16_weights_keeps_the_loss(small):
     d, samples = small
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
     models = [prepare_model(load_model(d, dtype, "sdpa"), SftArgs(lora_dropout=0.0, lora_rank=16, lora_alpha=32,
-                                                                   target_modules=targets)).cuda()
+                                                                   target_modules=targets, packing=True)).cuda()
               for dtype in (torch.float32, torch.bfloat16)]
     reference, model = models
     _set_lora(models, std=0.05)

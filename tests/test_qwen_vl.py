@@ -259,3 +259,94 @@ def test_image_embeds_take_the_host_positions_and_match_the_stock_ones(tiny_mode
         stock = forward.image_embeds(*args)
     assert handed == [True, False]
     assert torch.equal(ours, stock)
+
+
+def test_packing_selects_its_own_attention_and_leaves_sdpa_alone(tiny_model_dir, encoded, monkeypatch):
+    """`prepare(packing=True)` selects "ocrtune_varlen" on the text config; transformers' "sdpa" stays stock for
+    every other model. Packed rows then run the packed attention, with the padded batch's loss; a model loaded
+    without it gets the same loss from transformers' document mask, without the packed attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ocrtune.data.packing import pack
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.patches import attention
+    calls = []
+    real = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    padded, packed = collate(encoded, 0), pack(encoded, 0)
+    losses = {}
+    for packing in (True, False):
+        model = load_model(tiny_model_dir, torch.float32, "sdpa").eval()
+        applied = prepare(model, PatchOptions(patch_embed=False, packing=packing))
+        text = common.causal_lm(model).model.language_model
+        assert applied["sdpa_varlen"] is packing
+        assert text.config._attn_implementation == ("ocrtune_varlen" if packing else "sdpa")
+        with torch.no_grad():
+            loss, n, _ = ResponseLoss(model)(**padded)
+            before = len(calls)
+            loss_packed, n_packed, _ = ResponseLoss(model)(**packed)
+        assert (len(calls) > before) is packing  # one call a decoder layer with the varlen attention
+        torch.testing.assert_close(loss_packed / n_packed, loss / n, rtol=1e-5, atol=1e-6)
+        losses[packing] = loss_packed
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+def test_forwards_refuse_a_model_prepare_never_saw(tiny_model_dir, encoded):
+    """The packed forward patches nothing itself: a model built without `prepare` is refused with one clear
+    message instead of running without its patches."""
+    model = _stock(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="was not prepared: load it with ocrtune.models.loading.load_model"):
+        ResponseLoss(model)(**collate(encoded[:1], 0))
+    prepare(model, PatchOptions(patch_embed=False))
+    with torch.no_grad():
+        loss, n, _ = ResponseLoss(model)(**collate(encoded[:1], 0))
+    assert int(n) > 0 and torch.isfinite(loss)
+
+
+def test_lora_input_upcast_is_switched_off_by_prepare_not_by_the_loss(tiny_model_dir, encoded):
+    """bf16 model, float32 LoRA weights: the loss autocasts to bf16 but leaves PEFT's flags as they are;
+    `prepare(lora_autocast=True)` switches the upcast off on every LoRA layer (and on a float32 model, nothing)."""
+    from ocrtune.models.loading import load_model
+    model = _lora(load_model(tiny_model_dir, torch.bfloat16, "sdpa"))
+    flags = lambda m: [x.cast_input_dtype_enabled for x in m.modules() if hasattr(x, "cast_input_dtype_enabled")]  # noqa: E731
+    loss_fn = ResponseLoss(model)
+    with torch.no_grad():
+        loss_fn(**collate(encoded[:1], 0))
+    assert loss_fn._amp == torch.bfloat16 and flags(model) and all(flags(model))
+    applied = prepare(model, PatchOptions(patch_embed=False, lora_autocast=True))
+    assert applied["lora_input_upcast"] == len(flags(model)) and not any(flags(model))
+    model32 = _lora(load_model(tiny_model_dir, torch.float32, "sdpa"))
+    assert prepare(model32, PatchOptions(patch_embed=False, lora_autocast=True))["lora_input_upcast"] == 0
+    assert all(flags(model32))
+
+
+@pytest.mark.parametrize("version,rewritten", [("1.16.0", True), ("1.99.0", False)])
+def test_fsdp_on_cpu_rewrites_accelerate_state_only_on_checked_versions(monkeypatch, version, rewritten):
+    """accelerate's shared distributed type is set to FSDP on a multi-process CPU run only where accelerate is
+    the version it was checked against; elsewhere one warning and the state as accelerate made it."""
+    import types
+
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from ocrtune.train.distributed import fsdp_on_cpu
+    monkeypatch.setattr(accelerate, "__version__", version)
+    monkeypatch.setattr(versions, "_WARNED", set())
+    shared = {"distributed_type": DistributedType.MULTI_CPU}
+    monkeypatch.setattr(PartialState, "_shared_state", shared)
+    state = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None)
+    acc = types.SimpleNamespace(device=torch.device("cpu"), num_processes=2, distributed_type=DistributedType.MULTI_CPU,
+                                state=state)
+    plugin = object()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fsdp_on_cpu(acc, {"fsdp_plugin": plugin})
+    want = DistributedType.FSDP if rewritten else DistributedType.MULTI_CPU
+    assert shared["distributed_type"] == state.distributed_type == want
+    assert (state.fsdp_plugin is plugin) is rewritten
+    assert [str(w.message) for w in caught if "accelerate" in str(w.message)] == ([] if rewritten else [
+        "ocrtune's fast paths were checked against accelerate 1.16–1.16; found 1.99.0: --fsdp on CPU runs as plain "
+        "multi-process training"])

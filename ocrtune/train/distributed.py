@@ -71,9 +71,9 @@ def fsdp_on_cpu(acc, kwargs: dict) -> None:
     plugin = kwargs.get("fsdp_plugin")
     if plugin is not None and acc.device.type == "cpu" and acc.num_processes > 1 \
             and acc.distributed_type == DistributedType.MULTI_CPU:
-        reason = version_problem("accelerate")
+        reason = version_problem("accelerate", "--fsdp on CPU runs as plain multi-process training")
         if reason is not None:
-            warn_once(f"FSDP on CPU: {reason}")
+            warn_once(reason)
             return
         from accelerate.state import PartialState
         acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -133,8 +133,8 @@ def _installed(package: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _outside(package: str, version: str | None) -> str | None:
-    """Why `version` of `package` is outside TESTED, or None."""
+def _outside(package: str, version: str | None, effect: str = "using the stock forwards") -> str | None:
+    """Why `version` of `package` is outside TESTED (and `effect`, what ocrtune does then), or None."""
     from packaging.version import InvalidVersion, Version
     low, high = TESTED[package]
     if version is None:
@@ -145,7 +145,7 @@ def _outside(package: str, version: str | None) -> str | None:
         return f"{package} {version} is not a version ocrtune can read"
     if Version(low).release[:2] <= release <= Version(high).release[:2]:
         return None
-    return f"ocrtune's fast paths were checked against {package} {low}–{high}; found {version}: using the stock forwards"
+    return f"ocrtune's fast paths were checked against {package} {low}–{high}; found {version}: {effect}"
 
 
 def checked_versions() -> str | None:
@@ -155,9 +155,9 @@ def checked_versions() -> str | None:
     return "; ".join(reasons) or None
 
 
-def version_problem(package: str) -> str | None:
-    """Why the installed `package` is outside its TESTED range, or None."""
-    return _outside(package, _installed(package))
+def version_problem(package: str, effect: str = "using the stock forwards") -> str | None:
+    """Why the installed `package` is outside its TESTED range (and `effect`), or None."""
+    return _outside(package, _installed(package), effect)
 
 
 def in_range(package: str) -> bool:

@@ -113,8 +113,8 @@ def prepare_model(model, args: SftArgs):
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
-    # the patches of transformers/PEFT internals, in today's order: fused LoRA, recompute limit, ViT varlen, sdpa
-    # varlen (the patch-embed GEMM was applied at load: `models.loading.load_model`)
+    # the patches of transformers/PEFT internals: fused LoRA, lean MLP, recompute limit, ViT varlen, the varlen
+    # attention for packed rows, LoRA input upcast off (the patch-embed GEMM was applied at load: `load_model`)
     patches.prepare(model, PatchOptions(patch_embed=False, fused_lora=args.train_type == "lora" and args.fused_lora,
                                         lean_mlp=args.train_type == "lora" and args.lean_mlp,
                                         lean_mlp_fp8=args.train_type == "lora" and args.lean_mlp_fp8,
@@ -553,7 +553,7 @@ class SftRun:
         engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)
         bs = self.args.eval_batch_size or self.args.batch_size
         mine = []
-        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (ResponseLoss): run
+        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (prepare_model): run
         # the LoRA branch under the same autocast as training, or its matmuls meet mixed dtypes
         amp = acc.unwrap_model(self.loss_module)._autocast_dtype()
         cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()

@@ -54,7 +54,7 @@ def set_recompute(model, k: str) -> int:
 
 def batches_for(ds, lengths, budget: int, start: int, count: int):
     """`count` packed batches of consecutive rows (from `start`, wrapping) filling `budget` tokens each."""
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
     out, i = [], start
     for _ in range(count):
         idx, _, i = bs.fill_budget(lengths, budget, i)
@@ -99,7 +99,7 @@ def main(argv=None):
     import torch
 
     from ocrtune.models.presets import build_preset, ensure_preset
-    from ocrtune.models.qwen_vl import liger_unavailable_reason
+    from ocrtune.models.patches.liger import liger_unavailable_reason
     if a.model in ("2b", "7b"):
         model_dir = Path(a.model_root) / f"q{a.model}"
         if not (model_dir / "config.json").exists():
@@ -112,7 +112,7 @@ def main(argv=None):
     ds, lengths = run.train_ds, run.train_ds.lengths()
     counts = bs._flop_counts(run.model)
     fixed = [ds[i] for i in range(bs.CHECK_ROWS)]
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
     run.loss_module.eval()
     with torch.no_grad(), run.accelerator.autocast():
         b = {k: v.to(run.accelerator.device) for k, v in pack(fixed, 0).items()}

@@ -69,7 +69,7 @@ def worker_throughput(a):
     import torch.distributed as tdist
 
     import bench_sft as bs
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
 
     overrides = {"fsdp": "full_shard auto_wrap"} if a.engine == "fsdp2" else {}
     if a.engine.startswith("zero"):

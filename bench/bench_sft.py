@@ -294,7 +294,7 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
 
 def run_ocrtune(a):
     import torch
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
     t0 = time.perf_counter()
     overrides = json.loads(a.overrides or "{}")
     run = make_ocrtune_run(a, a.steps + a.warmup + 1, a.packing_tokens, overrides)
@@ -356,7 +356,7 @@ def fill_budget(lengths, budget: int, start: int = 0) -> tuple[list[int], int, i
 def run_budget_probe(a):
     """Peak memory of ocrtune LoRA training steps at growing token budgets (one step each)."""
     import torch
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
     run = make_ocrtune_run(a)
     ds = run.train_ds
     lengths = ds.lengths()

@@ -24,7 +24,7 @@ def varlen_case():
     """Packed causal attention (GQA, uneven lengths) in bf16 against a float64 per-sample sdpa reference,
     forward and backward. Returns ({name: (got, want)} for out/dq/dk/dv, warnings raised, whether the
     varlen kernel ran). Also the body of tests/test_cuda.py::test_varlen_attention_matches_sdpa."""
-    from ocrtune.train.packing import _VARLEN, packed_attention
+    from ocrtune.models.patches.attention import _VARLEN, packed_attention
     torch.manual_seed(0)
     lens = [37, 120, 5, 300, 64]
     T, H, KV, D = sum(lens), 28, 4, 128
@@ -72,13 +72,13 @@ def check_model(liger: bool):
     from ocrtune.models.template import collate
     from ocrtune.train.args import SftArgs
     from ocrtune.train.loss import ResponseLoss
-    from ocrtune.train.packing import pack
-    from ocrtune.train.speed import apply_liger, liger_fused_ce
+    from ocrtune.data.packing import pack
+    from ocrtune.models.patches.liger import apply_liger, liger_fused_ce
     from ocrtune.train.trainer import prepare_model
     d, samples = _small_samples()
     model = load_model(d, torch.bfloat16, "sdpa")
     applied = apply_liger(model) if liger else False
-    model = prepare_model(model, SftArgs(lora_dropout=0.0)).cuda()
+    model = prepare_model(model, SftArgs(lora_dropout=0.0, packing=True)).cuda()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -114,15 +114,15 @@ def check_fused_lora():
     from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
     from ocrtune.train.loss import ResponseLoss
-    from ocrtune.train.packing import pack
+    from ocrtune.data.packing import pack
     from ocrtune.train.trainer import prepare_model
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     d, samples = _small_samples()
     batch = {k: v.to(dev) for k, v in pack(samples, 0).items()}
     base = load_model(d, torch.bfloat16, "sdpa")
-    models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0)),
-              "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0)),
-              "fused": prepare_model(base, SftArgs(fused_lora=True, lora_dropout=0.0))}
+    models = {"reference_fp32": prepare_model(copy.deepcopy(base).float(), SftArgs(fused_lora=False, lora_dropout=0.0, packing=True)),
+              "stock": prepare_model(copy.deepcopy(base), SftArgs(fused_lora=False, lora_dropout=0.0, packing=True)),
+              "fused": prepare_model(base, SftArgs(fused_lora=True, lora_dropout=0.0, packing=True))}
     torch.manual_seed(0)
     with torch.no_grad():
         ref = dict(models["reference_fp32"].named_parameters())

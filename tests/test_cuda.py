@@ -56,22 +56,23 @@ def _cuda(batch):
 def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp_fp8=False, fp8_base=False,
                 modules_to_save=None):
     from ocrtune.models.loading import load_model
-    from ocrtune.models.qwen_vl import apply_liger
+    from ocrtune.models.patches.liger import apply_liger
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import prepare_model
     model = load_model(d, dtype, "sdpa")
     if liger:
         assert apply_liger(model)
-    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp,
+    # packing=True: packed rows run the varlen attention, as `ocrtune sft --packing` has them
+    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp, packing=True,
                                          lean_mlp_fp8=lean_mlp_fp8, modules_to_save=modules_to_save)).cuda()
     if fp8_base:  # as SftRun does, on the device
-        from ocrtune.models.qwen_vl import PatchOptions, prepare
+        from ocrtune.models.patches import PatchOptions, prepare
         assert prepare(model, PatchOptions(patch_embed=False, fp8_base=True))["fp8_base"] > 0
     return model
 
 
 def _skip_without_liger(liger: bool) -> None:
-    from ocrtune.models.qwen_vl import liger_unavailable_reason
+    from ocrtune.models.patches.liger import liger_unavailable_reason
     if liger and liger_unavailable_reason() is not None:
         pytest.skip(f"Liger: {liger_unavailable_reason()}")
 
@@ -110,7 +111,7 @@ def test_varlen_attention_matches_sdpa():
     """Packed causal attention (GQA, uneven lengths) vs sdpa per sample in float64, forward and backward.
     The kernel stores P and the output in bf16 (2 roundings); backward adds the saved output, P, dS and
     the result (4)."""
-    from ocrtune.models.qwen_vl import _get_varlen
+    from ocrtune.models.patches.attention import _get_varlen
     assert _get_varlen() is not None, "torch.nn.attention.varlen is unavailable: packed rows fall back to a dense mask"
     pairs, warns, ran = varlen_case()
     assert ran and warns == [], warns  # no fallback warning: the varlen kernel ran
@@ -124,7 +125,7 @@ def test_patch_embed_gemm_matches_conv():
     both against a float64 reference: the GEMM stores its output (and the weight gradient) once in bf16."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 
-    from ocrtune.models.qwen_vl import linear_patch_embed
+    from ocrtune.models.patches.vision import linear_patch_embed
     torch.manual_seed(0)
     stock = PatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=1280).cuda().bfloat16()
     fast = copy.deepcopy(stock)
@@ -148,7 +149,7 @@ def test_vit_varlen_matches_stock(small):
     block's attention stores P and its output in bf16 on each side (4 roundings a block, `depth` blocks);
     and the varlen ViT is as accurate as the stock one against a float32 reference of the same weights."""
     from ocrtune.models.loading import load_model
-    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
     from ocrtune.models.template import collate
     d, samples = small
     model = load_model(d, torch.bfloat16, "sdpa").cuda()
@@ -177,7 +178,7 @@ def test_fused_lora_layer_matches_peft():
     gradient, the weight gradient; fused: the two last)."""
     from peft import LoraConfig, get_peft_model
 
-    from ocrtune.models.qwen_vl import fuse_lora_linears
+    from ocrtune.models.patches.lora import fuse_lora_linears
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(1024, 1024)).cuda().bfloat16()
     stock = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
@@ -390,7 +391,7 @@ def test_packed_vs_padded_loss_and_grads(small, liger):
     and LoRA gradients: the loss within a bf16 rounding on each path, the gradients as accurate as the
     padded path's against a float32 reference of the same weights (worst and median over the tensors)."""
     from ocrtune.data.packing import pack
-    from ocrtune.models.qwen_vl import liger_fused_ce
+    from ocrtune.models.patches.liger import liger_fused_ce
     from ocrtune.models.template import collate
     _skip_without_liger(liger)
     d, samples = small
@@ -417,7 +418,7 @@ def test_modules_to_save_trains_the_tied_embeddings_in_bf16(small):
     installed; last in the file, as Liger patches the process): the trained copy is lm_head too, and its gradient
     (input lookups plus output logits) is as accurate packed as padded against a float32 reference."""
     from ocrtune.data.packing import pack
-    from ocrtune.models.qwen_vl import liger_fused_ce, liger_unavailable_reason
+    from ocrtune.models.patches.liger import liger_fused_ce, liger_unavailable_reason
     from ocrtune.models.template import collate
     liger = liger_unavailable_reason() is None
     d, samples = small
@@ -449,7 +450,7 @@ def test_relora_fold_on_bf16_weights_keeps_the_loss(small):
     d, samples = small
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
     models = [prepare_model(load_model(d, dtype, "sdpa"), SftArgs(lora_dropout=0.0, lora_rank=16, lora_alpha=32,
-                                                                   target_modules=targets)).cuda()
+                                                                   target_modules=targets, packing=True)).cuda()
               for dtype in (torch.float32, torch.bfloat16)]
     reference, model = models
     _set_lora(models, std=0.05)

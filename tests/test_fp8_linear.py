@@ -62,7 +62,8 @@ def test_fp8_base_model_trains_near_the_bf16_one_with_half_the_base_bytes(tiny_m
     model's gradients move about 4x the relative change of its activations: 13% in L2, almost all from the
     forward's rounding); the base weights are gone from the parameters, kept in float8 at one byte a value."""
     from ocrtune.models.fp8_linear import Fp8BaseLinear
-    from ocrtune.models.qwen_vl import PatchOptions, causal_lm, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
+    from ocrtune.models.patches.common import causal_lm
     batch = _sample_batch(tiny_model_dir)
     results = {}
     for fp8 in (False, True):

@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parent.parent / "ocrtune"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "fileio", "compat", "args"),    # foundation (args: `arg()`, given_flags, shared arg groups)
     ("data", "evaluate", "plot"),              # records, images, packing; string metrics; run plots
-    ("models",),                               # registry, template, loading, dtype policy, generation (later: qwen_vl patches)
+    ("models",),                               # registry, template, loading, dtype policy, generation, patches/
     ("checkpoint",),                           # reserved: the one checkpoint-format module (write/read/resolve/merge info)
     ("train",),                                # the sft recipe: writes checkpoints
     ("export",),                               # merges checkpoints

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
-from ocrtune.models.kernels import linear_patch_embed
+from ocrtune.models.patches.vision import linear_patch_embed
 from tolerance import float32_atol
-from ocrtune.train.speed import fuse_lora_linears, limit_recompute
+from ocrtune.models.patches.lora import fuse_lora_linears
+from ocrtune.models.patches.blocks import limit_recompute
 
 
 class TwoLinears(nn.Module):

@@ -79,7 +79,7 @@ def test_fused_peft_layer_with_dropout_trains_like_peft():
     same mask (the patched layer's mask is replayed into PEFT's dropout)."""
     from peft import LoraConfig, get_peft_model
 
-    from ocrtune.train import speed
+    from ocrtune.models.patches import lora
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT, bias=False))
     model = get_peft_model(base, LoraConfig(r=R, lora_alpha=16, lora_dropout=0.2, target_modules=["0"]))
@@ -94,7 +94,7 @@ def test_fused_peft_layer_with_dropout_trains_like_peft():
         seeds.append(int(out.item()))
         return out
 
-    assert speed.fuse_lora_linears(model) == 1
+    assert lora.fuse_lora_linears(model) == 1
     torch.randint = spy
     try:
         out = model(x)
@@ -163,7 +163,7 @@ def _lora_model(tiny_model_dir, lean: bool, dropout: float = 0.0, recompute: boo
 
     from ocrtune.compat import enable_activation_checkpointing, quiet_peft_deprecations
     from ocrtune.models.loading import load_model, lora_target_regex
-    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, torch.float32, "sdpa")
     model.requires_grad_(False)
@@ -307,7 +307,7 @@ def test_lean_mlp_fp8_model_keeps_a_quarter_of_gate_and_up_and_trains_nearly_ali
     per decoder layer gate and up kept as 1-byte values plus a float32 scale per token instead of 4-byte
     float32 values, and LoRA gradients within 2^-3 relative (L2) of the exact ones: the backward multiplies
     two kept values, each rounded by at most 2^-4 (measured: at most 0.034)."""
-    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
     batch = _sample_batch(tiny_model_dir)
     results = {}
     for fp8 in (False, True):

@@ -10,7 +10,8 @@ from ocrtune.data.registry import SAMPLE_DIR
 from ocrtune.models.template import IGNORE_INDEX, Template, collate
 from ocrtune.train.data import EncodedDataset, parquet_rows
 from ocrtune.train.loss import ResponseLoss
-from ocrtune.train.packing import _block_causal_mask, mrope_positions, pack, token_budget_batches
+from ocrtune.models.patches.attention import _block_causal_mask
+from ocrtune.data.packing import mrope_positions, pack, token_budget_batches
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _assert_grads_close(g2, g1, tol=1e-5):
 def _loss_and_grads(model, batch):
     """Loss, response tokens and gradients of `batch`, its pixels restored as the trainer does (`to_device`: a
     loader worker's light pixels made the model's input, in the vision tower's dtype)."""
-    from ocrtune.models.qwen_vl import vision_input_dtype
+    from ocrtune.models.patches.vision import vision_input_dtype
     from ocrtune.train.trainer import to_device
     model.zero_grad(set_to_none=True)
     loss, n, _ = ResponseLoss(model, chunk_size=7)(**to_device(batch, "cpu", vision_input_dtype(model)))
@@ -208,15 +209,15 @@ def test_collator_sends_pixels_in_the_vision_towers_half_dtype_with_the_same_res
     """A bf16 vision tower casts its pixel values to bf16 before anything reads them, so the collator makes them
     bf16 in the loader workers (half the bytes to move): loss and gradients are bit-identical to float32 pixels.
     A float32 tower (CPU, float32 master weights) keeps float32 pixels."""
-    from ocrtune.models import qwen_vl
+    from ocrtune.models.patches import vision
     from ocrtune.models.loading import load_model
     from ocrtune.train.data import Collator
-    assert qwen_vl.vision_input_dtype(_model(tiny_model_dir, "sdpa")) is None
+    assert vision.vision_input_dtype(_model(tiny_model_dir, "sdpa")) is None
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, torch.bfloat16, "sdpa")
     model.eval()
     model.requires_grad_(True)
-    half = qwen_vl.vision_input_dtype(model)
+    half = vision.vision_input_dtype(model)
     assert half == torch.bfloat16
     full_batch, half_batch = Collator(0, packing=True)(list(encoded)), Collator(0, True, half)(list(encoded))
     assert full_batch["pixel_values"].dtype == torch.float32 and half_batch["pixel_values"].dtype == torch.bfloat16

@@ -132,7 +132,7 @@ def test_fused_lora_over_4bit_base_matches_peft(tiny_4bit):
     from peft import LoraConfig
     from peft.tuners.lora import bnb as lora_bnb
 
-    from ocrtune.models.qwen_vl import _fused_lora_forward, fuse_lora_linears
+    from ocrtune.models.patches.lora import _fused_lora_forward, fuse_lora_linears
     base = tiny_4bit.model.language_model.layers[0].mlp.up_proj
     torch.manual_seed(0)
     layer = lora_bnb.Linear4bit(base, "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8,

@@ -19,7 +19,7 @@ def test_fused_lora_over_cuda_4bit_base_matches_peft(tiny_model_dir):
     from peft.tuners.lora import bnb as lora_bnb
 
     from ocrtune.models.loading import load_model
-    from ocrtune.models.qwen_vl import fuse_lora_linears
+    from ocrtune.models.patches.lora import fuse_lora_linears
     model = load_model(tiny_model_dir, torch.bfloat16, device=torch.device("cuda"), quant_bits=4)
     base = model.model.language_model.layers[0].self_attn.q_proj
     torch.manual_seed(0)

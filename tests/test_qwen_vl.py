@@ -1,4 +1,4 @@
-"""models/qwen_vl.py: the one place ocrtune reaches into transformers/PEFT internals.
+"""models/patches/: the one place ocrtune reaches into transformers/PEFT internals.
 
 `prepare` reports what it applied; outside the tested versions it warns once and the model runs its stock
 forward (same loss as an unpatched model, within float32 rounding); every private name `PATCH_POINTS`
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ocrtune.data.registry import SAMPLE_DIR
-from ocrtune.models import qwen_vl
-from ocrtune.models.qwen_vl import PATCH_POINTS, TESTED, PatchOptions, prepare
+from ocrtune.models.patches import PatchOptions, common, forward, liger, lora, prepare, versions, vision
+from ocrtune.models.patches.versions import PATCH_POINTS, TESTED
 from ocrtune.models.template import Template, collate
 from ocrtune.train.data import EncodedDataset, parquet_rows
 from ocrtune.train.loss import ResponseLoss
@@ -50,7 +50,7 @@ def _lora(model, patch_embed=False, **kw):
 
 
 def test_installed_versions_are_the_tested_ones():
-    assert qwen_vl.checked_versions() is None
+    assert versions.checked_versions() is None
     assert {p.package for p in PATCH_POINTS} <= set(TESTED)
     assert len({p.name for p in PATCH_POINTS}) == len(PATCH_POINTS)
 
@@ -68,9 +68,9 @@ def test_prepare_reports_what_it_applied(tiny_model_dir):
     assert applied == {"patch_embed": 0, "fused_lora": n_lora, "recompute": 1, "vision_varlen": True,
                        "sdpa_varlen": True, "skipped": {}}
     assert n_lora > 0
-    layers = qwen_vl.causal_lm(model).model.language_model.layers
+    layers = common.causal_lm(model).model.language_model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (len(layers) - 1)
-    attn = qwen_vl.causal_lm(model).model.visual.blocks[0].attn
+    attn = common.causal_lm(model).model.visual.blocks[0].attn
     assert hasattr(attn, "_ocrtune_stock_forward")
     again = prepare(model, options)  # idempotent: nothing is patched twice
     assert again["fused_lora"] == 0 and again["patch_embed"] == 0 and again["vision_varlen"] is True
@@ -83,9 +83,9 @@ def test_prepare_model_applies_the_training_patches(tiny_model_dir):
     model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),
                           SftArgs(gradient_checkpointing=True, recompute_layers=1))
     assert any(hasattr(m, "_ocrtune_stock_forward") and hasattr(m, "lora_A") for m in model.modules())  # fused LoRA
-    assert qwen_vl.causal_lm(model).model.visual._ocrtune_varlen is True
-    assert [layer.gradient_checkpointing for layer in qwen_vl.causal_lm(model).model.language_model.layers][1:] \
-        == [False] * (len(qwen_vl.causal_lm(model).model.language_model.layers) - 1)
+    assert common.causal_lm(model).model.visual._ocrtune_varlen is True
+    assert [layer.gradient_checkpointing for layer in common.causal_lm(model).model.language_model.layers][1:] \
+        == [False] * (len(common.causal_lm(model).model.language_model.layers) - 1)
 
 
 def _version_warnings(caught):
@@ -98,8 +98,8 @@ def test_untested_transformers_warns_once_and_runs_stock_forward(tiny_model_dir,
     from ocrtune.data.packing import pack
     from ocrtune.models.loading import load_model
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
-    monkeypatch.setattr(qwen_vl, "_WARNED", set())
-    reason = qwen_vl.checked_versions()
+    monkeypatch.setattr(versions, "_WARNED", set())
+    reason = versions.checked_versions()
     assert reason is not None and "transformers 5.17–5.24; found 5.99.0" in reason
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -113,7 +113,7 @@ def test_untested_transformers_warns_once_and_runs_stock_forward(tiny_model_dir,
 
     def hand_rolled(*a, **k):
         raise AssertionError("the hand-rolled Qwen2VLModel forward ran outside the tested versions")
-    monkeypatch.setattr(qwen_vl, "image_embeds", hand_rolled)
+    monkeypatch.setattr(forward, "image_embeds", hand_rolled)
     padded = collate(encoded, 0)
     stock = _stock(tiny_model_dir)
     stock.load_state_dict(model.state_dict())
@@ -137,11 +137,11 @@ def test_untested_peft_leaves_lora_layers_alone(tiny_model_dir, monkeypatch):
     import peft
     model = _lora(_stock(tiny_model_dir))
     monkeypatch.setattr(peft, "__version__", "0.30.0")
-    monkeypatch.setattr(qwen_vl, "_WARNED", set())
+    monkeypatch.setattr(versions, "_WARNED", set())
     with pytest.warns(UserWarning, match="checked against peft 0.21–0.21; found 0.30.0"):
         applied = prepare(model, PatchOptions(fused_lora=True))
     assert applied["fused_lora"] == 0 and {"fused_lora", "lora_input_upcast"} <= set(applied["skipped"])
-    assert qwen_vl.disable_lora_input_upcast(model) == 0
+    assert lora.disable_lora_input_upcast(model) == 0
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
@@ -149,7 +149,7 @@ def test_patch_points_resolve(tiny_model_dir):
     """Every private name a patch point relies on exists in the installed transformers/PEFT, on a
     model that holds every patched kind of module (LoRA layers, checkpointed decoder layers, ViT)."""
     model = _lora(_stock(tiny_model_dir), patch_embed=True)
-    assert qwen_vl.unresolved(model) == []
+    assert versions.unresolved(model) == []
     for point in PATCH_POINTS:
         for ref in point.relies_on:
             module_name, _, rest = ref.partition(":")
@@ -167,13 +167,13 @@ def test_patch_points_resolve(tiny_model_dir):
 ])
 def test_resolver_reports_missing_names(tiny_model_dir, ref):
     model = _stock(tiny_model_dir) if "#" in ref else None
-    assert qwen_vl._resolve(ref, model) is not None
+    assert versions._resolve(ref, model) is not None
 
 
 def test_prepare_liger_where_it_cannot_run_leaves_the_model_stock(tiny_model_dir, encoded):
     """`PatchOptions(liger=True)` here (no CUDA, no liger-kernel): one warning, the reason in `skipped`,
     no fused CE, and outputs bit-identical to the stock model's."""
-    reason = qwen_vl.liger_unavailable_reason()
+    reason = liger.liger_unavailable_reason()
     if reason is None:
         pytest.skip("Liger can run here: tests/test_cuda.py checks it")
     model, stock = _stock(tiny_model_dir), _stock(tiny_model_dir)
@@ -230,7 +230,7 @@ def test_vision_host_kwargs_are_what_transformers_builds(grid):
     from transformers import vision_utils
     want_pos = vision_utils.get_vision_position_ids(torch.tensor(grid), 2)
     want_cu = vision_utils.get_vision_cu_seqlens(torch.tensor(grid))
-    got = qwen_vl.vision_host_kwargs(grid, 2, "cpu")
+    got = vision.vision_host_kwargs(grid, 2, "cpu")
     assert got["position_ids"].dtype == want_pos.dtype and torch.equal(got["position_ids"], want_pos)
     assert got["cu_seqlens"].dtype == want_cu.dtype and torch.equal(got["cu_seqlens"], want_cu)
 
@@ -243,7 +243,7 @@ def test_image_embeds_take_the_host_positions_and_match_the_stock_ones(tiny_mode
 
     from ocrtune.data.packing import pack
     from ocrtune.models.loading import load_model
-    lm = qwen_vl.causal_lm(load_model(tiny_model_dir, torch.float32, "sdpa").eval())
+    lm = common.causal_lm(load_model(tiny_model_dir, torch.float32, "sdpa").eval())
     batch = pack(encoded, 0)
     assert len(batch["image_grid_thw"]) == len(encoded) > 1
     stock_ids, handed = modeling_qwen2_vl.get_vision_position_ids, []
@@ -254,8 +254,99 @@ def test_image_embeds_take_the_host_positions_and_match_the_stock_ones(tiny_mode
     monkeypatch.setattr(modeling_qwen2_vl, "get_vision_position_ids", spy)
     args = (lm, lm.model, batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
     with torch.no_grad():
-        ours = qwen_vl.image_embeds(*args)
-        monkeypatch.setattr(qwen_vl, "HOST_VISION_IDS", False)
-        stock = qwen_vl.image_embeds(*args)
+        ours = forward.image_embeds(*args)
+        monkeypatch.setattr(forward, "HOST_VISION_IDS", False)
+        stock = forward.image_embeds(*args)
     assert handed == [True, False]
     assert torch.equal(ours, stock)
+
+
+def test_packing_selects_its_own_attention_and_leaves_sdpa_alone(tiny_model_dir, encoded, monkeypatch):
+    """`prepare(packing=True)` selects "ocrtune_varlen" on the text config; transformers' "sdpa" stays stock for
+    every other model. Packed rows then run the packed attention, with the padded batch's loss; a model loaded
+    without it gets the same loss from transformers' document mask, without the packed attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ocrtune.data.packing import pack
+    from ocrtune.models.loading import load_model
+    from ocrtune.models.patches import attention
+    calls = []
+    real = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    padded, packed = collate(encoded, 0), pack(encoded, 0)
+    losses = {}
+    for packing in (True, False):
+        model = load_model(tiny_model_dir, torch.float32, "sdpa").eval()
+        applied = prepare(model, PatchOptions(patch_embed=False, packing=packing))
+        text = common.causal_lm(model).model.language_model
+        assert applied["sdpa_varlen"] is packing
+        assert text.config._attn_implementation == ("ocrtune_varlen" if packing else "sdpa")
+        with torch.no_grad():
+            loss, n, _ = ResponseLoss(model)(**padded)
+            before = len(calls)
+            loss_packed, n_packed, _ = ResponseLoss(model)(**packed)
+        assert (len(calls) > before) is packing  # one call a decoder layer with the varlen attention
+        torch.testing.assert_close(loss_packed / n_packed, loss / n, rtol=1e-5, atol=1e-6)
+        losses[packing] = loss_packed
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+def test_forwards_refuse_a_model_prepare_never_saw(tiny_model_dir, encoded):
+    """The packed forward patches nothing itself: a model built without `prepare` is refused with one clear
+    message instead of running without its patches."""
+    model = _stock(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="was not prepared: load it with ocrtune.models.loading.load_model"):
+        ResponseLoss(model)(**collate(encoded[:1], 0))
+    prepare(model, PatchOptions(patch_embed=False))
+    with torch.no_grad():
+        loss, n, _ = ResponseLoss(model)(**collate(encoded[:1], 0))
+    assert int(n) > 0 and torch.isfinite(loss)
+
+
+def test_lora_input_upcast_is_switched_off_by_prepare_not_by_the_loss(tiny_model_dir, encoded):
+    """bf16 model, float32 LoRA weights: the loss autocasts to bf16 but leaves PEFT's flags as they are;
+    `prepare(lora_autocast=True)` switches the upcast off on every LoRA layer (and on a float32 model, nothing)."""
+    from ocrtune.models.loading import load_model
+    model = _lora(load_model(tiny_model_dir, torch.bfloat16, "sdpa"))
+    flags = lambda m: [x.cast_input_dtype_enabled for x in m.modules() if hasattr(x, "cast_input_dtype_enabled")]  # noqa: E731
+    loss_fn = ResponseLoss(model)
+    with torch.no_grad():
+        loss_fn(**collate(encoded[:1], 0))
+    assert loss_fn._amp == torch.bfloat16 and flags(model) and all(flags(model))
+    applied = prepare(model, PatchOptions(patch_embed=False, lora_autocast=True))
+    assert applied["lora_input_upcast"] == len(flags(model)) and not any(flags(model))
+    model32 = _lora(load_model(tiny_model_dir, torch.float32, "sdpa"))
+    assert prepare(model32, PatchOptions(patch_embed=False, lora_autocast=True))["lora_input_upcast"] == 0
+    assert all(flags(model32))
+
+
+@pytest.mark.parametrize("version,rewritten", [("1.16.0", True), ("1.99.0", False)])
+def test_fsdp_on_cpu_rewrites_accelerate_state_only_on_checked_versions(monkeypatch, version, rewritten):
+    """accelerate's shared distributed type is set to FSDP on a multi-process CPU run only where accelerate is
+    the version it was checked against; elsewhere one warning and the state as accelerate made it."""
+    import types
+
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from ocrtune.train.distributed import fsdp_on_cpu
+    monkeypatch.setattr(accelerate, "__version__", version)
+    monkeypatch.setattr(versions, "_WARNED", set())
+    shared = {"distributed_type": DistributedType.MULTI_CPU}
+    monkeypatch.setattr(PartialState, "_shared_state", shared)
+    state = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None)
+    acc = types.SimpleNamespace(device=torch.device("cpu"), num_processes=2, distributed_type=DistributedType.MULTI_CPU,
+                                state=state)
+    plugin = object()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fsdp_on_cpu(acc, {"fsdp_plugin": plugin})
+    want = DistributedType.FSDP if rewritten else DistributedType.MULTI_CPU
+    assert shared["distributed_type"] == state.distributed_type == want
+    assert (state.fsdp_plugin is plugin) is rewritten
+    assert [str(w.message) for w in caught if "accelerate" in str(w.message)] == ([] if rewritten else [
+        "ocrtune's fast paths were checked against accelerate 1.16–1.16; found 1.99.0: --fsdp on CPU runs as plain "
+        "multi-process training"])

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from ocrtune.train import speed
+from ocrtune.models.patches import liger
 
 
 def _tiny(tiny_model_dir):
@@ -21,11 +21,11 @@ def test_liger_falls_back_without_cuda(tiny_model_dir, monkeypatch):
     before = {n: type(m) for n, m in model.named_modules()}
     forwards = {n: m.forward for n, m in model.named_modules()}
     with pytest.warns(UserWarning, match="no CUDA device"):
-        assert speed.apply_liger(model) is False
+        assert liger.apply_liger(model) is False
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert all(m.forward == forwards[n] for n, m in model.named_modules())
     with pytest.warns(UserWarning, match="no CUDA device"):
-        assert speed.liger_fused_ce() is None
+        assert liger.liger_fused_ce() is None
 
 
 def test_liger_falls_back_when_not_installed(tiny_model_dir, monkeypatch):
@@ -34,15 +34,15 @@ def test_liger_falls_back_when_not_installed(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
     model = _tiny(tiny_model_dir)
     with pytest.warns(UserWarning, match="liger-kernel is not usable"):
-        assert speed.apply_liger(model) is False
+        assert liger.apply_liger(model) is False
     with pytest.warns(UserWarning, match="liger-kernel is not usable"):
-        assert speed.liger_fused_ce() is None
+        assert liger.liger_fused_ce() is None
 
 
 def test_packed_attention_cpu_fallback_is_exact():
     """On CPU the packed attention is sdpa with a block-diagonal causal mask: equal to running
     each sample on its own."""
-    from ocrtune.train.packing import packed_attention
+    from ocrtune.models.patches.attention import packed_attention
     torch.manual_seed(0)
     lens = [3, 5, 2]
     q = torch.randn(1, 4, sum(lens), 8)
@@ -59,11 +59,14 @@ def test_packed_attention_cpu_fallback_is_exact():
 
 
 def test_varlen_sdpa_wrapper_leaves_plain_sdpa_alone():
+    """"ocrtune_varlen" without packed kwargs is transformers' sdpa; "sdpa" itself is not replaced."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from ocrtune.train.packing import install_varlen_sdpa
-    assert install_varlen_sdpa() is True
-    fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    from ocrtune.models.patches.attention import VARLEN_ATTENTION, register_varlen_attention
+    assert register_varlen_attention() is True
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    fn = ALL_ATTENTION_FUNCTIONS[VARLEN_ATTENTION]
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 1
     q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
@@ -89,7 +92,7 @@ def test_varlen_kernel_dtype_follows_autocast():
     """With float32 master weights under bf16 autocast, the rotary step hands float32 q/k to the
     packed attention; it must still run the half-precision varlen kernel (as autocast would run
     sdpa), not the dense [T, T] mask fallback."""
-    from ocrtune.train.packing import varlen_dtype
+    from ocrtune.models.patches.attention import varlen_dtype
     q = torch.randn(1, 2, 4, 8)
     assert varlen_dtype(q) is None  # plain float32: no half kernel
     assert varlen_dtype(q.bfloat16()) == torch.bfloat16
@@ -103,17 +106,17 @@ def test_liger_auto_is_off_for_narrow_models(tmp_path, tiny_model_dir, monkeypat
     1024 (the small preset's step was 0.276 s with Liger against 0.205 without on an H200); an explicit flag wins."""
     import json
 
-    from ocrtune.models import qwen_vl
+    from ocrtune.models.patches import liger
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import ResolvedRun
-    monkeypatch.setattr(qwen_vl, "liger_unavailable_reason", lambda: None)  # as on a GPU with liger-kernel
+    monkeypatch.setattr(liger, "liger_unavailable_reason", lambda: None)  # as on a GPU with liger-kernel
     wide = tmp_path / "wide"
     wide.mkdir()
     (wide / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 1536}}))
     assert ResolvedRun.of(SftArgs(), None, wide).use_liger is True
     assert ResolvedRun.of(SftArgs(), None, tiny_model_dir).use_liger is False  # hidden size 128
     assert ResolvedRun.of(SftArgs(use_liger=True), None, tiny_model_dir).use_liger is True
-    monkeypatch.setattr(qwen_vl, "liger_unavailable_reason", lambda: "no CUDA device")
+    monkeypatch.setattr(liger, "liger_unavailable_reason", lambda: "no CUDA device")
     assert ResolvedRun.of(SftArgs(), None, wide).use_liger is False
 
 

@@ -232,7 +232,7 @@ def test_run_given_its_model_trains_that_model(tmp_path, tiny_model_dir):
 
     from ocrtune.compat import quiet_peft_deprecations
     from ocrtune.models.loading import load_model
-    from ocrtune.models.qwen_vl import causal_lm
+    from ocrtune.models.patches.common import causal_lm
     from ocrtune.train import trainer as tr
     from ocrtune.train.data import parquet_rows
     calls = []
@@ -314,7 +314,7 @@ def test_vit_and_aligner_learning_rates_are_their_own_groups(tiny_model_dir):
     their own peak rates, kept through the schedule (warm-up scales every group alike); without them the
     optimizer is the usual two groups."""
     from ocrtune.models.loading import load_model
-    from ocrtune.models.qwen_vl import causal_lm
+    from ocrtune.models.patches.common import causal_lm
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import make_optimizer, prepare_model
     model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),

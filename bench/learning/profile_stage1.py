@@ -77,15 +77,15 @@ def record(**fields) -> dict:
 
 def compile_blocks(run, which="all") -> int:
     """torch.compile the decoder layers and ViT blocks in place: `which` "all" is `ocrtune sft --torch_compile`
-    (`qwen_vl.compile_blocks`); "lm" or "vit" compiles one tower's blocks only."""
-    from ocrtune.models import qwen_vl
+    (`blocks.compile_blocks`); "lm" or "vit" compiles one tower's blocks only."""
+    from ocrtune.models.patches import blocks, common
     if which == "all":
-        return qwen_vl.compile_blocks(run.loss_module)
-    m = qwen_vl.causal_lm(run.accelerator.unwrap_model(run.loss_module).model).model
-    blocks = list(m.language_model.layers) if which == "lm" else list(m.visual.blocks)
-    for blk in blocks:
+        return blocks.compile_blocks(run.loss_module)
+    m = common.causal_lm(run.accelerator.unwrap_model(run.loss_module).model).model
+    chosen = list(m.language_model.layers) if which == "lm" else list(m.visual.blocks)
+    for blk in chosen:
         blk.compile(dynamic=True)
-    return len(blocks)
+    return len(chosen)
 
 
 def step_times(run, batches, warmup: int) -> list[float]:
@@ -199,14 +199,14 @@ def main(argv=None):
         return
     variants = {**({} if a.skip_stage1 else {"stage1": {}}), **json.loads(a.variants)}
     res = {"args": vars(a), "cases": []}
-    from ocrtune.models import qwen_vl
+    from ocrtune.models.patches import forward
     for name, ov in variants.items():
         ov = dict(ov)
         # "_host_vision_ids": false builds the ViT's position ids image by image on the device (transformers' way)
-        qwen_vl.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
+        forward.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
         compiled = ov.pop("_compile_blocks", False)  # true (all), "lm" or "vit"
         for tokens in [int(x) for x in a.tokens.split(",")]:
-            case = {"variant": name, "tokens": tokens, "host_vision_ids": qwen_vl.HOST_VISION_IDS}
+            case = {"variant": name, "tokens": tokens, "host_vision_ids": forward.HOST_VISION_IDS}
             try:
                 run = make_run(a, tokens, ov)
                 if compiled:

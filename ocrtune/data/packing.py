@@ -10,8 +10,7 @@
 `budget` tokens each (the sampler behind `--packing_tokens`).
 
 The attention that keeps packed samples apart (varlen for text and ViT) reaches into transformers and
-lives with the other model patches in `ocrtune/models/qwen_vl.py`. Moved from `ocrtune/train/packing.py`
-(issue 14), which re-exports everything here.
+lives with the other model patches in `ocrtune/models/patches/attention.py`.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def load_model(path: Path, dtype=None, attn_impl: str | None = None, device=None
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model weights from {path}: {str(e).splitlines()[0][:200]}",
                         "the folder needs config.json and *.safetensors weights") from None
-    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
     prepare(model, PatchOptions())  # the patch-embed GEMM
     return model
 
@@ -138,7 +138,7 @@ def build_on_meta(path: Path, dtype=None, attn_impl: str | None = None):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32, **kwargs)
     model.name_or_path = str(path)
-    from ocrtune.models.qwen_vl import PatchOptions, prepare
+    from ocrtune.models.patches import PatchOptions, prepare
     prepare(model, PatchOptions())  # the patch-embed GEMM
     return model
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ocrtune.errors import UserError
+from ocrtune.models.patches.versions import version_problem, warn_once
 
 CONFIGS = Path(__file__).parent / "configs"
 DS_FOLDER = "deepspeed"  # per-rank ZeRO optimizer state inside a checkpoint folder
@@ -60,13 +61,21 @@ def plugin_kwargs(args) -> dict:
 
 
 def fsdp_on_cpu(acc, kwargs: dict) -> None:
-    """accelerate applies an FSDP plugin only on accelerators and silently runs plain multi-process
-    CPU training otherwise; torch's fully_shard itself runs on CPU with gloo, so turn it on (this is
-    how the CPU tests exercise the FSDP2 path)."""
+    """The one change ocrtune makes to accelerate (patch point `accelerate_fsdp_cpu` in
+    models/patches/versions.py). accelerate applies an FSDP plugin only on accelerators and silently runs
+    plain multi-process CPU training otherwise; torch's fully_shard itself runs on CPU with gloo, so turn it
+    on (this is how the CPU tests exercise the FSDP2 path). accelerate has no public switch for it: its
+    distributed type lives in the state shared by every PartialState/AcceleratorState, which is rewritten
+    here, and only on the accelerate versions this was checked against (elsewhere a warning, and the run
+    stays plain multi-process CPU training)."""
     from accelerate.utils import DistributedType
     plugin = kwargs.get("fsdp_plugin")
     if plugin is not None and acc.device.type == "cpu" and acc.num_processes > 1 \
             and acc.distributed_type == DistributedType.MULTI_CPU:
+        reason = version_problem("accelerate", "--fsdp on CPU runs as plain multi-process training")
+        if reason is not None:
+            warn_once(reason)
+            return
         from accelerate.state import PartialState
         acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin

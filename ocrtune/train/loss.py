@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count (also eval --metrics acc)
-from ocrtune.models import qwen_vl
-from ocrtune.models.qwen_vl import causal_lm  # noqa: F401  (moved; issue 14)
+from ocrtune.models.patches.common import assert_prepared, causal_lm
+from ocrtune.models.patches.forward import hidden_states, image_embeds
+from ocrtune.models.patches.lora import lora_autocast_dtype
 from ocrtune.models.template import IGNORE_INDEX
 
 
@@ -47,7 +48,8 @@ class ResponseLoss(nn.Module):
     The image features are computed without autograd when the vision tower is frozen (nothing in it
     trains, so backward never enters it). Packed batches (`cu_seq_lens` from packing.pack) go to the
     language model as one row with per-sample positions and variable-length attention; the forward
-    through the model's internals is `models/qwen_vl.py:hidden_states`."""
+    through the model's internals is `models/patches/forward.py:hidden_states`. The model must have been
+    through `models.patches.prepare` (every loaded model is): nothing is patched here."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, fused_ce=None):
         super().__init__()
@@ -55,22 +57,16 @@ class ResponseLoss(nn.Module):
         self._amp = None
 
     def _autocast_dtype(self):
-        """PEFT keeps LoRA weights in float32 on a bf16/fp16 model and upcasts every LoRA input to
-        float32 (a copy of each [tokens, hidden] activation, float32 matmuls and elementwise ops,
-        another copy back): a third of a 7B LoRA step. Instead the LoRA branch runs in the model's
-        dtype under autocast (float32 master weights, as mixed-precision training does), with PEFT's
-        input upcast off. Returns the autocast dtype, or None (float32 models: nothing changes)."""
+        """The dtype the forward autocasts to (`lora_autocast_dtype`: float32 LoRA weights on a bf16/fp16
+        model run in the model's dtype; PEFT's input upcast was switched off by `prepare(lora_autocast=True)`),
+        or None (float32 models: nothing changes). Decided at the first call."""
         if self._amp is None:
-            lm = causal_lm(self.model)
-            base = lm.lm_head.weight.dtype
-            trained32 = any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters())
-            self._amp = base if (base in (torch.bfloat16, torch.float16) and trained32) else False
-            if self._amp:
-                qwen_vl.disable_lora_input_upcast(self.model)
+            assert_prepared(causal_lm(self.model))
+            self._amp = lora_autocast_dtype(self.model) or False
         return self._amp or None
 
     def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
-        return qwen_vl.image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
+        return image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
 
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
@@ -86,9 +82,8 @@ class ResponseLoss(nn.Module):
     def _forward(self, input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,
                  mm_token_type_ids, cu_seq_lens, max_length, **kwargs):
         lm = causal_lm(self.model)
-        return self._loss(lm, qwen_vl.hidden_states(lm, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                                    position_ids, mm_token_type_ids, cu_seq_lens, max_length,
-                                                    **kwargs), labels)
+        return self._loss(lm, hidden_states(lm, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                            position_ids, mm_token_type_ids, cu_seq_lens, max_length, **kwargs), labels)
 
     def _loss(self, lm, last_hidden_state, labels):
         hidden = last_hidden_state[:, :-1]

@@ -15,7 +15,7 @@ import torch
 def lora_layers(model):
     """(name in the unwrapped model, module) of every LoRA layer of a PEFT-wrapped model."""
     from peft.tuners.lora import LoraLayer
-    inner = model.base_model.model  # PeftModel -> LoraModel -> the *ForConditionalGeneration
+    inner = model.get_base_model()  # PEFT's public way to the *ForConditionalGeneration under the wrappers
     return [(name, m) for name, m in inner.named_modules() if isinstance(m, LoraLayer)]
 
 

@@ -24,9 +24,11 @@ from ocrtune.errors import UserError
 from ocrtune.models.dtypes import train_dtype as resolve_dtype  # noqa: F401  (moved; issue 14)
 from ocrtune.models.loading import (build_on_meta, hidden_size, is_random_init, load_model, load_processor,
                                     lora_target_regex, resolve_model, template_name)
-from ocrtune.models import qwen_vl
-from ocrtune.models.fp8_linear import fp8_base_linears
-from ocrtune.models.qwen_vl import PatchOptions
+from ocrtune.models import patches
+from ocrtune.models.fp8_linear import float8_matmul_reason
+from ocrtune.models.patches import PatchOptions
+from ocrtune.models.patches.common import causal_lm
+from ocrtune.models.patches.vision import vision_input_dtype
 from ocrtune.models.template import IGNORE_INDEX, Template
 from ocrtune import checkpoint as ckpt_io
 from ocrtune.train import distributed as dist, relora, schedule
@@ -91,7 +93,7 @@ def rows_data(train_rows, val_rows=None, cache: bool = False):
 
 
 def prepare_model(model, args: SftArgs):
-    """Freeze what is not trained, add LoRA adapters, and apply the model patches (`qwen_vl.prepare`)."""
+    """Freeze what is not trained, add LoRA adapters, and apply the model patches (`patches.prepare`)."""
     if args.train_type == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -115,14 +117,14 @@ def prepare_model(model, args: SftArgs):
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
-    # the patches of transformers/PEFT internals, in today's order: fused LoRA, recompute limit, ViT varlen, sdpa
-    # varlen (the patch-embed GEMM was applied at load: `models.loading.load_model`)
-    qwen_vl.prepare(model, PatchOptions(patch_embed=False, fused_lora=args.train_type == "lora" and args.fused_lora,
+    # the patches of transformers/PEFT internals: fused LoRA, lean MLP, recompute limit, ViT varlen, the varlen
+    # attention for packed rows, LoRA input upcast off (the patch-embed GEMM was applied at load: `load_model`)
+    patches.prepare(model, PatchOptions(patch_embed=False, fused_lora=args.train_type == "lora" and args.fused_lora,
                                         lean_mlp=args.train_type == "lora" and args.lean_mlp,
                                         lean_mlp_fp8=args.train_type == "lora" and args.lean_mlp_fp8,
                                         packing=args.packing,
                                         recompute_layers=args.recompute_layers if args.gradient_checkpointing else None,
-                                        vision_varlen=True))
+                                        vision_varlen=True, lora_autocast=True))
     return model
 
 
@@ -141,7 +143,7 @@ def check_modules_to_save(model, names: list[str] | None) -> list[str] | None:
 def vision_lrs(model, args: SftArgs) -> dict[int, float]:
     """{id(parameter): lr} for the vision tower's parameters (--vit_lr) and its merger's, the aligner
     (--aligner_lr), where those flags are given; everything else trains at --learning_rate."""
-    visual = getattr(getattr(qwen_vl.causal_lm(model), "model", None), "visual", None)
+    visual = getattr(getattr(causal_lm(model), "model", None), "visual", None)
     if visual is None or (args.vit_lr is None and args.aligner_lr is None):
         return {}
     lrs = {}
@@ -190,7 +192,7 @@ class ResolvedRun:
     def of(cls, args: SftArgs, spec, model_dir=None) -> "ResolvedRun":
         use_liger = args.use_liger
         if use_liger is None:  # auto: on where it can run and pays, silently off elsewhere
-            from ocrtune.models.qwen_vl import liger_unavailable_reason
+            from ocrtune.models.patches.liger import liger_unavailable_reason
             use_liger = liger_unavailable_reason() is None and (model_dir is None or hidden_size(model_dir) >= LIGER_MIN_HIDDEN)
         return cls(dataset=args.dataset or ["latex-ocr-sample"], save_steps=args.save_steps or args.eval_steps,
                    use_liger=use_liger,
@@ -236,7 +238,7 @@ class SftRun:
       not PEFT-wrapped; SftRun moves it to the run's device), called where the run would load it; by
       default the weights of `args.model` (`load_model`, or built on meta for a shape-only folder). The
       processor and template still come from `args.model`'s folder. From there on the given model goes
-      the way a loaded one does: the load-time patches, Liger, the LoRA wrap, `qwen_vl.prepare`, a LoRA
+      the way a loaded one does: the load-time patches, Liger, the LoRA wrap, `patches.prepare`, a LoRA
       resume, checkpoints (adapters over the given model; args.json's model_dir names the folder only).
       Refused (UserError, `check_given_model`) with --device_map, a full-weight resume or a shape-only folder."""
 
@@ -316,7 +318,7 @@ class SftRun:
                   f"NPROC_PER_NODE={torch.cuda.device_count()} runs data parallel instead", flush=True)
         buffers = dist.real_buffers(model) if self.meta else None
         # Liger patches the unwrapped model, so it goes first; its fused CE is the loss's (below)
-        liger = qwen_vl.prepare(model, PatchOptions(patch_embed=False, liger=True)) if self.resolved.use_liger else {}
+        liger = patches.prepare(model, PatchOptions(patch_embed=False, liger=True)) if self.resolved.use_liger else {}
         # the adapters' initial weights come from --seed whatever ran since set_seed: a preset built by this process
         # (resolve_model) seeds and draws its own random weights, and a run that built it started from other adapters
         # than the same run with the preset already in the cache
@@ -360,10 +362,10 @@ class SftRun:
         if self.resume is not None and self.sharded:
             dist.load_optimizer_state(acc, self.loss_module, self.optimizer, self.resume, sharded_optimizer_state)
         if args.torch_compile:  # in place, after the wrappers (DDP, FSDP2): the blocks keep their names
-            blocks = qwen_vl.compile_blocks(self.loss_module)
+            blocks = patches.prepare(self.loss_module, PatchOptions(patch_embed=False, compile=True))["compile"]
             if self.main:
                 print(f"torch.compile: {blocks} blocks, compiled in the first steps", flush=True)
-        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, qwen_vl.vision_input_dtype(self.model),
+        self.collator = Collator(self.processor.tokenizer.pad_token_id, args.packing, vision_input_dtype(self.model),
                                  getattr(self.processor.image_processor, "temporal_patch_size", None))
         self.logger = RunLogger(self.run_dir, "none" not in (args.report_to or []),
                                 self.state["global_step"] if self.resume else None, enabled=self.main)
@@ -391,7 +393,7 @@ class SftRun:
         if getattr(model, "peft_config", None):  # prepare_model would wrap it a second time
             raise UserError("the model given to the run already has PEFT adapters",
                             "give the base model: the run adds its own LoRA adapters (and resumes them)")
-        qwen_vl.prepare(model, PatchOptions())  # idempotent: a builder that used load_model is not patched twice
+        patches.prepare(model, PatchOptions())  # idempotent: a builder that used load_model is not patched twice
         return model
 
     # -- one optimizer step over a group of micro-batches
@@ -590,7 +592,7 @@ class SftRun:
         engine = InferEngine(dist.SyncedGenerate(model) if self.sharded else model, self.processor, self.template)
         bs = self.args.eval_batch_size or self.args.batch_size
         mine = []
-        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (ResponseLoss): run
+        # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (prepare_model): run
         # the LoRA branch under the same autocast as training, or its matmuls meet mixed dtypes
         amp = acc.unwrap_model(self.loss_module)._autocast_dtype()
         cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
@@ -664,11 +666,10 @@ class SftRun:
         if self.sharded:
             raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)",
                             "drop --fsdp / --deepspeed, or drop --fp8_base")
-        reason = qwen_vl.float8_matmul_reason(acc.device, dtype)
+        reason = float8_matmul_reason(acc.device, dtype)
         if reason is not None:
             raise UserError(reason)
-        lm = qwen_vl.causal_lm(self.model).model.language_model
-        n = fp8_base_linears(self.model, lm, acc.device)
+        n = patches.prepare(self.model, PatchOptions(patch_embed=False, fp8_base=True, fp8_device=acc.device))["fp8_base"]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the bf16 weights just dropped go back to the device, not the cache
         if self.main:

@@ -105,7 +105,7 @@ def test_liger_auto_is_off_for_narrow_models(tmp_path, tiny_model_dir, monkeypat
 
     from ocrtune.models import qwen_vl
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import ResolvedRun
+    from ocrtune.train.model_setup import ResolvedRun
     monkeypatch.setattr(qwen_vl, "liger_unavailable_reason", lambda: None)  # as on a GPU with liger-kernel
     wide = tmp_path / "wide"
     wide.mkdir()

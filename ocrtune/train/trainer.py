@@ -30,7 +30,7 @@ from ocrtune.train import distributed as dist, relora
 from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
 from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches, to_device
 from ocrtune.train.evaluation import evaluate
-from ocrtune.train.logger import RunLogger, fmt_time
+from ocrtune.train.logger import RunLogger, StepStats, fmt_time, memory_gib
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.train.model_setup import (ResolvedRun, base_model, check_given_model, fp8_base, make_optimizer,
                                        prepare_model)
@@ -39,29 +39,6 @@ from ocrtune.train.schedule import LrSchedule
 from ocrtune.train.stopping import STOP_CHECK_EVERY, StopMidGroup, StopRequest, stop_on_sigterm
 
 log = logging.getLogger("ocrtune")
-
-
-@dataclasses.dataclass
-class StepStats:
-    """What optimizer steps add up to until they are logged: the response tokens' summed loss, their count and
-    the correct ones, the summed gradient norms and the number of steps. Checkpoints keep it as trainer_state's
-    `log_acc` list (`as_list`), so a resumed run logs the same averages."""
-    loss_sum: float = 0.0
-    tokens: int = 0
-    correct: int = 0
-    grad_norm: float = 0.0
-    steps: int = 0
-
-    def __add__(self, other: "StepStats") -> "StepStats":
-        return StepStats(*(a + b for a, b in zip(self.as_list(), other.as_list())))
-
-    def as_list(self) -> list:
-        return [self.loss_sum, self.tokens, self.correct, self.grad_norm, self.steps]
-
-    def record(self) -> dict:
-        """The logged averages: per token for the loss and accuracy, per step for the gradient norm."""
-        return {"loss": round(self.loss_sum / max(self.tokens, 1), 6), "token_acc": round(self.correct / max(self.tokens, 1), 6),
-                "grad_norm": round(self.grad_norm / max(self.steps, 1), 6)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,13 +620,6 @@ def make_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output folder {run_dir} is not writable ({e.strerror})", "pass a writable --output_dir") from None
-
-
-def memory_gib() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # peak RSS on Linux (KiB)
 
 
 def run_sft(args: SftArgs) -> dict:

@@ -56,9 +56,10 @@ def timed_steps(run, n: int, count_steps: bool = False) -> list[dict]:
         bs._sync()
         t = time.perf_counter()
         batch = next(stream)[-1]  # (epoch, done, size, batch)
-        loss, tokens = run.train_step([batch])[:2]
+        stats = run.train_step([batch])
         bs._sync()
-        steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t, "loss": loss / max(tokens, 1)})
+        steps.append({**bs._batch_stats(batch), "time": time.perf_counter() - t,
+                      "loss": stats.loss_sum / max(stats.tokens, 1)})
         if count_steps:
             run.state["global_step"] += 1
     return steps

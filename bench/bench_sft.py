@@ -271,7 +271,7 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
     _ensure_datasets_importable()
     from ocrtune.train import trainer as tr
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import parquet_rows
+    from ocrtune.train.data import parquet_rows, rows_data
 
     rows = parquet_rows(a.data, limit=a.rows)
     kw = dict(model=a.model_dir, dataset=["bench"], max_steps=max_steps, batch_size=a.batch,
@@ -289,7 +289,7 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
         if isinstance(defaults.get(k), float) and isinstance(v, int) and not isinstance(v, bool):
             overrides[k] = float(v)
     kw.update(overrides)
-    return tr.SftRun(SftArgs(**kw), data=tr.rows_data(rows, cache=True))
+    return tr.SftRun(SftArgs(**kw), data=rows_data(rows, cache=True))
 
 
 def run_ocrtune(a):
@@ -393,7 +393,7 @@ def run_profile(a):
     for b in batches[:3]:
         run.train_step([b])
     _sync()
-    from ocrtune.train.trainer import to_device  # (the loader's light pixels restored, as the training step does)
+    from ocrtune.train.data import to_device  # (the loader's light pixels restored, as the training step does)
     b = to_device(batches[3], run.accelerator.device, run.collator.pixel_dtype)
     from ocrtune.train.loss import causal_lm
     vlm = causal_lm(run.model).model

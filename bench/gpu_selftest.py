@@ -74,7 +74,7 @@ def check_model(liger: bool):
     from ocrtune.train.loss import ResponseLoss
     from ocrtune.data.packing import pack
     from ocrtune.models.patches.liger import apply_liger, liger_fused_ce
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     d, samples = _small_samples()
     model = load_model(d, torch.bfloat16, "sdpa")
     applied = apply_liger(model) if liger else False
@@ -115,7 +115,7 @@ def check_fused_lora():
     from ocrtune.train.args import SftArgs
     from ocrtune.train.loss import ResponseLoss
     from ocrtune.data.packing import pack
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     d, samples = _small_samples()
     batch = {k: v.to(dev) for k, v in pack(samples, 0).items()}

@@ -132,7 +132,7 @@ def test_build_data_uses_augment_flag(tiny_model_dir, tmp_path, template):
 
     from ocrtune.data.registry import SAMPLE_DIR
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import build_data
+    from ocrtune.train.data import build_data
 
     class Acc:
         main_process_first = staticmethod(contextlib.nullcontext)

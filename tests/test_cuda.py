@@ -58,7 +58,7 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
     from ocrtune.models.loading import load_model
     from ocrtune.models.patches.liger import apply_liger
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     model = load_model(d, dtype, "sdpa")
     if liger:
         assert apply_liger(model)
@@ -446,7 +446,7 @@ def test_relora_fold_on_bf16_weights_keeps_the_loss(small):
     from ocrtune.models.loading import load_model
     from ocrtune.train import relora
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     d, samples = small
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
     models = [prepare_model(load_model(d, dtype, "sdpa"), SftArgs(lora_dropout=0.0, lora_rank=16, lora_alpha=32,

@@ -235,7 +235,7 @@ class FakeQwen:
 
 def test_lora_rank_above_the_smallest_target_size_is_refused_before_peft_allocates(monkeypatch):
     from ocrtune.errors import UserError
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     no_peft(monkeypatch)
     with pytest.raises(UserError) as e:
         prepare_model(FakeQwen.build(), SftArgs(lora_rank=100000))
@@ -254,7 +254,7 @@ def test_lora_rank_above_the_smallest_target_size_is_refused_before_peft_allocat
 ])
 def test_target_modules_that_match_no_linear_layer_are_named(monkeypatch, targets, message):
     from ocrtune.errors import UserError
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     no_peft(monkeypatch)
     with pytest.raises(UserError) as e:
         prepare_model(FakeQwen.build(), SftArgs(target_modules=targets))

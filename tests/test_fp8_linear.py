@@ -110,8 +110,8 @@ def test_fp8_base_setup_on_cpu_and_ddp_keeps_its_buffers_local():
     that are the same on every rank, are not broadcast from rank 0 every step (about 7 GB on 7B)."""
     from ocrtune.models.fp8_linear import float8_matmul_reason
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import _accelerator_kwargs
+    from ocrtune.train.distributed import accelerator_kwargs
     assert float8_matmul_reason(torch.device("cpu"), torch.float32) is None
-    (handler,) = _accelerator_kwargs(SftArgs(fp8_base=True))["kwargs_handlers"]
+    (handler,) = accelerator_kwargs(SftArgs(fp8_base=True))["kwargs_handlers"]
     assert handler.broadcast_buffers is False
-    assert "kwargs_handlers" not in _accelerator_kwargs(SftArgs())
+    assert "kwargs_handlers" not in accelerator_kwargs(SftArgs())

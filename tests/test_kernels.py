@@ -116,7 +116,7 @@ def test_lora_on_the_patch_embedding_trains_through_the_linear_patch_embed(tiny_
     skipped it, so the patch embedding's LoRA never trained), and give what transformers' own forward gives."""
     from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     torch.manual_seed(0)
     model = prepare_model(load_model(tiny_model_dir, torch.float32), SftArgs(
         target_modules=["qkv", "proj", "fc1", "fc2"], freeze_vit=False, lora_dropout=0.0, gradient_checkpointing=False))

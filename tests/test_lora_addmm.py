@@ -329,7 +329,7 @@ def test_lean_mlp_flags_reach_the_mlps(tiny_model_dir, flags, fp8):
     """`--lean_mlp_fp8` alone turns the lean MLP on, with gate/up kept in float8; `--lean_mlp` keeps them as they are."""
     from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"), SftArgs(train_type="lora", **flags))
     mlps = [m for m in model.modules() if hasattr(m, "_ocrtune_lean_fp8")]
     assert len(mlps) == model.config.text_config.num_hidden_layers

@@ -44,7 +44,7 @@ def _loss_and_grads(model, batch):
     """Loss, response tokens and gradients of `batch`, its pixels restored as the trainer does (`to_device`: a
     loader worker's light pixels made the model's input, in the vision tower's dtype)."""
     from ocrtune.models.patches.vision import vision_input_dtype
-    from ocrtune.train.trainer import to_device
+    from ocrtune.train.data import to_device
     model.zero_grad(set_to_none=True)
     loss, n, _ = ResponseLoss(model, chunk_size=7)(**to_device(batch, "cpu", vision_input_dtype(model)))
     loss.backward()
@@ -90,7 +90,7 @@ def test_packed_equals_padded_loss_and_grads(tiny_model_dir, encoded, attn):
 
 def test_packed_equals_padded_with_lora(tiny_model_dir, encoded):
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     model = prepare_model(_model(tiny_model_dir, "sdpa"), SftArgs(lora_dropout=0.0, gradient_checkpointing=True))
     with torch.no_grad():  # LoRA B starts at zero: give it values so the adapters matter
         for name, p in model.named_parameters():
@@ -148,7 +148,7 @@ def test_bf16_lora_runs_in_bf16_under_autocast(tiny_model_dir, encoded):
     float32 reference within bf16 tolerance."""
     from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     ref_model = prepare_model(_model(tiny_model_dir, "sdpa"), SftArgs(lora_dropout=0.0, gradient_checkpointing=False))
     model = prepare_model(load_model(tiny_model_dir, torch.bfloat16, "sdpa"), SftArgs(lora_dropout=0.0))
     assert any(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())

@@ -158,7 +158,8 @@ def test_fused_lora_over_4bit_base_matches_peft(tiny_4bit):
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model_dir, tmp_path_factory):
     """Two QLoRA steps over the tiny model's 4-bit base, a checkpoint after each (one sft run, shared below)."""
-    from ocrtune.train.trainer import SftRun, rows_data
+    from ocrtune.train.data import rows_data
+    from ocrtune.train.trainer import SftRun
     from tests.samples import sample_rows
     if quant.bnb_version() is None or quant.bnb_version() < quant.BNB_CPU_MIN:
         pytest.skip("bitsandbytes with CPU kernels (>= 0.48) not installed")
@@ -192,7 +193,8 @@ def test_qlora_resume_ends_where_the_uninterrupted_run_does(qlora_run):
     """Resumed from checkpoint-1, the run's step 2 writes the adapter the uninterrupted run wrote, bit for bit."""
     from safetensors.torch import load_file
 
-    from ocrtune.train.trainer import SftRun, rows_data
+    from ocrtune.train.data import rows_data
+    from ocrtune.train.trainer import SftRun
     straight = load_file(qlora_run["ckpt"] / "adapter_model.safetensors")
     args = SftArgs(**qlora_run["common"], resume_from_checkpoint=str(qlora_run["run_dir"] / "checkpoint-1"))
     out = SftRun(args, data=rows_data(qlora_run["rows"], qlora_run["rows"][:2])).train()

@@ -48,7 +48,8 @@ def test_qlora_sft_on_cuda_trains_and_saves_a_plain_adapter(tiny_model_dir, tmp_
 
     from ocrtune.models.quant import bnb_config, model_quant_bits
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import SftRun, rows_data
+    from ocrtune.train.data import rows_data
+    from ocrtune.train.trainer import SftRun
     from tests.samples import sample_rows
     run = SftRun(SftArgs(model=str(tiny_model_dir), train_type="qlora", max_steps=4, batch_size=4, packing=True,
                          eval_steps=100, save_steps=4, dataset_test_ratio=0, report_to=["none"],

@@ -79,7 +79,7 @@ def test_prepare_reports_what_it_applied(tiny_model_dir):
 def test_prepare_model_applies_the_training_patches(tiny_model_dir):
     from ocrtune.models.loading import load_model
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import prepare_model
+    from ocrtune.train.model_setup import prepare_model
     model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),
                           SftArgs(gradient_checkpointing=True, recompute_layers=1))
     assert any(hasattr(m, "_ocrtune_stock_forward") and hasattr(m, "lora_A") for m in model.modules())  # fused LoRA

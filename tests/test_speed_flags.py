@@ -108,7 +108,7 @@ def test_liger_auto_is_off_for_narrow_models(tmp_path, tiny_model_dir, monkeypat
 
     from ocrtune.models.patches import liger
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import ResolvedRun
+    from ocrtune.train.model_setup import ResolvedRun
     monkeypatch.setattr(liger, "liger_unavailable_reason", lambda: None)  # as on a GPU with liger-kernel
     wide = tmp_path / "wide"
     wide.mkdir()

@@ -184,14 +184,13 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
 def test_run_given_its_datasets_trains_on_them(tmp_path, tiny_model_dir):
     """SftRun(args, data=builder): the run trains on the rows it is given (no `args.dataset` read),
     the way bench/bench_sft.py builds its runs."""
-    from ocrtune.train import trainer as tr
-    from ocrtune.train.data import parquet_rows
+    from ocrtune.train.data import parquet_rows, rows_data
     rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=6)
     called = []
 
     def data(args, template, accelerator):
         called.append(template)
-        return tr.rows_data(rows, rows[:2])(args, template, accelerator)
+        return rows_data(rows, rows[:2])(args, template, accelerator)
 
     args = SftArgs(dataset=["no-such-dataset-is-read"], max_steps=2, batch_size=2, eval_steps=2, logging_steps=1,
                    output_dir=str(tmp_path), report_to=["none"])
@@ -233,8 +232,7 @@ def test_run_given_its_model_trains_that_model(tmp_path, tiny_model_dir):
     from ocrtune.compat import quiet_peft_deprecations
     from ocrtune.models.loading import load_model
     from ocrtune.models.patches.common import causal_lm
-    from ocrtune.train import trainer as tr
-    from ocrtune.train.data import parquet_rows
+    from ocrtune.train.data import parquet_rows, rows_data
     calls = []
 
     def builder(args, model_dir, dtype):
@@ -244,7 +242,7 @@ def test_run_given_its_model_trains_that_model(tmp_path, tiny_model_dir):
     rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=2)
     args = SftArgs(model=str(tiny_model_dir), max_steps=3, batch_size=2, learning_rate=5e-3, warmup_ratio=0,
                    logging_steps=1, output_dir=str(tmp_path), report_to=["none"])
-    run = SftRun(args, data=tr.rows_data(rows), model=builder)
+    run = SftRun(args, data=rows_data(rows), model=builder)
     (given_args, model_dir, dtype, given), = calls
     assert given_args is run.args and Path(model_dir) == Path(tiny_model_dir) and dtype == torch.float32
     assert causal_lm(run.model) is given  # the base the adapters wrap is the given model itself
@@ -275,14 +273,14 @@ def test_run_refuses_a_given_model_it_cannot_honour(tmp_path, tiny_model_dir):
 
     from ocrtune.errors import UserError
     from ocrtune.models.presets import RANDOM_INIT_MARK
-    from ocrtune.train import trainer as tr
-    from ocrtune.train.data import parquet_rows
+    from ocrtune.train.data import parquet_rows, rows_data
+    from ocrtune.train.model_setup import check_given_model
     rows = parquet_rows(str(SAMPLE_DIR / "train.parquet"), limit=2)
     out = tmp_path / "out"
 
     def run(builder, **kw):
         SftRun(SftArgs(max_steps=1, batch_size=1, output_dir=str(out), report_to=["none"], **kw),
-               data=tr.rows_data(rows), model=builder)
+               data=rows_data(rows), model=builder)
 
     def never(*a):
         raise AssertionError("the model builder ran")
@@ -295,7 +293,7 @@ def test_run_refuses_a_given_model_it_cannot_honour(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="shape-only"):
         run(never, model=str(shape_only))
     with pytest.raises(UserError, match="holds the full model weights"):
-        tr.check_given_model(SftArgs(train_type="full"), tiny_model_dir, tmp_path / "checkpoint-2")
+        check_given_model(SftArgs(train_type="full"), tiny_model_dir, tmp_path / "checkpoint-2")
     from peft import LoraConfig, get_peft_model
 
     from ocrtune.compat import quiet_peft_deprecations
@@ -316,7 +314,7 @@ def test_vit_and_aligner_learning_rates_are_their_own_groups(tiny_model_dir):
     from ocrtune.models.loading import load_model
     from ocrtune.models.patches.common import causal_lm
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.trainer import make_optimizer, prepare_model
+    from ocrtune.train.model_setup import make_optimizer, prepare_model
     model = prepare_model(load_model(tiny_model_dir, torch.float32, "sdpa"),
                           SftArgs(train_type="full", freeze_vit=False, gradient_checkpointing=False))
     visual = causal_lm(model).model.visual

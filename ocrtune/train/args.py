@@ -175,6 +175,19 @@ def validate(args: SftArgs) -> None:
         if not ok:
             raise UserError(message, "see `ocrtune sft --help`")
     validate_quant(args)
+    validate_fp8_base(args)
+
+
+def validate_fp8_base(args: SftArgs) -> None:
+    """--fp8_base against the flags it can't go with (the device it needs is checked when the run has one)."""
+    if not args.fp8_base:
+        return
+    if args.train_type not in ("lora", "qlora"):  # (qlora: refused by validate_quant, with --quant_bits)
+        raise UserError("--fp8_base keeps the frozen base weights of a LoRA model in float8; full fine-tuning "
+                        "trains those weights", "drop --fp8_base, or pass --train_type lora")
+    if args.fsdp or args.deepspeed:
+        raise UserError("--fp8_base runs on one GPU or with DDP, not with sharded weights (--fsdp, --deepspeed)",
+                        "drop --fsdp / --deepspeed, or drop --fp8_base")
 
 
 def quant_bits_of(args: SftArgs) -> int | None:

@@ -8,8 +8,9 @@ import random
 
 import torch
 
-from ocrtune.data.checks import text_problem
+from ocrtune.data.checks import check_dataset, text_problem
 from ocrtune.data.images import BadImage, image_size, open_image
+from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.data.parallel import auto_num_proc, column_list
 from ocrtune.models.template import SampleTooLong, Template, collate
 
@@ -123,7 +124,7 @@ def model_pixels(pixel_values: torch.Tensor, frames=None, norm: torch.Tensor | N
     """The loader's light pixels -> the model's input, [N, 3*frames*P*P] in the processor's layout: 8-bit values
     ([N, C, P*P], C = 1 for a gray image) normalized as the processor does, in float32 (`norm`: its fused mean and
     std, `models.template.pixel_norm`; bit for bit its output), cast to `dtype`; then each image's one frame
-    repeated `frames` times. Runs on the device (`trainer.to_device`), or in-process where a batch must be plain."""
+    repeated `frames` times. Runs on the device (`data.to_device`), or in-process where a batch must be plain."""
     if norm is not None:
         n, _, pp = pixel_values.shape  # (a gray image's one channel broadcasts to three)
         pixel_values = ((pixel_values.float() - norm[0].view(1, 3, 1)) / norm[1].view(1, 3, 1)).view(n, 3 * pp)
@@ -139,7 +140,7 @@ class Collator:
     runs 10-16), so they leave the workers light and the model reads the same values:
     - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
       one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the trainer normalizes it and
-      repeats its frame on the device (`trainer.to_device` -> `model_pixels`) before the model reads it: a sixth of
+      repeats its frame on the device (`data.to_device` -> `model_pixels`) before the model reads it: a sixth of
       the bytes of bf16, a twelfth of float32, for gray formula images;
     - a processor that can't give 8 bits sends one normalized frame in `pixel_dtype` (bf16/fp16: the dtype the
       vision tower casts them to anyway).
@@ -272,3 +273,56 @@ def _ignore_sigterm(worker_id: int) -> None:
 def _can_fork() -> bool:
     import multiprocessing
     return "fork" in multiprocessing.get_all_start_methods()
+
+
+# ---------------------------------------------------------------- the run's data builders
+
+def build_data(args, template: Template, accelerator):
+    """The default data builder: `args.dataset` (+ validation split) read, checked and encoded."""
+    with accelerator.main_process_first():
+        train = load_datasets(args.dataset, "train", args.use_hf, args.seed)
+        train, val = validation_data(train, args.dataset, args.val_dataset, args.dataset_test_ratio, args.use_hf, args.seed)
+        label = ", ".join(args.dataset)
+        train = check_dataset(train, args.check_dataset_strategy, label, template=template)
+        if val is not None:
+            val = check_dataset(val, args.check_dataset_strategy, "validation data", template=template)
+    augment = None
+    if args.augment:
+        from ocrtune.data.augment import augment_printed
+        augment = augment_printed
+    train_ds = EncodedDataset(train, template, augment, args.seed)
+    if args.packing and args.packing_tokens:
+        with accelerator.main_process_first():  # rank 0 measures and caches, the others read the cache
+            train_ds.lengths()
+    return train_ds, (EncodedDataset(val, template) if val is not None else None)
+
+
+def rows_data(train_rows, val_rows=None, cache: bool = False):
+    """A data builder (for `SftRun(args, data=...)`) over rows already in memory, each a dict with
+    `images` and `messages`: encoded with the run's template, no checks, no augmentation."""
+    def build(args, template: Template, accelerator):
+        val = EncodedDataset(val_rows, template, cache=cache) if val_rows is not None else None
+        return EncodedDataset(train_rows, template, None, args.seed, cache=cache), val
+    return build
+
+
+def first_good(ds, collator) -> dict | None:
+    """The first row of `ds` that encodes, collated as a one-row batch (None if no row does)."""
+    for i in range(len(ds)):
+        sample = ds[i]
+        if sample is not None:
+            return collator([sample])
+    return None
+
+
+def to_device(batch: dict, device, pixel_dtype: torch.dtype | None = None) -> dict:
+    """A batch's tensors on `device`, as the model reads them: the loader's light pixels (one frame, 8 bits; a sixth
+    of the bytes to copy) restored there (`model_pixels`, in `pixel_dtype`), before the batch reaches the wrapped
+    model, whose mixed-precision policy (FSDP2, DeepSpeed fp16) would cast a float `pixel_norm` passed through it."""
+    frames, norm = batch.get("pixel_frames"), batch.get("pixel_norm")
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("pixel_frames", "pixel_norm")}
+    if frames is not None:
+        norm = None if norm is None else norm.to(device, non_blocking=True)
+        out["pixel_values"] = model_pixels(out["pixel_values"], int(frames), norm, pixel_dtype)
+    return out
+

@@ -311,3 +311,23 @@ def record_rank_error(exc: BaseException) -> None:
     with contextlib.suppress(OSError):
         with open(path, "w") as f:
             json.dump({"message": {"message": line[:400], "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}}}, f)
+
+
+def accelerator_kwargs(args) -> dict:
+    """The Accelerator's arguments for the run's flags (engine plugins, DDP's buffer sync)."""
+    kwargs = {"cpu": not torch.cuda.is_available()}  # lets torchrun on CPU-only hosts use gloo
+    if args.deepspeed or args.fsdp:
+        kwargs.update(plugin_kwargs(args))
+    if args.fp8_base:  # its float8 weights are buffers, the same on every rank: DDP need not send them each step
+        from accelerate.utils import DistributedDataParallelKwargs
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    return kwargs
+
+
+def from_main(acc, value):
+    """Rank 0's `value` on every rank."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([value], from_process=0)[0]
+

@@ -1,8 +1,11 @@
 """logging.jsonl (one JSON per log step, SWIFT's keys) and TensorBoard events."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import torch
 
 
 def fmt_time(seconds: float) -> str:
@@ -44,3 +47,33 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What optimizer steps add up to until they are logged: the response tokens' summed loss, their count and
+    the correct ones, the summed gradient norms and the number of steps. Checkpoints keep it as trainer_state's
+    `log_acc` list (`as_list`), so a resumed run logs the same averages."""
+    loss_sum: float = 0.0
+    tokens: int = 0
+    correct: int = 0
+    grad_norm: float = 0.0
+    steps: int = 0
+
+    def __add__(self, other: "StepStats") -> "StepStats":
+        return StepStats(*(a + b for a, b in zip(self.as_list(), other.as_list())))
+
+    def as_list(self) -> list:
+        return [self.loss_sum, self.tokens, self.correct, self.grad_norm, self.steps]
+
+    def record(self) -> dict:
+        """The logged averages: per token for the loss and accuracy, per step for the gradient norm."""
+        return {"loss": round(self.loss_sum / max(self.tokens, 1), 6), "token_acc": round(self.correct / max(self.tokens, 1), 6),
+                "grad_norm": round(self.grad_norm / max(self.steps, 1), 6)}
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # peak RSS on Linux (KiB)

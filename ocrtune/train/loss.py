@@ -73,7 +73,7 @@ class ResponseLoss(nn.Module):
                 pixel_norm=None, **kwargs):
         if pixel_frames is not None or pixel_norm is not None:  # the loader's light pixels (train/data.py:Collator)
             raise ValueError("a batch with light pixels (pixel_frames/pixel_norm): restore them with "
-                             "ocrtune.train.trainer.to_device before the model reads it")
+                             "ocrtune.train.data.to_device before the model reads it")
         amp = self._autocast_dtype()
         with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
             return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,

@@ -1,0 +1,81 @@
+"""A newcomer's first run: a broken torch/torchvision pair, torchrun from the clone's parent folder,
+the recipe's smoke command, a hub dataset name offline."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from ocrtune.cli.main import main
+
+
+def _run(argv, capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def _torch_minor() -> int:
+    return int(torch.__version__.split(".")[1])
+
+
+@pytest.fixture
+def broken_torchvision(tmp_path, monkeypatch):
+    """A torchvision whose import fails the way a build for another torch does."""
+    pkg = tmp_path / "fake_site" / "torchvision"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.syspath_prepend(str(pkg.parent))
+
+
+@pytest.mark.parametrize("command", ["infer", "sft"])
+def test_a_broken_torchvision_is_one_error_line_saying_what_to_install(broken_torchvision, capsys, command):
+    code, err = _run([command], capsys)
+    m = _torch_minor()
+    assert code == 2
+    assert len(err) == 1
+    assert err[0].startswith(f"error: torchvision does not import with torch {torch.__version__} "
+                             "(RuntimeError: operator torchvision::nms does not exist); ")
+    assert f'pip install "torch==2.{m}.*" "torchvision==0.{m + 15}.*"' in err[0]
+
+
+def test_a_torchvision_of_another_release_is_named(monkeypatch, capsys):
+    m = _torch_minor()
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(__version__=f"0.{m + 16}.0"))
+    code, err = _run(["export"], capsys)
+    assert code == 2
+    assert err == [f"error: torchvision 0.{m + 16}.0 is built for torch 2.{m + 1}, but torch {torch.__version__} "
+                   f"is installed; install torch and torchvision together so pip picks a matching pair: "
+                   f'pip install "torch==2.{m}.*" "torchvision==0.{m + 15}.*"'
+                   + (" --index-url https://download.pytorch.org/whl/cpu" if "+cpu" in torch.__version__ else "")]
+
+
+def test_a_cpu_torch_with_a_cuda_torchvision_is_named():
+    from ocrtune.compat import pair_problem
+    assert pair_problem("2.13.0+cpu", "0.28.0+cu130") == ("torchvision 0.28.0+cu130 and torch 2.13.0+cpu are "
+                                                          "builds for different devices (CPU and CUDA)")
+    assert pair_problem("2.14.1+cu130", "0.29.1+cu130") is None
+    assert pair_problem("2.14.1", "0.29.1") is None
+
+
+def test_an_absent_torchvision_is_left_to_transformers(monkeypatch):
+    from ocrtune.compat import check_torch_stack
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` -> ModuleNotFoundError
+    assert check_torch_stack() is None
+
+
+def test_transformers_hidden_import_error_names_the_packages(broken_torchvision, monkeypatch, capsys):
+    """Where the failure shows first inside transformers' lazy import, the line still names the pair."""
+    import ocrtune.cli.main as cli
+
+    def hidden(argv):
+        raise ModuleNotFoundError("Could not import module 'Qwen2VLForConditionalGeneration'. Are this "
+                                  "object's requirements defined correctly?")
+    monkeypatch.setattr(cli, "run", hidden)
+    code, err = _run(["list"], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: torchvision does not import with torch ")
+    assert "unexpected" not in err[0]

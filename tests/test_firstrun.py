@@ -79,3 +79,29 @@ def test_transformers_hidden_import_error_names_the_packages(broken_torchvision,
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: torchvision does not import with torch ")
     assert "unexpected" not in err[0]
+
+
+# ---------------------------------------------------------------- torchrun's ranks import the launcher's ocrtune
+
+@pytest.mark.parametrize("shadow", ["clone", "package"])
+def test_ranks_import_the_launchers_ocrtune_from_a_folder_that_shadows_it(tmp_path, shadow):
+    """torchrun runs each rank as `python -m ocrtune` in the launcher's folder; from the folder that holds a
+    clone (a namespace `ocrtune/`) or another copy, that folder came first on sys.path."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import ocrtune
+    from ocrtune.train.launch import rank_env
+    folder = tmp_path / "ocrtune"
+    folder.mkdir()
+    (folder / "README.md").write_text("a clone's root\n")
+    if shadow == "package":
+        (folder / "__init__.py").write_text("")
+        (folder / "__main__.py").write_text("print('the shadowing copy')\n")
+    env = rank_env({**os.environ, "PYTHONPATH": str(tmp_path)})
+    root = str(Path(ocrtune.__file__).resolve().parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == root and env["PYTHONSAFEPATH"] == "1"
+    done = subprocess.run([sys.executable, "-m", "ocrtune", "--version"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, f"ocrtune {ocrtune.__version__}"), done.stderr

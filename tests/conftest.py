@@ -2,11 +2,41 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "latex_ocr"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_untouched(tmp_path_factory):
+    """Tests write under pytest's folders only: TMPDIR (and `tempfile`'s cached choice) points into one for
+    the whole session, so torchrun's torchelastic_* folders, `tempfile` users and every subprocess land
+    there; at the end, a new entry in the system temp folder (a hard-coded /tmp path) fails the session.
+    On a machine where other jobs write there at the same time, OCRTUNE_TEST_TMP_CHECK=0 skips the check."""
+    tmp_path_factory.getbasetemp()  # pytest's own folder there (pytest-of-<user>) first
+    system = Path(tempfile.gettempdir())
+    before, started = set(os.listdir(system)), time.time()
+    session_tmp = tmp_path_factory.mktemp("system_tmp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(session_tmp), str(session_tmp)
+    yield session_tmp
+    (os.environ.__setitem__("TMPDIR", saved[0]) if saved[0] is not None else os.environ.pop("TMPDIR", None))
+    tempfile.tempdir = saved[1]
+    left = sorted(name for name in set(os.listdir(system)) - before if _made_since(system / name, started))
+    if left and os.environ.get("OCRTUNE_TEST_TMP_CHECK", "1") != "0":
+        pytest.fail(f"the tests left {len(left)} entries in {system}: {', '.join(left[:10])}; write under "
+                    "tmp_path (or tempfile, which the session points into pytest's folder) instead", pytrace=False)
+
+
+def _made_since(path: Path, started: float) -> bool:
+    try:
+        return path.lstat().st_mtime >= started - 1
+    except OSError:  # removed again meanwhile
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -162,13 +162,13 @@ def test_dying_rank_gives_one_error_line_naming_it(tmp_path, tiny_model_dir):
     assert last.startswith("error: rank ") and "exited with code 2: loss became NaN at step 2" in last, last
 
 
-def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch):
+def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch, tmp_path):
     """accelerate's sync_gradients is DeepSpeed's accumulation boundary (its engine steps inside
     backward when it is set): only the group's last micro-batch may have it; the optimizer steps once."""
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import SftRun
     run = SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, gradient_accumulation_steps=3,
-                         report_to=["none"], output_dir="/tmp/ocrtune_test_accum", dataset_test_ratio=0.0))
+                         report_to=["none"], output_dir=str(tmp_path), dataset_test_ratio=0.0))
     seen, steps = [], []
     backward = run.accelerator.backward
     monkeypatch.setattr(run.accelerator, "backward", lambda loss, **kw: (seen.append(run.accelerator.sync_gradients),

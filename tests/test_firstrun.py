@@ -105,3 +105,16 @@ def test_ranks_import_the_launchers_ocrtune_from_a_folder_that_shadows_it(tmp_pa
     done = subprocess.run([sys.executable, "-m", "ocrtune", "--version"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, f"ocrtune {ocrtune.__version__}"), done.stderr
+
+
+# ---------------------------------------------------------------- the suite leaves the system temp folder alone
+
+def test_the_session_temp_folder_is_inside_pytests(tmp_path_factory):
+    """conftest's system_temp_untouched: `tempfile` and subprocesses (TMPDIR) write under pytest's folder."""
+    import os
+    import tempfile
+    from pathlib import Path
+    base = tmp_path_factory.getbasetemp().resolve()
+    assert Path(tempfile.gettempdir()).resolve().is_relative_to(base)
+    assert Path(os.environ["TMPDIR"]).resolve().is_relative_to(base)
+    assert Path(tempfile.mkdtemp()).resolve().is_relative_to(base)

@@ -16,7 +16,9 @@ def system_temp_untouched(tmp_path_factory):
     """Tests write under pytest's folders only: TMPDIR (and `tempfile`'s cached choice) points into one for
     the whole session, so torchrun's torchelastic_* folders, `tempfile` users and every subprocess land
     there; at the end, a new entry in the system temp folder (a hard-coded /tmp path) fails the session.
-    On a machine where other jobs write there at the same time, OCRTUNE_TEST_TMP_CHECK=0 skips the check."""
+    The check fails the session where the suite has the machine to itself (CI=true, as .ci/run runs, or
+    OCRTUNE_TEST_TMP_CHECK=1); elsewhere other jobs may write there meanwhile, so the entries are listed in the
+    summary only (OCRTUNE_TEST_TMP_CHECK=0 skips it)."""
     tmp_path_factory.getbasetemp()  # pytest's own folder there (pytest-of-<user>) first
     system = Path(tempfile.gettempdir())
     before, started = set(os.listdir(system)), time.time()
@@ -27,9 +29,21 @@ def system_temp_untouched(tmp_path_factory):
     (os.environ.__setitem__("TMPDIR", saved[0]) if saved[0] is not None else os.environ.pop("TMPDIR", None))
     tempfile.tempdir = saved[1]
     left = sorted(name for name in set(os.listdir(system)) - before if _made_since(system / name, started))
-    if left and os.environ.get("OCRTUNE_TEST_TMP_CHECK", "1") != "0":
-        pytest.fail(f"the tests left {len(left)} entries in {system}: {', '.join(left[:10])}; write under "
-                    "tmp_path (or tempfile, which the session points into pytest's folder) instead", pytrace=False)
+    check = os.environ.get("OCRTUNE_TEST_TMP_CHECK", "1" if os.environ.get("CI") else "report")
+    if left and check != "0":
+        message = (f"the tests left {len(left)} entries in {system}: {', '.join(left[:10])}; write under "
+                   "tmp_path (or tempfile, which the session points into pytest's folder) instead")
+        if check == "1":
+            pytest.fail(message, pytrace=False)
+        TEMP_REPORT.append(message + " (or another job on this machine made them: CI=true fails on them)")
+
+
+TEMP_REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in TEMP_REPORT:
+        terminalreporter.write_line(f"WARNING {line}", yellow=True)
 
 
 def _made_since(path: Path, started: float) -> bool:

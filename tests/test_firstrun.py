@@ -118,3 +118,56 @@ def test_the_session_temp_folder_is_inside_pytests(tmp_path_factory):
     assert Path(tempfile.gettempdir()).resolve().is_relative_to(base)
     assert Path(os.environ["TMPDIR"]).resolve().is_relative_to(base)
     assert Path(tempfile.mkdtemp()).resolve().is_relative_to(base)
+
+
+# ---------------------------------------------------------------- a hub dataset name without a network
+
+@pytest.fixture
+def hub_mode(monkeypatch):
+    """Sets the offline mode the libraries read from HF_HUB_OFFLINE at import (they may be imported already)."""
+    import datasets
+    from huggingface_hub import constants
+
+    def set_offline(value: bool):
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", value)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", value)
+    return set_offline
+
+
+def test_a_hub_dataset_in_offline_mode_fails_at_once(hub_mode, tmp_path, monkeypatch):
+    import time
+
+    from ocrtune.data.loading import load_dataset
+    from ocrtune.errors import UserError
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    hub_mode(True)
+    t = time.time()
+    with pytest.raises(UserError) as e:
+        load_dataset("someone/no_such_dataset_for_ocrtune")
+    assert time.time() - t < 5
+    assert str(e.value).startswith("could not load dataset 'someone/no_such_dataset_for_ocrtune' (split train): "
+                                   "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and no copy is cached (")
+    assert str(e.value).endswith("; unset it to download, or download it where the network reaches the hub and "
+                                 "pass its local path to --dataset")
+
+
+def test_an_unreachable_hub_fails_at_once_naming_it(hub_mode, tmp_path, monkeypatch):
+    """Not in offline mode and no network: one connect to the hub's host, not five retries per request."""
+    import time
+
+    from ocrtune.data import hub
+    from ocrtune.data.loading import load_dataset
+    from ocrtune.errors import UserError
+    for name in hub.PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hub, "endpoint", lambda: "http://127.0.0.1:9")  # the discard port: nothing listens
+    hub_mode(False)
+    t = time.time()
+    with pytest.raises(UserError) as e:
+        load_dataset("someone/no_such_dataset_for_ocrtune", split="validation")
+    assert time.time() - t < 5
+    assert str(e.value) == ("could not load dataset 'someone/no_such_dataset_for_ocrtune' (split validation): the "
+                            "Hugging Face hub (127.0.0.1:9: Connection refused) is unreachable and no copy is cached; "
+                            "check the network (or HF_ENDPOINT, a proxy), or download it where the network reaches "
+                            "the hub and pass its local path to --dataset")

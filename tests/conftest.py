@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -9,6 +10,14 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "latex_ocr"
+
+# One intra-op thread per process, this one and every subprocess and rank it starts (a value given wins): the
+# models here are tiny, and a second OpenMP thread mostly spins while tests run processes side by side. Twelve
+# steps of test_train's overfit run took 26.6 s of CPU (34.5 s wall) with 2 threads, 2.1 s (3.3 s) with 1, on
+# the 2-core machine shared with other jobs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): its pool is sized already
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

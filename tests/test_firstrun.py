@@ -171,3 +171,12 @@ def test_an_unreachable_hub_fails_at_once_naming_it(hub_mode, tmp_path, monkeypa
                             "Hugging Face hub (127.0.0.1:9: Connection refused) is unreachable and no copy is cached; "
                             "check the network (or HF_ENDPOINT, a proxy), or download it where the network reaches "
                             "the hub and pass its local path to --dataset")
+
+
+def test_an_installed_ocrtune_puts_no_site_packages_on_the_ranks_pythonpath(monkeypatch):
+    """From site-packages, PYTHONSAFEPATH alone keeps the current folder out; site-packages on PYTHONPATH would
+    come before the standard library."""
+    import ocrtune
+    from ocrtune.train.launch import rank_env
+    monkeypatch.setattr(ocrtune, "__file__", "/usr/lib/python3/site-packages/ocrtune/__init__.py")
+    assert rank_env({"PYTHONPATH": "/mine", "X": "1"}) == {"PYTHONPATH": "/mine", "X": "1", "PYTHONSAFEPATH": "1"}

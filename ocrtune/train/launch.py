@@ -42,11 +42,14 @@ def rank_env(env: dict) -> dict:
     """The environment torchrun's ranks get, so that they import this very ocrtune: `python -m` puts the
     current folder first on sys.path, and from the folder that holds a clone named `ocrtune` that folder
     (a namespace package) shadows an installed ocrtune, so every rank died. PYTHONSAFEPATH (3.11+) keeps
-    the current folder off sys.path; PYTHONPATH puts this package's parent before any other copy."""
+    the current folder off sys.path; PYTHONPATH puts this package's parent before any other copy, unless that
+    is site-packages (ahead of the standard library there, a package could shadow a standard module)."""
     import ocrtune
-    root = str(Path(ocrtune.__file__).resolve().parent.parent)
-    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return {**env, "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join([root, *rest])}
+    root = Path(ocrtune.__file__).resolve().parent.parent
+    if root.name in ("site-packages", "dist-packages"):
+        return {**env, "PYTHONSAFEPATH": "1"}
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
+    return {**env, "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join([str(root), *rest])}
 
 
 def maybe_relaunch(argv: list[str]) -> None:

@@ -40,6 +40,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def run_baseline(a):
             _sync()
             steps.append({**pending.pop(0), "time": time.perf_counter() - self.t})
 
-    targs = TrainingArguments(output_dir="/tmp/bench_baseline", per_device_train_batch_size=a.baseline_batch,
+    targs = TrainingArguments(output_dir=os.path.join(tempfile.gettempdir(), "bench_baseline"), per_device_train_batch_size=a.baseline_batch,
                               max_steps=a.steps + a.warmup, learning_rate=1e-4, lr_scheduler_type="constant",
                               bf16=bf16, gradient_checkpointing=True,
                               gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=10_000,
@@ -279,7 +280,7 @@ def make_ocrtune_run(a, max_steps=10**6, packing_tokens=None, overrides: dict | 
               gradient_checkpointing=not a.no_gc, lora_rank=8, lora_alpha=32, lora_dropout=a.lora_dropout,
               learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_pixels=a.max_pixels,
               dataloader_num_workers=a.workers, eval_steps=10**9, save_steps=10**9, logging_steps=10**9,
-              output_dir="/tmp/bench_ocrtune", report_to=["none"])
+              output_dir=os.path.join(tempfile.gettempdir(), "bench_ocrtune"), report_to=["none"])
     overrides = dict(overrides or {})
     bad = unknown_sft_fields(overrides)
     if bad:

@@ -41,7 +41,11 @@ On the GPU machine (two calls):
   bash examples/latex_ocr_from_scratch.sh --phase train --data_dir .carry/latex --report_dir $OUT
   bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir .carry/latex --report_dir $OUT
 On a CPU (tiny model, a few rows and steps; needs LaTeX for the synth step):
-  python examples/latex_ocr_from_scratch.py --smoke --phase all --data_dir <dir> --report_dir /tmp/r
+  python examples/latex_ocr_from_scratch.py --smoke --phase all --report_dir r
+(--smoke without --data_dir makes its data folder from the bundled sample rows, under --work_dir.)
+
+--data_dir is checked before any step runs; the first step that fails stops the recipe with one line
+(`error: <step> failed (exit N): <its last line>; see <its log>`), exit status 1, the report written so far.
 """
 from __future__ import annotations
 
@@ -73,7 +77,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Phases"):])
     p.add_argument("--phase", choices=("train", "rest", "all"), default="all")
-    p.add_argument("--data_dir", default=".carry/latex", help="folder with print/ and handwrite/ {train,validation}.parquet")
+    p.add_argument("--data_dir", default=None,
+                   help="folder with print/ and handwrite/ {train,validation}.parquet (default .carry/latex; with "
+                        "--smoke, the bundled sample rows copied into <work_dir>/smoke_data)")
     p.add_argument("--work_dir", default=None, help="runs and synthetic data (default <repo>/.work/from_scratch)")
     p.add_argument("--report_dir", default="bench/learning")
     p.add_argument("--extra_eval", action="append", default=[], metavar="NAME=PATH",
@@ -172,6 +178,8 @@ def parse_args(argv=None):
     a.stage1_torch_compile = a.stage1_torch_compile == "true" or (a.stage1_torch_compile == "auto" and gpu_count() > 0)
     if not a.stage1_torch_compile:
         a.stage1_compile_seconds = [0.0, 0.0]
+    if a.data_dir is None:
+        a.data_dir = str(smoke_data(a.work_dir)) if a.smoke else ".carry/latex"
     if a.smoke:
         a.model, a.packing_tokens, a.stage1_steps, a.stage2_steps, a.stage2_batch_size = "tiny", 1200, 6, 4, 4
         a.synth_rows, a.train_rows, a.eval_rows, a.workers, a.max_new_tokens = 24, a.train_rows or 48, a.eval_rows or 8, 0, 24
@@ -179,6 +187,39 @@ def parse_args(argv=None):
             a.stage1_train_seconds = 0.0
         a.min_pixels, a.max_pixels = a.min_pixels or 20_000, a.max_pixels or 60_000
     return a
+
+
+SPLITS = [(subset, split) for subset in ("print", "handwrite") for split in ("train", "validation")]
+
+
+def smoke_data(work_dir: Path) -> Path:
+    """A data folder for --smoke made from the package's bundled sample rows (both subsets the same rows)."""
+    from ocrtune.data.registry import SAMPLE_DIR
+    data = Path(work_dir) / "smoke_data"
+    for subset, split in SPLITS:
+        target = data / subset / f"{split}.parquet"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(SAMPLE_DIR / f"{split}.parquet", target)
+    return data
+
+
+def check_data_dir(data_dir: str) -> None:
+    """Before any step: every step reads these files, and a missing one failed each step in turn."""
+    missing = [f"{subset}/{split}.parquet" for subset, split in SPLITS
+               if not (Path(data_dir) / subset / f"{split}.parquet").is_file()]
+    if missing:
+        raise UsageError(f"--data_dir {data_dir} lacks {', '.join(missing)}; give the folder that holds print/ and "
+                         "handwrite/ {train,validation}.parquet (LaTeX_OCR's subsets), or run --smoke without "
+                         "--data_dir to use the bundled sample rows")
+
+
+class UsageError(Exception):
+    """A bad argument found before any step ran: one line, exit status 2."""
+
+
+class StepFailed(Exception):
+    """A step exited non-zero: the recipe stops there (one line, exit status 1)."""
 
 
 def gpu_count() -> int:
@@ -205,6 +246,7 @@ class Recipe:
     def __init__(self, a):
         self.a, self.t0 = a, float(os.environ.get("LATEX_OCR_T0", time.time()))
         self.data, self.work, self.out = Path(a.data_dir).resolve(), a.work_dir, Path(a.report_dir).resolve()
+        self.failed: str | None = None  # the first failed step's one line
         self.gpus = a.gpus if a.gpus is not None else gpu_count()
         cores = os.cpu_count() or 2
         self.workers = a.workers if a.workers is not None else max(2, cores // max(1, self.gpus) - 3)
@@ -252,14 +294,19 @@ class Recipe:
         self.report["commands"][name] = shown
         self.say(f"$ {shown}")
         logf = open(self.work / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "ocrtune", *args], cwd=str(self.work), env=env,
+        proc = subprocess.Popen(self.ocrtune_command(args), cwd=str(self.work), env=env,
                                 stdout=logf, stderr=subprocess.STDOUT)
         return {"name": name, "proc": proc, "start": time.time(), "logf": logf}
 
+    def ocrtune_command(self, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "ocrtune", *args]
+
     def wait(self, job: dict, timeout: float) -> int:
+        stopped = False
         try:
             rc = job["proc"].wait(timeout=max(1.0, timeout - (time.time() - job["start"])))
         except subprocess.TimeoutExpired:
+            stopped = True
             job["proc"].terminate()
             try:
                 rc = job["proc"].wait(timeout=20)
@@ -278,11 +325,19 @@ class Recipe:
             self.log.write(f"    {job['name']}| {t}\n")
         if rc != 0:
             self.report["errors"].append(f"{job['name']}: exit {rc}: " + " | ".join(tail[-3:]))
+            if self.failed is None and not stopped:  # a step stopped at the deadline is reported, not a failure
+                last = tail[-1].strip() if tail else "no output"
+                self.failed = f"{job['name']} failed (exit {rc}): {last}; see {self.work / (job['name'] + '.log')}"
         self.say(f"{job['name']} {'done' if rc == 0 else f'FAILED (exit {rc})'} in {secs}s")
         return rc
 
     def run(self, name: str, args: list[str], timeout: float, **kw) -> int:
         return self.wait(self.start(name, args, **kw), timeout)
+
+    def stop_if_failed(self) -> None:
+        """Between steps: after a failed one, the next would fail too (or report on nothing)."""
+        if self.failed:
+            raise StepFailed(self.failed)
 
     def path(self, subset: str, split: str) -> str:
         rows = self.a.train_rows if split == "train" else self.a.eval_rows
@@ -406,6 +461,7 @@ class Recipe:
         for name in ("stage1", "stage2", "eval"):
             shutil.rmtree(self.work / name, ignore_errors=True)
         synth_ok = self.wait(self.synth(), timeout=self.left(300)) == 0
+        self.stop_if_failed()
         sec = self.pace() if a.stage1_steps is None else None
         data = [self.path("print", "train")]
         shards = sorted((self.work / "synth").glob("*.parquet")) if synth_ok else []
@@ -428,6 +484,7 @@ class Recipe:
         self.run("stage1", [*args, "--max_time", f"{limit:.0f}" if limit >= 1 else str(limit), *decay], timeout=timeout,
                  gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
+        self.stop_if_failed()
         ckpts = list_checkpoints(run)
         self.report["stage1_steps_in_phase_train"] = step_of(ckpts[-1]) if ckpts else 0
 
@@ -510,6 +567,7 @@ class Recipe:
         self.run("stage1_resumed", [*self.report["stage1_args"], "--resume_from_checkpoint", "last",
                                     "--max_time", f"{limit:.0f}", *decay], timeout=self.left(reserve - 30), gpus=self.gpus)
         self.report["stage1"] = summarize_run(run)
+        self.stop_if_failed()
         # its log's speeds restart with each process: the time is the two processes' (start-up included)
         self.report["stage1"]["train_seconds"] = round(sum(self.report["timings_s"].get(k, 0) for k in ("stage1", "stage1_resumed")), 1)
 
@@ -546,6 +604,9 @@ class Recipe:
             *self.sft_common(min(8, self.workers))], timeout=self.left(50), gpus=min(self.gpus, 1))
         self.report["stage2"] = summarize_run(run)
         ckpts2 = list_checkpoints(run)
+        if self.failed:  # stage 1's evaluations are already running: their results still go into the report
+            self.finish_evals(evals, reserve=10)
+            self.stop_if_failed()
         if ckpts2:  # at once, beside stage 1's evaluations still running (run 10's print evaluation needed ~140 s)
             evals += self.start_evals(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")})
         results = self.finish_evals(evals, reserve=10)
@@ -619,12 +680,18 @@ class Recipe:
                 self.phase_train()
             if self.a.phase in ("rest", "all"):
                 self.phase_rest()
-        except (RuntimeError, SystemExit) as e:
-            self.report["errors"].append(str(e))
+            self.stop_if_failed()  # an evaluation
+        except (RuntimeError, SystemExit, StepFailed) as e:
+            if not isinstance(e, StepFailed):  # a failed step's exit and last lines are in the errors already
+                self.report["errors"].append(str(e))
             self.say(f"stopped: {e}")
+            self.failed = self.failed or str(e).removeprefix("error: ")
         finally:
             self.save()
         self.say("results:\n" + results_markdown(self.report))
+        if self.failed:
+            print(f"error: {self.failed}", file=sys.stderr)
+            return 1
         return 1 if self.report["errors"] and not self.report.get("print") and self.a.phase != "train" else 0
 
 
@@ -712,7 +779,13 @@ def results_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    return Recipe(parse_args(argv)).main()
+    a = parse_args(argv)
+    try:
+        check_data_dir(a.data_dir)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return Recipe(a).main()
 
 
 if __name__ == "__main__":

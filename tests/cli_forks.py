@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 WARM = ("torch", "transformers", "peft", "accelerate", "datasets", "PIL.Image", "safetensors.torch",
         "ocrtune.cli.main", "ocrtune.train.args", "ocrtune.train.trainer", "ocrtune.data.loading",
@@ -47,8 +46,8 @@ def child(case: dict, out_path: str, err_path: str) -> None:
         os._exit(code)
 
 
-def run_all(cases: list[dict], parallel: int) -> list[dict]:
-    tmp = tempfile.mkdtemp(prefix="cli_forks_")
+def run_all(cases: list[dict], parallel: int, tmp: str) -> list[dict]:
+    """`tmp`: where the children's stdout/stderr files go (the caller's folder, never the system's)."""
     running, results = {}, [None] * len(cases)
     for i, case in enumerate(cases):
         while len(running) >= parallel:
@@ -83,7 +82,9 @@ def main() -> None:
             importlib.import_module(name)
         except Exception:  # an optional module missing only costs its import time in the children
             pass
-    json.dump(run_all(cases, parallel), open(sys.argv[2], "w"))
+    outputs = os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "cli_forks_outputs")
+    os.makedirs(outputs, exist_ok=True)
+    json.dump(run_all(cases, parallel, outputs), open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,22 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return sft(tmp_path_factory.mktemp("one"), 4)
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, one_process):
+SAVES = ["--save_steps", "2", "--save_total_limit", "3"]
+
+
+def two_ranks() -> dict:
+    return {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, tiny_model_dir):
+    """DDP, two processes of batch 2, saving at steps 2, 4 and 5, all kept (shared by the DDP and FSDP2 tests)."""
+    return sft(tmp_path_factory.mktemp("two"), 2, two_ranks(), SAVES)
+
+
+def test_two_process_ddp_matches_one_process(one_process, two_processes):
     one_dir, one = one_process
-    two_dir, two = sft(tmp_path / "two", 2, {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"})
+    two_dir, two = two_processes
     key = lambda log, k: [r[k] for r in log if k in r]
     assert len(key(two, "loss")) == 5
     assert key(two, "loss") == pytest.approx(key(one, "loss"), rel=1e-4)
@@ -86,32 +99,32 @@ def test_deepspeed_configs_ship_with_the_package():
         assert cfg["zero_optimization"]["stage"] == stage and cfg["train_micro_batch_size_per_gpu"] == 4
 
 
-def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, tiny_model_dir):
+def test_fsdp2_save_matches_ddp_and_resumes(tmp_path, two_processes):
     """FSDP2 (torch fully_shard through accelerate, gloo on CPU): the same losses as DDP, a standard
     adapter folder gathered from both ranks, and a resume from the step-2 checkpoint under 2
     processes that ends on the same weights and optimizer state as the uninterrupted run."""
-    env = lambda: {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}  # noqa: E731
-    flags = ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "4"]
-    ddp_dir, ddp = sft(tmp_path / "ddp", 2, env(), flags)
-    fsdp_dir, fsdp = sft(tmp_path / "fsdp", 2, env(), flags + ["--fsdp", "full_shard auto_wrap"])
+    flags = [*SAVES, "--fsdp", "full_shard auto_wrap"]  # as two_processes, FSDP2
+    ddp_dir, ddp = two_processes
+    fsdp_dir, fsdp = sft(tmp_path / "fsdp", 2, two_ranks(), flags)
     key = lambda log, k: [r[k] for r in log if k in r]
     assert key(fsdp, "loss") == pytest.approx(key(ddp, "loss"), rel=1e-4)
-    a = load_file(ddp_dir / "checkpoint-4" / "adapter_model.safetensors")
-    b = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
+    a = load_file(ddp_dir / "checkpoint-5" / "adapter_model.safetensors")
+    b = load_file(fsdp_dir / "checkpoint-5" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    # resume: drop the last checkpoint, continue from checkpoint-2 under 2 processes
-    full = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
-    full_opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    shutil.rmtree(fsdp_dir / "checkpoint-4")
-    sft(tmp_path / "fsdp", 2, env(), flags + ["--fsdp", "full_shard auto_wrap", "--resume_from_checkpoint", "last"])
-    resumed = load_file(fsdp_dir / "checkpoint-4" / "adapter_model.safetensors")
-    opt = torch.load(fsdp_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    # resume: drop the later checkpoints, continue from checkpoint-2 under 2 processes
+    full = load_file(fsdp_dir / "checkpoint-5" / "adapter_model.safetensors")
+    full_opt = torch.load(fsdp_dir / "checkpoint-5" / "optimizer.pt", weights_only=True)
+    for later in ("checkpoint-4", "checkpoint-5"):
+        shutil.rmtree(fsdp_dir / later)
+    sft(tmp_path / "fsdp", 2, two_ranks(), flags + ["--resume_from_checkpoint", "last"])
+    resumed = load_file(fsdp_dir / "checkpoint-5" / "adapter_model.safetensors")
+    opt = torch.load(fsdp_dir / "checkpoint-5" / "optimizer.pt", weights_only=True)
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
-    for name, st in full_opt["state"].items():  # Adam moments restored, not restarted (step 4, not 2)
-        assert int(opt["state"][name]["step"]) == 4
+    for name, st in full_opt["state"].items():  # Adam moments restored, not restarted (step 5, not 2)
+        assert int(opt["state"][name]["step"]) == 5
         assert torch.allclose(st["exp_avg_sq"], opt["state"][name]["exp_avg_sq"], rtol=1e-5, atol=1e-12), name
 
 
@@ -162,13 +175,13 @@ def test_dying_rank_gives_one_error_line_naming_it(tmp_path, tiny_model_dir):
     assert last.startswith("error: rank ") and "exited with code 2: loss became NaN at step 2" in last, last
 
 
-def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch):
+def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch, tmp_path):
     """accelerate's sync_gradients is DeepSpeed's accumulation boundary (its engine steps inside
     backward when it is set): only the group's last micro-batch may have it; the optimizer steps once."""
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import SftRun
     run = SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, gradient_accumulation_steps=3,
-                         report_to=["none"], output_dir="/tmp/ocrtune_test_accum", dataset_test_ratio=0.0))
+                         report_to=["none"], output_dir=str(tmp_path), dataset_test_ratio=0.0))
     seen, steps = [], []
     backward = run.accelerator.backward
     monkeypatch.setattr(run.accelerator, "backward", lambda loss, **kw: (seen.append(run.accelerator.sync_gradients),

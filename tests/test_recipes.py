@@ -163,12 +163,13 @@ def from_scratch(tmp_path_factory):
     if shutil.which("pdflatex") is None:
         pytest.skip("LaTeX is not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
     root = tmp_path_factory.mktemp("from_scratch")
-    data, work = _data_dir(root), root / "work"
+    work = root / "work"
+    data = work / "smoke_data"  # --smoke without --data_dir: the bundled rows, as the README's smoke command runs it
     extra = root / "extra.parquet"
     shutil.copy(SAMPLE_DIR / "validation.parquet", extra)
     runs = {}
     for phase in ("train", "rest"):
-        cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--stage1_lora_rank", "4", "--data_dir", str(data),
+        cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--stage1_lora_rank", "4",
                "--work_dir", str(work), "--report_dir", str(root / phase), "--extra_eval", f"heldout={extra}"]
         res, wall = _run(cmd, root, 900)
         print(f"latex_ocr_from_scratch --smoke --phase {phase}: {wall:.1f}s")
@@ -237,13 +238,58 @@ def test_from_scratch_stage1_spans_both_phases(from_scratch):
     assert rest["stage1"]["steps"] == SMOKE_STAGE1_STEPS
 
 
-def test_from_scratch_rest_without_stage1_is_a_one_line_error(tmp_path):
-    cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", "rest", "--data_dir", str(_data_dir(tmp_path)),
-           "--work_dir", str(tmp_path / "empty"), "--report_dir", str(tmp_path / "r")]
-    res, _ = _run(cmd, tmp_path, 120)
-    assert res.returncode == 1
+def test_from_scratch_rest_without_stage1_is_a_one_line_error(tmp_path, capsys):
+    code = _recipe_module().main(["--smoke", "--phase", "rest", "--data_dir", str(_data_dir(tmp_path)),
+                                  "--work_dir", str(tmp_path / "empty"), "--report_dir", str(tmp_path / "r")])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: no finished stage-1 checkpoint in {tmp_path / 'empty' / 'stage1'}: run --phase train first"]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert any("no finished stage-1 checkpoint" in e for e in report["errors"]), report["errors"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert any("no finished stage-1 checkpoint" in e for e in report["errors"]), report["errors"]
+
+
+def test_from_scratch_without_its_data_is_one_line_before_any_step(tmp_path, capsys):
+    """The README's command named a --data_dir no step creates: every step failed in turn, then an empty report."""
+    mod = _recipe_module()
+    data = tmp_path / "data" / "latex_ocr"
+    (data / "print").mkdir(parents=True)
+    shutil.copy(SAMPLE_DIR / "train.parquet", data / "print" / "train.parquet")
+    code = mod.main(["--smoke", "--phase", "all", "--data_dir", str(data), "--work_dir", str(tmp_path / "w"),
+                     "--report_dir", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --data_dir {data} lacks print/validation.parquet, handwrite/train.parquet, handwrite/validation.parquet; "
+        "give the folder that holds print/ and handwrite/ {train,validation}.parquet (LaTeX_OCR's subsets), or run "
+        "--smoke without --data_dir to use the bundled sample rows"]
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()  # nothing ran, no report
+
+
+def test_from_scratch_smoke_without_data_dir_uses_the_bundled_rows(tmp_path):
+    mod = _recipe_module()
+    a = mod.parse_args(["--smoke", "--phase", "all", "--work_dir", str(tmp_path / "w"), "--report_dir", str(tmp_path / "r")])
+    assert Path(a.data_dir) == tmp_path / "w" / "smoke_data"
+    mod.check_data_dir(a.data_dir)  # all four files there
+    for subset in ("print", "handwrite"):
+        for split in ("train", "validation"):
+            assert (Path(a.data_dir) / subset / f"{split}.parquet").read_bytes() == (SAMPLE_DIR / f"{split}.parquet").read_bytes()
+    assert mod.parse_args(["--phase", "all"]).data_dir == ".carry/latex"  # the GPU runs' default is unchanged
+
+
+def test_from_scratch_stops_at_the_first_failed_step(tmp_path, monkeypatch, capsys):
+    """A failed step stops the recipe with one line naming it; no later step runs."""
+    mod = _recipe_module()
+    monkeypatch.setattr(mod.Recipe, "ocrtune_command", lambda self, args: [
+        sys.executable, "-c", "print('rendering...'); print('error: pdflatex was not found'); raise SystemExit(3)"])
+    work, report = tmp_path / "w", tmp_path / "r"
+    code = mod.main(["--smoke", "--phase", "all", "--work_dir", str(work), "--report_dir", str(report)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err == [f"error: synth failed (exit 3): error: pdflatex was not found; see {work / 'synth.log'}"]
+    r = json.loads((report / "report.json").read_text())
+    assert list(r["commands"]) == ["synth"]  # neither the probe nor stage 1 started
+    assert r["errors"] == ["synth: exit 3: rendering... | error: pdflatex was not found"]
 
 
 def test_from_scratch_stage1_as_lora_is_merged_before_stage2(from_scratch):

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 
+from ocrtune.compat import check_torch_stack
 from ocrtune.errors import UserError
 
 COMMANDS = {
@@ -19,6 +20,7 @@ COMMANDS = {
     "web-ui": "a local web page to fine-tune, watch, evaluate, merge and try runs",
 }
 ALIASES = {"deploy": "serve", "webui": "web-ui"}  # SWIFT's name for serving; web-ui's short spelling
+MODEL_COMMANDS = ("sft", "infer", "eval", "export", "serve")  # the ones that import transformers' model classes
 
 
 def _parser():
@@ -75,11 +77,14 @@ def run(argv: list[str]) -> int:
         raise UserError(f"unknown command '{argv[0]}'", f"use one of: {', '.join(COMMANDS)}")
     ns = parser.parse_args(argv)
     cmd = ns.command
+    if cmd in MODEL_COMMANDS and cmd != "sft":
+        check_torch_stack()
     if cmd == "sft":
         from ocrtune.train.args import SftArgs, validate
         from ocrtune.train.launch import maybe_relaunch
         args = build(SftArgs, ns)
         validate(args)  # before the heavy imports: a bad flag is reported at once
+        check_torch_stack()  # before torchrun starts ranks that would each fail the same way
         maybe_relaunch(argv)
         from ocrtune.train.trainer import run_sft
         run_sft(args)
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report_unexpected(e: Exception) -> int:
+    if isinstance(e, ModuleNotFoundError) and "Could not import module" in str(e):
+        return _report_broken_import(e)
     import torch
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         print("error: CUDA out of memory; lower --batch_size (or --packing_tokens, --max_pixels, --max_length), "
@@ -188,6 +195,23 @@ def _report_unexpected(e: Exception) -> int:
     print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
           "rerun with OCRTUNE_DEBUG=1 for the traceback and report it", file=sys.stderr)
     return 1
+
+
+def _report_broken_import(e: ModuleNotFoundError) -> int:
+    """transformers' lazy import hides the real failure (most often a torch/torchvision pair that doesn't
+    match) behind "Could not import module 'X'": name the packages and what to install."""
+    try:
+        check_torch_stack()
+    except UserError as found:
+        print(f"error: {found}", file=sys.stderr)
+        return found.exit_code
+    if os.environ.get("OCRTUNE_DEBUG"):
+        raise e
+    name = str(e).split("'")[1] if str(e).count("'") >= 2 else "a model class"
+    print(f"error: transformers could not import {name}, so the installed torch, torchvision and transformers "
+          "don't work together; reinstall them within ocrtune's bounds: pip install -e . "
+          "(OCRTUNE_DEBUG=1 shows the original import error)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

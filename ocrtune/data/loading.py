@@ -11,10 +11,11 @@ from pathlib import Path
 
 import datasets
 
+from ocrtune.data import hub
 from ocrtune.data.images import BadImage, image_ref
 from ocrtune.data.parallel import auto_num_proc
 from ocrtune.data.registry import DATASETS, OCR_PROMPT, get_dataset_spec, latex_ocr_preprocess
-from ocrtune.errors import UserError, hub_failure, import_modelscope
+from ocrtune.errors import UserError, first_line, hub_failure, import_modelscope
 from ocrtune.fileio import UnsafeFile, check_regular
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -107,14 +108,35 @@ def _read_file(path: Path) -> datasets.Dataset:
 def _load_hub(hub_id: str, subset: str | None, split: str, use_hf: bool, ms_id: str | None = None) -> datasets.Dataset:
     try:
         if use_hf or ms_id is None:
-            kwargs = {"name": subset} if subset and subset != "default" else {}
-            return datasets.load_dataset(hub_id, split=split, **kwargs)
+            return _load_hf(hub_id, subset, split)
         return import_modelscope().MsDataset.load(ms_id, subset_name=subset, split=split).to_hf_dataset()
     except UserError:
         raise
     except Exception as e:
         raise hub_failure(f"load dataset '{hub_id}' (subset {subset}, split {split})", use_hf, e,
                           "check the network or the name, or download it and pass the local path to --dataset") from None
+
+
+def _load_hf(hub_id: str, subset: str | None, split: str) -> datasets.Dataset:
+    """From Hugging Face, failing at once (one line) where the hub can't be reached and nothing is cached."""
+    kwargs = {"name": subset} if subset and subset != "default" else {}
+    what = f"could not load dataset '{hub_id}' ({f'subset {subset}, ' if subset else ''}split {split})"
+    local = "download it where the network reaches the hub and pass its local path to --dataset"
+    if hub.offline_mode():
+        try:
+            return datasets.load_dataset(hub_id, split=split, **kwargs)
+        except Exception as e:
+            raise UserError(f"{what}: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and no copy is cached "
+                            f"({first_line(e, 120)})", f"unset it to download, or {local}") from None
+    why = hub.unreachable()
+    if why is None:
+        return datasets.load_dataset(hub_id, split=split, **kwargs)
+    with hub.offline():  # a cached copy still loads
+        try:
+            return datasets.load_dataset(hub_id, split=split, **kwargs)
+        except Exception:
+            raise UserError(f"{what}: the Hugging Face hub ({why}) is unreachable and no copy is cached",
+                            f"check the network (or HF_ENDPOINT, a proxy), or {local}") from None
 
 
 def _canonicalize(ds: datasets.Dataset, base_dir: str | None, source: str) -> datasets.Dataset:

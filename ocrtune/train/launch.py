@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from ocrtune.errors import UserError
 
@@ -42,10 +43,25 @@ def torchrun_args(argv: list[str]) -> list[str] | None:
             f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", "ocrtune", "sft", *argv[1:]]
 
 
+def rank_env(env: dict) -> dict:
+    """The environment torchrun's ranks get, so that they import this very ocrtune: `python -m` puts the
+    current folder first on sys.path, and from the folder that holds a clone named `ocrtune` that folder
+    (a namespace package) shadows an installed ocrtune, so every rank died. PYTHONSAFEPATH (3.11+) keeps
+    the current folder off sys.path; PYTHONPATH puts this package's parent before any other copy, unless that
+    is site-packages (ahead of the standard library there, a package could shadow a standard module)."""
+    import ocrtune
+    root = Path(ocrtune.__file__).resolve().parent.parent
+    if root.name in ("site-packages", "dist-packages"):
+        return {**env, "PYTHONSAFEPATH": "1"}
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
+    return {**env, "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join([str(root), *rest])}
+
+
 def maybe_relaunch(argv: list[str]) -> None:
     args = torchrun_args(argv)
     if args is None:
         return
+    os.environ.update(rank_env(dict(os.environ)))  # torchrun passes its environment on to the ranks
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException

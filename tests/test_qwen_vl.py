@@ -348,5 +348,5 @@ def test_fsdp_on_cpu_rewrites_accelerate_state_only_on_checked_versions(monkeypa
     assert shared["distributed_type"] == state.distributed_type == want
     assert (state.fsdp_plugin is plugin) is rewritten
     assert [str(w.message) for w in caught if "accelerate" in str(w.message)] == ([] if rewritten else [
-        "ocrtune's fast paths were checked against accelerate 1.16–1.16; found 1.99.0: --fsdp on CPU runs as plain "
+        "ocrtune's fast paths were checked against accelerate 1.15–1.16; found 1.99.0: --fsdp on CPU runs as plain "
         "multi-process training"])

@@ -26,7 +26,7 @@ log = logging.getLogger("ocrtune")
 # peft 0.21.2 + torch 2.14.1, bench/gpu_selftest.py and the benchmarks on transformers 5.17 + peft 0.21.0
 # (H100/H200). Outside a gated package's range its patch points are not applied (stock forwards).
 TESTED = {"transformers": ("5.17", "5.24"), "peft": ("0.21", "0.21"), "torch": ("2.11", "2.14"),
-          "liger-kernel": ("0.8", "0.8"), "accelerate": ("1.16", "1.16")}
+          "liger-kernel": ("0.8", "0.8"), "accelerate": ("1.15", "1.16")}
 GATED = ("transformers", "peft")  # torch's varlen kernel and Liger have their own fallbacks (see their modules)
 # accelerate gates its one point itself (train/distributed.py:fsdp_on_cpu, through `version_problem`)
 

@@ -103,7 +103,7 @@ CASES = [
     ("grad_norm0", lambda f: S("--max_grad_norm", "0"), {}, r"--max_grad_norm"),
     ("ds_and_fsdp", lambda f: S("--deepspeed", "zero2", "--fsdp", "full_shard"), {}, r"--deepspeed and --fsdp"),
     ("compile_and_ds", lambda f: S("--deepspeed", "zero3", "--torch_compile", "true"), {}, r"--torch_compile runs on one GPU"),
-    ("train_type", lambda f: S("--train_type", "qlora"), {}, r"--train_type.*invalid choice"),
+    ("train_type", lambda f: S("--train_type", "adalora"), {}, r"--train_type.*invalid choice"),
     ("bool_value", lambda f: S("--freeze_vit", "maybe"), {}, r"--freeze_vit.*true or false"),
     ("unknown_flag", lambda f: S("--lora_rnak", "8"), {}, r"unrecognized arguments: --lora_rnak"),
     ("strategy", lambda f: S("--check_dataset_strategy", "skip"), {}, r"--check_dataset_strategy.*invalid choice"),

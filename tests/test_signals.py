@@ -46,10 +46,10 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def test_sigterm_inside_a_huge_gradient_accumulation_stops_at_the_next_micro_batch(tmp_path, tiny_model_dir):
-    """--gradient_accumulation_steps 1000000: a group is a whole epoch (2 micro-batches of 4 rows). SIGTERM during
+    """--gradient_accumulation_steps 65536 (the most allowed): a group is a whole epoch (2 micro-batches of 4 rows). SIGTERM during
     the 1st micro-batch of step 2: the run stops before the 2nd (it used to finish the group), drops the group,
     saves step 1 (no save step) with the data position at step 2's start, and exits 143."""
-    r = run(tmp_path, 3, "SIGTERM", "--gradient_accumulation_steps", "1000000", "--num_train_epochs", "2",
+    r = run(tmp_path, 3, "SIGTERM", "--gradient_accumulation_steps", "65536", "--num_train_epochs", "2",
             "--batch_size", "4")
     assert r.returncode == 143, r.stderr[-3000:]
     assert "micro-batches run: 3" in r.stdout

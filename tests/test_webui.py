@@ -22,6 +22,7 @@ from ocrtune.webui.args import WebUiArgs
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+STEPS = 60  # long enough that Stop lands mid-run on a fast machine (the tiny model steps ~8 times a second)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 
@@ -154,7 +155,7 @@ def test_page_trains_stops_resumes_evaluates_merges_and_reads(webui):
         page.dispatch_event("#flag-max_steps", "change")
         expect(page.locator(".field-error[data-for=max_steps]")).to_contain_text("invalid int value: 'abc'")
         for flag, value in (("model", "tiny"), ("dataset", "latex-ocr-sample#40"), ("val_dataset", "latex-ocr-sample#2"),
-                            ("max_steps", "10"), ("logging_steps", "1"), ("eval_steps", "3"), ("batch_size", "2")):
+                            ("max_steps", str(STEPS)), ("logging_steps", "1"), ("eval_steps", "20"), ("batch_size", "2")):
             page.fill(f"#flag-{flag}", value)
             page.dispatch_event(f"#flag-{flag}", "change")
         expect(page.locator("#command")).to_contain_text("ocrtune sft --model tiny")
@@ -169,19 +170,19 @@ def test_page_trains_stops_resumes_evaluates_merges_and_reads(webui):
                                                               timeout=60_000)
         page.click("#stop")
         page.wait_for_selector("body[data-run-status=stopped]", state="attached", timeout=60_000)
-        stopped_at = int(re.search(r"step (\d+)/10", page.locator("#run-progress").text_content()).group(1))
-        assert 3 <= stopped_at < 10
+        stopped_at = int(re.search(rf"step (\d+)/{STEPS}", page.locator("#run-progress").text_content()).group(1))
+        assert 3 <= stopped_at < STEPS
         page.click("#resume")
         page.wait_for_selector("body[data-run-status=running]", state="attached", timeout=30_000)
         page.wait_for_selector("body[data-run-status=finished]", state="attached", timeout=120_000)
-        expect(page.locator("#run-progress")).to_contain_text("step 10/10")
-        assert page.locator("#chart-loss").get_attribute("data-points").startswith("10,")
+        expect(page.locator("#run-progress")).to_contain_text(f"step {STEPS}/{STEPS}")
+        assert page.locator("#chart-loss").get_attribute("data-points").startswith(f"{STEPS},")
         if shots:
             page.screenshot(path=f"{shots}/webui-runs.png", full_page=True)
 
         # checkpoint actions: evaluate, merge, try it
         page.click("#tab-checkpoint")
-        expect(page.locator("#ck-name")).to_have_value("checkpoint-10")
+        expect(page.locator("#ck-name")).to_have_value(f"checkpoint-{STEPS}")
         page.fill("#eval-dataset", "latex-ocr-sample#3")
         page.fill("#eval-tokens", "16")
         page.click("#eval")
@@ -191,13 +192,13 @@ def test_page_trains_stops_resumes_evaluates_merges_and_reads(webui):
         page.click("#merge")
         page.wait_for_selector("body[data-merge=done]", state="attached", timeout=120_000)
         run_dirs = list((tmp_path / "out" / "tiny").glob("v*"))
-        assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoint-10-merged" / "config.json").exists()
+        assert len(run_dirs) == 1 and (run_dirs[0] / f"checkpoint-{STEPS}-merged" / "config.json").exists()
         image = tmp_path / "formula.png"
         import pyarrow.parquet as pq
         from ocrtune.data.registry import DATASETS
         row = pq.read_table(Path(DATASETS["latex-ocr-sample"].local_dir) / "validation.parquet").slice(0, 1).to_pylist()[0]
         image.write_bytes(row["image"]["bytes"])
-        page.select_option("#ck-name", "checkpoint-10-merged")
+        page.select_option("#ck-name", f"checkpoint-{STEPS}-merged")
         page.set_input_files("#ocr-file", str(image))
         page.wait_for_selector("body[data-ocr=done]", state="attached", timeout=120_000)
         assert page.locator("#ocr-latex").input_value().strip()

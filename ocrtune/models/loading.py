@@ -1,6 +1,7 @@
 """Find a model (registry name, hub id, local folder or preset) and load it with its processor."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -187,8 +188,8 @@ def check_lora_targets(model, targets: str | list[str], rank: int) -> None:
             sizes[name] = min(m.in_features, m.out_features)
         elif isinstance(m, nn.Embedding):
             sizes[name] = min(m.num_embeddings, m.embedding_dim)
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            sizes[name] = min(m.in_channels, m.out_channels)
+        elif isinstance(m, nn.modules.conv._ConvNd):  # a conv's LoRA A sees each flattened input patch
+            sizes[name] = min(m.in_channels // m.groups * math.prod(m.kernel_size), m.out_channels)
         else:
             raise UserError(f"--target_modules {given} matches {name}, a {type(m).__name__}, which LoRA can't adapt",
                             "name linear layers (e.g. q_proj, v_proj), or use all-linear")

@@ -72,12 +72,19 @@ function fieldError(field, msg) {
   if (el) { el.textContent = "error: " + msg; el.hidden = false; } else showGlobal("error: " + msg);
 }
 
+let commandSeq = 0;  // answers can come back out of order: only the newest request's answer is shown
 async function updateCommand() {
-  clearFieldErrors($("#train")); showGlobal("");
+  const seq = ++commandSeq;
   try {
     const r = await api("/api/command", { flags: formFlags() });
+    if (seq !== commandSeq) return;
+    clearFieldErrors($("#train")); showGlobal("");
     $("#command").textContent = r.command; document.body.dataset.command = "ok";
-  } catch (e) { fieldError(e.field, e.message); $("#command").textContent = ""; document.body.dataset.command = "error"; }
+  } catch (e) {
+    if (seq !== commandSeq) return;
+    clearFieldErrors($("#train")); showGlobal("");
+    fieldError(e.field, e.message); $("#command").textContent = ""; document.body.dataset.command = "error";
+  }
 }
 
 $("#copy-command").addEventListener("click", async () => {

@@ -76,7 +76,7 @@ def load(a):
         try:
             from ocrtune.infer.load import load_for_inference  # after issue 14's infer/cli.py split
         except ImportError:
-            from ocrtune.infer.cli import load_for_inference
+            from ocrtune.infer.load import load_for_inference
         from ocrtune.infer.args import InferArgs
         folder = Path(a.model).expanduser()
         args = InferArgs(ckpt_dir=str(folder), dtype=a.dtype) if folder.is_dir() else InferArgs(model=a.model, dtype=a.dtype)

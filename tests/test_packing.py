@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ocrtune.data.registry import SAMPLE_DIR
-from ocrtune.models.template import IGNORE_INDEX, Template, collate
+from ocrtune.models.template import Template, collate
 from ocrtune.train.data import EncodedDataset, parquet_rows
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.models.patches.attention import _block_causal_mask
-from ocrtune.data.packing import mrope_positions, pack, token_budget_batches
+from ocrtune.data.packing import IGNORE_INDEX, mrope_positions, pack, token_budget_batches
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ocrtune.data.images import check_size
-from ocrtune.data.packing import IGNORE_INDEX, shared_cat  # noqa: F401  (IGNORE_INDEX: defined with the data packing)
+from ocrtune.data.packing import IGNORE_INDEX, shared_cat
 IMAGE_TAG = "<image>"
 
 # Default system prompt per template family (None: the family's chat template adds none).

@@ -136,8 +136,8 @@ def model_pixels(pixel_values: torch.Tensor, frames=None, norm: torch.Tensor | N
 class Collator:
     """Samples -> one batch (packed or padded), in the dataloader workers. The pixel values are most of a batch's
     bytes (~375 MB in float32 at 65,536 tokens), and making and moving them in the workers (normalizing, casting,
-    shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training (issue 13's
-    runs 10-16), so they leave the workers light and the model reads the same values:
+    shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training (measured
+    on the small model's runs), so they leave the workers light and the model reads the same values:
     - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
       one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the trainer normalizes it and
       repeats its frame on the device (`data.to_device` -> `model_pixels`) before the model reads it: a sixth of

@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ocrtune.data.packing import IGNORE_INDEX
 from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count (also eval --metrics acc)
 from ocrtune.models.patches.common import assert_prepared, causal_lm
 from ocrtune.models.patches.forward import hidden_states, image_embeds
 from ocrtune.models.patches.lora import lora_autocast_dtype
-from ocrtune.models.template import IGNORE_INDEX
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):

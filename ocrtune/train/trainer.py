@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ocrtune import checkpoint as ckpt_io
+from ocrtune.data.packing import IGNORE_INDEX
 from ocrtune.data.fingerprint import write_fingerprints
 from ocrtune.errors import UserError
 from ocrtune.models import patches
@@ -26,7 +27,7 @@ from ocrtune.models.dtypes import train_dtype
 from ocrtune.models.loading import is_random_init, load_processor, resolve_model, template_name
 from ocrtune.models.patches import PatchOptions
 from ocrtune.models.patches.vision import vision_input_dtype
-from ocrtune.models.template import IGNORE_INDEX, Template
+from ocrtune.models.template import Template
 from ocrtune.train import distributed as dist, relora
 from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
 from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches, to_device

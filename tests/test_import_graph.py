@@ -239,3 +239,12 @@ def test_no_module_only_re_exports():
 ])
 def test_only_imports_rule_itself(source, only):
     assert _only_imports(source) is only
+
+
+MAX_LINES = 650  # a module longer than this holds more than one job: split it along its sections
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(PKG.parent)): n for p in sorted(PKG.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (move a cohesive piece into its own module): {long}"

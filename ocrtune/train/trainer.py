@@ -19,6 +19,7 @@ import torch
 
 from ocrtune import checkpoint as ckpt_io
 from ocrtune.data.packing import IGNORE_INDEX
+from ocrtune.data.pixels import to_device
 from ocrtune.errors import UserError
 from ocrtune.models import patches
 from ocrtune.models.dtypes import train_dtype
@@ -28,7 +29,7 @@ from ocrtune.models.patches.vision import vision_input_dtype
 from ocrtune.models.template import Template
 from ocrtune.train import distributed as dist, relora
 from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
-from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches, to_device
+from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches
 from ocrtune.train.evaluation import evaluate
 from ocrtune.train.logger import RunLogger, StepStats, train_record
 from ocrtune.train.loss import ResponseLoss

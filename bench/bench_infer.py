@@ -73,10 +73,7 @@ def load(a):
         info.update(weights="random", build_s=round(time.time() - t, 1), folder=str(folder))
         processor_dir, tmpl = folder, "qwen2_vl"
     else:  # presets, hub ids, model folders and ocrtune checkpoints (LoRA or merged): as `ocrtune infer` loads them
-        try:
-            from ocrtune.infer.load import load_for_inference  # after issue 14's infer/cli.py split
-        except ImportError:
-            from ocrtune.infer.cli import load_for_inference
+        from ocrtune.infer.load import load_for_inference
         from ocrtune.infer.args import InferArgs
         folder = Path(a.model).expanduser()
         args = InferArgs(ckpt_dir=str(folder), dtype=a.dtype) if folder.is_dir() else InferArgs(model=a.model, dtype=a.dtype)

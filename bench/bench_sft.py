@@ -394,7 +394,7 @@ def run_profile(a):
     for b in batches[:3]:
         run.train_step([b])
     _sync()
-    from ocrtune.train.data import to_device  # (the loader's light pixels restored, as the training step does)
+    from ocrtune.data.pixels import to_device  # (the loader's light pixels restored, as the training step does)
     b = to_device(batches[3], run.accelerator.device, run.collator.pixel_dtype)
     from ocrtune.train.loss import causal_lm
     vlm = causal_lm(run.model).model

@@ -2,8 +2,8 @@
 
 `arg()` declares a dataclass field with its help text, aliases, choices, environment default and, for a
 number, its domain (`Domain`: the values it may take; `check_domains` refuses the others, for every command
-at parse time); `given_flags()` says which fields were set explicitly. Moved here from `ocrtune/train/args.py` and
-`ocrtune/cli/parsing.py`. `ModelSource` groups the model-source flags several commands share.
+at parse time); `given_flags()` says which fields were set explicitly. `ModelSource` groups the model-source
+flags several commands share.
 """
 from __future__ import annotations
 

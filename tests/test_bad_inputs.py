@@ -199,7 +199,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_disk_full_during_save_is_one_line_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import errno
     from ocrtune.errors import UserError
-    from ocrtune.train import checkpoint as ck
+    from ocrtune import checkpoint as ck
 
     class Model:
         def __init__(self, fail):

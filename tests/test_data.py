@@ -227,7 +227,7 @@ def test_infer_load_dataset_config_rebuilds_the_own_validation_split():
     default (dataset_test_ratio None) evaluated on the dataset's own 40 rows; an older args.json
     without the key keeps the 0.01 split."""
     from ocrtune.infer.args import InferArgs
-    from ocrtune.infer.cli import load_eval_rows
+    from ocrtune.infer.dataset import load_eval_rows
     own = load_dataset("latex-ocr-sample", split="validation")
     rows, label = load_eval_rows(InferArgs(load_dataset_config=True),
                                  {"run_args": {"dataset": ["latex-ocr-sample#8"], "dataset_test_ratio": None}})

@@ -40,7 +40,7 @@ def merged(lora_ckpt) -> Path:
 
 def _engine(ckpt, **kw):
     from ocrtune.infer.args import InferArgs
-    from ocrtune.infer.cli import load_for_inference
+    from ocrtune.infer.load import load_for_inference
     return load_for_inference(InferArgs(ckpt_dir=str(ckpt), **kw))
 
 

@@ -202,3 +202,49 @@ def test_no_module_level_cycles():
                                         ("fileio", "errors", True), ("serve", "synth", False)])
 def test_rule_itself(src, dst, ok):
     assert (src == dst or _allowed(src, dst)) is ok
+
+
+def _only_imports(source: str) -> bool:
+    """True for a module whose body (after its docstring and `from __future__`) is non-empty and only imports
+    and `__all__`: a module that re-exports names from elsewhere instead of owning any."""
+    body = ast.parse(source).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    body = [n for n in body if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+
+    def is_all(n):
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+        return any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets)
+
+    return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) or is_all(n) for n in body)
+
+
+def test_no_module_only_re_exports():
+    bad = sorted(str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py")
+                 if _only_imports(p.read_text(encoding="utf-8")))
+    assert not bad, ("modules that only re-export names (import them from the module that defines them, and "
+                     f"delete these): {bad}")
+
+
+@pytest.mark.parametrize("source,only", [
+    ('"""Moved."""\nfrom __future__ import annotations\nfrom ocrtune.checkpoint import save  # noqa: F401\n', True),
+    ("from ocrtune.a import b\n__all__ = ['b']\n", True),
+    ("import os\nimport sys\n", True),
+    ("", False),                                  # an empty __init__.py
+    ('"""A package."""\n', False),
+    ("from __future__ import annotations\n", False),
+    ("from ocrtune.a import b\n\ndef f():\n    return b\n", False),
+    ("import os\nX = os.sep\n", False),
+])
+def test_only_imports_rule_itself(source, only):
+    assert _only_imports(source) is only
+
+
+MAX_LINES = 650  # a module longer than this holds more than one job: split it along its sections
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(PKG.parent)): n for p in sorted(PKG.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (move a cohesive piece into its own module): {long}"

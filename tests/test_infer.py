@@ -33,7 +33,7 @@ def ckpt(run) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    from ocrtune.infer.cli import load_for_inference
+    from ocrtune.infer.load import load_for_inference
     return load_for_inference(InferArgs(ckpt_dir=str(ckpt)))[0]
 
 
@@ -57,7 +57,7 @@ def cli_env() -> dict:
 # ---------------------------------------------------------------- loading
 
 def test_load_reads_run_args(ckpt, engine, run):
-    from ocrtune.infer.cli import load_for_inference
+    from ocrtune.infer.load import load_for_inference
     _, info = load_for_inference(InferArgs(ckpt_dir=str(ckpt)))
     assert info["kind"] == "lora" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["template"] == "qwen2_vl" and info["run_args"]["dataset"] == ["latex-ocr-sample#32"]
@@ -123,7 +123,7 @@ def test_interactive_cli(ckpt, engine, images, tmp_path):
 
 def test_interactive_eof_and_bad_image_file(ckpt, tmp_path, monkeypatch, capsys, engine):
     """Driven through stdin in-process: a file that is not an image, then end of input."""
-    from ocrtune.infer import cli
+    from ocrtune.infer.interactive import interactive
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
     answers = iter(["", str(junk)])
@@ -136,7 +136,7 @@ def test_interactive_eof_and_bad_image_file(ckpt, tmp_path, monkeypatch, capsys,
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    cli.interactive(engine, InferArgs(ckpt_dir=str(ckpt), max_new_tokens=NEW_TOKENS))
+    interactive(engine, InferArgs(ckpt_dir=str(ckpt), max_new_tokens=NEW_TOKENS))
     out = capsys.readouterr()
     assert "not a readable image" in out.err and out.err.count("\n") == 1
     assert out.out.count("<<< ") == 3  # query, image, query (then end of input)
@@ -152,7 +152,8 @@ def test_one_shot(ckpt, engine, images, capsys):
 
 
 def test_one_shot_base_model_only(tiny_model_dir, images, capsys):
-    from ocrtune.infer.cli import load_for_inference, run_infer
+    from ocrtune.infer.cli import run_infer
+    from ocrtune.infer.load import load_for_inference
     answer = run_infer(InferArgs(model=str(tiny_model_dir), image=str(images[0]), query="Read it.", max_new_tokens=4))
     assert capsys.readouterr().out == answer + "\n"
     engine, info = load_for_inference(InferArgs(model=str(tiny_model_dir)))

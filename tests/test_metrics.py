@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from ocrtune.evaluate.latex import normalize_latex
 from ocrtune.evaluate.metrics import (
     bleu4,
     compute_metrics,
     edit_distance,
     exact_match,
-    normalize_latex,
     per_row_metrics,
     sentence_bleu4,
     token_accuracy,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ocrtune.data.registry import SAMPLE_DIR
-from ocrtune.models.template import IGNORE_INDEX, Template, collate
+from ocrtune.models.template import Template, collate
 from ocrtune.train.data import EncodedDataset, parquet_rows
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.models.patches.attention import _block_causal_mask
-from ocrtune.data.packing import mrope_positions, pack, token_budget_batches
+from ocrtune.data.packing import IGNORE_INDEX, mrope_positions, pack, token_budget_batches
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def _loss_and_grads(model, batch):
     """Loss, response tokens and gradients of `batch`, its pixels restored as the trainer does (`to_device`: a
     loader worker's light pixels made the model's input, in the vision tower's dtype)."""
     from ocrtune.models.patches.vision import vision_input_dtype
-    from ocrtune.train.data import to_device
+    from ocrtune.data.pixels import to_device
     model.zero_grad(set_to_none=True)
     loss, n, _ = ResponseLoss(model, chunk_size=7)(**to_device(batch, "cpu", vision_input_dtype(model)))
     loss.backward()
@@ -251,7 +251,7 @@ def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_d
     starts no loader for an epoch it won't reach."""
     from ocrtune.train import trainer as tr
     from ocrtune.train.args import SftArgs
-    from ocrtune.train.data import model_pixels
+    from ocrtune.data.pixels import model_pixels
 
     def stream(workers: int, max_steps: int = 100, epochs: int = 3) -> tuple[list, list]:
         run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=max_steps, batch_size=2, augment=True,
@@ -286,7 +286,8 @@ def test_collator_sends_one_frame_of_each_still_image_with_the_same_result(tiny_
     """The processor tiles each still image over the temporal patch (2 frames): the loader sends one and the loss
     module repeats it on the device; loss and gradients are bit-identical. Frames that differ (a video) are sent
     whole."""
-    from ocrtune.train.data import Collator, all_frames, one_frame
+    from ocrtune.data.pixels import all_frames, one_frame
+    from ocrtune.train.data import Collator
     model = _model(tiny_model_dir, "sdpa")
     model.requires_grad_(True)
     full, light = Collator(0, True, None, 2)(list(encoded)), Collator(0, True, None, 2).for_workers()(list(encoded))
@@ -316,7 +317,8 @@ def test_loader_workers_encode_light_pixels_and_batches_stay_the_same(tiny_model
     one channel; so are the batches, from workers (light) and in-process (plain); the token ids are the same too (the
     prompt segments' ids come from a cache after the first row)."""
     from ocrtune.models.loading import load_processor
-    from ocrtune.train.data import Collator, make_loader, model_pixels, one_frame
+    from ocrtune.data.pixels import model_pixels, one_frame
+    from ocrtune.train.data import Collator, make_loader
     template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
     ds = EncodedDataset(parquet_rows(SAMPLE_DIR / "train.parquet", limit=6), template)
     ds.light_pixels = True
@@ -411,7 +413,7 @@ def test_a_processor_without_eight_bit_output_falls_back_once(tiny_model_dir, en
     normalized frame sent instead, the same values as a plain encode's first frame; the template remembers and asks
     once an image from then on."""
     from ocrtune.models.loading import load_processor
-    from ocrtune.train.data import one_frame
+    from ocrtune.data.pixels import one_frame
     template = Template(load_processor(tiny_model_dir), "qwen2_vl", 2048)
     ip, calls = template.processor.image_processor, []
     real = type(ip).__call__

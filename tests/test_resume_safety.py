@@ -123,7 +123,7 @@ def test_damaged_checkpoint_exits_2_in_sft_infer_and_export(run, tmp_path):
 
 
 def test_damaged_full_weights_are_named(tmp_path):
-    from ocrtune.train.checkpoint import read_resume_state
+    from ocrtune.checkpoint import read_resume_state
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 0, "micro_batches_done": 2}))
@@ -134,7 +134,7 @@ def test_damaged_full_weights_are_named(tmp_path):
 
 
 def test_interrupted_checkpoint_saves_are_removed(tmp_path):
-    from ocrtune.train.checkpoint import remove_interrupted_saves
+    from ocrtune.checkpoint import remove_interrupted_saves
     for name in (".checkpoint-4.tmp", ".checkpoint-6.tmp", ".checkpoint-2.old", ".checkpoint-8.old", "checkpoint-2"):
         (tmp_path / name).mkdir()
     remove_interrupted_saves(tmp_path)

@@ -7,7 +7,8 @@ from transformers import AutoProcessor
 
 from ocrtune.data.images import open_image
 from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
-from ocrtune.models.template import IGNORE_INDEX, SampleTooLong, Template, collate
+from ocrtune.data.packing import IGNORE_INDEX
+from ocrtune.models.template import SampleTooLong, Template, collate
 
 
 @pytest.fixture(scope="module")

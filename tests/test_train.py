@@ -170,7 +170,7 @@ def test_swift_style_flags_and_env_vars(tmp_path):
 
 
 def test_save_total_limit_keeps_best_and_newest(tmp_path):
-    from ocrtune.train.checkpoint import STATE_FILE, list_checkpoints, rotate_checkpoints
+    from ocrtune.checkpoint import STATE_FILE, list_checkpoints, rotate_checkpoints
     for step in (10, 20, 30, 40, 50):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text("{}")

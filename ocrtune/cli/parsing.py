@@ -9,7 +9,7 @@ import os
 import types
 import typing
 
-from ocrtune.args import check_domains, given_flags  # noqa: F401  (given_flags moved; issue 14)
+from ocrtune.args import check_domains
 from ocrtune.errors import UserError
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}

@@ -19,7 +19,9 @@ import math
 
 import torch
 
-IGNORE_INDEX = -100  # label of tokens that are not trained on (`ocrtune.models.template` re-exports it)
+from ocrtune.data.pixels import refuse_light
+
+IGNORE_INDEX = -100  # label of tokens that are not trained on
 
 
 # ---------------------------------------------------------------- positions
@@ -75,9 +77,7 @@ def pack(samples: list[dict], pad_token_id: int, spatial_merge_size: int = 2,
     del pad_token_id
     ids, labels, types, text_pos, mrope, lens = [], [], [], [], [], []
     for s in samples:
-        if "pixel_frames" in s:
-            raise ValueError("a sample encoded with light_pixels=True goes through train.data.Collator, which "
-                             "restores its pixels")
+        refuse_light(s, "data.packing.pack")
         n = len(s["input_ids"])
         if n == 0:
             continue

@@ -1,7 +1,7 @@
 """LaTeX tokenization shared by the metrics and the render check (data-style tokens).
 
-Pure Python: imports only ``re``. Moved out of :mod:`ocrtune.evaluate.metrics` (issue 14) so that
-``metrics`` and ``render`` no longer import each other; ``metrics`` still exports both names.
+Pure Python: imports only ``re``. A module of its own so that ``metrics`` and ``render`` share it without
+importing each other.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Iterable, Sequence
 
+from ocrtune.evaluate.latex import normalize_latex
+
 __all__ = [
     "METRIC_NAMES",
-    "normalize_latex",
-    "tokenize_latex",
     "bleu4",
     "sentence_bleu4",
     "edit_distance",
@@ -50,8 +50,7 @@ METRIC_NAMES = ("bleu", "edit_distance", "exact_match", "render")
 # Tokenization
 # ---------------------------------------------------------------------------
 #
-# Token rules: see ocrtune/evaluate/latex.py (moved there; issue 14).
-from ocrtune.evaluate.latex import normalize_latex, tokenize_latex  # noqa: E402,F401  (moved; issue 14)
+# Token rules: ocrtune/evaluate/latex.py (shared with the render metric).
 
 
 @lru_cache(maxsize=65536)

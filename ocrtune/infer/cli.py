@@ -2,7 +2,7 @@
 
 The work is in `ocrtune.infer.load` (model/checkpoint loading), `ocrtune.infer.interactive` (the interactive loop
 and one-shot answers) and `ocrtune.infer.dataset` (dataset mode: rows, results, metrics, table); this module
-validates the arguments and dispatches, and re-exports those names so existing imports keep working.
+validates the arguments and dispatches.
 What `--ckpt_dir` may be, and how the base model is found, is in `ocrtune.checkpoint`; merging is
 `ocrtune.export.merge`; device and dtype choice is `ocrtune.models.dtypes.pick_device/pick_dtype`.
 """
@@ -13,13 +13,9 @@ from pathlib import Path
 
 from ocrtune.errors import UserError
 from ocrtune.infer.args import InferArgs
-from ocrtune.infer.args import gen_kwargs as _gen_kwargs  # noqa: F401  (moved; issue 14)
-from ocrtune.infer.dataset import (  # noqa: F401  (moved; issue 14)
-    METRIC_CHOICES, PROGRESS_EVERY_S, _image_label, _open_result, _query, _reference, _result_path, format_table,
-    load_eval_rows, parse_metrics, run_dataset, summary_path_for, token_accuracy)
-from ocrtune.infer.interactive import (  # noqa: F401  (moved; issue 14)
-    EXIT_WORDS, IMAGE_PROMPT, QUERY_PROMPT, _answer, _clean_path, _read, _say_error, interactive, one_shot)
-from ocrtune.infer.load import _quiet_transformers, load_for_inference  # noqa: F401  (moved; issue 14)
+from ocrtune.infer.dataset import METRIC_CHOICES, format_table, parse_metrics, run_dataset, summary_path_for
+from ocrtune.infer.interactive import interactive, one_shot
+from ocrtune.infer.load import _quiet_transformers, load_for_inference
 
 # ---------------------------------------------------------------- arguments
 

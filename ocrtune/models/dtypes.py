@@ -1,4 +1,4 @@
-"""The dtype and device policy, in one place (issue 14).
+"""The dtype and device policy, in one place.
 
 One table of names (`DTYPES`) and one rule (`dtype_for`) for `--dtype`/`--torch_dtype`; what `auto` means
 depends on what the weights are for:

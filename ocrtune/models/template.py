@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ocrtune.data.images import check_size
-from ocrtune.data.packing import IGNORE_INDEX, shared_cat  # noqa: F401  (IGNORE_INDEX: defined with the data packing)
+from ocrtune.data.packing import IGNORE_INDEX, shared_cat
+from ocrtune.data.pixels import make_light, refuse_light
 IMAGE_TAG = "<image>"
 
 # Default system prompt per template family (None: the family's chat template adds none).
@@ -69,28 +70,10 @@ class Template:
         return out, counts
 
     def _light_pixels(self, ip, images, frames: int) -> dict:
-        """What the training loader's workers send (`train.data.Collator` restores the model's input on the device,
-        `train.data.model_pixels`): each still image as one frame, not tiled over the temporal patch (that strided
-        copy was most of the processor's time), in 8 bits [N, C, P*P] (C = 1 for a gray image) before the
-        processor's rescale and normalization (`pixel_norm` = its fused mean and std, [2, 3] float32, as
-        transformers computes them), a sixth of the bytes of bf16 RGB. A processor that can't give that form sends
-        one normalized frame ([N, 3*P*P]), or, ignoring the one-frame request too, every frame (a plain input)."""
-        size = 3 * ip.patch_size ** 2
-        if self._eight_bit is not False and getattr(ip, "do_rescale", True) and getattr(ip, "do_normalize", True):
-            out = ip(images=images, return_tensors="pt", temporal_patch_size=1, do_rescale=False, do_normalize=False)
-            pv = out["pixel_values"]
-            if pv.dtype == torch.uint8 and pv.shape[-1] == size:
-                rgb = pv.view(pv.shape[0], 3, -1)
-                gray = torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 0], rgb[:, 2])
-                self._eight_bit = True
-                return {"pixel_values": rgb[:, :1].clone() if gray else rgb, "image_grid_thw": out["image_grid_thw"],
-                        "pixel_frames": frames, "pixel_norm": pixel_norm(ip)}
-            self._eight_bit = False  # (this processor can't: not asked again, one call an image from now on)
-        out = ip(images=images, return_tensors="pt", temporal_patch_size=1)
-        vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        if vision["pixel_values"].shape[-1] == size:
-            vision["pixel_frames"] = frames
-        return vision
+        """What the training loader's workers send (`data.pixels.make_light`: one frame, 8 bits where the processor
+        gives them); whether it does is remembered, so a processor that can't is asked once an image from then on."""
+        out, self._eight_bit = make_light(ip, images, frames, self._eight_bit)
+        return out
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """(text, trained) pieces of the conversation in chat-template order."""
@@ -188,7 +171,7 @@ class Template:
                light_pixels: bool = False) -> dict:
         """Tokenize one conversation. Training: pass the full messages; inference: the prompt and
         add_generation_prompt=True (labels then are all -100). `light_pixels`: the pixels in the form the training
-        loader's workers send (`_light_pixels`: one frame, 8 bits; `pixel_frames` and `pixel_norm` say how to
+        loader's workers send (`data.pixels`: one frame, 8 bits; `pixel_frames` and `pixel_norm` say how to
         restore them), which `train.data.Collator` turns into a plain model input where one is needed."""
         messages = _with_image_tags(messages, len(images))
         vision, counts = self._image_inputs(images, light_pixels)
@@ -207,15 +190,6 @@ class Template:
             IMAGE_TAG, "<|vision_start|><|image_pad|><|vision_end|>")
 
 
-def pixel_norm(ip) -> torch.Tensor:
-    """[2, 3] float32: the mean and std that a transformers image processor's fused rescale-and-normalize subtracts
-    and divides by ((x - mean / rescale_factor) / (std / rescale_factor), computed as it does), so 8-bit pixels
-    normalized with them equal its own output bit for bit."""
-    scale = 1.0 / ip.rescale_factor
-    return torch.stack([torch.tensor(ip.image_mean, dtype=torch.float32).expand(3) * scale,
-                        torch.tensor(ip.image_std, dtype=torch.float32).expand(3) * scale])
-
-
 def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
     """SWIFT convention: `<image>` marks where images go; images without tags go before the first
     user query."""
@@ -232,9 +206,8 @@ def _with_image_tags(messages: list[dict], n_images: int) -> list[dict]:
 
 def collate(samples: list[dict], pad_token_id: int, pixel_dtype: torch.dtype | None = None) -> dict:
     """Right-pad a list of encoded samples into a batch (`pixel_dtype` casts the pixels as they are joined)."""
-    if any("pixel_frames" in s for s in samples):
-        raise ValueError("a sample encoded with light_pixels=True goes through train.data.Collator, which restores "
-                         "its pixels")
+    for s in samples:
+        refuse_light(s, "models.template.collate")
     n = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), n), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)

@@ -103,10 +103,10 @@ def mutate(formulas: list[str], n: int, seed: int, exclude: set[str] = frozenset
     `scramble`: the share of them whose classed tokens are then each redrawn with a probability between 0.5 and 1
     (per formula): real formulas' layouts with symbols a language model can't guess from the ones around them, so
     that a model trained on them has to read its image (mutations alone keep most of a train formula, and a
-    from-scratch model learned their language instead of reading: issue 13's run 10). 0 gives exactly the
+    from-scratch model learned their language instead of reading). 0 gives exactly the
     mutations of before. `recombine`: the share of them (drawn before scrambling) whose head is joined to another
     input's tail at top-level relations or commas (`recombine_tokens`): mutations keep a train formula's overall
-    structure, which run 12's model learned (train token accuracy 0.86 against validation 0.77). 0 draws nothing.
+    structure, which a from-scratch model learned (train token accuracy 0.86 against validation 0.77). 0 draws nothing.
     Deterministic for a given input order, seed, scramble and recombine. Stops early (fewer than n) when the
     attempts run out.
     """

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ocrtune.args import (BIG, SEED, SHARE, arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,  # noqa: F401
+from ocrtune.args import (BIG, SEED, SHARE, arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,
                           model_arg, model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
 from ocrtune.errors import UserError
 

@@ -12,6 +12,7 @@ from ocrtune.data.checks import check_dataset, text_problem
 from ocrtune.data.images import BadImage, image_size, open_image
 from ocrtune.data.loading import load_datasets, validation_data
 from ocrtune.data.parallel import auto_num_proc, column_list
+from ocrtune.data.pixels import join
 from ocrtune.models.template import SampleTooLong, Template, collate
 
 log = logging.getLogger("ocrtune")
@@ -99,49 +100,14 @@ def _lengths_fingerprint(rows, template: Template) -> str:
     return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
-def one_frame(pixel_values: torch.Tensor, frames: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """Qwen-VL patches of still images hold each image `frames` times (the processor tiles it over the temporal
-    patch: rows laid out channel, frame, pixel): the first frame alone, [N, C*P*P] (in `dtype` if given), or None
-    where the frames differ (a video) and nothing may be dropped."""
-    n, dim = pixel_values.shape
-    if dim % (3 * frames):
-        return None
-    v = pixel_values.view(n, 3, frames, dim // (3 * frames))
-    if not all(torch.equal(v[:, :, 0], v[:, :, t]) for t in range(1, frames)):
-        return None
-    first = torch.empty(n, 3, dim // (3 * frames), dtype=dtype or v.dtype)
-    return first.copy_(v[:, :, 0]).view(n, -1)  # one pass: the slice, gathered and cast
-
-
-def all_frames(pixel_values: torch.Tensor, frames: int) -> torch.Tensor:
-    """`one_frame`'s inverse: each image's frame repeated `frames` times, in the processor's layout."""
-    n, dim = pixel_values.shape
-    return pixel_values.view(n, 3, 1, dim // 3).expand(n, 3, frames, dim // 3).reshape(n, 3 * frames * (dim // 3))
-
-
-def model_pixels(pixel_values: torch.Tensor, frames=None, norm: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The loader's light pixels -> the model's input, [N, 3*frames*P*P] in the processor's layout: 8-bit values
-    ([N, C, P*P], C = 1 for a gray image) normalized as the processor does, in float32 (`norm`: its fused mean and
-    std, `models.template.pixel_norm`; bit for bit its output), cast to `dtype`; then each image's one frame
-    repeated `frames` times. Runs on the device (`data.to_device`), or in-process where a batch must be plain."""
-    if norm is not None:
-        n, _, pp = pixel_values.shape  # (a gray image's one channel broadcasts to three)
-        pixel_values = ((pixel_values.float() - norm[0].view(1, 3, 1)) / norm[1].view(1, 3, 1)).view(n, 3 * pp)
-    if dtype is not None:
-        pixel_values = pixel_values.to(dtype)
-    return all_frames(pixel_values, int(frames)) if frames is not None else pixel_values
-
-
 class Collator:
     """Samples -> one batch (packed or padded), in the dataloader workers. The pixel values are most of a batch's
     bytes (~375 MB in float32 at 65,536 tokens), and making and moving them in the workers (normalizing, casting,
-    shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training (issue 13's
-    runs 10-16), so they leave the workers light and the model reads the same values:
-    - in workers the dataset encodes each still image as one frame in 8 bits (`Template._light_pixels`: [N, C, P*P],
-      one channel for a gray image; `pixel_frames` and `pixel_norm` in the batch), and the trainer normalizes it and
-      repeats its frame on the device (`data.to_device` -> `model_pixels`) before the model reads it: a sixth of
-      the bytes of bf16, a twelfth of float32, for gray formula images;
+    shared memory, the pinned copy, the host-to-device copy) set the pace of the small model's training, so they
+    leave the workers light and the model reads the same values:
+    - in workers the dataset encodes each still image as one frame in 8 bits (`data.pixels.make_light`), the batch
+      joins them (`data.pixels.join`), and the trainer normalizes them and repeats their frame on the device
+      (`data.pixels.to_device`) before the model reads them;
     - a processor that can't give 8 bits sends one normalized frame in `pixel_dtype` (bf16/fp16: the dtype the
       vision tower casts them to anyway).
     Only the loaders' worker processes send the light form (`make_loader` turns it on with workers): a batch made
@@ -159,50 +125,13 @@ class Collator:
         samples = [s for s in samples if s is not None]
         if not samples:
             return None
-        samples, extra = self._pixels(samples)
-        dtype = None if "pixel_norm" in extra else self.pixel_dtype  # 8 bits stay 8 bits
+        samples, extra, dtype = join(samples, self.frames, self.pixel_dtype, self.light_pixels)
         if self.packing:
             from ocrtune.data.packing import pack
             batch = pack(samples, self.pad_token_id, pixel_dtype=dtype)
         else:
             batch = collate(samples, self.pad_token_id, pixel_dtype=dtype)
         return {**batch, **extra}
-
-    def _pixels(self, samples: list[dict]) -> tuple[list[dict], dict]:
-        """The samples with the pixels the batch joins (cast to `pixel_dtype` as `pack`/`collate` join them: one
-        pass), and what the batch needs to restore them (`pixel_frames`, `pixel_norm`). A batch has one layout: in
-        workers 8 bits where every sample has them (a gray image's channel repeated where others have three), else
-        one frame of each still image where every sample allows it (a video's frames differ: all are sent), else
-        the plain input."""
-        pixels = [(s["pixel_values"], s.get("pixel_frames"), s.get("pixel_norm")) for s in samples if "pixel_values" in s]
-        if not pixels:
-            return samples, {}
-        kept, extra = None, {}
-        if self.light_pixels and self.frames and self.frames > 1:
-            if all(n is not None and f == self.frames for _, f, n in pixels):
-                channels = max(p.shape[1] for p, _, _ in pixels)
-                kept = [p.expand(-1, channels, -1) for p, _, _ in pixels]
-                extra = {"pixel_frames": torch.tensor(self.frames), "pixel_norm": pixels[0][2]}
-            else:
-                single = [self._one_frame(p, f, n) for p, f, n in pixels]
-                if all(p is not None for p in single):
-                    kept, extra = single, {"pixel_frames": torch.tensor(self.frames)}
-        if kept is None:  # a plain model input: every image normalized, with all its frames
-            kept = [model_pixels(p, f, n) for p, f, n in pixels]
-        light = iter(kept)
-        out = []
-        for s in samples:
-            if "pixel_values" in s:
-                s = {k: v for k, v in s.items() if k not in ("pixel_frames", "pixel_norm")}
-                s["pixel_values"] = next(light)
-            out.append(s)
-        return out, extra
-
-    def _one_frame(self, pixels, frames, norm):
-        """One normalized frame of a sample's still images in `pixel_dtype`, or None where its frames differ."""
-        if norm is not None:
-            return model_pixels(pixels, None, norm, self.pixel_dtype)
-        return pixels if frames == self.frames else one_frame(pixels, self.frames, self.pixel_dtype)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
@@ -313,16 +242,4 @@ def first_good(ds, collator) -> dict | None:
         if sample is not None:
             return collator([sample])
     return None
-
-
-def to_device(batch: dict, device, pixel_dtype: torch.dtype | None = None) -> dict:
-    """A batch's tensors on `device`, as the model reads them: the loader's light pixels (one frame, 8 bits; a sixth
-    of the bytes to copy) restored there (`model_pixels`, in `pixel_dtype`), before the batch reaches the wrapped
-    model, whose mixed-precision policy (FSDP2, DeepSpeed fp16) would cast a float `pixel_norm` passed through it."""
-    frames, norm = batch.get("pixel_frames"), batch.get("pixel_norm")
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("pixel_frames", "pixel_norm")}
-    if frames is not None:
-        norm = None if norm is None else norm.to(device, non_blocking=True)
-        out["pixel_values"] = model_pixels(out["pixel_values"], int(frames), norm, pixel_dtype)
-    return out
 

@@ -47,7 +47,7 @@ def plugin_kwargs(args) -> dict:
     """Accelerator(...) keyword arguments for --deepspeed / --fsdp."""
     if args.deepspeed:
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed  # noqa: F401  (present, before accelerate asks for it mid-setup)
         except ImportError:
             raise UserError("--deepspeed needs the deepspeed package", "pip install deepspeed (on a CUDA machine)") from None
         from accelerate.utils import DeepSpeedPlugin

@@ -6,8 +6,9 @@ import contextlib
 
 import torch
 
+from ocrtune.data.pixels import to_device
 from ocrtune.train import distributed as dist
-from ocrtune.train.data import first_good, make_loader, to_device
+from ocrtune.train.data import first_good, make_loader
 
 
 def evaluate(acc, loss_module, val_ds, collator, args, train_filler, processor=None, template=None,

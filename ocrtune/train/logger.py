@@ -72,6 +72,18 @@ class StepStats:
                 "grad_norm": round(self.grad_norm / max(self.steps, 1), 6)}
 
 
+def train_record(stats: StepStats, lr: float, step: int, total_steps: int, done: int, elapsed: float,
+                 epoch: float) -> dict:
+    """One training line of logging.jsonl: `stats`' averages and where the run is, after `done` steps in
+    `elapsed` seconds since this process started training."""
+    return {**stats.record(), "learning_rate": lr,
+            "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
+            "epoch": round(epoch, 4),
+            "global_step/max_steps": f"{step}/{total_steps}",
+            "percentage": f"{100 * step / total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
+            "remaining_time": fmt_time(elapsed / max(done, 1) * (total_steps - step)), "step": step}
+
+
 def memory_gib() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_reserved() / 2**30, 2)

@@ -14,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ocrtune.data.packing import IGNORE_INDEX
+from ocrtune.data.pixels import refuse_light
 from ocrtune.evaluate.metrics import argmax_hits  # the one token-accuracy count (also eval --metrics acc)
 from ocrtune.models.patches.common import assert_prepared, causal_lm
 from ocrtune.models.patches.forward import hidden_states, image_embeds
 from ocrtune.models.patches.lora import lora_autocast_dtype
-from ocrtune.models.template import IGNORE_INDEX
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
@@ -71,9 +72,7 @@ class ResponseLoss(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
                 pixel_norm=None, **kwargs):
-        if pixel_frames is not None or pixel_norm is not None:  # the loader's light pixels (train/data.py:Collator)
-            raise ValueError("a batch with light pixels (pixel_frames/pixel_norm): restore them with "
-                             "ocrtune.train.data.to_device before the model reads it")
+        refuse_light({"pixel_frames": pixel_frames, "pixel_norm": pixel_norm}, "ResponseLoss")  # raw 8 bits otherwise
         amp = self._autocast_dtype()
         with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
             return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 STOP_CHECK_EVERY = 16  # micro-batches between the ranks' joint checks for a signal inside a group
 
@@ -77,6 +78,13 @@ class StopRequest:
 
     def why(self, max_time) -> str:
         return f"by {self.signals.name}" if self.by_signal else f"at --max_time {max_time:g}s"
+
+    def report(self, stopped_at: int, run_dir: Path, max_time) -> str:
+        """The line a stopped run ends with: the checkpoint it saved and how to resume, or that there was none."""
+        why, ckpt = self.why(max_time), run_dir / f"checkpoint-{stopped_at}"
+        if stopped_at and ckpt.exists():
+            return f"stopped {why} at step {stopped_at}; saved {ckpt}; resume with --resume_from_checkpoint last"
+        return f"stopped {why} before the first optimizer step; nothing to save; start the run again"
 
     def exit_status(self) -> int | None:
         """The signal's exit status (143 SIGTERM, 130 SIGINT) when one stopped the run."""

@@ -2,7 +2,7 @@
 sets up its parts in `setup()` (resume, model, data, optimizer, loss), then `train()` loops over `train_step`,
 evaluates, saves and logs; accelerate runs the same code on one CPU, one GPU or many (torchrun / accelerate launch).
 The model and optimizer builders are in `model_setup.py`, the evaluations in `evaluation.py`, the learning rate in
-`schedule.py`, the stop request in `stopping.py`."""
+`schedule.py`, the stop request in `stopping.py`, the run folder in `run_dir.py`."""
 from __future__ import annotations
 
 import contextlib
@@ -13,29 +13,30 @@ import math
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from ocrtune import checkpoint as ckpt_io
-from ocrtune.data.fingerprint import write_fingerprints
+from ocrtune.data.packing import IGNORE_INDEX
+from ocrtune.data.pixels import to_device
 from ocrtune.errors import UserError
 from ocrtune.models import patches
 from ocrtune.models.dtypes import train_dtype
 from ocrtune.models.loading import is_random_init, load_processor, resolve_model, template_name
 from ocrtune.models.patches import PatchOptions
 from ocrtune.models.patches.vision import vision_input_dtype
-from ocrtune.models.template import IGNORE_INDEX, Template
+from ocrtune.models.template import Template
 from ocrtune.train import distributed as dist, relora
 from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
-from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches, to_device
+from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches
 from ocrtune.train.evaluation import evaluate
-from ocrtune.train.logger import RunLogger, StepStats, fmt_time, memory_gib
+from ocrtune.train.logger import RunLogger, StepStats, train_record
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.train.model_setup import (ResolvedRun, base_model, check_given_model, fp8_base, make_optimizer,
                                        prepare_model)
 from ocrtune.train.resume import load_adapter, resume_args
+from ocrtune.train.run_dir import make_writable, new_run_dir, write_run_files
 from ocrtune.train.schedule import LrSchedule
 from ocrtune.train.stopping import STOP_CHECK_EVERY, StopMidGroup, StopRequest, stop_on_sigterm
 
@@ -228,10 +229,8 @@ class SftRun:
 
     def _write_run_files(self, args: SftArgs) -> None:
         if self.main:  # only once the run (and a resume) is set up: a failed resume leaves args.json as it was
-            with open(self.run_dir / "args.json", "w") as f:
-                json.dump({**dataclasses.asdict(args), "model_dir": str(self.model_dir), "template": self.template.template,
-                           "model_type": self.spec.name if self.spec else args.model_type}, f, indent=2)
-            write_fingerprints(self.run_dir, (args.dataset or []) + (args.val_dataset or []))  # checked on resume
+            write_run_files(self.run_dir, args, self.model_dir, self.template.template,
+                            self.spec.name if self.spec else args.model_type)
 
     def _setup_loss(self, args: SftArgs, parts: ModelParts, sharded_optimizer_state: dict | None):
         """The loss module around the model, wrapped by accelerate (DDP, FSDP2, DeepSpeed) with the optimizer."""
@@ -477,22 +476,11 @@ class SftRun:
 
     def _report_stop(self, stopped_at: int) -> None:
         if self.main:
-            why = self.stop.why(self.args.max_time)
-            ckpt = self.run_dir / f"checkpoint-{stopped_at}"
-            print(f"stopped {why} at step {stopped_at}; saved {ckpt}; resume with --resume_from_checkpoint last"
-                  if stopped_at and ckpt.exists() else
-                  f"stopped {why} before the first optimizer step; nothing to save; start the run again",
-                  file=sys.stderr, flush=True)
+            print(self.stop.report(stopped_at, self.run_dir, self.args.max_time), file=sys.stderr, flush=True)
 
     def log_train(self, step: int, start: float, start_step: int) -> None:
-        done = step - start_step
-        elapsed = time.time() - start
-        record = {**self.stats.record(), "learning_rate": self.optimizer.param_groups[0]["lr"],
-                  "memory(GiB)": memory_gib(), "train_speed(iter/s)": round(done / max(elapsed, 1e-9), 6),
-                  "epoch": round(self.epoch_progress(), 4),
-                  "global_step/max_steps": f"{step}/{self.total_steps}",
-                  "percentage": f"{100 * step / self.total_steps:.2f}%", "elapsed_time": fmt_time(elapsed),
-                  "remaining_time": fmt_time(elapsed / max(done, 1) * (self.total_steps - step)), "step": step}
+        record = train_record(self.stats, self.optimizer.param_groups[0]["lr"], step, self.total_steps,
+                              step - start_step, time.time() - start, self.epoch_progress())
         self.stats = StepStats()
         self.logger.log(record)
 
@@ -601,26 +589,6 @@ class SftRun:
             print(f"best_model_checkpoint: {best}")
             print(f"images: {self.run_dir / 'images'}")
         return result
-
-
-
-def new_run_dir(args: SftArgs, model_name: str) -> Path:
-    base = Path(args.output_dir)
-    if not args.add_output_dir_suffix:
-        return base
-    parent = base / model_name.replace("/", "--")
-    n = len([p for p in parent.glob("v*-*") if p.is_dir()]) if parent.exists() else 0
-    return parent / f"v{n}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def make_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder {run_dir} is not writable ({e.strerror})", "pass a writable --output_dir") from None
 
 
 def run_sft(args: SftArgs) -> dict:

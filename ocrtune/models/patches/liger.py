@@ -28,7 +28,7 @@ def liger_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (Liger's kernels are Triton GPU kernels)"
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401  (importable with this triton/torch)
     except Exception as e:  # ImportError, or a triton/torch mismatch raising at import
         return f"liger-kernel is not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     return None

@@ -125,13 +125,14 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-class DemoteLiger(logging.Filter):
-    """liger-kernel logs a WARNING for each optional backend it can't import, on every GPU run and
-    rank; they concern Liger's internals, not the run (ocrtune says itself when Liger is off): show
-    them only at DEBUG (OCRTUNE_LOG_LEVEL=DEBUG)."""
+class DemoteKernelNotices(logging.Filter):
+    """liger-kernel logs a WARNING for each optional backend it can't import, on every GPU run and rank, and
+    bitsandbytes one for its optional CPU kernel package (PEFT imports it on every command where it is
+    installed); they concern the libraries' internals, not the run (ocrtune says itself when Liger is off, and
+    bitsandbytes falls back to its own kernels): show them only at DEBUG (OCRTUNE_LOG_LEVEL=DEBUG)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("liger_kernel") and record.levelno < logging.ERROR:
+        if record.name.startswith(("liger_kernel", "bitsandbytes")) and record.levelno < logging.ERROR:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
@@ -150,7 +151,7 @@ def log_level(raw: str | None) -> int:
 def setup_logging() -> None:
     logging.basicConfig(level=log_level(os.environ.get("OCRTUNE_LOG_LEVEL")), format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
-        handler.addFilter(DemoteLiger())
+        handler.addFilter(DemoteKernelNotices())
     for name in ("transformers", "datasets", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # huggingface_hub prints through a handler of its own; passed on to ours too, each retry message

@@ -1,4 +1,4 @@
-"""Multi-GPU benchmark (issue 15): one script, one device call.
+"""Multi-GPU benchmark: one script, one device call.
 
 Throughput cases (7B preset LoRA on LaTeX_OCR print rows, packing, the `ocrtune sft` code path via
 bench_sft.make_ocrtune_run), each in its own torchrun process group:

@@ -1,4 +1,4 @@
-"""GPU correctness checks (issue 14 item 5): the kernels the CPU suite cannot reach, against the stock
+"""GPU correctness checks: the kernels the CPU suite cannot reach, against the stock
 forwards, on small random Qwen2-VL configs in bf16 on CUDA.
 
 - varlen attention (FlashAttention varlen through torch) vs per-sample sdpa, forward and backward;

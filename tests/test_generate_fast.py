@@ -1,4 +1,4 @@
-"""InferEngine's fast path (issue 16): length-sorted batches, prompts encoded ahead, and the greedy loop
+"""InferEngine's fast path: length-sorted batches, prompts encoded ahead, and the greedy loop
 that drops finished rows give the same answers as plain `model.generate`, in row order."""
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def test_plain_lines_when_not_a_terminal():
 def test_infer_over_a_dataset_reports_progress_on_a_non_terminal(tiny_model_dir, tmp_path, capfd, monkeypatch):
     from ocrtune.infer import cli, dataset
     from ocrtune.infer.args import InferArgs
-    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # run_dataset moved to infer/dataset.py (issue 14)
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # run_dataset reads it from infer/dataset.py
     cli.run_infer(InferArgs(model=str(tiny_model_dir), val_dataset=["latex-ocr-sample#3"], infer_batch_size=1,
                             max_new_tokens=2, result_path=str(tmp_path / "r.jsonl")))
     err = capfd.readouterr().err

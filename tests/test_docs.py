@@ -93,6 +93,6 @@ def test_flag_table_write_rewrites_only_the_marked_table(tmp_path):
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci == 'pip install -q -e ".[test]" && python -m pytest -q'
+    assert ci == 'pip install -q -e ".[test]" && python -m pytest -q -n 2 --dist loadfile'
     first_block = (ROOT / "README.md").read_text().split("```", 2)[1]
     assert ci.replace("pip install -q ", "pip install ") in first_block  # the same command, louder

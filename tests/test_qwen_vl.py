@@ -255,7 +255,8 @@ def test_image_embeds_take_the_host_positions_and_match_the_stock_ones(tiny_mode
     args = (lm, lm.model, batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
     with torch.no_grad():
         ours = forward.image_embeds(*args)
-        monkeypatch.setattr(forward, "HOST_VISION_IDS", False)
+        from ocrtune.models.patches import PatchOptions, prepare
+        assert prepare(lm, PatchOptions(patch_embed=False, host_vision_ids=False))["host_vision_ids"] is False
         stock = forward.image_embeds(*args)
     assert handed == [True, False]
     assert torch.equal(ours, stock)

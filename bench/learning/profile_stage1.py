@@ -199,16 +199,17 @@ def main(argv=None):
         return
     variants = {**({} if a.skip_stage1 else {"stage1": {}}), **json.loads(a.variants)}
     res = {"args": vars(a), "cases": []}
-    from ocrtune.models.patches import forward
+    from ocrtune.models.patches import PatchOptions, prepare
     for name, ov in variants.items():
         ov = dict(ov)
         # "_host_vision_ids": false builds the ViT's position ids image by image on the device (transformers' way)
-        forward.HOST_VISION_IDS = bool(ov.pop("_host_vision_ids", True))
+        host_ids = bool(ov.pop("_host_vision_ids", True))
         compiled = ov.pop("_compile_blocks", False)  # true (all), "lm" or "vit"
         for tokens in [int(x) for x in a.tokens.split(",")]:
-            case = {"variant": name, "tokens": tokens, "host_vision_ids": forward.HOST_VISION_IDS}
+            case = {"variant": name, "tokens": tokens, "host_vision_ids": host_ids}
             try:
                 run = make_run(a, tokens, ov)
+                prepare(run.model, PatchOptions(patch_embed=False, host_vision_ids=host_ids))
                 if compiled:
                     case["compiled_blocks"] = compile_blocks(run, "all" if compiled is True else compiled)
                 stream = run.micro_batches()

@@ -45,6 +45,8 @@ class PatchOptions:
     lora_autocast: bool = False              # training: PEFT's LoRA input upcast off where the forward autocasts
     liger: bool = False                      # --use_liger: Liger's kernels (before the PEFT wrap) + fused linear CE
     compile: bool = False                    # --torch_compile: each decoder layer and ViT block compiled in place
+    host_vision_ids: bool | None = None      # False: the ViT's position ids per image on the device (transformers'
+                                             # way, to compare); True: made on the host (the default); None: unchanged
 
 
 def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
@@ -85,5 +87,7 @@ def prepare(model: nn.Module, options: PatchOptions | None = None) -> dict:
                        else {"liger": False, "fused_ce": None})
     if options.compile:
         applied["compile"] = blocks.compile_blocks(model)
+    if options.host_vision_ids is not None:
+        applied["host_vision_ids"] = vision.set_host_vision_ids(model, options.host_vision_ids)
     mark_prepared(model)
     return applied

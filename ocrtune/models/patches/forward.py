@@ -14,9 +14,7 @@ import torch
 from ocrtune.models.patches.attention import VARLEN_ATTENTION
 from ocrtune.models.patches.common import assert_prepared
 from ocrtune.models.patches.versions import in_range
-from ocrtune.models.patches.vision import vision_host_kwargs
-
-HOST_VISION_IDS = True  # vision_host_kwargs in image_embeds (bench/learning/profile_stage1.py turns it off to compare)
+from ocrtune.models.patches.vision import uses_host_vision_ids, vision_host_kwargs
 
 
 def image_embeds(lm, vlm, input_ids, pixel_values, image_grid_thw):
@@ -28,7 +26,8 @@ def image_embeds(lm, vlm, input_ids, pixel_values, image_grid_thw):
         return embeds
     frozen = not any(p.requires_grad for p in vlm.visual.parameters())
     grid = image_grid_thw.tolist()  # the one read of the grids from the device
-    kwargs = vision_host_kwargs(grid, vlm.visual.spatial_merge_size, pixel_values.device) if HOST_VISION_IDS else {}
+    host = uses_host_vision_ids(vlm.visual)  # prepare(host_vision_ids=False) compares with transformers' way
+    kwargs = vision_host_kwargs(grid, vlm.visual.spatial_merge_size, pixel_values.device) if host else {}
     if pixel_values.is_cuda and getattr(vlm.visual, "_ocrtune_varlen", False):  # trained or frozen
         kwargs["max_seqlen"] = max(h * w for _, h, w in grid)
     with torch.no_grad() if frozen else contextlib.nullcontext():

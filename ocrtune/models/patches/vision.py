@@ -82,6 +82,19 @@ def _grid_positions(t: int, h: int, w: int, merge: int) -> torch.Tensor:
                         cols.reshape(block).transpose(1, 2).flatten()], dim=-1).repeat(t, 1)
 
 
+def set_host_vision_ids(model: nn.Module, on: bool) -> bool:
+    """Whether `forward.image_embeds` hands the ViT position ids made on the host (`vision_host_kwargs`) or lets it
+    build them per image on the device, as transformers does (benchmarks compare the two). Returns `on`."""
+    for module in model.modules():
+        if hasattr(module, "spatial_merge_size") and hasattr(module, "blocks"):  # the vision tower
+            module._ocrtune_host_ids = on
+    return on
+
+
+def uses_host_vision_ids(visual: nn.Module) -> bool:
+    return getattr(visual, "_ocrtune_host_ids", True)
+
+
 def vision_host_kwargs(grid: list[list[int]], merge: int, device) -> dict:
     """The Qwen2-VL ViT's rotary position ids and per-frame attention boundaries for images of `grid` ([t, h, w]
     each), made on the host and copied to `device` once. The vision forward takes them from its kwargs

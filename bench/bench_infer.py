@@ -89,6 +89,7 @@ def load(a):
     template = Template(processor, tmpl)
     if a.max_pixels:
         template.set_pixels(a.max_pixels)
+        processor = template.processor  # the bounded copy: plain generate sees the same images
     info.update(template=tmpl, dtype=str(dtype).replace("torch.", ""), attn=a.attn,
                 max_pixels=processor.image_processor.size.get("longest_edge"))
     return model, processor, template, info

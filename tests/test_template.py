@@ -107,3 +107,14 @@ def test_prompt_ids_from_the_cache_equal_tokenizing_the_expanded_text(processor)
     before = pickle.dumps(fresh)
     fresh._ids_labels(_with_image_tags(cases[1][0], 1), [7], False)
     assert fresh._segment_ids and pickle.dumps(fresh) == before
+
+
+def test_set_pixels_bounds_the_templates_own_processor_not_the_one_given(processor):
+    """A processor shared with a server or another template keeps its sizes; the template's copy (what the
+    trainer saves in checkpoints and export in the merged folder) carries the bounds."""
+    before = dict(processor.image_processor.size)
+    t = Template(processor)
+    t.set_pixels(max_pixels=28 * 28 * 8, min_pixels=28 * 28 * 2)
+    assert dict(processor.image_processor.size) == before
+    assert t.processor.image_processor.size == {"longest_edge": 28 * 28 * 8, "shortest_edge": 28 * 28 * 2}
+    assert t.processor.tokenizer is processor.tokenizer

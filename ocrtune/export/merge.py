@@ -112,10 +112,11 @@ def _merge(src: Source, out: Path, adapter_sha: str, dtype: str, model, model_ty
     peft_model = load_adapted(base_dir, src.path, torch_dtype, device, command="export")
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True  # training turns the KV cache off; a shipped model wants it on
-    processor = load_processor(base_dir)
     ra = src.run_args
     # the image size bounds the run trained with travel with the processor
-    Template(processor, ra.get("template") or "qwen2_vl").set_pixels(ra.get("max_pixels"), ra.get("min_pixels"))
+    template = Template(load_processor(base_dir), ra.get("template") or "qwen2_vl")
+    template.set_pixels(ra.get("max_pixels"), ra.get("min_pixels"))
+    processor = template.processor
 
     with temp_dir_for(out) as tmp:
         _write_merged(merged, processor, src, out, tmp, base_dir, torch_dtype, adapter_sha)

@@ -72,4 +72,4 @@ def load_for_inference(args):
             "max_pixels": max_pixels, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "quant_bits": args.quant_bits,
             "run_args": run_args}
-    return InferEngine(model, processor, tmpl), info
+    return InferEngine(model, tmpl.processor, tmpl), info

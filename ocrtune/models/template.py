@@ -7,6 +7,8 @@ becomes <|vision_start|> + N x <|image_pad|> + <|vision_end|>, N the image's mer
 """
 from __future__ import annotations
 
+import copy
+
 import re
 from dataclasses import dataclass, field
 
@@ -41,8 +43,12 @@ class Template:
         return self.processor.tokenizer
 
     def set_pixels(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
-        """Bound each image's pixel count; larger images are resized down (never rejected)."""
-        ip = self.processor.image_processor
+        """Bound each image's pixel count; larger images are resized down (never rejected). The bounds go to this
+        template's own copy of the processor (`self.processor` afterwards): a processor shared with a server, another
+        template or the caller keeps its sizes."""
+        ip = copy.deepcopy(self.processor.image_processor)
+        self.processor = copy.copy(self.processor)
+        self.processor.image_processor = ip
         size = dict(ip.size) if ip.size else {}
         if max_pixels:
             size["longest_edge"] = int(max_pixels)

@@ -151,6 +151,7 @@ class SftRun:
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)
+        self.processor = self.template.processor  # with the run's pixel bounds: checkpoints save them
         self.resolved = ResolvedRun.of(args, spec, model_dir)
         return dataclasses.replace(args, **dataclasses.asdict(self.resolved))
 

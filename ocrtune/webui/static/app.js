@@ -168,7 +168,7 @@ function showRun(run) {
   $("#run-progress").textContent = progressText(run.progress);
   $("#run-error").textContent = run.error ? run.error : "";
   $("#stop").disabled = run.status !== "running";
-  $("#resume").disabled = run.status === "running" || !run.checkpoints.length;
+  $("#resume").disabled = ["running", "finished"].includes(run.status) || !run.checkpoints.length;  // a finished run has nothing left
   $("#delete").disabled = run.status === "running";
   const tr = document.querySelector(`#run-table tr[data-run="${CSS.escape(run.id)}"]`);
   if (tr) { tr.dataset.status = run.status; tr.children[1].textContent = run.status + (run.error ? ": " + run.error : ""); tr.children[1].className = "status-" + run.status; tr.children[2].textContent = progressText(run.progress); }

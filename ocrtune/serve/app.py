@@ -78,7 +78,8 @@ def validate(args) -> None:
             raise UserError(message, "see `ocrtune serve --help`")
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening socket on host:port (serve and web-ui), or a one-line error naming the flag to change."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:  # UnicodeError: a name the IDNA codec refuses (empty label, ...)
@@ -92,7 +93,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise UserError(f"can't listen on {host}:{port}: {e.strerror}",
                         "pick another --port (0 chooses a free one) or stop the program using it") from None
-    sock.listen(2048)
+    sock.listen(backlog)
     return sock
 
 

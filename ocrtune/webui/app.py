@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ocrtune.errors import UserError
+from ocrtune.serve.app import bind
 from ocrtune.serve.guard import Guard
 from ocrtune.serve.hosts import FrontDoor, HostPolicy, is_loopback
 from ocrtune.webui.runs import Runs, checkpoints, error_line, read_log
@@ -426,25 +427,6 @@ def image_bytes(src, max_mb: float) -> bytes:
 
 # ---- command line ----------------------------------------------------------------------------------
 
-def bind(host: str, port: int):
-    import socket
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise UserError(f"can't resolve --host {host}: {getattr(e, 'strerror', None) or e}",
-                        "use an IP address such as 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"can't listen on {host}:{port}: {e.strerror}",
-                        "pick another --port (0 chooses a free one) or stop the program using it") from None
-    sock.listen(512)
-    return sock
-
-
 def run_webui(args, check_sft) -> None:
     import uvicorn
 
@@ -457,7 +439,7 @@ def run_webui(args, check_sft) -> None:
         token = secrets.token_urlsafe(24)
         print(f"ocrtune web-ui: listening on {args.host}: every request needs this token (shown once): {token}",
               file=sys.stderr, flush=True)
-    sock = bind(args.host, args.port)
+    sock = bind(args.host, args.port, backlog=512)
     app = FrontDoor(create_app(args, check_sft, token), HostPolicy(args.host, args.allowed_hosts))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

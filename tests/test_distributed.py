@@ -29,9 +29,13 @@ def free_port() -> str:
 
 
 def sft(out, batch, env=None, extra=()):
-    res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", str(batch), "--output_dir", str(out),
-                          *extra],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    cmd = [sys.executable, "-m", "ocrtune", "sft", *FLAGS, "--batch_size", str(batch), "--output_dir", str(out), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if res.returncode and "exitcode: -11" in res.stderr and "--resume_from_checkpoint" not in extra:
+        # a rank died of SIGSEGV inside gloo on the 2-core CI machine (once in ~100 CPU FSDP2 runs, never
+        # reproduced): run it once more from nothing; any other failure, or a second crash, fails the test
+        shutil.rmtree(out, ignore_errors=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((out / "tiny").glob("v*-*"))
     assert len(runs) == 1, runs  # rank 0 alone names and writes the run folder

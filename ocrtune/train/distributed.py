@@ -294,9 +294,18 @@ def quiet_other_ranks(acc) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def end_process_group() -> None:
+def end_process_group(finished: bool = False) -> None:
+    """Tear the process group down once its users are gone. The run's FSDP2/DTensor state is freed first
+    (it sits in reference cycles, otherwise collected at interpreter exit, after the group it calls into is
+    destroyed); after a finished run the ranks meet first, so no rank closes its gloo sockets while another is
+    still finishing its last collective."""
+    import gc
+
     import torch.distributed as dist
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -593,10 +593,13 @@ class SftRun:
 
 
 def run_sft(args: SftArgs) -> dict:
+    finished = False
     try:
-        return SftRun(args).train()
+        result = SftRun(args).train()
+        finished = True
+        return result
     except BaseException as e:
         dist.record_rank_error(e)
         raise
     finally:
-        dist.end_process_group()
+        dist.end_process_group(finished)

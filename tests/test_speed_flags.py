@@ -150,3 +150,25 @@ def test_torch_compile_trains_as_eager_does(tiny_model_dir, tmp_path):
     assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
     assert losses[1] == pytest.approx(losses[0], rel=1e-3) and evals[1] == pytest.approx(evals[0], rel=1e-3)
     assert {k: v.shape for k, v in comp_ckpt.items()} == {k: v.shape for k, v in eager_ckpt.items()}
+
+
+def test_speed_max_takes_what_applies_and_keeps_given_flags(monkeypatch):
+    """--speed max: on a GPU with float8 tensor cores every opt-in speed-up; on a CPU none of the float8 ones;
+    a flag the user gave is kept; full fine-tuning keeps its (absent) dropout alone."""
+    from ocrtune.train import model_setup
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.model_setup import SPEED_MAX_TOKENS, speed_line, speed_max
+    changes, skipped = speed_max(SftArgs(speed="max"), torch.device("cpu"))
+    assert changes == {"lora_dropout": 0.0, "gradient_checkpointing": False, "packing": True,
+                       "packing_tokens": SPEED_MAX_TOKENS}
+    assert skipped == ["--fp8_base (float8 matmuls need a CUDA GPU)", "--lean_mlp_fp8 (float8 matmuls need a CUDA GPU)"]
+    monkeypatch.setattr(model_setup, "float8_matmul_reason", lambda device, dtype: None)  # a Hopper card
+    monkeypatch.setattr(model_setup, "train_dtype", lambda name, device: torch.bfloat16)
+    changes, skipped = speed_max(SftArgs(speed="max", packing_tokens=4096), torch.device("cuda"))
+    assert changes == {"fp8_base": True, "lean_mlp_fp8": True, "lora_dropout": 0.0, "gradient_checkpointing": False,
+                       "packing": True} and skipped == ["--packing_tokens 4096 (given)"]
+    assert speed_line(changes, skipped).startswith("--speed max: --fp8_base true --lean_mlp_fp8 true --lora_dropout 0.0")
+    changes, skipped = speed_max(SftArgs(speed="max", train_type="full"), torch.device("cuda"))
+    assert "fp8_base" not in changes and "lora_dropout" not in changes
+    assert "--fp8_base (full fine-tuning trains the base weights)" in skipped
+    assert speed_max(SftArgs(), torch.device("cuda")) == ({}, [])  # the default changes nothing

@@ -82,6 +82,10 @@ class SftArgs:
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
     seed: int = arg(42, "random seed", domain=SEED)
     # speed
+    speed: str = arg("default", "default: the exact numerics (bf16, nothing approximated); max: every opt-in speed-up "
+                     "that applies to this run and machine, as one line at the start says: --fp8_base and --lean_mlp_fp8 "
+                     "(LoRA on a GPU of compute capability 8.9+; approximate), --lora_dropout 0, no recompute, packing at "
+                     f"{10_240:,} tokens a step; a flag you give wins over it", choices=("default", "max"))
     packing: bool = arg(False, "pack samples into one row up to --packing_tokens (padding-free)")
     packing_tokens: int | None = arg(None, "token budget per packed row (default: batch_size x max sample length)",
                                       domain=ints(16, 2**24))

@@ -28,13 +28,13 @@ from ocrtune.models.patches import PatchOptions
 from ocrtune.models.patches.vision import vision_input_dtype
 from ocrtune.models.template import Template
 from ocrtune.train import distributed as dist, relora
-from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate
+from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate, validate_fp8_base
 from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches
 from ocrtune.train.evaluation import evaluate
 from ocrtune.train.logger import RunLogger, StepStats, train_record
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.train.model_setup import (ResolvedRun, base_model, check_given_model, fp8_base, make_optimizer,
-                                       prepare_model)
+                                       prepare_model, speed_line, speed_max)
 from ocrtune.train.resume import load_adapter, resume_args
 from ocrtune.train.run_dir import make_writable, new_run_dir, write_run_files
 from ocrtune.train.schedule import LrSchedule
@@ -153,6 +153,11 @@ class SftRun:
         self.template.set_pixels(args.max_pixels, args.min_pixels)
         self.processor = self.template.processor  # with the run's pixel bounds: checkpoints save them
         self.resolved = ResolvedRun.of(args, spec, model_dir)
+        changes, skipped = speed_max(args, self.accelerator.device)
+        if args.speed == "max" and self.main:
+            print(speed_line(changes, skipped), file=sys.stderr)
+        args = dataclasses.replace(args, **changes)
+        validate_fp8_base(args)
         return dataclasses.replace(args, **dataclasses.asdict(self.resolved))
 
     def _setup_model(self, args: SftArgs, builder, resume_state: dict | None):

@@ -313,6 +313,10 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "") if dtype is not None else "float32"
 
 
+def _restored(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in (MANIFEST, "config.json", "model.safetensors"))
+
+
 def restore_reader(cache=None, dtype=None) -> Path:
     """The reader as a normal model folder, `<cache>/models/ocrtune-reader-<manifest hash>` (cache: the ocrtune
     cache), restored on first use: the package's files checked against the manifest, the weights dequantized to
@@ -326,7 +330,7 @@ def restore_reader(cache=None, dtype=None) -> Path:
     key = hashlib.sha256(raw).hexdigest()[:12]
     suffix = "" if _dtype_name(dtype) == "float32" else f"-{_dtype_name(dtype)}"
     final = Path(cache or cache_root()) / "models" / f"{NAME}-{key}{suffix}"
-    if (final / MANIFEST).is_file() and (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+    if _restored(final):
         return final
     check_package(folder, manifest)
     tensors = unpack_tensors(read_packed(folder, manifest), dtype)
@@ -339,7 +343,10 @@ def restore_reader(cache=None, dtype=None) -> Path:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / MANIFEST).write_bytes(raw)  # last: the folder is whole when it is there
             _readable(tmp)
-            replace_dir(tmp, final)
+            if _restored(final):  # another process restored it meanwhile (and may be loading it): keep that one
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

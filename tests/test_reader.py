@@ -156,6 +156,24 @@ def test_flipped_byte_names_the_file(package, tmp_path, monkeypatch, capsys, ima
         reader.restore_reader(cache=tmp_path / "cache")
 
 
+def test_damaged_manifest(package, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(package, bad)
+    monkeypatch.setenv(reader.ENV, str(bad))
+    manifest = json.loads((bad / reader.MANIFEST).read_text())
+    (bad / reader.MANIFEST).write_text(json.dumps(manifest)[:-20])
+    with pytest.raises(UserError, match=r"^reader manifest .*reader.json is damaged \(JSONDecodeError\); package the reader"):
+        reader.restore_reader(cache=tmp_path / "c")
+    del manifest["files"][reader.WEIGHTS]  # weights whose sha256 nobody holds are not read
+    (bad / reader.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"is damaged \(not a complete ocrtune-reader manifest\)"):
+        reader.restore_reader(cache=tmp_path / "c")
+    (bad / reader.MANIFEST).write_text(json.dumps({**json.loads((package / reader.MANIFEST).read_text()), "format_version": 9}))
+    with pytest.raises(UserError, match=r"has format version 9, newer than this ocrtune reads \(1\); upgrade ocrtune$"):
+        reader.restore_reader(cache=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 def test_no_package_is_one_line(tmp_path, monkeypatch, capsys, image):
     empty = tmp_path / "reader_weights"
     empty.mkdir()

@@ -268,13 +268,16 @@ def read_manifest(folder: Path) -> tuple[dict, bytes]:
     try:
         raw = read_bounded(path, MAX_MANIFEST_BYTES, "reader manifest")
         manifest = json.loads(raw)
-        files = manifest["files"]
-        ok = manifest.get("format") == FORMAT and isinstance(files, dict) and isinstance(manifest["weights"], list)
+        files, weights, index = manifest["files"], manifest["weights"], manifest.get("index")
+        # every file the restore reads is one whose sha256 the manifest holds
+        ok = (manifest.get("format") == FORMAT and isinstance(files, dict) and isinstance(weights, list) and weights
+              and all(w in files for w in [*weights, "config.json"]) and (index is None or index in files)
+              and isinstance(manifest.get("format_version"), int))
     except (OSError, UnsafeFile, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"reader manifest {path} is damaged ({type(e).__name__})", _fix(folder)) from None
     if not ok:
-        raise UserError(f"reader manifest {path} is damaged (not an {FORMAT} manifest)", _fix(folder))
-    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > FORMAT_VERSION:
+        raise UserError(f"reader manifest {path} is damaged (not a complete {FORMAT} manifest)", _fix(folder))
+    if manifest["format_version"] > FORMAT_VERSION:
         raise UserError(f"reader package {folder} has format version {manifest.get('format_version')}, newer than this "
                         f"ocrtune reads ({FORMAT_VERSION})", "upgrade ocrtune")
     return manifest, raw
@@ -320,11 +323,14 @@ def _restored(folder: Path) -> bool:
 def restore_reader(cache=None, dtype=None) -> Path:
     """The reader as a normal model folder, `<cache>/models/ocrtune-reader-<manifest hash>` (cache: the ocrtune
     cache), restored on first use: the package's files checked against the manifest, the weights dequantized to
-    `dtype` (float32), written to a temp folder and renamed into place. Later calls find the folder and read only
+    `dtype` (float32; a torch dtype or its name), written to a temp folder and renamed into place. Later calls find the folder and read only
     the manifest; a changed package (new manifest) restores into a new folder."""
     from safetensors.torch import save_file
 
+    import torch
+
     from ocrtune.models.presets import cache_root
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" as torch.bfloat16
     folder = reader_dir()
     manifest, raw = read_manifest(folder)
     key = hashlib.sha256(raw).hexdigest()[:12]

@@ -28,7 +28,7 @@ def parse_card(items: list[str], card_json: str | None) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--card {item} is not KEY=VALUE", f"e.g. --card device='1 x H200'")
+            raise UserError(f"--card {item} is not KEY=VALUE", "e.g. --card device='1 x H200'")
         try:
             card[key] = json.loads(value)  # numbers stay numbers
         except json.JSONDecodeError:

@@ -218,3 +218,18 @@ def test_infer_with_the_reader(use_package, image, capsys):
     assert e.value.code == 0 and out.strip()
     direct = run_infer(InferArgs(model=str(resolve_model("ocrtune-reader")[0]), image=str(image), max_new_tokens=6))
     assert out == capsys.readouterr().out == direct + "\n"
+
+
+def test_default_infer_model_is_one_constant(use_package, monkeypatch):
+    """Switching infer/eval/serve's default to the reader is DEFAULT_INFER_MODEL alone (None today: they ask for one)."""
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.load import load_for_inference
+    from ocrtune.models import registry
+    from ocrtune.models.loading import resolve_model
+    from ocrtune.serve.args import ServeArgs
+    from ocrtune.serve.loader import default_model_name
+    assert registry.DEFAULT_INFER_MODEL is None and registry.DEFAULT_MODEL == "tiny"
+    monkeypatch.setattr(registry, "DEFAULT_INFER_MODEL", "ocrtune-reader")
+    engine, info = load_for_inference(InferArgs())
+    assert info["model_dir"] == str(resolve_model("ocrtune-reader")[0]) and info["kind"] == "base"
+    assert default_model_name(ServeArgs()) == "ocrtune-reader"

@@ -323,11 +323,10 @@ def _restored(folder: Path) -> bool:
 def restore_reader(cache=None, dtype=None) -> Path:
     """The reader as a normal model folder, `<cache>/models/ocrtune-reader-<manifest hash>` (cache: the ocrtune
     cache), restored on first use: the package's files checked against the manifest, the weights dequantized to
-    `dtype` (float32; a torch dtype or its name), written to a temp folder and renamed into place. Later calls find the folder and read only
-    the manifest; a changed package (new manifest) restores into a new folder."""
-    from safetensors.torch import save_file
-
+    `dtype` (float32; a torch dtype or its name), written to a temp folder and renamed into place. Later calls find
+    the folder and read only the manifest; a changed package (new manifest) restores into a new folder."""
     import torch
+    from safetensors.torch import save_file
 
     from ocrtune.models.presets import cache_root
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" as torch.bfloat16

@@ -20,6 +20,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORK=.work/from_scratch; PKG=.work/reader/package
 DATA=${DATA:-.carry/latex}
 SHARD_MB=${SHARD_MB:-15}
+# KEEP_F16=REGEX: those tensors stay float16 (e.g. KEEP_F16=embed_tokens where C shows 8 bits costing accuracy; C then
+# packages the same weights again with it: delete .work/reader/package first so that C packs it anew)
 
 merged_stage1() {  # the recipe's merged stage-1 model (state.json's stage1_checkpoint; else the newest -merged folder)
   python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['stage1_checkpoint'])" $WORK/state.json 2>/dev/null \
@@ -30,7 +32,8 @@ package() {  # $1: output folder, $2: card json (optional)
   local m; m=$(merged_stage1)
   [ -n "$m" ] && [ -d "$m" ] || { echo "error: no merged stage-1 model in $WORK (run A and B first)" >&2; return 1; }
   rm -rf "$1"; mkdir -p "$(dirname "$1")"
-  timeout 120 python3 scripts/package_reader.py --model "$m" --output "$1" --shard_mb "$SHARD_MB" ${2:+--card_json "$2"}
+  timeout 120 python3 scripts/package_reader.py --model "$m" --output "$1" --shard_mb "$SHARD_MB" ${2:+--card_json "$2"} \
+    ${KEEP_F16:+--keep_float16 "$KEEP_F16"}
 }
 
 case "$1" in

@@ -4,7 +4,7 @@ tokenizer, processor and chat template, and a reader.json manifest with every fi
 (ocrtune/models/reader.py has the format).
 
     python scripts/package_reader.py --model .work/from_scratch/stage1/checkpoint-N-merged --output DIR
-        [--max_mb 40] [--shard_mb 15] [--card_json card.json] [--card KEY=VALUE ...]
+        [--max_mb 40] [--shard_mb 15] [--keep_float16 REGEX] [--card_json card.json] [--card KEY=VALUE ...]
 
 DIR must be new (or empty); the package is built beside it and renamed into place. To ship it, copy DIR's files
 into ocrtune/models/reader_weights/. Refusals are one `error:` line, exit status 2.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_mb", type=float, default=40.0, help="refuse a package over this many MB (10^6 bytes)")
     p.add_argument("--shard_mb", type=float, default=15.0,
                    help="split the weights into files of at most this many MiB (the GPU machine returns files <= 16 MiB)")
+    p.add_argument("--keep_float16", default=None, metavar="REGEX",
+                   help="tensors whose names match stay float16 instead of int8 (e.g. embed_tokens), if 8 bits cost accuracy")
     p.add_argument("--card_json", default=None, help="a JSON object of model-card fields (figures of the evaluation)")
     p.add_argument("--card", action="append", default=[], metavar="KEY=VALUE", help="one model-card field (repeatable)")
     a = p.parse_args(argv)
@@ -53,7 +56,14 @@ def main(argv=None) -> int:
         if a.max_mb <= 0 or a.shard_mb <= 0:
             raise UserError("--max_mb and --shard_mb must be positive", "pass sizes in MB, e.g. --max_mb 40")
         from ocrtune.models.reader import write_package
-        m = write_package(a.model, a.output, max_mb=a.max_mb, shard_mb=a.shard_mb, card=parse_card(a.card, a.card_json))
+        if a.keep_float16:
+            try:
+                re.compile(a.keep_float16)
+            except re.error as e:
+                raise UserError(f"--keep_float16 {a.keep_float16!r} is not a regular expression ({e})",
+                                "pass a Python regex, e.g. embed_tokens") from None
+        m = write_package(a.model, a.output, max_mb=a.max_mb, shard_mb=a.shard_mb, card=parse_card(a.card, a.card_json),
+                          keep_float16=a.keep_float16)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,6 +84,16 @@ def test_package_files_and_sizes(package, tiny_model_dir):
         assert (package / name).read_bytes() == (tiny_model_dir / name).read_bytes()
 
 
+def test_keep_float16_by_name(tiny_model_dir, tmp_path):
+    out = tmp_path / "pkg"
+    assert packer()(["--model", str(tiny_model_dir), "--output", str(out), "--keep_float16", r"embed_tokens|\.mlp\.fc1"]) == 0
+    from safetensors import safe_open
+    with safe_open(str(out / reader.WEIGHTS), "pt") as f:
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["visual.blocks.1.mlp.fc1.weight"] == "F16"
+    assert "model.embed_tokens.weight:scale" not in dtypes and dtypes["visual.blocks.1.mlp.fc2.weight"] == "I8"
+
+
 def test_restored_model_matches_within_8_bits(use_package, tiny_model_dir, tmp_path):
     """Every weight within half a quantization step, the logits within LOGITS_REL_TOL; a second call reuses the folder."""
     import torch

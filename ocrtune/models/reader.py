@@ -70,8 +70,11 @@ def dequantize(q, scale, dtype=None):
     return w.to(dtype or torch.float32)
 
 
-def pack_tensors(tensors: dict, tied: bool) -> tuple[dict, int, list[str]]:
-    """The package's tensors for a model's `tensors`: (packed dict, parameter count, names left out as tied)."""
+def pack_tensors(tensors: dict, tied: bool, keep_float16: str | None = None) -> tuple[dict, int, list[str]]:
+    """The package's tensors for a model's `tensors`: (packed dict, parameter count, names left out as tied).
+    `keep_float16`: a regex; the tensors whose names it finds stay float16 (e.g. embed_tokens: the tied output layer)."""
+    import re
+
     import torch
     packed, params, dropped = {}, 0, []
     for name, t in tensors.items():
@@ -85,7 +88,7 @@ def pack_tensors(tensors: dict, tied: bool) -> tuple[dict, int, list[str]]:
         if not bool(torch.isfinite(t).all()):
             raise UserError(f"tensor {name} of the model holds NaN or infinite values",
                             "package a checkpoint whose training did not diverge")
-        if t.dim() >= 2 and t.numel() >= QUANT_MIN_ELEMENTS:
+        if t.dim() >= 2 and t.numel() >= QUANT_MIN_ELEMENTS and not (keep_float16 and re.search(keep_float16, name)):
             packed[name], packed[name + SCALE] = quantize(t)
         else:  # float16, unless a value would overflow it
             fits = t.numel() == 0 or float(t.detach().abs().max()) <= FLOAT16_MAX
@@ -209,7 +212,8 @@ def _readable(folder: Path) -> None:
         os.chmod(f, 0o644)
 
 
-def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.0, card: dict | None = None) -> dict:
+def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.0, card: dict | None = None,
+                  keep_float16: str | None = None) -> dict:
     """Package the model folder `model_dir` into the new folder `output` (see the module's docstring); returns the
     manifest. Refused: an `output` that exists and is not empty, one inside `model_dir`, a package over `max_mb`
     megabytes (10^6 bytes; nothing is left at `output`)."""
@@ -221,7 +225,7 @@ def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.
         raise UserError(f"--output {output} exists and is not empty", "choose a new folder, or empty this one")
     config = read_json(model_dir / "config.json", fix="export or save the model folder again")
     tied = bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
-    packed, params, dropped = pack_tensors(read_model_tensors(model_dir), tied)
+    packed, params, dropped = pack_tensors(read_model_tensors(model_dir), tied, keep_float16)
     with temp_dir_for(output) as tmp:
         try:
             files = [f for f in COPIED if (model_dir / f).is_file()]
@@ -237,6 +241,7 @@ def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.
                 "weights": [w for w in weights if w != INDEX], "index": INDEX if INDEX in weights else None,
                 "quantization": {"scheme": "int8, symmetric, one float16 scale per output row (<name>:scale)",
                                  "int8_min_elements": QUANT_MIN_ELEMENTS, "other_tensors": "float16",
+                                 "float16_by_name": keep_float16,
                                  "tied_not_stored": dropped},
                 "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in sorted(files + weights)},
                 "package_bytes": total, "run_args": run_settings(model_dir),

@@ -20,8 +20,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORK=.work/from_scratch; PKG=.work/reader/package
 DATA=${DATA:-.carry/latex}
 SHARD_MB=${SHARD_MB:-15}
-# KEEP_F16=REGEX: those tensors stay float16 (e.g. KEEP_F16=embed_tokens where C shows 8 bits costing accuracy; C then
-# packages the same weights again with it: delete .work/reader/package first so that C packs it anew)
+# KEEP_F16=REGEX: those tensors stay float16. Where C shows 8 bits costing accuracy, a second C on the same machine
+# packs and evaluates that variant: rm -rf .work/reader/package && KEEP_F16=embed_tokens bash bench/reader_gpu_call.sh C
 
 merged_stage1() {  # the recipe's merged stage-1 model (state.json's stage1_checkpoint; else the newest -merged folder)
   python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['stage1_checkpoint'])" $WORK/state.json 2>/dev/null \

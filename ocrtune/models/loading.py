@@ -8,14 +8,14 @@ from pathlib import Path
 from ocrtune.errors import UserError, hub_failure, import_modelscope
 from ocrtune.fileio import read_json
 from ocrtune.models.presets import PRESETS, ensure_preset
-from ocrtune.models.registry import TEMPLATE_BY_ARCH, ModelSpec, find_model, get_model_spec
+from ocrtune.models.registry import DEFAULT_MODEL, TEMPLATE_BY_ARCH, ModelSpec, find_model, get_model_spec
 
 
 def resolve_model(model: str | None, model_type: str | None = None, use_hf: bool = True,
                   revision: str | None = None) -> tuple[Path, ModelSpec | None]:
     """--model / --model_type -> (local folder, registry entry or None). Downloads hub models once."""
     if not model and not model_type:
-        model = "tiny"
+        model = DEFAULT_MODEL
     spec = get_model_spec(model_type) if model_type else None
     if model:
         local = Path(model).expanduser()
@@ -34,6 +34,9 @@ def resolve_model(model: str | None, model_type: str | None = None, use_hf: bool
         hub_id = model if "/" in model else None
     else:
         hub_id = None
+    if spec is not None and spec.preset == "ocrtune-reader":
+        from ocrtune.models.reader import restore_reader
+        return restore_reader(), spec
     if spec is not None and spec.preset:
         return ensure_preset(spec.preset), spec
     if spec is not None and hub_id is None:

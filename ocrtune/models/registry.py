@@ -13,7 +13,7 @@ class ModelSpec:
     ms_id: str | None  # ModelScope hub id
     arch: str  # transformers model_type: qwen2_vl | qwen2_5_vl | qwen3_vl
     template: str  # chat template family, see ocrtune.models.template
-    preset: str | None = None  # locally built model (tiny, small) instead of a hub download
+    preset: str | None = None  # locally built model (tiny, small; ocrtune-reader: restored) instead of a hub download
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -35,6 +35,15 @@ _qwen("Qwen2.5-VL", "qwen2_5_vl", "qwen2_5_vl", ["3b", "7b", "32b", "72b"])
 _qwen("Qwen3-VL", "qwen3_vl", "qwen3_vl", ["2b", "4b", "8b", "32b"])
 register_model(ModelSpec("tiny", None, None, "qwen2_vl", "qwen2_vl", preset="tiny"))
 register_model(ModelSpec("small", None, None, "qwen2_vl", "qwen2_vl", preset="small"))
+# the trained formula reader shipped in the package (models/reader.py), restored into the cache on first use
+register_model(ModelSpec("ocrtune-reader", None, None, "qwen2_vl", "qwen2_vl", preset="ocrtune-reader"))
+
+# The model `ocrtune sft` trains when neither --model nor --model_type is given, and the one infer/eval/serve load
+# when neither --ckpt_dir nor --model is given (None: they ask for one). DEFAULT_INFER_MODEL becomes
+# "ocrtune-reader" once its weights ship in the package; DEFAULT_MODEL only if sft should fine-tune the reader by
+# default (the tests that run sft without --model would then train its 32M parameters instead of tiny's 0.7M).
+DEFAULT_MODEL = "tiny"
+DEFAULT_INFER_MODEL: str | None = None
 
 TEMPLATE_BY_ARCH = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 

@@ -117,7 +117,12 @@ def run(argv: list[str]) -> int:
         from ocrtune.data.registry import DATASETS
         from ocrtune.models.registry import MODELS
         print("models:")
+        from ocrtune.models.reader import reader_dir
         for s in MODELS.values():
+            if s.preset == "ocrtune-reader":
+                where = "bundled" if (reader_dir() / "reader.json").is_file() else "not bundled in this install"
+                print(f"  {s.name:28s} (the trained formula reader: {where})")
+                continue
             print(f"  {s.name:28s} {s.hf_id or '(built locally: ' + s.preset + ')'}")
         print("datasets:")
         for d in DATASETS.values():

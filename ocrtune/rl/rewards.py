@@ -91,6 +91,8 @@ def load_plugins(paths: list[str] | None) -> dict[str, Callable]:
 
 
 def _import_file(path: Path, index: int):
+    if not path.exists():
+        raise UserError(f"--external_plugins {path} does not exist", "pass the path of a .py file")
     if not path.is_file() or path.suffix != ".py":
         raise UserError(f"--external_plugins {path} is not a Python file", "pass the path of a .py file")
     spec = importlib.util.spec_from_file_location(f"ocrtune_reward_plugin_{index}", path)

@@ -143,6 +143,8 @@ def test_tiny_model_learns_a_plugin_reward_without_reference_forwards(tmp_path, 
     assert {"loss", "reward_std", "reward/has_o/std", "completion_length", "clip_ratio", "learning_rate",
             "grad_norm"} <= set(log[0])
     assert 1 <= log[0]["completion_length"] <= 4
+    images = Path(result["run_dir"]) / "images"
+    assert (images / "train_reward.png").is_file() and (images / "train_reward_has_o.png").is_file()
 
 
 def test_resume_replays_the_same_samples_and_weights(tmp_path, tiny_model_dir):
@@ -170,6 +172,31 @@ def test_resume_replays_the_same_samples_and_weights(tmp_path, tiny_model_dir):
     assert all(torch.equal(want[k], got[k]) for k in want)
     compared = ("reward", "loss", "kl", "completion_length", "step")
     assert [{k: r[k] for k in compared} for r in log_of(copy)] == [{k: r[k] for k in compared} for r in log]
+    check_ckpt_dir_starts(tmp_path, tiny_model_dir, run, run_dir / "checkpoint-4")
+
+
+def check_ckpt_dir_starts(tmp_path, tiny_model_dir, trained, ckpt: Path):
+    """--ckpt_dir LoRA checkpoint: merged (the new run's reference, its adapter disabled, is the checkpoint's
+    policy) or its adapter trained on (--merge_lora false: the run starts from the checkpoint's adapter)."""
+    from peft import get_peft_model_state_dict
+
+    from ocrtune.rl.grpo import GrpoRun
+    from ocrtune.train.data import rows_data
+    batch = trained.rollout([0]).batch
+    trained.loss_module.eval()
+    with torch.no_grad():
+        want = trained.loss_module(**batch)[0]
+    merged = GrpoRun(grpo_args(tmp_path, tiny_model_dir, ckpt_dir=str(ckpt), output_dir=str(tmp_path / "merged")),
+                     data=rows_data(ROWS))
+    merged.loss_module.eval()
+    with torch.no_grad():
+        policy = merged.loss_module(**batch)[0]
+    assert torch.allclose(merged.reference_logprobs(batch), want, atol=1e-5)
+    assert torch.allclose(policy, want, atol=1e-5)  # the new adapter starts at zero
+    cont = GrpoRun(grpo_args(tmp_path, tiny_model_dir, ckpt_dir=str(ckpt), merge_lora=False,
+                             output_dir=str(tmp_path / "continued")), data=rows_data(ROWS))
+    saved, now = load_file(ckpt / "adapter_model.safetensors"), get_peft_model_state_dict(cont.model)
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
 
 
 # ---------------------------------------------------------------- (4) bad flags: one line, exit 2

@@ -175,6 +175,9 @@ class GrpoRun(SftRun):
             if not (self.resume and args.train_type == "full"):  # a full run's resume loads its own weights
                 self._builder = merged_builder(src.path)
         else:
+            if (src.path / ckpt_io.BASE_OVERLAY).exists():
+                raise UserError(f"{src.path} is a --relora_steps checkpoint (its base weights were folded), whose adapter "
+                                "only fits that folded base", "pass --merge_lora true")
             if args.train_type != "lora":
                 raise UserError("--merge_lora false trains the LoRA checkpoint's adapter, and --train_type is "
                                 f"{args.train_type}", "pass --train_type lora, or --merge_lora true")

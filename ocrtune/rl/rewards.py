@@ -38,7 +38,7 @@ def cdm(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
     return list(_cdm_module().cdm_scores(completions, solutions, tex_root=None))
 
 
-def format(completions: list[str], solutions: list[str], **kwargs) -> list[float]:  # noqa: A001 (ms-swift's name)
+def format_reward(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
     """1.0 where the completion compiles as a LaTeX formula, else 0.0."""
     return [float(ok) for ok in _cdm_module().compiles(completions, tex_root=None)]
 
@@ -54,7 +54,7 @@ def _cdm_module():
 
 
 BUILTIN: dict[str, Callable] = {"cdm": cdm, "edit_distance": edit_distance, "bleu": bleu, "exact": exact,
-                                "format": format}
+                                "format": format_reward}
 NEEDS_CDM = ("cdm", "format")
 
 

@@ -234,3 +234,14 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, line):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [line.replace("{tmp}", str(tmp_path))]
     assert not (tmp_path / "out").exists()
+
+
+def test_max_time_stops_after_the_step_in_progress_and_saves_it(tmp_path, tiny_model_dir):
+    """sft's stop request drives rlhf too: --max_time 0 ends the run after its first step, saved."""
+    from ocrtune.rl.grpo import GrpoRun
+    from ocrtune.train.data import rows_data
+    run = GrpoRun(grpo_args(tmp_path, tiny_model_dir, max_steps=5, save_steps=100, beta=0.0, max_time=0.0),
+                  data=rows_data(ROWS))
+    result = run.train()
+    assert result["global_step"] == 1
+    assert sorted(p.name for p in Path(result["run_dir"]).glob("checkpoint-*")) == ["checkpoint-1"]

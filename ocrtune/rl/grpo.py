@@ -183,6 +183,11 @@ class GrpoRun(SftRun):
                                 f"{args.train_type}", "pass --train_type lora, or --merge_lora true")
             shape = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
             given = _given(args)
+            for k in shape:
+                if k in given and k in src.run_args and getattr(args, k) != src.run_args[k]:
+                    raise UserError(f"--{k} {getattr(args, k)} with --merge_lora false: the checkpoint's adapter has "
+                                    f"--{k} {src.run_args[k]}, and the run trains that adapter on",
+                                    f"drop --{k}, or pass --merge_lora true to train a new adapter over the merged model")
             changes.update({k: src.run_args[k] for k in shape if k in src.run_args and k not in given})
             self._sft_adapter = src.path
         return _replace(args, **changes)
@@ -387,7 +392,8 @@ def merged_builder(adapter: Path):
         ckpt_io.load_base_overlay(model, adapter)
         try:
             with quiet_peft_deprecations():
-                return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+                merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            return merged.requires_grad_(True)  # as loaded: the run decides what trains (PEFT froze the base)
         except (ValueError, RuntimeError, KeyError, OSError) as e:
             raise UserError(f"the adapter in {adapter} does not fit the base model {weights}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}", "pass the base model it was trained on with --model") from None

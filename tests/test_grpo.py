@@ -90,6 +90,8 @@ def test_builtin_rewards_and_a_wrong_length():
     bad = [rw.Reward("short", lambda c, s, **k: [1.0], 1.0)]
     with pytest.raises(UserError, match="reward short returned 1 values for 2 completions"):
         rw.score(bad, ["a", "b"], ["a", "b"])
+    with pytest.raises(UserError, match="^reward boom failed: ZeroDivisionError: division by zero; fix the reward function$"):
+        rw.score([rw.Reward("boom", lambda c, s, **k: [1 / 0], 1.0)], ["a"], ["a"])
 
 
 def test_plugin_conventions(tmp_path):

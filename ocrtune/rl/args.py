@@ -8,7 +8,6 @@ from ocrtune.args import arg, ckpt_dir_arg, ints, max_new_tokens_arg, merge_lora
 from ocrtune.errors import UserError
 from ocrtune.train.args import SftArgs
 
-BUILTIN_REWARDS = ("cdm", "edit_distance", "bleu", "exact", "format")
 FIX = "see `ocrtune rlhf --help`"
 
 

@@ -294,13 +294,7 @@ class GrpoRun(SftRun):
                                                temperature=args.temperature, top_p=args.top_p)
         completions = [a.text for a in answers]
         refs = [s for s in solutions for _ in range(g)]
-        try:
-            scores = rw.score(self.rewards, completions, refs, prompts=[t for t in texts for _ in range(g)])
-        except UserError:
-            raise
-        except Exception as e:  # a reward function's own failure, one line naming it
-            raise UserError(f"a reward function failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                            "fix the reward (OCRTUNE_DEBUG=1 shows the traceback)") from e
+        scores = rw.score(self.rewards, completions, refs, prompts=[t for t in texts for _ in range(g)])
         per_func = torch.tensor(scores, dtype=torch.float32).reshape(len(self.rewards), -1)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         total = (per_func * weights[:, None]).sum(dim=0)

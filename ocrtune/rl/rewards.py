@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ocrtune.errors import UserError
+from ocrtune.errors import UserError, first_line
 
 DEFAULT_REWARDS = ("edit_distance",)
 
@@ -131,7 +131,12 @@ def score(rewards: list[Reward], completions: list[str], solutions: list[str], *
     one-line error naming the reward."""
     out = []
     for r in rewards:
-        values = r.fn(list(completions), list(solutions), **kwargs)
+        try:
+            values = r.fn(list(completions), list(solutions), **kwargs)
+        except UserError:
+            raise
+        except Exception as e:  # the reward's own failure (often a user's plugin): one line naming it
+            raise UserError(f"reward {r.name} failed: {first_line(e)}", "fix the reward function") from e
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):

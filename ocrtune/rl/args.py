@@ -66,6 +66,8 @@ def validate_rlhf(args: RlhfArgs) -> None:
          "--reward_funcs: give one weight per reward"),
         (not args.packing, "--packing is not supported by rlhf (completions are padded rows)"),
         (not args.predict_with_generate, "--predict_with_generate is not supported by rlhf (it has no evaluation)"),
+        (not args.val_dataset and args.dataset_test_ratio is None, "--val_dataset and --dataset_test_ratio are not "
+         "supported by rlhf (it has no evaluation: every --dataset row trains)"),
         (not (args.fsdp or args.deepspeed), "rlhf runs on one device or with DDP, not with --fsdp/--deepspeed (sampling "
          "needs the whole model)"),
         (not args.relora_steps, "--relora_steps is not supported by rlhf (the KL reference is the model under the adapter)"),

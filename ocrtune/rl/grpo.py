@@ -355,9 +355,10 @@ def _sample(prompt: dict, ids) -> dict:
 
 
 def _train_only(build):
-    """A data builder whose validation split is dropped: GRPO does not evaluate between steps."""
+    """A data builder without a validation split (GRPO does not evaluate between steps): every row of --dataset
+    trains, and no validation rows are read or checked."""
     def data(args, template, accelerator):
-        return build(args, template, accelerator)[0], None
+        return build(dataclasses.replace(args, val_dataset=None, dataset_test_ratio=0.0), template, accelerator)[0], None
     return data
 
 

@@ -72,6 +72,8 @@ def validate_rlhf(args: RlhfArgs) -> None:
          "needs the whole model)"),
         (not args.relora_steps, "--relora_steps is not supported by rlhf (the KL reference is the model under the adapter)"),
         (not args.use_liger, "--use_liger is not supported by rlhf (it needs per-token log-probabilities)"),
+        (not args.torch_compile, "--torch_compile is not supported by rlhf (sampling runs the same blocks one token at a "
+         "time, recompiling them)"),
         (not (args.train_type == "full" and args.beta > 0), f"--train_type full with --beta {args.beta}: the KL reference "
          "is the model with its LoRA adapter disabled, and full fine-tuning has none (no second copy is kept)"),
     ]

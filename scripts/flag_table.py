@@ -1,6 +1,6 @@
 """The markdown flag tables of the docs, made from the argument dataclasses (the parsers' one source).
 
-    python scripts/flag_table.py sft        print one table (sft, infer, export, serve, synth)
+    python scripts/flag_table.py sft        print one table (sft, rlhf, infer, export, serve, synth)
     python scripts/flag_table.py --write    rewrite every table in docs/ between its markers
     python scripts/flag_table.py --check    exit 1 naming the stale tables (tests/test_docs.py does the same)
 
@@ -31,6 +31,9 @@ def args_class(name: str):
     if name == "sft":
         from ocrtune.train.args import SftArgs
         return SftArgs
+    if name == "rlhf":
+        from ocrtune.rl.args import RlhfArgs
+        return RlhfArgs
     if name == "infer":
         from ocrtune.infer.args import InferArgs
         return InferArgs

@@ -15,12 +15,13 @@ from ocrtune.args import Domain
 from ocrtune.cli.parsing import _base_type
 from ocrtune.export.args import ExportArgs
 from ocrtune.infer.args import InferArgs
+from ocrtune.rl.args import RlhfArgs
 from ocrtune.serve.args import ServeArgs
 from ocrtune.synth.run import SynthArgs
 from ocrtune.webui.args import WebUiArgs
 from ocrtune.train.args import SftArgs
 
-COMMANDS = {"sft": SftArgs, "infer": InferArgs, "eval": InferArgs, "export": ExportArgs, "serve": ServeArgs,
+COMMANDS = {"sft": SftArgs, "rlhf": RlhfArgs, "infer": InferArgs, "eval": InferArgs, "export": ExportArgs, "serve": ServeArgs,
             "synth": SynthArgs, "web-ui": WebUiArgs}
 ENV_NAMES = sorted({f.metadata["env"] for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.metadata.get("env")})
 

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),                               # registry, template, loading, dtype policy, generation, patches/
     ("checkpoint",),                           # reserved: the one checkpoint-format module (write/read/resolve/merge info)
     ("train",),                                # the sft recipe: writes checkpoints
+    ("rl",),                                   # rlhf (GRPO) on the sft recipe's parts; rewards
     ("export",),                               # merges checkpoints
     ("infer",),                                # loads checkpoints, answers, evaluates datasets
     ("serve", "synth"),                        # commands built on the layers above

@@ -1,4 +1,4 @@
-"""`ocrtune <command>`: sft, infer, eval, export, serve, plot, list."""
+"""`ocrtune <command>`: sft, rlhf, infer, eval, export, serve, plot, list."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from ocrtune.errors import UserError
 
 COMMANDS = {
     "sft": "fine-tune (LoRA or full) on a dataset",
+    "rlhf": "reinforcement learning from rewards: --rlhf_type grpo (LoRA or full)",
     "infer": "answer queries about images (interactive, one-shot, or over a dataset)",
     "eval": "generate on a dataset and report OCR metrics",
     "export": "merge a LoRA checkpoint into a standalone model folder",
@@ -20,20 +21,21 @@ COMMANDS = {
     "web-ui": "a local web page to fine-tune, watch, evaluate, merge and try runs",
 }
 ALIASES = {"deploy": "serve", "webui": "web-ui"}  # SWIFT's name for serving; web-ui's short spelling
-MODEL_COMMANDS = ("sft", "infer", "eval", "export", "serve")  # the ones that import transformers' model classes
+MODEL_COMMANDS = ("sft", "rlhf", "infer", "eval", "export", "serve")  # the ones that import transformers' model classes
 
 
 def _parser():
     from ocrtune.cli.parsing import OneLineParser, add_dataclass_args
     from ocrtune.export.args import ExportArgs
     from ocrtune.infer.args import InferArgs
+    from ocrtune.rl.args import RlhfArgs
     from ocrtune.train.args import SftArgs
 
     from ocrtune import __version__
     parser = OneLineParser(prog="ocrtune", description="Fine-tune Qwen2-VL family models for image-to-text OCR.")
     parser.add_argument("--version", action="version", version=f"ocrtune {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="<command>")
-    for name, cls in (("sft", SftArgs), ("infer", InferArgs), ("eval", InferArgs), ("export", ExportArgs)):
+    for name, cls in (("sft", SftArgs), ("rlhf", RlhfArgs), ("infer", InferArgs), ("eval", InferArgs), ("export", ExportArgs)):
         p = sub.add_parser(name, help=COMMANDS[name], prog=f"ocrtune {name}")
         add_dataclass_args(p, cls)
     try:
@@ -77,7 +79,7 @@ def run(argv: list[str]) -> int:
         raise UserError(f"unknown command '{argv[0]}'", f"use one of: {', '.join(COMMANDS)}")
     ns = parser.parse_args(argv)
     cmd = ns.command
-    if cmd in MODEL_COMMANDS and cmd != "sft":
+    if cmd in MODEL_COMMANDS and cmd not in ("sft", "rlhf"):
         check_torch_stack()
     if cmd == "sft":
         from ocrtune.train.args import SftArgs, validate
@@ -88,6 +90,19 @@ def run(argv: list[str]) -> int:
         maybe_relaunch(argv)
         from ocrtune.train.trainer import run_sft
         run_sft(args)
+    elif cmd == "rlhf":
+        from ocrtune.rl.args import RlhfArgs, validate_rlhf
+        from ocrtune.rl.rewards import resolve
+        from ocrtune.train.args import validate
+        from ocrtune.train.launch import maybe_relaunch
+        args = build(RlhfArgs, ns)
+        validate(args)
+        validate_rlhf(args)
+        resolve(args.reward_funcs, args.reward_weights, args.external_plugins)  # names and plugins, before any work
+        check_torch_stack()
+        maybe_relaunch(argv)
+        from ocrtune.rl.grpo import run_grpo
+        run_grpo(args)
     elif cmd in ("infer", "eval"):
         from ocrtune.infer.args import InferArgs
         from ocrtune.infer.cli import run_eval, run_infer

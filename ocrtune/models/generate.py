@@ -74,6 +74,7 @@ class Answer:
     text: str
     tokens: int  # tokens generated, the stop token included (what OpenAI's completion_tokens counts)
     finish_reason: str  # "stop": the model ended the answer; "length": max_new_tokens cut it
+    ids: tuple[int, ...] = ()  # the generated token ids up to and including the stop token (what GRPO trains on)
 
 
 class InferEngine:
@@ -287,7 +288,8 @@ class InferEngine:
         ids, stops = [int(t) for t in new_ids], set(self.stop_ids())
         end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
         kept = ids if end is None else ids[:end]
-        return Answer(self.decode(kept), end if end is not None else len(ids), "stop" if end is not None else "length")
+        return Answer(self.decode(kept), end if end is not None else len(ids), "stop" if end is not None else "length",
+                      tuple(kept))
 
     def _prompt_positions(self, hf, batch: dict) -> torch.Tensor:
         """[3, batch, length] M-RoPE positions of the left-padded prompts, as `generate` computes them."""

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ocrtune.errors import UserError
 from ocrtune.fileio import check_not_input
 
 TRAIN_KEYS = {"loss": "train_loss", "learning_rate": "train_learning_rate", "token_acc": "train_token_acc",
-              "grad_norm": "train_grad_norm", "memory(GiB)": "train_memory"}
+              "grad_norm": "train_grad_norm", "memory(GiB)": "train_memory",
+              # rlhf (GRPO) runs; each reward's own mean is added per run (`reward/<name>/mean`)
+              "reward": "train_reward", "kl": "train_kl", "completion_length": "train_completion_length"}
 
 
 MARKER_POINTS = 30
@@ -84,6 +87,8 @@ def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     names = dict(TRAIN_KEYS)
     names.update({k: k for r in records for k in r if k.startswith("eval_") and isinstance(r[k], (int, float))})
+    names.update({k: "train_reward_" + re.sub(r"[^\w.-]", "_", k.split("/")[1]).lstrip(".") for r in records for k in r
+                  if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2})
     written = []
     for key, name in names.items():
         steps, values = series(records, key)
@@ -91,7 +96,7 @@ def plot_run(run_dir: Path, smoothing: float = 0.9) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(8, 5))
         weight = effective_smoothing(smoothing, len(values))
-        smooth = key in ("loss", "token_acc", "grad_norm") and weight > 0
+        smooth = (key in ("loss", "token_acc", "grad_norm", "reward") or key.startswith("reward/")) and weight > 0
         few = len(steps) <= MARKER_POINTS  # evaluation curves: each point is worth seeing
         ax.plot(steps, values, color="#1f77b4", alpha=0.35 if smooth else 1.0, marker="o" if few else "", label=key)
         if smooth:

@@ -241,7 +241,7 @@ class SftRun:
     def _setup_loss(self, args: SftArgs, parts: ModelParts, sharded_optimizer_state: dict | None):
         """The loss module around the model, wrapped by accelerate (DDP, FSDP2, DeepSpeed) with the optimizer."""
         acc = self.accelerator
-        loss_module = ResponseLoss(self.model, args.loss_chunk_size, parts.fused_ce)
+        loss_module = self._loss_module(args, parts)
         loss_module, optimizer = acc.prepare(loss_module, self.optimizer)
         if parts.meta_buffers is not None:  # FSDP2 on a shape-only folder: each rank initializes its shards only
             dist.materialize(loss_module, acc.device, parts.meta_buffers, parts.init_std, args.seed)
@@ -252,6 +252,10 @@ class SftRun:
             if self.main:
                 print(f"torch.compile: {blocks} blocks, compiled in the first steps", flush=True)
         return loss_module, optimizer
+
+    def _loss_module(self, args: SftArgs, parts: ModelParts):
+        """The module around the model that a step's forward runs (GRPO's run computes token log-probabilities)."""
+        return ResponseLoss(self.model, args.loss_chunk_size, parts.fused_ce)
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:

@@ -1,0 +1,152 @@
+"""GRPO's rewards by name (`--reward_funcs`, weighted by `--reward_weights`), and the user's from
+`--external_plugins` files. A reward is `f(completions: list[str], solutions: list[str], **kwargs) -> list[float]`
+(ms-swift's ORM call: completions first, the dataset's answers second), one value per completion."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import math
+from pathlib import Path
+from typing import Callable
+
+from ocrtune.errors import UserError, first_line
+
+DEFAULT_REWARDS = ("edit_distance",)
+
+
+def edit_distance(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+    """1 - the normalized edit distance over LaTeX tokens (1.0: the same formula)."""
+    from ocrtune.evaluate.metrics import edit_distance as distance
+    return [1.0 - distance(c, s, "token") for c, s in zip(completions, solutions)]
+
+
+def bleu(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+    """Sentence BLEU-4 of the normalized LaTeX tokens, in [0, 1]."""
+    from ocrtune.evaluate.metrics import sentence_bleu4
+    return [sentence_bleu4(c, s) for c, s in zip(completions, solutions)]
+
+
+def exact(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+    """1.0 where the normalized completion equals the normalized answer, else 0.0."""
+    from ocrtune.evaluate.metrics import exact_match
+    return [float(exact_match(c, s)) for c, s in zip(completions, solutions)]
+
+
+def cdm(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+    """CDM (character detection matching of the rendered formulas), in [0, 1]."""
+    return list(_cdm_module().cdm_scores(completions, solutions, tex_root=None))
+
+
+def format_reward(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion compiles as a LaTeX formula, else 0.0."""
+    return [float(ok) for ok in _cdm_module().compiles(completions, tex_root=None)]
+
+
+def _cdm_module():
+    """ocrtune.evaluate.cdm, imported when a reward that renders runs (it needs a TeX installation)."""
+    try:
+        from ocrtune.evaluate import cdm as module
+    except ImportError as e:
+        raise UserError(f"the cdm and format rewards need ocrtune.evaluate.cdm, which can't be imported ({e})",
+                        "use --reward_funcs edit_distance, bleu or exact, or install an ocrtune with CDM") from None
+    return module
+
+
+BUILTIN: dict[str, Callable] = {"cdm": cdm, "edit_distance": edit_distance, "bleu": bleu, "exact": exact,
+                                "format": format_reward}
+NEEDS_CDM = ("cdm", "format")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    name: str
+    fn: Callable
+    weight: float
+
+
+def load_plugins(paths: list[str] | None) -> dict[str, Callable]:
+    """{name: reward} from each `--external_plugins` file: its public functions by name, and its `orms` dict
+    (ms-swift's registry: a class there is instantiated without arguments)."""
+    found: dict[str, Callable] = {}
+    for i, path in enumerate(paths or []):
+        module = _import_file(Path(path), i)
+        for name, obj in vars(module).items():
+            if inspect.isfunction(obj) and not name.startswith("_") and obj.__module__ == module.__name__:
+                found[name] = obj
+        registry = getattr(module, "orms", None)
+        if isinstance(registry, dict):
+            for name, obj in registry.items():
+                if inspect.isclass(obj):
+                    try:
+                        obj = obj()
+                    except Exception as e:
+                        raise UserError(f"--external_plugins {path}: orms[{name!r}] = {obj.__name__}() failed "
+                                        f"({type(e).__name__}: {e})", "fix the class, or register a function") from None
+                if not callable(obj):
+                    raise UserError(f"--external_plugins {path}: orms[{name!r}] is not callable",
+                                    "register a function or a class with __call__(completions, solutions, **kwargs)")
+                found[str(name)] = obj
+    return found
+
+
+def _import_file(path: Path, index: int):
+    if not path.exists():
+        raise UserError(f"--external_plugins {path} does not exist", "pass the path of a .py file")
+    if not path.is_file() or path.suffix != ".py":
+        raise UserError(f"--external_plugins {path} is not a Python file", "pass the path of a .py file")
+    spec = importlib.util.spec_from_file_location(f"ocrtune_reward_plugin_{index}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:  # the user's file: a SyntaxError, an import it lacks, anything it raises
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise UserError(f"--external_plugins {path} failed to load{where}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}", "fix the file and run again") from None
+    return module
+
+
+def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[str] | None) -> list[Reward]:
+    """The run's rewards: each name a built-in or a plugin's (a plugin's name wins), with its weight."""
+    names = list(names or DEFAULT_REWARDS)
+    if weights and len(weights) != len(names):
+        raise UserError(f"--reward_weights has {len(weights)} values for {len(names)} --reward_funcs",
+                        "give one weight per reward")
+    table = {**BUILTIN, **load_plugins(plugins)}
+    for name in names:
+        if name not in table:
+            raise UserError(f"--reward_funcs {name}: no such reward",
+                            f"use {', '.join(BUILTIN)}, or a function of an --external_plugins file")
+    if len(set(names)) != len(names):
+        raise UserError(f"--reward_funcs names a reward twice ({' '.join(names)})", "name each reward once")
+    if any(n in NEEDS_CDM and table[n] is BUILTIN[n] for n in names):
+        _cdm_module()
+    return [Reward(n, table[n], float(w)) for n, w in zip(names, weights or [1.0] * len(names))]
+
+
+def score(rewards: list[Reward], completions: list[str], solutions: list[str], **kwargs) -> list[list[float]]:
+    """Each reward's values, [reward][completion]; a wrong count or a value that is not a finite number is a
+    one-line error naming the reward."""
+    out = []
+    for r in rewards:
+        try:
+            values = r.fn(list(completions), list(solutions), **kwargs)
+        except UserError:
+            raise
+        except Exception as e:  # the reward's own failure (often a user's plugin): one line naming it
+            raise UserError(f"reward {r.name} failed: {first_line(e)}", "fix the reward function") from e
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"reward {r.name} returned {type(values).__name__} {str(values)[:80]}, not a list of numbers",
+                            "return one float per completion") from None
+        if len(values) != len(completions):
+            raise UserError(f"reward {r.name} returned {len(values)} values for {len(completions)} completions",
+                            "return one float per completion, in order")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"reward {r.name} returned a value that is not finite ({values})",
+                            "return finite floats")
+        out.append(values)
+    return out

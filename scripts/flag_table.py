@@ -21,6 +21,7 @@ PAGES = {
     "infer": "docs/inference.md",
     "export": "docs/inference.md",
     "serve": "docs/serving.md",
+    "rlhf": "docs/rlhf.md",
 }
 
 MARKED = re.compile(r"(<!-- flag-table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /flag-table -->)", re.S)
@@ -50,8 +51,12 @@ def args_class(name: str):
 
 
 def table(cls) -> str:
+    """The flags `cls` declares itself: a subclass's table (rlhf's over sft's) lists what it adds or changes."""
     rows = ["| flag (aliases) | default | what it does |", "| --- | --- | --- |"]
+    own = set(vars(cls).get("__annotations__", {}))
     for f in dataclasses.fields(cls):
+        if f.name not in own:
+            continue
         m = f.metadata
         names = ", ".join([f"`--{f.name}`", *[f"`{a}`" for a in m.get("aliases", ())]])
         env = f" (env `{m['env']}`)" if m.get("env") else ""

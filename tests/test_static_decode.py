@@ -1,0 +1,212 @@
+"""The static-KV-cache decoder (`InferEngine(decode="static")`, `ocrtune.models.static_decode`): the same
+greedy tokens as plain `model.generate` in float32, the fallbacks and their reasons, and the step free of
+host syncs (what a CUDA graph needs; the graph itself runs on CUDA only: bench/bench_decode.py checks it)."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ocrtune.data.registry import OCR_PROMPT
+from samples import sample_rows
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.template import Template
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.float32)
+    model.eval()
+    return model, processor, Template(processor, "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    """Prompts of very different lengths: images of several sizes, a long text query, text-only rows."""
+    rs = [{"messages": r["messages"][:1], "images": r["images"]} for r in sample_rows(8)]
+    rs[3] = {"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT + " Write every symbol, " * 12}],
+             "images": rs[3]["images"]}
+    rs.insert(5, {"messages": [{"role": "user", "content": "a question without an image"}]})
+    return rs
+
+
+@pytest.fixture
+def stops_early(parts):
+    """Bias the <|im_end|> logit by the first hidden feature, so some rows end after a few tokens and others
+    run to max_new_tokens (a random tiny model rarely stops on its own); both decoders see the same hook."""
+    model, processor, _ = parts
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[..., end] += 2.0 * inputs[0][..., 0] + 1.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(hook)
+    yield
+    handle.remove()
+
+
+def engine(parts, **kw):
+    from ocrtune.models.generate import InferEngine
+    model, processor, template = parts
+    return InferEngine(model, processor, template, workers=0, **kw)
+
+
+def plain(parts, rows, batch_size, max_new_tokens):
+    slow, out = engine(parts, fast=False), []
+    for s in range(0, len(rows), batch_size):
+        out += slow.generate_answers(rows[s:s + batch_size], max_new_tokens)
+        assert slow.last_path == "generate"
+    return out
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_static_matches_generate_with_rows_ending_early(parts, rows, stops_early, check_every):
+    static = engine(parts, decode="static", check_every=check_every)
+    assert static.static_reason() is None
+    got = static.answer_rows(rows, batch_size=5, max_new_tokens=18)
+    assert got == plain(parts, rows, 5, 18)
+    assert static.last_path == "static" and static.stats["static_batches"] == 2
+    assert static.stats["fast_batches"] == 0 and static.stats["generate_batches"] == 0
+    assert static.stats["static_steps"] > 0 and static.stats["graph_replays"] == 0  # CPU: the step runs eagerly
+    assert {a.finish_reason for a in got} == {"stop", "length"}, [(a.tokens, a.finish_reason) for a in got]
+    assert any(1 < a.tokens < 18 and a.finish_reason == "stop" for a in got)
+
+
+def test_static_stops_once_every_row_ended(parts, rows, stops_early):
+    """A batch whose rows all stop early: decoding ends at the next check, not at max_new_tokens."""
+    static = engine(parts, decode="static", check_every=1)
+    short = [rows[i] for i, a in enumerate(plain(parts, rows, len(rows), 18)) if a.finish_reason == "stop"]
+    assert short
+    got = static.generate_answers(short, 40)
+    assert got == plain(parts, short, len(short), 40)
+    assert static.stats["static_steps"] == max(a.tokens for a in got) - 1  # the prefill made the first token
+
+
+def test_static_matches_generate_without_stops_and_at_one_token(parts, rows):
+    """Every row runs to max_new_tokens (the random model's usual case), and max_new_tokens=1 (prefill only)."""
+    static = engine(parts, decode="static")
+    assert static.generate_answers(rows, 12) == plain(parts, rows, len(rows), 12)
+    assert static.stats["static_steps"] == 11
+    assert static.generate_answers(rows[:3], 1) == plain(parts, rows[:3], 3, 1)
+    assert static.last_path == "static" and static.stats["static_steps"] == 11
+
+
+def test_eager_attention_matches_generate(parts, rows):
+    model = parts[0]
+    model.set_attn_implementation("eager")
+    try:
+        static = engine(parts, decode="static")
+        assert static.static_reason() is None
+        assert static.generate_answers(rows[:4], 8) == plain(parts, rows[:4], 4, 8)
+        assert static.last_path == "static"
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_auto_and_dynamic_keep_the_dynamic_loop_on_the_cpu(parts, rows):
+    auto, dynamic = engine(parts), engine(parts, decode="dynamic")
+    assert "decode='auto' on the CPU" in auto.static_reason()
+    assert dynamic.static_reason() == "decode='dynamic'"
+    for e in (auto, dynamic):
+        e.generate_answers(rows[:3], 4)
+        assert e.last_path == "fast" and e.stats["static_batches"] == 0
+    with pytest.raises(ValueError, match="decode must be one of"):
+        engine(parts, decode="graphs")
+
+
+def test_what_the_static_decoder_cannot_do_takes_another_path(parts, rows):
+    model = parts[0]
+    static = engine(parts, decode="static")
+    assert engine(parts, decode="static", fast=False).static_reason() == "fast=False"
+    assert static.static_reason(temperature=0.7) == "sampling"
+    assert static.static_reason(num_beams=3) == "beam search"
+    static.generate_answers(rows[:2], 4, num_beams=2)
+    assert static.last_path == "generate" and static.stats["static_batches"] == 0
+    model.generation_config.repetition_penalty = 1.5
+    try:
+        assert "repetition_penalty=1.5" in static.static_reason()
+        assert static.fast_reason() is None  # the dynamic loop reproduces it
+        assert static.generate_answers(rows[:4], 8) == plain(parts, rows[:4], 4, 8)
+        assert static.last_path == "fast" and static.stats["static_batches"] == 0
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+
+
+def test_model_reasons():
+    from ocrtune.models import static_decode
+
+    def fake(attn="sdpa", layer_types=("full_attention",)):
+        cfg = SimpleNamespace(_attn_implementation=attn, layer_types=list(layer_types))
+        return SimpleNamespace(config=cfg, model=SimpleNamespace(language_model=object()), lm_head=object(),
+                               generation_config=SimpleNamespace(repetition_penalty=1.0))
+
+    assert static_decode.model_reason(fake()) is None
+    assert "'flash_attention_2'" in static_decode.model_reason(fake("flash_attention_2"))
+    assert "sliding_attention" in static_decode.model_reason(fake(layer_types=("full_attention", "sliding_attention")))
+    no_lm = fake()
+    no_lm.model = SimpleNamespace()
+    assert "no model.language_model" in static_decode.model_reason(no_lm)
+
+
+def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, rows, monkeypatch, caplog):
+    from ocrtune.models import static_decode
+    calls = []
+
+    def broken(*args, **kw):
+        calls.append(1)
+        raise static_decode.GraphCaptureError("RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_decode, "decode", broken)
+    static = engine(parts, decode="static")
+    with caplog.at_level(logging.WARNING, logger="ocrtune"):
+        got = static.generate_answers(rows[:4], 6)
+    assert got == plain(parts, rows[:4], 4, 6) and static.last_path == "fast"
+    reason = static.static_reason()
+    assert reason.startswith("the static decoder failed (GraphCaptureError: RuntimeError: operation not permitted")
+    assert "decoding with the dynamic loop from now on" in caplog.text
+    static.generate_answers(rows[:2], 3)
+    assert len(calls) == 1 and static.last_path == "fast"  # off for good, not tried on every batch
+
+
+def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
+    """A CUDA graph can't hold a host sync: the step (all but the prefill and the every-`check_every`
+    stop check) must read no tensor value back. Spied on the CPU through Tensor's Python-level readers."""
+    from ocrtune.models import static_decode
+    reads = []
+    in_step = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _orig=original, **k):
+            if in_step:
+                reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    step_call = static_decode._Step.__call__
+
+    def watched(self):
+        in_step.append(1)
+        try:
+            step_call(self)
+        finally:
+            in_step.pop()
+
+    monkeypatch.setattr(static_decode._Step, "__call__", watched)
+    static = engine(parts, decode="static", check_every=4)
+    static.generate_answers(rows[:3], 6)
+    assert static.stats["static_steps"] == 5 and reads == []
+
+
+def test_decode_flag_reaches_the_engine(tiny_model_dir):
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.load import load_for_inference
+    from ocrtune.serve.args import ServeArgs
+    engine, _ = load_for_inference(InferArgs(model=str(tiny_model_dir), decode="static"))
+    assert engine.decode_mode == "static" and engine.static_reason() is None
+    assert InferArgs().decode == "auto" and ServeArgs().decode == "auto"

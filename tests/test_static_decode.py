@@ -210,3 +210,48 @@ def test_decode_flag_reaches_the_engine(tiny_model_dir):
     engine, _ = load_for_inference(InferArgs(model=str(tiny_model_dir), decode="static"))
     assert engine.decode_mode == "static" and engine.static_reason() is None
     assert InferArgs().decode == "auto" and ServeArgs().decode == "auto"
+
+
+def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_path, capsys):
+    """The GPU benchmark's smoke run: the three decoders on the tiny model, the float32 check, the JSON, and
+    no import of peft or datasets (the GPU machine has neither: the benchmark makes such an import fail)."""
+    import json
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(bench))
+    out = tmp_path / "decode.json"
+    bench_decode.main(["--model", "tiny", "--rows", "6", "--batch_size", "3", "--max_new_tokens", "4",
+                       "--fp32_rows", "3", "--workers", "0", "--out", str(out)])
+    res = json.loads(out.read_text())
+    only, e2e = res["model_only"], res["end_to_end"]
+    assert only["static"]["decoding"] == "static" and only["static"]["stats"]["static_batches"] == 1
+    assert only["dynamic"]["decoding"] == "fast" and only["static"]["identical_outputs"] is True
+    assert e2e["static"]["stats"]["static_batches"] == 2 and e2e["static"]["identical_outputs"] is True
+    assert only["generate"]["tokens_per_s"] > 0 and res["model_only_speedup"] > 0 and res["end_to_end_speedup"] > 0
+    assert res["fp32_identical"] is True and res["fp32"]["static_graph_vs_eager"]["identical_outputs"] is True
+    assert res["skipped"] == [] and res["device"] == "cpu"
+    capsys.readouterr()
+
+
+def test_bench_forbids_peft_and_datasets_imports():
+    import importlib
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(bench))
+    undo = bench_decode.forbid({"peft", "datasets"})
+    try:
+        with pytest.raises(ImportError, match="must not import peft "):
+            importlib.import_module("peft.tuners")
+        assert importlib.import_module("json")  # others import as usual
+    finally:
+        undo()

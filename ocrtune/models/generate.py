@@ -108,7 +108,7 @@ class InferEngine:
         self._pool_lock = threading.Lock()
         self._fast_off: str | None = None  # why the fast loop is off for this model (set once, logged once)
         self._length_cache: dict = {}
-        self.last_path: str | None = None  # "static-graph", "static", "fast" or "generate": how the last batch was decoded
+        self.last_path: str | None = None  # how the last batch was decoded: static-graph, static, fast, generate
         self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0, "static_batches": 0,
                       "static_steps": 0, "graph_replays": 0}
 

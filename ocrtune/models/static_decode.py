@@ -112,7 +112,8 @@ class _Step:
                  total: int):
         rows, plen = mask2d.shape
         dev = mask2d.device
-        self.lm, self.head, self.cache, self.cache_kw, self.gen = hf.model.language_model, hf.lm_head, cache, cache_kw, gen
+        self.lm, self.head, self.cache, self.cache_kw = hf.model.language_model, hf.lm_head, cache, cache_kw
+        self.gen = gen
         self.open = torch.zeros((rows, 1, 1, total), dtype=torch.bool, device=dev)
         self.open[:, 0, 0, :plen] = mask2d.bool()
         self.slot = torch.tensor([plen], device=dev)  # cache slot of the token fed next

@@ -129,6 +129,7 @@ def model_only(a, eng: dict, encoded: list[dict], device) -> dict:
         print(f"model only, {name}: {res[name]}", flush=True)
         res[f"_{name}"] = got
     res["static_vs_dynamic"] = bench_infer.compare(res.pop("_dynamic"), res.pop("_static"))
+    res["static_speed_vs_dynamic"] = round(res["dynamic"]["seconds"] / res["static"]["seconds"], 3)
     return res
 
 
@@ -145,6 +146,7 @@ def end_to_end(a, eng: dict, rows: list[dict], device) -> dict:
                      **bench_infer.compare(base, got)}
         res[f"{name}_ratio_vs_generate"] = round(res["generate"]["seconds"] / t, 3)
         print(f"end to end, {name}: {res[name]}", flush=True)
+    res["static_speed_vs_dynamic"] = round(res["dynamic"]["seconds"] / res["static"]["seconds"], 3)
     return res
 
 

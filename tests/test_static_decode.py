@@ -255,3 +255,31 @@ def test_bench_forbids_peft_and_datasets_imports():
         assert importlib.import_module("json")  # others import as usual
     finally:
         undo()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph path)")
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_cuda_graph_replays_give_the_eager_steps_and_generates_tokens(tiny_model_dir, rows, check_every):
+    """On CUDA, float32: the replayed graph == the same step run eagerly == plain generate, rows ending early."""
+    from ocrtune.models.generate import InferEngine
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.template import Template
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.float32).cuda().eval()
+    parts = (model, processor, Template(processor, "qwen2_vl"))
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def stops_early(module, inputs, out):  # as the fixture of the same name (captured into the graph too)
+        out = out.clone()
+        out[..., end] += 2.0 * inputs[0][..., 0] + 1.0
+        return out
+
+    model.lm_head.register_forward_hook(stops_early)
+    graph = InferEngine(*parts, workers=0, check_every=check_every)  # auto: static with graphs on CUDA
+    eager = InferEngine(*parts, workers=0, check_every=check_every, decode="static", cuda_graphs=False)
+    got = graph.answer_rows(rows, batch_size=5, max_new_tokens=18)
+    assert graph.last_path == "static-graph" and graph.stats["graph_replays"] > 0, graph.static_reason()
+    assert got == eager.answer_rows(rows, batch_size=5, max_new_tokens=18) and eager.last_path == "static"
+    assert got == plain(parts, rows, 5, 18)
+    assert {a.finish_reason for a in got} == {"stop", "length"}

@@ -156,6 +156,8 @@ def _capture(fn):
     try:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             fn()
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:
         raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return graph

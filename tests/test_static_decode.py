@@ -174,10 +174,13 @@ def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, row
 
 
 def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
-    """A CUDA graph can't hold a host sync: the step (all but the prefill and the every-`check_every`
-    stop check) must read no tensor value back. Spied on the CPU through Tensor's Python-level readers."""
+    """A CUDA graph can't hold a host sync or a host-to-device copy: the step (all but the prefill and the
+    every-`check_every` stop check) must read no tensor value back and make no tensor from host data.
+    Spied on the CPU at both levels: Tensor's Python readers, and the aten ops the step dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from ocrtune.models import static_decode
-    reads = []
+    reads, ops = [], set()
     in_step = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
@@ -188,12 +191,19 @@ def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
     step_call = static_decode._Step.__call__
 
     def watched(self):
         in_step.append(1)
         try:
-            step_call(self)
+            with Ops():
+                step_call(self)
         finally:
             in_step.pop()
 
@@ -201,6 +211,9 @@ def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
     static = engine(parts, decode="static", check_every=4)
     static.generate_answers(rows[:3], 6)
     assert static.stats["static_steps"] == 5 and reads == []
+    syncing = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "lift_fresh", "unique",
+               "_unique2", "repeat_interleave", "_assert_async", "equal"}
+    assert "index_copy_" in ops and "argmax" in ops and not ops & syncing, sorted(ops & syncing)
 
 
 def test_decode_flag_reaches_the_engine(tiny_model_dir):

@@ -142,10 +142,12 @@ def test_model_reasons():
 
     def fake(attn="sdpa", layer_types=("full_attention",)):
         cfg = SimpleNamespace(_attn_implementation=attn, layer_types=list(layer_types))
-        return SimpleNamespace(config=cfg, model=SimpleNamespace(language_model=object()), lm_head=object(),
+        return SimpleNamespace(config=cfg, model=SimpleNamespace(language_model=SimpleNamespace(config=cfg)),
+                               lm_head=object(),
                                generation_config=SimpleNamespace(repetition_penalty=1.0))
 
     assert static_decode.model_reason(fake()) is None
+    assert static_decode.model_reason(fake("ocrtune_varlen")) is None  # sdpa save for packed training rows
     assert "'flash_attention_2'" in static_decode.model_reason(fake("flash_attention_2"))
     assert "sliding_attention" in static_decode.model_reason(fake(layer_types=("full_attention", "sliding_attention")))
     no_lm = fake()
@@ -214,6 +216,30 @@ def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
     syncing = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "lift_fresh", "unique",
                "_unique2", "repeat_interleave", "_assert_async", "equal"}
     assert "index_copy_" in ops and "argmax" in ops and not ops & syncing, sorted(ops & syncing)
+
+
+def test_decoding_steps_read_grouped_kv_heads_once(parts, rows, monkeypatch):
+    """On an sdpa model the step packs the query heads of each K/V head into its query rows (no repeat_kv
+    copy), the prefill keeps transformers' sdpa, and the model's attention setting is back after each step."""
+    import torch.nn.functional as F
+    model = parts[0]
+    text = model.model.language_model.config
+    groups = text.num_attention_heads // text.num_key_value_heads
+    assert groups > 1  # the tiny preset has grouped K/V heads
+    seen, original = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, *a, **k):
+        seen.append((tuple(query.shape[1:3]), key.shape[1], text._attn_implementation))
+        return original(query, key, value, *a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    static = engine(parts, decode="static")
+    got = static.generate_answers(rows[:3], 4)
+    steps = [x for x in seen if x[2] == "ocrtune_decode"]
+    assert len(steps) == 3 * text.num_hidden_layers  # 3 decoding steps, every layer
+    assert {x[0] for x in steps} == {(text.num_key_value_heads, groups)} and {x[1] for x in steps} == {
+        text.num_key_value_heads}
+    assert text._attn_implementation == "sdpa" and got == plain(parts, rows[:3], 3, 4)
 
 
 def test_decode_flag_reaches_the_engine(tiny_model_dir):

@@ -10,7 +10,11 @@ step after it has the same shapes: the language model over [batch, 1] tokens wit
   to the model ready-made (`attention_mask={"full_attention": mask}`, transformers skips building it:
   its mask builder syncs with the host, which a CUDA graph can't hold),
 * positions +1 per step from the prompt's last M-RoPE position (text positions offset by rope_deltas),
-* argmax over the float32 logits, written into the answer buffer at a device-side column counter.
+* argmax over the float32 logits, written into the answer buffer at a device-side column counter;
+* on sdpa models, the step's attention packs the query heads that share a K/V head into that head's query
+  rows (`packed_gqa_sdpa`, what newer transformers' sdpa does for one query token) instead of copying
+  K/V once per query head (`repeat_kv`, older transformers' way with a mask): a decoding step reads the
+  cache once instead of `heads / kv heads` times.
 
 All of a step's state lives in tensors that the step updates in place, so the step is a pure function
 of device memory: on CUDA the first decoding step runs eagerly (on a side stream: the warm-up that
@@ -22,9 +26,13 @@ engine and never touches another row.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
+
+DECODE_ATTENTION = "ocrtune_decode"  # the attention name the decoding step selects on an sdpa model
+SDPA_LIKE = ("sdpa", "ocrtune_varlen")  # ocrtune_varlen: sdpa, save for packed training rows
 
 
 def model_reason(hf) -> str | None:
@@ -36,11 +44,10 @@ def model_reason(hf) -> str | None:
     inner = getattr(hf, "model", None)
     if getattr(inner, "language_model", None) is None or getattr(hf, "lm_head", None) is None:
         return f"{type(hf).__name__} has no model.language_model and lm_head"
-    text = hf.config.get_text_config(decoder=True) if hasattr(hf.config, "get_text_config") else hf.config
-    attn = getattr(text, "_attn_implementation", None) or getattr(hf.config, "_attn_implementation", None)
-    if attn not in ("sdpa", "eager"):
+    attn = _attention(hf)
+    if attn not in SDPA_LIKE + ("eager",):
         return f"attention implementation {attn!r} (the static decoder builds sdpa/eager masks only)"
-    types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    types = set(getattr(inner.language_model.config, "layer_types", None) or ["full_attention"])
     if types != {"full_attention"}:
         return f"layer types {sorted(types)} (sliding-window layers need their own masks)"
     penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
@@ -100,6 +107,40 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
     return gen[:, :step]
 
 
+def _attention(hf) -> str | None:
+    config = getattr(hf.model.language_model, "config", None) or hf.config
+    return getattr(config, "_attn_implementation", None)
+
+
+def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, but for one query token with grouped K/V heads the query heads of each
+    K/V head become its query rows ([b, heads, 1, d] -> [b, kv heads, heads / kv heads, d]; repeat_kv maps
+    query head i to K/V head i // groups, and so does this), so K/V are read once and never copied. Anything
+    else (prefill, no grouping, dropout, biases, per-head masks) goes to transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = query.shape[1] // key.shape[1]
+    per_head_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1
+    if (query.shape[2] != 1 or groups <= 1 or dropout or per_head_mask or kwargs.get("output_attentions")
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, heads, _, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, key.shape[1], groups, d), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=1)
+def _register_decode_attention() -> bool:
+    """Register `packed_gqa_sdpa` with transformers as DECODE_ATTENTION, once (a new name: "sdpa" stays)."""
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, packed_gqa_sdpa)
+    return True
+
+
 def _cache_kw(forward) -> str:
     """The KV cache's keyword: `cache` in newer transformers, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -120,9 +161,10 @@ class _Step:
         self.col = torch.tensor([1], device=dev)  # column of `gen` the step writes
         self.pos = last_pos.clone()  # [3, rows, 1], +1 before each step
         self.tok = gen[:, :1].clone()
-        text = hf.config.get_text_config(decoder=True) if hasattr(hf.config, "get_text_config") else hf.config
-        attn = getattr(text, "_attn_implementation", None) or getattr(hf.config, "_attn_implementation", None)
+        attn = _attention(hf)
         self.eager = attn == "eager"  # eager attention adds a float mask; sdpa takes the boolean one
+        # the step's attention: packed_gqa_sdpa on sdpa models, selected on the text config around the step only
+        self.attn = DECODE_ATTENTION if attn in SDPA_LIKE and _register_decode_attention() else None
         self.dtype = next(hf.parameters()).dtype
 
     def __call__(self) -> None:
@@ -132,8 +174,15 @@ class _Step:
         if self.eager:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(self.dtype).min)
-        hidden = self.lm(input_ids=self.tok, attention_mask={"full_attention": mask}, position_ids=self.pos,
-                         use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
+        config = self.lm.config
+        before = config._attn_implementation
+        if self.attn:
+            config._attn_implementation = self.attn
+        try:
+            hidden = self.lm(input_ids=self.tok, attention_mask={"full_attention": mask}, position_ids=self.pos,
+                             use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
+        finally:
+            config._attn_implementation = before
         nxt = self.head(hidden[:, -1:, :])[:, -1, :].float().argmax(dim=-1)
         self.gen.index_copy_(1, self.col, nxt[:, None])
         self.tok.copy_(nxt[:, None])

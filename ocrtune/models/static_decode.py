@@ -97,9 +97,10 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
             graph.replay()
             stats["graph_replays"] = stats.get("graph_replays", 0) + 1
         elif dev.type == "cuda" and graphs:
-            _on_side_stream(step_fn)  # a real step, and the warm-up before capture
+            side = _side_stream(dev)
+            _on_stream(side, step_fn)  # a real step, and the warm-up (handles, workspaces) on the capture stream
             if step + 1 < max_new_tokens:
-                graph = _capture(step_fn)
+                graph = _capture(step_fn, side)
         else:
             step_fn()
         stats["static_steps"] = stats.get("static_steps", 0) + 1
@@ -190,20 +191,30 @@ class _Step:
         self.col.add_(1)
 
 
-def _on_side_stream(fn) -> None:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One stream per device for warm-ups and captures (cuBLAS keeps a workspace per stream)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=index)
+    return _STREAMS[index]
+
+
+def _on_stream(stream, fn) -> None:
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(stream)
 
 
-def _capture(fn):
-    """A CUDA graph of `fn` (capturing records the kernels without running them). thread_local: the
-    engine's encoding threads may call CUDA meanwhile (pinned memory), which must not break the capture."""
+def _capture(fn, stream):
+    """A CUDA graph of `fn` (capturing records the kernels without running them). thread_local: other
+    threads (serve's, the encoding pool's) may call CUDA meanwhile, which must not break the capture."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             fn()
     except torch.OutOfMemoryError:
         raise

@@ -313,6 +313,8 @@ class InferEngine:
     def _static(self, batch: dict, max_new_tokens: int) -> list[Answer] | None:
         """The batch decoded by `static_decode`; None (and the static decoder off from now on, with the
         reason in `static_reason`) when this model or transformers can't run it."""
+        if max_new_tokens < 1:
+            return None
         hf = self._hf_model()
         graphs = self.cuda_graphs and self.device.type == "cuda"
         before = self.stats["graph_replays"]

@@ -18,8 +18,8 @@ step after it has the same shapes: the language model over [batch, 1] tokens wit
 
 All of a step's state lives in tensors that the step updates in place, so the step is a pure function
 of device memory: on CUDA the first decoding step runs eagerly (on a side stream: the warm-up that
-creates the kernels' handles and workspaces), the second is captured into a `torch.cuda.CUDAGraph`, and
-every later step is one `replay()`. On the CPU the same step runs eagerly (what the tests check).
+creates the kernels' handles and workspaces), then the step is captured into a `torch.cuda.CUDAGraph`
+(capturing runs nothing), and every later step is one `replay()`. On the CPU the same step runs eagerly (what the tests check).
 Rows keep their place in the batch until every row has emitted a stop token (checked every
 `check_every` steps, one host sync each); what a row decodes after its stop token is cut off by the
 engine and never touches another row.
@@ -105,6 +105,8 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
             step_fn()
         stats["static_steps"] = stats.get("static_steps", 0) + 1
         step += 1
+    if graph is not None:
+        torch.cuda.current_stream(dev).synchronize()  # the last replay ends before the graph and its memory go
     return gen[:, :step]
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The cuda-marker suite (tests/test_cuda.py: kernels vs stock forwards, packed vs padded, fused LoRA vs
-# PEFT, bf16 on CUDA) on the GPU machine, in one call from the repository root:
+# PEFT, bf16 on CUDA; tests/test_static_decode.py: CUDA-graph decoding vs eager and generate) on the GPU
+# machine, in one call from the repository root:
 #
 #     bash bench/run_cuda_tests.sh          # results: $OUT/cuda_tests.xml (JUnit), $OUT/cuda_tests_log.txt
 #
@@ -28,7 +29,8 @@ fi
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee "$OUT/cuda_tests_versions.txt"
-python3 -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 \
+python3 -m pytest -m cuda tests/test_cuda.py tests/test_static_decode.py -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/cuda_tests.xml" 2>&1 \
   | tee "$OUT/cuda_tests_log.txt"
 status=$?
 python3 -m pytest tests/test_qwen_vl.py -q -rs -p no:cacheprovider --junitxml="$OUT/qwen_vl_tests.xml" 2>&1 \

@@ -34,6 +34,9 @@ class InferArgs:
     quant_bits: int | None = quant_bits_arg("run the base model in 4 bits (NF4) or 8 by bitsandbytes, with or without "
                                             "an adapter (a QLoRA run's base); default: unquantized")
     seed: int = arg(42, "seed for sampling and dataset sampling", domain=SEED)
+    decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
+                              "(drops rows that ended), auto (static on CUDA, dynamic on the CPU)",
+                      choices=("auto", "static", "dynamic"))
 
 
 def gen_kwargs(args: InferArgs) -> dict:

@@ -33,7 +33,7 @@ def load_for_inference(args):
     from ocrtune.models.source import resolve_source
     from ocrtune.models.template import Template
 
-    max_new_tokens, args = args.max_new_tokens, ModelSource.of(args)
+    max_new_tokens, decode, args = args.max_new_tokens, getattr(args, "decode", "auto"), ModelSource.of(args)
 
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
@@ -74,4 +74,4 @@ def load_for_inference(args):
             "max_pixels": max_pixels, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "quant_bits": args.quant_bits,
             "run_args": run_args}
-    return InferEngine(model, tmpl.processor, tmpl), info
+    return InferEngine(model, tmpl.processor, tmpl, decode=decode), info

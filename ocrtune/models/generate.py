@@ -19,7 +19,10 @@ evaluation during training:
   own `get_rope_index`, positions +1 per step, `logits_to_keep=1` in the prefill, argmax over the
   float32 logits, the generation config's repetition penalty), so greedy outputs are the same tokens.
   Sampling, beam search, sharded models (`synced_gpus`), and generation configs with logits
-  processors it does not reproduce use `model.generate`.
+  processors it does not reproduce use `model.generate`;
+* `decode="static"` (the default on CUDA: `decode="auto"`) decodes greedy batches on a static KV cache
+  instead, each token one CUDA graph replay (`ocrtune.models.static_decode`): no row dropping (rows that
+  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from typing import Iterator
 import torch
 
 from ocrtune.data.images import image_size, open_image
+from ocrtune.models import static_decode
 from ocrtune.models.template import Template
 
 log = logging.getLogger("ocrtune")
@@ -84,20 +88,30 @@ class InferEngine:
     (CUDA only, experimental, off by default) decodes greedy batches with `generate` over a static KV
     cache, which transformers compiles (CUDA graphs); prompts are then left-padded to a multiple of
     64 tokens so few shapes are compiled. It pays only when many batches follow the compilation; on
-    the CPU the flag is ignored."""
+    the CPU the flag is ignored.
+    `decode` picks the greedy loop of the fast path: "static" (static KV cache, the step replayed as a
+    CUDA graph on CUDA, run eagerly on the CPU; `cuda_graphs=False` runs it eagerly on CUDA too),
+    "dynamic" (`_greedy`, which drops finished rows), or "auto": static on CUDA, dynamic on the CPU."""
+
+    DECODES = ("auto", "static", "dynamic")
 
     def __init__(self, model, processor, template: Template, fast: bool = True, workers: int | None = None,
-                 check_every: int = 4, compile: bool = False):
+                 check_every: int = 4, compile: bool = False, decode: str = "auto", cuda_graphs: bool = True):
+        if decode not in self.DECODES:
+            raise ValueError(f"decode must be one of {self.DECODES}, got {decode!r}")
         self.model, self.processor, self.template = model, processor, template
         self.tokenizer = processor.tokenizer
         self.fast, self.check_every, self.compile = fast, max(1, check_every), compile
+        self.decode_mode, self.cuda_graphs = decode, cuda_graphs
+        self._static_off: str | None = None  # why the static decoder failed on this model (set once, logged once)
         self.workers = default_workers() if workers is None else max(0, workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._fast_off: str | None = None  # why the fast loop is off for this model (set once, logged once)
         self._length_cache: dict = {}
-        self.last_path: str | None = None  # "fast" or "generate": how the last batch was decoded
-        self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0}
+        self.last_path: str | None = None  # how the last batch was decoded: static-graph, static, fast, generate
+        self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0, "static_batches": 0,
+                      "static_steps": 0, "graph_replays": 0}
 
     @property
     def device(self):
@@ -242,6 +256,20 @@ class InferEngine:
                 return f"generation_config.{name}={v!r}"
         return None
 
+    def static_reason(self, temperature: float | None = 0.0, num_beams: int = 1) -> str | None:
+        """None when greedy batches decode on the static KV cache (`static_decode`); otherwise why not
+        (they then take the fast loop if `fast_reason` is None, else `model.generate`)."""
+        why = self.fast_reason(temperature, num_beams)
+        if why is not None:
+            return why
+        if self.decode_mode == "dynamic":
+            return "decode='dynamic'"
+        if self.decode_mode == "auto" and self.device.type != "cuda":
+            return "decode='auto' on the CPU (the static cache pays through CUDA graphs)"
+        if self._static_off:
+            return self._static_off
+        return static_decode.model_reason(self._hf_model())
+
     # ---------------------------------------------------------------- generation
 
     def generate(self, records: list[dict], max_new_tokens: int = 512, **kw) -> list[str]:
@@ -263,6 +291,10 @@ class InferEngine:
                 self.last_path = "static-compiled"
                 self.stats["generate_batches"] += 1
                 return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
+            if why is None and self.static_reason() is None:
+                answers = self._static(batch, max_new_tokens)
+                if answers is not None:
+                    return answers
             if why is None:
                 try:
                     answers = self._greedy(batch, max_new_tokens)
@@ -278,6 +310,28 @@ class InferEngine:
         finally:
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
+
+    def _static(self, batch: dict, max_new_tokens: int) -> list[Answer] | None:
+        """The batch decoded by `static_decode`; None (and the static decoder off from now on, with the
+        reason in `static_reason`) when this model or transformers can't run it."""
+        if max_new_tokens < 1:
+            return None
+        hf = self._hf_model()
+        graphs = self.cuda_graphs and self.device.type == "cuda"
+        before = self.stats["graph_replays"]
+        try:
+            gen = static_decode.decode(hf, batch, self._prompt_positions(hf, batch), max_new_tokens, self.stop_ids(),
+                                       self.check_every, graphs, self.stats)
+        except torch.OutOfMemoryError:
+            raise
+        except (static_decode.GraphCaptureError, TypeError, AttributeError, KeyError, ValueError, IndexError,
+                NotImplementedError, RuntimeError) as e:
+            self._static_off = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"
+            log.warning("%s; decoding with the dynamic loop from now on", self._static_off)
+            return None
+        self.last_path = "static-graph" if self.stats["graph_replays"] > before else "static"
+        self.stats["static_batches"] += 1
+        return [self._answer(t) for t in gen.tolist()]
 
     def _compiled(self) -> bool:
         return bool(self.compile) and self.device.type == "cuda"

@@ -51,6 +51,9 @@ class ServeArgs:
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives",
                                domain=reals(0, 60_000))
     max_queue: int = arg(256, "requests waiting beyond this many are refused with 503", domain=ints(1, 10**7))
+    decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
+                              "(drops rows that ended), auto (static on CUDA, dynamic on the CPU)",
+                      choices=("auto", "static", "dynamic"))
     # limits
     max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")
     max_request_mb: float = arg(20.0, "largest request body in MB", domain=positive(65536))

@@ -60,7 +60,8 @@ def generate_metrics(acc, loss_module, rows, processor, template, args, sharded:
     from ocrtune.evaluate.metrics import compute_metrics
     from ocrtune.models.generate import InferEngine
     model = acc.unwrap_model(loss_module).model
-    engine = InferEngine(dist.SyncedGenerate(model) if sharded else model, processor, template)
+    # the dynamic loop: a CUDA graph of the training model (autocast, hooks, training-time patches) is untried
+    engine = InferEngine(dist.SyncedGenerate(model) if sharded else model, processor, template, decode="dynamic")
     bs = args.eval_batch_size or args.batch_size
     mine = []
     # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (prepare_model): run

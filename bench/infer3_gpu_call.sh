@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Static-KV-cache + CUDA-graph decoding against plain generate, one device call from the repository root, one
+# H100 (no carry: the rows are the package's bundled sample, the 2B shape's weights are random; no wheels: the
+# benchmark imports neither peft nor datasets, and fails if it tries). About 60 s (at most 110), model build included:
+#   bash bench/infer3_gpu_call.sh
+# -> $OUT/decode_2b_<card>.json (bench/bench_decode.py's JSON) and $OUT/decode_2b_log.txt. Look at:
+#   model_only.static.decoding == "static-graph" (the graphs ran; else model_only.static.static_reason says why),
+#   model_only_speedup / end_to_end_speedup (static vs plain generate, bf16, batch 256, 64 new tokens),
+#   fp32_identical (float32, 64 rows: plain generate == dynamic loop == static with graphs == static without).
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ TOKENIZERS_PARALLELISM=false
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | tr A-Z a-z)
+CARD=${CARD:-gpu}
+timeout 110 python3 bench/bench_decode.py --model 2b --rows 256 --batch_size 256 --max_new_tokens 64 --fp32_rows 64 \
+  --budget_s 70 --model_root /tmp --out "$OUT/decode_2b_$CARD.json" 2>&1 | tee "$OUT/decode_2b_log.txt"
+echo "rc=$?"

@@ -1,0 +1,225 @@
+"""Greedy decoding on a static KV cache, one CUDA graph replay per token on CUDA.
+
+`InferEngine` hands a batch here after choosing this path (`InferEngine.static_reason`). The prefill is
+the model's own forward over transformers' `StaticCache` (room for the prompt plus `max_new_tokens`),
+fed what `model.generate` feeds it (the prompts' M-RoPE positions, `logits_to_keep=1`). Every decoding
+step after it has the same shapes: the language model over [batch, 1] tokens with
+
+* the cache's own in-place writes (`StaticLayer.update` writes at its device-side length counter),
+* a [batch, 1, 1, cache length] boolean mask, one slot opened per step (padding stays closed), handed
+  to the model ready-made (`attention_mask={"full_attention": mask}`, transformers skips building it:
+  its mask builder syncs with the host, which a CUDA graph can't hold),
+* positions +1 per step from the prompt's last M-RoPE position (text positions offset by rope_deltas),
+* argmax over the float32 logits, written into the answer buffer at a device-side column counter;
+* on sdpa models, the step's attention packs the query heads that share a K/V head into that head's query
+  rows (`packed_gqa_sdpa`, what newer transformers' sdpa does for one query token) instead of copying
+  K/V once per query head (`repeat_kv`, older transformers' way with a mask): a decoding step reads the
+  cache once instead of `heads / kv heads` times.
+
+All of a step's state lives in tensors that the step updates in place, so the step is a pure function
+of device memory: on CUDA the first decoding step runs eagerly (on a side stream: the warm-up that
+creates the kernels' handles and workspaces), then the step is captured into a `torch.cuda.CUDAGraph`
+(capturing runs nothing), and every later step is one `replay()`. On the CPU the same step runs eagerly (what the tests check).
+Rows keep their place in the batch until every row has emitted a stop token (checked every
+`check_every` steps, one host sync each); what a row decodes after its stop token is cut off by the
+engine and never touches another row.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+DECODE_ATTENTION = "ocrtune_decode"  # the attention name the decoding step selects on an sdpa model
+SDPA_LIKE = ("sdpa", "ocrtune_varlen")  # ocrtune_varlen: sdpa, save for packed training rows
+
+
+def model_reason(hf) -> str | None:
+    """None when `hf` (a transformers Qwen-VL model) can decode here; otherwise why not."""
+    try:
+        from transformers import StaticCache  # noqa: F401
+    except ImportError:
+        return "this transformers has no StaticCache"
+    inner = getattr(hf, "model", None)
+    if getattr(inner, "language_model", None) is None or getattr(hf, "lm_head", None) is None:
+        return f"{type(hf).__name__} has no model.language_model and lm_head"
+    attn = _attention(hf)
+    if attn not in SDPA_LIKE + ("eager",):
+        return f"attention implementation {attn!r} (the static decoder builds sdpa/eager masks only)"
+    types = set(getattr(inner.language_model.config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        return f"layer types {sorted(types)} (sliding-window layers need their own masks)"
+    penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
+    if penalty not in (None, 1.0):
+        return f"generation_config.repetition_penalty={penalty!r} (its token history grows each step)"
+    return None
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing the decoding step into a CUDA graph failed (the batch is decoded again another way)."""
+
+
+def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops: list[int], check_every: int = 4,
+           graphs: bool = True, stats: dict | None = None) -> torch.Tensor:
+    """Greedy tokens [rows, steps] for the left-padded `batch` (steps <= max_new_tokens: decoding ends once
+    every row has a stop token). `positions`: the prompts' [3, rows, length] M-RoPE positions. `graphs`:
+    replay a CUDA graph of the step (CUDA only; ignored on the CPU). `stats` counts `static_steps` (steps
+    decoded after the prefill) and `graph_replays`."""
+    from transformers import StaticCache
+    stats = stats if stats is not None else {}
+    ids, mask2d = batch["input_ids"], batch["attention_mask"]
+    rows, plen = ids.shape
+    dev = ids.device
+    total = plen + max_new_tokens
+    cache = StaticCache(config=hf.config, max_cache_len=total)
+    cache_kw = _cache_kw(hf.forward)
+
+    prefill = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    if "logits_to_keep" in inspect.signature(hf.forward).parameters:
+        prefill["logits_to_keep"] = 1
+    out = hf(input_ids=ids, attention_mask=mask2d, position_ids=positions, use_cache=True, **{cache_kw: cache},
+             **prefill)
+    gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=dev)
+    gen[:, 0] = out.logits[:, -1, :].float().argmax(dim=-1)
+    del out
+    if max_new_tokens == 1:
+        return gen
+
+    step_fn = _Step(hf, cache, _cache_kw(hf.model.language_model.forward), mask2d, positions[:, :, -1:], gen, total)
+    stop_ids = torch.tensor(stops, device=dev)
+    graph = None
+    step = 1
+    while step < max_new_tokens:
+        if step % check_every == 0 and bool(torch.isin(gen[:, :step], stop_ids).any(dim=1).all()):
+            break
+        if graph is not None:
+            graph.replay()
+            stats["graph_replays"] = stats.get("graph_replays", 0) + 1
+        elif dev.type == "cuda" and graphs:
+            side = _side_stream(dev)
+            _on_stream(side, step_fn)  # a real step, and the warm-up (handles, workspaces) on the capture stream
+            if step + 1 < max_new_tokens:
+                graph = _capture(step_fn, side)
+        else:
+            step_fn()
+        stats["static_steps"] = stats.get("static_steps", 0) + 1
+        step += 1
+    if graph is not None:
+        torch.cuda.current_stream(dev).synchronize()  # the last replay ends before the graph and its memory go
+    return gen[:, :step]
+
+
+def _attention(hf) -> str | None:
+    config = getattr(hf.model.language_model, "config", None) or hf.config
+    return getattr(config, "_attn_implementation", None)
+
+
+def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, but for one query token with grouped K/V heads the query heads of each
+    K/V head become its query rows ([b, heads, 1, d] -> [b, kv heads, heads / kv heads, d]; repeat_kv maps
+    query head i to K/V head i // groups, and so does this), so K/V are read once and never copied. Anything
+    else (prefill, no grouping, dropout, biases, per-head masks) goes to transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = query.shape[1] // key.shape[1]
+    per_head_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1
+    if (query.shape[2] != 1 or groups <= 1 or dropout or per_head_mask or kwargs.get("output_attentions")
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, heads, _, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, key.shape[1], groups, d), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=1)
+def _register_decode_attention() -> bool:
+    """Register `packed_gqa_sdpa` with transformers as DECODE_ATTENTION, once (a new name: "sdpa" stays)."""
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, packed_gqa_sdpa)
+    return True
+
+
+def _cache_kw(forward) -> str:
+    """The KV cache's keyword: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+class _Step:
+    """One decoding step over static buffers, all updated in place (so a CUDA graph can replay it)."""
+
+    def __init__(self, hf, cache, cache_kw: str, mask2d: torch.Tensor, last_pos: torch.Tensor, gen: torch.Tensor,
+                 total: int):
+        rows, plen = mask2d.shape
+        dev = mask2d.device
+        self.lm, self.head, self.cache, self.cache_kw = hf.model.language_model, hf.lm_head, cache, cache_kw
+        self.gen = gen
+        self.open = torch.zeros((rows, 1, 1, total), dtype=torch.bool, device=dev)
+        self.open[:, 0, 0, :plen] = mask2d.bool()
+        self.slot = torch.tensor([plen], device=dev)  # cache slot of the token fed next
+        self.col = torch.tensor([1], device=dev)  # column of `gen` the step writes
+        self.pos = last_pos.clone()  # [3, rows, 1], +1 before each step
+        self.tok = gen[:, :1].clone()
+        attn = _attention(hf)
+        self.eager = attn == "eager"  # eager attention adds a float mask; sdpa takes the boolean one
+        # the step's attention: packed_gqa_sdpa on sdpa models, selected on the text config around the step only
+        self.attn = DECODE_ATTENTION if attn in SDPA_LIKE and _register_decode_attention() else None
+        self.dtype = next(hf.parameters()).dtype
+
+    def __call__(self) -> None:
+        self.open.index_fill_(3, self.slot, True)
+        self.pos.add_(1)
+        mask = self.open
+        if self.eager:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min)
+        config = self.lm.config
+        before = config._attn_implementation
+        if self.attn:
+            config._attn_implementation = self.attn
+        try:
+            hidden = self.lm(input_ids=self.tok, attention_mask={"full_attention": mask}, position_ids=self.pos,
+                             use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
+        finally:
+            config._attn_implementation = before
+        nxt = self.head(hidden[:, -1:, :])[:, -1, :].float().argmax(dim=-1)
+        self.gen.index_copy_(1, self.col, nxt[:, None])
+        self.tok.copy_(nxt[:, None])
+        self.slot.add_(1)
+        self.col.add_(1)
+
+
+_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One stream per device for warm-ups and captures (cuBLAS keeps a workspace per stream)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=index)
+    return _STREAMS[index]
+
+
+def _on_stream(stream, fn) -> None:
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def _capture(fn, stream):
+    """A CUDA graph of `fn` (capturing records the kernels without running them). thread_local: other
+    threads (serve's, the encoding pool's) may call CUDA meanwhile, which must not break the capture."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            fn()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return graph

@@ -73,6 +73,14 @@ def test_compiles():
     assert got == [True, False, False, False, True, True, False]
 
 
+@needs_tex
+def test_compute_metrics_takes_cdm():
+    from ocrtune.evaluate.metrics import compute_metrics
+    out = compute_metrics(["x^{2}", "a+b", ""], ["x^2", "a+c", "y"], "cdm,exact_match")
+    assert out == {"exact_match": 0.0, "cdm": pytest.approx((1 + 2 / 3 + 0) / 3), "exprate_cdm": pytest.approx(1 / 3),
+                   "count": 3}
+
+
 def test_summary():
     assert cdm_summary([1.0, 0.5, 0.0, 1.0]) == {"cdm": 0.625, "exprate_cdm": 0.5}
     assert cdm_summary([]) == {"cdm": 0.0, "exprate_cdm": 0.0}

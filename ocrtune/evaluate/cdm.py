@@ -37,7 +37,8 @@ Method, per row:
    prediction is the same text, else 0.
 
 Speed: formulas are typeset in chunks (one pdflatex run each, about 0.1 s of fixed cost), each distinct
-formula string once per chunk; big inputs go to a process pool over chunks (`processes`, default: the cores).
+formula string once per chunk; inputs of two chunks or more go to a pool of spawned worker processes
+(`processes`, default: the cores, at most 16), started on first use and kept for the next call.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ NEEDED_BY = "the cdm metric"
 TIMEOUT_S = 5.0          # one pdflatex run of a chunk: ~0.2 s normally; a looping formula costs this much
 CHUNK_ROWS = 200         # rows (two formulas each) per pdflatex run
 POOL_MIN_CHUNKS = 2      # fewer chunks than this: no worker processes
+MAX_PROCESSES = 16       # the default pool size at most (each worker holds numpy and pdfium, ~50 MB)
 MARGIN_PT = 8 * 72 / 200  # the reference crops each render with 8 px around the ink, at 200 dpi
 INLIER_PT = 20 * 72 / 200  # its RANSAC residual threshold, 20 px at 200 dpi
 COST_POSITION, COST_ORDER = 0.05, 0.15
@@ -269,11 +271,11 @@ def _blank(s) -> bool:
     return s is None or not str(s).strip()
 
 
-def _typeset_inks(tex: Tex, formulas: list[str]) -> dict[str, Ink | None]:
-    """Each distinct non-blank formula -> its Ink, or None when it does not compile."""
+def _typeset_inks(tex: Tex, formulas: list[str], ink: bool = True) -> dict[str, Ink | bool | None]:
+    """Each distinct non-blank formula -> its Ink (or True without `ink`), or None when it does not compile."""
     todo = sorted({f for f in formulas if not _blank(f)})
     with tempfile.TemporaryDirectory(prefix="ocrtune-cdm-") as tmp:
-        return {f: (ink_of(page) if page is not None else None)
+        return {f: ((ink_of(page) if ink else True) if page is not None else None)
                 for f, (page, _) in zip(todo, typeset_formulas(tex, todo, Path(tmp)))}
 
 
@@ -298,8 +300,8 @@ def _score_chunk(job: tuple[Tex, list[tuple[str, str]]]) -> list[float]:
 
 def _compile_chunk(job: tuple[Tex, list[str]]) -> list[bool]:
     tex, formulas = job
-    inks = _typeset_inks(tex, formulas)
-    return [not _blank(f) and inks[f] is not None for f in formulas]
+    done = _typeset_inks(tex, formulas, ink=False)
+    return [not _blank(f) and done[f] is not None for f in formulas]
 
 
 _TEX: dict[str | None, Tex] = {}
@@ -337,11 +339,11 @@ def _pool(processes: int):
     return _POOL[processes]
 
 
-def _run_chunks(fn, tex: Tex, items: list, processes: int | None) -> list:
-    chunks = [(tex, items[s:s + CHUNK_ROWS]) for s in range(0, len(items), CHUNK_ROWS)]
-    processes = min(processes or os.cpu_count() or 1, len(chunks))
-    if processes > 1 and len(chunks) >= POOL_MIN_CHUNKS:
-        parts = _pool(processes).map(fn, chunks)
+def _run_chunks(fn, tex: Tex, items: list, processes: int | None, size: int) -> list:
+    chunks = [(tex, items[s:s + size]) for s in range(0, len(items), size)]
+    processes = processes or min(os.cpu_count() or 1, MAX_PROCESSES)
+    if processes > 1 and len(chunks) >= POOL_MIN_CHUNKS:  # one pool a size, kept: calls of any length share it
+        parts = _pool(processes).map(fn, chunks, chunksize=1)
     else:
         parts = [fn(c) for c in chunks]
     return [x for part in parts for x in part]
@@ -357,7 +359,7 @@ def cdm_scores(preds: Sequence[str], refs: Sequence[str], tex_root: str | None =
         raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
     if not preds:
         return []
-    return _run_chunks(_score_chunk, check_tex(tex_root), list(zip(preds, refs)), processes)
+    return _run_chunks(_score_chunk, check_tex(tex_root), list(zip(preds, refs)), processes, CHUNK_ROWS)
 
 
 def compiles(formulas: Sequence[str], tex_root: str | None = None, processes: int | None = None) -> list[bool]:
@@ -365,7 +367,7 @@ def compiles(formulas: Sequence[str], tex_root: str | None = None, processes: in
     formulas = ["" if f is None else str(f) for f in formulas]
     if not formulas:
         return []
-    return _run_chunks(_compile_chunk, check_tex(tex_root), formulas, processes)
+    return _run_chunks(_compile_chunk, check_tex(tex_root), formulas, processes, 2 * CHUNK_ROWS)
 
 
 def cdm_summary(scores: Sequence[float]) -> dict:

@@ -165,6 +165,12 @@ def test_eval_cdm_counts_right_and_wrong_rows(tmp_path):
     summary = run_dataset(Engine(), {"run_args": {}}, args, ["cdm"])
     assert (summary["cdm"], summary["exprate_cdm"]) == (0.5, 0.5)
     assert [json.loads(line)["cdm"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [1.0, 0.0, 1.0, 0.0]
+    # rows answered by an earlier run without cdm are scored when a rerun asks for it
+    args.result_path = str(tmp_path / "plain.jsonl")
+    assert "cdm" not in run_dataset(Engine(), {"run_args": {}}, args, ["exact_match"])
+    before = (tmp_path / "plain.jsonl").read_bytes()
+    summary = run_dataset(Engine(), {"run_args": {}}, args, ["cdm"])
+    assert (summary["cdm"], summary["exprate_cdm"]) == (0.5, 0.5) and (tmp_path / "plain.jsonl").read_bytes() == before
 
 
 def test_without_pdflatex_eval_fails_before_loading_anything(monkeypatch, tmp_path, capsys):

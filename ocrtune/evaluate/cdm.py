@@ -36,8 +36,8 @@ Method, per row:
    formulas score 1; a reference that does not compile (the reference skips such rows) scores 1 when the
    prediction is the same text, else 0.
 
-Speed: formulas are typeset in chunks (one pdflatex run each, about 0.1 s of fixed cost), each distinct
-formula string once per chunk; inputs of two chunks or more go to a pool of spawned worker processes
+Speed: rows are sorted by reference and typeset in chunks (one pdflatex run each, about 0.1 s of fixed
+cost), each distinct formula string once per chunk and each distinct (prediction, reference) scored once; inputs of two chunks or more go to a pool of spawned worker processes
 (`processes`, default: the cores, at most 16), started on first use and kept for the next call.
 """
 from __future__ import annotations
@@ -295,7 +295,11 @@ def _row_score(pred: str, ref: str, inks: dict[str, Ink | None]) -> float:
 def _score_chunk(job: tuple[Tex, list[tuple[str, str]]]) -> list[float]:
     tex, rows = job
     inks = _typeset_inks(tex, [f for row in rows for f in row])
-    return [_row_score(p, r, inks) for p, r in rows]
+    scores: dict[tuple[str, str], float] = {}  # a row's score depends on its two strings alone
+    for row in rows:
+        if row not in scores:
+            scores[row] = _row_score(*row, inks)
+    return [scores[row] for row in rows]
 
 
 def _compile_chunk(job: tuple[Tex, list[str]]) -> list[bool]:
@@ -359,7 +363,14 @@ def cdm_scores(preds: Sequence[str], refs: Sequence[str], tex_root: str | None =
         raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
     if not preds:
         return []
-    return _run_chunks(_score_chunk, check_tex(tex_root), list(zip(preds, refs)), processes, CHUNK_ROWS)
+    # rows of one reference go to one chunk (a reward's group of answers, a dataset's repeated formulas)
+    order = sorted(range(len(preds)), key=lambda i: (refs[i], preds[i]))
+    scores = _run_chunks(_score_chunk, check_tex(tex_root), [(preds[i], refs[i]) for i in order], processes,
+                         CHUNK_ROWS)
+    out = [0.0] * len(preds)
+    for i, score in zip(order, scores):
+        out[i] = score
+    return out
 
 
 def compiles(formulas: Sequence[str], tex_root: str | None = None, processes: int | None = None) -> list[bool]:

@@ -9,36 +9,37 @@ Method, per row:
    formula that fails (a TeX error, a missing glyph, a timeout, a forbidden command, unbalanced braces) does not
    compile: as a prediction it scores 0.
 2. **Characters and boxes** come straight out of the PDF (pypdfium2's text page: each glyph's unicode and its
-   tight box), in drawing order, then every drawn rule (fraction bars, radical and `\\overline` bars) as a
-   character `rule`.
-   The reference implementation colours each LaTeX token, renders at 200 dpi and detects each colour's box;
-   here the typesetter itself says where each glyph is, so a box is exact and a character is a glyph, not a
-   LaTeX token: `\\sin` is three characters (s, i, n), `\\frac` is its bar. Glyph identity is the unicode
-   pdfium reads; the sizes of one delimiter or big operator (`(`, `\\big(`, `\\left(` of any height; text
-   and display `\\sum`) are one character, as the reference's token normalization makes them. The font is not
-   compared (`\\mathrm{d}` = `d`, `\\mathbf{A}` = `A`), as the reference ignores style commands.
-3. **Match** (the reference's rules): boxes are normalized into each formula's own ink box (plus the
-   reference's 8 px margin); candidates are pairs of the same character, assigned one to one with the
-   Hungarian method on cost 0.05 * L1 distance of the normalized boxes + 0.15 * difference of the
-   characters' reading positions (index / count). Then the reference's RANSAC: a translation + scale
-   model from 2 random pairs, 50 trials, inliers within 7.2 pt (its 20 px at 200 dpi) of where the model
-   puts them, refit on the inliers; repeated up to 5 times on the pairs still left, so a block shifted as a
-   whole (a missing symbol before it) still matches while a swapped pair of symbols does not. Differences:
-   the reference accepts two pairs or fewer unchecked and never matches the last two pairs left over; here
-   any two or more pairs go through RANSAC (so `x+y+z` against `x+z` finds both blocks; a lone pair is
-   accepted only when it is the only one). The Hungarian assignment runs per
-   character (pairs of different characters never count, so the reference's cross-character fill pairs,
-   which it drops afterwards, do not vote in RANSAC here); the random trials are seeded per row, so a score
-   is reproducible; reading order is the PDF's drawing order (TeX's) with the rules after the glyphs,
-   not the LaTeX token order.
+   tight box) in drawing order, then every drawn rule (fraction bars, radical and `\\overline` bars) as a
+   character `rule`. The reference implementation colours each LaTeX token, renders at 200 dpi and finds
+   each colour's box; here the typesetter itself says where each glyph is, so a box is exact and a character
+   is a glyph, not a LaTeX token: `\\sin` is three characters (s, i, n), `\\frac` is its bar. Identity is
+   the unicode pdfium reads; all sizes of one delimiter or big operator (`(`, `\\big(`, `\\left(` of any
+   height; text and display `\\sum`) are one character, as the reference's token normalization makes them
+   (its other equivalences, e.g. `\\cdot` = `.`, are not copied: those glyphs differ). The font is not
+   compared (`\\mathrm{d}` = `d`, `\\mathbf{A}` = `A`), as the reference's tokens ignore style commands.
+3. **Match**, by the reference's rules: boxes are normalized into each formula's own ink box (plus the
+   reference's 8 px margin); pairs of the same character are assigned one to one by the Hungarian method on
+   cost 0.05 * L1 distance of the normalized boxes + 0.15 * difference of reading position (index / count).
+   Then the reference's RANSAC: a translation + scale model from 2 random pairs, 50 trials, inliers within
+   7.2 pt (its 20 px at 200 dpi) of where the model puts them, refit on the inliers; repeated up to 5 times
+   on the pairs left, so a block shifted as a whole (after a missing symbol) still matches while swapped
+   symbols do not. That tolerance is the reference's: it is more than a script moves between `x^{a+b}` and
+   `x_{a+b}` (6.8 pt), so such pairs score 1. Differences from the reference code: it accepts two pairs or fewer
+   unchecked and never matches the last two pairs left over, here any two or more go through RANSAC (`x+y+z`
+   against `x+z` finds both blocks; a single pair is accepted only when it is the only one); the assignment
+   runs per character, so pairs of different characters (which the reference assigns to fill the matrix
+   and drops afterwards) do not vote in RANSAC; the trials are seeded, so a score is reproducible; reading
+   order is TeX's drawing order with the rules last, not the LaTeX token order.
 4. **Score**: F1 = 2 * matched / (characters of prediction + characters of reference). ExpRate@CDM is the
    share of rows with F1 == 1. A blank prediction against a non-blank reference scores 0; two blank
    formulas score 1; a reference that does not compile (the reference skips such rows) scores 1 when the
    prediction is the same text, else 0.
 
 Speed: rows are sorted by reference and typeset in chunks (one pdflatex run each, about 0.1 s of fixed
-cost), each distinct formula string once per chunk and each distinct (prediction, reference) scored once; inputs of two chunks or more go to a pool of spawned worker processes
-(`processes`, default: the cores, at most 16), started on first use and kept for the next call.
+cost), each distinct formula string once per chunk and each distinct (prediction, reference) scored once.
+Inputs of two chunks or more go to a pool of spawned worker processes (`processes`, default: the cores, at
+most 16), started on first use and kept for the next call. Measured: 1,000 rows (2,000 formulas) cost about
+3.3 CPU seconds (1.7 in Python, 1.5 in pdflatex), so about 1.7 s on 2 idle cores.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ocrtune.errors import UserError
 from ocrtune.evaluate.typeset import Tex, find_tex, preflight, typeset_formulas
 
 __all__ = ["cdm_scores", "compiles", "cdm_summary", "check_tex", "Ink", "match_f1"]
@@ -317,6 +319,10 @@ def check_tex(tex_root: str | None = None) -> Tex:
     UserError when there is none or it cannot typeset."""
     key = tex_root or os.environ.get("OCRTUNE_TEX_ROOT") or None
     if key not in _TEX:
+        try:
+            import pypdfium2  # noqa: F401  (reads the glyphs out of pdflatex's PDF)
+        except ImportError:
+            raise UserError(f"{NEEDED_BY} needs the pypdfium2 package", "pip install pypdfium2") from None
         tex = find_tex(key, TIMEOUT_S, needed_by=NEEDED_BY)
         preflight(tex)
         _TEX[key] = tex

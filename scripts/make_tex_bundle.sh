@@ -26,7 +26,7 @@ mkdir -p "$root/bin" "$root/lib" "$root/texmf/web2c" "$root/texmf/tex" "$root/te
 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 - "$FORMULAS" "$work" <<'EOF'
 import sys
 from pathlib import Path
-from ocrtune.synth.render import document
+from ocrtune.evaluate.typeset import document
 from ocrtune.synth.run import read_formulas
 arg, work = sys.argv[1], Path(sys.argv[2])
 shared = Path("../shared/data/latex_ocr")

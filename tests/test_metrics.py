@@ -220,7 +220,7 @@ def test_compute_metrics_summary():
 def test_compute_metrics_errors():
     with pytest.raises(ValueError) as err:
         compute_metrics(["a"], ["a"], names=["bleu", "x"])
-    assert str(err.value) == "unknown metric 'x'; choose from bleu, edit_distance, exact_match, render"
+    assert str(err.value) == "unknown metric 'x'; choose from bleu, edit_distance, exact_match, render, cdm"
     with pytest.raises(ValueError):
         compute_metrics(["a", "b"], ["a"])
 

@@ -18,7 +18,8 @@ from PIL import Image
 from ocrtune.data.registry import SAMPLE_DIR
 from ocrtune.errors import UserError
 from ocrtune.synth.mutate import CLASS_OF, CLASSES, mutate, normalize, recombine_tokens, scramble_tokens, top_level_cuts
-from ocrtune.synth.render import find_tex, precheck, render_formulas
+from ocrtune.evaluate.typeset import find_tex, precheck
+from ocrtune.synth.render import render_formulas
 from ocrtune.synth.run import SynthArgs, plan_formulas, run_synth
 from ocrtune.synth.style import BUCKETS, PAD, ink_box, pick_bucket
 

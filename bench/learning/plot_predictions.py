@@ -31,7 +31,8 @@ def main(argv=None) -> None:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from ocrtune.synth.render import find_tex, render_formulas
+    from ocrtune.evaluate.typeset import find_tex
+    from ocrtune.synth.render import render_formulas
     rows = [r for r in map(json.loads, open(a.predictions)) if r["eval"] == a.eval][:a.rows]
     table = pq.read_table(Path(a.data_dir) / f"{a.split}.parquet").to_pylist()
     rendered = render_formulas(find_tex(), [x for r in rows for x in (r["reference"], r["prediction"])])

@@ -7,7 +7,8 @@ follow that spacing, so every metric first passes both sides through
 
 Pure Python: importing this module does not import torch or matplotlib.
 ``token_accuracy`` imports torch lazily; the ``render`` metric imports
-:mod:`ocrtune.evaluate.render` (matplotlib) lazily.
+:mod:`ocrtune.evaluate.render` (matplotlib) lazily, the ``cdm`` metric
+:mod:`ocrtune.evaluate.cdm` (pdflatex, pypdfium2).
 
 Conventions
 -----------
@@ -23,6 +24,7 @@ Conventions
   edit); ``level="char"`` counts characters of the normalized string with all
   spaces removed, so token spacing is never counted as an error.
 * Exact match: equality of the normalized strings.
+* CDM: :mod:`ocrtune.evaluate.cdm` (rendered characters matched by place).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
     "compute_metrics",
 ]
 
-METRIC_NAMES = ("bleu", "edit_distance", "exact_match", "render")
+METRIC_NAMES = ("bleu", "edit_distance", "exact_match", "render", "cdm")
 
 # ---------------------------------------------------------------------------
 # Tokenization
@@ -223,16 +225,19 @@ def compute_metrics(
     names: Iterable[str] | str = ("bleu", "edit_distance", "exact_match"),
     *,
     render_engine: str = "mathtext",
+    tex_root: str | None = None,
 ) -> dict:
     """Summary metrics over a corpus.
 
-    ``names`` (any of bleu, edit_distance, exact_match, render; a
+    ``names`` (any of bleu, edit_distance, exact_match, render, cdm; a
     comma-separated string also works) selects the keys:
 
     * bleu          -> ``bleu4`` (corpus BLEU-4, 0..1)
     * edit_distance -> ``edit_distance_token``, ``edit_distance_char`` (means)
     * exact_match   -> ``exact_match`` (share of rows)
     * render        -> ``render_match``, ``render_fail_pred``, ``render_fail_ref``
+    * cdm           -> ``cdm`` (mean per-row F1), ``exprate_cdm`` (share of rows with F1 1); pdflatex
+      from ``tex_root`` or PATH
 
     ``count`` (number of rows) is always present.  Empty input gives 0.0 for
     every metric.
@@ -254,5 +259,9 @@ def compute_metrics(
         from ocrtune.evaluate import render
 
         out.update(render.render_check(preds, refs, engine=render_engine))
+    if "cdm" in wanted:
+        from ocrtune.evaluate.cdm import cdm_scores, cdm_summary
+
+        out.update(cdm_summary(cdm_scores(preds, refs, tex_root=tex_root)))
     out["count"] = len(preds)
     return out

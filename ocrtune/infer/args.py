@@ -21,7 +21,10 @@ class InferArgs:
     dataset: list[str] = arg(None, "run on these datasets (registry names, files or folders; name#N samples N)")
     val_dataset: list[str] = arg(None, "same as --dataset")
     split: str = arg("validation", "split of registry datasets to use")
-    metrics: str = arg("bleu,edit_distance,exact_match", "comma-separated: bleu, edit_distance, exact_match, token_acc, render")
+    metrics: str = arg("bleu,edit_distance,exact_match", "comma-separated: bleu, edit_distance, exact_match, token_acc, "
+                                                          "render, cdm (needs pdflatex)")
+    tex_root: str | None = arg(None, "--metrics cdm: unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of "
+                                     "the system pdflatex", env="OCRTUNE_TEX_ROOT")
     infer_batch_size: int = arg(8, "batch size for generation", aliases=("--batch_size",), domain=ints(1, 65536))
     max_new_tokens: int = max_new_tokens_arg(512, "longest answer in tokens")
     temperature: float = arg(0.0, "0 = greedy", domain=reals(0, 100))

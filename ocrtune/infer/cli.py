@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ocrtune.errors import UserError
 from ocrtune.infer.args import InferArgs
-from ocrtune.infer.dataset import METRIC_CHOICES, format_table, parse_metrics, run_dataset, summary_path_for
+from ocrtune.infer.dataset import (METRIC_CHOICES, check_metric_tools, format_table, parse_metrics, run_dataset,
+                                   summary_path_for)
 from ocrtune.infer.interactive import interactive, one_shot
 from ocrtune.infer.load import _quiet_transformers, load_for_inference
 
@@ -56,6 +57,7 @@ def run_infer(args: InferArgs):
     _quiet_transformers()
     if dataset_mode(args):
         metrics = parse_metrics(args.metrics)
+        check_metric_tools(metrics, args)
         engine, info = load_for_inference(args)
         summary = run_dataset(engine, info, args, metrics)
         print(json.dumps(summary, ensure_ascii=False))
@@ -78,6 +80,7 @@ def run_eval(args: InferArgs) -> dict:
         raise UserError("--metrics is empty", f"pass a comma list of: {', '.join(METRIC_CHOICES)}")
     if not (args.dataset or args.val_dataset or args.load_dataset_config or args.ckpt_dir):
         raise UserError("ocrtune eval needs data", "pass --dataset (or --val_dataset), or a --ckpt_dir from an ocrtune sft run")
+    check_metric_tools(metrics, args)
     _quiet_transformers()
     engine, info = load_for_inference(args)
     if not (args.dataset or args.val_dataset):

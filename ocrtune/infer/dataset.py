@@ -18,7 +18,8 @@ from ocrtune.infer.args import gen_kwargs as _gen_kwargs
 
 log = logging.getLogger("ocrtune")
 
-METRIC_CHOICES = ("bleu", "edit_distance", "exact_match", "token_acc", "render")
+METRIC_CHOICES = ("bleu", "edit_distance", "exact_match", "token_acc", "render", "cdm")
+CDM_EVERY = 64  # rows scored by CDM together (one pdflatex run) before their lines are written
 PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal
 
 
@@ -224,6 +225,30 @@ def token_accuracy(engine, rows: list[dict], batch_size: int) -> dict:
     return {"token_acc": correct / n if n else 0.0, "loss": loss / n if n else 0.0}
 
 
+def check_metric_tools(metrics: list[str], args: InferArgs) -> None:
+    """Before any model is loaded: the tools a metric needs (cdm: a working pdflatex)."""
+    if "cdm" in metrics:
+        from ocrtune.evaluate.cdm import check_tex
+        check_tex(args.tex_root)
+
+
+def _score_cdm(held: list[dict], tex_root: str | None) -> None:
+    """Per-row CDM F1 into the held records that have a prediction and a reference."""
+    from ocrtune.evaluate.cdm import cdm_scores
+    rows = [rec for rec in held if rec.get("prediction") is not None and rec.get("reference") is not None]
+    for rec, score in zip(rows, cdm_scores([r["prediction"] for r in rows], [r["reference"] for r in rows], tex_root)):
+        rec["cdm"] = round(score, 6)
+
+
+def _all_cdm(preds: list[str], refs: list[str], cdms: list, tex_root: str | None) -> list[float]:
+    """Every row's CDM: the ones scored, and the rows an earlier run without cdm answered scored now."""
+    from ocrtune.evaluate.cdm import cdm_scores
+    missing = [i for i, c in enumerate(cdms) if c is None]
+    for i, score in zip(missing, cdm_scores([preds[i] for i in missing], [refs[i] for i in missing], tex_root)):
+        cdms[i] = score
+    return cdms
+
+
 def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict:
     """Generate over the dataset in batches; write one jsonl line per row; return the summary."""
     import torch
@@ -243,13 +268,14 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
     check_outputs([path, summary_path_for(path)], args, info)
     setup = setup_key(info, args)
     done, end, half = read_done(path, rows, setup)
-    preds, refs, failed = [], [], 0
+    preds, refs, cdms, failed = [], [], [], 0  # cdms: per-row CDM of preds (None: not scored yet)
     for rec in done:  # an earlier run's answers count as if given now
         if rec.get("prediction") is None:
             failed += 1
         elif rec.get("reference") is not None:
             preds.append(rec["prediction"])
             refs.append(rec["reference"])
+            cdms.append(rec.get("cdm"))
     if done or half:
         print(f"continuing {path}: kept {len(done)} of {len(rows)} rows already answered"
               + (", dropped a half-written last line" if half else ""), file=sys.stderr)
@@ -260,6 +286,16 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
     first = written = len(done)
     todo = rows if not first else [] if first == len(rows) else \
         rows.select(range(first, len(rows))) if hasattr(rows, "select") else rows[first:]
+    held: list[dict] = []  # with cdm: lines waiting for their score
+
+    def write(recs: list[dict]) -> None:
+        if "cdm" in metrics:
+            _score_cdm(recs, args.tex_root)
+            cdms.extend(rec["cdm"] for rec in recs if "cdm" in rec)
+        for rec in recs:
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        recs.clear()
+
     with _open_result(path, end) as out, Progress(len(todo), "infer", every_s=PROGRESS_EVERY_S) as bar:
         for i, answer in (engine.iter_answers(todo, args.infer_batch_size, **gen) if len(todo) else ()):
             answers[first + i] = answer
@@ -282,13 +318,19 @@ def run_dataset(engine, info: dict, args: InferArgs, metrics: list[str]) -> dict
                         preds.append(pred)
                         refs.append(ref)
                 rec.update(input_sha=row_key(row), setup=setup)  # what a continued run checks
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                held.append(rec)
                 written += 1
+            if "cdm" not in metrics or len(held) >= CDM_EVERY or written == len(rows):
+                write(held)
             out.flush()
+        write(held)
     summary = {}
     if refs:
-        names = [m for m in metrics if m != "token_acc"]
+        names = [m for m in metrics if m not in ("token_acc", "cdm")]
         summary.update({k: round(v, 6) if isinstance(v, float) else v for k, v in compute_metrics(preds, refs, names).items()})
+        if "cdm" in metrics:
+            from ocrtune.evaluate.cdm import cdm_summary
+            summary.update({k: round(v, 6) for k, v in cdm_summary(_all_cdm(preds, refs, cdms, args.tex_root)).items()})
         if "token_acc" in metrics:
             tf = token_accuracy(engine, [r for r in rows if _reference(r) is not None], args.infer_batch_size)
             summary.update({k: round(v, 6) for k, v in tf.items()})

@@ -206,7 +206,7 @@ def shard_rows(chunks: list[tuple[int, list]], formulas: list[str], skipped: col
 def run_synth(args: SynthArgs) -> dict:
     from tqdm import tqdm
 
-    from ocrtune.synth.render import find_tex, preflight
+    from ocrtune.evaluate.typeset import find_tex, preflight
     validate(args)
     inputs = [(f"the dataset {v}", p) for v, p in dataset_paths((args.dataset or []) + (args.exclude or []))]
     # shards written among the inputs would also be read as part of them

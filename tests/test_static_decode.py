@@ -322,3 +322,28 @@ def test_cuda_graph_replays_give_the_eager_steps_and_generates_tokens(tiny_model
     assert got == eager.answer_rows(rows, batch_size=5, max_new_tokens=18) and eager.last_path == "static"
     assert got == plain(parts, rows, 5, 18)
     assert {a.finish_reason for a in got} == {"stop", "length"}
+
+
+def test_sampling_never_emits_an_image_placeholder(parts, rows):
+    """Sampled answers never hold a vision token (GRPO feeds them back: an <|image_pad|> there is an image with no
+    pixels), even where the model puts nearly all its mass on one; greedy decoding is left as generate's."""
+    model, processor, _ = parts
+    eng = engine(parts)
+    vision = eng.vision_token_ids()
+    assert sorted(vision) == sorted(processor.tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+
+    def favour_vision(module, inputs, out):
+        out = out.clone()
+        out[..., vision] += 30.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(favour_vision)
+    try:
+        torch.manual_seed(0)
+        answers = eng.generate_answers(rows[:3], 6, temperature=1.0)
+        greedy = eng._gen_kwargs(6)
+    finally:
+        handle.remove()
+    assert all(a.ids and not set(a.ids) & set(vision) for a in answers)
+    assert "suppress_tokens" not in greedy

@@ -220,10 +220,18 @@ class InferEngine:
         kw = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "pad_token_id": self.tokenizer.pad_token_id,
               "eos_token_id": self.stop_ids()}
         if temperature and temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+            # a sampled image/video placeholder would read as an image with no pixels where the answer is fed back
+            # (GRPO's training forward, a chat's next turn); greedy decoding is left exactly as generate's
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+                      suppress_tokens=self.vision_token_ids() or None)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
+
+    def vision_token_ids(self) -> list[int]:
+        cfg = getattr(self._hf_model(), "config", None)
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        return [i for i in (getattr(cfg, n, None) for n in names) if isinstance(i, int)]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

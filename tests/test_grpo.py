@@ -174,7 +174,9 @@ def test_resume_replays_the_same_samples_and_weights(tmp_path, tiny_model_dir):
     assert all(torch.equal(want[k], got[k]) for k in want)
     compared = ("reward", "loss", "kl", "completion_length", "step")
     assert [{k: r[k] for k in compared} for r in log_of(copy)] == [{k: r[k] for k in compared} for r in log]
-    check_ckpt_dir_starts(tmp_path, tiny_model_dir, run, run_dir / "checkpoint-4")
+    moved = tmp_path / "elsewhere" / "my-model" / run_dir.name  # an sft run under another model folder name
+    shutil.copytree(run_dir, moved)
+    check_ckpt_dir_starts(tmp_path, tiny_model_dir, run, moved / "checkpoint-4")
 
 
 def check_ckpt_dir_starts(tmp_path, tiny_model_dir, trained, ckpt: Path):
@@ -195,6 +197,7 @@ def check_ckpt_dir_starts(tmp_path, tiny_model_dir, trained, ckpt: Path):
         policy = merged.loss_module(**batch)[0]
     assert torch.allclose(merged.reference_logprobs(batch), want, atol=1e-5)
     assert torch.allclose(policy, want, atol=1e-5)  # the new adapter starts at zero
+    assert merged.run_dir.parent.name == "my-model"  # under the sft run's model folder name, as the sft run was
     cont = GrpoRun(grpo_args(tmp_path, tiny_model_dir, ckpt_dir=str(ckpt), merge_lora=False,
                              output_dir=str(tmp_path / "continued")), data=rows_data(ROWS))
     saved, now = load_file(ckpt / "adapter_model.safetensors"), get_peft_model_state_dict(cont.model)

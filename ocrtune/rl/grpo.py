@@ -143,6 +143,7 @@ class GrpoRun(SftRun):
     def __init__(self, args: RlhfArgs, data=None, model=None):
         self._builder = None  # the base model's builder for a LoRA --ckpt_dir (merged into the base)
         self._sft_adapter: Path | None = None  # a LoRA --ckpt_dir whose adapter trains on (--merge_lora false)
+        self._sft_run_name: str | None = None  # the model folder of a --ckpt_dir's sft run: the GRPO run goes beside it
         self.ref_forwards = 0  # reference forwards made (none with --beta 0)
         super().__init__(args, data=_train_only(data or build_data), model=model)
         from ocrtune.models.generate import InferEngine
@@ -163,6 +164,9 @@ class GrpoRun(SftRun):
             return args
         from ocrtune.models.source import base_model
         src = ckpt_io.describe(args.ckpt_dir)
+        run = src.path.parent
+        if (run / "args.json").is_file() and run.parent.name:  # <output_dir>/<model>/v<N>-<time>/checkpoint-<step>
+            self._sft_run_name = run.parent.name
         if src.kind != "lora":
             return _replace(args, model=str(src.path))
         weights_dir, _ = base_model(src, args.model, args.model_type, args.use_hf)
@@ -191,6 +195,9 @@ class GrpoRun(SftRun):
             changes.update({k: src.run_args[k] for k in shape if k in src.run_args and k not in given})
             self._sft_adapter = src.path
         return _replace(args, **changes)
+
+    def run_name(self) -> str:
+        return self._sft_run_name or super().run_name()
 
     def _setup_accelerator(self, args, given_model: bool) -> None:
         super()._setup_accelerator(args, given_model or self._builder is not None)

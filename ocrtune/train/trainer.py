@@ -206,11 +206,15 @@ class SftRun:
         fsdp2_meta = meta and dist.engine_name(acc) == "fsdp2"
         return trained, ModelParts(liger.get("fused_ce"), buffers if fsdp2_meta else None, std)
 
+    def run_name(self) -> str:
+        """The folder under --output_dir that holds this model's runs (SWIFT's layout)."""
+        return self.spec.name if self.spec else Path(str(self.model_dir)).name
+
     def _setup_run_dir(self, args: SftArgs) -> Path:
         if self.resume:
             run_dir = self.resume.parent
         else:
-            run_dir = new_run_dir(args, self.spec.name if self.spec else Path(str(self.model_dir)).name)
+            run_dir = new_run_dir(args, self.run_name())
         run_dir = Path(dist.from_main(self.accelerator, str(run_dir)))  # every rank writes to rank 0's folder
         if self.main:
             make_writable(run_dir)

@@ -126,6 +126,38 @@ def test_the_pool_gives_the_same_scores(monkeypatch):
     assert cdm_scores(preds, refs, processes=2) == cdm_scores(preds, refs, processes=1)
 
 
+
+def _chunk_that_kills_its_worker(job):  # run in a spawned worker: it imports this module by name
+    os._exit(3)
+
+
+def _chunk_echo(job):
+    return job[1]
+
+
+def test_a_dying_worker_is_an_error_not_a_hang():
+    """A worker killed mid-chunk (out of memory, a crash in pdfium) ends the call with one error after one retry in
+    a fresh pool, instead of waiting forever for the chunk (multiprocessing.Pool's behaviour); the next call gets
+    a fresh pool and works."""
+    import threading
+    done: dict = {}
+
+    def call():
+        try:
+            done["out"] = cdm._run_chunks(_chunk_that_kills_its_worker, None, [1, 2, 3, 4], 2, 2)
+        except Exception as e:
+            done["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the call hangs on a dead worker"
+    assert isinstance(done.get("error"), RuntimeError), done
+    assert str(done["error"]) == ("the cdm metric: a worker process died twice while typesetting and matching "
+                                  "formulas (out of memory, or a crash in pdflatex's PDF reader)")
+    assert 2 not in cdm._POOL  # the broken pool is gone, not kept for the next call
+    assert cdm._run_chunks(_chunk_echo, None, [1, 2, 3, 4, 5], 2, 2) == [1, 2, 3, 4, 5]
+
 # --- ocrtune eval --------------------------------------------------------------------------------------
 
 @needs_tex

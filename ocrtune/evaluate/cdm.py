@@ -44,11 +44,17 @@ pdflatex (about 1.5 s on 2 idle cores); on a 2-core machine at load 6, 2.4 s wit
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import multiprocessing
 import os
+import sys
 import tempfile
+import threading
+import types
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -312,7 +318,8 @@ def _compile_chunk(job: tuple[Tex, list[str]]) -> list[bool]:
 
 
 _TEX: dict[str | None, Tex] = {}
-_POOL: dict[int, object] = {}
+_POOL: dict[int, ProcessPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()  # one pool a size, and one __main__ swap at a time
 
 
 def check_tex(tex_root: str | None = None) -> Tex:
@@ -330,31 +337,59 @@ def check_tex(tex_root: str | None = None) -> Tex:
     return _TEX[key]
 
 
-def _pool(processes: int):
-    """A spawned worker pool kept for the next call (a reward function calls this every step)."""
+@contextlib.contextmanager
+def _bare_main():
+    """An empty `__main__` while workers are spawned: a spawned worker imports the caller's `__main__` unless told
+    otherwise, so a script without an `if __name__ == "__main__":` guard would run again in each of them, and a
+    heavy one costs its imports. They need nothing from it (the work is this module's)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    """A spawned worker pool kept for the next call (a reward function calls this every step). Spawned, never
+    forked: the caller may hold a CUDA context (eval on a GPU, GRPO's reward), which a forked child can't use."""
     if processes not in _POOL:
-        import atexit
-        import sys
-        import types
-        # spawned workers import the caller's __main__ unless told otherwise: a script without an
-        # `if __name__ == "__main__":` guard would run again in each of them, and a heavy one costs its imports.
-        # They need nothing from it (the work is this module's), so they start from an empty one.
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(processes)
-        finally:
-            sys.modules["__main__"] = main
-        atexit.register(pool.terminate)
-        _POOL[processes] = pool
+        _POOL[processes] = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     return _POOL[processes]
+
+
+def _drop_pool(processes: int) -> None:
+    pool = _POOL.pop(processes, None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pool_map(fn, chunks: list, processes: int) -> list:
+    """`fn` over `chunks` in the kept pool. A worker that dies (killed for memory, a crash in pdfium) breaks the
+    pool: its chunks go to a fresh pool once, then a RuntimeError says so (never a hang, as a multiprocessing.Pool
+    would wait forever for the dead worker's chunk)."""
+    for attempt in (1, 2):
+        with _POOL_LOCK:
+            pool = _pool(processes)
+        try:
+            with _POOL_LOCK, _bare_main():  # workers start in submit, one as each is needed
+                futures = [pool.submit(fn, c) for c in chunks]
+            return [f.result() for f in futures]
+        except BrokenProcessPool:  # a worker died, in this call or since the last one
+            with _POOL_LOCK:
+                if _POOL.get(processes) is pool:
+                    _drop_pool(processes)
+            if attempt == 2:
+                raise RuntimeError(f"{NEEDED_BY}: a worker process died twice while typesetting and matching "
+                                   f"formulas (out of memory, or a crash in pdflatex's PDF reader)") from None
+    raise AssertionError("unreachable")
 
 
 def _run_chunks(fn, tex: Tex, items: list, processes: int | None, size: int) -> list:
     chunks = [(tex, items[s:s + size]) for s in range(0, len(items), size)]
     processes = processes or min(os.cpu_count() or 1, MAX_PROCESSES)
     if processes > 1 and len(chunks) >= POOL_MIN_CHUNKS:  # one pool a size, kept: calls of any length share it
-        parts = _pool(processes).map(fn, chunks, chunksize=1)
+        parts = _pool_map(fn, chunks, processes)
     else:
         parts = [fn(c) for c in chunks]
     return [x for part in parts for x in part]

@@ -152,9 +152,10 @@ def test_a_dying_worker_is_an_error_not_a_hang():
     thread.start()
     thread.join(60)
     assert not thread.is_alive(), "the call hangs on a dead worker"
-    assert isinstance(done.get("error"), RuntimeError), done
-    assert str(done["error"]) == ("the cdm metric: a worker process died twice while typesetting and matching "
-                                  "formulas (out of memory, or a crash in pdflatex's PDF reader)")
+    assert isinstance(done.get("error"), UserError), done
+    assert str(done["error"]) == ("a worker process of the cdm metric died twice while typesetting and matching "
+                                  "formulas (killed for lack of memory, or a crash in pdflatex's PDF reader); "
+                                  "free memory and run again")
     assert 2 not in cdm._POOL  # the broken pool is gone, not kept for the next call
     assert cdm._run_chunks(_chunk_echo, None, [1, 2, 3, 4, 5], 2, 2) == [1, 2, 3, 4, 5]
 

@@ -366,7 +366,7 @@ def _drop_pool(processes: int) -> None:
 
 def _pool_map(fn, chunks: list, processes: int) -> list:
     """`fn` over `chunks` in the kept pool. A worker that dies (killed for memory, a crash in pdfium) breaks the
-    pool: its chunks go to a fresh pool once, then a RuntimeError says so (never a hang, as a multiprocessing.Pool
+    pool: its chunks go to a fresh pool once, then a one-line UserError says so (never a hang, as a multiprocessing.Pool
     would wait forever for the dead worker's chunk)."""
     for attempt in (1, 2):
         with _POOL_LOCK:
@@ -380,8 +380,9 @@ def _pool_map(fn, chunks: list, processes: int) -> list:
                 if _POOL.get(processes) is pool:
                     _drop_pool(processes)
             if attempt == 2:
-                raise RuntimeError(f"{NEEDED_BY}: a worker process died twice while typesetting and matching "
-                                   f"formulas (out of memory, or a crash in pdflatex's PDF reader)") from None
+                raise UserError(f"a worker process of {NEEDED_BY} died twice while typesetting and matching formulas "
+                                "(killed for lack of memory, or a crash in pdflatex's PDF reader)",
+                                "free memory and run again") from None
     raise AssertionError("unreachable")
 
 

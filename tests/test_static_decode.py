@@ -153,6 +153,32 @@ def test_model_reasons():
     no_lm = fake()
     no_lm.model = SimpleNamespace()
     assert "no model.language_model" in static_decode.model_reason(no_lm)
+    split = fake()
+    split.hf_device_map = {"model.visual": 0, "model.language_model.layers.0": 0, "model.language_model.layers.1": 1}
+    assert static_decode.model_reason(split) == "the model is split over devices ['0', '1'] (device_map)"
+    whole = fake()
+    whole.hf_device_map = {"": 1}
+    assert static_decode.model_reason(whole) is None
+
+
+def test_the_warm_up_is_ordered_with_the_model_devices_stream(monkeypatch):
+    """The model may sit on a device other than the current one: the warm-up must wait for, and be waited for by,
+    that device's current stream (the current device's stream orders nothing there). CPU: CUDA calls are faked."""
+    import contextlib
+
+    from ocrtune.models import static_decode
+    log, model_device = [], torch.device("cuda", 1)
+
+    def current_stream(device=None):
+        log.append(("current_stream", device))
+        return SimpleNamespace(name=f"current of {device}", wait_stream=lambda s: log.append(("current waits", s.name)))
+
+    side = SimpleNamespace(name="side", device=model_device, wait_stream=lambda s: log.append(("side waits", s.name)))
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    static_decode._on_stream(side, lambda: log.append("step"))
+    assert log == [("current_stream", model_device), ("side waits", f"current of {model_device}"), "step",
+                   ("current waits", "side")]
 
 
 def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, rows, monkeypatch, caplog):

@@ -155,7 +155,7 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     import torch
 
     from ocrtune.models.generate import InferEngine
-    dtype = next(model.parameters()).dtype
+    dtypes = tensor_dtypes(model)
     try:
         model.float()
         kw = dict(workers=0, check_every=a.check_every)
@@ -175,9 +175,27 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     except Exception as e:  # report, keep the bf16 results
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     finally:
-        model.to(dtype)
+        restore_dtypes(model, dtypes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def tensor_dtypes(model) -> dict:
+    """Each parameter's and buffer's dtype by name: a bf16 model keeps float32 buffers (the rotary inv_freq)."""
+    return {**{n: t.dtype for n, t in model.named_parameters()}, **{n: t.dtype for n, t in model.named_buffers()}}
+
+
+def restore_dtypes(model, dtypes: dict) -> None:
+    """Cast each tensor back to its dtype in `dtypes` (`model.to(bf16)` would also round the float32 inv_freq to
+    bf16, and every later answer's positions with it)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if attr in module._parameters:
+                t.data = t.data.to(dtypes[name])
+            else:
+                module._buffers[attr] = t.to(dtypes[name])
 
 
 def main(argv=None):

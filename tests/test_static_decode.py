@@ -303,6 +303,33 @@ def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_p
     capsys.readouterr()
 
 
+def test_bench_float32_check_gives_the_model_back_in_its_dtypes(tiny_model_dir, rows):
+    """The benchmark's float32 check casts the model to float32 and back: every tensor must get its own dtype back
+    (a bf16 model keeps its rotary inv_freq in float32; `model.to(bf16)` rounded it, and the timings after it)."""
+    import sys
+    from pathlib import Path
+
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.template import Template
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(bench))
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.bfloat16).eval()
+    before = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert torch.float32 in before.values() and torch.bfloat16 in before.values()
+    template = Template(processor, "qwen2_vl")
+    from ocrtune.models.generate import InferEngine
+    encoded = InferEngine(model, processor, template, workers=0)._encode_all(rows[:2])
+    res = bench_decode.fp32(SimpleNamespace(max_new_tokens=2, check_every=4), model, processor, template, encoded,
+                            torch.device("cpu"))
+    assert "error" not in res and res["static"]["identical_outputs"] is True
+    assert {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]} == before
+
+
 def test_bench_forbids_peft_and_datasets_imports():
     import importlib
     import sys

@@ -201,6 +201,35 @@ def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, row
     assert len(calls) == 1 and static.last_path == "fast"  # off for good, not tried on every batch
 
 
+def test_a_batch_that_fails_on_every_path_leaves_the_static_decoder_on(parts, rows, monkeypatch):
+    """A batch the model itself refuses (it fails in the dynamic loop too) says nothing about the static decoder:
+    it stays on for the next batches (in `ocrtune serve`, one bad request turned it off for the server's life)."""
+    from ocrtune.models import static_decode
+    from ocrtune.models.generate import InferEngine
+    real_decode, real_greedy = static_decode.decode, InferEngine._greedy
+    calls = []
+
+    def refuse(hf, batch, *a, **kw):
+        calls.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] == 1:
+            raise ValueError("Image features and image tokens do not match")
+        return real_decode(hf, batch, *a, **kw)
+
+    def greedy(self, batch, *a, **kw):
+        if batch["input_ids"].shape[0] == 1:
+            raise ValueError("Image features and image tokens do not match")
+        return real_greedy(self, batch, *a, **kw)
+
+    monkeypatch.setattr(static_decode, "decode", refuse)
+    monkeypatch.setattr(InferEngine, "_greedy", greedy)
+    static = engine(parts, decode="static")
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        static.generate_answers(rows[:1], 4)
+    assert static.static_reason() is None
+    assert static.generate_answers(rows[:2], 4) == plain(parts, rows[:2], 2, 4)
+    assert static.last_path == "static" and calls == [1, 2]
+
+
 def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
     """A CUDA graph can't hold a host sync or a host-to-device copy: the step (all but the prefill and the
     every-`check_every` stop check) must read no tensor value back and make no tensor from host data.

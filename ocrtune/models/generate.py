@@ -104,6 +104,7 @@ class InferEngine:
         self.fast, self.check_every, self.compile = fast, max(1, check_every), compile
         self.decode_mode, self.cuda_graphs = decode, cuda_graphs
         self._static_off: str | None = None  # why the static decoder failed on this model (set once, logged once)
+        self._static_failed: str | None = None  # its failure on the batch in hand, until another path decodes it
         self.workers = default_workers() if workers is None else max(0, workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -308,6 +309,7 @@ class InferEngine:
                     answers = self._greedy(batch, max_new_tokens)
                     self.last_path = "fast"
                     self.stats["fast_batches"] += 1
+                    self._static_off_for_good()
                     return answers
                 except (TypeError, AttributeError, KeyError, NotImplementedError) as e:  # an API this transformers lacks
                     self._fast_off = f"the fast greedy loop failed ({type(e).__name__}: {e})"
@@ -315,13 +317,16 @@ class InferEngine:
             out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, temperature, top_p, num_beams))
             self.last_path = "generate"
             self.stats["generate_batches"] += 1
+            self._static_off_for_good()
         finally:
+            self._static_failed = None  # still set here: every path failed, the batch's fault, not the decoder's
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
 
     def _static(self, batch: dict, max_new_tokens: int) -> list[Answer] | None:
-        """The batch decoded by `static_decode`; None (and the static decoder off from now on, with the
-        reason in `static_reason`) when this model or transformers can't run it."""
+        """The batch decoded by `static_decode`; None when it fails (the static decoder goes off for good, with
+        the reason in `static_reason`, once another path decodes the batch: a batch that fails on every path, e.g. a
+        prompt the model refuses, says nothing about the decoder and must not turn it off in a long-lived server)."""
         if max_new_tokens < 1:
             return None
         hf = self._hf_model()
@@ -334,12 +339,16 @@ class InferEngine:
             raise
         except (static_decode.GraphCaptureError, TypeError, AttributeError, KeyError, ValueError, IndexError,
                 NotImplementedError, RuntimeError) as e:
-            self._static_off = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"
-            log.warning("%s; decoding with the dynamic loop from now on", self._static_off)
+            self._static_failed = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"
             return None
         self.last_path = "static-graph" if self.stats["graph_replays"] > before else "static"
         self.stats["static_batches"] += 1
         return [self._answer(t) for t in gen.tolist()]
+
+    def _static_off_for_good(self) -> None:
+        if self._static_failed:
+            self._static_off, self._static_failed = self._static_failed, None
+            log.warning("%s; decoding with the dynamic loop from now on", self._static_off)
 
     def _compiled(self) -> bool:
         return bool(self.compile) and self.device.type == "cuda"

@@ -230,6 +230,28 @@ def test_a_batch_that_fails_on_every_path_leaves_the_static_decoder_on(parts, ro
     assert static.last_path == "static" and calls == [1, 2]
 
 
+def test_a_batch_whose_static_cache_does_not_fit_decodes_on_the_dynamic_loop(parts, rows, monkeypatch, caplog):
+    """The static cache is allocated for prompt + max_new_tokens of every row at once; out of memory there, the batch
+    decodes on the dynamic loop (which grows with the answers) and the static decoder stays on for the next one."""
+    from ocrtune.models import static_decode
+    real_decode = static_decode.decode
+
+    def oom_for_long(hf, batch, positions, max_new_tokens, *a, **kw):
+        if max_new_tokens > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_decode(hf, batch, positions, max_new_tokens, *a, **kw)
+
+    monkeypatch.setattr(static_decode, "decode", oom_for_long)
+    static = engine(parts, decode="static")
+    with caplog.at_level(logging.WARNING, logger="ocrtune"):
+        got = static.generate_answers(rows[:3], 12)
+    assert got == plain(parts, rows[:3], 3, 12) and static.last_path == "fast"
+    assert static.stats["static_oom"] == 1 and static.static_reason() is None
+    assert "the static decoder ran out of memory (its KV cache is allocated for 3 rows x " in caplog.text
+    static.generate_answers(rows[:3], 4)
+    assert static.last_path == "static"
+
+
 def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
     """A CUDA graph can't hold a host sync or a host-to-device copy: the step (all but the prefill and the
     every-`check_every` stop check) must read no tensor value back and make no tensor from host data.

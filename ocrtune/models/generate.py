@@ -22,7 +22,8 @@ evaluation during training:
   processors it does not reproduce use `model.generate`;
 * `decode="static"` (the default on CUDA: `decode="auto"`) decodes greedy batches on a static KV cache
   instead, each token one CUDA graph replay (`ocrtune.models.static_decode`): no row dropping (rows that
-  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't.
+  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't. Its cache
+  holds prompt + max_new_tokens for every row from the start: a batch it can't fit decodes on the dynamic loop.
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ class InferEngine:
         self._length_cache: dict = {}
         self.last_path: str | None = None  # how the last batch was decoded: static-graph, static, fast, generate
         self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0, "static_batches": 0,
-                      "static_steps": 0, "graph_replays": 0}
+                      "static_steps": 0, "graph_replays": 0, "static_oom": 0}
 
     @property
     def device(self):
@@ -336,7 +337,14 @@ class InferEngine:
             gen = static_decode.decode(hf, batch, self._prompt_positions(hf, batch), max_new_tokens, self.stop_ids(),
                                        self.check_every, graphs, self.stats)
         except torch.OutOfMemoryError:
-            raise
+            # its cache holds prompt + max_new_tokens for every row from the start; the dynamic loop grows with the
+            # answers and drops finished rows, so the batch may fit there (if not, that loop's error is raised)
+            self.stats["static_oom"] += 1
+            if self.stats["static_oom"] == 1:
+                log.warning("the static decoder ran out of memory (its KV cache is allocated for %d rows x %d tokens); "
+                            "such batches decode on the dynamic loop", batch["input_ids"].shape[0],
+                            batch["input_ids"].shape[1] + max_new_tokens)
+            return None
         except (static_decode.GraphCaptureError, TypeError, AttributeError, KeyError, ValueError, IndexError,
                 NotImplementedError, RuntimeError) as e:
             self._static_failed = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"

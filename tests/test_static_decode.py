@@ -342,7 +342,7 @@ def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_p
         sys.path.remove(str(bench))
     out = tmp_path / "decode.json"
     bench_decode.main(["--model", "tiny", "--rows", "6", "--batch_size", "3", "--max_new_tokens", "4",
-                       "--fp32_rows", "3", "--workers", "0", "--out", str(out)])
+                       "--fp32_rows", "3", "--workers", "0", "--memory_batches", "3", "--out", str(out)])
     res = json.loads(out.read_text())
     only, e2e = res["model_only"], res["end_to_end"]
     assert only["static"]["decoding"] == "static" and only["static"]["stats"]["static_batches"] == 1
@@ -351,6 +351,8 @@ def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_p
     assert only["generate"]["tokens_per_s"] > 0 and res["model_only_speedup"] > 0 and res["end_to_end_speedup"] > 0
     assert res["fp32_identical"] is True and res["fp32"]["static_graph_vs_eager"]["identical_outputs"] is True
     assert res["skipped"] == [] and res["device"] == "cpu"
+    assert res["memory_batches"] == {"batches": 3, "decoding": "static", "graph_replays": 0, "allocated_mib": None,
+                                     "reserved_mib_max": None, "allocated_growth_mib": None}
     capsys.readouterr()
 
 

@@ -19,7 +19,8 @@ Method, per row:
    compared (`\\mathrm{d}` = `d`, `\\mathbf{A}` = `A`), as the reference's tokens ignore style commands.
 3. **Match**, by the reference's rules: boxes are normalized into each formula's own ink box (plus the
    reference's 8 px margin); pairs of the same character are assigned one to one by the Hungarian method on
-   cost 0.05 * L1 distance of the normalized boxes + 0.15 * difference of reading position (index / count).
+   cost 0.05 * mean L1 distance of the normalized box coordinates + 0.15 * difference of reading position
+   (index / the formula's own count).
    Then the reference's RANSAC: a translation + scale model from 2 random pairs, 50 trials, inliers within
    7.2 pt (its 20 px at 200 dpi) of where the model puts them, refit on the inliers; repeated up to 5 times
    on the pairs left, so a block shifted as a whole (after a missing symbol) still matches while swapped
@@ -29,7 +30,9 @@ Method, per row:
    against `x+z` finds both blocks; a single pair is accepted only when it is the only one); the assignment
    runs per character, so pairs of different characters (which the reference assigns to fill the matrix
    and drops afterwards) do not vote in RANSAC; the trials are seeded, so a score is reproducible; reading
-   order is TeX's drawing order with the rules last, not the LaTeX token order.
+   order is TeX's drawing order with the rules last, not the LaTeX token order, and each formula's positions are
+   divided by its own count (the reference divides both by the longer one's count; with that, a block shifted by
+   a missing symbol costs more order, and `x+y+z=1+2+3` against `x+z=1+2+3` here loses one `+`: 16/20, not 18/20).
 4. **Score**: F1 = 2 * matched / (characters of prediction + characters of reference). ExpRate@CDM is the
    share of rows with F1 == 1. A blank prediction against a non-blank reference scores 0; two blank
    formulas score 1; a reference that does not compile (the reference skips such rows) scores 1 when the

@@ -22,14 +22,15 @@ Method, per row:
    cost 0.05 * mean L1 distance of the normalized box coordinates + 0.15 * difference of reading position
    (index / the formula's own count).
    Then the reference's RANSAC: a translation + scale model from 2 random pairs, 50 trials, inliers within
-   7.2 pt (its 20 px at 200 dpi) of where the model puts them, refit on the inliers; repeated up to 5 times
+   7.2 pt (its 20 px at 200 dpi) of where the model puts them, the best trial's inliers kept (skimage's `ransac`,
+   which the reference calls, refits its model on them but returns the trial's inliers); repeated up to 5 times
    on the pairs left, so a block shifted as a whole (after a missing symbol) still matches while swapped
    symbols do not. That tolerance is the reference's: it is more than a script moves between `x^{a+b}` and
    `x_{a+b}` (6.8 pt), so such pairs score 1. Differences from the reference code: it accepts two pairs or fewer
    unchecked and never matches the last two pairs left over, here any two or more go through RANSAC (`x+y+z`
    against `x+z` finds both blocks; a single pair is accepted only when it is the only one); the assignment
    runs per character, so pairs of different characters (which the reference assigns to fill the matrix
-   and drops afterwards) do not vote in RANSAC; the trials are seeded, so a score is reproducible; reading
+   and drops afterwards) do not vote in RANSAC; the trials are seeded here too (the reference: random_state=42; the draws differ); reading
    order is TeX's drawing order with the rules last, not the LaTeX token order, and each formula's positions are
    divided by its own count (the reference divides both by the longer one's count; with that, a block shifted by
    a missing symbol costs more order, and `x+y+z=1+2+3` against `x+z=1+2+3` here loses one `+`: 16/20, not 18/20).
@@ -221,35 +222,22 @@ def _candidates(pred: Ink, ref: Ink) -> list[tuple[int, int]]:
     return pairs
 
 
-def _fit(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float]:
-    """The reference's translation + scale model of src -> dst (centroids; mean distance to them)."""
-    cs, cd = src.mean(0), dst.mean(0)
-    scale = np.linalg.norm(dst - cd, axis=1).mean() / (np.linalg.norm(src - cs, axis=1).mean() + 1e-10)
-    return cd - cs, float(scale)
-
-
-def _inliers(src, dst, shift, scale) -> np.ndarray:
-    """Residuals under the model as the reference applies it (scaled about the centroid of all of src)."""
-    c = src.mean(0)
-    return np.linalg.norm(scale * (src - c) + c + shift - dst, axis=1) < INLIER_PT
-
-
 def _ransac(src: np.ndarray, dst: np.ndarray, rng) -> np.ndarray:
-    """Inliers of the best of RANSAC_TRIALS two-pair models (ties: the smaller residual sum), refit on them."""
+    """The inliers of the best of RANSAC_TRIALS two-pair models: the most inliers, ties to the smallest sum of
+    squared residuals over all pairs, as skimage's `ransac` (the reference's) returns them. Its model is then
+    refit on them, but the inliers it returns are the trial's: a refit on all of them (one scale for the lot)
+    can put some outside the tolerance again."""
     n = len(src)
     a = rng.integers(0, n, RANSAC_TRIALS)
     b = (a + rng.integers(1, n, RANSAC_TRIALS)) % n  # a second, different pair
     s2, d2 = np.stack([src[a], src[b]], 1), np.stack([dst[a], dst[b]], 1)  # [T, 2, 2]
     shift = d2.mean(1) - s2.mean(1)
     scale = np.linalg.norm(d2[:, 0] - d2[:, 1], axis=1) / (np.linalg.norm(s2[:, 0] - s2[:, 1], axis=1) + 1e-10)
-    c = src.mean(0)
+    c = src.mean(0)  # the reference scales about the centroid of all the points it is applied to
     res = np.linalg.norm(scale[:, None, None] * (src - c)[None] + c + shift[:, None] - dst[None], axis=2)  # [T, n]
     ok = res < INLIER_PT
-    count, spread = ok.sum(1), np.where(ok, res, 0).sum(1)
-    best = int(np.lexsort((spread, -count))[0])
-    if not count[best]:
-        return ok[best]
-    return _inliers(src, dst, *_fit(src[ok[best]], dst[ok[best]]))
+    best = int(np.lexsort(((res ** 2).sum(1), -ok.sum(1)))[0])
+    return ok[best]
 
 
 def match_f1(pred: Ink, ref: Ink, seed: int = 0) -> float:

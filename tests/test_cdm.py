@@ -145,6 +145,23 @@ def _chunk_echo(job):
     return job[1]
 
 
+def _chunk_fails_or_sleeps(job):
+    if job[1][0] == 0:
+        raise ValueError("a broken chunk")
+    time.sleep(1.0)
+    return job[1]
+
+
+def test_a_failing_chunk_drops_the_chunks_not_started():
+    """A chunk's error (or Ctrl-C) ends the call at once and the chunks not started are cancelled: the kept pool
+    would otherwise run them all before the next call's chunks (and the interpreter's exit would wait for them)."""
+    with pytest.raises(ValueError, match="a broken chunk"):
+        cdm._run_chunks(_chunk_fails_or_sleeps, None, list(range(20)), 2, 1)  # 20 chunks of 1 s, 2 workers
+    t0 = time.time()
+    assert cdm._run_chunks(_chunk_echo, None, [1, 2, 3], 2, 1) == [1, 2, 3]
+    assert time.time() - t0 < 6.0  # behind the 19 sleeping chunks: about 10 s
+
+
 def test_a_dying_worker_is_an_error_not_a_hang():
     """A worker killed mid-chunk (out of memory, a crash in pdfium) ends the call with one error after one retry in
     a fresh pool, instead of waiting forever for the chunk (multiprocessing.Pool's behaviour); the next call gets

@@ -363,6 +363,7 @@ def _pool_map(fn, chunks: list, processes: int) -> list:
     for attempt in (1, 2):
         with _POOL_LOCK:
             pool = _pool(processes)
+        futures: list = []
         try:
             with _POOL_LOCK, _bare_main():  # workers start in submit, one as each is needed
                 futures = [pool.submit(fn, c) for c in chunks]
@@ -375,6 +376,10 @@ def _pool_map(fn, chunks: list, processes: int) -> list:
                 raise UserError(f"a worker process of {NEEDED_BY} died twice while typesetting and matching formulas "
                                 "(killed for lack of memory, or a crash in pdflatex's PDF reader)",
                                 "free memory and run again") from None
+        except BaseException:  # a chunk's error, Ctrl-C: the chunks not started are dropped, not left to the
+            for f in futures:  # kept pool (the next call would wait behind them; exit waits for them all)
+                f.cancel()
+            raise
     raise AssertionError("unreachable")
 
 

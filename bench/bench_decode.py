@@ -20,7 +20,7 @@ and random weights on the device; random weights never stop early, so every row 
 Nothing here imports peft or datasets (`--forbid`, on by default, makes such an import fail).
 
     python bench/bench_decode.py --model 2b --rows 256 --batch_size 256 --max_new_tokens 64 --fp32_rows 64 \
-        --out bench/results/decode_2b_h100.json          # one H100, < 100 s
+        --memory_batches 30 --out bench/results/decode_2b_h100.json          # one H100, < 100 s
     python bench/bench_decode.py --model tiny --rows 12 --batch_size 6 --max_new_tokens 6 --fp32_rows 6 \
         --out /tmp/d.json                                 # CPU smoke (the static decoder runs eagerly there)
 """
@@ -155,7 +155,7 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     import torch
 
     from ocrtune.models.generate import InferEngine
-    dtype = next(model.parameters()).dtype
+    dtypes = tensor_dtypes(model)
     try:
         model.float()
         kw = dict(workers=0, check_every=a.check_every)
@@ -175,9 +175,46 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     except Exception as e:  # report, keep the bf16 results
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     finally:
-        model.to(dtype)
+        restore_dtypes(model, dtypes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def memory_over_batches(engine, encoded: list[dict], n: int, max_new_tokens: int, device) -> dict:
+    """`n` static batches of changing shapes (rows and max_new_tokens), each capturing its own graph: the memory
+    allocated after each (MiB) must stay flat, or graphs, their pools or caches outlive their batch (`serve` decodes
+    for days). CUDA only: on the CPU nothing is captured and the figures are None."""
+    import torch
+    allocated, reserved = [], []
+    before = dict(engine.stats)
+    for i in range(n):
+        engine.generate_answers(encoded[:1 + i % len(encoded)], 2 + (max_new_tokens + i) % max(max_new_tokens, 2))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            allocated.append(round(torch.cuda.memory_allocated(device) / 2**20, 1))
+            reserved.append(round(torch.cuda.memory_reserved(device) / 2**20, 1))
+    graphs = engine.stats["graph_replays"] - before.get("graph_replays", 0)
+    return {"batches": n, "decoding": engine.last_path, "graph_replays": graphs,
+            "allocated_mib": allocated or None, "reserved_mib_max": max(reserved) if reserved else None,
+            "allocated_growth_mib": round(allocated[-1] - allocated[min(2, len(allocated) - 1)], 1) if allocated else None}
+
+
+def tensor_dtypes(model) -> dict:
+    """Each parameter's and buffer's dtype by name: a bf16 model keeps float32 buffers (the rotary inv_freq)."""
+    return {**{n: t.dtype for n, t in model.named_parameters()}, **{n: t.dtype for n, t in model.named_buffers()}}
+
+
+def restore_dtypes(model, dtypes: dict) -> None:
+    """Cast each tensor back to its dtype in `dtypes` (`model.to(bf16)` would also round the float32 inv_freq to
+    bf16, and every later answer's positions with it)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if attr in module._parameters:
+                t.data = t.data.to(dtypes[name])
+            else:
+                module._buffers[attr] = t.to(dtypes[name])
 
 
 def main(argv=None):
@@ -195,6 +232,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="engine's encoding threads (default: cores, at most 8)")
     p.add_argument("--check_every", type=int, default=4)
     p.add_argument("--skip_end_to_end", action="store_true", help="time the model-only batch alone")
+    p.add_argument("--memory_batches", type=int, default=0, help="static batches of changing shapes after the "
+                   "timings, memory allocated after each (CUDA: must stay flat; 0: off)")
     p.add_argument("--budget_s", type=float, default=0, help="skip the parts (fp32, then end_to_end) not yet "
                    "started after this many seconds (0: no limit); skipped parts are named in the JSON")
     p.add_argument("--forbid", default="peft,datasets", help="packages whose import fails here ('' : none)")
@@ -260,6 +299,10 @@ def _run(a) -> dict:
     if not a.skip_end_to_end and in_budget("end_to_end"):
         res["end_to_end"] = end_to_end(a, eng, rows, device)
         res["end_to_end_speedup"] = res["end_to_end"]["static_ratio_vs_generate"]
+        save()
+    if a.memory_batches > 0 and in_budget("memory_batches"):
+        res["memory_batches"] = memory_over_batches(eng["static"], encoded, a.memory_batches, a.max_new_tokens, device)
+        print(f"memory over static batches: {res['memory_batches']}", flush=True)
         save()
     for engine in eng.values():
         engine.close()

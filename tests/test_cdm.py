@@ -98,6 +98,16 @@ def test_the_hungarian_assignment_is_optimal():
         assert len({j for _, j in pairs}) == n and sum(cost[i, j] for i, j in pairs) == pytest.approx(best)
 
 
+def test_ransac_keeps_the_best_trials_inliers():
+    """skimage's ransac (the reference's) returns the best two-pair model's inliers; refitting one scale on all of
+    them and taking that fit's inliers instead (as before) put 2 of these 5 pairs out again, though a two-pair model
+    within the tolerance of all 5 exists."""
+    import numpy as np
+    src = np.array([[19.9, 21.2], [31.4, 16.6], [29.4, 28.4], [37.3, 4.6], [29.2, 37.1]])
+    dst = np.array([[28.3, 19.8], [39.3, 14.4], [25.7, 29.6], [42.5, 5.4], [26.3, 30.4]])
+    assert cdm._ransac(src, dst, np.random.default_rng(0)).tolist() == [True] * 5
+
+
 @needs_tex
 def test_200_rows_take_well_under_a_few_seconds():
     """Measured: ~1,000 rows (2,000 formulas) per 3-4 CPU seconds; the bound allows for a loaded machine."""
@@ -125,6 +135,56 @@ def test_the_pool_gives_the_same_scores(monkeypatch):
     preds = [r.replace("b", "d") + " " * i for i, r in enumerate(refs)]
     assert cdm_scores(preds, refs, processes=2) == cdm_scores(preds, refs, processes=1)
 
+
+
+def _chunk_that_kills_its_worker(job):  # run in a spawned worker: it imports this module by name
+    os._exit(3)
+
+
+def _chunk_echo(job):
+    return job[1]
+
+
+def _chunk_fails_or_sleeps(job):
+    if job[1][0] == 0:
+        raise ValueError("a broken chunk")
+    time.sleep(1.0)
+    return job[1]
+
+
+def test_a_failing_chunk_drops_the_chunks_not_started():
+    """A chunk's error (or Ctrl-C) ends the call at once and the chunks not started are cancelled: the kept pool
+    would otherwise run them all before the next call's chunks (and the interpreter's exit would wait for them)."""
+    with pytest.raises(ValueError, match="a broken chunk"):
+        cdm._run_chunks(_chunk_fails_or_sleeps, None, list(range(20)), 2, 1)  # 20 chunks of 1 s, 2 workers
+    t0 = time.time()
+    assert cdm._run_chunks(_chunk_echo, None, [1, 2, 3], 2, 1) == [1, 2, 3]
+    assert time.time() - t0 < 6.0  # behind the 19 sleeping chunks: about 10 s
+
+
+def test_a_dying_worker_is_an_error_not_a_hang():
+    """A worker killed mid-chunk (out of memory, a crash in pdfium) ends the call with one error after one retry in
+    a fresh pool, instead of waiting forever for the chunk (multiprocessing.Pool's behaviour); the next call gets
+    a fresh pool and works."""
+    import threading
+    done: dict = {}
+
+    def call():
+        try:
+            done["out"] = cdm._run_chunks(_chunk_that_kills_its_worker, None, [1, 2, 3, 4], 2, 2)
+        except Exception as e:
+            done["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the call hangs on a dead worker"
+    assert isinstance(done.get("error"), UserError), done
+    assert str(done["error"]) == ("a worker process of the cdm metric died twice while typesetting and matching "
+                                  "formulas (killed for lack of memory, or a crash in pdflatex's PDF reader); "
+                                  "free memory and run again")
+    assert 2 not in cdm._POOL  # the broken pool is gone, not kept for the next call
+    assert cdm._run_chunks(_chunk_echo, None, [1, 2, 3, 4, 5], 2, 2) == [1, 2, 3, 4, 5]
 
 # --- ocrtune eval --------------------------------------------------------------------------------------
 

@@ -153,6 +153,32 @@ def test_model_reasons():
     no_lm = fake()
     no_lm.model = SimpleNamespace()
     assert "no model.language_model" in static_decode.model_reason(no_lm)
+    split = fake()
+    split.hf_device_map = {"model.visual": 0, "model.language_model.layers.0": 0, "model.language_model.layers.1": 1}
+    assert static_decode.model_reason(split) == "the model is split over devices ['0', '1'] (device_map)"
+    whole = fake()
+    whole.hf_device_map = {"": 1}
+    assert static_decode.model_reason(whole) is None
+
+
+def test_the_warm_up_is_ordered_with_the_model_devices_stream(monkeypatch):
+    """The model may sit on a device other than the current one: the warm-up must wait for, and be waited for by,
+    that device's current stream (the current device's stream orders nothing there). CPU: CUDA calls are faked."""
+    import contextlib
+
+    from ocrtune.models import static_decode
+    log, model_device = [], torch.device("cuda", 1)
+
+    def current_stream(device=None):
+        log.append(("current_stream", device))
+        return SimpleNamespace(name=f"current of {device}", wait_stream=lambda s: log.append(("current waits", s.name)))
+
+    side = SimpleNamespace(name="side", device=model_device, wait_stream=lambda s: log.append(("side waits", s.name)))
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    static_decode._on_stream(side, lambda: log.append("step"))
+    assert log == [("current_stream", model_device), ("side waits", f"current of {model_device}"), "step",
+                   ("current waits", "side")]
 
 
 def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, rows, monkeypatch, caplog):
@@ -173,6 +199,57 @@ def test_a_failing_static_decoder_hands_the_batch_to_the_dynamic_loop(parts, row
     assert "decoding with the dynamic loop from now on" in caplog.text
     static.generate_answers(rows[:2], 3)
     assert len(calls) == 1 and static.last_path == "fast"  # off for good, not tried on every batch
+
+
+def test_a_batch_that_fails_on_every_path_leaves_the_static_decoder_on(parts, rows, monkeypatch):
+    """A batch the model itself refuses (it fails in the dynamic loop too) says nothing about the static decoder:
+    it stays on for the next batches (in `ocrtune serve`, one bad request turned it off for the server's life)."""
+    from ocrtune.models import static_decode
+    from ocrtune.models.generate import InferEngine
+    real_decode, real_greedy = static_decode.decode, InferEngine._greedy
+    calls = []
+
+    def refuse(hf, batch, *a, **kw):
+        calls.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] == 1:
+            raise ValueError("Image features and image tokens do not match")
+        return real_decode(hf, batch, *a, **kw)
+
+    def greedy(self, batch, *a, **kw):
+        if batch["input_ids"].shape[0] == 1:
+            raise ValueError("Image features and image tokens do not match")
+        return real_greedy(self, batch, *a, **kw)
+
+    monkeypatch.setattr(static_decode, "decode", refuse)
+    monkeypatch.setattr(InferEngine, "_greedy", greedy)
+    static = engine(parts, decode="static")
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        static.generate_answers(rows[:1], 4)
+    assert static.static_reason() is None
+    assert static.generate_answers(rows[:2], 4) == plain(parts, rows[:2], 2, 4)
+    assert static.last_path == "static" and calls == [1, 2]
+
+
+def test_a_batch_whose_static_cache_does_not_fit_decodes_on_the_dynamic_loop(parts, rows, monkeypatch, caplog):
+    """The static cache is allocated for prompt + max_new_tokens of every row at once; out of memory there, the batch
+    decodes on the dynamic loop (which grows with the answers) and the static decoder stays on for the next one."""
+    from ocrtune.models import static_decode
+    real_decode = static_decode.decode
+
+    def oom_for_long(hf, batch, positions, max_new_tokens, *a, **kw):
+        if max_new_tokens > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_decode(hf, batch, positions, max_new_tokens, *a, **kw)
+
+    monkeypatch.setattr(static_decode, "decode", oom_for_long)
+    static = engine(parts, decode="static")
+    with caplog.at_level(logging.WARNING, logger="ocrtune"):
+        got = static.generate_answers(rows[:3], 12)
+    assert got == plain(parts, rows[:3], 3, 12) and static.last_path == "fast"
+    assert static.stats["static_oom"] == 1 and static.static_reason() is None
+    assert "the static decoder ran out of memory (its KV cache is allocated for 3 rows x " in caplog.text
+    static.generate_answers(rows[:3], 4)
+    assert static.last_path == "static"
 
 
 def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
@@ -265,7 +342,7 @@ def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_p
         sys.path.remove(str(bench))
     out = tmp_path / "decode.json"
     bench_decode.main(["--model", "tiny", "--rows", "6", "--batch_size", "3", "--max_new_tokens", "4",
-                       "--fp32_rows", "3", "--workers", "0", "--out", str(out)])
+                       "--fp32_rows", "3", "--workers", "0", "--memory_batches", "3", "--out", str(out)])
     res = json.loads(out.read_text())
     only, e2e = res["model_only"], res["end_to_end"]
     assert only["static"]["decoding"] == "static" and only["static"]["stats"]["static_batches"] == 1
@@ -274,7 +351,36 @@ def test_bench_decode_runs_on_cpu_without_peft_or_datasets(tiny_model_dir, tmp_p
     assert only["generate"]["tokens_per_s"] > 0 and res["model_only_speedup"] > 0 and res["end_to_end_speedup"] > 0
     assert res["fp32_identical"] is True and res["fp32"]["static_graph_vs_eager"]["identical_outputs"] is True
     assert res["skipped"] == [] and res["device"] == "cpu"
+    assert res["memory_batches"] == {"batches": 3, "decoding": "static", "graph_replays": 0, "allocated_mib": None,
+                                     "reserved_mib_max": None, "allocated_growth_mib": None}
     capsys.readouterr()
+
+
+def test_bench_float32_check_gives_the_model_back_in_its_dtypes(tiny_model_dir, rows):
+    """The benchmark's float32 check casts the model to float32 and back: every tensor must get its own dtype back
+    (a bf16 model keeps its rotary inv_freq in float32; `model.to(bf16)` rounded it, and the timings after it)."""
+    import sys
+    from pathlib import Path
+
+    from ocrtune.models.loading import load_model, load_processor
+    from ocrtune.models.template import Template
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(bench))
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.bfloat16).eval()
+    before = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert torch.float32 in before.values() and torch.bfloat16 in before.values()
+    template = Template(processor, "qwen2_vl")
+    from ocrtune.models.generate import InferEngine
+    encoded = InferEngine(model, processor, template, workers=0)._encode_all(rows[:2])
+    res = bench_decode.fp32(SimpleNamespace(max_new_tokens=2, check_every=4), model, processor, template, encoded,
+                            torch.device("cpu"))
+    assert "error" not in res and res["static"]["identical_outputs"] is True
+    assert {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]} == before
 
 
 def test_bench_forbids_peft_and_datasets_imports():

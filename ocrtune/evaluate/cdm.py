@@ -19,17 +19,21 @@ Method, per row:
    compared (`\\mathrm{d}` = `d`, `\\mathbf{A}` = `A`), as the reference's tokens ignore style commands.
 3. **Match**, by the reference's rules: boxes are normalized into each formula's own ink box (plus the
    reference's 8 px margin); pairs of the same character are assigned one to one by the Hungarian method on
-   cost 0.05 * L1 distance of the normalized boxes + 0.15 * difference of reading position (index / count).
+   cost 0.05 * mean L1 distance of the normalized box coordinates + 0.15 * difference of reading position
+   (index / the formula's own count).
    Then the reference's RANSAC: a translation + scale model from 2 random pairs, 50 trials, inliers within
-   7.2 pt (its 20 px at 200 dpi) of where the model puts them, refit on the inliers; repeated up to 5 times
+   7.2 pt (its 20 px at 200 dpi) of where the model puts them, the best trial's inliers kept (skimage's `ransac`,
+   which the reference calls, refits its model on them but returns the trial's inliers); repeated up to 5 times
    on the pairs left, so a block shifted as a whole (after a missing symbol) still matches while swapped
    symbols do not. That tolerance is the reference's: it is more than a script moves between `x^{a+b}` and
    `x_{a+b}` (6.8 pt), so such pairs score 1. Differences from the reference code: it accepts two pairs or fewer
    unchecked and never matches the last two pairs left over, here any two or more go through RANSAC (`x+y+z`
    against `x+z` finds both blocks; a single pair is accepted only when it is the only one); the assignment
    runs per character, so pairs of different characters (which the reference assigns to fill the matrix
-   and drops afterwards) do not vote in RANSAC; the trials are seeded, so a score is reproducible; reading
-   order is TeX's drawing order with the rules last, not the LaTeX token order.
+   and drops afterwards) do not vote in RANSAC; the trials are seeded here too (the reference: random_state=42; the draws differ); reading
+   order is TeX's drawing order with the rules last, not the LaTeX token order, and each formula's positions are
+   divided by its own count (the reference divides both by the longer one's count; with that, a block shifted by
+   a missing symbol costs more order, and `x+y+z=1+2+3` against `x+z=1+2+3` here loses one `+`: 16/20, not 18/20).
 4. **Score**: F1 = 2 * matched / (characters of prediction + characters of reference). ExpRate@CDM is the
    share of rows with F1 == 1. A blank prediction against a non-blank reference scores 0; two blank
    formulas score 1; a reference that does not compile (the reference skips such rows) scores 1 when the
@@ -38,17 +42,24 @@ Method, per row:
 Speed: rows are sorted by reference and typeset in chunks (one pdflatex run each, about 0.1 s of fixed
 cost), each distinct formula string once per chunk and each distinct (prediction, reference) scored once.
 Inputs of two chunks or more go to a pool of spawned worker processes (`processes`, default: the cores, at
-most 16), started on first use and kept for the next call. Measured on the sample formulas with a third of
+most 16), started on first use and kept for the next call; a worker that dies (killed for memory) costs its
+call one retry in a fresh pool, then a one-line error, never a hang. Measured on the sample formulas with a third of
 them edited: 1,000 rows (2,000 formulas) cost 2.3-3.3 CPU seconds, about half in Python and half in
 pdflatex (about 1.5 s on 2 idle cores); on a 2-core machine at load 6, 2.4 s with the 2 workers warm.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import multiprocessing
 import os
+import sys
 import tempfile
+import threading
+import types
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -211,35 +222,22 @@ def _candidates(pred: Ink, ref: Ink) -> list[tuple[int, int]]:
     return pairs
 
 
-def _fit(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float]:
-    """The reference's translation + scale model of src -> dst (centroids; mean distance to them)."""
-    cs, cd = src.mean(0), dst.mean(0)
-    scale = np.linalg.norm(dst - cd, axis=1).mean() / (np.linalg.norm(src - cs, axis=1).mean() + 1e-10)
-    return cd - cs, float(scale)
-
-
-def _inliers(src, dst, shift, scale) -> np.ndarray:
-    """Residuals under the model as the reference applies it (scaled about the centroid of all of src)."""
-    c = src.mean(0)
-    return np.linalg.norm(scale * (src - c) + c + shift - dst, axis=1) < INLIER_PT
-
-
 def _ransac(src: np.ndarray, dst: np.ndarray, rng) -> np.ndarray:
-    """Inliers of the best of RANSAC_TRIALS two-pair models (ties: the smaller residual sum), refit on them."""
+    """The inliers of the best of RANSAC_TRIALS two-pair models: the most inliers, ties to the smallest sum of
+    squared residuals over all pairs, as skimage's `ransac` (the reference's) returns them. Its model is then
+    refit on them, but the inliers it returns are the trial's: a refit on all of them (one scale for the lot)
+    can put some outside the tolerance again."""
     n = len(src)
     a = rng.integers(0, n, RANSAC_TRIALS)
     b = (a + rng.integers(1, n, RANSAC_TRIALS)) % n  # a second, different pair
     s2, d2 = np.stack([src[a], src[b]], 1), np.stack([dst[a], dst[b]], 1)  # [T, 2, 2]
     shift = d2.mean(1) - s2.mean(1)
     scale = np.linalg.norm(d2[:, 0] - d2[:, 1], axis=1) / (np.linalg.norm(s2[:, 0] - s2[:, 1], axis=1) + 1e-10)
-    c = src.mean(0)
+    c = src.mean(0)  # the reference scales about the centroid of all the points it is applied to
     res = np.linalg.norm(scale[:, None, None] * (src - c)[None] + c + shift[:, None] - dst[None], axis=2)  # [T, n]
     ok = res < INLIER_PT
-    count, spread = ok.sum(1), np.where(ok, res, 0).sum(1)
-    best = int(np.lexsort((spread, -count))[0])
-    if not count[best]:
-        return ok[best]
-    return _inliers(src, dst, *_fit(src[ok[best]], dst[ok[best]]))
+    best = int(np.lexsort(((res ** 2).sum(1), -ok.sum(1)))[0])
+    return ok[best]
 
 
 def match_f1(pred: Ink, ref: Ink, seed: int = 0) -> float:
@@ -312,7 +310,8 @@ def _compile_chunk(job: tuple[Tex, list[str]]) -> list[bool]:
 
 
 _TEX: dict[str | None, Tex] = {}
-_POOL: dict[int, object] = {}
+_POOL: dict[int, ProcessPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()  # one pool a size, and one __main__ swap at a time
 
 
 def check_tex(tex_root: str | None = None) -> Tex:
@@ -330,31 +329,65 @@ def check_tex(tex_root: str | None = None) -> Tex:
     return _TEX[key]
 
 
-def _pool(processes: int):
-    """A spawned worker pool kept for the next call (a reward function calls this every step)."""
+@contextlib.contextmanager
+def _bare_main():
+    """An empty `__main__` while workers are spawned: a spawned worker imports the caller's `__main__` unless told
+    otherwise, so a script without an `if __name__ == "__main__":` guard would run again in each of them, and a
+    heavy one costs its imports. They need nothing from it (the work is this module's)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    """A spawned worker pool kept for the next call (a reward function calls this every step). Spawned, never
+    forked: the caller may hold a CUDA context (eval on a GPU, GRPO's reward), which a forked child can't use."""
     if processes not in _POOL:
-        import atexit
-        import sys
-        import types
-        # spawned workers import the caller's __main__ unless told otherwise: a script without an
-        # `if __name__ == "__main__":` guard would run again in each of them, and a heavy one costs its imports.
-        # They need nothing from it (the work is this module's), so they start from an empty one.
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(processes)
-        finally:
-            sys.modules["__main__"] = main
-        atexit.register(pool.terminate)
-        _POOL[processes] = pool
+        _POOL[processes] = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     return _POOL[processes]
+
+
+def _drop_pool(processes: int) -> None:
+    pool = _POOL.pop(processes, None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pool_map(fn, chunks: list, processes: int) -> list:
+    """`fn` over `chunks` in the kept pool. A worker that dies (killed for memory, a crash in pdfium) breaks the
+    pool: its chunks go to a fresh pool once, then a one-line UserError says so (never a hang, as a multiprocessing.Pool
+    would wait forever for the dead worker's chunk)."""
+    for attempt in (1, 2):
+        with _POOL_LOCK:
+            pool = _pool(processes)
+        futures: list = []
+        try:
+            with _POOL_LOCK, _bare_main():  # workers start in submit, one as each is needed
+                futures = [pool.submit(fn, c) for c in chunks]
+            return [f.result() for f in futures]
+        except BrokenProcessPool:  # a worker died, in this call or since the last one
+            with _POOL_LOCK:
+                if _POOL.get(processes) is pool:
+                    _drop_pool(processes)
+            if attempt == 2:
+                raise UserError(f"a worker process of {NEEDED_BY} died twice while typesetting and matching formulas "
+                                "(killed for lack of memory, or a crash in pdflatex's PDF reader)",
+                                "free memory and run again") from None
+        except BaseException:  # a chunk's error, Ctrl-C: the chunks not started are dropped, not left to the
+            for f in futures:  # kept pool (the next call would wait behind them; exit waits for them all)
+                f.cancel()
+            raise
+    raise AssertionError("unreachable")
 
 
 def _run_chunks(fn, tex: Tex, items: list, processes: int | None, size: int) -> list:
     chunks = [(tex, items[s:s + size]) for s in range(0, len(items), size)]
     processes = processes or min(os.cpu_count() or 1, MAX_PROCESSES)
     if processes > 1 and len(chunks) >= POOL_MIN_CHUNKS:  # one pool a size, kept: calls of any length share it
-        parts = _pool(processes).map(fn, chunks, chunksize=1)
+        parts = _pool_map(fn, chunks, processes)
     else:
         parts = [fn(c) for c in chunks]
     return [x for part in parts for x in part]

@@ -22,7 +22,8 @@ evaluation during training:
   processors it does not reproduce use `model.generate`;
 * `decode="static"` (the default on CUDA: `decode="auto"`) decodes greedy batches on a static KV cache
   instead, each token one CUDA graph replay (`ocrtune.models.static_decode`): no row dropping (rows that
-  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't.
+  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't. Its cache
+  holds prompt + max_new_tokens for every row from the start: a batch it can't fit decodes on the dynamic loop.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class InferEngine:
         self.fast, self.check_every, self.compile = fast, max(1, check_every), compile
         self.decode_mode, self.cuda_graphs = decode, cuda_graphs
         self._static_off: str | None = None  # why the static decoder failed on this model (set once, logged once)
+        self._static_failed: str | None = None  # its failure on the batch in hand, until another path decodes it
         self.workers = default_workers() if workers is None else max(0, workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -111,7 +113,7 @@ class InferEngine:
         self._length_cache: dict = {}
         self.last_path: str | None = None  # how the last batch was decoded: static-graph, static, fast, generate
         self.stats = {"fast_batches": 0, "generate_batches": 0, "rows_dropped_early": 0, "static_batches": 0,
-                      "static_steps": 0, "graph_replays": 0}
+                      "static_steps": 0, "graph_replays": 0, "static_oom": 0}
 
     @property
     def device(self):
@@ -308,6 +310,7 @@ class InferEngine:
                     answers = self._greedy(batch, max_new_tokens)
                     self.last_path = "fast"
                     self.stats["fast_batches"] += 1
+                    self._static_off_for_good()
                     return answers
                 except (TypeError, AttributeError, KeyError, NotImplementedError) as e:  # an API this transformers lacks
                     self._fast_off = f"the fast greedy loop failed ({type(e).__name__}: {e})"
@@ -315,13 +318,16 @@ class InferEngine:
             out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens, temperature, top_p, num_beams))
             self.last_path = "generate"
             self.stats["generate_batches"] += 1
+            self._static_off_for_good()
         finally:
+            self._static_failed = None  # still set here: every path failed, the batch's fault, not the decoder's
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
 
     def _static(self, batch: dict, max_new_tokens: int) -> list[Answer] | None:
-        """The batch decoded by `static_decode`; None (and the static decoder off from now on, with the
-        reason in `static_reason`) when this model or transformers can't run it."""
+        """The batch decoded by `static_decode`; None when it fails (the static decoder goes off for good, with
+        the reason in `static_reason`, once another path decodes the batch: a batch that fails on every path, e.g. a
+        prompt the model refuses, says nothing about the decoder and must not turn it off in a long-lived server)."""
         if max_new_tokens < 1:
             return None
         hf = self._hf_model()
@@ -331,15 +337,26 @@ class InferEngine:
             gen = static_decode.decode(hf, batch, self._prompt_positions(hf, batch), max_new_tokens, self.stop_ids(),
                                        self.check_every, graphs, self.stats)
         except torch.OutOfMemoryError:
-            raise
+            # its cache holds prompt + max_new_tokens for every row from the start; the dynamic loop grows with the
+            # answers and drops finished rows, so the batch may fit there (if not, that loop's error is raised)
+            self.stats["static_oom"] += 1
+            if self.stats["static_oom"] == 1:
+                log.warning("the static decoder ran out of memory (its KV cache is allocated for %d rows x %d tokens); "
+                            "such batches decode on the dynamic loop", batch["input_ids"].shape[0],
+                            batch["input_ids"].shape[1] + max_new_tokens)
+            return None
         except (static_decode.GraphCaptureError, TypeError, AttributeError, KeyError, ValueError, IndexError,
                 NotImplementedError, RuntimeError) as e:
-            self._static_off = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"
-            log.warning("%s; decoding with the dynamic loop from now on", self._static_off)
+            self._static_failed = f"the static decoder failed ({type(e).__name__}: {str(e)[:300]})"
             return None
         self.last_path = "static-graph" if self.stats["graph_replays"] > before else "static"
         self.stats["static_batches"] += 1
         return [self._answer(t) for t in gen.tolist()]
+
+    def _static_off_for_good(self) -> None:
+        if self._static_failed:
+            self._static_off, self._static_failed = self._static_failed, None
+            log.warning("%s; decoding with the dynamic loop from now on", self._static_off)
 
     def _compiled(self) -> bool:
         return bool(self.compile) and self.device.type == "cuda"

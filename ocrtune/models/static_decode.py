@@ -50,6 +50,9 @@ def model_reason(hf) -> str | None:
     types = set(getattr(inner.language_model.config, "layer_types", None) or ["full_attention"])
     if types != {"full_attention"}:
         return f"layer types {sorted(types)} (sliding-window layers need their own masks)"
+    devices = set((getattr(hf, "hf_device_map", None) or {}).values())
+    if len(devices) > 1:  # one graph is captured on one device's stream; accelerate's hooks copy across devices
+        return f"the model is split over devices {sorted(map(str, devices))} (device_map)"
     penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
     if penalty not in (None, 1.0):
         return f"generation_config.repetition_penalty={penalty!r} (its token history grows each step)"
@@ -205,10 +208,13 @@ def _side_stream(device: torch.device):
 
 
 def _on_stream(stream, fn) -> None:
-    stream.wait_stream(torch.cuda.current_stream())
+    """`fn` on `stream`, ordered after and before the work of its device's current stream (the model's device,
+    which need not be the current device: the current device's stream would order nothing)."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    current.wait_stream(stream)
 
 
 def _capture(fn, stream):

@@ -108,6 +108,18 @@ def test_eager_attention_matches_generate(parts, rows):
         model.set_attn_implementation("sdpa")
 
 
+def test_auto_is_dynamic_on_cuda_until_the_graphs_are_checked(parts, monkeypatch):
+    """`--decode auto` does not pick the static decoder on a GPU while AUTO_STATIC_ON_CUDA is off (its graphs
+    have not run on one yet); `--decode static` still does."""
+    from ocrtune.models import generate
+    auto, static = engine(parts), engine(parts, decode="static")
+    monkeypatch.setattr(type(auto), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(generate, "AUTO_STATIC_ON_CUDA", False)
+    assert "opt-in" in auto.static_reason() and static.static_reason() is None
+    monkeypatch.setattr(generate, "AUTO_STATIC_ON_CUDA", True)
+    assert auto.static_reason() is None
+
+
 def test_auto_and_dynamic_keep_the_dynamic_loop_on_the_cpu(parts, rows):
     auto, dynamic = engine(parts), engine(parts, decode="dynamic")
     assert "decode='auto' on the CPU" in auto.static_reason()
@@ -421,7 +433,7 @@ def test_cuda_graph_replays_give_the_eager_steps_and_generates_tokens(tiny_model
         return out
 
     model.lm_head.register_forward_hook(stops_early)
-    graph = InferEngine(*parts, workers=0, check_every=check_every)  # auto: static with graphs on CUDA
+    graph = InferEngine(*parts, workers=0, check_every=check_every, decode="static")  # graphs on CUDA
     eager = InferEngine(*parts, workers=0, check_every=check_every, decode="static", cuda_graphs=False)
     got = graph.answer_rows(rows, batch_size=5, max_new_tokens=18)
     assert graph.last_path == "static-graph" and graph.stats["graph_replays"] > 0, graph.static_reason()

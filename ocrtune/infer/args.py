@@ -38,7 +38,7 @@ class InferArgs:
                                             "an adapter (a QLoRA run's base); default: unquantized")
     seed: int = arg(42, "seed for sampling and dataset sampling", domain=SEED)
     decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
-                              "(drops rows that ended), auto (static on CUDA, dynamic on the CPU)",
+                              "(drops rows that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
                       choices=("auto", "static", "dynamic"))
 
 

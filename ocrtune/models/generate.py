@@ -20,7 +20,7 @@ evaluation during training:
   float32 logits, the generation config's repetition penalty), so greedy outputs are the same tokens.
   Sampling, beam search, sharded models (`synced_gpus`), and generation configs with logits
   processors it does not reproduce use `model.generate`;
-* `decode="static"` (the default on CUDA: `decode="auto"`) decodes greedy batches on a static KV cache
+* `decode="static"` (opt-in: `decode="auto"` is the dynamic loop until `AUTO_STATIC_ON_CUDA`) decodes greedy batches on a static KV cache
   instead, each token one CUDA graph replay (`ocrtune.models.static_decode`): no row dropping (rows that
   ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't. Its cache
   holds prompt + max_new_tokens for every row from the start: a batch it can't fit decodes on the dynamic loop.
@@ -53,6 +53,10 @@ _UNSUPPORTED_PROCESSORS = {"no_repeat_ngram_size": (None, 0), "encoder_repetitio
                            "exponential_decay_length_penalty": (None,), "stop_strings": (None,),
                            "encoder_no_repeat_ngram_size": (None, 0), "epsilon_cutoff": (None, 0.0)}
 
+
+# `decode="auto"` takes the static decoder on CUDA only once its CUDA graphs have been checked on a GPU
+# (bench/infer3_gpu_call.sh: token identity with generate, graph against eager, speed); until then auto is dynamic
+AUTO_STATIC_ON_CUDA = False
 
 def _is_image(x) -> bool:
     return hasattr(x, "size") and hasattr(x, "convert") and not isinstance(x, dict)
@@ -92,7 +96,8 @@ class InferEngine:
     the CPU the flag is ignored.
     `decode` picks the greedy loop of the fast path: "static" (static KV cache, the step replayed as a
     CUDA graph on CUDA, run eagerly on the CPU; `cuda_graphs=False` runs it eagerly on CUDA too),
-    "dynamic" (`_greedy`, which drops finished rows), or "auto": static on CUDA, dynamic on the CPU."""
+    "dynamic" (`_greedy`, which drops finished rows), or "auto": dynamic (static on CUDA once
+    `AUTO_STATIC_ON_CUDA` is set)."""
 
     DECODES = ("auto", "static", "dynamic")
 
@@ -276,6 +281,8 @@ class InferEngine:
             return "decode='dynamic'"
         if self.decode_mode == "auto" and self.device.type != "cuda":
             return "decode='auto' on the CPU (the static cache pays through CUDA graphs)"
+        if self.decode_mode == "auto" and not AUTO_STATIC_ON_CUDA:
+            return "decode='auto' (the static decoder is opt-in, --decode static, until its CUDA graphs are checked on a GPU)"
         if self._static_off:
             return self._static_off
         return static_decode.model_reason(self._hf_model())

@@ -52,7 +52,7 @@ class ServeArgs:
                                domain=reals(0, 60_000))
     max_queue: int = arg(256, "requests waiting beyond this many are refused with 503", domain=ints(1, 10**7))
     decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
-                              "(drops rows that ended), auto (static on CUDA, dynamic on the CPU)",
+                              "(drops rows that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
                       choices=("auto", "static", "dynamic"))
     # limits
     max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")

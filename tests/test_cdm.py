@@ -246,3 +246,22 @@ def test_without_pdflatex_eval_fails_before_loading_anything(monkeypatch, tmp_pa
     assert "apt-get install texlive-latex-base" in err and "--tex_root" in err
     with pytest.raises(UserError, match="is not an unpacked TeX bundle"):
         cdm_scores(["a"], ["a"], tex_root=str(tmp_path / "nowhere"))
+
+
+@needs_tex
+def test_sft_predict_with_generate_logs_the_metrics_asked_for(tiny_model_dir, tmp_path):
+    """sft --predict_with_generate --generate_metrics cdm,exact_match: the evaluation logs eval_cdm and
+    eval_exprate_cdm (and exact match), nothing else generated; an unknown name is one error line."""
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.trainer import SftRun
+    args = SftArgs(model=str(tiny_model_dir), dataset=["latex-ocr-sample#12"], dataset_test_ratio=0.25, max_steps=1,
+                   eval_steps=1, predict_with_generate=True, max_new_tokens=6, generate_metrics="cdm,exact_match",
+                   output_dir=str(tmp_path), report_to=["none"])
+    run = SftRun(args)
+    run.train()
+    log = [json.loads(line) for line in (run.run_dir / "logging.jsonl").read_text().splitlines()]
+    ev = next(r for r in log if "eval_loss" in r)
+    assert 0.0 <= ev["eval_cdm"] <= 1.0 and 0.0 <= ev["eval_exprate_cdm"] <= ev["eval_cdm"] + 1e-9
+    assert "eval_exact_match" in ev and "eval_bleu4" not in ev
+    with pytest.raises(UserError, match="--generate_metrics cdm,nope: unknown metric nope"):
+        SftRun(SftArgs(model=str(tiny_model_dir), generate_metrics="cdm,nope", output_dir=str(tmp_path)))

@@ -118,6 +118,10 @@ class SftArgs:
                                           domain=ints(1, BIG, special=(0,), special_help="0 (keep all)"))
     logging_steps: int = arg(5, "log every N steps", domain=ints(1, BIG))
     predict_with_generate: bool = arg(False, "also generate on the validation set and log BLEU/edit distance/exact match")
+    generate_metrics: str = arg("bleu,edit_distance,exact_match", "with --predict_with_generate: comma-separated: bleu, "
+                                "edit_distance, exact_match, render, cdm (CDM and ExpRate@CDM; needs pdflatex)")
+    tex_root: str | None = arg(None, "cdm: unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the "
+                               "system pdflatex", env="OCRTUNE_TEX_ROOT")
     max_new_tokens: int = max_new_tokens_arg(256, "generation length for --predict_with_generate")
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
     add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")
@@ -178,8 +182,19 @@ def validate(args: SftArgs) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message, "see `ocrtune sft --help`")
+    validate_generate_metrics(args.generate_metrics)
     validate_quant(args)
     validate_fp8_base(args)
+
+
+GENERATE_METRICS = ("bleu", "edit_distance", "exact_match", "render", "cdm")
+
+
+def validate_generate_metrics(names: str) -> None:
+    bad = [n for n in (x.strip().lower() for x in names.split(",")) if n and n not in GENERATE_METRICS]
+    if bad or not names.strip(","):
+        raise UserError(f"--generate_metrics {names}: {'unknown metric ' + bad[0] if bad else 'no metric named'}",
+                        f"use a comma-separated list of {', '.join(GENERATE_METRICS)}")
 
 
 def validate_fp8_base(args: SftArgs) -> None:

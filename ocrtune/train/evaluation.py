@@ -78,5 +78,5 @@ def generate_metrics(acc, loss_module, rows, processor, template, args, sharded:
     pairs = dict(gather_object(mine)) if acc.num_processes > 1 else dict(mine)
     preds = [pairs[i] for i in range(len(rows))]
     refs = [r["messages"][-1]["content"] for r in rows]
-    m = compute_metrics(preds, refs)
+    m = compute_metrics(preds, refs, args.generate_metrics, tex_root=args.tex_root)
     return {f"eval_{k}": round(v, 6) for k, v in m.items() if k != "count"}

@@ -148,6 +148,9 @@ class SftRun:
         if args.predict_with_generate:  # before the data and weights: the model's positions bound the answers
             from ocrtune.models.loading import check_new_tokens
             check_new_tokens(model_dir, args.max_new_tokens)
+            if "cdm" in args.generate_metrics.lower():  # and the metrics have their tools
+                from ocrtune.evaluate.cdm import check_tex
+                check_tex(args.tex_root)
         self.processor = load_processor(model_dir)
         self.template = Template(self.processor, template_name(model_dir, spec), args.max_length, args.system)
         self.template.set_pixels(args.max_pixels, args.min_pixels)

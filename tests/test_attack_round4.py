@@ -262,3 +262,25 @@ def test_restore_that_loses_the_rename_race_keeps_the_winner(package, tmp_path, 
     final = reader.restore_reader(cache=tmp_path / "c")
     assert reader._restored(final)
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", "sub/../../x"])
+def test_manifest_names_outside_the_package_are_refused(package, tmp_path, monkeypatch, name):
+    """OCRTUNE_READER_DIR is the user's to point anywhere: a manifest naming a path outside its folder is refused
+    before anything is read or copied into the cache."""
+    from ocrtune.models import reader
+    bad = tmp_path / "bad"
+    shutil.copytree(package, bad)
+    manifest = json.loads((bad / reader.MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+    (bad / reader.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv(reader.ENV, str(bad))
+    with pytest.raises(UserError, match=r"names a file outside its folder"):
+        reader.restore_reader(cache=tmp_path / "c")
+    assert not (tmp_path / "c" / "models").exists() or not any((tmp_path / "c" / "models").iterdir())
+
+
+def test_packer_output_that_is_not_a_folder(tiny_model_dir, tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    assert packer()(["--model", str(tiny_model_dir), "--output", str(tmp_path / "fifo")]) == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'fifo'} exists and is not a folder; choose a new folder\n"

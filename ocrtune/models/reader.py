@@ -242,7 +242,9 @@ def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.
     model_dir, output = Path(model_dir).expanduser(), Path(output).expanduser()
     check_model_dir(model_dir)
     check_not_input("--output", output, [("--model", model_dir)], contains=True)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if output.exists() and not output.is_dir():  # a file, a FIFO, a device
+        raise UserError(f"--output {output} exists and is not a folder", "choose a new folder")
+    if output.exists() and any(output.iterdir()):
         raise UserError(f"--output {output} exists and is not empty", "choose a new folder, or empty this one")
     config = read_json(model_dir / "config.json", fix="export or save the model folder again")
     tied = bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
@@ -313,7 +315,7 @@ def check_package(folder: Path, manifest: dict) -> None:
     """Every file the manifest names is there, a regular file, with its sha256 (a damaged or swapped one is named)."""
     for name, entry in manifest["files"].items():
         path = folder / name
-        if Path(name).name != name:
+        if Path(name).name != name or name in ("", ".", ".."):
             raise UserError(f"reader manifest {folder / MANIFEST} names a file outside its folder ({name})", _fix(folder))
         if not within(path, folder):  # a link out of the package: its target is not the package's to vouch for
             raise UserError(f"reader package file {path} is a link to a file outside {folder}", _fix(folder))

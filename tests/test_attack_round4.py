@@ -284,3 +284,17 @@ def test_packer_output_that_is_not_a_folder(tiny_model_dir, tmp_path, capsys):
     os.mkfifo(tmp_path / "fifo")
     assert packer()(["--model", str(tiny_model_dir), "--output", str(tmp_path / "fifo")]) == 2
     assert capsys.readouterr().err == f"error: --output {tmp_path / 'fifo'} exists and is not a folder; choose a new folder\n"
+
+
+def test_speed_max_never_packs_rlhf():
+    """rlhf refuses --packing, but --speed max turned it on after that check: GRPO then ran on packed rows, each
+    completion's advantage weighing every completion's tokens (no error, a wrong loss)."""
+    import torch
+
+    from ocrtune.rl.args import RlhfArgs
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.model_setup import speed_max
+    changes, skipped = speed_max(RlhfArgs(speed="max"), torch.device("cpu"))
+    assert "packing" not in changes and "packing_tokens" not in changes
+    assert "--packing (rlhf pads each completion to its own row)" in skipped
+    assert speed_max(SftArgs(speed="max"), torch.device("cpu"))[0]["packing"] is True  # sft still packs

@@ -298,3 +298,21 @@ def test_speed_max_never_packs_rlhf():
     assert "packing" not in changes and "packing_tokens" not in changes
     assert "--packing (rlhf pads each completion to its own row)" in skipped
     assert speed_max(SftArgs(speed="max"), torch.device("cpu"))[0]["packing"] is True  # sft still packs
+
+
+def test_rewards_that_overflow_float32_are_one_line(tmp_path, tiny_model_dir):
+    """Finite float64 rewards (1e39) are infinite in the float32 advantages: the loss went NaN and the run said
+    'lower --learning_rate'. Now the step names the rewards."""
+    from ocrtune.rl.args import RlhfArgs
+    from ocrtune.rl.grpo import GrpoRun
+    from ocrtune.train.data import rows_data
+    (tmp_path / "plug.py").write_text("def big(completions, solutions, **kw):\n    return [1e39] * len(completions)\n")
+    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}], "images": []}] * 2
+    args = RlhfArgs(model=str(tiny_model_dir), batch_size=2, num_generations=2, max_completion_length=2,
+                    report_to=["none"], output_dir=str(tmp_path / "out"), reward_funcs=["big"],
+                    external_plugins=[str(tmp_path / "plug.py")], max_steps=1, beta=0.0, gradient_checkpointing=False)
+    run = GrpoRun(args, data=rows_data(rows))
+    with pytest.raises(UserError, match=r"^the weighted rewards overflow float32 \(largest \|value\| 1e\+39\); scale the "
+                                        r"rewards"):
+        run.train()
+    assert run.state["global_step"] == 0

@@ -318,6 +318,9 @@ class GrpoRun(SftRun):
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         total = (per_func * weights[:, None]).sum(dim=0)
         advantages, group_std = group_advantages(total, g)
+        if not (torch.isfinite(total).all() and torch.isfinite(advantages).all()):  # finite values, overflowing sums
+            raise UserError(f"the weighted rewards overflow float32 (largest |value| {max(abs(v) for vs in scores for v in vs):.3g})",
+                            "scale the rewards (or --reward_weights) to moderate values, e.g. within [-1e6, 1e6]")
         samples = [_sample(p, a.ids or (self.processor.tokenizer.pad_token_id,))
                    for p, a in zip([p for p in prompts for _ in range(g)], answers)]
         lengths = [len(a.ids) for a in answers]

@@ -316,3 +316,12 @@ def test_rewards_that_overflow_float32_are_one_line(tmp_path, tiny_model_dir):
                                         r"rewards"):
         run.train()
     assert run.state["global_step"] == 0
+
+
+def test_output_dir_that_is_the_dataset_names_it_once(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}]}\n')
+    line = cli_line(capsys, ["rlhf", "--dataset", str(data), "--output_dir", str(data)])
+    assert line == (f"error: --output_dir {data} is --dataset {data} itself, which this command reads; writing there "
+                    "would destroy it; choose another --output_dir")
+    assert data.read_text().count("\n") == 1

@@ -325,3 +325,15 @@ def test_output_dir_that_is_the_dataset_names_it_once(tmp_path, capsys):
     assert line == (f"error: --output_dir {data} is --dataset {data} itself, which this command reads; writing there "
                     "would destroy it; choose another --output_dir")
     assert data.read_text().count("\n") == 1
+
+
+def test_tex_rewards_without_pdflatex_fail_before_the_run(tmp_path, capsys, monkeypatch):
+    """--reward_funcs cdm/format without pdflatex failed at the first step, after the model loaded and the run
+    folder was made; now it is the first thing said."""
+    from ocrtune.evaluate import cdm
+    monkeypatch.setattr(cdm, "_TEX", {})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("OCRTUNE_TEX_ROOT", raising=False)
+    line = cli_line(capsys, ["rlhf", "--reward_funcs", "format", "--output_dir", str(tmp_path / "out")])
+    assert line.startswith("error: the cdm metric needs LaTeX (pdflatex) and none was found on PATH; install it")
+    assert not (tmp_path / "out").exists()

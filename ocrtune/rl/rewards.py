@@ -128,7 +128,7 @@ def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[
     if len(set(names)) != len(names):
         raise UserError(f"--reward_funcs names a reward twice ({' '.join(names)})", "name each reward once")
     if any(n in NEEDS_CDM and table[n] is BUILTIN[n] for n in names):
-        _cdm_module()
+        _cdm_module().check_tex(None)  # pdflatex found and typesetting now, not at the first step (run folder made)
     return [Reward(n, table[n], float(w)) for n, w in zip(names, weights or [1.0] * len(names))]
 
 

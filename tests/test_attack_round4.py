@@ -337,3 +337,14 @@ def test_tex_rewards_without_pdflatex_fail_before_the_run(tmp_path, capsys, monk
     line = cli_line(capsys, ["rlhf", "--reward_funcs", "format", "--output_dir", str(tmp_path / "out")])
     assert line.startswith("error: the cdm metric needs LaTeX (pdflatex) and none was found on PATH; install it")
     assert not (tmp_path / "out").exists()
+
+
+def test_completion_length_past_the_model_positions(tmp_path, capsys, tiny_model_dir):
+    """infer refuses --max_new_tokens past the model's positions; rlhf sampled that far for nothing."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}]}\n')
+    line = cli_line(capsys, ["rlhf", "--model", str(tiny_model_dir), "--dataset", str(data), "--max_completion_length",
+                             "40000", "--output_dir", str(tmp_path / "out")])
+    assert line == (f"error: --max_completion_length 40000 exceeds the model's 32768 positions ({tiny_model_dir}); use "
+                    "--max_completion_length 32768 or less")
+    assert not (tmp_path / "out").exists()

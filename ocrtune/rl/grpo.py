@@ -198,6 +198,17 @@ class GrpoRun(SftRun):
             self._sft_adapter = src.path
         return _replace(args, **changes)
 
+    def _setup_template(self, args: RlhfArgs) -> RlhfArgs:
+        """sft's, plus --max_completion_length within the model's positions (as infer's --max_new_tokens): past
+        them sampling runs on for nothing, before the model is loaded."""
+        from ocrtune.models.loading import check_new_tokens
+        args = super()._setup_template(args)
+        try:
+            check_new_tokens(self.model_dir, args.max_completion_length)
+        except UserError as e:
+            raise UserError(str(e).replace("--max_new_tokens", "--max_completion_length")) from None
+        return args
+
     def _setup_accelerator(self, args, given_model: bool) -> None:
         super()._setup_accelerator(args, given_model or self._builder is not None)
 

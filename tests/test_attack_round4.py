@@ -348,3 +348,15 @@ def test_completion_length_past_the_model_positions(tmp_path, capsys, tiny_model
     assert line == (f"error: --max_completion_length 40000 exceeds the model's 32768 positions ({tiny_model_dir}); use "
                     "--max_completion_length 32768 or less")
     assert not (tmp_path / "out").exists()
+
+
+def test_cache_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """OCRTUNE_CACHE (or a folder above it) a file: 'unexpected NotADirectoryError ... report it' at the first
+    write (a preset's build, the reader's restore)."""
+    (tmp_path / "file").write_text("mine")
+    for cache in (tmp_path / "file", tmp_path / "file" / "sub"):
+        monkeypatch.setenv("OCRTUNE_CACHE", str(cache))
+        line = cli_line(capsys, ["infer", "--model", "tiny", "--image", str(tmp_path / "none.png")])
+        assert line == (f"error: the ocrtune cache {cache} can't be made: {tmp_path / 'file'} is not a folder; set "
+                        "OCRTUNE_CACHE to a folder (or unset it for ~/.cache/ocrtune)")
+    assert (tmp_path / "file").read_text() == "mine"

@@ -148,6 +148,10 @@ def test_rows_that_never_encode_end_in_one_line(tmp_path, tiny_model_dir):
     (r"\showthe\count0", "forbidden command \\showthe"),
     (r"\scantokens{x}", "forbidden command \\scantokens"),
     ("x+" * 9000, "over 16384 characters"),
+    (r"\InputIfFileExists{f.tex}{}{}x", "forbidden command \\InputIfFileExists"),
+    (r"\fontdimen22\textfont2=30pt x", "forbidden command \\fontdimen"),
+    (r"\aftergroup\relax x", "forbidden command \\aftergroup"),
+    (r"\ocrtunemark{END}x", "forbidden command \\ocrtunemark"),
 ])
 def test_precheck_closes_the_ways_around_it(formula, why):
     """^^5c is TeX's backslash: every forbidden command could be spelled past the check; \\font reads any file
@@ -155,7 +159,7 @@ def test_precheck_closes_the_ways_around_it(formula, why):
     formulas; an unbounded formula costs unbounded matching."""
     from ocrtune.evaluate.typeset import precheck
     assert precheck(formula) == why
-    assert precheck(r"\shoveleft x + \mathrm{font} \fontsize") == ""  # names that only start alike still pass
+    assert precheck(r"\shoveleft x + \mathrm{font} \fontsize \stackrel{a}{b}") == ""  # names that only start alike
 
 
 def _ink(keys, centres):

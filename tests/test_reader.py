@@ -204,8 +204,8 @@ def test_packer_refusals(tiny_model_dir, tmp_path, capsys):
         (["--output", str(tiny_model_dir / "pkg")],
          f"error: --output {tiny_model_dir / 'pkg'} lies inside --model {tiny_model_dir}, which this command reads; "
          "writing there would destroy it; choose another --output"),
-        (["--output", str(tmp_path / "big"), "--max_mb", "0.1"],
-         "error: the package would be 0.7 MB, over --max_mb 0.1; package a smaller model, or raise --max_mb"),
+        (["--output", str(tmp_path / "big"), "--max_mb", "0.6"],
+         "error: the package would be 0.7 MB, over --max_mb 0.6; package a smaller model, or raise --max_mb"),
     ]
     for extra, line in cases:
         assert main(["--model", str(tiny_model_dir), *extra]) == 2, extra

@@ -81,6 +81,8 @@ INLIER_PT = 20 * 72 / 200  # its RANSAC residual threshold, 20 px at 200 dpi
 COST_POSITION, COST_ORDER = 0.05, 0.15
 RANSAC_ROUNDS, RANSAC_TRIALS, RANSAC_MIN = 5, 50, 2
 RULE = "rule"
+MAX_ASSIGN = 250_000     # pairs of one character matched exactly (Hungarian); more (a formula of hundreds of the
+                         # same glyph): greedily, in reading order, within memory and time linear in the pairs
 
 # cmex10 (TeX's big symbols) by the code pdfium reads for each glyph (no ToUnicode in pdftex's PDF; codes
 # 48-67, the extension pieces, come back as Adobe private-use code points): every size of one delimiter
@@ -213,6 +215,9 @@ def _candidates(pred: Ink, ref: Ink) -> list[tuple[int, int]]:
         if not rs:
             continue
         pi, ri = np.array(ps), np.array(rs)
+        if len(pi) * len(ri) > MAX_ASSIGN:
+            pairs += _greedy(pi, ri, bp, br, op, orf)
+            continue
         cost = (COST_POSITION * np.abs(bp[pi, None, :] - br[None, ri, :]).sum(-1) / 4
                 + COST_ORDER * np.abs(op[pi, None] - orf[None, ri]))
         if len(pi) <= len(ri):
@@ -220,6 +225,20 @@ def _candidates(pred: Ink, ref: Ink) -> list[tuple[int, int]]:
         else:
             pairs += [(int(pi[a]), int(ri[b])) for b, a in _assign(cost.T)]
     return pairs
+
+
+def _greedy(pi, ri, bp, br, op, orf) -> list[tuple[int, int]]:
+    """One to one pairs of many occurrences of one character: each occurrence of the scarcer side, in reading
+    order, takes the cheapest free one of the other (one cost row at a time: no n x m matrix)."""
+    swap = len(pi) > len(ri)
+    a, b, ba, bb, oa, ob = (ri, pi, br, bp, orf, op) if swap else (pi, ri, bp, br, op, orf)
+    boxes, order, free, out = bb[b], ob[b], np.ones(len(b), dtype=bool), []
+    for i in a:
+        cost = COST_POSITION * np.abs(boxes - ba[i]).sum(-1) / 4 + COST_ORDER * np.abs(order - oa[i])
+        j = int(np.where(free, cost, np.inf).argmin())
+        free[j] = False
+        out.append((int(b[j]), int(i)) if swap else (int(i), int(b[j])))
+    return out
 
 
 def _ransac(src: np.ndarray, dst: np.ndarray, rng) -> np.ndarray:

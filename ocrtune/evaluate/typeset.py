@@ -20,11 +20,20 @@ from ocrtune.errors import UserError
 
 APT_PACKAGES = "texlive-latex-base"  # pdflatex, amsmath, bm; amssymb and the CM/AMS fonts come with texlive-base
 MARK = "@@OCRT"
-# Commands that would let a formula reach outside its page: files, the shell, global state, TeX's
-# interaction mode, the page builder. A formula using one is skipped before TeX sees it.
+# Commands that would let a formula reach outside its page: files (fonts too), the shell, global state, TeX's
+# interaction mode, the page builder, the terminal (where the marks that attribute errors to formulas are printed),
+# assignments that outlive the formula's group (\fontdimen is always global; \aftergroup runs tokens outside it),
+# the document's own macros. A formula using one is skipped before TeX sees it. A blocklist, so best effort: TeX's
+# own settings below (no shell, files opened only under the run's temp folder) are what keep files safe; what a
+# missed command can still do is spoil the scores of the other formulas of its chunk.
 FORBIDDEN = re.compile(r"\\(input|include|openin|openout|read|write|immediate|special|catcode|"
                        r"batchmode|nonstopmode|scrollmode|errorstopmode|end\s*\{document\}|documentclass|"
-                       r"usepackage|shipout|global|gdef|xdef|pdf[a-z]*|output|jobname|endinput|csname)(?![a-zA-Z])")
+                       r"usepackage|shipout|global|gdef|xdef|pdf[a-z]*|output|jobname|endinput|csname|scantokens|font|"
+                       r"message|errmessage|typeout|wlog|show[a-z]*|InputIfFileExists|IfFileExists|RequirePackage|"
+                       r"LoadClass|listfiles|dump|stop|fontdimen|hyphenchar|skewchar|aftergroup|afterassignment|"
+                       r"ocrtune[a-z]*)"
+                       r"(?![a-zA-Z])")
+MAX_FORMULA_CHARS = 16384  # the longest formula typeset: a longer one costs TeX and the metric's matching unbounded
 PREAMBLE = r"""\documentclass[12pt]{article}
 \usepackage{amsmath,amssymb,bm}
 \pagestyle{empty}\pdfhorigin=0pt\pdfvorigin=0pt\pdfcompresslevel=0
@@ -93,9 +102,14 @@ def preflight(tex: Tex) -> None:
 
 
 def precheck(formula: str) -> str:
-    """Why a formula can't go to TeX ("" if it can): empty, a `$`, unbalanced braces, or a forbidden command."""
+    """Why a formula can't go to TeX ("" if it can): empty, too long, a `$`, `^^`, unbalanced braces, or a
+    forbidden command."""
     if not formula.strip():
         return "empty"
+    if len(formula) > MAX_FORMULA_CHARS:
+        return f"over {MAX_FORMULA_CHARS} characters"
+    if "^^" in formula:  # TeX reads ^^5c as a backslash: every forbidden command could be spelled past the check
+        return "TeX's ^^ character notation"
     depth, escaped = 0, False
     for ch in formula:
         if escaped:

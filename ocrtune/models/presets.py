@@ -60,7 +60,16 @@ RANDOM_INIT_MARK = "ocrtune_random_init.json"  # a shape-only folder: training b
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("OCRTUNE_CACHE", Path.home() / ".cache" / "ocrtune"))
+    root = Path(os.environ.get("OCRTUNE_CACHE", Path.home() / ".cache" / "ocrtune")).expanduser()
+    # a file where the cache (or a folder above it) should be: one line, not a NotADirectoryError at the first write
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                from ocrtune.errors import UserError
+                raise UserError(f"the ocrtune cache {root} can't be made: {p} is not a folder",
+                                "set OCRTUNE_CACHE to a folder (or unset it for ~/.cache/ocrtune)")
+            break
+    return root
 
 
 def preset_path(name: str) -> Path:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from ocrtune.errors import UserError
-from ocrtune.fileio import UnsafeFile, check_regular, read_bounded, read_json, replace_dir, temp_dir_for
+from ocrtune.fileio import UnsafeFile, check_regular, read_bounded, read_json, replace_dir, temp_dir_for, within
 
 NAME = "ocrtune-reader"
 FORMAT = "ocrtune-reader"
@@ -135,10 +135,31 @@ def model_weight_files(model_dir: Path) -> list[Path]:
     return found if len(found) == 1 else []
 
 
-def read_model_tensors(model_dir: Path) -> dict:
+def check_weight_files(model_dir: Path, files: list[Path], max_mb: float) -> None:
+    """Each weight file a regular file inside `model_dir` (an index may name a FIFO or another folder's file),
+    and their total within what a package of `max_mb` can hold (float32 shrinks 4x in 8 bits at most, plus 1 MiB
+    of headers), before a byte of them is read."""
+    total = 0
+    for f in files:
+        if not within(f, model_dir):
+            raise UserError(f"{model_dir}'s weight index names {f}, outside the model folder",
+                            "export or save the model folder again")
+        try:
+            total += check_regular(f, what="weight file")
+        except (UnsafeFile, OSError) as e:
+            raise UserError(f"could not read weights {f}: {e.strerror if isinstance(e, OSError) else e}",
+                            "export or save the model folder again") from None
+    if total > 4 * max_mb * 1e6 + 2**20:
+        raise UserError(f"--model {model_dir} holds {total / 1e6:,.1f} MB of weights, more than a package of --max_mb "
+                        f"{max_mb:g} can hold in 8 bits", "package a smaller model, or raise --max_mb")
+
+
+def read_model_tensors(model_dir: Path, max_mb: float = float("inf")) -> dict:
     from safetensors import SafetensorError, safe_open
     tensors = {}
-    for f in model_weight_files(model_dir):
+    files = model_weight_files(model_dir)
+    check_weight_files(model_dir, files, max_mb)
+    for f in files:
         try:
             with safe_open(str(f), "pt") as st:
                 for k in st.keys():
@@ -221,11 +242,13 @@ def write_package(model_dir, output, max_mb: float = 40.0, shard_mb: float = 15.
     model_dir, output = Path(model_dir).expanduser(), Path(output).expanduser()
     check_model_dir(model_dir)
     check_not_input("--output", output, [("--model", model_dir)], contains=True)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if output.exists() and not output.is_dir():  # a file, a FIFO, a device
+        raise UserError(f"--output {output} exists and is not a folder", "choose a new folder")
+    if output.exists() and any(output.iterdir()):
         raise UserError(f"--output {output} exists and is not empty", "choose a new folder, or empty this one")
     config = read_json(model_dir / "config.json", fix="export or save the model folder again")
     tied = bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
-    packed, params, dropped = pack_tensors(read_model_tensors(model_dir), tied, keep_float16)
+    packed, params, dropped = pack_tensors(read_model_tensors(model_dir, max_mb), tied, keep_float16)
     with temp_dir_for(output) as tmp:
         try:
             files = [f for f in COPIED if (model_dir / f).is_file()]
@@ -292,13 +315,18 @@ def check_package(folder: Path, manifest: dict) -> None:
     """Every file the manifest names is there, a regular file, with its sha256 (a damaged or swapped one is named)."""
     for name, entry in manifest["files"].items():
         path = folder / name
-        if Path(name).name != name:
+        if Path(name).name != name or name in ("", ".", ".."):
             raise UserError(f"reader manifest {folder / MANIFEST} names a file outside its folder ({name})", _fix(folder))
+        if not within(path, folder):  # a link out of the package: its target is not the package's to vouch for
+            raise UserError(f"reader package file {path} is a link to a file outside {folder}", _fix(folder))
         try:
-            check_regular(path, what="reader package file")
+            size = check_regular(path, what="reader package file")
+            if not isinstance(entry, dict) or entry.get("bytes") != size:  # a swapped (or huge) file, unhashed
+                raise UnsafeFile(f"its size {size} is not the manifest's")
             digest = sha256(path)
         except (OSError, UnsafeFile) as e:
-            raise UserError(f"reader package file {path} is missing or unreadable ({type(e).__name__})", _fix(folder)) from None
+            raise UserError(f"reader package file {path} is missing, unreadable or not the manifest's "
+                            f"({type(e).__name__}: {e})", _fix(folder)) from None
         if not isinstance(entry, dict) or digest != entry.get("sha256"):
             raise UserError(f"reader package file {path} does not match its manifest (sha256 differs: damaged or replaced)",
                             _fix(folder))
@@ -353,10 +381,14 @@ def restore_reader(cache=None, dtype=None) -> Path:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / MANIFEST).write_bytes(raw)  # last: the folder is whole when it is there
             _readable(tmp)
-            if _restored(final):  # another process restored it meanwhile (and may be loading it): keep that one
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                replace_dir(tmp, final)
+            if not _restored(final):
+                try:
+                    replace_dir(tmp, final)
+                except OSError:  # another process renamed its restore in between: it is the same folder
+                    if not _restored(final):
+                        raise
+            # another process restored it meanwhile (and may be loading it): keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -2,6 +2,7 @@
 optimizer, schedule, checkpoints, --resume_from_checkpoint, --max_time) plus GRPO's own."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ocrtune.args import arg, ckpt_dir_arg, ints, max_new_tokens_arg, merge_lora_arg, positive, reals
@@ -64,6 +65,8 @@ def validate_rlhf(args: RlhfArgs) -> None:
         (not args.reward_weights or len(args.reward_weights) == len(args.reward_funcs or ["edit_distance"]),
          f"--reward_weights has {len(args.reward_weights or [])} values for {len(args.reward_funcs or ['edit_distance'])} "
          "--reward_funcs: give one weight per reward"),
+        (all(math.isfinite(w) for w in args.reward_weights or []), f"--reward_weights {args.reward_weights} holds a "
+         "value that is not a finite number (every advantage would be NaN)"),
         (not args.packing, "--packing is not supported by rlhf (completions are padded rows)"),
         (not args.predict_with_generate, "--predict_with_generate is not supported by rlhf (it has no evaluation)"),
         (not args.val_dataset and args.dataset_test_ratio is None, "--val_dataset and --dataset_test_ratio are not "

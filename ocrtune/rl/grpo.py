@@ -30,6 +30,7 @@ from ocrtune.data.images import BadImage
 from ocrtune.data.packing import IGNORE_INDEX
 from ocrtune.data.pixels import to_device
 from ocrtune.errors import UserError
+from ocrtune.fileio import check_not_input
 from ocrtune.models.template import SampleTooLong
 from ocrtune.rl import rewards as rw
 from ocrtune.rl.args import RlhfArgs, validate_rlhf
@@ -145,6 +146,8 @@ class GrpoRun(SftRun):
         self._sft_adapter: Path | None = None  # a LoRA --ckpt_dir whose adapter trains on (--merge_lora false)
         self._sft_run_name: str | None = None  # the model folder of a --ckpt_dir's sft run: the GRPO run goes beside it
         self.ref_forwards = 0  # reference forwards made (none with --beta 0)
+        self._skipped: set[int] = set()  # rows that failed to encode (warned once each)
+        self._empty_groups = 0  # optimizer steps in a row with no row that encodes
         super().__init__(args, data=_train_only(data or build_data), model=model)
         from ocrtune.models.generate import InferEngine
         self.engine = InferEngine(self.model, self.processor, self.template, workers=0)
@@ -167,6 +170,9 @@ class GrpoRun(SftRun):
         run = src.path.parent
         if (run / "args.json").is_file() and run.parent.name:  # <output_dir>/<model>/v<N>-<time>/checkpoint-<step>
             self._sft_run_name = run.parent.name
+        # the run writes nothing into the checkpoint it starts from (a LoRA one's --model is its base, not it)
+        check_not_input("--output_dir", args.output_dir, [("--ckpt_dir", Path(args.ckpt_dir).expanduser()),
+                                                          ("--ckpt_dir's checkpoint", src.path)])
         if src.kind != "lora":
             return _replace(args, model=str(src.path))
         weights_dir, _ = base_model(src, args.model, args.model_type, args.use_hf)
@@ -198,6 +204,17 @@ class GrpoRun(SftRun):
 
     def run_name(self) -> str:
         return self._sft_run_name or super().run_name()
+
+    def _setup_template(self, args: RlhfArgs) -> RlhfArgs:
+        """sft's, plus --max_completion_length within the model's positions (as infer's --max_new_tokens): past
+        them sampling runs on for nothing, before the model is loaded."""
+        from ocrtune.models.loading import check_new_tokens
+        args = super()._setup_template(args)
+        try:
+            check_new_tokens(self.model_dir, args.max_completion_length)
+        except UserError as e:
+            raise UserError(str(e).replace("--max_new_tokens", "--max_completion_length")) from None
+        return args
 
     def _setup_accelerator(self, args, given_model: bool) -> None:
         super()._setup_accelerator(args, given_model or self._builder is not None)
@@ -237,7 +254,9 @@ class GrpoRun(SftRun):
         self._seed_sampling(self.state["global_step"])
         rollouts = [r for r in (self.rollout(idx) for idx in group if idx) if r is not None]
         if not rollouts:
+            self._check_some_row_encodes()
             return None
+        self._empty_groups = 0
         step_tokens = sum(r.tokens for r in rollouts)
         per_batch = 1.0 / len(rollouts)  # bnpo and grpo: the mean over the step's micro-batches
         loss_sum, kls, clips = 0.0, [], []
@@ -276,6 +295,15 @@ class GrpoRun(SftRun):
         self._record(rollouts, kls, clips)
         return StepStats(loss_sum, 1, 0, grad_norm, 1)
 
+    def _check_some_row_encodes(self) -> None:
+        """A whole epoch of steps without a row that encodes: none ever will (the loop would spin forever, deaf
+        to SIGTERM, which is only heard between steps); one line, as sft says it."""
+        self._empty_groups += 1
+        if self._empty_groups > self.steps_in_epoch(self.state["epoch"]):
+            raise UserError(f"no training row fits: every --dataset row is over --max_length {self.args.max_length} "
+                            "or has an image that can't be read", "raise --max_length, lower --max_pixels, or check "
+                            "the data with --check_dataset_strategy error")
+
     def _seed_sampling(self, step: int) -> None:
         """Seed the step's sampling (and its dropout) from --seed, the step and the rank: a resumed run samples
         the completions the uninterrupted run sampled at that step."""
@@ -291,7 +319,9 @@ class GrpoRun(SftRun):
             try:
                 prompts.append(self.engine.encode_prompt(row))
             except (SampleTooLong, BadImage, ValueError) as e:
-                log.warning("row %d skipped: %s", int(i), e)
+                if int(i) not in self._skipped:  # once a row, not once an epoch
+                    self._skipped.add(int(i))
+                    log.warning("row %d skipped: %s", int(i), e)
                 continue
             solutions.append(answer_of(row))
             texts.append(" ".join(str(m["content"]) for m in row["messages"] if m["role"] == "user"))
@@ -306,6 +336,9 @@ class GrpoRun(SftRun):
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         total = (per_func * weights[:, None]).sum(dim=0)
         advantages, group_std = group_advantages(total, g)
+        if not (torch.isfinite(total).all() and torch.isfinite(advantages).all()):  # finite values, overflowing sums
+            raise UserError(f"the weighted rewards overflow float32 (largest |value| {max(abs(v) for vs in scores for v in vs):.3g})",
+                            "scale the rewards (or --reward_weights) to moderate values, e.g. within [-1e6, 1e6]")
         samples = [_sample(p, a.ids or (self.processor.tokenizer.pad_token_id,))
                    for p, a in zip([p for p in prompts for _ in range(g)], answers)]
         lengths = [len(a.ids) for a in answers]

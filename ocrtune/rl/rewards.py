@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import math
+import numbers
 from pathlib import Path
 from typing import Callable
 
 from ocrtune.errors import UserError, first_line
 
 DEFAULT_REWARDS = ("edit_distance",)
+MAX_PLUGIN_BYTES = 16 * 2**20  # a reward plugin is source code: a bigger file is a wrong path, read no further
 
 
 def edit_distance(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
@@ -95,6 +98,9 @@ def _import_file(path: Path, index: int):
         raise UserError(f"--external_plugins {path} does not exist", "pass the path of a .py file")
     if not path.is_file() or path.suffix != ".py":
         raise UserError(f"--external_plugins {path} is not a Python file", "pass the path of a .py file")
+    if path.stat().st_size > MAX_PLUGIN_BYTES:
+        raise UserError(f"--external_plugins {path} is {path.stat().st_size:,} bytes, over the {MAX_PLUGIN_BYTES:,} a "
+                        "reward plugin may have", "pass the .py file that defines the reward functions")
     spec = importlib.util.spec_from_file_location(f"ocrtune_reward_plugin_{index}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -122,7 +128,7 @@ def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[
     if len(set(names)) != len(names):
         raise UserError(f"--reward_funcs names a reward twice ({' '.join(names)})", "name each reward once")
     if any(n in NEEDS_CDM and table[n] is BUILTIN[n] for n in names):
-        _cdm_module()
+        _cdm_module().check_tex(None)  # pdflatex found and typesetting now, not at the first step (run folder made)
     return [Reward(n, table[n], float(w)) for n, w in zip(names, weights or [1.0] * len(names))]
 
 
@@ -132,21 +138,38 @@ def score(rewards: list[Reward], completions: list[str], solutions: list[str], *
     out = []
     for r in rewards:
         try:
-            values = r.fn(list(completions), list(solutions), **kwargs)
-        except UserError:
+            values = _numbers(r.name, r.fn(list(completions), list(solutions), **kwargs), len(completions))
+        except (UserError, KeyboardInterrupt):
             raise
-        except Exception as e:  # the reward's own failure (often a user's plugin): one line naming it
+        except BaseException as e:  # the reward's own failure (a user's plugin; sys.exit too): one line naming it
             raise UserError(f"reward {r.name} failed: {first_line(e)}", "fix the reward function") from e
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise UserError(f"reward {r.name} returned {type(values).__name__} {str(values)[:80]}, not a list of numbers",
-                            "return one float per completion") from None
-        if len(values) != len(completions):
-            raise UserError(f"reward {r.name} returned {len(values)} values for {len(completions)} completions",
-                            "return one float per completion, in order")
-        if not all(math.isfinite(v) for v in values):
-            raise UserError(f"reward {r.name} returned a value that is not finite ({values})",
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(f"reward {r.name} returned {values[bad]} for completion {bad}, not a finite number",
                             "return finite floats")
         out.append(values)
+    return out
+
+
+def _numbers(name: str, values, n: int) -> list[float]:
+    """A reward's values as n floats, read no further than n + 1 of them (a generator may not end); a string,
+    a mapping or anything that is not a real number is a one-line error naming the reward."""
+    def bad(what: str):
+        return UserError(f"reward {name} returned {what}, not a list of numbers", "return one float per completion")
+    if isinstance(values, (str, bytes, dict, set)) or not hasattr(values, "__iter__"):
+        raise bad(f"{type(values).__name__} {str(values)[:80]}")
+    out = []
+    for v in itertools.islice(iter(values), n + 1):
+        if getattr(v, "ndim", 0) == 0 and hasattr(v, "item"):  # a numpy or torch scalar
+            v = v.item()
+        if not isinstance(v, numbers.Real):
+            raise bad(f"{type(v).__name__} {str(v)[:80]} among its values")
+        try:
+            out.append(float(v))
+        except OverflowError:
+            raise UserError(f"reward {name} returned {str(v)[:40]}..., too large for a float",
+                            "return finite floats") from None
+    if len(out) != n:
+        raise UserError(f"reward {name} returned {len(out) if len(out) <= n else 'more than ' + str(n)} values for "
+                        f"{n} completions", "return one float per completion, in order")
     return out

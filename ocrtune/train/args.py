@@ -267,7 +267,9 @@ def check_output_dir(args: SftArgs) -> None:
     would write its folders and logs among the files it reads."""
     from ocrtune.data.fingerprint import dataset_paths
     from ocrtune.fileio import check_not_input
-    inputs = [(f"--dataset {v}", p) for v, p in dataset_paths((args.dataset or []) + (args.val_dataset or []))]
+    # the message names the flag and the path (once: a plain path is the value as given)
+    inputs = [("--dataset" if str(p) == v else f"--dataset {v}", p)
+              for v, p in dataset_paths((args.dataset or []) + (args.val_dataset or []))]
     if args.model and Path(args.model).expanduser().exists():
         inputs.append(("--model", Path(args.model).expanduser()))
     check_not_input("--output_dir", args.output_dir, inputs)

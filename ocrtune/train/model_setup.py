@@ -144,10 +144,14 @@ def speed_max(args: SftArgs, device) -> tuple[dict, list[str]]:
               "float8 matmuls need a CUDA GPU" if device.type != "cuda" else None)
     if fp8_no is None:
         fp8_no = float8_matmul_reason(device, train_dtype(args.dtype, device))
+    # rlhf (its args name an rlhf_type) scores each completion on its own padded row: packed, every advantage
+    # would weigh every completion's tokens
+    no_pack = "rlhf pads each completion to its own row" if getattr(args, "rlhf_type", None) else None
     wanted = [("fp8_base", True, fp8_no), ("lean_mlp_fp8", True, fp8_no),
               ("lora_dropout", 0.0, None if lora else "full fine-tuning has no LoRA dropout"),
-              ("gradient_checkpointing", False, None), ("packing", True, None),
-              ("packing_tokens", SPEED_MAX_TOKENS, None if "packing" not in given or args.packing else "--packing false given")]
+              ("gradient_checkpointing", False, None), ("packing", True, no_pack),
+              ("packing_tokens", SPEED_MAX_TOKENS, no_pack or (None if "packing" not in given or args.packing
+                                                               else "--packing false given"))]
     changes, skipped = {}, []
     for name, value, why_not in wanted:
         if name in given:

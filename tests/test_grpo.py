@@ -250,3 +250,11 @@ def test_max_time_stops_after_the_step_in_progress_and_saves_it(tmp_path, tiny_m
     result = run.train()
     assert result["global_step"] == 1
     assert sorted(p.name for p in Path(result["run_dir"]).glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_rendering_rewards_typeset_with_the_runs_tex_root(tmp_path):
+    """--tex_root reaches the cdm/format rewards: an empty folder is refused when the rewards are resolved, naming it."""
+    with pytest.raises(UserError, match=str(tmp_path)):
+        rw.resolve(["edit_distance", "cdm"], None, None, tex_root=str(tmp_path))
+    rewards = rw.resolve(["edit_distance"], None, None, tex_root=str(tmp_path))  # no rendering reward: not checked
+    assert [r.name for r in rewards] == ["edit_distance"]

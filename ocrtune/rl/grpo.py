@@ -156,7 +156,7 @@ class GrpoRun(SftRun):
     def _setup_resume(self, args: RlhfArgs):
         args, resume_state = super()._setup_resume(args)  # a resume's settings are the run's (its rewards too)
         validate_rlhf(args)
-        self.rewards = rw.resolve(args.reward_funcs, args.reward_weights, args.external_plugins)
+        self.rewards = rw.resolve(args.reward_funcs, args.reward_weights, args.external_plugins, args.tex_root)
         self.state.setdefault("rl_log", {})
         return self._from_ckpt_dir(args), resume_state
 

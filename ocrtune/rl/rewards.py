@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -36,14 +37,14 @@ def exact(completions: list[str], solutions: list[str], **kwargs) -> list[float]
     return [float(exact_match(c, s)) for c, s in zip(completions, solutions)]
 
 
-def cdm(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+def cdm(completions: list[str], solutions: list[str], tex_root: str | None = None, **kwargs) -> list[float]:
     """CDM (character detection matching of the rendered formulas), in [0, 1]."""
-    return list(_cdm_module().cdm_scores(completions, solutions, tex_root=None))
+    return list(_cdm_module().cdm_scores(completions, solutions, tex_root=tex_root))
 
 
-def format_reward(completions: list[str], solutions: list[str], **kwargs) -> list[float]:
+def format_reward(completions: list[str], solutions: list[str], tex_root: str | None = None, **kwargs) -> list[float]:
     """1.0 where the completion compiles as a LaTeX formula, else 0.0."""
-    return [float(ok) for ok in _cdm_module().compiles(completions, tex_root=None)]
+    return [float(ok) for ok in _cdm_module().compiles(completions, tex_root=tex_root)]
 
 
 def _cdm_module():
@@ -114,8 +115,10 @@ def _import_file(path: Path, index: int):
     return module
 
 
-def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[str] | None) -> list[Reward]:
-    """The run's rewards: each name a built-in or a plugin's (a plugin's name wins), with its weight."""
+def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[str] | None,
+            tex_root: str | None = None) -> list[Reward]:
+    """The run's rewards: each name a built-in or a plugin's (a plugin's name wins), with its weight; the
+    rendering ones typeset with `tex_root`'s pdflatex (else PATH's)."""
     names = list(names or DEFAULT_REWARDS)
     if weights and len(weights) != len(names):
         raise UserError(f"--reward_weights has {len(weights)} values for {len(names)} --reward_funcs",
@@ -128,7 +131,9 @@ def resolve(names: list[str] | None, weights: list[float] | None, plugins: list[
     if len(set(names)) != len(names):
         raise UserError(f"--reward_funcs names a reward twice ({' '.join(names)})", "name each reward once")
     if any(n in NEEDS_CDM and table[n] is BUILTIN[n] for n in names):
-        _cdm_module().check_tex(None)  # pdflatex found and typesetting now, not at the first step (run folder made)
+        _cdm_module().check_tex(tex_root)  # pdflatex found and typesetting now, not at the first step (run folder made)
+        table = {n: functools.partial(f, tex_root=tex_root) if n in NEEDS_CDM and f is BUILTIN[n] else f
+                 for n, f in table.items()}
     return [Reward(n, table[n], float(w)) for n, w in zip(names, weights or [1.0] * len(names))]
 
 

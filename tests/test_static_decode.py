@@ -465,3 +465,13 @@ def test_sampling_never_emits_an_image_placeholder(parts, rows):
         handle.remove()
     assert all(a.ids and not set(a.ids) & set(vision) for a in answers)
     assert "suppress_tokens" not in greedy
+
+
+def test_decode_static_with_sampling_says_how_it_decodes(tiny_model_dir, capsys):
+    """--decode static with --temperature or --num_beams: one note on stderr that those decode with generate."""
+    from ocrtune.infer.args import InferArgs
+    from ocrtune.infer.load import load_for_inference
+    for kw in ({"temperature": 0.7}, {"num_beams": 2}, {}):
+        load_for_inference(InferArgs(model=str(tiny_model_dir), decode="static", **kw))
+        err = capsys.readouterr().err
+        assert ("note: --decode static decodes greedy batches" in err) == bool(kw), (kw, err)

@@ -33,6 +33,10 @@ def load_for_inference(args):
     from ocrtune.models.source import resolve_source
     from ocrtune.models.template import Template
 
+    sampled = (getattr(args, "temperature", 0) or 0) > 0 or (getattr(args, "num_beams", 1) or 1) > 1
+    if getattr(args, "decode", "auto") == "static" and sampled:
+        print("note: --decode static decodes greedy batches; this run samples or searches beams, which decode with "
+              "generate", file=sys.stderr)
     max_new_tokens, decode, args = args.max_new_tokens, getattr(args, "decode", "auto"), ModelSource.of(args)
 
     device = pick_device()

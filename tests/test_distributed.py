@@ -377,3 +377,17 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_saves_it(t
     state = json.loads((run / f"checkpoint-{step}" / "trainer_state.json").read_text())
     assert state["global_step"] == step
     assert load_file(run / f"checkpoint-{step}" / "adapter_model.safetensors")
+
+
+def test_rlhf_relaunches_as_rlhf_under_two_processes(tmp_path):
+    """NPROC_PER_NODE=2 ocrtune rlhf: torchrun's ranks run rlhf (not sft), step together and write one run."""
+    cmd = [sys.executable, "-m", "ocrtune", "rlhf", "--rlhf_type", "grpo", "--dataset", "latex-ocr-sample#16",
+           "--num_generations", "4", "--batch_size", "4", "--max_completion_length", "6", "--max_steps", "2",
+           "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **two_ranks()})
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "tiny").glob("v*-*"))
+    assert len(runs) == 1, runs
+    log = [json.loads(line) for line in (runs[0] / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all("reward/edit_distance/mean" in r for r in log)
+    assert (runs[0] / "checkpoint-2" / "adapter_model.safetensors").is_file()

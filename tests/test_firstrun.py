@@ -180,3 +180,31 @@ def test_an_installed_ocrtune_puts_no_site_packages_on_the_ranks_pythonpath(monk
     from ocrtune.train.launch import rank_env
     monkeypatch.setattr(ocrtune, "__file__", "/usr/lib/python3/site-packages/ocrtune/__init__.py")
     assert rank_env({"PYTHONPATH": "/mine", "X": "1"}) == {"PYTHONPATH": "/mine", "X": "1", "PYTHONSAFEPATH": "1"}
+
+
+
+def test_processes_asking_for_a_preset_at_once_build_it_once(tmp_path, monkeypatch):
+    """The ranks of `NPROC_PER_NODE=2 ocrtune sft` on a fresh cache ask for the tiny preset at the same moment:
+    one builds it while the other waits on the lock and then takes the finished folder (two builds replaced the
+    folder one rank was loading). Two threads stand in for the ranks: flock is per open file, so they contend."""
+    import threading
+    import time
+
+    from ocrtune.models import presets
+    monkeypatch.setenv("OCRTUNE_CACHE", str(tmp_path))
+    builds = []
+
+    def slow_build(name, out, *a, **kw):
+        builds.append(name)
+        time.sleep(0.5)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+    monkeypatch.setattr(presets, "build_preset", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(presets.ensure_preset("tiny"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert builds == ["tiny"] and len(got) == 2 and got[0] == got[1] == presets.preset_path("tiny")

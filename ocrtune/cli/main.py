@@ -98,7 +98,7 @@ def run(argv: list[str]) -> int:
         args = build(RlhfArgs, ns)
         validate(args)
         validate_rlhf(args)
-        resolve(args.reward_funcs, args.reward_weights, args.external_plugins)  # names and plugins, before any work
+        resolve(args.reward_funcs, args.reward_weights, args.external_plugins, args.tex_root)  # before any work
         check_torch_stack()
         maybe_relaunch(argv)
         from ocrtune.rl.grpo import run_grpo

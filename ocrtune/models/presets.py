@@ -14,6 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent first builds are not guarded there
+    fcntl = None
+
 BUILD_VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -156,8 +161,16 @@ def build_preset(name: str, out: Path, texts: list[str] | None = None, seed: int
 
 
 def ensure_preset(name: str) -> Path:
-    """Path of preset `name`, building it on first use (a few seconds for tiny)."""
+    """Path of preset `name`, building it on first use (a few seconds for tiny). Processes that ask at once (the
+    ranks of `NPROC_PER_NODE=2 ocrtune sft` on a fresh cache) build it once: the others wait on a lock, then load
+    the finished folder, never one that a second build is replacing."""
     path = preset_path(name)
-    if not (path / "config.json").exists():
-        build_preset(name, path)
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (path / "config.json").exists():
+            build_preset(name, path)
     return path

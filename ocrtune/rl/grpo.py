@@ -253,6 +253,10 @@ class GrpoRun(SftRun):
         acc, args = self.accelerator, self.args
         self._seed_sampling(self.state["global_step"])
         rollouts = [r for r in (self.rollout(idx) for idx in group if idx) if r is not None]
+        if acc.num_processes > 1:  # the same number of micro-batches on every rank, so their collectives line up
+            n = torch.tensor(len(rollouts), device=acc.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            rollouts = rollouts[:int(n)]  # a rank whose rows failed to encode shortens the step for all
         if not rollouts:
             self._check_some_row_encodes()
             return None

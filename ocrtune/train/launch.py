@@ -1,4 +1,4 @@
-"""NPROC_PER_NODE=N ocrtune sft ...: re-run the same command under torchrun (SWIFT's shortcut), also
+"""NPROC_PER_NODE=N ocrtune sft|rlhf ...: re-run the same command under torchrun (SWIFT's shortcut), also
 across nodes the way SWIFT users write it: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def torchrun_args(argv: list[str]) -> list[str] | None:
         raise UserError("NNODES > 1 needs MASTER_ADDR", "set MASTER_ADDR to node 0's address (and the same MASTER_PORT on every node)")
     return [f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
             f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-            f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", "ocrtune", "sft", *argv[1:]]
+            f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", "ocrtune", *argv]  # the same command (sft or rlhf)
 
 
 def rank_env(env: dict) -> dict:

@@ -264,7 +264,7 @@ def _render_latex(src: str) -> np.ndarray:
     return (255 - np.round(alpha * 255)).astype(np.uint8)
 
 
-@lru_cache(maxsize=16384)
+@lru_cache(maxsize=2048)  # a picture is ~50-100 KB: 2,048 of them stay near 100-200 MB in a long run
 def _render_cached(normalized: str, engine: str):
     """Cropped grayscale picture (read-only array) or None if rendering fails."""
     if not normalized:

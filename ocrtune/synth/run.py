@@ -11,6 +11,8 @@ import json
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -234,11 +236,15 @@ def run_synth(args: SynthArgs) -> dict:
     rendered, t0 = 0, time.time()
     num_proc = min(args.num_proc or os.cpu_count() or 1, max(1, len(jobs)))
     bar = tqdm(total=sum(len(f) for _, f in jobs), desc="synth", unit="formula", dynamic_ncols=True)
-    pool = multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tex,)) if num_proc > 1 else None
+    # an executor, not multiprocessing.Pool: a worker killed mid-chunk (out of memory) breaks it, where Pool
+    # would wait for the lost chunk for ever
+    pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("spawn"), _init_worker, (tex,)) \
+        if num_proc > 1 else None
     try:
         if pool is None:
             _init_worker(tex)
-        results = pool.imap_unordered(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
+        results = (f.result() for f in as_completed([pool.submit(_render_chunk, j) for j in jobs])) if pool \
+            else map(_render_chunk, jobs)
         for start, res in results:
             k = start // args.shard_size
             pending[k].append((start, res))
@@ -247,10 +253,14 @@ def run_synth(args: SynthArgs) -> dict:
                 rows = shard_rows(pending.pop(k), formulas, skipped)
                 rendered += len(rows)
                 write_shard(shard_path[k], rows)
+    except BrokenProcessPool:
+        raise UserError("a rendering worker of ocrtune synth died (killed for lack of memory?)",
+                        "free memory or lower --num_proc, and run the same command again: the finished shards are "
+                        "kept") from None
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     seconds = time.time() - t0
     why = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
     resumed = f" ({done_before} shard(s) already there)" if done_before else ""

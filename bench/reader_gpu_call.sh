@@ -6,13 +6,13 @@
 #   A  carry .whl .whl_alt .carry/latex .carry/tex; ~560 s: the recipe's phase train (synth + stage 1 until --max_time)
 #   B  same machine; ~560 s: the recipe's phase rest (stage 1 resumed and decayed by the clock, merged, evaluated
 #      unquantized, stage 2), its deadline 545 s instead of 560 so that the packing fits the call; then the merged
-#      stage-1 model packaged -> .work/reader/package/ and $OUT/reader/ (weights in shards of <= 15 MiB: the device
-#      returns files of <= 16 MiB), so the package is safe even if C never runs
+#      stage-1 model packaged -> .work/reader/package/ and $OUT/reader.tar.part-* (below), so the package is safe
+#      even if C never runs
 #   C  same machine; ~150-250 s: `ocrtune eval --model ocrtune-reader` with OCRTUNE_READER_DIR=.work/reader/package on
-#      print and handwrite validation (both at once on the GPU, as the recipe runs its evaluations) ->
-#      $OUT/eval/; $OUT/reader_eval.json puts them beside the unquantized merged model's figures from the recipe's
-#      report; then the package again with those figures in reader.json's card -> $OUT/reader/ (its weight files
-#      checked byte-identical to B's). Commit: copy $OUT/reader/* into ocrtune/models/reader_weights/.
+#      print and handwrite validation (both at once on the GPU, as the recipe runs its evaluations);
+#      reader_eval.json puts them beside the unquantized merged model's figures from the recipe's report; then the
+#      package again with those figures in reader.json's card (its weight files checked byte-identical to B's) ->
+#      $OUT/reader.tar.part-*. Commit: `cat reader.tar.part-* | tar x`, copy final/* into ocrtune/models/reader_weights/.
 # The evaluations can't follow phase rest in B: it uses its whole deadline, and they need ~100-150 s of the call's 600.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORK=.work/from_scratch; PKG=.work/reader/package
 DATA=${DATA:-.carry/latex}
 SHARD_MB=${SHARD_MB:-15}
+RECIPE_ARGS=${RECIPE_ARGS:-}  # e.g. --smoke: the whole flow on a CPU with the tiny model, in a few minutes
 # KEEP_F16=REGEX: those tensors stay float16. Where C shows 8 bits costing accuracy, a second C on the same machine
 # packs and evaluates that variant: rm -rf .work/reader/package && KEEP_F16=embed_tokens bash bench/reader_gpu_call.sh C
 
@@ -36,31 +37,47 @@ package() {  # $1: output folder, $2: card json (optional)
     ${KEEP_F16:+--keep_float16 "$KEEP_F16"}
 }
 
+# The device returns at most 8 files of <= 16 MiB from $OUT: the package comes back as one tar split into 15 MiB
+# parts ($OUT/reader.tar.part-aa, -ab, ...; `cat reader.tar.part-* | tar x` rebuilds it), each call's reports and
+# logs as one $OUT/<call>_reports.tgz.
+REPORT=.work/reader/report
+split_package() {  # $1: a package folder
+  rm -f $OUT/reader.tar.part-*
+  tar -cf - -C "$(dirname "$1")" "$(basename "$1")" | split -b 15m - $OUT/reader.tar.part-
+}
+bring_back() {  # $1: the call's letter
+  tar -czf $OUT/$1_reports.tgz -C .work/reader report
+}
+
 case "$1" in
-A)  bash examples/latex_ocr_from_scratch.sh --phase train --data_dir $DATA --report_dir $OUT > $OUT/phase_train_log.txt 2>&1 ;;
-B)  bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir $DATA --report_dir $OUT --deadline_seconds 545 \
-      > $OUT/phase_rest_log.txt 2>&1
+A)  mkdir -p $REPORT
+    bash examples/latex_ocr_from_scratch.sh --phase train --data_dir $DATA --report_dir $REPORT $RECIPE_ARGS > $REPORT/phase_train_log.txt 2>&1
+    rc=$?; tail -5 $REPORT/phase_train_log.txt; bring_back A; exit $rc ;;
+B)  mkdir -p $REPORT
+    bash examples/latex_ocr_from_scratch.sh --phase rest --data_dir $DATA --report_dir $REPORT --deadline_seconds 545 $RECIPE_ARGS \
+      > $REPORT/phase_rest_log.txt 2>&1
     rc=$?
     export PYTHONPATH=/tmp/site:$PWD  # the wheels the recipe's wrapper installed (datasets, rapidfuzz)
-    package $PKG > $OUT/package_log.txt 2>&1 && cp -r $PKG $OUT/reader
-    cat $OUT/package_log.txt
+    package $PKG > $REPORT/package_log.txt 2>&1 && split_package $PKG
+    cat $REPORT/package_log.txt; bring_back B
     exit $rc ;;
 C)  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     export OCRTUNE_CACHE=.work/reader/cache OCRTUNE_READER_DIR=$PWD/$PKG
-    [ -f $PKG/reader.json ] || package $PKG > $OUT/package_log.txt 2>&1 || exit 1
-    mkdir -p $OUT/eval
+    mkdir -p $REPORT
+    [ -f $PKG/reader.json ] || package $PKG > $REPORT/package_log.txt 2>&1 || exit 1
+    EV=$REPORT/eval; mkdir -p $EV
     # restored once (checked against reader.json, dequantized into the cache) before the two evaluations find it there
-    python3 -c "from ocrtune.models.reader import restore_reader; print(restore_reader())" > $OUT/restore_log.txt 2>&1 \
-      || { cat $OUT/restore_log.txt; exit 1; }
+    python3 -c "from ocrtune.models.reader import restore_reader; print(restore_reader())" > $REPORT/restore_log.txt 2>&1 \
+      || { cat $REPORT/restore_log.txt; bring_back C; exit 1; }
     pids=()
     for set in print handwrite; do
       timeout 400 python3 -m ocrtune eval --model ocrtune-reader --val_dataset $DATA/$set/validation.parquet \
         --metrics bleu,edit_distance,exact_match,token_acc --infer_batch_size 256 --max_new_tokens 256 \
-        --result_path $OUT/eval/$set.jsonl > $OUT/eval/${set}_log.txt 2>&1 &
+        --result_path $EV/$set.jsonl > $EV/${set}_log.txt 2>&1 &
       pids+=($!)
     done
     for p in "${pids[@]}"; do wait $p; done
-    python3 - "$OUT" "$WORK" > $OUT/card.json <<'EOF'
+    python3 - "$REPORT" "$WORK" > $REPORT/card.json <<'EOF'
 import json, sys
 from pathlib import Path
 out, work = Path(sys.argv[1]), Path(sys.argv[2])
@@ -81,9 +98,9 @@ card = {"recipe": "examples/latex_ocr_from_scratch.py (stage 1: synthetic + LaTe
         "eval_rows": {s: shipped[s].get("count") for s in shipped}}
 print(json.dumps(card, indent=2))
 EOF
-    package .work/reader/final $OUT/card.json > $OUT/package_final_log.txt 2>&1 || exit 1
+    package .work/reader/final $REPORT/card.json > $REPORT/package_final_log.txt 2>&1 || { bring_back C; exit 1; }
     for f in $PKG/*.safetensors; do cmp -s "$f" .work/reader/final/$(basename "$f") || { echo "error: $f differs between packings" >&2; exit 1; }; done
-    rm -rf $OUT/reader && cp -r .work/reader/final $OUT/reader
-    cat $OUT/reader_eval.json ;;
+    split_package .work/reader/final
+    cat $REPORT/reader_eval.json; bring_back C ;;
 *)  echo "usage: bash bench/reader_gpu_call.sh A|B|C (back to back on one machine)" >&2; exit 2 ;;
 esac

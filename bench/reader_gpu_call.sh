@@ -13,6 +13,8 @@
 #      reader_eval.json puts them beside the unquantized merged model's figures from the recipe's report; then the
 #      package again with those figures in reader.json's card (its weight files checked byte-identical to B's) ->
 #      $OUT/reader.tar.part-*. Commit: `cat reader.tar.part-* | tar x`, copy final/* into ocrtune/models/reader_weights/.
+#   D  same machine, after B: bench/learning/grpo_vs_sft.py on the merged stage 1 (GRPO with the cdm reward against
+#      equal-time SFT, ARM_SECONDS each, then both evaluated with CDM) -> $OUT/grpo_vs_sft_<card>.json
 # The evaluations can't follow phase rest in B: it uses its whole deadline, and they need ~100-150 s of the call's 600.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -102,5 +104,10 @@ EOF
     for f in $PKG/*.safetensors; do cmp -s "$f" .work/reader/final/$(basename "$f") || { echo "error: $f differs between packings" >&2; exit 1; }; done
     split_package .work/reader/final
     cat $REPORT/reader_eval.json; bring_back C ;;
-*)  echo "usage: bash bench/reader_gpu_call.sh A|B|C (back to back on one machine)" >&2; exit 2 ;;
+D)  # after B on the same machine (its merged stage 1): GRPO with the cdm reward against equal-time SFT, ~560 s
+    export PYTHONPATH=/tmp/site:$PWD
+    CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | tr A-Z a-z)
+    timeout 580 python3 bench/learning/grpo_vs_sft.py --data_dir $DATA --seconds ${ARM_SECONDS:-150} \
+      --out $OUT/grpo_vs_sft_${CARD:-gpu}.json 2>&1 | tee $OUT/grpo_vs_sft_log.txt ;;
+*)  echo "usage: bash bench/reader_gpu_call.sh A|B|C|D (back to back on one machine)" >&2; exit 2 ;;
 esac

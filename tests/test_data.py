@@ -46,6 +46,25 @@ def test_bundled_sample_has_print_and_handwriting():
     assert 20 <= len(val) <= 60
 
 
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_the_samples_print_and_handwrite_subsets_split_it(split):
+    """latex-ocr-sample-print and -handwrite are the sample's two kinds of rows: disjoint, together the whole."""
+    answers = lambda name: [r["messages"][-1]["content"] for r in load_dataset(name, split=split)]
+    whole, printed, written = answers("latex-ocr-sample"), answers("latex-ocr-sample-print"), \
+        answers("latex-ocr-sample-handwrite")
+    assert printed + written == whole and len(written) == {"train": 96, "validation": 16}[split]
+
+
+def test_the_samples_handwrite_rows_are_handwriting(shared_data):
+    """Against the real data: every row of latex-ocr-sample-handwrite is a LaTeX_OCR handwrite formula, and no row
+    of latex-ocr-sample-print is."""
+    hand = {t for f in ("train", "validation")
+            for t in pq.read_table(shared_data / "handwrite" / f"{f}.parquet", columns=["text"]).column("text").to_pylist()}
+    for split in ("train", "validation"):
+        assert all(r["messages"][-1]["content"] in hand for r in load_dataset("latex-ocr-sample-handwrite", split=split))
+        assert not any(r["messages"][-1]["content"] in hand for r in load_dataset("latex-ocr-sample-print", split=split))
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "arrow"])
 def test_query_response_files_with_image_paths(tmp_path, fmt):
     rows = sample_rows()

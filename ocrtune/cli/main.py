@@ -141,7 +141,9 @@ def run(argv: list[str]) -> int:
             print(f"  {s.name:28s} {s.hf_id or '(built locally: ' + s.preset + ')'}")
         print("datasets:")
         for d in DATASETS.values():
-            print(f"  {d.name:28s} {d.hf_id or 'bundled sample'} {'/'.join(d.subsets) if d.hf_id else ''}")
+            local = "bundled sample" + (f" ({d.name.rsplit('-', 1)[1]} rows: {' + '.join(str(b - a) for a, b in d.rows.values())})"
+                                        if d.rows else "")
+            print(f"  {d.name:28s} {d.hf_id or local} {'/'.join(d.subsets) if d.hf_id else ''}")
     return 0
 
 

@@ -250,7 +250,10 @@ def load_raw(arg: str, split: str = "train", use_hf: bool = True) -> tuple[datas
         split_name = spec.splits[0] if split == "train" else (spec.val_split or split)
         if spec.local_dir is not None:
             f = spec.local_dir / f"{split_name}.parquet"
-            return datasets.load_dataset("parquet", data_files=str(f), split="train"), str(spec.local_dir), arg
+            ds = datasets.load_dataset("parquet", data_files=str(f), split="train")
+            if spec.rows and split_name in spec.rows:
+                ds = ds.select(range(*spec.rows[split_name]))
+            return ds, str(spec.local_dir), arg
         parts = [_load_hub(spec.hf_id, s, split_name, use_hf, spec.ms_id) for s in spec.subsets]
         return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), None, arg
     if _looks_like_path(arg):

@@ -27,6 +27,7 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("train",)
     preprocess: Callable[[dict], dict] | None = None
     local_dir: Path | None = None  # bundled data (parquet files named <split>.parquet)
+    rows: dict[str, tuple[int, int]] | None = None  # bundled data: the [start, end) rows of each split file it takes
     val_split: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
 
@@ -50,6 +51,11 @@ register_dataset("latex-ocr-human-handwrite", "linxy/LaTeX_OCR", "AI-ModelScope/
                  subsets=["human_handwrite"], splits=["train"], preprocess=latex_ocr_preprocess, val_split="validation")
 register_dataset("latex-ocr-sample", splits=["train"], preprocess=latex_ocr_preprocess, local_dir=SAMPLE_DIR,
                  val_split="validation")
+# the sample's files hold the print rows first, then the handwritten ones (train 192 + 96, validation 24 + 16)
+register_dataset("latex-ocr-sample-print", splits=["train"], preprocess=latex_ocr_preprocess, local_dir=SAMPLE_DIR,
+                 val_split="validation", rows={"train": (0, 192), "validation": (0, 24)})
+register_dataset("latex-ocr-sample-handwrite", splits=["train"], preprocess=latex_ocr_preprocess, local_dir=SAMPLE_DIR,
+                 val_split="validation", rows={"train": (192, 288), "validation": (24, 40)})
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:

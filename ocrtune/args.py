@@ -141,6 +141,17 @@ def max_pixels_arg(help: str):
     return arg(None, help, env="MAX_PIXELS", domain=PIXELS)
 
 
+def tex_root_arg(used_by: str):
+    return arg(None, f"{used_by}: unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the system "
+                     "pdflatex", env="OCRTUNE_TEX_ROOT")
+
+
+def decode_arg():
+    return arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic (drops rows "
+                       "that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
+               choices=("auto", "static", "dynamic"))
+
+
 def max_new_tokens_arg(default: int, help: str):
     return arg(default, help, domain=NEW_TOKENS)
 

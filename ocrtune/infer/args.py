@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import (SEED, arg, ckpt_dir_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg, merge_lora_arg,
-                          model_arg, model_type_arg, quant_bits_arg, reals, use_hf_arg)
+from ocrtune.args import (SEED, arg, ckpt_dir_arg, decode_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,
+                          merge_lora_arg, model_arg, model_type_arg, quant_bits_arg, reals, tex_root_arg, use_hf_arg)
 
 
 @dataclass
@@ -23,8 +23,7 @@ class InferArgs:
     split: str = arg("validation", "split of registry datasets to use")
     metrics: str = arg("bleu,edit_distance,exact_match", "comma-separated: bleu, edit_distance, exact_match, token_acc, "
                                                           "render, cdm (needs pdflatex)")
-    tex_root: str | None = arg(None, "--metrics cdm: unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of "
-                                     "the system pdflatex", env="OCRTUNE_TEX_ROOT")
+    tex_root: str | None = tex_root_arg("--metrics cdm")
     infer_batch_size: int = arg(8, "batch size for generation", aliases=("--batch_size",), domain=ints(1, 65536))
     max_new_tokens: int = max_new_tokens_arg(512, "longest answer in tokens")
     temperature: float = arg(0.0, "0 = greedy", domain=reals(0, 100))
@@ -37,9 +36,7 @@ class InferArgs:
     quant_bits: int | None = quant_bits_arg("run the base model in 4 bits (NF4) or 8 by bitsandbytes, with or without "
                                             "an adapter (a QLoRA run's base); default: unquantized")
     seed: int = arg(42, "seed for sampling and dataset sampling", domain=SEED)
-    decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
-                              "(drops rows that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
-                      choices=("auto", "static", "dynamic"))
+    decode: str = decode_arg()
 
 
 def gen_kwargs(args: InferArgs) -> dict:

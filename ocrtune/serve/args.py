@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ocrtune.args import (arg, ckpt_dir_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg, merge_lora_arg, model_arg,
-                          model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
+from ocrtune.args import (arg, ckpt_dir_arg, decode_arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,
+                          merge_lora_arg, model_arg, model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
 
 
 @dataclass
@@ -51,9 +51,7 @@ class ServeArgs:
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives",
                                domain=reals(0, 60_000))
     max_queue: int = arg(256, "requests waiting beyond this many are refused with 503", domain=ints(1, 10**7))
-    decode: str = arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic "
-                              "(drops rows that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
-                      choices=("auto", "static", "dynamic"))
+    decode: str = decode_arg()
     # limits
     max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")
     max_request_mb: float = arg(20.0, "largest request body in MB", domain=positive(65536))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ocrtune.args import (BIG, SEED, SHARE, arg, dtype_arg, ints, max_new_tokens_arg, max_pixels_arg,
-                          model_arg, model_type_arg, positive, quant_bits_arg, reals, use_hf_arg)
+                          model_arg, model_type_arg, positive, quant_bits_arg, reals, tex_root_arg, use_hf_arg)
 from ocrtune.errors import UserError
 
 
@@ -120,8 +120,7 @@ class SftArgs:
     predict_with_generate: bool = arg(False, "also generate on the validation set and log BLEU/edit distance/exact match")
     generate_metrics: str = arg("bleu,edit_distance,exact_match", "with --predict_with_generate: comma-separated: bleu, "
                                 "edit_distance, exact_match, render, cdm (CDM and ExpRate@CDM; needs pdflatex)")
-    tex_root: str | None = arg(None, "cdm: unpacked portable TeX bundle (scripts/make_tex_bundle.sh) instead of the "
-                               "system pdflatex", env="OCRTUNE_TEX_ROOT")
+    tex_root: str | None = tex_root_arg("cdm")
     max_new_tokens: int = max_new_tokens_arg(256, "generation length for --predict_with_generate")
     output_dir: str = arg("output", "runs go to <output_dir>/<model>/v<N>-<time>/")
     add_output_dir_suffix: bool = arg(True, "add <model>/v<N>-<time> to output_dir")

@@ -10,46 +10,25 @@ import pytest
 import torch
 
 from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
-from samples import sample_rows, write_png
+from samples import mixed_prompts, sample_rows, stop_early, tiny_parts, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
-    from ocrtune.models.loading import load_model, load_processor
-    from ocrtune.models.template import Template
-    processor = load_processor(tiny_model_dir)
-    model = load_model(tiny_model_dir, torch.float32)
-    model.eval()
-    return model, processor, Template(processor, "qwen2_vl")
+    return tiny_parts(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    """Prompts of very different lengths: images of several sizes, a long text query, text-only rows."""
-    rs = [{"messages": r["messages"][:1], "images": r["images"]} for r in sample_rows(10)]
-    rs[3] = {"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT + " Write every symbol, " * 12}],
-             "images": rs[3]["images"]}
-    rs.insert(5, {"messages": [{"role": "user", "content": "a question without an image"}]})
-    rs.append({"messages": [{"role": "user", "content": "x" * 3}]})
-    return rs
+    return [*mixed_prompts(10), {"messages": [{"role": "user", "content": "x" * 3}]}]
 
 
 @pytest.fixture
 def stops_early(parts):
-    """Bias the <|im_end|> logit by the first hidden feature, so some rows end after a few tokens and
-    others run to max_new_tokens (a random tiny model rarely stops on its own). Same model, same hook
-    for both paths."""
-    model, processor, _ = parts
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def hook(module, inputs, out):
-        out = out.clone()
-        out[..., end] += 2.0 * inputs[0][..., 0] + 1.0
-        return out
-
-    handle = model.lm_head.register_forward_hook(hook)
+    """Rows that end early and rows that run to max_new_tokens; the same hook for every path."""
+    handle = stop_early(*parts[:2])
     yield
     handle.remove()
 

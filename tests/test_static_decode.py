@@ -9,43 +9,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ocrtune.data.registry import OCR_PROMPT
-from samples import sample_rows
+from samples import mixed_prompts, stop_early, tiny_parts
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
-    from ocrtune.models.loading import load_model, load_processor
-    from ocrtune.models.template import Template
-    processor = load_processor(tiny_model_dir)
-    model = load_model(tiny_model_dir, torch.float32)
-    model.eval()
-    return model, processor, Template(processor, "qwen2_vl")
+    return tiny_parts(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    """Prompts of very different lengths: images of several sizes, a long text query, text-only rows."""
-    rs = [{"messages": r["messages"][:1], "images": r["images"]} for r in sample_rows(8)]
-    rs[3] = {"messages": [{"role": "user", "content": "<image>" + OCR_PROMPT + " Write every symbol, " * 12}],
-             "images": rs[3]["images"]}
-    rs.insert(5, {"messages": [{"role": "user", "content": "a question without an image"}]})
-    return rs
+    return mixed_prompts(8)
 
 
 @pytest.fixture
 def stops_early(parts):
-    """Bias the <|im_end|> logit by the first hidden feature, so some rows end after a few tokens and others
-    run to max_new_tokens (a random tiny model rarely stops on its own); both decoders see the same hook."""
-    model, processor, _ = parts
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def hook(module, inputs, out):
-        out = out.clone()
-        out[..., end] += 2.0 * inputs[0][..., 0] + 1.0
-        return out
-
-    handle = model.lm_head.register_forward_hook(hook)
+    """Rows that end early and rows that run to max_new_tokens; the same hook for every path."""
+    handle = stop_early(*parts[:2])
     yield
     handle.remove()
 
@@ -420,19 +400,8 @@ def test_bench_forbids_peft_and_datasets_imports():
 def test_cuda_graph_replays_give_the_eager_steps_and_generates_tokens(tiny_model_dir, rows, check_every):
     """On CUDA, float32: the replayed graph == the same step run eagerly == plain generate, rows ending early."""
     from ocrtune.models.generate import InferEngine
-    from ocrtune.models.loading import load_model, load_processor
-    from ocrtune.models.template import Template
-    processor = load_processor(tiny_model_dir)
-    model = load_model(tiny_model_dir, torch.float32).cuda().eval()
-    parts = (model, processor, Template(processor, "qwen2_vl"))
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def stops_early(module, inputs, out):  # as the fixture of the same name (captured into the graph too)
-        out = out.clone()
-        out[..., end] += 2.0 * inputs[0][..., 0] + 1.0
-        return out
-
-    model.lm_head.register_forward_hook(stops_early)
+    parts = tiny_parts(tiny_model_dir, "cuda")
+    stop_early(*parts[:2])  # as the fixture stops_early (captured into the graph too)
     graph = InferEngine(*parts, workers=0, check_every=check_every, decode="static")  # graphs on CUDA
     eager = InferEngine(*parts, workers=0, check_every=check_every, decode="static", cuda_graphs=False)
     got = graph.answer_rows(rows, batch_size=5, max_new_tokens=18)

@@ -149,6 +149,22 @@ def test_tiny_model_learns_a_plugin_reward_without_reference_forwards(tmp_path, 
     assert (images / "train_reward.png").is_file() and (images / "train_reward_has_o.png").is_file()
 
 
+def test_bf16_model_samples_under_the_training_autocast(tmp_path, tiny_model_dir):
+    """On a bf16 model the LoRA weights stay float32 with PEFT's input upcast off: the rollouts' generation runs
+    under the training forward's autocast (else its LoRA matmuls meet bf16 inputs and float32 weights), and a
+    step logs finite rewards and loss."""
+    import torch
+
+    from ocrtune.rl.grpo import GrpoRun
+    from ocrtune.train.data import rows_data
+    run = GrpoRun(grpo_args(tmp_path, tiny_model_dir, max_steps=2, beta=0.04, dtype="bfloat16",
+                            save_steps=100), data=rows_data(ROWS))
+    lora = [p for n, p in run.loss_module.named_parameters() if "lora_A" in n]
+    assert lora and {p.dtype for p in lora} == {torch.float32}
+    log = log_of(run.train()["run_dir"])
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in log), log
+
+
 def test_resume_replays_the_same_samples_and_weights(tmp_path, tiny_model_dir):
     """(3) 4 steps saved at 2 and 4; a copy of the run cut back to checkpoint-2 and resumed ends with the same
     adapter and the same logged rewards; (5) --beta > 0: a reference forward per micro-batch."""

@@ -331,8 +331,9 @@ class GrpoRun(SftRun):
             texts.append(" ".join(str(m["content"]) for m in row["messages"] if m["role"] == "user"))
         if not prompts:
             return None
-        answers = self.engine.generate_answers([p for p in prompts for _ in range(g)], args.max_completion_length,
-                                               temperature=args.temperature, top_p=args.top_p)
+        with self.accelerator.unwrap_model(self.loss_module).autocast():  # the LoRA branch as in training
+            answers = self.engine.generate_answers([p for p in prompts for _ in range(g)], args.max_completion_length,
+                                                   temperature=args.temperature, top_p=args.top_p)
         completions = [a.text for a in answers]
         refs = [s for s in solutions for _ in range(g)]
         scores = rw.score(self.rewards, completions, refs, prompts=[t for t in texts for _ in range(g)])

@@ -64,11 +64,7 @@ def generate_metrics(acc, loss_module, rows, processor, template, args, sharded:
     engine = InferEngine(dist.SyncedGenerate(model) if sharded else model, processor, template, decode="dynamic")
     bs = args.eval_batch_size or args.batch_size
     mine = []
-    # LoRA weights stay float32 on a bf16 model with PEFT's input upcast off (prepare_model): run
-    # the LoRA branch under the same autocast as training, or its matmuls meet mixed dtypes
-    amp = acc.unwrap_model(loss_module)._autocast_dtype()
-    cast = torch.autocast(acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
-    with dist.full_params(loss_module), cast:
+    with dist.full_params(loss_module), acc.unwrap_model(loss_module).autocast():
         if acc.num_processes == 1:  # the inference engine's length-sorted, encoded-ahead batches
             mine = list(enumerate(engine.generate_rows(rows, bs, args.max_new_tokens)))
         else:

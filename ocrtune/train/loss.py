@@ -66,6 +66,12 @@ class ResponseLoss(nn.Module):
             self._amp = lora_autocast_dtype(self.model) or False
         return self._amp or None
 
+    def autocast(self):
+        """The forward's autocast as a context, for passes that call the model itself (generation): without it
+        their LoRA matmuls meet float32 weights and bf16/fp16 inputs."""
+        amp = self._autocast_dtype()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=amp) if amp else contextlib.nullcontext()
+
     def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
         return image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
 

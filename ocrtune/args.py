@@ -108,7 +108,8 @@ def check_domains(args, from_env: dict[str, str] | None = None) -> None:
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 
 
-def model_arg(help: str = "base model (hub id, folder or preset) when no --ckpt_dir is given"):
+def model_arg(help: str = "base model (hub id, folder or preset) when no --ckpt_dir is given; default ocrtune-reader, "
+                          "the bundled formula reader"):
     return arg(None, help, aliases=("--model_id_or_path",))
 
 

@@ -185,7 +185,7 @@ def test_bad_inputs_table(files, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir):
     import faults
-    out = subprocess.run(faults.command("sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "8",
+    out = subprocess.run(faults.command("sft", "--model", "tiny", "--dataset", "latex-ocr-sample#16", "--max_steps", "8",
                                         "--save_steps", "2", "--eval_steps", "100", "--output_dir", str(tmp_path),
                                         nan_at_step=5),
                          capture_output=True, text=True, timeout=300)

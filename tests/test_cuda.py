@@ -63,7 +63,7 @@ def _lora_model(d, dtype, fused_lora=True, liger=False, lean_mlp=False, lean_mlp
     if liger:
         assert apply_liger(model)
     # packing=True: packed rows run the varlen attention, as `ocrtune sft --packing` has them
-    model = prepare_model(model, SftArgs(lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp, packing=True,
+    model = prepare_model(model, SftArgs(model="tiny", lora_dropout=0.0, fused_lora=fused_lora, lean_mlp=lean_mlp, packing=True,
                                          lean_mlp_fp8=lean_mlp_fp8, modules_to_save=modules_to_save)).cuda()
     if fp8_base:  # as SftRun does, on the device
         from ocrtune.models.patches import PatchOptions, prepare

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FLAGS = ["--dataset", "latex-ocr-sample#32", "--max_steps", "5", "--lora_dropout", "0", "--logging_steps", "1",
+FLAGS = ["--model", "tiny", "--dataset", "latex-ocr-sample#32", "--max_steps", "5", "--lora_dropout", "0", "--logging_steps", "1",
          "--eval_steps", "5", "--dataset_test_ratio", "0.25", "--report_to", "none", "--seed", "5"]
 
 
@@ -184,7 +184,7 @@ def test_accumulation_group_syncs_and_steps_once(tiny_model_dir, monkeypatch, tm
     backward when it is set): only the group's last micro-batch may have it; the optimizer steps once."""
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import SftRun
-    run = SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, gradient_accumulation_steps=3,
+    run = SftRun(SftArgs(model="tiny", dataset=["latex-ocr-sample#16"], max_steps=1, batch_size=2, gradient_accumulation_steps=3,
                          report_to=["none"], output_dir=str(tmp_path), dataset_test_ratio=0.0))
     seen, steps = [], []
     backward = run.accelerator.backward
@@ -305,7 +305,7 @@ def test_a_rank_whose_micro_batch_fails_to_encode_stays_in_step(tmp_path, tiny_m
     val = [recs[4], bad]  # even_batches: row 1 goes to rank 1
     for name, rs in (("train", train), ("val", val)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    cmd = [sys.executable, "-m", "ocrtune", "sft", "--dataset", str(tmp_path / "train.jsonl"),
+    cmd = [sys.executable, "-m", "ocrtune", "sft", "--model", "tiny", "--dataset", str(tmp_path / "train.jsonl"),
            "--val_dataset", str(tmp_path / "val.jsonl"), "--check_dataset_strategy", "none", "--batch_size", "1",
            "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--lora_dropout", "0",
            "--report_to", "none", "--seed", "5", "--output_dir", str(tmp_path / "out")]
@@ -381,7 +381,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_saves_it(t
 
 def test_rlhf_relaunches_as_rlhf_under_two_processes(tmp_path):
     """NPROC_PER_NODE=2 ocrtune rlhf: torchrun's ranks run rlhf (not sft), step together and write one run."""
-    cmd = [sys.executable, "-m", "ocrtune", "rlhf", "--rlhf_type", "grpo", "--dataset", "latex-ocr-sample#16",
+    cmd = [sys.executable, "-m", "ocrtune", "rlhf", "--rlhf_type", "grpo", "--model", "tiny", "--dataset", "latex-ocr-sample#16",
            "--num_generations", "4", "--batch_size", "4", "--max_completion_length", "6", "--max_steps", "2",
            "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **two_ranks()})

@@ -92,7 +92,7 @@ def test_fp8_base_flag_trains_and_refuses_full_fine_tuning(tiny_model_dir, tmp_p
     import json
     import subprocess
     import sys
-    common = [sys.executable, "-m", "ocrtune", "sft", "--dataset", "latex-ocr-sample#32", "--max_steps", "12",
+    common = [sys.executable, "-m", "ocrtune", "sft", "--model", "tiny", "--dataset", "latex-ocr-sample#32", "--max_steps", "12",
               "--learning_rate", "2e-3", "--lora_dropout", "0", "--logging_steps", "1", "--eval_steps", "100",
               "--report_to", "none", "--fp8_base", "true", "--output_dir", str(tmp_path)]
     full = subprocess.run(common + ["--train_type", "full"], capture_output=True, text=True, timeout=600)

@@ -232,7 +232,7 @@ def test_collator_sends_pixels_in_the_vision_towers_half_dtype_with_the_same_res
 def test_sft_run_collates_pixels_in_its_vision_dtype(tmp_path, tiny_model_dir):
     from ocrtune.train.args import SftArgs
     from ocrtune.train.trainer import SftRun
-    common = dict(dataset=["latex-ocr-sample#8"], max_steps=1, packing=True, report_to=["none"], dataset_test_ratio=0.25)
+    common = dict(model="tiny", dataset=["latex-ocr-sample#8"], max_steps=1, packing=True, report_to=["none"], dataset_test_ratio=0.25)
     bf16 = SftRun(SftArgs(output_dir=str(tmp_path / "bf16"), dtype="bfloat16", **common))
     assert bf16.collator.pixel_dtype == torch.bfloat16
     batch = next(bf16.micro_batches())[-1]
@@ -254,7 +254,7 @@ def test_next_epochs_loader_starts_before_this_epoch_ends(tmp_path, tiny_model_d
     from ocrtune.data.pixels import model_pixels
 
     def stream(workers: int, max_steps: int = 100, epochs: int = 3) -> tuple[list, list]:
-        run = tr.SftRun(SftArgs(dataset=["latex-ocr-sample#16"], max_steps=max_steps, batch_size=2, augment=True,
+        run = tr.SftRun(SftArgs(model="tiny", dataset=["latex-ocr-sample#16"], max_steps=max_steps, batch_size=2, augment=True,
                                 report_to=["none"], dataset_test_ratio=0.0, dataloader_num_workers=workers,
                                 output_dir=str(tmp_path / f"{workers}_{max_steps}")))
         events, made = [], tr.make_loader

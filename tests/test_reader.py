@@ -1,5 +1,6 @@
 """The bundled formula reader: scripts/package_reader.py packs a model folder in 8 bits, `ocrtune.models.reader`
-checks and restores it, and `--model ocrtune-reader` loads it. The tiny preset stands in for the trained weights."""
+checks and restores it, and `--model ocrtune-reader` loads it. The tiny preset stands in for the trained weights,
+except in the tests of the shipped package itself (its figures, its size, the defaults that load it)."""
 from __future__ import annotations
 
 import importlib.util
@@ -230,16 +231,41 @@ def test_infer_with_the_reader(use_package, image, capsys):
     assert out == capsys.readouterr().out == direct + "\n"
 
 
-def test_default_infer_model_is_one_constant(use_package, monkeypatch):
-    """Switching infer/eval/serve's default to the reader is DEFAULT_INFER_MODEL alone (None today: they ask for one)."""
+def test_default_model_of_every_command_is_the_reader(use_package):
+    """No model given: infer/eval/serve load the reader, sft/rlhf train it (DEFAULT_MODEL)."""
     from ocrtune.infer.args import InferArgs
     from ocrtune.infer.load import load_for_inference
     from ocrtune.models import registry
     from ocrtune.models.loading import resolve_model
     from ocrtune.serve.args import ServeArgs
     from ocrtune.serve.loader import default_model_name
-    assert registry.DEFAULT_INFER_MODEL is None and registry.DEFAULT_MODEL == "tiny"
-    monkeypatch.setattr(registry, "DEFAULT_INFER_MODEL", "ocrtune-reader")
+    assert registry.DEFAULT_MODEL == "ocrtune-reader"
     engine, info = load_for_inference(InferArgs())
-    assert info["model_dir"] == str(resolve_model("ocrtune-reader")[0]) and info["kind"] == "base"
-    assert default_model_name(ServeArgs()) == "ocrtune-reader"
+    assert info["model_dir"] == str(resolve_model("ocrtune-reader")[0]) == str(resolve_model(None)[0])
+    assert info["kind"] == "base" and default_model_name(ServeArgs()) == "ocrtune-reader"
+
+
+# ---------------------------------------------------------------- the shipped package
+SHIPPED = Path(reader.__file__).parent / "reader_weights"
+# BLEU-4 of the shipped weights on the package's 24 print validation rows (latex-ocr-sample-print), greedy, float32 on
+# the CPU, as the model card states it; a damaged, swapped or retrained weight file moves it
+SHIPPED_SAMPLE_PRINT_BLEU4 = 0.7346
+
+
+def test_shipped_package_is_whole_and_within_its_size():
+    manifest = json.loads((SHIPPED / reader.MANIFEST).read_text())
+    total = sum((SHIPPED / name).stat().st_size for name in manifest["files"]) + (SHIPPED / reader.MANIFEST).stat().st_size
+    assert total <= 40_000_000 and manifest["parameters"] == 32_302_080
+    reader.check_package(SHIPPED, manifest)  # every file's sha256
+    card = manifest["card"]
+    assert card["print_bleu4"] >= 0.69 and card["eval_rows"] == {"print": 1000, "handwrite": 100}
+
+
+def test_shipped_reader_reads_the_bundled_print_rows_at_its_stated_bleu(tmp_path, monkeypatch):
+    from ocrtune.infer.cli import run_eval
+    from ocrtune.infer.args import InferArgs
+    monkeypatch.delenv(reader.ENV, raising=False)
+    summary = run_eval(InferArgs(model="ocrtune-reader", val_dataset=["latex-ocr-sample-print"],
+                                 metrics="bleu,exact_match", result_path=str(tmp_path / "r.jsonl")))
+    assert summary["count"] == 24 and summary["failed_rows"] == 0
+    assert abs(summary["bleu4"] - SHIPPED_SAMPLE_PRINT_BLEU4) <= 0.02, summary

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ocrtune.checkpoint import BASE_OVERLAY
 from ocrtune.train import relora
 
-FLAGS = ["--dataset", "latex-ocr-sample#24", "--max_steps", "6", "--batch_size", "2", "--save_steps", "1",
+FLAGS = ["--model", "tiny", "--dataset", "latex-ocr-sample#24", "--max_steps", "6", "--batch_size", "2", "--save_steps", "1",
          "--eval_steps", "3", "--logging_steps", "1", "--seed", "3", "--dataset_test_ratio", "0.1", "--report_to", "none",
          "--relora_steps", "2", "--relora_warmup_steps", "2", "--learning_rate", "1e-2", "--save_total_limit", "10"]
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 STEPS = 12
-FLAGS = ["--dataset", "latex-ocr-sample#24", "--max_steps", str(STEPS), "--batch_size", "2", "--save_steps", "2",
+FLAGS = ["--model", "tiny", "--dataset", "latex-ocr-sample#24", "--max_steps", str(STEPS), "--batch_size", "2", "--save_steps", "2",
          "--eval_steps", "4", "--logging_steps", "1", "--save_total_limit", "2", "--seed", "3",
          "--lora_dropout", "0.1", "--dataset_test_ratio", "0.1", "--report_to", "none"]
 COMPARED = ("loss", "token_acc", "grad_norm", "learning_rate", "eval_loss", "eval_acc", "step")
@@ -143,7 +143,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
 
 # ---- packing: micro-batches per epoch differ, so the saved position must follow each epoch's own plan
 
-PACKED = dict(dataset=["latex-ocr-sample#24"], packing=True, packing_tokens=300, num_train_epochs=3, seed=3,
+PACKED = dict(model="tiny", dataset=["latex-ocr-sample#24"], packing=True, packing_tokens=300, num_train_epochs=3, seed=3,
               dataset_test_ratio=0.1, save_steps=5, eval_steps=12, logging_steps=1, lora_dropout=0.1,
               save_total_limit=2, report_to=["none"])
 

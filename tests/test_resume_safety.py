@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ocrtune.errors import UserError
 
-FLAGS = ["--dataset", "latex-ocr-sample#12", "--max_steps", "6", "--batch_size", "2", "--save_steps", "2",
+FLAGS = ["--model", "tiny", "--dataset", "latex-ocr-sample#12", "--max_steps", "6", "--batch_size", "2", "--save_steps", "2",
          "--eval_steps", "3", "--logging_steps", "1", "--save_total_limit", "10", "--learning_rate", "2e-3",
          "--seed", "5", "--lora_dropout", "0.1", "--dataset_test_ratio", "0.2", "--report_to", "none"]
 

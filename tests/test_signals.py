@@ -29,7 +29,7 @@ atexit.register(lambda: print(f"micro-batches run: {calls[0]}", flush=True))
 from ocrtune.cli.main import main
 main(sys.argv[5:])
 """
-FLAGS = ["sft", "--dataset", "latex-ocr-sample#8", "--batch_size", "2", "--dataset_test_ratio", "0",
+FLAGS = ["sft", "--model", "tiny", "--dataset", "latex-ocr-sample#8", "--batch_size", "2", "--dataset_test_ratio", "0",
          "--save_steps", "100", "--logging_steps", "1", "--report_to", "none", "--seed", "3"]
 
 

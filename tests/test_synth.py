@@ -321,7 +321,7 @@ def test_the_output_folder_trains(tmp_path, tiny_model_dir):
     out = ocrtune("synth", "--dataset", "latex-ocr-sample#24", "--output_dir", str(tmp_path / "rows"), "--num_proc", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("synth: ") and " rendered, " in out.stdout
-    result = run_sft(SftArgs(dataset=[str(tmp_path / "rows")], max_steps=2, output_dir=str(tmp_path / "run")))
+    result = run_sft(SftArgs(model="tiny", dataset=[str(tmp_path / "rows")], max_steps=2, output_dir=str(tmp_path / "run")))
     assert (Path(result["last_model_checkpoint"]) / "adapter_model.safetensors").exists()
     assert result["last_model_checkpoint"].endswith("checkpoint-2")
 

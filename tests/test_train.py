@@ -24,7 +24,7 @@ def overfit_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("overfit")
     rows = str(out / "rows16.parquet")
     pq.write_table(pq.read_table(SAMPLE_DIR / "train.parquet").slice(0, 16), rows)
-    args = SftArgs(dataset=[rows], dataset_test_ratio=0, val_dataset=[rows],
+    args = SftArgs(model="tiny", dataset=[rows], dataset_test_ratio=0, val_dataset=[rows],
                    max_steps=240, learning_rate=5e-3, lora_rank=16, lora_alpha=64, logging_steps=1, eval_steps=120,
                    output_dir=str(out), seed=7, predict_with_generate=True, max_new_tokens=96)
     run = SftRun(args)
@@ -112,7 +112,7 @@ def test_plot_command_redraws(overfit_run, tmp_path):
 
 def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    args = SftArgs(dataset=["latex-ocr-sample#8"], train_type="full", freeze_vit=False, max_steps=3, eval_steps=3,
+    args = SftArgs(model="tiny", dataset=["latex-ocr-sample#8"], train_type="full", freeze_vit=False, max_steps=3, eval_steps=3,
                    output_dir=str(tmp_path), dataset_test_ratio=0.25)
     result = SftRun(args).train()
     ckpt = Path(result["last_model_checkpoint"])
@@ -125,7 +125,7 @@ def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
 
 def test_freeze_vit_in_full_finetuning_keeps_vision_weights(tmp_path, tiny_model_dir):
     from transformers import AutoModelForImageTextToText
-    args = SftArgs(dataset=["latex-ocr-sample#8"], train_type="full", max_steps=2, eval_steps=2,
+    args = SftArgs(model="tiny", dataset=["latex-ocr-sample#8"], train_type="full", max_steps=2, eval_steps=2,
                    output_dir=str(tmp_path), dataset_test_ratio=0.25)
     result = SftRun(args).train()
     model = AutoModelForImageTextToText.from_pretrained(result["last_model_checkpoint"])
@@ -135,20 +135,51 @@ def test_freeze_vit_in_full_finetuning_keeps_vision_weights(tmp_path, tiny_model
             assert torch.equal(p, base[n]), n
 
 
-def test_sft_with_no_flags_runs_the_demo(tmp_path):
+def test_sft_with_no_flags_fine_tunes_the_reader_on_handwriting(tmp_path):
+    """No model given: the bundled reader with its first-run settings (the sample's handwriting rows, LoRA rank 32
+    on all linears, batch 8, evaluated with generation); flags given win (here --max_steps and --eval_steps)."""
     env = {**os.environ, "OCRTUNE_CACHE": os.environ["OCRTUNE_CACHE"]}
-    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--max_steps", "6"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--max_steps", "2", "--max_new_tokens", "24"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "last_model_checkpoint: " in out.stdout and "best_model_checkpoint: " in out.stdout
-    runs = list((tmp_path / "output" / "tiny").glob("v0-*"))
-    assert len(runs) == 1 and (runs[0] / "checkpoint-6" / "adapter_model.safetensors").exists()
-    assert out.stdout.splitlines()[0] == f"run folder: output/tiny/{runs[0].name}"  # said before training starts
+    runs = list((tmp_path / "output" / "ocrtune-reader").glob("v0-*"))
+    assert len(runs) == 1 and (runs[0] / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert out.stdout.splitlines()[0] == f"run folder: output/ocrtune-reader/{runs[0].name}"  # said before training
+    saved = json.loads((runs[0] / "args.json").read_text())
+    assert (saved["model"], saved["dataset"], saved["lora_rank"], saved["lora_alpha"], saved["batch_size"],
+            saved["target_modules"], saved["predict_with_generate"], saved["max_pixels"], saved["max_steps"]) == (
+        "ocrtune-reader", ["latex-ocr-sample-handwrite"], 32, 64, 8, ["all-linear"], True, 50_000, 2)
+    evals = [json.loads(line) for line in (runs[0] / "logging.jsonl").read_text().splitlines() if "eval_bleu4" in line]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and 0 <= evals[0]["eval_bleu4"] <= 1
     assert "FutureWarning" not in out.stderr
 
 
+def test_the_readers_first_run_settings_yield_to_flags_and_the_environment(monkeypatch):
+    """ModelSpec.sft_defaults fill only what neither a flag nor an environment variable (MAX_PIXELS) gave."""
+    import argparse
+
+    from ocrtune.cli.parsing import add_dataclass_args, build
+    from ocrtune.models.registry import get_model_spec
+    from ocrtune.train.model_setup import model_defaults
+    spec = get_model_spec("ocrtune-reader")
+
+    def parsed(argv):
+        p = argparse.ArgumentParser()
+        add_dataclass_args(p, SftArgs)
+        return model_defaults(build(SftArgs, p.parse_args(argv)), spec)
+
+    a = parsed([])
+    assert (a.dataset, a.lora_rank, a.max_pixels, a.num_train_epochs) == (["latex-ocr-sample-handwrite"], 32, 50_000, 8.0)
+    a = parsed(["--lora_rank", "8", "--dataset", "latex-ocr-sample"])
+    assert (a.lora_rank, a.dataset, a.batch_size) == (8, ["latex-ocr-sample"], 8)
+    monkeypatch.setenv("MAX_PIXELS", "200704")
+    assert parsed([]).max_pixels == 200704
+    assert model_defaults(SftArgs(model="tiny"), get_model_spec("tiny")).lora_rank == 8  # tiny has none
+
+
 def test_no_validation_data_says_there_is_no_best_checkpoint(tmp_path, tiny_model_dir, capsys):
-    result = SftRun(SftArgs(dataset=["latex-ocr-sample#4"], dataset_test_ratio=0, max_steps=1, output_dir=str(tmp_path),
+    result = SftRun(SftArgs(model="tiny", dataset=["latex-ocr-sample#4"], dataset_test_ratio=0, max_steps=1, output_dir=str(tmp_path),
                             report_to=["none"])).train()
     assert result["best_model_checkpoint"] is None
     assert "best_model_checkpoint: none (no evaluation ran: no validation data)" in capsys.readouterr().out
@@ -192,7 +223,7 @@ def test_run_given_its_datasets_trains_on_them(tmp_path, tiny_model_dir):
         called.append(template)
         return rows_data(rows, rows[:2])(args, template, accelerator)
 
-    args = SftArgs(dataset=["no-such-dataset-is-read"], max_steps=2, batch_size=2, eval_steps=2, logging_steps=1,
+    args = SftArgs(model="tiny", dataset=["no-such-dataset-is-read"], max_steps=2, batch_size=2, eval_steps=2, logging_steps=1,
                    output_dir=str(tmp_path), report_to=["none"])
     run = SftRun(args, data=data)
     assert len(called) == 1 and called[0] is run.template
@@ -293,7 +324,7 @@ def test_run_refuses_a_given_model_it_cannot_honour(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="shape-only"):
         run(never, model=str(shape_only))
     with pytest.raises(UserError, match="holds the full model weights"):
-        check_given_model(SftArgs(train_type="full"), tiny_model_dir, tmp_path / "checkpoint-2")
+        check_given_model(SftArgs(model="tiny", train_type="full"), tiny_model_dir, tmp_path / "checkpoint-2")
     from peft import LoraConfig, get_peft_model
 
     from ocrtune.compat import quiet_peft_deprecations
@@ -343,7 +374,7 @@ def test_modules_to_save_trains_the_tied_embeddings_saves_and_merges_them(tmp_pa
     from transformers import AutoModelForImageTextToText
 
     from ocrtune.export.merge import merge_lora
-    args = SftArgs(dataset=["latex-ocr-sample#8"], max_steps=3, eval_steps=3, output_dir=str(tmp_path),
+    args = SftArgs(model="tiny", dataset=["latex-ocr-sample#8"], max_steps=3, eval_steps=3, output_dir=str(tmp_path),
                    dataset_test_ratio=0.25, modules_to_save=["embed_tokens"], learning_rate=1e-2)
     ckpt = Path(SftRun(args).train()["last_model_checkpoint"])
     saved = load_file(ckpt / "adapter_model.safetensors")
@@ -373,10 +404,10 @@ def test_modules_to_save_trains_the_tied_embeddings_saves_and_merges_them(tmp_pa
 def test_modules_to_save_names_a_module_the_model_has(tmp_path):
     from ocrtune.errors import UserError
     with pytest.raises(UserError, match="no module of that name"):
-        SftRun(SftArgs(dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path),
+        SftRun(SftArgs(model="tiny", dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path),
                        modules_to_save=["embed_tokenz"])).train()
     with pytest.raises(UserError, match="goes with --train_type lora"):
-        SftRun(SftArgs(dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path), train_type="full",
+        SftRun(SftArgs(model="tiny", dataset=["latex-ocr-sample#8"], max_steps=1, output_dir=str(tmp_path), train_type="full",
                        modules_to_save=["embed_tokens"])).train()
 
 
@@ -392,7 +423,7 @@ def test_a_run_that_builds_the_preset_trains_as_one_that_loads_it(tmp_path):
     env = {**os.environ, "OCRTUNE_CACHE": str(tmp_path / "cache")}
     runs = []
     for name in ("builds", "loads"):
-        res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--dataset", "latex-ocr-sample#16", "--max_steps", "2",
+        res = subprocess.run([sys.executable, "-m", "ocrtune", "sft", "--model", "tiny", "--dataset", "latex-ocr-sample#16", "--max_steps", "2",
                               "--batch_size", "4", "--lora_dropout", "0", "--logging_steps", "1", "--report_to", "none",
                               "--dataset_test_ratio", "0.25", "--seed", "5", "--output_dir", str(tmp_path / name)],
                              capture_output=True, text=True, timeout=600, env=env)

@@ -7,7 +7,6 @@ import logging
 import sys
 
 from ocrtune.args import ModelSource
-from ocrtune.errors import UserError
 
 log = logging.getLogger("ocrtune")
 
@@ -29,7 +28,7 @@ def load_for_inference(args):
     from ocrtune.models.dtypes import pick_device, pick_dtype
     from ocrtune.models.generate import InferEngine
     from ocrtune.models.loading import check_new_tokens, load_processor, resolve_model, template_name
-    from ocrtune.models.registry import DEFAULT_INFER_MODEL
+    from ocrtune.models.registry import DEFAULT_MODEL
     from ocrtune.models.source import resolve_source
     from ocrtune.models.template import Template
 
@@ -54,12 +53,10 @@ def load_for_inference(args):
         run_args = src.run_args
         weights_dir, spec, processor_dir, adapter = resolve_source(src, args.model, args.model_type)
         ckpt = src.path
-    elif args.model or args.model_type or DEFAULT_INFER_MODEL:
-        model = args.model or (None if args.model_type else DEFAULT_INFER_MODEL)
+    else:  # --model, --model_type, else the bundled reader
+        model = args.model or (None if args.model_type else DEFAULT_MODEL)
         weights_dir, spec = resolve_model(model, args.model_type, args.use_hf)
         processor_dir, run_args, ckpt = weights_dir, {}, None
-    else:
-        raise UserError("no model given", "pass --ckpt_dir output/.../checkpoint-N, or --model (a hub id, folder or preset)")
 
     check_new_tokens(weights_dir, max_new_tokens)
     template = run_args.get("template") or template_name(weights_dir, spec)

@@ -12,8 +12,8 @@ def default_model_name(args) -> str:
     if args.ckpt_dir:
         p = Path(args.ckpt_dir).expanduser().resolve()
         return f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint") else p.name
-    from ocrtune.models.registry import DEFAULT_INFER_MODEL
-    return args.model or args.model_type or DEFAULT_INFER_MODEL or "model"
+    from ocrtune.models.registry import DEFAULT_MODEL
+    return args.model or args.model_type or DEFAULT_MODEL
 
 
 def load_engine(args):

@@ -106,6 +106,31 @@ def default_lr(args: SftArgs, preset: bool) -> float:
     return 5e-4 if preset else 1e-5
 
 
+def model_defaults(args: SftArgs, spec) -> SftArgs:
+    """`args` with the model's own sft settings (`ModelSpec.sft_defaults`, e.g. the bundled reader's first run) where
+    no flag or environment variable (MAX_PIXELS) gave them. Not for rlhf, whose batches and data mean other things."""
+    from ocrtune.args import given_flags
+    if spec is None or not spec.sft_defaults or getattr(args, "rlhf_type", None):
+        return args
+    given, default = given_flags(args), {f.name: f.default for f in dataclasses.fields(args)}
+    out = dataclasses.replace(args, **{k: v for k, v in spec.sft_defaults.items()
+                                       if k not in given and getattr(args, k) == default[k]})
+    out._given_flags = frozenset(given)
+    return out
+
+
+def with_default_model(args: SftArgs) -> SftArgs:
+    """No --model or --model_type: DEFAULT_MODEL, written into the run's settings (args.json, a resume) by name."""
+    from ocrtune.args import given_flags
+    from ocrtune.models.registry import DEFAULT_MODEL
+    if args.model or args.model_type:
+        return args
+    given = given_flags(args)
+    out = dataclasses.replace(args, model=DEFAULT_MODEL)
+    out._given_flags = frozenset(given)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedRun:
     """The settings an sft run derives from its arguments when it starts (the defaults that depend on

@@ -34,7 +34,7 @@ from ocrtune.train.evaluation import evaluate
 from ocrtune.train.logger import RunLogger, StepStats, train_record
 from ocrtune.train.loss import ResponseLoss
 from ocrtune.train.model_setup import (ResolvedRun, base_model, check_given_model, fp8_base, make_optimizer,
-                                       prepare_model, speed_line, speed_max)
+                                       model_defaults, prepare_model, speed_line, speed_max, with_default_model)
 from ocrtune.train.resume import load_adapter, resume_args
 from ocrtune.train.run_dir import make_writable, new_run_dir, write_run_files
 from ocrtune.train.schedule import LrSchedule
@@ -143,8 +143,10 @@ class SftRun:
 
     def _setup_template(self, args: SftArgs) -> SftArgs:
         """The model's folder, processor and template; returns the run's settings (the resolved defaults filled in)."""
+        args = with_default_model(args)
         self.model_dir, self.spec = model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf,
                                                                     args.model_revision)
+        args = model_defaults(args, spec)
         if args.predict_with_generate:  # before the data and weights: the model's positions bound the answers
             from ocrtune.models.loading import check_new_tokens
             check_new_tokens(model_dir, args.max_new_tokens)

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--grpo_batch_size", type=int, default=128, help="completions a micro-batch (16 prompts x 8)")
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--min_pixels", type=int, default=30_000, help="both arms' image bounds (the recipe's)")
+    p.add_argument("--max_pixels", type=int, default=120_000)
     p.add_argument("--tex_bundle", default=".carry/tex/texbundle.tar.xz")
     p.add_argument("--out", required=True, help="the report (JSON)")
     p.add_argument("--smoke", action="store_true")
@@ -105,11 +107,13 @@ def main(argv=None) -> None:
     logs, report = WORK / "logs", {"model": model, "seconds_per_arm": a.seconds, "steps": {}}
     common = ["--model", model, "--dataset", train, "--train_type", "lora", "--lora_rank", "64", "--lora_alpha", "128",
               "--lora_dropout", "0", "--max_time", str(a.seconds), "--save_total_limit", "1", "--report_to", "none",
-              "--save_steps", "100000", "--logging_steps", "5"]
+              "--save_steps", "100000", "--logging_steps", "5", "--min_pixels", str(a.min_pixels),
+              "--max_pixels", str(a.max_pixels)]
     report["steps"]["sft"] = run("sft", ["sft", *common, "--output_dir", str(WORK / "sft"), "--learning_rate",
                                          str(a.sft_lr), "--lr_decay_seconds", str(a.seconds), "--packing", "true",
                                          "--packing_tokens", str(a.packing_tokens), "--dataloader_num_workers", str(a.workers),
-                                         "--dataset_test_ratio", "0", "--max_steps", "100000"], env, logs)
+                                         "--dataset_test_ratio", "0", "--max_steps", "100000",
+                                         "--predict_with_generate", "false"], env, logs)
     report["steps"]["grpo"] = run("grpo", ["rlhf", "--rlhf_type", "grpo", *common, "--output_dir", str(WORK / "grpo"),
                                            "--learning_rate", str(a.grpo_lr), "--reward_funcs", "cdm",
                                            "--num_generations", str(a.num_generations), "--batch_size",

@@ -39,7 +39,7 @@ register_model(ModelSpec("tiny", None, None, "qwen2_vl", "qwen2_vl", preset="tin
 register_model(ModelSpec("small", None, None, "qwen2_vl", "qwen2_vl", preset="small"))
 # The trained formula reader shipped in the package (models/reader.py), restored into the cache on first use. Its sft
 # defaults are a first run's: LoRA on the bundled sample's 96 handwriting rows (which it cannot read yet), evaluated
-# with generation on the 16 validation ones: ~4 minutes on 2 CPU cores lift their BLEU-4 from 0.01 to ~0.55
+# with generation on the 16 validation ones: 3.6 minutes on 2 CPU cores lift their BLEU-4 from 0.013 to 0.656
 # (bench/results/first_run_cpu.json). Images of at most 50,000 pixels (the reader trained on 30,000-120,000) make
 # a step 2x cheaper, which buys the 8 epochs it needs: 4 epochs at full size learned the train formulas, not to read.
 READER_SFT_DEFAULTS = {"dataset": ["latex-ocr-sample-handwrite"], "lora_rank": 32, "lora_alpha": 64,

@@ -362,5 +362,10 @@ def test_cache_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("OCRTUNE_CACHE", str(cache))
         line = cli_line(capsys, ["infer", "--model", "tiny", "--image", str(tmp_path / "none.png")])
         assert line == (f"error: the ocrtune cache {cache} can't be made: {tmp_path / 'file'} is not a folder; set "
-                        "OCRTUNE_CACHE to a folder (or unset it for ~/.cache/ocrtune)")
+                        "OCRTUNE_CACHE to a folder you can write (or unset it for ~/.cache/ocrtune)")
     assert (tmp_path / "file").read_text() == "mine"
+    # a place where no folder can be made (here /proc): one line before any work, not an unexpected FileNotFoundError
+    monkeypatch.setenv("OCRTUNE_CACHE", "/proc/ocrtune-cache")
+    line = cli_line(capsys, ["infer", "--image", str(tmp_path / "none.png")])
+    assert line.startswith("error: the ocrtune cache /proc/ocrtune-cache can't be made (")
+    assert line.endswith("; set OCRTUNE_CACHE to a folder you can write (or unset it for ~/.cache/ocrtune)")

@@ -67,13 +67,17 @@ RANDOM_INIT_MARK = "ocrtune_random_init.json"  # a shape-only folder: training b
 def cache_root() -> Path:
     root = Path(os.environ.get("OCRTUNE_CACHE", Path.home() / ".cache" / "ocrtune")).expanduser()
     # a file where the cache (or a folder above it) should be: one line, not a NotADirectoryError at the first write
+    from ocrtune.errors import UserError
+    fix = "set OCRTUNE_CACHE to a folder you can write (or unset it for ~/.cache/ocrtune)"
     for p in (root, *root.parents):
         if p.exists():
             if not p.is_dir():
-                from ocrtune.errors import UserError
-                raise UserError(f"the ocrtune cache {root} can't be made: {p} is not a folder",
-                                "set OCRTUNE_CACHE to a folder (or unset it for ~/.cache/ocrtune)")
+                raise UserError(f"the ocrtune cache {root} can't be made: {p} is not a folder", fix)
             break
+    try:  # a place no folder can be made (/proc, a read-only mount): one line here, not at the first write
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"the ocrtune cache {root} can't be made ({e.strerror or type(e).__name__})", fix) from None
     return root
 
 

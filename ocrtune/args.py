@@ -191,3 +191,12 @@ def given_flags(args) -> set[str]:
     if given is not None:
         return set(given)
     return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
+
+
+def replaced(args, **changes):
+    """dataclasses.replace keeping the record of the flags typed on the command line (`_given_flags`, which
+    `given_flags` reads for a resume, --speed max and a model's sft defaults): the changed fields were not typed."""
+    out = dataclasses.replace(args, **changes)
+    if hasattr(args, "_given_flags"):
+        out._given_flags = args._given_flags
+    return out

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ocrtune import checkpoint as ckpt_io
+from ocrtune.args import given_flags, replaced
 from ocrtune.data.images import BadImage
 from ocrtune.data.packing import IGNORE_INDEX
 from ocrtune.data.pixels import to_device
@@ -174,7 +175,7 @@ class GrpoRun(SftRun):
         check_not_input("--output_dir", args.output_dir, [("--ckpt_dir", Path(args.ckpt_dir).expanduser()),
                                                           ("--ckpt_dir's checkpoint", src.path)])
         if src.kind != "lora":
-            return _replace(args, model=str(src.path))
+            return replaced(args, model=str(src.path))
         weights_dir, _ = base_model(src, args.model, args.model_type, args.use_hf)
         changes = {"model": str(weights_dir)}
         if args.merge_lora:
@@ -192,7 +193,7 @@ class GrpoRun(SftRun):
                 raise UserError("--merge_lora false trains the LoRA checkpoint's adapter, and --train_type is "
                                 f"{args.train_type}", "pass --train_type lora, or --merge_lora true")
             shape = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
-            given = _given(args)
+            given = given_flags(args)
             for k in shape:
                 if k in given and k in src.run_args and getattr(args, k) != src.run_args[k]:
                     raise UserError(f"--{k} {getattr(args, k)} with --merge_lora false: the checkpoint's adapter has "
@@ -200,7 +201,7 @@ class GrpoRun(SftRun):
                                     f"drop --{k}, or pass --merge_lora true to train a new adapter over the merged model")
             changes.update({k: src.run_args[k] for k in shape if k in src.run_args and k not in given})
             self._sft_adapter = src.path
-        return _replace(args, **changes)
+        return replaced(args, **changes)
 
     def run_name(self) -> str:
         return self._sft_run_name or super().run_name()
@@ -331,7 +332,8 @@ class GrpoRun(SftRun):
             texts.append(" ".join(str(m["content"]) for m in row["messages"] if m["role"] == "user"))
         if not prompts:
             return None
-        with self.accelerator.unwrap_model(self.loss_module).autocast():  # the LoRA branch as in training
+        acc = self.accelerator
+        with acc.unwrap_model(self.loss_module).autocast(acc.device.type):  # the LoRA branch as in training
             answers = self.engine.generate_answers([p for p in prompts for _ in range(g)], args.max_completion_length,
                                                    temperature=args.temperature, top_p=args.top_p)
         completions = [a.text for a in answers]
@@ -405,19 +407,6 @@ def _train_only(build):
     def data(args, template, accelerator):
         return build(dataclasses.replace(args, val_dataset=None, dataset_test_ratio=0.0), template, accelerator)[0], None
     return data
-
-
-def _given(args) -> set[str]:
-    from ocrtune.args import given_flags
-    return given_flags(args)
-
-
-def _replace(args, **changes):
-    """dataclasses.replace keeping which flags were typed (a resume's rule reads them)."""
-    out = dataclasses.replace(args, **changes)
-    if hasattr(args, "_given_flags"):
-        out._given_flags = args._given_flags
-    return out
 
 
 def merged_builder(adapter: Path):

@@ -11,7 +11,7 @@ from ocrtune.args import (arg, ckpt_dir_arg, decode_arg, dtype_arg, ints, max_ne
 class ServeArgs:
     # model (same meaning as in `ocrtune infer`)
     ckpt_dir: str | None = ckpt_dir_arg()
-    model: str | None = model_arg("base model (hub id, folder or preset) when no --ckpt_dir is given; default ocrtune-reader, the bundled formula reader")
+    model: str | None = model_arg()
     model_type: str | None = model_type_arg()
     use_hf: bool = use_hf_arg()
     merge_lora: bool = merge_lora_arg()

@@ -12,8 +12,8 @@ from ocrtune.errors import UserError
 @dataclass
 class SftArgs:
     # model
-    model: str | None = model_arg("hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (ocrtune-reader, tiny, small); default "
-                                   "ocrtune-reader, the bundled formula reader, with its first-run settings")
+    model: str | None = model_arg("hub id (Qwen/Qwen2-VL-7B-Instruct), local folder, or preset (ocrtune-reader, tiny, "
+                                  "small); default ocrtune-reader, the bundled formula reader, with its first-run settings")
     model_type: str | None = model_type_arg("registry name, e.g. qwen2-vl-7b-instruct (see `ocrtune list`)")
     use_hf: bool = use_hf_arg()
     model_revision: str | None = arg(None, "hub revision")

@@ -64,7 +64,7 @@ def generate_metrics(acc, loss_module, rows, processor, template, args, sharded:
     engine = InferEngine(dist.SyncedGenerate(model) if sharded else model, processor, template, decode="dynamic")
     bs = args.eval_batch_size or args.batch_size
     mine = []
-    with dist.full_params(loss_module), acc.unwrap_model(loss_module).autocast():
+    with dist.full_params(loss_module), acc.unwrap_model(loss_module).autocast(acc.device.type):
         if acc.num_processes == 1:  # the inference engine's length-sorted, encoded-ahead batches
             mine = list(enumerate(engine.generate_rows(rows, bs, args.max_new_tokens)))
         else:

@@ -66,11 +66,11 @@ class ResponseLoss(nn.Module):
             self._amp = lora_autocast_dtype(self.model) or False
         return self._amp or None
 
-    def autocast(self):
-        """The forward's autocast as a context, for passes that call the model itself (generation): without it
-        their LoRA matmuls meet float32 weights and bf16/fp16 inputs."""
+    def autocast(self, device_type: str):
+        """The forward's autocast as a context, also for passes that call the model itself (generation): without
+        it their LoRA matmuls meet float32 weights and bf16/fp16 inputs."""
         amp = self._autocast_dtype()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=amp) if amp else contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
 
     def _embeds(self, vlm, input_ids, pixel_values, image_grid_thw):
         return image_embeds(causal_lm(self.model), vlm, input_ids, pixel_values, image_grid_thw)
@@ -79,8 +79,7 @@ class ResponseLoss(nn.Module):
                 position_ids=None, mm_token_type_ids=None, cu_seq_lens=None, max_length=None, pixel_frames=None,
                 pixel_norm=None, **kwargs):
         refuse_light({"pixel_frames": pixel_frames, "pixel_norm": pixel_norm}, "ResponseLoss")  # raw 8 bits otherwise
-        amp = self._autocast_dtype()
-        with torch.autocast(input_ids.device.type, dtype=amp) if amp else contextlib.nullcontext():
+        with self.autocast(input_ids.device.type):
             return self._forward(input_ids, labels, attention_mask, pixel_values, image_grid_thw, position_ids,
                                  mm_token_type_ids, cu_seq_lens, max_length, **kwargs)
 

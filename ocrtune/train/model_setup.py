@@ -109,26 +109,19 @@ def default_lr(args: SftArgs, preset: bool) -> float:
 def model_defaults(args: SftArgs, spec) -> SftArgs:
     """`args` with the model's own sft settings (`ModelSpec.sft_defaults`, e.g. the bundled reader's first run) where
     no flag or environment variable (MAX_PIXELS) gave them. Not for rlhf, whose batches and data mean other things."""
-    from ocrtune.args import given_flags
+    from ocrtune.args import given_flags, replaced
     if spec is None or not spec.sft_defaults or getattr(args, "rlhf_type", None):
         return args
     given, default = given_flags(args), {f.name: f.default for f in dataclasses.fields(args)}
-    out = dataclasses.replace(args, **{k: v for k, v in spec.sft_defaults.items()
-                                       if k not in given and getattr(args, k) == default[k]})
-    out._given_flags = frozenset(given)
-    return out
+    return replaced(args, **{k: v for k, v in spec.sft_defaults.items()
+                             if k not in given and getattr(args, k) == default[k]})
 
 
 def with_default_model(args: SftArgs) -> SftArgs:
     """No --model or --model_type: DEFAULT_MODEL, written into the run's settings (args.json, a resume) by name."""
-    from ocrtune.args import given_flags
+    from ocrtune.args import replaced
     from ocrtune.models.registry import DEFAULT_MODEL
-    if args.model or args.model_type:
-        return args
-    given = given_flags(args)
-    out = dataclasses.replace(args, model=DEFAULT_MODEL)
-    out._given_flags = frozenset(given)
-    return out
+    return args if args.model or args.model_type else replaced(args, model=DEFAULT_MODEL)
 
 
 @dataclasses.dataclass(frozen=True)

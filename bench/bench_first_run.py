@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    report = {"command": "python bench/bench_first_run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     import torch
     report["machine"]["torch"] = torch.__version__
     report["machine"]["torch_threads"] = torch.get_num_threads()

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--sft_lr", type=float, default=1e-4)
     p.add_argument("--packing_tokens", type=int, default=65536, help="SFT's tokens a step (the recipe's stage 1)")
     p.add_argument("--workers", type=int, default=8, help="SFT's dataloader workers")
-    p.add_argument("--grpo_lr", type=float, default=2e-5)
+    p.add_argument("--grpo_lr", default="2e-5",
+                   help="GRPO's learning rate; a comma list runs one GRPO arm per rate, each for --seconds")
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--grpo_batch_size", type=int, default=128, help="completions a micro-batch (16 prompts x 8)")
     p.add_argument("--beta", type=float, default=0.04)
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the report (JSON)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
+    a.grpo_lrs = [float(x) for x in str(a.grpo_lr).split(",") if x.strip()]
     if a.smoke:
         a.seconds, a.eval_rows, a.num_generations, a.grpo_batch_size = 20.0, a.eval_rows or 6, 4, 8
         a.packing_tokens, a.workers = 1200, 0
@@ -108,36 +110,49 @@ def main(argv=None) -> None:
     common = ["--model", model, "--dataset", train, "--train_type", "lora", "--lora_rank", "64", "--lora_alpha", "128",
               "--lora_dropout", "0", "--max_time", str(a.seconds), "--save_total_limit", "1", "--report_to", "none",
               "--save_steps", "100000", "--logging_steps", "5", "--min_pixels", str(a.min_pixels),
-              "--max_pixels", str(a.max_pixels)]
-    report["steps"]["sft"] = run("sft", ["sft", *common, "--output_dir", str(WORK / "sft"), "--learning_rate",
-                                         str(a.sft_lr), "--lr_decay_seconds", str(a.seconds), "--packing", "true",
-                                         "--packing_tokens", str(a.packing_tokens), "--dataloader_num_workers", str(a.workers),
-                                         "--dataset_test_ratio", "0", "--max_steps", "100000",
-                                         "--predict_with_generate", "false"], env, logs)
-    report["steps"]["grpo"] = run("grpo", ["rlhf", "--rlhf_type", "grpo", *common, "--output_dir", str(WORK / "grpo"),
-                                           "--learning_rate", str(a.grpo_lr), "--reward_funcs", "cdm",
-                                           "--num_generations", str(a.num_generations), "--batch_size",
-                                           str(a.grpo_batch_size), "--max_completion_length", "256", "--beta",
-                                           str(a.beta), "--max_steps", "100000"], env, logs)
-    evals = {"before": ["--model", model], "sft": ["--ckpt_dir", str(newest_checkpoint(WORK / "sft"))],
-             "grpo": ["--ckpt_dir", str(newest_checkpoint(WORK / "grpo"))]}
+              "--max_pixels", str(a.max_pixels), "--lr_scheduler_type", "constant",
+              "--lr_decay_seconds", str(a.seconds / 2)]
+    # warm-up, a constant rate, then a cosine to 0 over the second half of the clock: with --max_steps standing in
+    # for "until --max_time", a step schedule would warm up over 5% of 100,000 steps and never leave it
+    arms = {"sft": ["sft", *common, "--learning_rate", str(a.sft_lr), "--packing", "true", "--packing_tokens",
+                    str(a.packing_tokens), "--dataloader_num_workers", str(a.workers), "--dataset_test_ratio", "0",
+                    "--max_steps", "100000", "--warmup_steps", "20", "--predict_with_generate", "false"]}
+    for lr in a.grpo_lrs:
+        arms["grpo" if len(a.grpo_lrs) == 1 else f"grpo_lr{lr:g}"] = [
+            "rlhf", "--rlhf_type", "grpo", *common, "--learning_rate", str(lr), "--reward_funcs", "cdm",
+            "--num_generations", str(a.num_generations), "--batch_size", str(a.grpo_batch_size),
+            "--max_completion_length", "256", "--beta", str(a.beta), "--max_steps", "100000", "--warmup_steps", "2"]
     report["results"] = {}
-    for name, source in evals.items():
+
+    def evaluate(name: str, source: list[str]) -> None:
         result = WORK / f"eval_{name}.jsonl"
         report["steps"][f"eval_{name}"] = run(f"eval_{name}", ["eval", *source, "--val_dataset", val, "--metrics",
                                                                METRICS, "--max_new_tokens", "256", "--infer_batch_size",
                                                                "256", "--result_path", str(result)], env, logs)
         summary = json.loads(result.with_name(result.stem + "_summary.json").read_text())
         report["results"][name] = {k: summary.get(k) for k in ("bleu4", "exact_match", "cdm", "exprate_cdm", "count")}
-    for name in ("sft", "grpo"):
-        log = next((WORK / name).glob("*/v*-*/logging.jsonl"))
-        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        write(a.out, report)  # a call cut short still returns what it finished
+
+    evaluate("before", ["--model", model])
+    for name, command in arms.items():
+        folder = WORK / name
+        report["steps"][name] = run(name, [*command, "--output_dir", str(folder)], env, logs)
+        lines = [json.loads(x) for x in next(folder.glob("*/v*-*/logging.jsonl")).read_text().splitlines()]
         report["steps"][name]["optimizer_steps"] = max((x.get("step", 0) for x in lines), default=0)
+        rewards = [x["reward"] for x in lines if "reward" in x]
+        if rewards:
+            report["steps"][name]["reward_first_last"] = [rewards[0], rewards[-1]]
+        evaluate(name, ["--ckpt_dir", str(newest_checkpoint(folder))])
     r = report["results"]
-    report["grpo_minus_sft_exprate_cdm_points"] = round(100 * ((r["grpo"]["exprate_cdm"] or 0) - (r["sft"]["exprate_cdm"] or 0)), 2)
-    Path(a.out).write_text(json.dumps(report, indent=2))
+    report["grpo_minus_sft_exprate_cdm_points"] = {
+        n: round(100 * ((r[n]["exprate_cdm"] or 0) - (r["sft"]["exprate_cdm"] or 0)), 2) for n in arms if n != "sft"}
+    write(a.out, report)
     print(json.dumps(report["results"], indent=2))
-    print(f"GRPO - SFT, ExpRate@CDM: {report['grpo_minus_sft_exprate_cdm_points']} points; wrote {a.out}")
+    print(f"GRPO - SFT, ExpRate@CDM points: {report['grpo_minus_sft_exprate_cdm_points']}; wrote {a.out}")
+
+
+def write(path: str, report: dict) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

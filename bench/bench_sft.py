@@ -336,6 +336,11 @@ def run_ocrtune(a):
                       "gradient_checkpointing": bool(run.args.gradient_checkpointing),
                       "lora_dropout": run.args.lora_dropout, "overrides": overrides,
                       "effective": {k: getattr(run.args, k) for k in overrides},
+                      # what the run chose itself on a GPU (the memory plan) or was given
+                      "recompute_layers": run.args.recompute_layers, "lean_mlp": run.args.lean_mlp,
+                      "memory_plan": None if run.plan is None else {
+                          "recompute": run.plan.recompute, "predicted_gib": round(run.plan.predicted / 2**30, 2),
+                          "usable_gib": round(run.plan.usable / 2**30, 2), "scale": round(run.plan.scale, 3)},
                       "workers": run.args.dataloader_num_workers, "check_loss": check, "data_wait_s": round(wait, 3),
                       "setup_s": round(t_setup, 1), "encode_s": round(t_encode, 1), "rows": len(lengths),
                       "mean_sample_tokens": round(sum(lengths) / max(1, sum(1 for x in lengths if x)), 1)})

@@ -17,6 +17,7 @@ they skip. `pytest -m cuda --collect-only` collects them anywhere.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -466,3 +467,30 @@ def test_relora_fold_on_bf16_weights_keeps_the_loss(small):
     assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
     l_after, *_ = _loss_and_grads(model, batch)
     assert abs(l_after - l_ref) <= 1.5 * abs(l_before - l_ref) + bf16_rtol(1) * abs(l_ref), (l_after, l_before, l_ref)
+
+
+def test_memory_plan_picks_and_refuses_on_the_gpu(small, tmp_path, capsys, monkeypatch):
+    """With no recompute or lean-MLP flag a LoRA run plans its own (one line), trains with it and checks it in
+    its first steps; a card too small for the longest step is refused at set-up, before any step."""
+    from ocrtune.data.registry import SAMPLE_DIR
+    from ocrtune.errors import UserError
+    from ocrtune.train.args import SftArgs
+    from ocrtune.train.data import parquet_rows, rows_data
+    from ocrtune.train.trainer import SftRun
+    d, _ = small
+    rows = parquet_rows(SAMPLE_DIR / "train.parquet", limit=24)
+
+    def args(out):
+        return SftArgs(model=str(d), dataset=["rows"], max_steps=3, packing=True, packing_tokens=4096,
+                       output_dir=str(tmp_path / out), report_to=["none"], eval_steps=10**6, save_steps=10**6)
+    run = SftRun(args("a"), data=rows_data(rows))
+    err = capsys.readouterr().err
+    # the small preset at 4,096 tokens fits any GPU without recompute
+    assert "memory plan: --lean_mlp true --recompute_layers 0 (of 6)" in err, err
+    assert run.args.lean_mlp is True and run.args.recompute_layers == 0 and run.plan.fits
+    run.train()
+    assert run._plan_checks == 2
+    total = torch.cuda.memory_allocated() + 2**30  # a 1 GiB card beside what is already held
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total})())
+    with pytest.raises(UserError, match="longest micro-batch"):
+        SftRun(dataclasses.replace(args("b"), packing_tokens=2**20), data=rows_data(rows))

@@ -51,6 +51,9 @@ class ServeArgs:
     batch_wait_ms: float = arg(10.0, "how long the batcher waits for more requests after the first one arrives",
                                domain=reals(0, 60_000))
     max_queue: int = arg(256, "requests waiting beyond this many are refused with 503", domain=ints(1, 10**7))
+    continuous_batching: bool = arg(True, "greedy requests join the batch already decoding, between its steps, and "
+                                    "each is answered as soon as its own answer ends (off: whole batches, each "
+                                    "answered when its longest answer ends)")
     decode: str = decode_arg()
     # limits
     max_new_tokens: int = max_new_tokens_arg(512, "default and largest max_tokens a request may ask for")

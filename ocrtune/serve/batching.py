@@ -1,10 +1,13 @@
-"""Dynamic batching: requests that arrive together are generated together by the one model.
+"""Batching: requests that arrive together are generated together by the one model.
 
-A background asyncio task takes the first waiting request, waits `wait_s` for more (up to
-`max_batch_size`), groups them by generation settings and runs `engine.generate` in a single
-model thread, so the event loop keeps answering (health checks, uploads, new requests) while the
-model works. Streamed requests run one at a time through the same thread. A failing batch is
-retried request by request, so one bad input fails only its own request.
+A background asyncio task takes the first waiting request and waits `wait_s` for more. Greedy requests then
+decode by continuous batching where the engine can (`ocrtune.models.continuous`): they start as one batch, and
+requests arriving while it decodes join it between steps (up to `max_batch_size` rows at once), each answered as
+soon as its own row ends. Otherwise (sampling, an engine without it, `continuous=False`) the waiting requests, up
+to `max_batch_size`, are grouped by generation settings and each group runs `engine.generate_answers`. Either way
+the model runs in a single model thread, so the event loop keeps answering (health checks, uploads, new requests)
+while the model works. Streamed requests run one at a time through the same thread. A failing batch is retried
+request by request, so one bad input fails only its own request.
 """
 from __future__ import annotations
 
@@ -53,8 +56,10 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch_size: int = 8, wait_s: float = 0.01, max_queue: int = 256,
+                 continuous: bool = True):
         self.engine = engine
+        self.continuous = _continuous_decoder(engine) if continuous else None
         self.max_batch_size, self.wait_s, self.max_queue = max(1, max_batch_size), max(0.0, wait_s), max_queue
         self.waiting: deque[Job] = deque()  # abandoned jobs are dropped from it, so they hold no place
         self.arrived = asyncio.Event()
@@ -62,7 +67,7 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.busy = False
         self.stats = {"requests": 0, "streams": 0, "batches": 0, "errors": 0, "max_batch_size_seen": 0,
-                      "generate_seconds": 0.0}
+                      "generate_seconds": 0.0, "continuous": self.continuous is not None}
         self.batch_sizes: Counter = Counter()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -79,7 +84,9 @@ class Batcher:
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
     def snapshot(self) -> dict:
+        seen = max(self.stats["max_batch_size_seen"], self.continuous.stats["max_rows"] if self.continuous else 0)
         return {**self.stats, "generate_seconds": round(self.stats["generate_seconds"], 3), "queued": self._live(),
+                "max_batch_size_seen": seen,
                 "busy": self.busy, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
     # ---- client side ----------------------------------------------------------------------------
@@ -148,6 +155,10 @@ class Batcher:
                 batch = [first]
                 if self.wait_s and self._live() < self.max_batch_size - 1:
                     await asyncio.sleep(self.wait_s)  # let requests sent together arrive
+                if self.continuous is not None and first.temperature <= 0:
+                    taken = []
+                    await self._run_continuous(loop, first, taken)
+                    continue
                 while len(batch) < self.max_batch_size and self._live():
                     job = self.waiting.popleft()
                     (later if job.pieces is not None else batch).append(job)
@@ -168,6 +179,64 @@ class Batcher:
                     elif job.pieces is not None:
                         job.pieces.put_nowait(e)
                         job.pieces.put_nowait(_END)
+
+    async def _run_continuous(self, loop, first: Job, taken: list[Job]) -> None:
+        """Greedy requests by continuous batching, from `first` on, until no row is left and no greedy request waits
+        (a waiting stream or sampled request ends the session: it gets no new rows, and runs once it ends). `taken`
+        holds the jobs handed to the model, for the worker to fail if this breaks."""
+        pending = [first]
+
+        async def next_jobs(free: int) -> list:
+            out = []
+            self._live()  # drops the abandoned
+            while len(out) < free:
+                if pending:
+                    job = pending.pop()
+                elif self.waiting and self.waiting[0].pieces is None and self.waiting[0].temperature <= 0:
+                    job = self.waiting.popleft()
+                else:
+                    break
+                if not job.abandoned:
+                    out.append(job)
+            taken.extend(out)
+            if out:
+                self.stats["batches"] += 1
+                self.batch_sizes[len(out)] += 1
+            return [(job, job.record, job.max_new_tokens) for job in out]
+
+        def take(free: int) -> list:  # in the model thread
+            coroutine = next_jobs(free)
+            try:
+                return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
+            except Exception:  # the server is stopping
+                coroutine.close()
+                return []
+
+        def deliver(job: Job, result) -> None:  # in the model thread
+            loop.call_soon_threadsafe(self._resolve, job, result)
+
+        self.busy = True
+        t0 = time.monotonic()
+        try:
+            await loop.run_in_executor(self.model_thread, self.continuous.run, take, deliver, self.max_batch_size)
+        finally:
+            self.busy = False
+            self.stats["generate_seconds"] += time.monotonic() - t0
+            self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], self.continuous.stats["max_rows"])
+        for job in taken:  # a row the decoder never handed back (it broke): fail it rather than leave it waiting
+            if job.future is not None and not job.future.done():
+                self._resolve(job, RuntimeError("generation ended without an answer"))
+
+    def _resolve(self, job: Job, result) -> None:
+        self.stats["requests"] += 1
+        if job.future.done():
+            return
+        if isinstance(result, BaseException):
+            self.stats["errors"] += 1
+            log.warning("generation failed: %s: %s", type(result).__name__, result)
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
 
     async def _run_batch(self, loop, jobs: list[Job]) -> None:
         self.busy = True
@@ -251,3 +320,17 @@ class Batcher:
         self.stats["requests"] += 1
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], 1)
         self.batch_sizes[1] += 1
+
+
+def _continuous_decoder(engine):
+    """A continuous decoder over `engine` where it can decode that way (an `InferEngine` on a Qwen-VL model without
+    unsupported generation settings), else None: its requests then go in whole batches."""
+    from ocrtune.models.continuous import ContinuousDecoder, reason
+    from ocrtune.models.generate import InferEngine
+    if not isinstance(engine, InferEngine):
+        return None
+    why = reason(engine)
+    if why is not None:
+        log.info("continuous batching off: %s", why)
+        return None
+    return ContinuousDecoder(engine)

@@ -74,7 +74,8 @@ class Service:
                              allow_image_urls=args.allow_image_urls,
                              reserved_tokens=reserved_tokens(engine.template.tokenizer))
         self.prep = Prep(engine, args.max_image_pixels)
-        self.batcher = Batcher(engine, args.max_batch_size, args.batch_wait_ms / 1000.0, args.max_queue)
+        self.batcher = Batcher(engine, args.max_batch_size, args.batch_wait_ms / 1000.0, args.max_queue,
+                               args.continuous_batching)
         self.url_policy = UrlPolicy(args.allowed_image_hosts or ())
         self.started = time.time()
 

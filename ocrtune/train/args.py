@@ -83,7 +83,8 @@ class SftArgs:
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
     seed: int = arg(42, "random seed", domain=SEED)
     # speed
-    speed: str = arg("default", "default: the exact numerics (bf16, nothing approximated); max: every opt-in speed-up "
+    speed: str = arg("default", "default: the exact numerics (bf16, nothing approximated; LoRA on a GPU plans its "
+                     "recompute and lean MLP to fit the card, in one line at the start); max: every opt-in speed-up "
                      "that applies to this run and machine, as one line at the start says: --fp8_base and --lean_mlp_fp8 "
                      "(LoRA on a GPU of compute capability 8.9+; approximate), --lora_dropout 0, no recompute, packing at "
                      f"{10_240:,} tokens a step; a flag you give wins over it", choices=("default", "max"))
@@ -96,14 +97,16 @@ class SftArgs:
     fused_lora: bool = arg(True, "add each LoRA update into its base layer's output with one fused multiply-add "
                            "(same math as PEFT, fewer kernels)")
     lean_mlp: bool = arg(False, "LoRA on a SwiGLU MLP: keep gate/up for backward and recompute their product "
-                         "instead of storing it (less activation memory; same math)")
+                         "instead of storing it (less activation memory; same math). On a GPU LoRA run that gives "
+                         "neither this nor --recompute_layers/--gradient_checkpointing, the memory plan turns it on")
     lean_mlp_fp8: bool = arg(False, "--lean_mlp, with gate/up kept for backward in float8 (e4m3, a scale per token): "
                              "half their memory; the backward uses those rounded copies (approximate gradients)")
     fp8_base: bool = arg(False, "LoRA: keep the language model's frozen base linears in float8 (e4m3, a scale per "
                          "output channel) and multiply on float8 tensor cores (GPUs of compute capability 8.9+): "
                          "half their memory, faster matmuls; inputs rounded to float8 (approximate)")
-    recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute "
-                                       "(default all); the rest keep their activations (faster, more memory)",
+    recompute_layers: int | None = arg(None, "with --gradient_checkpointing: how many language-model layers recompute; "
+                                       "the rest keep their activations (faster, more memory). Default: LoRA on a GPU, "
+                                       "the fewest whose longest step fits the card (the memory plan); elsewhere all",
                                        domain=ints(0, 100_000))
     torch_compile: bool = arg(False, "torch.compile the language model's decoder layers and the vision tower's blocks "
                               "(regional, dynamic shapes): fewer, fused kernels (the small preset's step on an H200: 0.099 "

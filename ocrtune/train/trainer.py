@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ocrtune import checkpoint as ckpt_io
+from ocrtune.args import replaced
 from ocrtune.data.packing import IGNORE_INDEX
 from ocrtune.data.pixels import to_device
 from ocrtune.errors import UserError
@@ -27,7 +28,7 @@ from ocrtune.models.loading import is_random_init, load_processor, resolve_model
 from ocrtune.models.patches import PatchOptions
 from ocrtune.models.patches.vision import vision_input_dtype
 from ocrtune.models.template import Template
-from ocrtune.train import distributed as dist, relora
+from ocrtune.train import distributed as dist, memory_plan, relora
 from ocrtune.train.args import SftArgs, check_output_dir, normalized, validate, validate_fp8_base
 from ocrtune.train.data import Collator, build_data, first_good, make_loader, plan_batches
 from ocrtune.train.evaluation import evaluate
@@ -95,6 +96,7 @@ class SftRun:
         self.train_ds, self.val_ds = (data or build_data)(args, self.template, self.accelerator)
         self._startup["data_s"] = time.monotonic() - t_data
         self.model, parts = self._setup_model(args, model, resume_state)
+        self.args = args = self._setup_memory_plan(args)
         self.run_dir = self._setup_run_dir(args)
         self.total_steps = args.max_steps if args.max_steps > 0 else self.epoch_steps_total(args.num_train_epochs)
         self.optimizer, self.schedule = self._setup_optimizer(args)
@@ -210,6 +212,28 @@ class SftRun:
             load_adapter(trained, resume_state.pop("adapter"), self.resume, args.lora_rank)
         fsdp2_meta = meta and dist.engine_name(acc) == "fsdp2"
         return trained, ModelParts(liger.get("fused_ce"), buffers if fsdp2_meta else None, std)
+
+    def _setup_memory_plan(self, args: SftArgs) -> SftArgs:
+        """On a GPU, a LoRA run that left recompute and the lean MLP to the defaults takes the fastest exact setting
+        that fits its card (`memory_plan`), said in one line; the first steps check it (`train_step`)."""
+        self.plan, self._plan_checks = None, 0
+        if not memory_plan.wanted(args, self.accelerator.device, self.sharded or bool(self.device_map)):
+            return args
+        self.plan = memory_plan.plan_run(self.model, args, self.accelerator.device, self.train_ds.lengths)
+        if self.plan is None:
+            return args
+        if self.main:
+            print(memory_plan.plan_line(self.plan), file=sys.stderr, flush=True)
+        return replaced(args, recompute_layers=self.plan.recompute, lean_mlp=self.plan.lean)
+
+    def _check_memory_plan(self, step_tokens: int) -> None:
+        self._plan_checks += 1
+        better = memory_plan.check_step(self.plan, self.model, self.accelerator.device, step_tokens)
+        if better is not None:
+            self.plan, self.args = better, replaced(self.args, recompute_layers=better.recompute)
+            if self.main:
+                print(f"memory plan after step {self._plan_checks}: the activations measured {better.scale:.2f}x the "
+                      f"prediction; --recompute_layers {better.recompute} from the next step", file=sys.stderr, flush=True)
 
     def run_name(self) -> str:
         """The folder under --output_dir that holds this model's runs (SWIFT's layout)."""
@@ -384,6 +408,8 @@ class SftRun:
         grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed without clipping reports none
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.plan is not None and self._plan_checks < memory_plan.CHECKED_STEPS:
+            self._check_memory_plan(max(int(b["input_ids"].numel()) for b in group))
         elapsed = time.monotonic() - self.t_start
         if multi:  # log the global batch's loss, not this rank's share; every rank reads the same stop and clock
             loss_sum, correct, tokens, elapsed = self._reduce_step(loss_sum, correct, global_tokens, elapsed)

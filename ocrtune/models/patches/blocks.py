@@ -9,8 +9,10 @@ from ocrtune.models.patches.common import causal_lm
 
 def limit_recompute(model: nn.Module, layers: int) -> int:
     """Keep gradient checkpointing on only the first `layers` decoder layers of the language model;
-    the others keep their activations (no recompute: faster, more memory). Returns how many recompute."""
-    decoder = [m for m in causal_lm(model).model.language_model.layers if getattr(m, "gradient_checkpointing", False)]
+    the others keep their activations (no recompute: faster, more memory). Returns how many recompute. Callable
+    again between steps (the memory plan raises it): the layers are those gradient checkpointing was enabled on,
+    whether a previous call turned them off or not."""
+    decoder = [m for m in causal_lm(model).model.language_model.layers if "gradient_checkpointing" in vars(m)]
     for i, layer in enumerate(decoder):
         layer.gradient_checkpointing = i < layers
     return min(layers, len(decoder))

@@ -1,0 +1,134 @@
+"""Continuous batching (`ocrtune/models/continuous.py`): prompts that join a batch already decoding get, in float32,
+the tokens they get decoded alone; each row ends at its own stop token or max_new_tokens; a prompt that fails to
+encode fails alone."""
+from __future__ import annotations
+
+import pytest
+
+from samples import mixed_prompts, stop_early, tiny_parts
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return tiny_parts(tiny_model_dir)
+
+
+@pytest.fixture
+def stops_early(parts):
+    handle = stop_early(*parts[:2])
+    yield
+    handle.remove()
+
+
+def engine(parts, **kw):
+    from ocrtune.models.generate import InferEngine
+    model, processor, template = parts
+    return InferEngine(model, processor, template, workers=0, **kw)
+
+
+def run_continuous(eng, arrivals: list[list[tuple]], max_rows: int):
+    """Decode with `arrivals[i]` offered at the i-th call of take (what a server's queue holds then)."""
+    from ocrtune.models.continuous import ContinuousDecoder
+    got, asked, queue = {}, [], []
+
+    def take(free):
+        asked.append(free)
+        queue.extend(arrivals.pop(0) if arrivals else [])
+        given = queue[:free]
+        del queue[:free]
+        return given
+
+    decoder = ContinuousDecoder(eng)
+    decoder.run(take, lambda key, answer: got.__setitem__(key, answer), max_rows)
+    assert not queue and not arrivals
+    return got, asked, decoder.stats
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_rows_joining_a_running_batch_get_their_own_greedy_answers(parts, stops_early, check_every):
+    eng = engine(parts, check_every=check_every)
+    rows = mixed_prompts(8)
+    limits = [12, 20, 7, 20, 16, 20, 9, 20, 14]
+    alone = [eng.generate_answers([r], max_new_tokens=m)[0] for r, m in zip(rows, limits)]
+    items = [(i, r, m) for i, (r, m) in enumerate(zip(rows, limits))]
+    # three rows first, then two at the next check, nothing, then the rest (as far as room allows)
+    arrivals = [items[:3], items[3:5], [], items[5:]]
+    got, asked, stats = run_continuous(eng, arrivals, max_rows=6)
+    assert sorted(got) == list(range(len(rows)))
+    for i, want in enumerate(alone):
+        assert got[i] == want, (i, got[i], want)
+    assert {a.finish_reason for a in got.values()} == {"stop", "length"}
+    assert all(got[i].tokens <= limits[i] for i in got)
+    assert stats["joins"] >= 3 and stats["max_rows"] <= 6 and all(f <= 6 for f in asked)
+
+
+def test_rows_ended_are_handed_back_while_others_decode(parts, stops_early):
+    eng = engine(parts, check_every=1)
+    rows = mixed_prompts(4)
+    order = []
+    from ocrtune.models.continuous import ContinuousDecoder
+    items = [(0, rows[0], 2), (1, rows[1], 30)]
+    ContinuousDecoder(eng).run(lambda free: [items.pop(0)] if items else [],
+                               lambda key, answer: order.append((key, answer.tokens)), max_rows=4)
+    # the 2-token row came back first, long before the other ended
+    assert order[0] == (0, 2) and order[1][0] == 1
+
+
+def test_a_prompt_that_fails_to_encode_fails_alone(parts, tmp_path):
+    eng = engine(parts)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    rows = mixed_prompts(4)
+    items = [(0, rows[0], 5), (1, {"messages": [{"role": "user", "content": "<image>read"}], "images": [str(bad)]}, 5),
+             (2, rows[2], 5)]
+    got, _, _ = run_continuous(eng, [items], max_rows=8)
+    assert isinstance(got[1], BaseException)
+    assert got[0] == eng.generate_answers([rows[0]], max_new_tokens=5)[0]
+    assert got[2] == eng.generate_answers([rows[2]], max_new_tokens=5)[0]
+
+
+def test_reason_names_what_keeps_it_off(parts):
+    from ocrtune.models.continuous import reason
+    from ocrtune.models.generate import InferEngine
+    model, processor, template = parts
+    assert reason(InferEngine(model, processor, template, workers=0)) is None
+    assert reason(InferEngine(model, processor, template, workers=0, fast=False)) == "fast=False"
+
+
+def test_the_server_batcher_lets_late_requests_join_and_answers_each_as_it_ends(parts, stops_early):
+    """`serve`'s batcher: requests sent while a batch decodes join it (one decoding session, several joins), every
+    answer is the row's own greedy answer, and a short answer is not held back by a long one."""
+    import asyncio
+    import time
+
+    from ocrtune.serve.batching import Batcher
+    eng = engine(parts, check_every=1)
+    rows = mixed_prompts(6)
+    limits = [40, 3, 25, 2, 30, 5]
+    records = [eng.encode_prompt(r) for r in rows]
+    alone = [eng.generate_answers([r], max_new_tokens=m)[0] for r, m in zip(records, limits)]
+
+    async def main():
+        batcher = Batcher(eng, max_batch_size=4, wait_s=0.0)
+        batcher.start()
+        done_at = {}
+
+        async def one(i):
+            answer = await batcher.generate(records[i], limits[i])
+            done_at[i] = time.monotonic()
+            return answer
+        first = [asyncio.create_task(one(i)) for i in (0, 1)]
+        while batcher.continuous.stats["steps"] < 2:  # the first batch is decoding
+            await asyncio.sleep(0.001)
+        late = [asyncio.create_task(one(i)) for i in (2, 3, 4, 5)]
+        answers = await asyncio.gather(*first, *late)
+        snapshot = batcher.snapshot()
+        await batcher.stop()
+        return answers, done_at, snapshot
+
+    answers, done_at, snapshot = asyncio.run(main())
+    assert answers == [alone[i] for i in (0, 1, 2, 3, 4, 5)]
+    assert snapshot["continuous"] and snapshot["requests"] == 6 and snapshot["errors"] == 0
+    assert snapshot["batches"] >= 2 and 1 < snapshot["max_batch_size_seen"] <= 4  # joins of one session
+    assert done_at[3] < done_at[0]  # the 2-token request, sent late, ended before the first long one
+

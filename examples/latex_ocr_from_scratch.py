@@ -13,6 +13,9 @@
            or, with --stage1_lora_rank 0, full fine-tuning with the vision tower trained, at lr 1e-4 (at 1e-3
            it collapses the image features: bench/learning/sweep_2026-12-01/FINDINGS.md)
   stage 2  `ocrtune sft --model <stage-1 checkpoint> --train_type lora` on LaTeX_OCR handwrite
+  grpo     optional (--grpo_seconds N): `ocrtune rlhf --rlhf_type grpo --reward_funcs cdm` over the merged stage 1
+           on print train formulas, for N seconds after stage 2; evaluated on print validation with CDM beside
+           stage 1 (bench/learning/grpo_vs_sft.py compares it with as many seconds of more SFT)
   evals    `ocrtune eval --metrics bleu,edit_distance,exact_match,token_acc` (greedy generation): stage 1 on
            print validation, stage 1 and 2 on handwrite validation, and each --extra_eval set
 
@@ -161,6 +164,13 @@ def parse_args(argv=None):
     p.add_argument("--stage2_seconds", type=float, default=70.0)
     p.add_argument("--stage2_batch_size", type=int, default=32)
     p.add_argument("--stage2_learning_rate", type=float, default=1e-3)
+    p.add_argument("--grpo_seconds", type=float, default=0.0,
+                   help="after stage 2, GRPO with the cdm reward over the merged stage 1 on print train for this many "
+                        "seconds (0: no GRPO stage); stage 1's and its print evaluations then add CDM and ExpRate@CDM "
+                        "(needs pdflatex or --tex_root)")
+    p.add_argument("--grpo_learning_rate", type=float, default=3e-5)
+    p.add_argument("--grpo_num_generations", type=int, default=8)
+    p.add_argument("--grpo_batch_size", type=int, default=128, help="completions a micro-batch (16 prompts x 8)")
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument("--lora_alpha", type=int, default=64)
     p.add_argument("--eval_rows", type=int, default=None, help="rows of each validation set (default: all)")
@@ -186,6 +196,7 @@ def parse_args(argv=None):
         if a.stage1_train_seconds is None and a.phase == "train":  # stops after its first step, phase rest resumes it
             a.stage1_train_seconds = 0.0
         a.min_pixels, a.max_pixels = a.min_pixels or 20_000, a.max_pixels or 60_000
+        a.grpo_num_generations, a.grpo_batch_size = 4, 8
     return a
 
 
@@ -515,12 +526,14 @@ class Recipe:
         return steps, limit, self.left(kill_before)
 
     # ------------------------------------------------------------ phase rest
-    def eval_job(self, name: str, ckpt: Path, data: str, device: str | None):
+    def eval_job(self, name: str, ckpt: Path, data: str, device: str | None, metrics: str = METRICS):
         result = self.work / "eval" / f"{name}.jsonl"
         result.parent.mkdir(parents=True, exist_ok=True)
         for stale in (result, result.with_name(f"{name}_summary.json")):  # a failed re-run must not report the last one
             stale.unlink(missing_ok=True)
-        args = ["eval", "--ckpt_dir", str(ckpt), "--val_dataset", data, "--metrics", METRICS,
+        if self.a.grpo_seconds and name.endswith("_print"):  # the GRPO stage's comparison is on CDM
+            metrics += ",cdm"
+        args = ["eval", "--ckpt_dir", str(ckpt), "--val_dataset", data, "--metrics", metrics,
                 "--infer_batch_size", "256", "--max_new_tokens", str(self.a.max_new_tokens), "--result_path", str(result)]
         return self.start(name, args, devices=device)
 
@@ -528,7 +541,8 @@ class Recipe:
         s = read_json(self.work / "eval" / f"{name}_summary.json")
         if rc != 0 or not s:
             return None
-        out = {k: s.get(k) for k in ("bleu4", "exact_match", "token_acc", "edit_distance_token", "edit_distance_char", "count")}
+        out = {k: s.get(k) for k in ("bleu4", "exact_match", "token_acc", "edit_distance_token", "edit_distance_char",
+                                     "cdm", "exprate_cdm", "count") if k in s}
         out["edit_distance"] = s.get("edit_distance_token")
         with open(self.out / "predictions.jsonl", "a") as f:
             for row in read_jsonl(self.work / "eval" / f"{name}.jsonl")[:20]:
@@ -609,7 +623,11 @@ class Recipe:
             self.stop_if_failed()
         if ckpts2:  # at once, beside stage 1's evaluations still running (run 10's print evaluation needed ~140 s)
             evals += self.start_evals(ckpts2[-1], {"stage2_handwrite": self.path("handwrite", "validation")})
+        if a.grpo_seconds:
+            evals += self.grpo(ckpt1)
         results = self.finish_evals(evals, reserve=10)
+        if "grpo_print" in results:
+            self.report["print_after_grpo"] = results.pop("grpo_print")
         first = {k: v for k, v in results.items() if k != "stage2_handwrite"}
         after = {k: v for k, v in results.items() if k == "stage2_handwrite"}
         self.report.update({"print": first.get("stage1_print"), "handwrite_before": first.get("stage1_handwrite"),
@@ -642,6 +660,31 @@ class Recipe:
                 out[key] = {"bleu4": m.get("bleu4"), "exact_match": m.get("exact_match"),
                             "edit_distance": m["edit_distance_token"], "count": len(new)}
         return out
+
+    def grpo(self, ckpt1: Path) -> list[tuple[str, dict]]:
+        """The optional GRPO stage: the cdm reward over the merged stage 1 on print train formulas, by the clock
+        (warm-up, a constant rate, a cosine to 0 over the second half), then its print evaluation (started, not
+        awaited). Returns the evaluation job, none if GRPO failed or made no checkpoint."""
+        a, run = self.a, self.work / "grpo"
+        seconds = max(1.0, min(a.grpo_seconds, self.left(reserve=90)))
+        self.run("grpo", [
+            "rlhf", "--rlhf_type", "grpo", "--model", str(ckpt1), "--dataset", self.path("print", "train"),
+            "--train_type", "lora", "--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha),
+            "--lora_dropout", "0", "--reward_funcs", "cdm", "--num_generations", str(a.grpo_num_generations),
+            "--batch_size", str(a.grpo_batch_size), "--max_completion_length", str(a.max_new_tokens),
+            "--learning_rate", str(a.grpo_learning_rate), "--lr_scheduler_type", "constant", "--warmup_steps", "2",
+            "--max_steps", "100000", "--max_time", f"{seconds:.0f}", "--lr_decay_seconds", f"{seconds / 2:.0f}",
+            "--save_steps", "100000", "--logging_steps", "5", "--min_pixels", str(a.min_pixels),
+            "--max_pixels", str(a.max_pixels), "--output_dir", str(run), "--add_output_dir_suffix", "false",
+            "--report_to", "none", "--save_total_limit", "1",
+            *(["--tex_root", a.tex_root] if a.tex_root else [])], timeout=self.left(60), gpus=min(self.gpus, 1))
+        self.report["grpo"] = summarize_run(run)
+        ckpts = list_checkpoints(run)
+        if self.failed or not ckpts:
+            self.report["errors"].append(f"the GRPO stage made no checkpoint: {self.failed or 'see log.txt'}")
+            self.failed = None  # optional: stage 1 and 2's results still stand
+            return []
+        return self.start_evals(ckpts[-1], {"grpo_print": self.path("print", "validation")})
 
     def stage2_by_time(self, steps: int) -> list[str]:
         """Stage 2 by the clock: warm-up, then a cosine to 0 over what is left of its seconds (`steps` estimates its
@@ -761,11 +804,15 @@ def results_markdown(r: dict) -> str:
     rows += [("stage 1", "handwrite validation, formulas not in handwrite train", r.get("handwrite_before_unseen")),
              ("stage 2 (+LoRA)", "handwrite validation, formulas not in handwrite train", r.get("handwrite_after_unseen"))]
     rows += [("stage 1", f"{k} (extra)", v) for k, v in (r.get("extra") or {}).items()]
-    lines = ["| model | data | rows | BLEU-4 | exact match | token accuracy | edit distance |", "|---|---|---|---|---|---|---|"]
+    if r.get("print_after_grpo"):
+        rows.insert(1, ("stage 1 + GRPO (cdm reward)", "print validation", r["print_after_grpo"]))
+    cdm = any(e and "exprate_cdm" in e for _, _, e in rows)
+    lines = ["| model | data | rows | BLEU-4 | exact match | token accuracy | edit distance |" + (" ExpRate@CDM |" if cdm else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if cdm else "")]
     for model, data, e in rows:
         f = (lambda k: f"{e[k]:.4f}" if e and isinstance(e.get(k), (int, float)) else "-")  # noqa: E731
         lines.append(f"| {model} | {data} | {(e or {}).get('count', '-')} | {f('bleu4')} | {f('exact_match')} | "
-                     f"{f('token_acc')} | {f('edit_distance')} |")
+                     f"{f('token_acc')} | {f('edit_distance')} |" + (f" {f('exprate_cdm')} |" if cdm else ""))
     for k, t in (r.get("targets") or {}).items():
         lines.append(f"\n- {k}: {t['value']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")
     s1 = r.get("stage1") or {}

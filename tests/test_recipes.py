@@ -170,7 +170,8 @@ def from_scratch(tmp_path_factory):
     runs = {}
     for phase in ("train", "rest"):
         cmd = [sys.executable, str(FROM_SCRATCH), "--smoke", "--phase", phase, "--stage1_lora_rank", "4",
-               "--work_dir", str(work), "--report_dir", str(root / phase), "--extra_eval", f"heldout={extra}"]
+               "--work_dir", str(work), "--report_dir", str(root / phase), "--extra_eval", f"heldout={extra}",
+               *(["--grpo_seconds", "10"] if phase == "rest" else [])]
         res, wall = _run(cmd, root, 900)
         print(f"latex_ocr_from_scratch --smoke --phase {phase}: {wall:.1f}s")
         assert res.returncode == 0, f"phase {phase}: " + _why(res)
@@ -190,6 +191,10 @@ def test_from_scratch_report_has_the_issue_shape(from_scratch):
     assert r["targets"]["handwrite_bleu4_gain"]["value"] == pytest.approx(
         r["handwrite_after"]["bleu4"] - r["handwrite_before"]["bleu4"], abs=1e-6)
     assert list(r["phases"]) == ["train", "rest"] and r["command"].count("--phase") == 2
+    # the optional GRPO stage (--grpo_seconds): its steps, and print evaluated with CDM before and after it
+    assert r["grpo"]["steps"] >= 1, r["grpo"]
+    for e in (r["print"], r["print_after_grpo"]):
+        assert e["count"] == SMOKE_EVAL_ROWS and 0.0 <= e["exprate_cdm"] <= e["cdm"] <= 1.0, e
     assert r["device"].startswith("cpu")
     # the bundled sample's validation formulas are none of its train formulas, so the "unseen" subset is every
     # row, and the recipe's own metrics over it must give what `ocrtune eval` reported for the whole set

@@ -490,7 +490,8 @@ def test_memory_plan_picks_and_refuses_on_the_gpu(small, tmp_path, capsys, monke
     assert run.args.lean_mlp is True and run.args.recompute_layers == 0 and run.plan.fits
     run.train()
     assert run._plan_checks == 2
+    from ocrtune.train import memory_plan
     total = torch.cuda.memory_allocated() + 2**30  # a 1 GiB card beside what is already held
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total})())
+    monkeypatch.setattr(memory_plan, "card_memory", lambda device: total)
     with pytest.raises(UserError, match="longest micro-batch"):
         SftRun(dataclasses.replace(args("b"), packing_tokens=2**20), data=rows_data(rows))

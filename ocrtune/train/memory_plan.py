@@ -3,12 +3,13 @@ activations in backward (`--recompute_layers`) and the lean SwiGLU MLP (`--lean_
 backward, their product recomputed). Both change only memory and speed, never the loss or the gradients (tests:
 test_speed_flags, test_lean_mlp), so a run takes the fastest that fits its card: fewest layers recomputing.
 
-The plan is made once the model is on the card, from three numbers: the memory the run holds before its first
-step (weights, adapters, and the optimizer state to come), the activation bytes a token costs per decoder layer
+The plan is made once the model is built, before its first step, from three numbers: the memory the run will hold
+before a step's activations (weights, adapters, and the optimizer state to come), the activation bytes a token costs per decoder layer
 (from the model's shape) and the longest micro-batch the data can make (the packing budget, or the batch size
 times the longest row). The step's activations are then predicted for that longest step, so a run that would run
-out of memory later is known at the start. The first steps check it: their measured peak scales the prediction,
-and more layers recompute from the next step when the scaled prediction no longer fits."""
+out of memory later is known at the start. The first steps check it: their measured peak (memory reserved) scales the prediction,
+and the count changes from the next step where the scaled prediction says so (more layers after any step that
+measured more; fewer only after a step of at least half the longest one's tokens)."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ OTHER_HIDDEN = 12  # outside the layers: embeddings, final norm, the loss's chun
 ADAM_BYTES = 4 + 8  # a float32 trainable parameter's gradient and AdamW's two moments, allocated at the first step
 USABLE_SHARE, RESERVE = 0.92, 1 * GIB  # allocator slack, cuBLAS/NCCL workspaces, the evaluation's generation
 CHECKED_STEPS = 2  # steps whose measured peak corrects the prediction (the first warms up kernels' workspaces)
+MIN_SCALE = 0.8  # the activations are never taken for less than this share of the model's (a measurement's floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +90,18 @@ def choose(shape: Shape, tokens: int, static: float, total: float, lean: bool, s
 
 def corrected(plan: Plan, step_tokens: int, peak: float) -> Plan | None:
     """After a step of `step_tokens` tokens whose measured peak was `peak` bytes: the plan again with the
-    activations scaled to what was measured, when that needs more layers to recompute (else None)."""
+    activations scaled to what was measured, where that changes the count (else None). More layers recompute after
+    any step that measured more than predicted; fewer only after a step of at least half the longest step's tokens
+    (a short one is no evidence for the longest), and the scale never goes below MIN_SCALE."""
     shape = plan.shape
     expected = activation_bytes(shape, step_tokens, plan.recompute, plan.lean)
     if step_tokens <= 0 or expected <= 0:
         return None
-    scale = max(plan.scale, (peak - plan.static) / expected)
-    again = choose(shape, plan.tokens, plan.static, plan.total, plan.lean, scale, at_least=plan.recompute)
-    return again if again.recompute > plan.recompute else None
+    measured = (peak - plan.static) / expected  # the activations as a share of the model's
+    representative = 2 * step_tokens >= plan.tokens
+    scale = max(MIN_SCALE, measured) if representative else max(plan.scale, measured)
+    again = choose(shape, plan.tokens, plan.static, plan.total, plan.lean, scale)
+    return again if again.recompute != plan.recompute else None
 
 
 def plan_line(plan: Plan) -> str:
@@ -138,8 +144,9 @@ def plan_run(model, args, device, lengths) -> Plan | None:
         return None
     lean = patches.prepare(model, PatchOptions(patch_embed=False, lean_mlp=True))["lean_mlp"] == shape.layers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    static = torch.cuda.memory_allocated(device) + trainable * ADAM_BYTES
-    total = torch.cuda.get_device_properties(device).total_memory
+    # the weights may still be on the host (the run moves them to the card when it wraps the model)
+    static = max(torch.cuda.memory_allocated(device), model_bytes(model)) + trainable * ADAM_BYTES
+    total = card_memory(device)
     tokens = longest_micro_batch(args, None if args.packing and args.packing_tokens else lengths())
     plan = choose(shape, tokens, static, total, lean)
     if not plan.fits:
@@ -152,10 +159,19 @@ def plan_run(model, args, device, lengths) -> Plan | None:
     return plan
 
 
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def card_memory(device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def check_step(plan: Plan, model, device, step_tokens: int) -> Plan | None:
     """After a step whose longest micro-batch held `step_tokens` tokens: the plan corrected by the step's measured
-    peak and applied, where it needs more layers to recompute (else None)."""
-    better = corrected(plan, step_tokens, torch.cuda.max_memory_allocated(device))
+    peak and applied, where that changes the count (else None)."""
+    # reserved, not allocated: what the allocator holds (its fragmentation included) is what the card must fit
+    better = corrected(plan, step_tokens, torch.cuda.max_memory_reserved(device))
     if better is not None:
         patches.prepare(model, PatchOptions(patch_embed=False, recompute_layers=better.recompute))
     torch.cuda.reset_peak_memory_stats(device)

@@ -233,7 +233,8 @@ class SftRun:
             self.plan, self.args = better, replaced(self.args, recompute_layers=better.recompute)
             if self.main:
                 print(f"memory plan after step {self._plan_checks}: the activations measured {better.scale:.2f}x the "
-                      f"prediction; --recompute_layers {better.recompute} from the next step", file=sys.stderr, flush=True)
+                      f"model's; --recompute_layers {better.recompute} from the next step (the longest step predicted "
+                      f"at {better.predicted / memory_plan.GIB:.1f} GiB)", file=sys.stderr, flush=True)
 
     def run_name(self) -> str:
         """The folder under --output_dir that holds this model's runs (SWIFT's layout)."""

@@ -10,9 +10,9 @@
 # $OUT/speed3_cuda_tests.txt
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/peft-*.whl \
-  .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/rapidfuzz-*.whl .whl/sacrebleu-*.whl \
-  .whl/portalocker-*.whl .whl_bench/*.whl 2>&1 | tail -2
+# all of .whl: the Trainer + PEFT baseline's process imports datasets (its 2026-12-07 run failed without it)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  .whl_bench/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | tr A-Z a-z)
 CARD=${CARD:-gpu}

@@ -7,6 +7,9 @@
 #   model_only.static.decoding == "static-graph" (the graphs ran; else model_only.static.static_reason says why),
 #   model_only_speedup / end_to_end_speedup (static vs plain generate, bf16, batch 256, 64 new tokens),
 #   fp32_identical (float32, 64 rows: plain generate == dynamic loop == static with graphs == static without).
+# READER=1 also runs it on the bundled reader (a trained model: answers of their own lengths, up to 256 tokens; 32M
+# parameters, so its decoding is bound by the host, which CUDA graphs remove; on the H100 plain generate read ~20
+# images/s) -> $OUT/decode_reader_<card>.json
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ TOKENIZERS_PARALLELISM=false
@@ -15,3 +18,7 @@ CARD=${CARD:-gpu}
 timeout 110 python3 bench/bench_decode.py --model 2b --rows 256 --batch_size 256 --max_new_tokens 64 --fp32_rows 64 \
   --budget_s 70 --model_root /tmp --out "$OUT/decode_2b_$CARD.json" 2>&1 | tee "$OUT/decode_2b_log.txt"
 echo "rc=$?"
+if [ -n "${READER:-}" ]; then
+  timeout 200 python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 --max_new_tokens 256 \
+    --fp32_rows 64 --budget_s 170 --out "$OUT/decode_reader_$CARD.json" 2>&1 | tee "$OUT/decode_reader_log.txt" | tail -4
+fi

@@ -69,19 +69,18 @@ class Plan:
     predicted: float    # static + the longest step's activations (times `scale`)
     usable: float       # what the card gives the run
     total: float        # the card's memory
-    scale: float = 1.0  # measured / predicted activations, from the first steps (never below 1)
+    scale: float = 1.0  # measured / modelled activations, from the first steps (at least MIN_SCALE)
 
     @property
     def fits(self) -> bool:
         return self.predicted <= self.usable
 
 
-def choose(shape: Shape, tokens: int, static: float, total: float, lean: bool, scale: float = 1.0,
-           at_least: int = 0) -> Plan:
-    """The fastest plan that fits: the fewest recomputing layers (at least `at_least`) whose longest step is
-    predicted within the card's usable memory; every layer recomputing when none fits (`fits` then says so)."""
+def choose(shape: Shape, tokens: int, static: float, total: float, lean: bool, scale: float = 1.0) -> Plan:
+    """The fastest plan that fits: the fewest recomputing layers whose longest step is predicted within the card's
+    usable memory; every layer recomputing when none fits (`fits` then says so)."""
     usable = total * USABLE_SHARE - RESERVE
-    for recompute in range(at_least, shape.layers + 1):
+    for recompute in range(shape.layers + 1):
         predicted = static + scale * activation_bytes(shape, tokens, recompute, lean)
         if predicted <= usable or recompute == shape.layers:
             return Plan(shape, recompute, lean, tokens, static, predicted, usable, total, scale)
@@ -174,5 +173,6 @@ def check_step(plan: Plan, model, device, step_tokens: int) -> Plan | None:
     better = corrected(plan, step_tokens, torch.cuda.max_memory_reserved(device))
     if better is not None:
         patches.prepare(model, PatchOptions(patch_embed=False, recompute_layers=better.recompute))
+        torch.cuda.empty_cache()  # the next step's reserved peak is its own, not this step's left in the cache
     torch.cuda.reset_peak_memory_stats(device)
     return better

@@ -229,14 +229,23 @@ def serve_bench(a, model, processor, template, rows) -> dict:
         await batcher.stop()
         return answers, seconds, snap, sorted(latency)
 
-    out = {"concurrency": a.concurrency, "max_batch_size": a.serve_batch_size, "requests": len(rows)}
-    results = {}
+    out = {"concurrency": a.concurrency, "max_batch_size": a.serve_batch_size, "requests": len(rows),
+           "repeats": max(1, a.repeats)}
+    results, timed = {}, {}
     arms = (("generate", False, False), ("ocrtune_whole_batches", True, False), ("ocrtune", True, True))
-    for name, fast, continuous in arms:
-        engine = InferEngine(model, processor, template, fast=fast, workers=a.workers, check_every=a.check_every)
-        asyncio.run(run(engine, continuous))  # untimed: kernels, allocator, the encoding pool
-        answers, seconds, snap, latency = asyncio.run(run(engine, continuous))
+    engines = {name: InferEngine(model, processor, template, fast=fast, workers=a.workers, check_every=a.check_every)
+               for name, fast, _ in arms}
+    for name, _, continuous in arms:
+        asyncio.run(run(engines[name], continuous))  # untimed: kernels, allocator, the encoding pool
+    for _ in range(max(1, a.repeats)):  # the arms alternate; each keeps its fastest run
+        for name, _, continuous in arms:
+            run_ = asyncio.run(run(engines[name], continuous))
+            if name not in timed or run_[1] < timed[name][1]:
+                timed[name] = run_
+    for engine in engines.values():
         engine.close()
+    for name, _, _ in arms:
+        answers, seconds, snap, latency = timed[name]
         results[name] = answers
         tokens = sum(x.tokens for x in answers if not isinstance(x, BaseException))
         pick = lambda q: round(latency[min(len(latency) - 1, int(q * len(latency)))], 3)  # noqa: E731

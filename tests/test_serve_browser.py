@@ -2,7 +2,8 @@
 upload a bundled formula image, see the LaTeX box fill with the model's answer and KaTeX render it,
 all with nothing fetched from outside the server. Skips when chromium or playwright is missing.
 
-Set OCRTUNE_SCREENSHOT=path.png to also save the final screenshot there (docs/serve.png is made so).
+Set OCRTUNE_SCREENSHOT=path.png to also save the final screenshot there (docs/serve.png is the bundled reader's,
+made by scripts/serve_screenshot.py).
 """
 from __future__ import annotations
 

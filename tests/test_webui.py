@@ -150,6 +150,16 @@ def test_page_trains_stops_resumes_evaluates_merges_and_reads(webui):
         page.goto(url + "/")
         page.wait_for_selector("body[data-ready='1']", state="attached", timeout=30_000)
 
+        # with no model the fields show the bundled reader's first-run settings, which a launch leaves to the run;
+        # naming another model shows the plain defaults
+        assert page.locator("#flag-num_train_epochs").input_value() == "8"
+        assert page.locator("#flag-lora_rank").input_value() == "32"
+        expect(page.locator("#command")).not_to_contain_text("--num_train_epochs")
+        page.fill("#flag-model", "tiny")
+        page.dispatch_event("#flag-model", "change")
+        expect(page.locator("#flag-num_train_epochs")).to_have_value("1")
+        assert page.locator("#flag-lora_rank").input_value() == "8"
+
         # a bad value gets the CLI's one line beside its field
         page.fill("#flag-max_steps", "abc")
         page.dispatch_event("#flag-max_steps", "change")
@@ -209,3 +219,16 @@ def test_page_trains_stops_resumes_evaluates_merges_and_reads(webui):
             page.screenshot(path=f"{shots}/webui-checkpoint.png", full_page=True)
         assert not errors, errors
         browser.close()
+
+
+def test_the_default_models_first_run_settings_reach_the_form_and_an_explicit_plain_default_is_kept():
+    """The form shows what a run of the default model takes (its first-run settings); a value the user set back to
+    the plain default (1 epoch) is a choice against them, so it is passed, where other plain defaults are not."""
+    from ocrtune.models.registry import DEFAULT_MODEL, MODELS
+    from ocrtune.webui.app import flag_schema, flags_to_argv
+    schema = flag_schema()
+    first = {d["name"]: d["first_run"] for d in schema if d["first_run"] is not None}
+    assert first == {k: v for k, v in MODELS[DEFAULT_MODEL].sft_defaults.items() if k in first}
+    assert first["num_train_epochs"] == 8 and first["lora_rank"] == 32
+    argv = flags_to_argv({"num_train_epochs": "1", "eval_steps": "50", "lora_rank": "16"}, schema)
+    assert argv == ["--num_train_epochs", "1", "--lora_rank", "16"]  # eval_steps 50 is sft's default and no model's

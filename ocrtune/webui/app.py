@@ -69,8 +69,10 @@ def field_of(message: str, names) -> str | None:
 def flag_schema() -> list[dict]:
     import typing
 
+    from ocrtune.models.registry import DEFAULT_MODEL, MODELS
     from ocrtune.train.args import SftArgs
     hints = typing.get_type_hints(SftArgs)
+    first_run = MODELS[DEFAULT_MODEL].sft_defaults  # what a run of the default model takes where no flag is given
     out = []
     for f in dataclasses.fields(SftArgs):
         if f.name in UI_OWNED:
@@ -82,13 +84,15 @@ def flag_schema() -> list[dict]:
         domain = f.metadata.get("domain")
         out.append({"name": f.name, "type": kind, "default": f.default, "help": f.metadata.get("help", ""),
                     "choices": list(f.metadata["choices"]) if f.metadata.get("choices") else None,
-                    "allowed": domain.allowed() if domain else None, "main": f.name in MAIN_FLAGS})
+                    "allowed": domain.allowed() if domain else None, "main": f.name in MAIN_FLAGS,
+                    "first_run": first_run.get(f.name)})
     out.sort(key=lambda d: (not d["main"], MAIN_FLAGS.index(d["name"]) if d["main"] else 0))
     return out
 
 
 def flags_to_argv(flags: dict, schema: list[dict]) -> list[str]:
-    """The page's form values -> sft flags; fields left at their default (or empty) are not passed."""
+    """The page's form values -> sft flags; fields left empty, or at a default no model overrides, are not passed
+    (a flag of the default model's first-run settings is: at the plain default it is a choice against them)."""
     by_name = {d["name"]: d for d in schema}
     argv = []
     for name, raw in flags.items():
@@ -97,7 +101,7 @@ def flags_to_argv(flags: dict, schema: list[dict]) -> list[str]:
             raise Fail(400, f"unknown flag --{name}; pick one the form shows", name)
         value = raw if isinstance(raw, str) else json.dumps(raw) if not isinstance(raw, list) else " ".join(map(str, raw))
         value = value.strip()
-        if value == "" or value == _shown_default(spec["default"]):
+        if value == "" or (value == _shown_default(spec["default"]) and spec.get("first_run") is None):
             continue
         if spec["type"] == "list":
             argv += [f"--{name}", *[v for v in re.split(r"[\s,]+", value) if v]]
@@ -242,9 +246,11 @@ def create_app(args, check_sft, token: str | None = None):
 
     @app.get("/api/meta")
     async def meta():
+        from ocrtune.models.registry import DEFAULT_MODEL
         models, datasets = registry_info()
         files = sorted(p.name for p in uploads.iterdir() if p.is_file())
-        return {"flags": schema, "models": models, "datasets": datasets, "output_dir": str(paths.output),
+        return {"flags": schema, "models": models, "datasets": datasets, "default_model": DEFAULT_MODEL,
+                "output_dir": str(paths.output),
                 "upload_dir": str(paths.uploads), "uploads": files,
                 "local_models": [runs.rel(p.parent) for p in paths.output.glob("*/*/checkpoint-*-merged/config.json")]}
 

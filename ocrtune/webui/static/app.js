@@ -50,14 +50,31 @@ function flagField(f) {
   }
   input.id = id; input.name = f.name; input.value = shown(f.default);
   input.dataset.default = shown(f.default);
-  input.addEventListener("change", updateCommand);
+  if (f.first_run !== null && f.first_run !== undefined) {  // the default model's own setting (applyModelDefaults)
+    input.dataset.plain = shown(f.default); input.dataset.firstRun = shown(f.first_run);
+  }
+  input.addEventListener("input", () => { input.dataset.edited = "1"; });
+  input.addEventListener("change", () => { input.dataset.edited = "1"; updateCommand(); });
   const help = document.createElement("div");
   help.className = "help";
-  help.textContent = f.help + (f.allowed ? ` (${f.allowed})` : "") + (f.default !== null ? ` [default: ${shown(f.default)}]` : "");
+  help.textContent = f.help + (f.allowed ? ` (${f.allowed})` : "") + (f.default !== null ? ` [default: ${shown(f.default)}]` : "")
+    + (input.dataset.firstRun !== undefined ? ` [the bundled reader's first run: ${input.dataset.firstRun}]` : "");
   const err = document.createElement("span");
   err.className = "error field-error"; err.dataset.for = f.name; err.hidden = true;
   div.append(label, input, err, help);
   return div;
+}
+
+// With no --model (or the default model named) a run takes that model's first-run settings where no flag is given:
+// the fields the user has not touched show them, and count as unchanged at them
+function applyModelDefaults() {
+  const model = ($("#flag-model") || { value: "" }).value.trim();
+  const first = model === "" || model === state.meta.default_model;
+  document.querySelectorAll("#train-form [data-first-run]").forEach((el) => {
+    const value = first ? el.dataset.firstRun : el.dataset.plain;
+    if (!el.dataset.edited) el.value = value;
+    el.dataset.default = value;
+  });
 }
 
 function formFlags() {
@@ -112,7 +129,7 @@ $("#upload").addEventListener("change", async (ev) => {
   try {
     const r = await api("/api/upload?name=" + encodeURIComponent(file.name), undefined, file);
     $("#upload-status").textContent = "uploaded: " + r.path;
-    $("#flag-dataset").value = r.path; updateCommand();
+    $("#flag-dataset").value = r.path; $("#flag-dataset").dataset.edited = "1"; updateCommand();
   } catch (e) { $("#upload-status").textContent = ""; fieldError("upload", e.message); }
 });
 
@@ -314,6 +331,9 @@ async function start() {
   const main = $("#main-flags"), more = $("#more-flags");
   main.replaceChildren(); more.replaceChildren();
   for (const f of state.meta.flags) (f.main ? main : more).append(flagField(f));
+  applyModelDefaults();
+  $("#flag-model").addEventListener("input", applyModelDefaults);
+  $("#flag-model").addEventListener("change", () => { applyModelDefaults(); updateCommand(); });
   await updateCommand();
   await refreshRuns();
   document.body.dataset.ready = "1";

@@ -155,7 +155,7 @@ def test_sft_with_no_flags_fine_tunes_the_reader_on_handwriting(tmp_path):
     assert "FutureWarning" not in out.stderr
 
 
-def test_the_readers_first_run_settings_yield_to_flags_and_the_environment(monkeypatch):
+def test_the_readers_first_run_settings_yield_to_flags_and_the_environment(monkeypatch, capsys):
     """ModelSpec.sft_defaults fill only what neither a flag nor an environment variable (MAX_PIXELS) gave."""
     import argparse
 
@@ -176,6 +176,16 @@ def test_the_readers_first_run_settings_yield_to_flags_and_the_environment(monke
     monkeypatch.setenv("MAX_PIXELS", "200704")
     assert parsed([]).max_pixels == 200704
     assert model_defaults(SftArgs(model="tiny"), get_model_spec("tiny")).lora_rank == 8  # tiny has none
+    # the run says in one line what the model's settings decided, and only those
+    monkeypatch.delenv("MAX_PIXELS")
+    capsys.readouterr()
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, SftArgs)
+    model_defaults(build(SftArgs, p.parse_args(["--lora_rank", "8"])), spec, announce=True)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("ocrtune-reader's first-run settings, where no flag gave them: --dataset "
+                           "latex-ocr-sample-handwrite --lora_alpha 64"), line
+    assert "--num_train_epochs 8.0" in line and "--predict_with_generate true" in line and "lora_rank" not in line
 
 
 def test_no_validation_data_says_there_is_no_best_checkpoint(tmp_path, tiny_model_dir, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -106,15 +107,20 @@ def default_lr(args: SftArgs, preset: bool) -> float:
     return 5e-4 if preset else 1e-5
 
 
-def model_defaults(args: SftArgs, spec) -> SftArgs:
+def model_defaults(args: SftArgs, spec, announce: bool = False) -> SftArgs:
     """`args` with the model's own sft settings (`ModelSpec.sft_defaults`, e.g. the bundled reader's first run) where
-    no flag or environment variable (MAX_PIXELS) gave them. Not for rlhf, whose batches and data mean other things."""
+    no flag or environment variable (MAX_PIXELS) gave them, said in one line with `announce`. Not for rlhf, whose
+    batches and data mean other things."""
     from ocrtune.args import given_flags, replaced
     if spec is None or not spec.sft_defaults or getattr(args, "rlhf_type", None):
         return args
     given, default = given_flags(args), {f.name: f.default for f in dataclasses.fields(args)}
-    return replaced(args, **{k: v for k, v in spec.sft_defaults.items()
-                             if k not in given and getattr(args, k) == default[k]})
+    taken = {k: v for k, v in spec.sft_defaults.items() if k not in given and getattr(args, k) == default[k]}
+    if taken and announce:
+        shown = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in taken.items())
+        print(f"{spec.name}'s first-run settings, where no flag gave them: {shown}", file=sys.stderr, flush=True)
+    return replaced(args, **taken)
 
 
 def with_default_model(args: SftArgs) -> SftArgs:

@@ -148,7 +148,7 @@ class SftRun:
         args = with_default_model(args)
         self.model_dir, self.spec = model_dir, spec = resolve_model(args.model, args.model_type, args.use_hf,
                                                                     args.model_revision)
-        args = model_defaults(args, spec)
+        args = model_defaults(args, spec, announce=self.main)
         if args.predict_with_generate:  # before the data and weights: the model's positions bound the answers
             from ocrtune.models.loading import check_new_tokens
             check_new_tokens(model_dir, args.max_new_tokens)

@@ -77,6 +77,22 @@ def tiny_model_dir(ocrtune_cache):
     return ensure_preset("tiny")
 
 
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    """(model in float32, processor, template) of the tiny model, one load a test module (samples.tiny_parts)."""
+    from samples import tiny_parts
+    return tiny_parts(tiny_model_dir)
+
+
+@pytest.fixture
+def stops_early(parts):
+    """Rows that end early and rows that run to max_new_tokens (samples.stop_early), the same hook for every path."""
+    from samples import stop_early
+    handle = stop_early(*parts[:2])
+    yield
+    handle.remove()
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED.exists():

@@ -31,6 +31,13 @@ def tiny_parts(model_dir, device: str = "cpu"):
     return model, processor, Template(processor, "qwen2_vl")
 
 
+def tiny_engine(parts, **kw):
+    """An InferEngine over `parts` (tiny_parts) that encodes inline (workers=0)."""
+    from ocrtune.models.generate import InferEngine
+    model, processor, template = parts
+    return InferEngine(model, processor, template, workers=0, **kw)
+
+
 def mixed_prompts(n: int) -> list[dict]:
     """Prompts of very different lengths: `n` images of several sizes (one with a long text query) and a
     text-only row after the fifth."""

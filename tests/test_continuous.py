@@ -5,25 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from samples import mixed_prompts, stop_early, tiny_parts
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return tiny_parts(tiny_model_dir)
-
-
-@pytest.fixture
-def stops_early(parts):
-    handle = stop_early(*parts[:2])
-    yield
-    handle.remove()
-
-
-def engine(parts, **kw):
-    from ocrtune.models.generate import InferEngine
-    model, processor, template = parts
-    return InferEngine(model, processor, template, workers=0, **kw)
+from samples import mixed_prompts, tiny_engine as engine
 
 
 def run_continuous(eng, arrivals: list[list[tuple]], max_rows: int):

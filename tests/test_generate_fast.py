@@ -10,27 +10,14 @@ import pytest
 import torch
 
 from ocrtune.data.registry import OCR_PROMPT, SAMPLE_DIR
-from samples import mixed_prompts, sample_rows, stop_early, tiny_parts, write_png
+from samples import mixed_prompts, sample_rows, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return tiny_parts(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def rows() -> list[dict]:
     return [*mixed_prompts(10), {"messages": [{"role": "user", "content": "x" * 3}]}]
-
-
-@pytest.fixture
-def stops_early(parts):
-    """Rows that end early and rows that run to max_new_tokens; the same hook for every path."""
-    handle = stop_early(*parts[:2])
-    yield
-    handle.remove()
 
 
 def engines(parts, **kw):

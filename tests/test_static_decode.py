@@ -9,31 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from samples import mixed_prompts, stop_early, tiny_parts
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return tiny_parts(tiny_model_dir)
+from samples import mixed_prompts, stop_early, tiny_engine as engine, tiny_parts
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     return mixed_prompts(8)
-
-
-@pytest.fixture
-def stops_early(parts):
-    """Rows that end early and rows that run to max_new_tokens; the same hook for every path."""
-    handle = stop_early(*parts[:2])
-    yield
-    handle.remove()
-
-
-def engine(parts, **kw):
-    from ocrtune.models.generate import InferEngine
-    model, processor, template = parts
-    return InferEngine(model, processor, template, workers=0, **kw)
 
 
 def plain(parts, rows, batch_size, max_new_tokens):

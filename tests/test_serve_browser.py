@@ -3,7 +3,7 @@ upload a bundled formula image, see the LaTeX box fill with the model's answer a
 all with nothing fetched from outside the server. Skips when chromium or playwright is missing.
 
 Set OCRTUNE_SCREENSHOT=path.png to also save the final screenshot there (docs/serve.png is the bundled reader's,
-made by scripts/serve_screenshot.py).
+made by scripts/screenshots.py).
 """
 from __future__ import annotations
 

@@ -13,12 +13,11 @@ tokens of decoding it alone (tests/test_continuous.py). In bf16 a batch of anoth
 other way, as for any batching. The server (`serve/batching.py`) runs it for greedy requests."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
 from ocrtune.models.generate import InferEngine, _cache_of, _next_token, _select_rows
+from ocrtune.models.static_decode import cache_kw, prefill_kwargs
 
 
 def reason(engine: InferEngine) -> str | None:
@@ -121,8 +120,8 @@ class _Batch:
     """The running batch: its KV cache, attention mask, last M-RoPE positions, the tokens made so far (a row ends
     at its first stop token or at its own `max_new_tokens`), and each row's key."""
 
-    def __init__(self, cache, mask, last, tokens, n, limit, ended, prev, keys):
-        self.cache, self.mask, self.last = cache, mask, last
+    def __init__(self, cache, mask, last, tokens, n, limit, ended, prev, keys, cache_kw: str):
+        self.cache, self.mask, self.last, self.cache_kw = cache, mask, last, cache_kw  # the model's cache keyword
         self.tokens, self.n, self.limit, self.ended, self.prev, self.keys = tokens, n, limit, ended, prev, keys
 
     @property
@@ -135,10 +134,7 @@ class _Batch:
         batch = eng._batch(list(records))
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pos = eng._prompt_positions(hf, batch)
-        prefill = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-        if "logits_to_keep" in _params(hf):
-            prefill["logits_to_keep"] = 1
-        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill)
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill_kwargs(hf, batch))
         first = _next_token(out.logits, None, None)
         dev, rows = ids.device, ids.shape[0]
         limit = torch.tensor([max(1, int(x)) for x in limits], device=dev)
@@ -146,14 +142,13 @@ class _Batch:
         tokens[:, 0] = first
         n = torch.ones(rows, dtype=torch.long, device=dev)
         return cls(_cache_of(out), mask, pos[:, :, -1:], tokens, n, limit, torch.isin(first, stops) | (n >= limit),
-                   first, list(keys))
+                   first, list(keys), cache_kw(hf.forward))
 
     def step(self, hf, stops: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
         self.last = self.last + 1
-        cache_kw = "cache" if "cache" in _params(hf) else "past_key_values"
         out = hf(input_ids=self.prev[:, None], attention_mask=self.mask, position_ids=self.last, use_cache=True,
-                 **{cache_kw: self.cache})
+                 **{self.cache_kw: self.cache})
         self.cache = _cache_of(out)
         tok = _next_token(out.logits, None, None)
         # an ended row decodes on until it is handed back; its tokens past the end go to the scratch column
@@ -184,10 +179,6 @@ class _Batch:
         self.n, self.limit = torch.cat([self.n, other.n]), torch.cat([self.limit, other.limit])
         self.ended, self.prev = torch.cat([self.ended, other.ended]), torch.cat([self.prev, other.prev])
         self.keys = self.keys + other.keys
-
-
-def _params(hf):
-    return inspect.signature(hf.forward).parameters
 
 
 def _layers(cache) -> list:

@@ -394,18 +394,15 @@ class InferEngine:
     def _greedy(self, batch: dict, max_new_tokens: int) -> list[Answer]:
         """Greedy decoding with finished rows dropped from the batch (see the module docstring)."""
         hf = self._hf_model()
-        params = inspect.signature(hf.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
+        cache_kw = static_decode.cache_kw(hf.forward)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         dev, rows = ids.device, ids.shape[0]
         stops = torch.tensor(self.stop_ids(), device=dev)
         penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
         penalty = penalty if penalty not in (None, 1.0) else None
         pos = self._prompt_positions(hf, batch)
-        prefill = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-        if "logits_to_keep" in params:
-            prefill["logits_to_keep"] = 1
-        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill)
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                 **static_decode.prefill_kwargs(hf, batch))
         cache = _cache_of(out)
         history = ids if penalty else None  # the tokens the repetition penalty looks at (padding included, as generate)
         gen = torch.empty((rows, max_new_tokens), dtype=torch.long, device=dev)

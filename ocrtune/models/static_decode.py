@@ -76,20 +76,15 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
     dev = ids.device
     total = plen + max_new_tokens
     cache = StaticCache(config=hf.config, max_cache_len=total)
-    cache_kw = _cache_kw(hf.forward)
-
-    prefill = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-    if "logits_to_keep" in inspect.signature(hf.forward).parameters:
-        prefill["logits_to_keep"] = 1
-    out = hf(input_ids=ids, attention_mask=mask2d, position_ids=positions, use_cache=True, **{cache_kw: cache},
-             **prefill)
+    out = hf(input_ids=ids, attention_mask=mask2d, position_ids=positions, use_cache=True,
+             **{cache_kw(hf.forward): cache}, **prefill_kwargs(hf, batch))
     gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=dev)
     gen[:, 0] = out.logits[:, -1, :].float().argmax(dim=-1)
     del out
     if max_new_tokens == 1:
         return gen
 
-    step_fn = _Step(hf, cache, _cache_kw(hf.model.language_model.forward), mask2d, positions[:, :, -1:], gen, total)
+    step_fn = _Step(hf, cache, cache_kw(hf.model.language_model.forward), mask2d, positions[:, :, -1:], gen, total)
     stop_ids = torch.tensor(stops, device=dev)
     graph = None
     step = 1
@@ -147,9 +142,18 @@ def _register_decode_attention() -> bool:
     return True
 
 
-def _cache_kw(forward) -> str:
+def cache_kw(forward) -> str:
     """The KV cache's keyword: `cache` in newer transformers, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def prefill_kwargs(hf, batch: dict) -> dict:
+    """What every decoder here feeds the prompts' forward besides ids, mask and positions, as `generate` does: the
+    vision inputs, and the logits of the last position only where the model takes `logits_to_keep`."""
+    kw = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    if "logits_to_keep" in inspect.signature(hf.forward).parameters:
+        kw["logits_to_keep"] = 1
+    return kw
 
 
 class _Step:

@@ -213,6 +213,8 @@ class Batcher:
                 return []
 
         def deliver(job: Job, result) -> None:  # in the model thread
+            if isinstance(result, BaseException):  # (whole batches log theirs in _generate)
+                log.warning("generation failed: %s: %s", type(result).__name__, result)
             loop.call_soon_threadsafe(self._resolve, job, result)
 
         self.busy = True
@@ -222,18 +224,17 @@ class Batcher:
         finally:
             self.busy = False
             self.stats["generate_seconds"] += time.monotonic() - t0
-            self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], self.continuous.stats["max_rows"])
         for job in taken:  # a row the decoder never handed back (it broke): fail it rather than leave it waiting
             if job.future is not None and not job.future.done():
                 self._resolve(job, RuntimeError("generation ended without an answer"))
 
     def _resolve(self, job: Job, result) -> None:
+        """A plain request's answer (or its error) handed to its caller, unless the caller is gone."""
         self.stats["requests"] += 1
         if job.future.done():
             return
         if isinstance(result, BaseException):
             self.stats["errors"] += 1
-            log.warning("generation failed: %s: %s", type(result).__name__, result)
             job.future.set_exception(result)
         else:
             job.future.set_result(result)
@@ -249,17 +250,10 @@ class Batcher:
             self.busy = False
         self.stats["generate_seconds"] += time.monotonic() - t0
         self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(jobs))
         self.batch_sizes[len(jobs)] += 1
         for job, res in zip(jobs, results, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(res, BaseException):
-                self.stats["errors"] += 1
-                job.future.set_exception(res)
-            else:
-                job.future.set_result(res)
+            self._resolve(job, res)
 
     def _answers(self, records: list[dict], **kw) -> list:
         return list(self.engine.generate_answers(records, **kw))

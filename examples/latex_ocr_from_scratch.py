@@ -178,6 +178,9 @@ def parse_args(argv=None):
     p.add_argument("--deadline_seconds", type=float, default=None, help=f"this phase's time limit (default {DEADLINES})")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few rows and steps: checks the recipe on a CPU")
     a = p.parse_args(argv)
+    if a.grpo_seconds < 0 or a.grpo_learning_rate <= 0 or a.grpo_num_generations < 2 or a.grpo_batch_size < 1:
+        p.error("--grpo_seconds must be 0 (no GRPO stage) or more, --grpo_learning_rate positive, "
+                "--grpo_num_generations at least 2 and --grpo_batch_size at least 1")
     a.work_dir = Path(a.work_dir).resolve() if a.work_dir else REPO / ".work" / "from_scratch"
     a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
     a.max_new_tokens = 256

@@ -297,7 +297,7 @@ def test_triton_kernels_match_the_torch_ops():
         up = torch.randn(65, n, device="cuda", generator=g).to(torch.bfloat16)
         gate[7] = 0
         assert triton_kernels.usable(gate, up)
-        h, (gq, gs, uq, us) = triton_kernels.swiglu_forward(gate, up, torch.bfloat16, True)
+        h, (gq, gs, uq, us), _ = triton_kernels.swiglu_forward(gate, up, torch.bfloat16, True)
         for q, sc, t in ((gq, gs, gate), (uq, us, up)):
             rq, rs = quantize_rows_torch(t)
             assert torch.equal(sc, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
@@ -320,6 +320,55 @@ def test_triton_kernels_match_the_torch_ops():
             for got, want in ((du, D * Gk * sk), (dg, D * Uk * sk * (1 + Gk * (1 - sk))), (h2, Gk * sk * Uk)):
                 # float32 math (cancellation in 1 + g(1 - sig)) adds ~1e-7 of the largest value
                 assert bool(((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6 * want.abs().max()).all())
+
+
+def test_dropout_kernels_draw_one_mask_and_beat_the_stored_mask():
+    """The LoRA dropout drawn inside the Triton kernels, compiled: its keep rate, one mask for one (seed, shape)
+    in the standalone kernel and the lean MLP's forward and backward, the plain LoRA branch's gradients equal to
+    autograd through that mask, and, at Qwen2-VL-7B's widths and 16k tokens, a LoRA layer's forward + backward
+    faster than with torch's stored mask (the path it replaced)."""
+    from ocrtune.models import lora_addmm, triton_kernels
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (3584, 18944):
+        x = torch.randn(4096, n, device="cuda", generator=g).to(torch.bfloat16)
+        mask = triton_kernels.dropout(torch.ones_like(x), 0.05, 123)
+        keep = (mask > 0).double().mean().item()
+        assert abs(keep - 0.95) < 5 * (0.95 * 0.05 / x.numel()) ** 0.5, keep
+        assert torch.equal(triton_kernels.dropout(x, 0.05, 123), x * mask)
+        h, _, hd = triton_kernels.swiglu_forward(x, x, torch.bfloat16, False, 0.05, 123)
+        assert torch.equal(hd > 0, (h > 0) & (mask > 0))
+    leaves = [torch.randn(s, device="cuda", generator=g, dtype=torch.float32).requires_grad_()
+              for s in ((512, 640), (512, 3584), (8, 3584), (640, 8))]
+    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32)
+    kept = triton_kernels.dropout(torch.ones_like(leaves[1]), 0.3, 99)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = ref_leaves[0] + 0.5 * ((ref_leaves[1] * kept) @ ref_leaves[2].t()) @ ref_leaves[3].t()
+    assert rel(out, ref) <= 1e-5
+    for got, want in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), ref_leaves)):
+        assert rel(got, want) <= 1e-5
+    times = {}
+    x = torch.randn(16384, 18944, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    result = torch.randn(16384, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(8, 18944, device="cuda", requires_grad=True)
+    b = torch.randn(3584, 8, device="cuda", requires_grad=True)
+    usable = triton_kernels.usable
+    for name, on in (("torch mask", False), ("kernel", True), ("torch mask ", False), ("kernel ", True)):
+        triton_kernels.usable = lambda *t, fp8=False, on=on: on and usable(*t, fp8=fp8)
+        try:
+            for i in range(4):
+                if i == 1:
+                    torch.cuda.synchronize()
+                    start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start[0].record()
+                y = lora_addmm.lora_addmm(result, x, a, b, 4.0, p=0.05)
+                torch.autograd.grad(y.float().sum(), (x, a, b))
+            start[1].record()
+            torch.cuda.synchronize()
+        finally:
+            triton_kernels.usable = usable
+        times[name.strip()] = min(times.get(name.strip(), 1e9), start[0].elapsed_time(start[1]) / 3)
+    print(f"dropout LoRA layer at 16384 x 18944, forward + backward: {times}")
+    assert times["kernel"] < times["torch mask"], times
 
 
 def test_fp8_scaled_mm_matches_the_emulated_float8_math():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ocrtune.models.lora_addmm import _LoraAddmm, _mask, _SwigluDownLora, lora_addmm, swiglu_down_lora
+from ocrtune.models.lora_addmm import _LoraAddmm, _mask_of, _SwigluDownLora, lora_addmm, swiglu_down_lora
 
 T, D_IN, D_OUT, R = 64, 48, 40, 8
 
@@ -23,7 +23,7 @@ def test_values_and_gradients_match_plain_autograd(p):
     result, x, a, b = _inputs()
     seed, s = 1234, 0.5
     out = _LoraAddmm.apply(result, x, a, b, s, p, seed, torch.float64)
-    xd = x * _mask(x, p, seed) if p else x  # the same mask, kept by autograd the ordinary way
+    xd = x * _mask_of(x.shape, x.dtype, x.device, p, seed) if p else x  # the same mask, kept by autograd the ordinary way
     ref = result + s * (xd @ a.t()) @ b.t()
     # float64 throughout: differences are rounding only (a few ulps of values of size ~10)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
@@ -33,7 +33,7 @@ def test_values_and_gradients_match_plain_autograd(p):
 
 def test_mask_is_reproducible_and_has_the_right_rate():
     x = torch.ones(200, 500)
-    m1, m2, m3 = _mask(x, 0.25, 7), _mask(x, 0.25, 7), _mask(x, 0.25, 8)
+    m1, m2, m3 = (_mask_of(x.shape, x.dtype, x.device, 0.25, s) for s in (7, 7, 8))
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
     assert m1.unique().tolist() == [0.0, torch.tensor(1 / 0.75).item()]  # float32 scale
     keep = (m1 > 0).float().mean().item()
@@ -101,7 +101,7 @@ def test_fused_peft_layer_with_dropout_trains_like_peft():
     finally:
         torch.randint = real_randint
     got = _grads(out, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
-    mask = _mask(x.detach(), 0.2, seeds[0])
+    mask = _mask_of(x.shape, x.dtype, x.device, 0.2, seeds[0])
 
     class Replay(torch.nn.Module):
         def forward(self, t):
@@ -136,7 +136,7 @@ def test_swiglu_down_lora_matches_the_unfused_mlp_tail(p):
     seed, s = 99, 0.5
     out = _SwigluDownLora.apply(gate, up, w, bias, a, b, s, p, seed, torch.float64)
     h = torch.nn.functional.silu(gate) * up
-    hd = h * _mask(h, p, seed) if p else h
+    hd = h * _mask_of(h.shape, h.dtype, h.device, p, seed) if p else h
     ref = torch.nn.functional.linear(h, w, bias) + s * (hd @ a.t()) @ b.t()
     assert torch.allclose(out, ref, rtol=0, atol=1e-11)
     for got, want in zip(_grads(out, (gate, up, a, b)), _grads(ref, (gate, up, a, b))):
@@ -293,7 +293,7 @@ def test_swiglu_down_lora_fp8_backward_is_the_math_on_the_kept_values(p):
     gate_q = from_fp8_rows(*fp8_rows(gate), torch.float64).view(gate.shape).requires_grad_()
     up_q = from_fp8_rows(*fp8_rows(up), torch.float64).view(up.shape).requires_grad_()
     h = torch.nn.functional.silu(gate_q) * up_q
-    hd = h * _mask(h, p, seed) if p else h
+    hd = h * _mask_of(h.shape, h.dtype, h.device, p, seed) if p else h
     at_kept = torch.nn.functional.linear(h, w, bias) + s * (hd @ a.t()) @ b.t()
     got, want, exact = _grads(kept, (gate, up, a, b)), _grads(at_kept, (gate_q, up_q, a)), _grads(plain, (gate, b))
     for g_, w_ in zip(got[:3], want):

@@ -35,19 +35,23 @@ def _inputs(dtype, rows=6, n=2500, out=48, r=4):
 
 
 def _run(fused: bool, dtype, p=0.0, fp8=False):
+    """The lean MLP tail's output and gradients, through the kernels or the torch ops; with dropout the torch ops
+    take the kernels' mask (drawn by `triton_kernels.dropout` over ones), so the two must agree."""
     from ocrtune.models import lora_addmm, triton_kernels
 
     gate, up, w, a, b = (t.clone().requires_grad_(t.dim() == 3 or t.shape[0] != 48 or t.shape[1] == 4)
                          for t in _inputs(dtype))
     w.requires_grad_(False)
-    usable = triton_kernels.usable
+    usable, mask_of = triton_kernels.usable, lora_addmm._mask_of
+    lora_addmm._mask_of = lambda shape, dt, device, p, seed: triton_kernels.dropout(
+        torch.ones(shape, dtype=dt), p, seed).view(shape)
     triton_kernels.usable = lambda *t, fp8=False: fused
-    try:
+    try:  # the backward too: it draws the mask again
         out = lora_addmm._SwigluDownLora.apply(gate, up, w, None, a, b, 0.5, p, 7, dtype, fp8)
+        grads = torch.autograd.grad((out.double() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                    (gate, up, a, b))
     finally:
-        triton_kernels.usable = usable
-    grads = torch.autograd.grad((out.double() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
-                                (gate, up, a, b))
+        triton_kernels.usable, lora_addmm._mask_of = usable, mask_of
     return out, grads
 
 
@@ -65,7 +69,7 @@ def _checks():
             assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * y.abs().max()), (p, (x - y).abs().max())
     # 2. float8: the same forward; the scales are fp8_rows's; the backward is the math at the kept values
     gate, up = _inputs(torch.float32)[:2]
-    h, (gq, gs, uq, us) = triton_kernels.swiglu_forward(gate, up, torch.float32, True)
+    h, (gq, gs, uq, us), _ = triton_kernels.swiglu_forward(gate, up, torch.float32, True)
     assert torch.equal(gs, fp8_rows(gate)[1]) and torch.equal(us, fp8_rows(up)[1])
     assert torch.equal(h, triton_kernels.swiglu_forward(gate, up, torch.float32, False)[0])
     cols = torch.rand(gate.shape[-1], generator=torch.Generator().manual_seed(4)) + 0.5
@@ -92,7 +96,47 @@ def _checks():
     sig = torch.sigmoid(G)
     for got, want in ((du, D * G * sig), (dg, D * U * sig * (1 + G * (1 - sig)))):
         assert bool(((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-5).all())
+    _dropout_checks()
     print("all checks passed")
+
+
+def _dropout_checks():
+    """The LoRA dropout drawn inside the kernels: its rate and values, one mask for one (seed, shape) in every
+    kernel (the standalone one, the lean MLP's forward and backward), and the plain LoRA branch through it equal
+    to autograd through the same mask."""
+    from ocrtune.models import lora_addmm, triton_kernels
+
+    x = torch.randn(64, 2500, generator=torch.Generator().manual_seed(5))
+    y, again, other = (triton_kernels.dropout(x, 0.25, s) for s in (11, 11, 12))
+    mask = triton_kernels.dropout(torch.ones_like(x), 0.25, 11)
+    assert torch.equal(y, again) and not torch.equal(y, other)
+    assert mask.unique().tolist() == [0.0, torch.tensor(1 / 0.75).item()]
+    keep = (mask > 0).double().mean().item()
+    assert abs(keep - 0.75) < 4 * (0.75 * 0.25 / x.numel()) ** 0.5, keep  # 4 standard deviations
+    assert abs((mask[:, :2048] > 0).double().mean().item() - (mask[:, 2048:] > 0).double().mean().item()) < 0.02
+    assert torch.equal(y, x * mask)  # float32: one rounding either way
+    cols = (mask > 0).double().mean(0)  # no column or row pattern: each within 5 standard deviations of 0.75
+    assert bool(((cols - 0.75).abs() < 5 * (0.75 * 0.25 / 64) ** 0.5).all())
+    # the lean MLP's kernels draw the same mask for the same (seed, shape)
+    gate, up = (torch.randn(64, 2500, generator=torch.Generator().manual_seed(k)) for k in (6, 7))
+    h, _, hd = triton_kernels.swiglu_forward(gate, up, torch.float32, False, 0.25, 11)
+    assert torch.equal(hd, triton_kernels.dropout(h, 0.25, 11))
+    _, _, hd2 = triton_kernels.swiglu_backward(torch.ones_like(h), gate, up, None, None,
+                                               (torch.float32, torch.float32), torch.float32, 0.25, 11)
+    assert torch.allclose(hd2, hd, rtol=1e-6, atol=1e-6)
+    # the plain LoRA branch (q/k/v/o, gate/up) against autograd with that mask kept
+    g = torch.Generator().manual_seed(8)
+    result, xs = torch.randn(3, 20, 48, generator=g), torch.randn(3, 20, 2500, generator=g)
+    a, b = torch.randn(4, 2500, generator=g) / 50, torch.randn(48, 4, generator=g) / 2
+    leaves = [t.clone().requires_grad_() for t in (result, xs, a, b)]
+    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32)
+    kept = triton_kernels.dropout(torch.ones_like(xs), 0.3, 99).view(xs.shape)
+    ref_leaves = [t.clone().requires_grad_() for t in (result, xs, a, b)]
+    ref = ref_leaves[0] + 0.5 * ((ref_leaves[1] * kept) @ ref_leaves[2].t()) @ ref_leaves[3].t()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    for got, want in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), ref_leaves)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
 
 
 if __name__ == "__main__":

@@ -14,12 +14,18 @@ import torch
 from ocrtune.models import fp8_linear, triton_kernels
 
 
-def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), the same for the same (shape, dtype, device, seed)."""
-    return _mask_of(x.shape, x.dtype, x.device, p, seed)
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`x` with the dropout of `seed` applied: the same mask for every tensor of x's shape and device. On CUDA
+    one Triton kernel draws it as it goes (nothing stored); elsewhere a seeded generator writes it."""
+    if p <= 0:
+        return x
+    if triton_kernels.usable(x):
+        return triton_kernels.dropout(x, p, seed).view(x.shape)
+    return x * _mask_of(x.shape, x.dtype, x.device, p, seed)
 
 
 def _mask_of(shape, dtype, device, p: float, seed: int) -> torch.Tensor:
+    """The keep-mask scaled by 1/(1-p) off CUDA: the same for the same (shape, dtype, device, seed)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
@@ -36,7 +42,7 @@ class _LoraAddmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            out, h = _addmm(result, x * _mask(x, p, seed) if p > 0 else x, a, b, scaling, dtype)
+            out, h = _addmm(result, _dropped(x, p, seed), a, b, scaling, dtype)
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
         ctx.result_dtype = result.dtype
@@ -50,14 +56,10 @@ class _LoraAddmm(torch.autograd.Function):
         dh = (g @ b.to(dt)) * s  # [tokens, r]
         grad_b = (g.t() @ h) * s if b.requires_grad else None
         grad_a = grad_x = None
-        if a.requires_grad or ctx.needs_input_grad[1]:
-            mask = _mask(x, ctx.p, ctx.seed) if ctx.p > 0 else None
-            if a.requires_grad:
-                xd = x * mask if mask is not None else x
-                grad_a = dh.t() @ xd.reshape(-1, x.shape[-1]).to(dt)
-            if ctx.needs_input_grad[1]:
-                grad_x = (dh @ a.to(dt)).view(x.shape).to(x.dtype)
-                grad_x = grad_x * mask if mask is not None else grad_x
+        if a.requires_grad:
+            grad_a = dh.t() @ _dropped(x, ctx.p, ctx.seed).reshape(-1, x.shape[-1]).to(dt)
+        if ctx.needs_input_grad[1]:  # the dropout's gradient: the same mask over A's input gradient
+            grad_x = _dropped((dh @ a.to(dt)).view(x.shape).to(x.dtype), ctx.p, ctx.seed).view(x.shape)
         grad_result = grad.to(ctx.result_dtype) if ctx.needs_input_grad[0] else None
         return (grad_result, grad_x, None if grad_a is None else grad_a.to(a.dtype),
                 None if grad_b is None else grad_b.to(b.dtype), None, None, None, None)
@@ -129,14 +131,16 @@ class _SwigluDownLora(torch.autograd.Function):
                 fp8: bool = False):
         fused = triton_kernels.usable(gate, up, fp8=fp8)  # one Triton kernel for the element-wise work, else torch ops
         with torch.autocast(gate.device.type, enabled=False):
-            if fused:
-                h, q = triton_kernels.swiglu_forward(gate, up, dtype, fp8)
+            if fused:  # h, and its dropped copy for the LoRA branch, in one pass
+                h, q, hd = triton_kernels.swiglu_forward(gate, up, dtype, fp8, p, seed)
                 h = h.view(*gate.shape[:-1], h.shape[-1])
+                hd = h if hd is None else hd.view(h.shape)
                 result = _base_linear(h, weight, bias, dtype)
             else:
                 h, result = _swiglu_down(gate, up, weight, bias, dtype)
                 q = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else None
-            out, z = _addmm(result, h * _mask(h, p, seed) if p > 0 else h, a, b, scaling, dtype)
+                hd = h * _mask_of(h.shape, h.dtype, h.device, p, seed) if p > 0 else h
+            out, z = _addmm(result, hd, a, b, scaling, dtype)
         tensor_weight = isinstance(weight, torch.Tensor)
         ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a, b)
         ctx.fp8_weight = None if tensor_weight else weight  # --fp8_base's frozen float8 layer: kept by the model anyway
@@ -157,17 +161,18 @@ class _SwigluDownLora(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b.to(dt)) * s                                   # [tokens, r]
         grad_b = (g.t() @ z) * s if b.requires_grad else None
-        mask = _mask_of(gate_shape, gate_dtype, device, ctx.p, ctx.seed).reshape(-1, gate_shape[-1]) if ctx.p > 0 else None
-        if ctx.fused:
-            dh = _plus_base_grad(_masked(dz @ a.to(dt), mask), g, weight, dt)  # LoRA + base paths
-            grad_gate, grad_up, hd = triton_kernels.swiglu_backward(dh, gk, uk, gs, us, (gate_dtype, up_dtype), dt)
+        if ctx.fused:  # the mask drawn again inside the kernels
+            lora_dh = dz @ a.to(dt)
+            dh = _plus_base_grad(triton_kernels.dropout(lora_dh, ctx.p, ctx.seed) if ctx.p > 0 else lora_dh, g, weight, dt)
+            del lora_dh
+            grad_gate, grad_up, hd = triton_kernels.swiglu_backward(dh, gk, uk, gs, us, (gate_dtype, up_dtype), dt,
+                                                                    ctx.p, ctx.seed)
             del dh
-            grad_a = None
-            if a.requires_grad:
-                grad_a = dz.t() @ _masked(hd, mask)
+            grad_a = dz.t() @ hd if a.requires_grad else None
             del hd
             grad_gate, grad_up = grad_gate.view(gate_shape), grad_up.view(up_shape)
         else:
+            mask = _mask_of(gate_shape, gate_dtype, device, ctx.p, ctx.seed).reshape(-1, gate_shape[-1]) if ctx.p > 0 else None
             if ctx.fp8:
                 gate2, up2 = from_fp8_rows(gk, gs, dt), from_fp8_rows(uk, us, dt)
             else:

@@ -1,5 +1,6 @@
-"""Fused Triton kernels on CUDA: the lean SwiGLU MLP's (`--lean_mlp`, `--lean_mlp_fp8`) and the float8 row
-quantizer of `--fp8_base` (`quantize_rows`: a row's amax and its e4m3 values in one kernel).
+"""Fused Triton kernels on CUDA: the lean SwiGLU MLP's (`--lean_mlp`, `--lean_mlp_fp8`), the LoRA dropout's
+(`dropout`: mask drawn in the kernel) and the float8 row quantizer of `--fp8_base` (`quantize_rows`: a row's amax
+and its e4m3 values in one kernel).
 
 The lean MLP's element-wise work runs on [tokens, intermediate] tensors (18944 wide on Qwen2-VL-7B, about
 300 MB each at 8k tokens). Written as separate torch ops (sigmoid, multiply, ..., float8 scaling), every op
@@ -8,6 +9,11 @@ more with float8. Here each row is read once per kernel and the math runs in flo
 
   forward   gate, up -> h = silu(gate) * up  (and, with float8, gate and up as e4m3 + a float32 scale per row)
   backward  dh, gate, up -> d gate, d up, and h again (the down projection's LoRA input, for A's gradient)
+
+The LoRA dropout's keep-mask is never stored: every kernel that needs it draws it again from (seed, row,
+column) with Philox (`_uniform`, four numbers a call), so the forward's dropped input, the backward's and the
+masked gradient agree bit for bit, where torch's `bernoulli_` writes a mask that the step then reads and
+multiplies in separate passes (six passes over a [tokens, features] tensor a LoRA layer and step become two).
 
 Used when Triton can run the tensors (CUDA); `lora_addmm.swiglu_down_lora` keeps its torch ops elsewhere
 (CPU). Results agree with those ops up to rounding: one rounding to the output dtype here, one per op there.
@@ -44,8 +50,27 @@ def usable(*tensors: torch.Tensor, fp8: bool = False) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(g_ptr, u_ptr, h_ptr, gq_ptr, gs_ptr, uq_ptr, us_ptr, n,
-                        FP8: tl.constexpr, BLOCK: tl.constexpr):
+    def _uniform(seed, row, start, n, BLOCK: tl.constexpr):
+        """BLOCK uniform floats in [0, 1) for columns start .. start + BLOCK of `row`: a function of (seed, row,
+        column) alone, so each kernel walking a row in BLOCK-wide steps draws the same ones."""
+        quarter = tl.arange(0, BLOCK // 4)
+        r0, r1, r2, r3 = tl.rand4x(seed, row * (tl.cdiv(n, BLOCK) * (BLOCK // 4)) + start // 4 + quarter)
+        return tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
+
+    @triton.jit
+    def _dropout_kernel(x_ptr, y_ptr, n, seed, p, scale, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * n
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, n, BLOCK):
+            m = start + cols < n
+            x = tl.load(x_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            keep = _uniform(seed, row, start, n, BLOCK) >= p
+            tl.store(y_ptr + base + start + cols, tl.where(keep, x * scale, 0.0).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _forward_kernel(g_ptr, u_ptr, h_ptr, gq_ptr, gs_ptr, uq_ptr, us_ptr, hd_ptr, n, seed, p, scale,
+                        FP8: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * n
         cols = tl.arange(0, BLOCK)
@@ -68,13 +93,16 @@ if triton is not None:
             u = tl.load(u_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
             h = g * tl.sigmoid(g) * u
             tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
+            if DROP:  # the LoRA branch's dropped input
+                keep = _uniform(seed, row, start, n, BLOCK) >= p
+                tl.store(hd_ptr + base + start + cols, tl.where(keep, h * scale, 0.0).to(hd_ptr.dtype.element_ty), mask=m)
             if FP8:
                 tl.store(gq_ptr + base + start + cols, tl.clamp(g * g_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
                 tl.store(uq_ptr + base + start + cols, tl.clamp(u * u_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 
     @triton.jit
-    def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, n,
-                         FP8: tl.constexpr, BLOCK: tl.constexpr):
+    def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, n, seed, p, scale,
+                         FP8: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * n
         cols = tl.arange(0, BLOCK)
@@ -94,7 +122,10 @@ if triton is not None:
             tl.store(du_ptr + base + start + cols, (dh * silu).to(du_ptr.dtype.element_ty), mask=m)
             tl.store(dg_ptr + base + start + cols, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty),
                      mask=m)
-            tl.store(h_ptr + base + start + cols, (silu * u).to(h_ptr.dtype.element_ty), mask=m)
+            h = silu * u
+            if DROP:  # h as the forward's LoRA branch saw it
+                h = tl.where(_uniform(seed, row, start, n, BLOCK) >= p, h * scale, 0.0)
+            tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, c_ptr, q_ptr, s_ptr, n, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
@@ -129,12 +160,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8: bool):
-    """(h = silu(gate) * up as [rows, n] in `dtype`, and with `fp8` (gate e4m3, gate scales, up e4m3, up
-    scales) as `fp8_linear.quantize_rows_torch` makes them, else None)."""
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`x` as [rows, n] with each value kept with probability 1 - p (times 1 / (1 - p)) or zeroed, the mask
+    a function of (seed, row, column): the same for every tensor of x's shape, in this and the kernels below."""
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    if x2.numel():
+        with _on(x2):
+            _dropout_kernel[(x2.shape[0],)](x2, y, x2.shape[1], seed, p, 1.0 / (1.0 - p), BLOCK=_BLOCK)
+    return y
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8: bool, p: float = 0.0,
+                   seed: int = 0):
+    """(h = silu(gate) * up as [rows, n] in `dtype`, with `fp8` (gate e4m3, gate scales, up e4m3, up scales) as
+    `fp8_linear.quantize_rows_torch` makes them, else None, and with p > 0 `dropout(h, p, seed)`, else None)."""
     g2, u2 = _rows(gate), _rows(up)
     rows, n = g2.shape
     h = torch.empty((rows, n), dtype=dtype, device=g2.device)
+    hd = torch.empty_like(h) if p > 0 else h
     if fp8:
         kept = (torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=g2.device),
                 torch.empty((rows, 1), dtype=torch.float32, device=g2.device),
@@ -144,14 +188,16 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8
         kept = (h,) * 4  # unused pointers
     if rows:
         with _on(g2):
-            _forward_kernel[(rows,)](g2, u2, h, *kept, n, FP8=fp8, BLOCK=_BLOCK)
-    return h, (kept if fp8 else None)
+            _forward_kernel[(rows,)](g2, u2, h, *kept, hd, n, seed, p, 1.0 / (1.0 - p), FP8=fp8, DROP=p > 0,
+                                     BLOCK=_BLOCK)
+    return h, (kept if fp8 else None), (hd if p > 0 else None)
 
 
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor | None,
-             up_scale: torch.Tensor | None, grad_dtypes: tuple[torch.dtype, torch.dtype], h_dtype: torch.dtype):
+                    up_scale: torch.Tensor | None, grad_dtypes: tuple[torch.dtype, torch.dtype], h_dtype: torch.dtype,
+                    p: float = 0.0, seed: int = 0):
     """(d gate, d up, h) as [rows, n]: from the down projection's input gradient `dh` and the kept gate/up
-    (float8 with their row scales, or as they were)."""
+    (float8 with their row scales, or as they were); with p > 0 h is `dropout(h, p, seed)`."""
     dh, g2, u2 = _rows(dh), _rows(gate), _rows(up)
     rows, n = g2.shape
     dg = torch.empty((rows, n), dtype=grad_dtypes[0], device=g2.device)
@@ -161,7 +207,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate
     if rows:
         with _on(g2):
             _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, n,
-                                      FP8=fp8, BLOCK=_BLOCK)
+                                      seed, p, 1.0 / (1.0 - p), FP8=fp8, DROP=p > 0, BLOCK=_BLOCK)
     return dg, du, h
 
 

@@ -208,6 +208,36 @@ def memory_over_batches(engine, encoded: list[dict], n: int, max_new_tokens: int
             "allocated_growth_mib": round(allocated[-1] - allocated[min(2, len(allocated) - 1)], 1) if allocated else None}
 
 
+def profile(a, eng: dict, encoded: list[dict], device) -> dict:
+    """Host-side cost of one batch of `--profile_rows` rows, plain generate against the dynamic loop and the static
+    decoder, each warm: wall seconds, decoding steps, kernel launches and the operators taking most host time
+    (torch.profiler). Where the model's work is small (the reader), the host's time a step decides the speed."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    batch = encoded[:a.profile_rows]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    res = {"rows": len(batch)}
+    paths = (("generate", lambda: plain_generate(eng["dynamic"], batch, a.max_new_tokens)),
+             ("dynamic", lambda: eng["dynamic"].generate_answers(batch, a.max_new_tokens)),
+             ("static", lambda: eng["static"].generate_answers(batch, a.max_new_tokens)))
+    for name, fn in paths:
+        fn()  # warm: allocations, kernel choices, graph capture at this shape
+        with torch_profile(activities=acts) as prof:
+            got, t, _ = measure(device, fn)
+        events = prof.key_averages()
+        steps = max(x.tokens for x in got)
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        res[name] = {"seconds": round(t, 3), "steps": steps, "ms_per_step": round(1000 * t / max(steps, 1), 2),
+                     "aten_ops_per_step": round(ops / max(steps, 1), 1),
+                     "kernel_launches": launches, "launches_per_step": round(launches / max(steps, 1), 1),
+                     "top_host_ops": [[e.key, e.count, round(e.self_cpu_time_total / 1000, 1)] for e in top]}
+        print(f"profile {name}: {t:.3f}s, {steps} steps, {launches} launches", flush=True)
+    return res
+
+
 def tensor_dtypes(model) -> dict:
     """Each parameter's and buffer's dtype by name: a bf16 model keeps float32 buffers (the rotary inv_freq)."""
     return {**{n: t.dtype for n, t in model.named_parameters()}, **{n: t.dtype for n, t in model.named_buffers()}}
@@ -243,6 +273,8 @@ def main(argv=None):
     p.add_argument("--skip_end_to_end", action="store_true", help="time the model-only batch alone")
     p.add_argument("--memory_batches", type=int, default=0, help="static batches of changing shapes after the "
                    "timings, memory allocated after each (CUDA: must stay flat; 0: off)")
+    p.add_argument("--profile_rows", type=int, default=0, help="profile one batch of this many rows on each path "
+                   "(torch.profiler: host time, kernel launches; 0: off)")
     p.add_argument("--budget_s", type=float, default=0, help="skip the parts (fp32, then end_to_end) not yet "
                    "started after this many seconds (0: no limit); skipped parts are named in the JSON")
     p.add_argument("--forbid", default="peft,datasets", help="packages whose import fails here ('' : none)")
@@ -312,6 +344,9 @@ def _run(a) -> dict:
     if a.memory_batches > 0 and in_budget("memory_batches"):
         res["memory_batches"] = memory_over_batches(eng["static"], encoded, a.memory_batches, a.max_new_tokens, device)
         print(f"memory over static batches: {res['memory_batches']}", flush=True)
+        save()
+    if a.profile_rows > 0 and in_budget("profile"):
+        res["profile"] = profile(a, eng, eng["static"]._encode_all(rows[:a.profile_rows]), device)
         save()
     for engine in eng.values():
         engine.close()

@@ -23,7 +23,7 @@ echo "rc=$?"
 fi
 if [ -n "${READER:-}" ]; then
   timeout 200 python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 --max_new_tokens 256 \
-    --fp32_rows 64 --budget_s 170 --out "$OUT/decode_reader_$CARD.json" 2>&1 | tee "$OUT/decode_reader_log.txt" | tail -4
+    --fp32_rows 64 --profile_rows 64 --budget_s 170 --out "$OUT/decode_reader_$CARD.json" 2>&1 | tee "$OUT/decode_reader_log.txt" | tail -4
 fi
 if [ -n "${BIG:-}" ]; then  # the setting: 7B, 512 rows in batches of 256 (the sample's 288 rows, repeated)
   timeout ${BIG_S:-260} python3 bench/bench_decode.py --model 7b --rows 512 --batch_size 256 --max_new_tokens 64 \

@@ -28,3 +28,10 @@ python3 bench/bench_sft.py --data "$DATA" --models 2b --liger --packing_tokens_l
   | tee -a "$OUT/speed3_log.txt" | tail -8
 timeout ${SAVED_S:-70} python3 bench/learning/saved_tensors.py --data "$DATA" --model 7b --liger --tokens 4096 \
   --out "$OUT/saved_7b_$CARD.json" 2>&1 | tail -30 | tee -a "$OUT/speed3_log.txt"
+# last, only where the call's 590 s leave 120: the 2B plan with --torch_compile (decoder layers and ViT blocks), 32k
+LEFT=$(( 590 - SECONDS ))
+if [ "$LEFT" -ge 120 ]; then
+  timeout $LEFT python3 bench/bench_sft.py --data "$DATA" --models 2b --liger --packing_tokens 32768 --cases b \
+    --b_variants "torch_compile=true" --b_max_reserved_gib 80 --timeout $(( LEFT - 10 )) \
+    --out "$OUT/speed3_2b_compile_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -4
+fi

@@ -5,6 +5,8 @@
 # the GPU tests of the plan and the kernels; and what a 7B step keeps for backward, module by module. From the
 # repository root (~540 s):
 #   carry [".whl", ".whl_bench", ".carry/latex_slice"]     bash bench/speed3_gpu_call.sh
+# PARTS picks parts (default "tests 7b 2b saved compile"; "reader" is bench_decode on the trained reader with a
+# profile, for a call that must do both halves: PARTS="tests 7b reader").
 # -> $OUT/speed3_{7b,2b}_<card>.json (bench_sft.py's report, command inside), $OUT/speed3_log.txt, the GPU tests
 # (tests/test_cuda.py -k "memory_plan or dropout or triton or lean_mlp") in $OUT/speed3_cuda_tests.txt, and
 # $OUT/saved_7b_<card>.json (bench/learning/saved_tensors.py). Inference: bench/infer3_gpu_call.sh.
@@ -17,20 +19,35 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CAC
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | tr A-Z a-z)
 CARD=${CARD:-gpu}
 DATA=$PWD/.carry/latex_slice/print/train.parquet
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -s \
-  -k "memory_plan or dropout or triton or lean_mlp" > "$OUT/speed3_cuda_tests.txt" 2>&1
-echo "cuda test rc=$?" >> "$OUT/speed3_cuda_tests.txt"
-python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
-  --b_variants "recompute_layers=28;" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-230} \
-  --out "$OUT/speed3_7b_$CARD.json" 2>&1 | tee "$OUT/speed3_log.txt" | tail -8
-python3 bench/bench_sft.py --data "$DATA" --models 2b --liger --packing_tokens_list 16384,32768 --cases ab \
-  --b_max_reserved_gib 80 --budget_s ${BUDGET_2B:-130} --out "$OUT/speed3_2b_$CARD.json" 2>&1 \
-  | tee -a "$OUT/speed3_log.txt" | tail -8
-timeout ${SAVED_S:-70} python3 bench/learning/saved_tensors.py --data "$DATA" --model 7b --liger --tokens 4096 \
-  --out "$OUT/saved_7b_$CARD.json" 2>&1 | tail -30 | tee -a "$OUT/speed3_log.txt"
+PARTS=" ${PARTS:-tests 7b 2b saved compile} "
+has() { [[ "$PARTS" == *" $1 "* ]]; }
+if has tests; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -s \
+    -k "memory_plan or dropout or triton or lean_mlp" > "$OUT/speed3_cuda_tests.txt" 2>&1
+  echo "cuda test rc=$?" >> "$OUT/speed3_cuda_tests.txt"
+fi
+if has 7b; then
+  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
+    --b_variants "recompute_layers=28;" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-230} \
+    --out "$OUT/speed3_7b_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
+fi
+if has reader; then  # inference on the trained reader (bench/infer3_gpu_call.sh's READER part, with its profile)
+  timeout ${READER_S:-180} python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 \
+    --max_new_tokens 256 --fp32_rows 64 --profile_rows 64 --budget_s $(( ${READER_S:-180} - 40 )) \
+    --out "$OUT/decode_reader_$CARD.json" 2>&1 | tail -6 | tee -a "$OUT/speed3_log.txt"
+fi
+if has 2b; then
+  python3 bench/bench_sft.py --data "$DATA" --models 2b --liger --packing_tokens_list 16384,32768 --cases ab \
+    --b_max_reserved_gib 80 --budget_s ${BUDGET_2B:-130} --out "$OUT/speed3_2b_$CARD.json" 2>&1 \
+    | tee -a "$OUT/speed3_log.txt" | tail -8
+fi
+if has saved; then
+  timeout ${SAVED_S:-70} python3 bench/learning/saved_tensors.py --data "$DATA" --model 7b --liger --tokens 4096 \
+    --out "$OUT/saved_7b_$CARD.json" 2>&1 | tail -30 | tee -a "$OUT/speed3_log.txt"
+fi
 # last, only where the call's 590 s leave 120: the 2B plan with --torch_compile (decoder layers and ViT blocks), 32k
 LEFT=$(( 590 - SECONDS ))
-if [ "$LEFT" -ge 120 ]; then
+if has compile && [ "$LEFT" -ge 120 ]; then
   timeout $LEFT python3 bench/bench_sft.py --data "$DATA" --models 2b --liger --packing_tokens 32768 --cases b \
     --b_variants "torch_compile=true" --b_max_reserved_gib 80 --timeout $(( LEFT - 10 )) \
     --out "$OUT/speed3_2b_compile_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -4

@@ -181,6 +181,11 @@ def parse_args(argv=None):
     if a.grpo_seconds < 0 or a.grpo_learning_rate <= 0 or a.grpo_num_generations < 2 or a.grpo_batch_size < 1:
         p.error("--grpo_seconds must be 0 (no GRPO stage) or more, --grpo_learning_rate positive, "
                 "--grpo_num_generations at least 2 and --grpo_batch_size at least 1")
+    for name, low, high in RANGES:  # one argparse error line for a value the recipe can't run with
+        value = getattr(a, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not (low <= v <= high and v == v):
+                p.error(f"--{name} must be between {low:g} and {high:g} (got {v:g})")
     a.work_dir = Path(a.work_dir).resolve() if a.work_dir else REPO / ".work" / "from_scratch"
     a.deadline_seconds = a.deadline_seconds or DEADLINES[a.phase]
     a.max_new_tokens = 256
@@ -201,6 +206,19 @@ def parse_args(argv=None):
         a.min_pixels, a.max_pixels = a.min_pixels or 20_000, a.max_pixels or 60_000
         a.grpo_num_generations, a.grpo_batch_size = 4, 8
     return a
+
+
+DAY = 86_400.0
+# the numeric flags' ranges (inclusive; None, a flag's "not given", passes)
+RANGES = [("synth_rows", 0, 10**8), ("synth_scramble", 0, 1), ("synth_recombine", 0, 1), ("synth_procs", 1, 4096),
+          ("gpus", 0, 4096), ("packing_tokens", 16, 2**24), ("learning_rate", 1e-12, 10), ("stage1_lora_rank", 0, 4096),
+          ("stage1_relora_cycles", 0, 10**4), ("vit_lr", 0, 10), ("aligner_lr", 0, 10), ("min_pixels", 1, 10**8),
+          ("max_pixels", 1, 10**8), ("workers", 0, 1024), ("probe_steps", 1, 10**6), ("stage1_compile_seconds", 0, DAY),
+          ("stage1_seconds_per_step", 1e-6, DAY), ("stage1_steps", 0, 10**8), ("stage2_steps", 0, 10**8),
+          ("stage1_rest_seconds", 0, DAY), ("stage1_train_seconds", 0, DAY), ("rest_reserve_seconds", 0, DAY),
+          ("stage2_seconds", 0, DAY), ("stage2_batch_size", 1, 10**5), ("stage2_learning_rate", 1e-12, 10),
+          ("lora_rank", 1, 4096), ("lora_alpha", 1, 10**5), ("eval_rows", 1, 10**8), ("train_rows", 1, 10**8),
+          ("deadline_seconds", 1, 30 * DAY)]
 
 
 SPLITS = [(subset, split) for subset in ("print", "handwrite") for split in ("train", "validation")]

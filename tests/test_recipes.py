@@ -592,3 +592,18 @@ def test_misreads_counts_main_line_and_script_tokens_apart():
     # main line x + \frac a b (5), scripts i j 2 (3); the prediction drops j and reads b as c
     rates = mis.read_rates([{"reference": " ".join(ref), "prediction": "x _ { i } ^ 2 + \\frac { a } { c }"}])
     assert (rates["main_line_read"], rates["script_read"]) == (0.8, round(2 / 3, 3))
+
+
+@pytest.mark.parametrize("flag,value", [("--stage2_seconds", "-5"), ("--grpo_seconds", "-1"), ("--packing_tokens", "0"),
+                                        ("--eval_rows", "0"), ("--synth_scramble", "1.5"), ("--stage2_learning_rate", "nan"),
+                                        ("--stage1_compile_seconds", "-1")])
+def test_from_scratch_refuses_out_of_range_flags_with_one_error_line(flag, value, capsys):
+    mod = _recipe_module()
+    args = [flag, value, "0"] if flag == "--stage1_compile_seconds" else [flag, value]
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--phase", "all", *args])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("latex_ocr_from_scratch.py: error:")
+           or "error:" in line]
+    assert len(err) == 1 and flag in err[0], err
+    assert mod.parse_args(["--phase", "all", "--stage2_seconds", "0"]).stage2_seconds == 0.0  # the edge is allowed

@@ -28,7 +28,7 @@ if has tests; then
 fi
 if has 7b; then
   python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
-    --b_variants "recompute_layers=28;" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-230} \
+    --b_variants ";recompute_layers=28" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-230} \
     --out "$OUT/speed3_7b_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
 fi
 if has reader; then  # inference on the trained reader (bench/infer3_gpu_call.sh's READER part, with its profile)

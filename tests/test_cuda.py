@@ -337,7 +337,10 @@ def test_dropout_kernels_draw_one_mask_and_beat_the_stored_mask():
         assert abs(keep - 0.95) < 5 * (0.95 * 0.05 / x.numel()) ** 0.5, keep
         assert torch.equal(triton_kernels.dropout(x, 0.05, 123), (x.float() * mask).to(torch.bfloat16))
         h, _, hd = triton_kernels.swiglu_forward(x, x, torch.bfloat16, False, 0.05, 123)
-        assert torch.equal(hd > 0, (h > 0) & (mask > 0))
+        assert torch.equal(hd != 0, (h != 0) & (mask != 0))
+        _, _, hb = triton_kernels.swiglu_backward(torch.ones_like(x), x, x, None, None,
+                                                  (torch.bfloat16, torch.bfloat16), torch.bfloat16, 0.05, 123)
+        assert torch.equal(hb != 0, (h != 0) & (mask != 0))
     leaves = [torch.randn(s, device="cuda", generator=g, dtype=torch.float32).requires_grad_()
               for s in ((512, 640), (512, 3584), (8, 3584), (640, 8))]
     out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32)

@@ -334,3 +334,27 @@ def test_lean_mlp_flags_reach_the_mlps(tiny_model_dir, flags, fp8):
     mlps = [m for m in model.modules() if hasattr(m, "_ocrtune_lean_fp8")]
     assert len(mlps) == model.config.text_config.num_hidden_layers
     assert all(m._ocrtune_lean_fp8 is fp8 and hasattr(m, "_ocrtune_stock_forward") for m in mlps)
+
+
+def test_dropout_calls_stay_out_of_compiled_graphs():
+    """Each dropout call draws a new seed (a Python int): traced by torch.compile, every call would specialize on
+    it and compile again (11 frames in 6 calls before). The seeded call runs eagerly: two frames, whatever the
+    number of calls."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(16, 32, generator=g, requires_grad=True), torch.randn(16, 8, generator=g, requires_grad=True)
+    a, b = torch.randn(4, 32, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+    gate, up = torch.randn(16, 24, generator=g, requires_grad=True), torch.randn(16, 24, generator=g, requires_grad=True)
+    w, a2 = torch.randn(8, 24, generator=g), torch.randn(4, 24, generator=g, requires_grad=True)
+
+    def step(res, x, a, b):
+        out = lora_addmm(res * 2, x, a, b, 0.5, p=0.1) + swiglu_down_lora(gate * 1, up, w, None, a2, b, 0.5, p=0.1)
+        return (out * 3).sum()
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter)
+    for _ in range(6):
+        compiled(res, x, a, b).backward()
+    assert counter.frame_count <= 3, counter.frame_count
+    torch._dynamo.reset()

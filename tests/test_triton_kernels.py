@@ -115,6 +115,10 @@ def _dropout_checks():
     assert abs(keep - 0.75) < 4 * (0.75 * 0.25 / x.numel()) ** 0.5, keep  # 4 standard deviations
     assert abs((mask[:, :2048] > 0).double().mean().item() - (mask[:, 2048:] > 0).double().mean().item()) < 0.02
     assert torch.equal(y, x * mask)  # float32: one rounding either way
+    assert not torch.equal(mask[:, 2048:2500] > 0, mask[:, :452] > 0)  # the block's start is in the counter
+    nan = x.clone()
+    nan[mask == 0] = float("nan")  # dropped NaNs stay NaN (times 0), as with torch's mask
+    assert bool(triton_kernels.dropout(nan, 0.25, 11)[mask == 0].isnan().all())
     cols = (mask > 0).double().mean(0)  # no column or row pattern: each within 5 standard deviations of 0.75
     assert bool(((cols - 0.75).abs() < 5 * (0.75 * 0.25 / 64) ** 0.5).all())
     # the lean MLP's kernels draw the same mask for the same (seed, shape)
@@ -124,6 +128,14 @@ def _dropout_checks():
     _, _, hd2 = triton_kernels.swiglu_backward(torch.ones_like(h), gate, up, None, None,
                                                (torch.float32, torch.float32), torch.float32, 0.25, 11)
     assert torch.allclose(hd2, hd, rtol=1e-6, atol=1e-6)
+    # and with float8 gate/up kept (--lean_mlp_fp8): the same mask over the forward's and the backward's h
+    h8, kept, hd8 = triton_kernels.swiglu_forward(gate, up, torch.float32, True, 0.25, 11)
+    assert torch.equal(hd8, triton_kernels.dropout(h8, 0.25, 11))
+    _, _, h8b = triton_kernels.swiglu_backward(torch.ones_like(h8), kept[0], kept[2], kept[1], kept[3],
+                                               (torch.float32, torch.float32), torch.float32)
+    _, _, hd8b = triton_kernels.swiglu_backward(torch.ones_like(h8), kept[0], kept[2], kept[1], kept[3],
+                                                (torch.float32, torch.float32), torch.float32, 0.25, 11)
+    assert torch.equal(hd8b, triton_kernels.dropout(h8b, 0.25, 11))
     # the plain LoRA branch (q/k/v/o, gate/up) against autograd with that mask kept
     g = torch.Generator().manual_seed(8)
     result, xs = torch.randn(3, 20, 48, generator=g), torch.randn(3, 20, 2500, generator=g)

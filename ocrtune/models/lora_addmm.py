@@ -73,8 +73,25 @@ def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad or result.requires_grad):
         xd = torch.nn.functional.dropout(x, p, training=True) if p > 0 else x
         return _addmm(result, xd, a, b, scaling, dtype)[0]
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0  # CPU generator: no device sync
-    return _LoraAddmm.apply(result, x, a, b, float(scaling), float(p), seed, dtype)
+    if p > 0:
+        return _dropped_lora(result, x, a, b, float(scaling), float(p), dtype)
+    return _LoraAddmm.apply(result, x, a, b, float(scaling), 0.0, 0, dtype)
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2 ** 62, (1,)).item())  # CPU generator: no device sync
+
+
+# Eager under torch.compile: the seed is a new Python int each call, and a compiled region would specialize on it
+# and compile again every step (tests/test_lora_addmm.py counts the frames)
+@torch.compiler.disable
+def _dropped_lora(result, x, a, b, scaling: float, p: float, dtype):
+    return _LoraAddmm.apply(result, x, a, b, scaling, p, _seed(), dtype)
+
+
+@torch.compiler.disable
+def _dropped_swiglu_lora(gate, up, weight, bias, a, b, scaling: float, p: float, dtype, fp8: bool):
+    return _SwigluDownLora.apply(gate, up, weight, bias, a, b, scaling, p, _seed(), dtype, fp8)
 
 
 # ---------------------------------------------------------------- SwiGLU MLP tail: down_proj(silu(gate) * up) + LoRA
@@ -206,5 +223,6 @@ def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight, bias: torch.T
         h, result = _swiglu_down(gate, up, weight, bias, dtype)
         hd = torch.nn.functional.dropout(h, p, training=True) if p > 0 else h
         return _addmm(result, hd, a, b, scaling, dtype)[0]
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
-    return _SwigluDownLora.apply(gate, up, weight, bias, a, b, float(scaling), float(p), seed, dtype, bool(fp8))
+    if p > 0:
+        return _dropped_swiglu_lora(gate, up, weight, bias, a, b, float(scaling), float(p), dtype, bool(fp8))
+    return _SwigluDownLora.apply(gate, up, weight, bias, a, b, float(scaling), 0.0, 0, dtype, bool(fp8))

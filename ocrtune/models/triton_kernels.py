@@ -52,12 +52,12 @@ if triton is not None:
     @triton.jit
     def _uniform(seed, row, start, n, BLOCK: tl.constexpr):
         """BLOCK uniform floats in [0, 1) for columns start .. start + BLOCK of `row`: a function of (seed, row,
-        column) alone, so each kernel walking a row in BLOCK-wide steps draws the same ones."""
+        column, n, BLOCK), so every kernel walking an n-wide row in _BLOCK-wide steps draws the same ones."""
         quarter = tl.arange(0, BLOCK // 4)
         r0, r1, r2, r3 = tl.rand4x(seed, row * (tl.cdiv(n, BLOCK) * (BLOCK // 4)) + start // 4 + quarter)
         return tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: Triton specializes 1 and multiples of 16
     def _dropout_kernel(x_ptr, y_ptr, n, seed, p, scale, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * n
@@ -66,9 +66,9 @@ if triton is not None:
             m = start + cols < n
             x = tl.load(x_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
             keep = _uniform(seed, row, start, n, BLOCK) >= p
-            tl.store(y_ptr + base + start + cols, tl.where(keep, x * scale, 0.0).to(y_ptr.dtype.element_ty), mask=m)
+            tl.store(y_ptr + base + start + cols, (x * tl.where(keep, scale, 0.0)).to(y_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _forward_kernel(g_ptr, u_ptr, h_ptr, gq_ptr, gs_ptr, uq_ptr, us_ptr, hd_ptr, n, seed, p, scale,
                         FP8: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -95,12 +95,12 @@ if triton is not None:
             tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
             if DROP:  # the LoRA branch's dropped input
                 keep = _uniform(seed, row, start, n, BLOCK) >= p
-                tl.store(hd_ptr + base + start + cols, tl.where(keep, h * scale, 0.0).to(hd_ptr.dtype.element_ty), mask=m)
+                tl.store(hd_ptr + base + start + cols, (h * tl.where(keep, scale, 0.0)).to(hd_ptr.dtype.element_ty), mask=m)
             if FP8:
                 tl.store(gq_ptr + base + start + cols, tl.clamp(g * g_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
                 tl.store(uq_ptr + base + start + cols, tl.clamp(u * u_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, n, seed, p, scale,
                          FP8: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -124,7 +124,7 @@ if triton is not None:
                      mask=m)
             h = silu * u
             if DROP:  # h as the forward's LoRA branch saw it
-                h = tl.where(_uniform(seed, row, start, n, BLOCK) >= p, h * scale, 0.0)
+                h = h * tl.where(_uniform(seed, row, start, n, BLOCK) >= p, scale, 0.0)
             tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -161,8 +161,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """`x` as [rows, n] with each value kept with probability 1 - p (times 1 / (1 - p)) or zeroed, the mask
-    a function of (seed, row, column): the same for every tensor of x's shape, in this and the kernels below."""
+    """`x` as [rows, n] with each value kept with probability 1 - p (times 1 / (1 - p), in float32) or zeroed (times
+    0, as torch's mask does), the mask a function of (seed, row, column, n): the same for every tensor of x's shape,
+    in this and the lean MLP's kernels."""
     x2 = _rows(x)
     y = torch.empty_like(x2)
     if x2.numel():

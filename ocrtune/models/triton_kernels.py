@@ -57,6 +57,12 @@ if triton is not None:
         r0, r1, r2, r3 = tl.rand4x(seed, row * (tl.cdiv(n, BLOCK) * (BLOCK // 4)) + start // 4 + quarter)
         return tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
 
+    @triton.jit
+    def _drop(v, seed, row, start, n, p, scale, BLOCK: tl.constexpr):
+        """`v` (float32, columns start .. start + BLOCK of `row`) with the dropout of `seed`: kept where the draw is
+        at least p, times `scale` (1 / (1 - p)); dropped values times 0, as torch's mask does (NaN stays NaN)."""
+        return v * tl.where(_uniform(seed, row, start, n, BLOCK) >= p, scale, 0.0)
+
     @triton.jit(do_not_specialize=["seed"])  # a new seed each call: Triton specializes 1 and multiples of 16
     def _dropout_kernel(x_ptr, y_ptr, n, seed, p, scale, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -65,8 +71,8 @@ if triton is not None:
         for start in range(0, n, BLOCK):
             m = start + cols < n
             x = tl.load(x_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
-            keep = _uniform(seed, row, start, n, BLOCK) >= p
-            tl.store(y_ptr + base + start + cols, (x * tl.where(keep, scale, 0.0)).to(y_ptr.dtype.element_ty), mask=m)
+            tl.store(y_ptr + base + start + cols, _drop(x, seed, row, start, n, p, scale, BLOCK).to(y_ptr.dtype.element_ty),
+                     mask=m)
 
     @triton.jit(do_not_specialize=["seed"])
     def _forward_kernel(g_ptr, u_ptr, h_ptr, gq_ptr, gs_ptr, uq_ptr, us_ptr, hd_ptr, n, seed, p, scale,
@@ -94,8 +100,8 @@ if triton is not None:
             h = g * tl.sigmoid(g) * u
             tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
             if DROP:  # the LoRA branch's dropped input
-                keep = _uniform(seed, row, start, n, BLOCK) >= p
-                tl.store(hd_ptr + base + start + cols, (h * tl.where(keep, scale, 0.0)).to(hd_ptr.dtype.element_ty), mask=m)
+                tl.store(hd_ptr + base + start + cols, _drop(h, seed, row, start, n, p, scale, BLOCK).to(hd_ptr.dtype.element_ty),
+                         mask=m)
             if FP8:
                 tl.store(gq_ptr + base + start + cols, tl.clamp(g * g_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
                 tl.store(uq_ptr + base + start + cols, tl.clamp(u * u_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
@@ -124,7 +130,7 @@ if triton is not None:
                      mask=m)
             h = silu * u
             if DROP:  # h as the forward's LoRA branch saw it
-                h = h * tl.where(_uniform(seed, row, start, n, BLOCK) >= p, scale, 0.0)
+                h = _drop(h, seed, row, start, n, p, scale, BLOCK)
             tl.store(h_ptr + base + start + cols, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit

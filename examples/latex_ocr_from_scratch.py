@@ -178,9 +178,6 @@ def parse_args(argv=None):
     p.add_argument("--deadline_seconds", type=float, default=None, help=f"this phase's time limit (default {DEADLINES})")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few rows and steps: checks the recipe on a CPU")
     a = p.parse_args(argv)
-    if a.grpo_seconds < 0 or a.grpo_learning_rate <= 0 or a.grpo_num_generations < 2 or a.grpo_batch_size < 1:
-        p.error("--grpo_seconds must be 0 (no GRPO stage) or more, --grpo_learning_rate positive, "
-                "--grpo_num_generations at least 2 and --grpo_batch_size at least 1")
     for name, low, high in RANGES:  # one argparse error line for a value the recipe can't run with
         value = getattr(a, name)
         for v in value if isinstance(value, list) else [value]:
@@ -218,7 +215,8 @@ RANGES = [("synth_rows", 0, 10**8), ("synth_scramble", 0, 1), ("synth_recombine"
           ("stage1_rest_seconds", 0, DAY), ("stage1_train_seconds", 0, DAY), ("rest_reserve_seconds", 0, DAY),
           ("stage2_seconds", 0, DAY), ("stage2_batch_size", 1, 10**5), ("stage2_learning_rate", 1e-12, 10),
           ("lora_rank", 1, 4096), ("lora_alpha", 1, 10**5), ("eval_rows", 1, 10**8), ("train_rows", 1, 10**8),
-          ("deadline_seconds", 1, 30 * DAY)]
+          ("deadline_seconds", 1, 30 * DAY), ("grpo_seconds", 0, DAY), ("grpo_learning_rate", 1e-12, 10),
+          ("grpo_num_generations", 2, 4096), ("grpo_batch_size", 1, 10**5)]
 
 
 SPLITS = [(subset, split) for subset in ("print", "handwrite") for split in ("train", "validation")]

@@ -594,7 +594,8 @@ def test_misreads_counts_main_line_and_script_tokens_apart():
     assert (rates["main_line_read"], rates["script_read"]) == (0.8, round(2 / 3, 3))
 
 
-@pytest.mark.parametrize("flag,value", [("--stage2_seconds", "-5"), ("--grpo_seconds", "-1"), ("--packing_tokens", "0"),
+@pytest.mark.parametrize("flag,value", [("--stage2_seconds", "-5"), ("--grpo_seconds", "-1"),
+                                        ("--grpo_num_generations", "1"), ("--packing_tokens", "0"),
                                         ("--eval_rows", "0"), ("--synth_scramble", "1.5"), ("--stage2_learning_rate", "nan"),
                                         ("--stage1_compile_seconds", "-1")])
 def test_from_scratch_refuses_out_of_range_flags_with_one_error_line(flag, value, capsys):

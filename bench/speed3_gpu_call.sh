@@ -6,7 +6,8 @@
 # repository root (~540 s):
 #   carry [".whl", ".whl_bench", ".carry/latex_slice"]     bash bench/speed3_gpu_call.sh
 # PARTS picks parts (default "tests 7b 2b saved compile"; "reader" is bench_decode on the trained reader with a
-# profile, for a call that must do both halves: PARTS="tests 7b reader").
+# profile, for a call that must do both halves: PARTS="tests 7b reader"; "anatomy" / "anatomy_default" take a 7B
+# step apart with bench/learning/step_anatomy.py; TESTS_K narrows the GPU tests).
 # -> $OUT/speed3_{7b,2b}_<card>.json (bench_sft.py's report, command inside), $OUT/speed3_log.txt, the GPU tests
 # (tests/test_cuda.py -k "memory_plan or dropout or triton or lean_mlp") in $OUT/speed3_cuda_tests.txt, and
 # $OUT/saved_7b_<card>.json (bench/learning/saved_tensors.py). Inference: bench/infer3_gpu_call.sh.
@@ -21,9 +22,20 @@ CARD=${CARD:-gpu}
 DATA=$PWD/.carry/latex_slice/print/train.parquet
 PARTS=" ${PARTS:-tests 7b 2b saved compile} "
 has() { [[ "$PARTS" == *" $1 "* ]]; }
+# anatomy: where a 7B step's time goes (bench/learning/step_anatomy.py), --speed max at 8-16k tokens, then the defaults
+if has anatomy; then
+  timeout ${ANATOMY_S:-200} python3 bench/learning/step_anatomy.py --data "$DATA" --model 7b --liger \
+    --tokens 8192,10240,16384 --profile_tokens 10240 --overrides '{"speed": "max"}' --out "$OUT/anatomy_max_$CARD.json" \
+    --trace "$OUT/anatomy_max_trace_$CARD.json.gz" 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/speed3_log.txt"
+fi
+if has anatomy_default; then
+  timeout ${ANATOMY_S:-200} python3 bench/learning/step_anatomy.py --data "$DATA" --model 7b --liger \
+    --tokens 8192,16384 --profile_tokens 16384 --overrides '{}' --loader_batches 0 --out "$OUT/anatomy_default_$CARD.json" \
+    2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/speed3_log.txt"
+fi
 if has tests; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -s \
-    -k "memory_plan or dropout or triton or lean_mlp" > "$OUT/speed3_cuda_tests.txt" 2>&1
+    -k "${TESTS_K:-memory_plan or dropout or triton or lean_mlp}" > "$OUT/speed3_cuda_tests.txt" 2>&1
   echo "cuda test rc=$?" >> "$OUT/speed3_cuda_tests.txt"
 fi
 if has 7b; then

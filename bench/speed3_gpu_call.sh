@@ -7,7 +7,8 @@
 #   carry [".whl", ".whl_bench", ".carry/latex_slice"]     bash bench/speed3_gpu_call.sh
 # PARTS picks parts (default "tests 7b 2b saved compile"; "reader" is bench_decode on the trained reader with a
 # profile, for a call that must do both halves: PARTS="tests 7b reader"; "anatomy" / "anatomy_default" take a 7B
-# step apart with bench/learning/step_anatomy.py; TESTS_K narrows the GPU tests).
+# step apart with bench/learning/step_anatomy.py; "7b_max" benches the defaults and --speed max against Trainer + PEFT;
+# TESTS_K narrows the GPU tests).
 # -> $OUT/speed3_{7b,2b}_<card>.json (bench_sft.py's report, command inside), $OUT/speed3_log.txt, the GPU tests
 # (tests/test_cuda.py -k "memory_plan or dropout or triton or lean_mlp") in $OUT/speed3_cuda_tests.txt, and
 # $OUT/saved_7b_<card>.json (bench/learning/saved_tensors.py). Inference: bench/infer3_gpu_call.sh.
@@ -42,6 +43,11 @@ if has 7b; then
   python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
     --b_variants ";recompute_layers=28" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-230} \
     --out "$OUT/speed3_7b_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
+fi
+if has 7b_max; then  # the defaults and --speed max (at its 10,240 tokens) against Trainer + PEFT, one machine
+  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
+    --b_variants ";speed=max,packing_tokens=10240" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-300} \
+    --out "$OUT/speed3_7b_max_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
 fi
 if has reader; then  # inference on the trained reader (bench/infer3_gpu_call.sh's READER part, with its profile)
   timeout ${READER_S:-180} python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 \

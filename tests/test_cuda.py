@@ -343,7 +343,7 @@ def test_dropout_kernels_draw_one_mask_and_beat_the_stored_mask():
         assert torch.equal(hb != 0, (h != 0) & (mask != 0))
     leaves = [torch.randn(s, device="cuda", generator=g, dtype=torch.float32).requires_grad_()
               for s in ((512, 640), (512, 3584), (8, 3584), (640, 8))]
-    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32)
+    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32, False)
     kept = triton_kernels.dropout(torch.ones_like(leaves[1]), 0.3, 99)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     ref = ref_leaves[0] + 0.5 * ((ref_leaves[1] * kept) @ ref_leaves[2].t()) @ ref_leaves[3].t()
@@ -401,6 +401,73 @@ def test_fp8_scaled_mm_matches_the_emulated_float8_math():
     gq, gs = quantize_rows(dy, f8.scale)
     assert rel(dx, (gq.double() * gs.double()) @ f8.weight_q.double()) <= 2 ** -7
     assert rel(dx, dy.double() @ w.double()) <= 2 ** -3  # each operand within 2^-4
+
+
+def _cuda_ms(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def test_fp8_weight_transpose_is_exact_and_beats_the_strided_copy():
+    """--fp8_base's backward turns every float8 base weight once a step: the tiled Triton copy gives torch's
+    `t().contiguous()` bit for bit and, at Qwen2-VL-7B's MLP weight (18944 x 3584), takes less time."""
+    from ocrtune.models import triton_kernels
+    from ocrtune.models.fp8_linear import transposed
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((18944, 3584), (3584, 18944), (512, 3584), (77, 130)):
+        w = torch.randn(shape, device="cuda", generator=g).to(torch.float8_e4m3fn)
+        t = transposed(w)
+        assert t.dtype == w.dtype and t.shape == shape[::-1]
+        assert torch.equal(t.view(torch.uint8), w.t().contiguous().view(torch.uint8)), shape
+    w = torch.randn(18944, 3584, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    times = {"torch": _cuda_ms(lambda: w.t().contiguous()), "triton": _cuda_ms(lambda: triton_kernels.transpose(w))}
+    print(f"float8 transpose 18944 x 3584: {times} ms ({2 * w.numel() / times['triton'] / 1e6:.0f} GB/s)")
+    assert times["triton"] < times["torch"], times
+
+
+def test_liger_rope_runs_in_the_text_model_and_the_vit():
+    """transformers 5 rotates Qwen2-VL's q and k with the plain `apply_rotary_pos_emb` (the M-RoPE sections folded
+    into cos/sin): after `apply_liger` that name is Liger's kernel (liger-kernel's own Qwen2-VL patch replaces a
+    function nothing calls), and it agrees with the torch ops within bf16 rounding, forward and backward, on the
+    model's own cos/sin."""
+    _skip_without_liger(True)
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as m
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb, liger_rotary_pos_emb_vision
+    from ocrtune.models.patches.liger import folded_mrope_rope
+    assert folded_mrope_rope("qwen2_vl")
+    assert m.apply_rotary_pos_emb is liger_rotary_pos_emb and m.apply_rotary_pos_emb_vision is liger_rotary_pos_emb_vision
+    cfg = m.Qwen2VLConfig().get_text_config()
+    rotary = m.Qwen2VLRotaryEmbedding(cfg).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.randint(0, 400, (3, 1, 1000), device="cuda", generator=g)
+    x = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rotary(x, pos)
+    q = torch.randn(1, 1000, 28, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 1000, 4, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+
+    def torch_rope(q, k):
+        c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + m.rotate_half(q) * s_, k * c + m.rotate_half(k) * s_
+
+    want = [t.double() for t in torch_rope(q.double(), k.double())]
+    ql, kl = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qt, kt = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got, ref = liger_rotary_pos_emb(ql * 1, kl * 1, cos, sin), torch_rope(qt, kt)
+    for a, b, w in zip(got, ref, want):
+        assert rel(a, w) <= max(2 * rel(b, w), bf16_rtol(2)), (rel(a, w), rel(b, w))
+    dq = torch.randn(q.shape, device="cuda", generator=g).to(torch.bfloat16)
+    dk = torch.randn(k.shape, device="cuda", generator=g).to(torch.bfloat16)
+    gl = torch.autograd.grad(got, (ql, kl), (dq, dk))
+    gt = torch.autograd.grad(ref, (qt, kt), (dq, dk))
+    for a, b in zip(gl, gt):
+        assert rel(a, b) <= bf16_rtol(4), rel(a, b)
 
 
 @pytest.mark.parametrize("lean", [False, True], ids=["fused_lora", "lean_mlp"])

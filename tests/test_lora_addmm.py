@@ -22,7 +22,7 @@ def _grads(out, tensors):
 def test_values_and_gradients_match_plain_autograd(p):
     result, x, a, b = _inputs()
     seed, s = 1234, 0.5
-    out = _LoraAddmm.apply(result, x, a, b, s, p, seed, torch.float64)
+    out = _LoraAddmm.apply(result, x, a, b, s, p, seed, torch.float64, False)
     xd = x * _mask_of(x.shape, x.dtype, x.device, p, seed) if p else x  # the same mask, kept by autograd the ordinary way
     ref = result + s * (xd @ a.t()) @ b.t()
     # float64 throughout: differences are rounding only (a few ulps of values of size ~10)
@@ -358,3 +358,31 @@ def test_dropout_calls_stay_out_of_compiled_graphs():
         compiled(res, x, a, b).backward()
     assert counter.frame_count <= 3, counter.frame_count
     torch._dynamo.reset()
+
+
+def test_inplace_update_writes_the_base_output_and_keeps_the_gradients():
+    """`inplace` (the patched LoRA layer over an nn.Linear or float8 base): the update goes into the base layer's
+    output itself (no copy of it), with the out-of-place values and gradients; a leaf that needs a gradient is
+    never written (autograd forbids it: the update then goes out of place)."""
+    _, x, a, b = _inputs()
+    w = torch.randn(D_OUT, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    for p in (0.0, 0.3):
+        torch.manual_seed(5)
+        base = x @ w.t()
+        ptr = base.data_ptr()
+        out = lora_addmm(base, x, a, b, 0.5, p=p, inplace=True)
+        assert out.data_ptr() == ptr
+        torch.manual_seed(5)
+        ref = lora_addmm(x @ w.t(), x, a, b, 0.5, p=p)
+        assert torch.equal(out, ref)
+        for got, want in zip(_grads(out, (x, a, b, w)), _grads(ref, (x, a, b, w))):
+            assert torch.allclose(got, want, rtol=0, atol=1e-11)
+    with torch.no_grad():  # evaluation and decoding: the base output takes the update too
+        base = x @ w.t()
+        out = lora_addmm(base, x, a, b, 0.5, inplace=True)
+        assert out.data_ptr() == base.data_ptr() and torch.allclose(out, (x @ w.t()) + 0.5 * (x @ a.t()) @ b.t())
+    leaf = torch.randn(2, T // 2, D_OUT, dtype=torch.float64, requires_grad=True)
+    before = leaf.detach().clone()
+    out = lora_addmm(leaf, x, a, b, 0.5, inplace=True)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), before)
+    assert torch.allclose(_grads(out, (leaf,))[0], _grads(leaf * 1, (leaf,))[0])

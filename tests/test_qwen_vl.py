@@ -6,6 +6,7 @@ relies on exists in the installed transformers/PEFT."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 
 import pytest
@@ -208,15 +209,26 @@ def test_prepare_liger_patches_the_unwrapped_model_once(tiny_model_dir, monkeypa
     lt = types.ModuleType("liger_kernel.transformers")
     lt.apply_liger_kernel_to_qwen2_vl = lambda **kw: calls.append(kw)
     lt.LigerFusedLinearCrossEntropyLoss = FusedCE
+    rope = types.ModuleType("liger_kernel.transformers.rope")
+    rope.liger_rotary_pos_emb = lambda q, k, cos, sin, *a, **kw: (q, k)
+    rope.liger_rotary_pos_emb_vision = lambda q, k, cos, sin: (q, k)
     pkg = types.ModuleType("liger_kernel")
-    pkg.transformers = lt
+    pkg.transformers, lt.rope = lt, rope
     monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", lt)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rope", rope)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as q2
+    for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):  # restored after the test
+        monkeypatch.setattr(q2, name, getattr(q2, name))
     model = _stock(tiny_model_dir)
     applied = prepare(model, PatchOptions(patch_embed=False, liger=True))
     assert applied["liger"] is True and applied["skipped"] == {} and len(calls) == 1
     assert calls[0]["model"] is model and calls[0]["fused_linear_cross_entropy"] is False  # the loss is ResponseLoss's
+    # transformers 5 rotates with the plain apply_rotary_pos_emb (M-RoPE folded into cos/sin): Liger's plain kernels
+    assert "apply_multimodal_rotary_pos_emb" not in inspect.getsource(q2.Qwen2VLAttention.forward)
+    assert q2.apply_rotary_pos_emb is rope.liger_rotary_pos_emb
+    assert q2.apply_rotary_pos_emb_vision is rope.liger_rotary_pos_emb_vision
     w, h, t = torch.randn(7, 4), torch.randn(5, 4), torch.tensor([0, 6, 2, 2, 1])
     torch.testing.assert_close(applied["fused_ce"](w, h, t), torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum"))
     again = prepare(_lora(model), PatchOptions(patch_embed=False, liger=True))

@@ -97,6 +97,12 @@ def _checks():
     for got, want in ((du, D * G * sig), (dg, D * U * sig * (1 + G * (1 - sig)))):
         assert bool(((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-5).all())
     _dropout_checks()
+    # 4. --fp8_base's weight transpose: a tiled copy, blocks cut at both edges
+    w = torch.randint(0, 256, (300, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(triton_kernels.transpose(w), w.t().contiguous())
+    w8 = torch.randn(70, 130, generator=torch.Generator().manual_seed(10)).to(torch.float8_e4m3fn)
+    t8 = triton_kernels.transpose(w8)
+    assert t8.dtype == torch.float8_e4m3fn and torch.equal(t8.view(torch.uint8), w8.t().contiguous().view(torch.uint8))
     print("all checks passed")
 
 
@@ -141,7 +147,7 @@ def _dropout_checks():
     result, xs = torch.randn(3, 20, 48, generator=g), torch.randn(3, 20, 2500, generator=g)
     a, b = torch.randn(4, 2500, generator=g) / 50, torch.randn(48, 4, generator=g) / 2
     leaves = [t.clone().requires_grad_() for t in (result, xs, a, b)]
-    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32)
+    out = lora_addmm._LoraAddmm.apply(*leaves, 0.5, 0.3, 99, torch.float32, False)
     kept = triton_kernels.dropout(torch.ones_like(xs), 0.3, 99).view(xs.shape)
     ref_leaves = [t.clone().requires_grad_() for t in (result, xs, a, b)]
     ref = ref_leaves[0] + 0.5 * ((ref_leaves[1] * kept) @ ref_leaves[2].t()) @ ref_leaves[3].t()

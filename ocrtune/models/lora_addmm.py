@@ -31,18 +31,25 @@ def _mask_of(shape, dtype, device, p: float, seed: int) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
 
 
-def _addmm(result, xd, a, b, scaling: float, dtype):
-    """(`result + scaling * xd @ a.T @ b.T` in `dtype`, and the rank-r `xd @ a.T`)."""
+def _addmm(result, xd, a, b, scaling: float, dtype, inplace: bool = False):
+    """(`result + scaling * xd @ a.T @ b.T` in `dtype`, and the rank-r `xd @ a.T`). With `inplace` (a `result` no
+    one else reads) the update goes into `result` itself: out of place, the GEMM first copies all of `result` into
+    its output (about 18 ms of a 7B step at 10k tokens on an H100)."""
     h = xd.reshape(-1, xd.shape[-1]).to(dtype) @ a.to(dtype).t()
+    if inplace and result.dtype == dtype and result.is_contiguous():
+        result.view(-1, result.shape[-1]).addmm_(h, b.to(dtype).t(), alpha=scaling)
+        return result, h
     out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.to(dtype).t(), alpha=scaling)
     return out.view(result.shape), h
 
 
 class _LoraAddmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype):
+    def forward(ctx, result, x, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype, inplace: bool):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            out, h = _addmm(result, _dropped(x, p, seed), a, b, scaling, dtype)
+            out, h = _addmm(result, _dropped(x, p, seed), a, b, scaling, dtype, inplace)
+        if out is result:
+            ctx.mark_dirty(result)
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
         ctx.result_dtype = result.dtype
@@ -62,20 +69,22 @@ class _LoraAddmm(torch.autograd.Function):
             grad_x = _dropped((dh @ a.to(dt)).view(x.shape).to(x.dtype), ctx.p, ctx.seed).view(x.shape)
         grad_result = grad.to(ctx.result_dtype) if ctx.needs_input_grad[0] else None
         return (grad_result, grad_x, None if grad_a is None else grad_a.to(a.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
 
 
 def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-               p: float = 0.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`result + scaling * dropout_p(x) @ a.T @ b.T`, computed in `dtype` (default: result's dtype).
+               p: float = 0.0, dtype: torch.dtype | None = None, inplace: bool = False) -> torch.Tensor:
+    """`result + scaling * dropout_p(x) @ a.T @ b.T`, computed in `dtype` (default: result's dtype); with `inplace`
+    (`result` a base layer's fresh output that nothing else reads or keeps for backward) into `result` itself.
     Under autograd the dropout mask is regenerated in backward instead of stored."""
     dtype = dtype or result.dtype
+    inplace = inplace and not (result.is_leaf and result.requires_grad)  # autograd refuses writes into such a leaf
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad or result.requires_grad):
         xd = torch.nn.functional.dropout(x, p, training=True) if p > 0 else x
-        return _addmm(result, xd, a, b, scaling, dtype)[0]
+        return _addmm(result, xd, a, b, scaling, dtype, inplace)[0]
     if p > 0:
-        return _dropped_lora(result, x, a, b, float(scaling), float(p), dtype)
-    return _LoraAddmm.apply(result, x, a, b, float(scaling), 0.0, 0, dtype)
+        return _dropped_lora(result, x, a, b, float(scaling), float(p), dtype, inplace)
+    return _LoraAddmm.apply(result, x, a, b, float(scaling), 0.0, 0, dtype, inplace)
 
 
 def _seed() -> int:
@@ -85,8 +94,8 @@ def _seed() -> int:
 # Eager under torch.compile: the seed is a new Python int each call, and a compiled region would specialize on it
 # and compile again every step (tests/test_lora_addmm.py counts the frames)
 @torch.compiler.disable
-def _dropped_lora(result, x, a, b, scaling: float, p: float, dtype):
-    return _LoraAddmm.apply(result, x, a, b, scaling, p, _seed(), dtype)
+def _dropped_lora(result, x, a, b, scaling: float, p: float, dtype, inplace: bool):
+    return _LoraAddmm.apply(result, x, a, b, scaling, p, _seed(), dtype, inplace)
 
 
 @torch.compiler.disable
@@ -157,7 +166,7 @@ class _SwigluDownLora(torch.autograd.Function):
                 h, result = _swiglu_down(gate, up, weight, bias, dtype)
                 q = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else None
                 hd = h * _mask_of(h.shape, h.dtype, h.device, p, seed) if p > 0 else h
-            out, z = _addmm(result, hd, a, b, scaling, dtype)
+            out, z = _addmm(result, hd, a, b, scaling, dtype, inplace=True)  # result: the base output made here
         tensor_weight = isinstance(weight, torch.Tensor)
         ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a, b)
         ctx.fp8_weight = None if tensor_weight else weight  # --fp8_base's frozen float8 layer: kept by the model anyway
@@ -222,7 +231,7 @@ def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight, bias: torch.T
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or a.requires_grad or b.requires_grad):
         h, result = _swiglu_down(gate, up, weight, bias, dtype)
         hd = torch.nn.functional.dropout(h, p, training=True) if p > 0 else h
-        return _addmm(result, hd, a, b, scaling, dtype)[0]
+        return _addmm(result, hd, a, b, scaling, dtype, inplace=True)[0]
     if p > 0:
         return _dropped_swiglu_lora(gate, up, weight, bias, a, b, float(scaling), float(p), dtype, bool(fp8))
     return _SwigluDownLora.apply(gate, up, weight, bias, a, b, float(scaling), 0.0, 0, dtype, bool(fp8))

@@ -156,6 +156,17 @@ if triton is not None:
             tl.store(q_ptr + base + start + cols, tl.clamp(x * inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 
 
+    @triton.jit
+    def _transpose_kernel(src, dst, rows, cols, BLOCK: tl.constexpr):
+        """One BLOCK x BLOCK tile of src [rows, cols] into dst [cols, rows], turned in registers/shared memory so
+        that both the loads and the stores run along contiguous memory."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = (r[:, None] < rows) & (c[None, :] < cols)
+        tile = tl.load(src + r[:, None].to(tl.int64) * cols + c[None, :], mask=m)
+        tl.store(dst + c[:, None].to(tl.int64) * rows + r[None, :], tl.trans(tile), mask=tl.trans(m))
+
+
 def _on(t: torch.Tensor):
     """Launch on `t`'s GPU (Triton launches on the current device; --device_map spreads layers over several)."""
     import contextlib
@@ -230,3 +241,22 @@ def quantize_rows(t: torch.Tensor, col_scale: torch.Tensor | None = None):
         with _on(t2):
             _quantize_rows_kernel[(rows,)](t2, c, q, s, n, HAS_COL=col_scale is not None, BLOCK=_BLOCK)
     return q, s
+
+
+_TRANSPOSE_BLOCK = 64
+
+
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    """`t.t().contiguous()` for a 2-D tensor of 1-byte values (float8): torch's strided copy moved a Qwen2-VL-7B
+    float8 MLP weight at about 145 GB/s on an H100 (0.47 ms; --fp8_base's backward turns every base weight once a
+    step), a tiled copy reads and writes along rows."""
+    if t.dim() != 2 or t.element_size() != 1:
+        raise ValueError(f"transpose takes a 2-D tensor of 1-byte values, not {tuple(t.shape)} {t.dtype}")
+    src = t.contiguous().view(torch.uint8)
+    rows, cols = src.shape
+    out = torch.empty((cols, rows), dtype=torch.uint8, device=src.device)
+    if src.numel():
+        grid = (triton.cdiv(rows, _TRANSPOSE_BLOCK), triton.cdiv(cols, _TRANSPOSE_BLOCK))
+        with _on(src):
+            _transpose_kernel[grid](src, out, rows, cols, BLOCK=_TRANSPOSE_BLOCK)
+    return out.view(t.dtype)

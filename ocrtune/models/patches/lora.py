@@ -48,8 +48,10 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
         return (result + lora_b(h) * scaling).to(result.dtype)  # mixed dtypes without autocast: PEFT's math
     p, dtype = _dropout_and_dtype(self, name, dev, result.dtype)
-    # the dropout mask is drawn again in backward: only x (shared by q/k/v) is kept for A's gradient
-    return lora_addmm(result, x, lora_a.weight, lora_b.weight, scaling, p, dtype).to(result.dtype)
+    # the dropout mask is drawn again in backward: only x (shared by q/k/v) is kept for A's gradient; the update
+    # goes into the output of a base layer known to keep only its input and weight for backward
+    inplace = type(self.base_layer) in (nn.Linear, Fp8BaseLinear)
+    return lora_addmm(result, x, lora_a.weight, lora_b.weight, scaling, p, dtype, inplace).to(result.dtype)
 
 
 def _lora_linear_classes() -> tuple[type, ...]:

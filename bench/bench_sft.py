@@ -133,7 +133,7 @@ def _summarize(case, steps, counts, warmup, extra):
            "samples_per_step": round(n / max(len(timed), 1), 1), "s_per_step": round(wall / max(len(timed), 1), 3),
            "mfu": round(flops / wall / peak, 4) if peak else None, "model_tflops_per_s": round(flops / wall / 1e12, 1),
            "model_flops_per_sample": round(flops / max(n, 1)), "tokens_per_sample": round(tok / max(n, 1), 1),
-           **_mem(), **extra}
+           "step_s": [round(s["time"], 4) for s in steps], **_mem(), **extra}
     return out
 
 

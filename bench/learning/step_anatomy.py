@@ -150,6 +150,24 @@ def profile_step(run, batch, trace_path: str | None) -> dict:
     return analyze(trace)
 
 
+def fed_steps(run, n: int, warmup: int, sync) -> dict:
+    """Steps fed by the run's own loader (its workers and pinning thread busy beside the step, as in training),
+    each timed from asking for its batch to the step's end."""
+    stream, times, tokens, samples = run.micro_batches(), [], 0, 0
+    for i in range(warmup + n):
+        sync()
+        t = time.perf_counter()
+        batch = next(stream)[-1]
+        run.train_step([batch])
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            tokens += int(batch["input_ids"].numel())
+            samples += len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else int(batch["input_ids"].shape[0])
+    return {"steps": n, "step_s": [round(x, 4) for x in times], "median_s": round(sorted(times)[n // 2], 4),
+            "samples_per_s": round(samples / sum(times), 1), "tokens_per_s": round(tokens / sum(times))}
+
+
 def loader_rate(run, n: int) -> dict:
     """Batches a second from the run's own loader (its workers, its token budget), after the first."""
     stream = run.micro_batches()
@@ -174,6 +192,7 @@ def main():
     p.add_argument("--overrides", default='{"speed": "max"}', help="SftArgs fields (JSON)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--loader_batches", type=int, default=20)
+    p.add_argument("--fed_steps", type=int, default=10, help="steps timed with batches from the run's own loader")
     p.add_argument("--out", required=True)
     p.add_argument("--trace", help="write the profiled step's Chrome trace here (.json.gz)")
     a = p.parse_args()
@@ -233,6 +252,9 @@ def main():
         print(f"  idle {v:8.2f} ms before a kernel from {k}", flush=True)
     for k in pr.get("top_kernels_ms", [])[:15]:
         print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x {k['name']}", flush=True)
+    if a.fed_steps:
+        report["fed"] = fed_steps(run, a.fed_steps, a.warmup, sync)
+        print("fed by the loader:", report["fed"], flush=True)
     if a.loader_batches:
         report["loader"] = loader_rate(run, a.loader_batches)
         print("loader:", report["loader"], flush=True)

@@ -150,22 +150,32 @@ def profile_step(run, batch, trace_path: str | None) -> dict:
     return analyze(trace)
 
 
-def fed_steps(run, n: int, warmup: int, sync) -> dict:
-    """Steps fed by the run's own loader (its workers and pinning thread busy beside the step, as in training),
-    each timed from asking for its batch to the step's end."""
-    stream, times, tokens, samples = run.micro_batches(), [], 0, 0
-    for i in range(warmup + n):
-        sync()
-        t = time.perf_counter()
-        batch = next(stream)[-1]
-        run.train_step([batch])
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-            tokens += int(batch["input_ids"].numel())
-            samples += len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else int(batch["input_ids"].shape[0])
-    return {"steps": n, "step_s": [round(x, 4) for x in times], "median_s": round(sorted(times)[n // 2], 4),
-            "samples_per_s": round(samples / sum(times), 1), "tokens_per_s": round(tokens / sum(times))}
+def fed_steps(run, n: int, warmup: int, sync, workers: int, pin: bool, switch: float | None) -> dict:
+    """Steps fed by a loader as the run's own (its workers and, with `pin`, the pinning thread busy beside the step,
+    as in training), each timed from asking for its batch to the step's end; `switch`: Python's thread switch
+    interval meanwhile (a thread waiting for the GIL waits up to this long)."""
+    from ocrtune.train.data import make_loader
+    old = sys.getswitchinterval()
+    if switch:
+        sys.setswitchinterval(switch)
+    try:
+        stream = iter(make_loader(run.train_ds, run.epoch_plan(0), run.collator, workers, pin))
+        times, tokens, samples = [], 0, 0
+        for i in range(warmup + n):
+            sync()
+            t = time.perf_counter()
+            batch = next(stream)
+            run.train_step([batch])
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                tokens += int(batch["input_ids"].numel())
+                samples += len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else int(batch["input_ids"].shape[0])
+    finally:
+        sys.setswitchinterval(old)
+    return {"workers": workers, "pin": pin, "switch_s": switch or old, "steps": n, "step_s": [round(x, 4) for x in times],
+            "median_s": round(sorted(times)[n // 2], 4), "samples_per_s": round(samples / sum(times), 1),
+            "tokens_per_s": round(tokens / sum(times))}
 
 
 def loader_rate(run, n: int) -> dict:
@@ -185,7 +195,8 @@ def main():
     p.add_argument("--model", default="7b")
     p.add_argument("--model_root", default="/tmp")
     p.add_argument("--tokens", default="8192,10240,16384", help="token budgets timed (one packed micro-batch a step)")
-    p.add_argument("--profile_tokens", type=int, default=10240)
+    p.add_argument("--profile_tokens", type=int, default=10240, help="the run's token budget, and the profiled step's")
+    p.add_argument("--no_profile", dest="profile", action="store_false")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--liger", action="store_true")
@@ -193,6 +204,8 @@ def main():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--loader_batches", type=int, default=20)
     p.add_argument("--fed_steps", type=int, default=10, help="steps timed with batches from the run's own loader")
+    p.add_argument("--fed_variants", default="default",
+                   help="';'-separated loader settings for the fed steps: workers=N, pin=true|false, switch=SECONDS")
     p.add_argument("--out", required=True)
     p.add_argument("--trace", help="write the profiled step's Chrome trace here (.json.gz)")
     a = p.parse_args()
@@ -244,17 +257,21 @@ def main():
         report["fit"] = {"fixed_s_per_step": round(a0, 4), "s_per_1k_tokens": round(b0 * 1000, 4),
                          "samples_per_s_without_fixed": round(1 / (b0 * per_sample), 1) if b0 > 0 else None}
         print("fit:", report["fit"], flush=True)
-    prof_batch = batches.get(a.profile_tokens) or pack([ds[j] for j in bench_sft.fill_budget(lengths, a.profile_tokens)[0]], 0)
-    report["profile"] = profile_step(run, prof_batch, a.trace)
+    prof_batch = None if not a.profile else batches.get(a.profile_tokens) or pack([ds[j] for j in bench_sft.fill_budget(lengths, a.profile_tokens)[0]], 0)
+    report["profile"] = profile_step(run, prof_batch, a.trace) if a.profile else {}
     pr = report["profile"]
     print({k: pr.get(k) for k in ("host_ms_before_first_kernel", "gpu_span_ms", "gpu_busy_ms", "gpu_idle_ms", "gap_ms", "kernel_ms_by_phase")}, flush=True)
     for k, v in list(pr.get("idle_ms_by_launching_op", {}).items())[:12]:
         print(f"  idle {v:8.2f} ms before a kernel from {k}", flush=True)
     for k in pr.get("top_kernels_ms", [])[:15]:
         print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x {k['name']}", flush=True)
-    if a.fed_steps:
-        report["fed"] = fed_steps(run, a.fed_steps, a.warmup, sync)
-        print("fed by the loader:", report["fed"], flush=True)
+    report["fed"] = []
+    for variant in filter(None, a.fed_variants.split(";")) if a.fed_steps else []:
+        kv = dict(x.split("=") for x in variant.split(",") if "=" in x)
+        r = fed_steps(run, a.fed_steps, 4, sync, int(kv.get("workers", a.workers)), kv.get("pin", "true") == "true",
+                      float(kv["switch"]) if "switch" in kv else None)
+        report["fed"].append({"variant": variant, **r})
+        print("fed by the loader:", report["fed"][-1], flush=True)
     if a.loader_batches:
         report["loader"] = loader_rate(run, a.loader_batches)
         print("loader:", report["loader"], flush=True)

@@ -45,9 +45,16 @@ if has 7b; then
     --out "$OUT/speed3_7b_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
 fi
 if has 7b_max; then  # the defaults and --speed max (at its 10,240 tokens) against Trainer + PEFT, one machine
-  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab \
+  # 6 warm-up steps: the first batches of new lengths compile Triton variants (Liger's kernels specialize on them)
+  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab --warmup 6 --steps 12 \
     --b_variants ";speed=max,packing_tokens=10240" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-300} \
     --out "$OUT/speed3_7b_max_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
+fi
+if has max_compile; then  # --speed max with --torch_compile, steps fed by the loader (bench/learning/step_anatomy.py)
+  timeout ${COMPILE_S:-200} python3 bench/learning/step_anatomy.py --data "$DATA" --model 7b --liger --tokens 10240 \
+    --steps 6 --warmup 4 --no_profile --fed_steps 12 --loader_batches 0 \
+    --overrides '{"speed": "max", "torch_compile": true}' --out "$OUT/anatomy_max_compile_$CARD.json" 2>&1 \
+    | grep -E "budget|fed by|Error" | tee -a "$OUT/speed3_log.txt"
 fi
 if has reader; then  # inference on the trained reader (bench/infer3_gpu_call.sh's READER part, with its profile)
   timeout ${READER_S:-180} python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 \

@@ -47,12 +47,14 @@ class _LoraAddmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float, p: float, seed: int, dtype: torch.dtype, inplace: bool):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            out, h = _addmm(result, _dropped(x, p, seed), a, b, scaling, dtype, inplace)
+            # the adapters in the compute dtype once, kept for backward (rank-r: small), not cast again there
+            a_, b_ = a.to(dtype), b.to(dtype)
+            out, h = _addmm(result, _dropped(x, p, seed), a_, b_, scaling, dtype, inplace)
         if out is result:
             ctx.mark_dirty(result)
-        ctx.save_for_backward(x, h, a, b)
+        ctx.save_for_backward(x, h, a_, b_)
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
-        ctx.result_dtype = result.dtype
+        ctx.result_dtype, ctx.ab_dtypes = result.dtype, (a.dtype, b.dtype)
         return out
 
     @staticmethod
@@ -60,16 +62,17 @@ class _LoraAddmm(torch.autograd.Function):
         x, h, a, b = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
-        dh = (g @ b.to(dt)) * s  # [tokens, r]
-        grad_b = (g.t() @ h) * s if b.requires_grad else None
+        dh = (g @ b) * s  # [tokens, r]
+        grad_b = (g.t() @ h) * s if ctx.needs_input_grad[3] else None
         grad_a = grad_x = None
-        if a.requires_grad:
+        if ctx.needs_input_grad[2]:
             grad_a = dh.t() @ _dropped(x, ctx.p, ctx.seed).reshape(-1, x.shape[-1]).to(dt)
         if ctx.needs_input_grad[1]:  # the dropout's gradient: the same mask over A's input gradient
-            grad_x = _dropped((dh @ a.to(dt)).view(x.shape).to(x.dtype), ctx.p, ctx.seed).view(x.shape)
+            grad_x = _dropped((dh @ a).view(x.shape).to(x.dtype), ctx.p, ctx.seed).view(x.shape)
         grad_result = grad.to(ctx.result_dtype) if ctx.needs_input_grad[0] else None
-        return (grad_result, grad_x, None if grad_a is None else grad_a.to(a.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
+        a_dtype, b_dtype = ctx.ab_dtypes
+        return (grad_result, grad_x, None if grad_a is None else grad_a.to(a_dtype),
+                None if grad_b is None else grad_b.to(b_dtype), None, None, None, None, None)
 
 
 def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -166,9 +169,11 @@ class _SwigluDownLora(torch.autograd.Function):
                 h, result = _swiglu_down(gate, up, weight, bias, dtype)
                 q = (*fp8_rows(gate), *fp8_rows(up)) if fp8 else None
                 hd = h * _mask_of(h.shape, h.dtype, h.device, p, seed) if p > 0 else h
-            out, z = _addmm(result, hd, a, b, scaling, dtype, inplace=True)  # result: the base output made here
+            a_, b_ = a.to(dtype), b.to(dtype)  # cast once, kept for backward (as _LoraAddmm does)
+            out, z = _addmm(result, hd, a_, b_, scaling, dtype, inplace=True)  # result: the base output made here
         tensor_weight = isinstance(weight, torch.Tensor)
-        ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a, b)
+        ctx.save_for_backward(*(q if fp8 else (gate, up)), z, weight if tensor_weight else None, a_, b_)
+        ctx.ab_dtypes = (a.dtype, b.dtype)
         ctx.fp8_weight = None if tensor_weight else weight  # --fp8_base's frozen float8 layer: kept by the model anyway
         ctx.scaling, ctx.p, ctx.seed, ctx.dtype, ctx.has_bias, ctx.fp8 = scaling, p, seed, dtype, bias is not None, fp8
         ctx.fused = fused
@@ -185,16 +190,16 @@ class _SwigluDownLora(torch.autograd.Function):
         weight = ctx.fp8_weight if ctx.fp8_weight is not None else weight
         (gate_shape, gate_dtype, device), (up_shape, up_dtype) = ctx.gate_meta, ctx.up_meta
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
-        dz = (g @ b.to(dt)) * s                                   # [tokens, r]
-        grad_b = (g.t() @ z) * s if b.requires_grad else None
+        dz = (g @ b) * s                                          # [tokens, r]
+        grad_b = (g.t() @ z) * s if ctx.needs_input_grad[5] else None
         if ctx.fused:  # the mask drawn again inside the kernels
-            lora_dh = dz @ a.to(dt)
+            lora_dh = dz @ a
             dh = _plus_base_grad(triton_kernels.dropout(lora_dh, ctx.p, ctx.seed) if ctx.p > 0 else lora_dh, g, weight, dt)
             del lora_dh
             grad_gate, grad_up, hd = triton_kernels.swiglu_backward(dh, gk, uk, gs, us, (gate_dtype, up_dtype), dt,
                                                                     ctx.p, ctx.seed)
             del dh
-            grad_a = dz.t() @ hd if a.requires_grad else None
+            grad_a = dz.t() @ hd if ctx.needs_input_grad[4] else None
             del hd
             grad_gate, grad_up = grad_gate.view(gate_shape), grad_up.view(up_shape)
         else:
@@ -206,16 +211,17 @@ class _SwigluDownLora(torch.autograd.Function):
             sig = torch.sigmoid(gate2)
             silu = gate2 * sig
             grad_a = None
-            if a.requires_grad:
+            if ctx.needs_input_grad[4]:
                 hd = _masked(silu * up2, mask)                    # h, recomputed
                 grad_a = dz.t() @ hd
                 del hd
-            dh = _plus_base_grad(_masked(dz @ a.to(dt), mask), g, weight, dt)  # LoRA + base paths
+            dh = _plus_base_grad(_masked(dz @ a, mask), g, weight, dt)  # LoRA + base paths
             grad_up = (dh * silu).view(up_shape).to(up_dtype)
             grad_gate = (dh * up2 * (sig * (1 + gate2 * (1 - sig)))).view(gate_shape).to(gate_dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (grad_gate, grad_up, None, grad_bias, None if grad_a is None else grad_a.to(a.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
+        a_dtype, b_dtype = ctx.ab_dtypes
+        return (grad_gate, grad_up, None, grad_bias, None if grad_a is None else grad_a.to(a_dtype),
+                None if grad_b is None else grad_b.to(b_dtype), None, None, None, None, None)
 
 
 def swiglu_down_lora(gate: torch.Tensor, up: torch.Tensor, weight, bias: torch.Tensor | None,

@@ -67,7 +67,9 @@ def packed_attention(module, query, key, value, cu, max_len, scaling=None):
     fn = _VARLEN["fn"] if query.is_cuda else None
     dtype = varlen_dtype(query)
     if fn is not None and dtype is not None:
-        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, H, D]
+        # squeeze, not [0]: a select's backward writes the gradient into a zeroed [1, H, T, D] copy (and RoPE's
+        # backward then copies it again to make it contiguous); a squeeze's is a view
+        q, k, v = (t.squeeze(0).transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, H, D]
         try:
             out = fn(q, k, v, cu.to(q.device, torch.int32), int(max_len), scaling)
             return out.unsqueeze(0)

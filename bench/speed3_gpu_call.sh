@@ -46,7 +46,7 @@ if has 7b; then
 fi
 if has 7b_max; then  # the defaults and --speed max (at its 10,240 tokens) against Trainer + PEFT, one machine
   # 6 warm-up steps: the first batches of new lengths compile Triton variants (Liger's kernels specialize on them)
-  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab --warmup 6 --steps 12 \
+  python3 bench/bench_sft.py --data "$DATA" --models 7b --liger --packing_tokens 16384 --cases ab --warmup 6 --steps ${STEPS_7B:-12} \
     --b_variants ";speed=max,packing_tokens=10240" --b_max_reserved_gib 80 --budget_s ${BUDGET_7B:-300} \
     --out "$OUT/speed3_7b_max_$CARD.json" 2>&1 | tee -a "$OUT/speed3_log.txt" | tail -8
 fi

@@ -97,7 +97,18 @@ def _checks():
     for got, want in ((du, D * G * sig), (dg, D * U * sig * (1 + G * (1 - sig)))):
         assert bool(((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-5).all())
     _dropout_checks()
-    # 4. --fp8_base's weight transpose: a tiled copy, blocks cut at both edges
+    # 4. the LoRA path's input gradient added inside the backward kernel: as adding dropout(dz @ A) to dh first
+    gate, up = _inputs(torch.float32)[:2]
+    g = torch.Generator().manual_seed(11)
+    base, dz = torch.randn(6, 2500, generator=g), torch.randn(6, 4, generator=g)
+    a = torch.randn(4, 2500, generator=g) / 50
+    for p in (0.0, 0.3):
+        lora = triton_kernels.dropout(dz @ a, p, 21) if p else dz @ a
+        want = triton_kernels.swiglu_backward(base + lora, gate, up, None, None, (torch.float32,) * 2, torch.float32, p, 21)
+        got = triton_kernels.swiglu_backward(base, gate, up, None, None, (torch.float32,) * 2, torch.float32, p, 21, (dz, a))
+        for x, y in zip(got, want):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5 * y.abs().max()), (p, (x - y).abs().max())
+    # 5. --fp8_base's weight transpose: a tiled copy, blocks cut at both edges
     w = torch.randint(0, 256, (300, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
     assert torch.equal(triton_kernels.transpose(w), w.t().contiguous())
     w8 = torch.randn(70, 130, generator=torch.Generator().manual_seed(10)).to(torch.float8_e4m3fn)

@@ -137,6 +137,13 @@ def _base_linear(h, weight, bias, dtype):
     return weight(h, dtype=dtype)
 
 
+def _base_grad(g, weight, dtype):
+    """`g @ W`: the down projection's input gradient through its frozen base weight (a tensor, or float8)."""
+    if isinstance(weight, torch.Tensor):
+        return g @ weight.to(dtype)
+    return fp8_linear.grad_input(g, weight.weight_q, weight.scale, dtype)
+
+
 def _plus_base_grad(lora_dh, g, weight, dtype):
     """`lora_dh + g @ W`: the down projection's input gradient, its LoRA and base paths."""
     if isinstance(weight, torch.Tensor):
@@ -192,7 +199,13 @@ class _SwigluDownLora(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b) * s                                          # [tokens, r]
         grad_b = (g.t() @ z) * s if ctx.needs_input_grad[5] else None
-        if ctx.fused:  # the mask drawn again inside the kernels
+        if ctx.fused and a.shape[0] <= triton_kernels.FUSED_LORA_RANK:  # the LoRA path's dh added inside the kernel
+            grad_gate, grad_up, hd = triton_kernels.swiglu_backward(_base_grad(g, weight, dt), gk, uk, gs, us,
+                                                                    (gate_dtype, up_dtype), dt, ctx.p, ctx.seed, (dz, a))
+            grad_a = dz.t() @ hd if ctx.needs_input_grad[4] else None
+            del hd
+            grad_gate, grad_up = grad_gate.view(gate_shape), grad_up.view(up_shape)
+        elif ctx.fused:  # the mask drawn again inside the kernels
             lora_dh = dz @ a
             dh = _plus_base_grad(triton_kernels.dropout(lora_dh, ctx.p, ctx.seed) if ctx.p > 0 else lora_dh, g, weight, dt)
             del lora_dh

@@ -107,8 +107,8 @@ if triton is not None:
                 tl.store(uq_ptr + base + start + cols, tl.clamp(u * u_inv, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, n, seed, p, scale,
-                         FP8: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
+    def _backward_kernel(dh_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, dg_ptr, du_ptr, h_ptr, dz_ptr, a_ptr, n, seed, p, scale,
+                         FP8: tl.constexpr, DROP: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * n
         cols = tl.arange(0, BLOCK)
@@ -123,6 +123,14 @@ if triton is not None:
                 g = g * gs
                 u = u * us
             dh = tl.load(dh_ptr + base + start + cols, mask=m, other=0.0).to(tl.float32)
+            if R > 0:  # the LoRA path's input gradient dz @ A (rank R), through the forward's dropout, added here
+                lora = tl.zeros([BLOCK], dtype=tl.float32)
+                for k in tl.static_range(R):
+                    lora += tl.load(dz_ptr + row * R + k).to(tl.float32) * \
+                        tl.load(a_ptr + k * n + start + cols, mask=m, other=0.0).to(tl.float32)
+                if DROP:
+                    lora = _drop(lora, seed, row, start, n, p, scale, BLOCK)
+                dh = dh + lora
             sig = tl.sigmoid(g)
             silu = g * sig
             tl.store(du_ptr + base + start + cols, (dh * silu).to(du_ptr.dtype.element_ty), mask=m)
@@ -211,12 +219,22 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, fp8
     return h, (kept if fp8 else None), (hd if p > 0 else None)
 
 
+# the LoRA path's input gradient is folded into the backward kernel up to this rank (each row reads A, R x n, from L2)
+FUSED_LORA_RANK = 16
+
+
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor | None,
                     up_scale: torch.Tensor | None, grad_dtypes: tuple[torch.dtype, torch.dtype], h_dtype: torch.dtype,
-                    p: float = 0.0, seed: int = 0):
+                    p: float = 0.0, seed: int = 0, lora: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(d gate, d up, h) as [rows, n]: from the down projection's input gradient `dh` and the kept gate/up
-    (float8 with their row scales, or as they were); with p > 0 h is `dropout(h, p, seed)`."""
+    (float8 with their row scales, or as they were); with p > 0 h is `dropout(h, p, seed)`. With `lora` = (dz
+    [rows, r], A [r, n]), r <= FUSED_LORA_RANK, `dh` is the base path's gradient and the LoRA path's,
+    `dropout(dz @ A, p, seed)`, is added inside the kernel (in float32, never written out)."""
     dh, g2, u2 = _rows(dh), _rows(gate), _rows(up)
+    dz, a = (t.contiguous() for t in lora) if lora is not None else (dh, dh)
+    rank = dz.shape[1] if lora is not None else 0
+    if rank > FUSED_LORA_RANK:
+        raise ValueError(f"the fused LoRA input gradient takes ranks up to {FUSED_LORA_RANK}, not {rank}")
     rows, n = g2.shape
     dg = torch.empty((rows, n), dtype=grad_dtypes[0], device=g2.device)
     du = torch.empty((rows, n), dtype=grad_dtypes[1], device=g2.device)
@@ -224,8 +242,8 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate
     fp8 = gate_scale is not None
     if rows:
         with _on(g2):
-            _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, n,
-                                      seed, p, 1.0 / (1.0 - p), FP8=fp8, DROP=p > 0, BLOCK=_BLOCK)
+            _backward_kernel[(rows,)](dh, g2, u2, gate_scale if fp8 else dh, up_scale if fp8 else dh, dg, du, h, dz, a,
+                                      n, seed, p, 1.0 / (1.0 - p), FP8=fp8, DROP=p > 0, R=rank, BLOCK=_BLOCK)
     return dg, du, h
 
 

@@ -101,10 +101,16 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     PatchPoint("recompute", "GradientCheckpointingLayer.gradient_checkpointing off on all but the first N decoder layers",
                ("transformers.modeling_layers:GradientCheckpointingLayer.gradient_checkpointing",
                 f"{_Q2}:Qwen2VLModel#language_model.layers"), "transformers", _TF),
-    PatchPoint("liger", "Liger's RMSNorm/SwiGLU/M-RoPE/LayerNorm kernels and fused linear CE "
-               "(prepare(liger=True), before the PEFT wrap)",
+    PatchPoint("liger", "Liger's RMSNorm/SwiGLU/RoPE/LayerNorm kernels and fused linear CE "
+               "(prepare(liger=True), before the PEFT wrap); where the attention rotates with the plain "
+               "apply_rotary_pos_emb (transformers 5 folds M-RoPE into cos/sin), that name and the ViT's -> Liger's RoPE",
                ("liger_kernel.transformers:apply_liger_kernel_to_qwen2_vl",
-                "liger_kernel.transformers:LigerFusedLinearCrossEntropyLoss"), "liger-kernel", "liger-kernel 0.8.5 (GPU)"),
+                "liger_kernel.transformers:LigerFusedLinearCrossEntropyLoss",
+                "liger_kernel.transformers.rope:liger_rotary_pos_emb(q, k, cos, sin)",
+                "liger_kernel.transformers.rope:liger_rotary_pos_emb_vision(q, k, cos, sin)",
+                f"{_Q2}:apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)",
+                f"{_Q2}:apply_rotary_pos_emb_vision(q, k, cos, sin)", f"{_Q2}:Qwen2VLAttention.forward"),
+               "liger-kernel", "liger-kernel 0.8.5 (GPU), transformers 5.17 and 5.24"),
     PatchPoint("fp8_base", "the frozen base_layer of each PEFT LoRA Linear in the language model -> Fp8BaseLinear "
                "(--fp8_base; models/fp8_linear.py)",
                ("peft.tuners.lora.layer:Linear#base_layer", f"{_Q2}:Qwen2VLModel#language_model"), "peft", _PEFT),

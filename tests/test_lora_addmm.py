@@ -386,3 +386,23 @@ def test_inplace_update_writes_the_base_output_and_keeps_the_gradients():
     out = lora_addmm(leaf, x, a, b, 0.5, inplace=True)
     assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), before)
     assert torch.allclose(_grads(out, (leaf,))[0], _grads(leaf * 1, (leaf,))[0])
+
+
+def test_inplace_update_compiles_to_the_eager_gradients():
+    """Compiled layers (--torch_compile, LoRA dropout 0) trace the in-place update (`mark_dirty`): the same loss and
+    gradients as eager."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=g, requires_grad=True)
+    w = torch.randn(8, 32, generator=g)
+    a, b = torch.randn(4, 32, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+
+    def step(x, a, b):
+        return (lora_addmm(x @ w.t(), x, a, b, 0.5, inplace=True) * 3).sum()
+
+    torch._dynamo.reset()
+    eager = step(x, a, b)
+    compiled = torch.compile(step)(x, a, b)
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(compiled, (x, a, b)), torch.autograd.grad(eager, (x, a, b))):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -432,7 +432,7 @@ def test_fp8_weight_transpose_is_exact_and_beats_the_strided_copy():
     assert times["triton"] < times["torch"], times
 
 
-def test_liger_rope_runs_in_the_text_model_and_the_vit():
+def test_liger_rope_runs_in_the_text_model_and_the_vit(monkeypatch):
     """transformers 5 rotates Qwen2-VL's q and k with the plain `apply_rotary_pos_emb` (the M-RoPE sections folded
     into cos/sin): after `apply_liger` that name is Liger's kernel (liger-kernel's own Qwen2-VL patch replaces a
     function nothing calls), and it agrees with the torch ops within bf16 rounding, forward and backward, on the
@@ -441,8 +441,11 @@ def test_liger_rope_runs_in_the_text_model_and_the_vit():
     import transformers.models.qwen2_vl.modeling_qwen2_vl as m
     from liger_kernel.transformers.rope import liger_rotary_pos_emb, liger_rotary_pos_emb_vision
     from ocrtune.models.patches.liger import folded_mrope_rope
+    for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):  # restored after the test
+        monkeypatch.setattr(m, name, getattr(m, name))
     assert folded_mrope_rope("qwen2_vl")
-    assert m.apply_rotary_pos_emb is liger_rotary_pos_emb and m.apply_rotary_pos_emb_vision is liger_rotary_pos_emb_vision
+    assert m.apply_rotary_pos_emb._ocrtune_liger and m.apply_rotary_pos_emb_vision._ocrtune_liger
+    del liger_rotary_pos_emb_vision
     cfg = m.Qwen2VLConfig().get_text_config()
     rotary = m.Qwen2VLRotaryEmbedding(cfg).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -459,7 +462,8 @@ def test_liger_rope_runs_in_the_text_model_and_the_vit():
     want = [t.double() for t in torch_rope(q.double(), k.double())]
     ql, kl = q.clone().requires_grad_(), k.clone().requires_grad_()
     qt, kt = q.clone().requires_grad_(), k.clone().requires_grad_()
-    got, ref = liger_rotary_pos_emb(ql * 1, kl * 1, cos, sin), torch_rope(qt, kt)
+    got, ref = m.apply_rotary_pos_emb(ql * 1, kl * 1, cos, sin), torch_rope(qt, kt)
+    assert m.apply_rotary_pos_emb is not liger_rotary_pos_emb  # Liger's kernel, launched on q's device
     for a, b, w in zip(got, ref, want):
         assert rel(a, w) <= max(2 * rel(b, w), bf16_rtol(2)), (rel(a, w), rel(b, w))
     dq = torch.randn(q.shape, device="cuda", generator=g).to(torch.bfloat16)

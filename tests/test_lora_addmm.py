@@ -406,3 +406,29 @@ def test_inplace_update_compiles_to_the_eager_gradients():
     for got, want in zip(torch.autograd.grad(compiled, (x, a, b)), torch.autograd.grad(eager, (x, a, b))):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_inplace_update_of_a_biased_linear_goes_through_no_view():
+    """nn.Linear with a bias returns its rows viewed as 3-D: the update is written into that storage without the
+    view's bookkeeping (autograd would replay it on the base in backward, and torch.compile failed on it), with the
+    out-of-place gradients, eager and compiled."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(32, 8).requires_grad_(False)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    a, b = torch.randn(4, 32, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+    assert lin(x)._base is not None  # the case this covers
+
+    def step(x, a, b, inplace=True):
+        return lora_addmm(lin(x), x, a, b, 0.5, inplace=inplace)
+
+    out = step(x, a, b)
+    assert type(out.grad_fn).__name__ == "_LoraAddmmBackward"
+    ref = step(x, a, b, inplace=False)
+    w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    want = torch.autograd.grad((ref * w).sum(), (x, a, b))
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step)):
+        got = torch.autograd.grad((fn(x, a, b) * w).sum(), (x, a, b))
+        for p, q in zip(got, want):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -227,8 +227,13 @@ def test_prepare_liger_patches_the_unwrapped_model_once(tiny_model_dir, monkeypa
     assert calls[0]["model"] is model and calls[0]["fused_linear_cross_entropy"] is False  # the loss is ResponseLoss's
     # transformers 5 rotates with the plain apply_rotary_pos_emb (M-RoPE folded into cos/sin): Liger's plain kernels
     assert "apply_multimodal_rotary_pos_emb" not in inspect.getsource(q2.Qwen2VLAttention.forward)
-    assert q2.apply_rotary_pos_emb is rope.liger_rotary_pos_emb
-    assert q2.apply_rotary_pos_emb_vision is rope.liger_rotary_pos_emb_vision
+    stock = q2.apply_rotary_pos_emb.__wrapped__
+    assert q2.apply_rotary_pos_emb._ocrtune_liger and q2.apply_rotary_pos_emb_vision._ocrtune_liger
+    assert liger.folded_mrope_rope("qwen2_vl") and q2.apply_rotary_pos_emb.__wrapped__ is stock  # wrapped once
+    # off CUDA (the patch is process-wide) the stock RoPE runs, not the kernel (this stand-in returns q, k as they are)
+    q, k, cos, sin = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    for got, want in zip(q2.apply_rotary_pos_emb(q, k, cos, sin), stock(q, k, cos, sin)):
+        assert torch.equal(got, want) and not torch.equal(got, q if got.shape == q.shape else k)
     w, h, t = torch.randn(7, 4), torch.randn(5, 4), torch.tensor([0, 6, 2, 2, 1])
     torch.testing.assert_close(applied["fused_ce"](w, h, t), torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum"))
     again = prepare(_lora(model), PatchOptions(patch_embed=False, liger=True))

@@ -82,6 +82,10 @@ def lora_addmm(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     Under autograd the dropout mask is regenerated in backward instead of stored."""
     dtype = dtype or result.dtype
     inplace = inplace and not (result.is_leaf and result.requires_grad)  # autograd refuses writes into such a leaf
+    if inplace and result._base is not None:
+        # nn.Linear with a bias returns its 2-D addmm's rows viewed as 3-D: written through the view, autograd would
+        # replay the write on the base (four full-size copies in backward) and torch.compile fails on it
+        result = torch.ops.aten._unsafe_view(result, result.shape)
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad or result.requires_grad):
         xd = torch.nn.functional.dropout(x, p, training=True) if p > 0 else x
         return _addmm(result, xd, a, b, scaling, dtype, inplace)[0]

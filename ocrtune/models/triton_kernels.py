@@ -233,6 +233,9 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate
     dh, g2, u2 = _rows(dh), _rows(gate), _rows(up)
     dz, a = (t.contiguous() for t in lora) if lora is not None else (dh, dh)
     rank = dz.shape[1] if lora is not None else 0
+    if lora is not None and (dz.shape[0] != g2.shape[0] or tuple(a.shape) != (rank, g2.shape[1])):
+        raise ValueError(f"the LoRA gradient's dz {tuple(dz.shape)} and A {tuple(a.shape)} don't fit rows x n "
+                         f"{tuple(g2.shape)}")
     if rank > FUSED_LORA_RANK:
         raise ValueError(f"the fused LoRA input gradient takes ranks up to {FUSED_LORA_RANK}, not {rank}")
     rows, n = g2.shape
@@ -270,6 +273,8 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     step), a tiled copy reads and writes along rows."""
     if t.dim() != 2 or t.element_size() != 1:
         raise ValueError(f"transpose takes a 2-D tensor of 1-byte values, not {tuple(t.shape)} {t.dtype}")
+    if max(t.shape) > _TRANSPOSE_BLOCK * 65535:  # CUDA's grid: 65,535 blocks along its second dimension
+        return t.t().contiguous()
     src = t.contiguous().view(torch.uint8)
     rows, cols = src.shape
     out = torch.empty((cols, rows), dtype=torch.uint8, device=src.device)

@@ -9,6 +9,7 @@ tests/test_cuda.py and bench/gpu_selftest.py.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -52,10 +53,13 @@ def liger_kernels(model) -> str | None:
         try:
             # the loss is ours (ResponseLoss); Liger's model.forward replacement is not needed
             fn(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=model)
-            folded_mrope_rope(model_type)
         except Exception as e:  # noqa: BLE001 - any patch failure means: run unpatched
             return f"patching failed ({type(e).__name__}: {str(e)[:120]})"
         model._ocrtune_liger = True  # a second call (prepare is idempotent) must not patch again
+        try:  # Liger's own kernels are in: a failure here leaves the stock RoPE, nothing half-patched
+            folded_mrope_rope(model_type)
+        except Exception as e:  # noqa: BLE001
+            log.warning("--use_liger: the stock RoPE stays (%s: %s)", type(e).__name__, str(e)[:120])
         log.info("Liger kernels applied (RMSNorm, SwiGLU, RoPE)")
     return reason
 
@@ -71,18 +75,35 @@ _FOLDED_MROPE = {"qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", 
 def folded_mrope_rope(model_type: str) -> bool:
     """Route a folded-M-RoPE model type's `apply_rotary_pos_emb` (language model) and `apply_rotary_pos_emb_vision`
     (ViT) through Liger's RoPE kernels; a transformers whose attention still calls the sectioned M-RoPE is left to
-    Liger's own patch. Returns whether it patched."""
+    Liger's own patch. Returns whether it patched (now or before)."""
     if model_type not in _FOLDED_MROPE:
         return False
     module_name, attention = _FOLDED_MROPE[model_type]
     module = importlib.import_module(module_name)
+    if getattr(module.apply_rotary_pos_emb, "_ocrtune_liger", False):
+        return True
     src = inspect.getsource(getattr(module, attention).forward)
     if "apply_multimodal_rotary_pos_emb" in src or "apply_rotary_pos_emb(" not in src:
         return False
     from liger_kernel.transformers.rope import liger_rotary_pos_emb, liger_rotary_pos_emb_vision
-    module.apply_rotary_pos_emb = liger_rotary_pos_emb
-    module.apply_rotary_pos_emb_vision = liger_rotary_pos_emb_vision
+    module.apply_rotary_pos_emb = _on_cuda(liger_rotary_pos_emb, module.apply_rotary_pos_emb)
+    module.apply_rotary_pos_emb_vision = _on_cuda(liger_rotary_pos_emb_vision, module.apply_rotary_pos_emb_vision)
     return True
+
+
+def _on_cuda(kernel, stock):
+    """`kernel` launched on q's own GPU (Triton launches on the current device, and --device_map spreads the layers
+    over several; Liger's RoPE, unlike its other kernels, does not set it), `stock` for tensors off CUDA (the patch
+    is process-wide: a CPU model in the same process keeps working)."""
+    @functools.wraps(stock)
+    def rope(q, k, cos, sin, *args, **kwargs):
+        if not q.is_cuda:
+            return stock(q, k, cos, sin, *args, **kwargs)
+        with torch.cuda.device(q.device):
+            return kernel(q, k, cos, sin, *args, **kwargs)
+    rope._ocrtune_liger = True
+    rope.__wrapped__ = stock  # inspect.signature reads the stock parameters (versions.py's resolver)
+    return rope
 
 
 def apply_liger(model) -> bool:

@@ -94,10 +94,11 @@ def folded_mrope_rope(model_type: str) -> bool:
 def _on_cuda(kernel, stock):
     """`kernel` launched on q's own GPU (Triton launches on the current device, and --device_map spreads the layers
     over several; Liger's RoPE, unlike its other kernels, does not set it), `stock` for tensors off CUDA (the patch
-    is process-wide: a CPU model in the same process keeps working)."""
+    is process-wide: a CPU model in the same process keeps working) and inside torch.compile (Inductor fuses the
+    stock ops itself, where tracing Liger's in-place kernel is untested)."""
     @functools.wraps(stock)
     def rope(q, k, cos, sin, *args, **kwargs):
-        if not q.is_cuda:
+        if not q.is_cuda or torch.compiler.is_compiling():
             return stock(q, k, cos, sin, *args, **kwargs)
         with torch.cuda.device(q.device):
             return kernel(q, k, cos, sin, *args, **kwargs)

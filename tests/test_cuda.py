@@ -439,13 +439,12 @@ def test_liger_rope_runs_in_the_text_model_and_the_vit(monkeypatch):
     model's own cos/sin."""
     _skip_without_liger(True)
     import transformers.models.qwen2_vl.modeling_qwen2_vl as m
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb, liger_rotary_pos_emb_vision
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from ocrtune.models.patches.liger import folded_mrope_rope
     for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):  # restored after the test
         monkeypatch.setattr(m, name, getattr(m, name))
     assert folded_mrope_rope("qwen2_vl")
     assert m.apply_rotary_pos_emb._ocrtune_liger and m.apply_rotary_pos_emb_vision._ocrtune_liger
-    del liger_rotary_pos_emb_vision
     cfg = m.Qwen2VLConfig().get_text_config()
     rotary = m.Qwen2VLRotaryEmbedding(cfg).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)

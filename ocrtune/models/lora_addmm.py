@@ -203,18 +203,16 @@ class _SwigluDownLora(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         dz = (g @ b) * s                                          # [tokens, r]
         grad_b = (g.t() @ z) * s if ctx.needs_input_grad[5] else None
-        if ctx.fused and a.shape[0] <= triton_kernels.FUSED_LORA_RANK:  # the LoRA path's dh added inside the kernel
-            grad_gate, grad_up, hd = triton_kernels.swiglu_backward(_base_grad(g, weight, dt), gk, uk, gs, us,
-                                                                    (gate_dtype, up_dtype), dt, ctx.p, ctx.seed, (dz, a))
-            grad_a = dz.t() @ hd if ctx.needs_input_grad[4] else None
-            del hd
-            grad_gate, grad_up = grad_gate.view(gate_shape), grad_up.view(up_shape)
-        elif ctx.fused:  # the mask drawn again inside the kernels
-            lora_dh = dz @ a
-            dh = _plus_base_grad(triton_kernels.dropout(lora_dh, ctx.p, ctx.seed) if ctx.p > 0 else lora_dh, g, weight, dt)
-            del lora_dh
+        if ctx.fused:  # the mask drawn again inside the kernels
+            if a.shape[0] <= triton_kernels.FUSED_LORA_RANK:  # the LoRA path's dh added inside the kernel
+                dh, lora = _base_grad(g, weight, dt), (dz, a)
+            else:
+                lora_dh = dz @ a
+                dh, lora = _plus_base_grad(triton_kernels.dropout(lora_dh, ctx.p, ctx.seed) if ctx.p > 0 else lora_dh,
+                                           g, weight, dt), None
+                del lora_dh
             grad_gate, grad_up, hd = triton_kernels.swiglu_backward(dh, gk, uk, gs, us, (gate_dtype, up_dtype), dt,
-                                                                    ctx.p, ctx.seed)
+                                                                    ctx.p, ctx.seed, lora)
             del dh
             grad_a = dz.t() @ hd if ctx.needs_input_grad[4] else None
             del hd

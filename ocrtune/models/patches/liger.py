@@ -102,8 +102,7 @@ def _on_cuda(kernel, stock):
             return stock(q, k, cos, sin, *args, **kwargs)
         with torch.cuda.device(q.device):
             return kernel(q, k, cos, sin, *args, **kwargs)
-    rope._ocrtune_liger = True
-    rope.__wrapped__ = stock  # inspect.signature reads the stock parameters (versions.py's resolver)
+    rope._ocrtune_liger = True  # functools.wraps keeps `stock` as __wrapped__: inspect.signature reads its parameters
     return rope
 
 

@@ -98,7 +98,7 @@ def plain_generate(engine, encoded: list[dict], max_new_tokens: int) -> list:
     """model.generate over the engine's left-padded batch of `encoded` (the same tensors the engine decodes)."""
     import torch
     batch = engine._batch(encoded)
-    with torch.no_grad():
+    with torch.no_grad(), bench_infer.stock_forwards(engine.model):
         out = engine.model.generate(**batch, **engine._gen_kwargs(max_new_tokens))
     return [engine._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
 
@@ -164,7 +164,8 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     import torch
 
     from ocrtune.models.generate import InferEngine
-    dtypes = tensor_dtypes(model)
+    dtypes = bench_infer.tensor_dtypes(model)
+    tf32 = bench_infer.no_tf32()
     try:
         model.float()
         kw = dict(workers=0, check_every=a.check_every)
@@ -184,7 +185,8 @@ def fp32(a, model, processor, template, encoded: list[dict], device) -> dict:
     except Exception as e:  # report, keep the bf16 results
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     finally:
-        restore_dtypes(model, dtypes)
+        bench_infer.no_tf32(tf32)
+        bench_infer.restore_dtypes(model, dtypes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -236,24 +238,6 @@ def profile(a, eng: dict, encoded: list[dict], device) -> dict:
                      "top_host_ops": [[e.key, e.count, round(e.self_cpu_time_total / 1000, 1)] for e in top]}
         print(f"profile {name}: {t:.3f}s, {steps} steps, {launches} launches", flush=True)
     return res
-
-
-def tensor_dtypes(model) -> dict:
-    """Each parameter's and buffer's dtype by name: a bf16 model keeps float32 buffers (the rotary inv_freq)."""
-    return {**{n: t.dtype for n, t in model.named_parameters()}, **{n: t.dtype for n, t in model.named_buffers()}}
-
-
-def restore_dtypes(model, dtypes: dict) -> None:
-    """Cast each tensor back to its dtype in `dtypes` (`model.to(bf16)` would also round the float32 inv_freq to
-    bf16, and every later answer's positions with it)."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name in dtypes and t.dtype != dtypes[name]:
-            owner, _, attr = name.rpartition(".")
-            module = model.get_submodule(owner)
-            if attr in module._parameters:
-                t.data = t.data.to(dtypes[name])
-            else:
-                module._buffers[attr] = t.to(dtypes[name])
 
 
 def main(argv=None):

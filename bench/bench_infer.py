@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -39,6 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OCR_PROMPT = "Using LaTeX to perform OCR on the image."
+
+
+@contextlib.contextmanager
+def stock_forwards(model):
+    """The model as transformers runs it, for the plain-generate baseline: every forward that ocrtune's `prepare`
+    replaced (patch embedding, ViT attention) is the stock one again until the block ends."""
+    patched = [m for m in model.modules() if hasattr(m, "_ocrtune_stock_forward")]
+    mine = [m.forward for m in patched]
+    for m in patched:
+        m.forward = m._ocrtune_stock_forward
+    try:
+        yield model
+    finally:
+        for m, f in zip(patched, mine):
+            m.forward = f
 
 
 def _sync(device):
@@ -85,6 +101,8 @@ def load(a):
         return engine.model, engine.processor, engine.template, info
     model.eval()
     model.requires_grad_(False)
+    from ocrtune.models.patches import PatchOptions, prepare
+    prepare(model, PatchOptions(vision_varlen=True))  # what `ocrtune infer` loads: load_model + load_for_inference
     processor = load_processor(processor_dir)
     template = Template(processor, tmpl)
     if a.max_pixels:
@@ -126,7 +144,7 @@ def baseline(engine, rows: list[dict], batch_size: int, max_new_tokens: int) -> 
                 inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_id).long()
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             inputs = {k: v.to(engine.device) for k, v in inputs.items()}
-            with torch.no_grad():
+            with torch.no_grad(), stock_forwards(model):
                 out = model.generate(**inputs, **gen)
             n = inputs["input_ids"].shape[1]
             for ids, m, new in zip(inputs["input_ids"], inputs["attention_mask"], out[:, n:]):
@@ -157,10 +175,10 @@ def fp32_check(a, engine, rows) -> dict:
     tie flip is rare and a difference points at a real bug in the engine."""
     import torch
     model = engine.model
-    dtype = next(model.parameters()).dtype
+    dtypes = tensor_dtypes(model)
+    tf32 = no_tf32()
     try:
-        if dtype != torch.float32:
-            model.float()
+        model.float()
         bs = min(a.batch_size, len(rows))
         (base, _), tb = timed(engine.device, lambda: baseline(engine, rows, bs, a.max_new_tokens))
         ours, to = timed(engine.device, lambda: engine.answer_rows(rows, bs, a.max_new_tokens))
@@ -169,10 +187,39 @@ def fp32_check(a, engine, rows) -> dict:
     except Exception as e:  # out of memory on a large model: report, keep the main result
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     finally:
-        if dtype != torch.float32:
-            model.to(dtype)
-            if engine.device.type == "cuda":
-                torch.cuda.empty_cache()
+        no_tf32(tf32)
+        restore_dtypes(model, dtypes)
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def no_tf32(before: tuple | None = None) -> tuple:
+    """Float32 throughout (returns the settings it replaced; `no_tf32(them)` puts them back): cuDNN runs float32
+    convolutions (the stock patch embedding's Conv3d) in TF32 unless told not to, where ocrtune's patch embedding
+    is a float32 GEMM; the float32 checks compare decoding, not that rounding."""
+    import torch
+    now = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before or (False, False)
+    return now
+
+
+def tensor_dtypes(model) -> dict:
+    """Each parameter's and buffer's dtype by name: a bf16 model keeps float32 buffers (the rotary inv_freq)."""
+    return {**{n: t.dtype for n, t in model.named_parameters()}, **{n: t.dtype for n, t in model.named_buffers()}}
+
+
+def restore_dtypes(model, dtypes: dict) -> None:
+    """Cast each tensor back to its dtype in `dtypes` (`model.to(bf16)` would also round the float32 inv_freq to
+    bf16, and every later answer's positions with it)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if attr in module._parameters:
+                t.data = t.data.to(dtypes[name])
+            else:
+                module._buffers[attr] = t.to(dtypes[name])
+
 
 
 def noise_floor(a, engine, rows, base) -> dict:
@@ -235,11 +282,15 @@ def serve_bench(a, model, processor, template, rows) -> dict:
     arms = (("generate", False, False), ("ocrtune_whole_batches", True, False), ("ocrtune", True, True))
     engines = {name: InferEngine(model, processor, template, fast=fast, workers=a.workers, check_every=a.check_every)
                for name, fast, _ in arms}
+    def arm(name, continuous):  # plain generate on the model as transformers runs it
+        with stock_forwards(model) if name == "generate" else contextlib.nullcontext():
+            return asyncio.run(run(engines[name], continuous))
+
     for name, _, continuous in arms:
-        asyncio.run(run(engines[name], continuous))  # untimed: kernels, allocator, the encoding pool
+        arm(name, continuous)  # untimed: kernels, allocator, the encoding pool
     for _ in range(max(1, a.repeats)):  # the arms alternate; each keeps its fastest run
         for name, _, continuous in arms:
-            run_ = asyncio.run(run(engines[name], continuous))
+            run_ = arm(name, continuous)
             if name not in timed or run_[1] < timed[name][1]:
                 timed[name] = run_
     for engine in engines.values():

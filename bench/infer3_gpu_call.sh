@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# Static-KV-cache + CUDA-graph decoding against plain generate, one device call from the repository root, one
-# H100 (no carry: the rows are the package's bundled sample, the 2B shape's weights are random; no wheels: the
-# benchmark imports neither peft nor datasets, and fails if it tries). About 60 s (at most 110), model build included:
-#   bash bench/infer3_gpu_call.sh
-# -> $OUT/decode_2b_<card>.json (bench/bench_decode.py's JSON) and $OUT/decode_2b_log.txt. Look at:
-#   model_only.static.decoding == "static-graph" (the graphs ran; else model_only.static.static_reason says why),
-#   model_only_speedup / end_to_end_speedup (static vs plain generate, bf16, batch 256, 64 new tokens),
-#   fp32_identical (float32, 64 rows: plain generate == dynamic loop == static with graphs == static without).
-# READER=1 also runs it on the bundled reader (a trained model: answers of their own lengths, up to 256 tokens; 32M
-# parameters, so its decoding is bound by the host, which CUDA graphs remove; on the H100 plain generate read ~20
-# images/s) -> $OUT/decode_reader_<card>.json. BIG=1 also runs 7B on 512 rows in batches of 256 (the aim's setting)
-# -> $OUT/decode_7b_<card>.json; NO_2B=1 leaves the 2B run out.
+# Inference against plain transformers `generate`, one device call from the repository root on one GPU; carry
+# `.whl .carry/latex_val` (the wheels for the tests; the 1,000 print validation rows:
+# mkdir -p .carry/latex_val/print && cp ../shared/data/latex_ocr/print/validation.parquet .carry/latex_val/print/).
+#   PARTS="tests e2e" bash bench/infer3_gpu_call.sh          # about 6 minutes on an H100
+# Parts (default "tests e2e"):
+#   tests   the CUDA tests of the static decoder (graph replays against eager steps and generate's tokens)
+#   e2e     bench/bench_infer.py, the setting: Qwen2-VL-7B shape (random weights), 512 print validation rows,
+#           batches of 256, 64 new tokens, bf16, ocrtune's defaults against plain generate (stock transformers
+#           forwards), float32 identity on all 512 rows, serve's batcher at 64 clients -> $OUT/infer_7b_<card>.json
+#   decode  bench/bench_decode.py on the 7B shape: one pre-encoded batch of 256 (model only), the static decoder with
+#           and without graphs and the dynamic loop in float32 -> $OUT/decode_7b_<card>.json
+#   anatomy bench/learning/infer_anatomy.py: where one batch's time goes (7B) -> $OUT/infer_anatomy_7b_<card>.json
+#   reader  bench_infer on the bundled reader (a trained model: answers end by themselves), 512 rows, with serve
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OCRTUNE_CACHE=/tmp/occ OCRTUNE_TEST_CACHE=/tmp/occ \
+  TOKENIZERS_PARALLELISM=false
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | tr A-Z a-z)
 CARD=${CARD:-gpu}
-if [ -z "${NO_2B:-}" ]; then
-timeout 110 python3 bench/bench_decode.py --model 2b --rows 256 --batch_size 256 --max_new_tokens 64 --fp32_rows 64 \
-  --budget_s 70 --model_root /tmp --out "$OUT/decode_2b_$CARD.json" 2>&1 | tee "$OUT/decode_2b_log.txt"
-echo "rc=$?"
+VAL=$PWD/.carry/latex_val/print/validation.parquet
+PARTS=" ${PARTS:-tests e2e} "
+has() { [[ "$PARTS" == *" $1 "* ]]; }
+if has tests; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_static_decode.py > "$OUT/infer3_cuda_tests.txt" 2>&1
+  echo "cuda test rc=$?" >> "$OUT/infer3_cuda_tests.txt"; tail -2 "$OUT/infer3_cuda_tests.txt"
 fi
-if [ -n "${READER:-}" ]; then
-  timeout 200 python3 bench/bench_decode.py --model ocrtune-reader --rows 256 --batch_size 256 --max_new_tokens 256 \
-    --fp32_rows 64 --profile_rows 64 --budget_s 170 --out "$OUT/decode_reader_$CARD.json" 2>&1 | tee "$OUT/decode_reader_log.txt" | tail -4
+if has e2e; then
+  timeout ${E2E_S:-420} python3 bench/bench_infer.py --model 7b --data "$VAL" --rows 512 --batch_size 256 \
+    --max_new_tokens 64 --fp32_rows ${FP32_ROWS:-512} --serve --model_root /tmp --out "$OUT/infer_7b_$CARD.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/infer_7b_log.txt" | tail -8
 fi
-if [ -n "${BIG:-}" ]; then  # the setting: 7B, 512 rows in batches of 256 (the sample's 288 rows, repeated)
-  timeout ${BIG_S:-260} python3 bench/bench_decode.py --model 7b --rows 512 --batch_size 256 --max_new_tokens 64 \
-    --fp32_rows 64 --budget_s $(( ${BIG_S:-260} - 30 )) --model_root /tmp --out "$OUT/decode_7b_$CARD.json" 2>&1 \
-    | tee "$OUT/decode_7b_log.txt" | tail -4
+if has decode; then
+  timeout 200 python3 bench/bench_decode.py --model 7b --data "$VAL" --rows 256 --batch_size 256 --max_new_tokens 64 \
+    --fp32_rows 64 --skip_end_to_end --model_root /tmp --out "$OUT/decode_7b_$CARD.json" 2>&1 | tee "$OUT/decode_7b_log.txt" | tail -3
+fi
+if has anatomy; then
+  timeout 200 python3 bench/learning/infer_anatomy.py --model 7b --rows 256 --out "$OUT/infer_anatomy_7b_$CARD.json" \
+    2>&1 | grep -v Warning | tail -3
+fi
+if has reader; then
+  timeout 300 python3 bench/bench_infer.py --model ocrtune-reader --data "$VAL" --rows 512 --batch_size 256 \
+    --max_new_tokens 256 --fp32_rows 64 --serve --out "$OUT/infer_reader_$CARD.json" 2>&1 | grep -v Warning \
+    | tee "$OUT/infer_reader_log.txt" | tail -6
 fi

@@ -149,7 +149,7 @@ def tex_root_arg(used_by: str):
 
 def decode_arg():
     return arg("auto", "greedy decoding: static (static KV cache, one CUDA graph replay a token), dynamic (drops rows "
-                       "that ended), auto (dynamic, until the static decoder's CUDA graphs are checked on a GPU)",
+                       "that ended), auto (static on a GPU, dynamic on the CPU)",
                choices=("auto", "static", "dynamic"))
 
 

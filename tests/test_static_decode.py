@@ -57,6 +57,59 @@ def test_static_matches_generate_without_stops_and_at_one_token(parts, rows):
     assert static.last_path == "static" and static.stats["static_steps"] == 11
 
 
+def test_prefill_in_parts_matches_generate(parts, rows, stops_early, monkeypatch):
+    """Rows of very different prompt lengths prefilled in parts (here one part per distinct length), each part's
+    keys and values copied into its rows' slots of the static cache: the same tokens as plain generate."""
+    import functools
+
+    from ocrtune.models import static_decode
+    monkeypatch.setattr(static_decode, "length_parts", functools.partial(static_decode.length_parts, fixed_tokens=0))
+    static = engine(parts, decode="static", check_every=2)
+    got = static.generate_answers(rows, 14)
+    assert got == plain(parts, rows, len(rows), 14)
+    assert static.stats["prefill_parts"] == len({len(static.encode_prompt(r)["input_ids"]) for r in rows}) > 2
+    assert static.last_path == "static" and static.stats["static_batches"] == 1
+
+
+def test_length_parts_is_the_cheapest_split():
+    """Parts are runs of the rows sorted by length; their padded tokens plus a fixed cost a part are the least of
+    every such split (checked against all splits of small cases)."""
+    import itertools
+    import random
+
+    from ocrtune.models.static_decode import length_parts
+    assert length_parts([50, 280, 48, 270, 40], fixed_tokens=100) == [([1, 3], 280), ([0, 2, 4], 50)]
+    assert length_parts([50, 280, 48], fixed_tokens=10**6) == [([1, 0, 2], 280)]
+    assert [n for _, n in length_parts([7, 7, 3], fixed_tokens=0)] == [7, 3]
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths, fixed = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))], rng.choice([0, 5, 40, 500])
+        parts = length_parts(lengths, fixed)
+        assert sorted(i for p, _ in parts for i in p) == list(range(len(lengths)))
+        assert all(n == max(lengths[i] for i in p) for p, n in parts)
+        cost = sum(fixed + len(p) * n for p, n in parts)
+        distinct = sorted(set(lengths), reverse=True)
+        for k in range(len(distinct)):
+            for cuts in itertools.combinations(range(1, len(distinct)), k):
+                bounds = [0, *cuts, len(distinct)]
+                other = sum(fixed + sum(lengths.count(v) for v in distinct[a:b]) * distinct[a]
+                            for a, b in zip(bounds, bounds[1:]))
+                assert cost <= other
+
+
+def test_positions_made_on_the_host_are_get_rope_index_s(parts, rows):
+    """The M-RoPE positions each prompt gets when it is encoded, left-padded into a batch, are what the model's
+    get_rope_index gives the batch on its real tokens (image rows and the text-only row)."""
+    eng = engine(parts)
+    hf = eng._hf_model()
+    encoded = eng._encode_all(rows)
+    assert all(e["positions"] is not None for e in encoded)
+    batch = eng._batch(encoded)
+    mask = batch["attention_mask"].bool()
+    host, model = eng._positions(hf, encoded, batch), eng._prompt_positions(hf, batch)
+    assert host.shape == model.shape and torch.equal(host[:, mask], model[:, mask]) and (~mask).any()
+
+
 def test_eager_attention_matches_generate(parts, rows):
     model = parts[0]
     model.set_attn_implementation("eager")
@@ -69,16 +122,12 @@ def test_eager_attention_matches_generate(parts, rows):
         model.set_attn_implementation("sdpa")
 
 
-def test_auto_is_dynamic_on_cuda_until_the_graphs_are_checked(parts, monkeypatch):
-    """`--decode auto` does not pick the static decoder on a GPU while AUTO_STATIC_ON_CUDA is off (its graphs
-    have not run on one yet); `--decode static` still does."""
-    from ocrtune.models import generate
-    auto, static = engine(parts), engine(parts, decode="static")
+def test_auto_is_static_on_cuda(parts, monkeypatch):
+    """`--decode auto` picks the static decoder on a GPU; `--decode dynamic` keeps the dynamic loop there."""
+    auto, dynamic = engine(parts), engine(parts, decode="dynamic")
     monkeypatch.setattr(type(auto), "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(generate, "AUTO_STATIC_ON_CUDA", False)
-    assert "opt-in" in auto.static_reason() and static.static_reason() is None
-    monkeypatch.setattr(generate, "AUTO_STATIC_ON_CUDA", True)
     assert auto.static_reason() is None
+    assert dynamic.static_reason() == "decode='dynamic'"
 
 
 def test_auto_and_dynamic_keep_the_dynamic_loop_on_the_cpu(parts, rows):

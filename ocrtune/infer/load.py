@@ -28,6 +28,7 @@ def load_for_inference(args):
     from ocrtune.models.dtypes import pick_device, pick_dtype
     from ocrtune.models.generate import InferEngine
     from ocrtune.models.loading import check_new_tokens, load_processor, resolve_model, template_name
+    from ocrtune.models.patches import PatchOptions, prepare
     from ocrtune.models.registry import DEFAULT_MODEL
     from ocrtune.models.source import resolve_source
     from ocrtune.models.template import Template
@@ -67,6 +68,8 @@ def load_for_inference(args):
     model = load_adapted(weights_dir, adapter, dtype, device, args.quant_bits)
     model.eval()
     model.requires_grad_(False)
+    # the ViT's attention in one varlen call per block (CUDA, half precision; the stock forward elsewhere)
+    prepare(model, PatchOptions(patch_embed=False, vision_varlen=True))
     for m in (model, getattr(model, "base_model", None)):
         if m is not None and hasattr(m, "config"):
             m.config.use_cache = True

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ocrtune.models.generate import InferEngine, _cache_of, _next_token, _select_rows
-from ocrtune.models.static_decode import cache_kw, prefill_kwargs
+from ocrtune.models.generate import InferEngine, _next_token, _select_rows
+from ocrtune.models.patches.forward import prompt_embeds
+from ocrtune.models.static_decode import cache_kw, cache_of, prefill_inputs
 
 
 def reason(engine: InferEngine) -> str | None:
@@ -131,17 +132,19 @@ class _Batch:
     @classmethod
     def prefill(cls, eng: InferEngine, hf, new: list, stops: torch.Tensor) -> "_Batch":
         keys, records, limits = zip(*new)
-        batch = eng._batch(list(records))
+        encoded = eng._encode_all(list(records))
+        batch = eng._batch(encoded)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        pos = eng._prompt_positions(hf, batch)
-        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill_kwargs(hf, batch))
+        pos = eng._positions(hf, encoded, batch)
+        out = hf(**prefill_inputs(hf, batch, prompt_embeds(hf, batch)), attention_mask=mask, position_ids=pos,
+                 use_cache=True)
         first = _next_token(out.logits, None, None)
         dev, rows = ids.device, ids.shape[0]
         limit = torch.tensor([max(1, int(x)) for x in limits], device=dev)
         tokens = torch.zeros((rows, int(limit.max()) + 1), dtype=torch.long, device=dev)  # + a scratch column
         tokens[:, 0] = first
         n = torch.ones(rows, dtype=torch.long, device=dev)
-        return cls(_cache_of(out), mask, pos[:, :, -1:], tokens, n, limit, torch.isin(first, stops) | (n >= limit),
+        return cls(cache_of(out), mask, pos[:, :, -1:], tokens, n, limit, torch.isin(first, stops) | (n >= limit),
                    first, list(keys), cache_kw(hf.forward))
 
     def step(self, hf, stops: torch.Tensor) -> None:
@@ -149,7 +152,7 @@ class _Batch:
         self.last = self.last + 1
         out = hf(input_ids=self.prev[:, None], attention_mask=self.mask, position_ids=self.last, use_cache=True,
                  **{self.cache_kw: self.cache})
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         tok = _next_token(out.logits, None, None)
         # an ended row decodes on until it is handed back; its tokens past the end go to the scratch column
         self.tokens.scatter_(1, torch.minimum(self.n, self.limit)[:, None], tok[:, None])

@@ -20,10 +20,14 @@ evaluation during training:
   float32 logits, the generation config's repetition penalty), so greedy outputs are the same tokens.
   Sampling, beam search, sharded models (`synced_gpus`), and generation configs with logits
   processors it does not reproduce use `model.generate`;
-* `decode="static"` (opt-in: `decode="auto"` is the dynamic loop until `AUTO_STATIC_ON_CUDA`) decodes greedy batches on a static KV cache
-  instead, each token one CUDA graph replay (`ocrtune.models.static_decode`): no row dropping (rows that
-  ended decode on until all have), no repetition penalty; `static_reason` says why a batch can't. Its cache
-  holds prompt + max_new_tokens for every row from the start: a batch it can't fit decodes on the dynamic loop.
+* on CUDA (`decode="auto"`, or `"static"` anywhere) greedy batches decode on a static KV cache instead, each
+  token one CUDA graph replay (`ocrtune.models.static_decode`), the prompts' prefill in parts of similar length:
+  no row dropping (rows that ended decode on until all have), no repetition penalty; `static_reason` says why a
+  batch can't. Its cache holds prompt + max_new_tokens for every row from the start: a batch it can't fit decodes
+  on the dynamic loop.
+* every greedy path takes the prompts' M-RoPE positions made on the host by the encoding threads and, on a
+  prepared Qwen2-VL model, their embeddings from `patches.forward.prompt_embeds` (the ViT's position ids made on
+  the host, its attention one varlen call per block on CUDA).
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ import torch
 
 from ocrtune.data.images import image_size, open_image
 from ocrtune.models import static_decode
+from ocrtune.models.patches.forward import prompt_embeds
+from ocrtune.models.static_decode import cache_of
 from ocrtune.models.template import Template
 
 log = logging.getLogger("ocrtune")
@@ -53,10 +59,6 @@ _UNSUPPORTED_PROCESSORS = {"no_repeat_ngram_size": (None, 0), "encoder_repetitio
                            "exponential_decay_length_penalty": (None,), "stop_strings": (None,),
                            "encoder_no_repeat_ngram_size": (None, 0), "epsilon_cutoff": (None, 0.0)}
 
-
-# `decode="auto"` takes the static decoder on CUDA only once its CUDA graphs have been checked on a GPU
-# (bench/infer3_gpu_call.sh: token identity with generate, graph against eager, speed); until then auto is dynamic
-AUTO_STATIC_ON_CUDA = False
 
 def _is_image(x) -> bool:
     return hasattr(x, "size") and hasattr(x, "convert") and not isinstance(x, dict)
@@ -96,8 +98,8 @@ class InferEngine:
     the CPU the flag is ignored.
     `decode` picks the greedy loop of the fast path: "static" (static KV cache, the step replayed as a
     CUDA graph on CUDA, run eagerly on the CPU; `cuda_graphs=False` runs it eagerly on CUDA too),
-    "dynamic" (`_greedy`, which drops finished rows), or "auto": dynamic (static on CUDA once
-    `AUTO_STATIC_ON_CUDA` is set)."""
+    "dynamic" (`_greedy`, which drops finished rows), or "auto": static on CUDA, dynamic on the CPU (where
+    there are no graphs to replay and dropping rows pays)."""
 
     DECODES = ("auto", "static", "dynamic")
 
@@ -130,7 +132,22 @@ class InferEngine:
         """One record's prompt (all messages but a final assistant reply), encoded for generation.
         Raises BadImage for an unusable image."""
         images = [im if _is_image(im) else open_image(im) for im in record.get("images") or []]
-        return self.template.encode(_prompt(record), images, add_generation_prompt=True)
+        enc = self.template.encode(_prompt(record), images, add_generation_prompt=True)
+        enc["positions"] = self._row_positions(enc)
+        return enc
+
+    def _row_positions(self, enc: dict) -> torch.Tensor | None:
+        """One encoded prompt's [3, length] M-RoPE positions, made on the host (by the encoding threads, ahead of
+        the model): what `_prompt_positions` gives its row in a left-padded batch. None for other model families."""
+        hf = self._hf_model()
+        if not hasattr(getattr(hf, "model", None), "get_rope_index"):
+            return None
+        ids = torch.as_tensor(enc["input_ids"])[None]
+        row = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "mm_token_type_ids": torch.as_tensor(enc["mm_token_type_ids"])[None]}
+        if "image_grid_thw" in enc:
+            row["image_grid_thw"] = enc["image_grid_thw"]
+        return self._prompt_positions(hf, row)[:, 0]
 
     def prompt_length(self, record: dict) -> int:
         """The prompt's token count (images included) from the image headers alone, for sorting rows
@@ -186,6 +203,21 @@ class InferEngine:
         for i in todo:
             out[i] = futures[i].result()
         return out
+
+    def _positions(self, hf, encoded: list[dict], batch: dict) -> torch.Tensor:
+        """[3, rows, length] M-RoPE positions of `batch` (the left-padded `encoded`): the rows' own, made on the
+        host when they were encoded, left-padded with 1 (a padded slot's position is never attended to); else
+        the model's get_rope_index over the batch on the device."""
+        rows = [e.get("positions") for e in encoded]
+        if any(r is None for r in rows):
+            return self._prompt_positions(hf, batch)
+        n = batch["input_ids"].shape[1]
+        pos = torch.ones((3, len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            pos[:, i, n - r.shape[1]:] = r
+        if batch["input_ids"].is_cuda:
+            return pos.pin_memory().to(batch["input_ids"].device, non_blocking=True)
+        return pos.to(batch["input_ids"].device)
 
     def _batch(self, records: list[dict]) -> dict:
         """Left-padded prompts (generation appends on the right)."""
@@ -281,8 +313,6 @@ class InferEngine:
             return "decode='dynamic'"
         if self.decode_mode == "auto" and self.device.type != "cuda":
             return "decode='auto' on the CPU (the static cache pays through CUDA graphs)"
-        if self.decode_mode == "auto" and not AUTO_STATIC_ON_CUDA:
-            return "decode='auto' (the static decoder is opt-in, --decode static, until its CUDA graphs are checked on a GPU)"
         if self._static_off:
             return self._static_off
         return static_decode.model_reason(self._hf_model())
@@ -301,7 +331,8 @@ class InferEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            batch = self._batch(records)
+            encoded = self._encode_all(records)
+            batch = self._batch(encoded)
             why = self.fast_reason(temperature, num_beams)
             if why is None and self._compiled():
                 out = self.model.generate(**batch, **self._gen_kwargs(max_new_tokens), cache_implementation="static")
@@ -309,12 +340,12 @@ class InferEngine:
                 self.stats["generate_batches"] += 1
                 return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
             if why is None and self.static_reason() is None:
-                answers = self._static(batch, max_new_tokens)
+                answers = self._static(batch, encoded, max_new_tokens)
                 if answers is not None:
                     return answers
             if why is None:
                 try:
-                    answers = self._greedy(batch, max_new_tokens)
+                    answers = self._greedy(batch, encoded, max_new_tokens)
                     self.last_path = "fast"
                     self.stats["fast_batches"] += 1
                     self._static_off_for_good()
@@ -331,7 +362,7 @@ class InferEngine:
             self.model.train(was_training)
         return [self._answer(t) for t in out[:, batch["input_ids"].shape[1]:]]
 
-    def _static(self, batch: dict, max_new_tokens: int) -> list[Answer] | None:
+    def _static(self, batch: dict, encoded: list[dict], max_new_tokens: int) -> list[Answer] | None:
         """The batch decoded by `static_decode`; None when it fails (the static decoder goes off for good, with
         the reason in `static_reason`, once another path decodes the batch: a batch that fails on every path, e.g. a
         prompt the model refuses, says nothing about the decoder and must not turn it off in a long-lived server)."""
@@ -341,8 +372,8 @@ class InferEngine:
         graphs = self.cuda_graphs and self.device.type == "cuda"
         before = self.stats["graph_replays"]
         try:
-            gen = static_decode.decode(hf, batch, self._prompt_positions(hf, batch), max_new_tokens, self.stop_ids(),
-                                       self.check_every, graphs, self.stats)
+            gen = static_decode.decode(hf, batch, self._positions(hf, encoded, batch), max_new_tokens, self.stop_ids(),
+                                       self.check_every, graphs, self.stats, prompt_embeds(hf, batch))
         except torch.OutOfMemoryError:
             # its cache holds prompt + max_new_tokens for every row from the start; the dynamic loop grows with the
             # answers and drops finished rows, so the batch may fit there (if not, that loop's error is raised)
@@ -391,7 +422,7 @@ class InferEngine:
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
         return pos.to(ids.device)
 
-    def _greedy(self, batch: dict, max_new_tokens: int) -> list[Answer]:
+    def _greedy(self, batch: dict, encoded: list[dict], max_new_tokens: int) -> list[Answer]:
         """Greedy decoding with finished rows dropped from the batch (see the module docstring)."""
         hf = self._hf_model()
         cache_kw = static_decode.cache_kw(hf.forward)
@@ -400,10 +431,10 @@ class InferEngine:
         stops = torch.tensor(self.stop_ids(), device=dev)
         penalty = getattr(getattr(hf, "generation_config", None), "repetition_penalty", None)
         penalty = penalty if penalty not in (None, 1.0) else None
-        pos = self._prompt_positions(hf, batch)
-        out = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                 **static_decode.prefill_kwargs(hf, batch))
-        cache = _cache_of(out)
+        pos = self._positions(hf, encoded, batch)
+        out = hf(**static_decode.prefill_inputs(hf, batch, prompt_embeds(hf, batch)), attention_mask=mask,
+                 position_ids=pos, use_cache=True)
+        cache = cache_of(out)
         history = ids if penalty else None  # the tokens the repetition penalty looks at (padding included, as generate)
         gen = torch.empty((rows, max_new_tokens), dtype=torch.long, device=dev)
         gen[:, 0] = _next_token(out.logits, history, penalty)
@@ -431,7 +462,7 @@ class InferEngine:
                 history = torch.cat([history, gen[:, step - 1:step]], dim=1)
             out = hf(input_ids=gen[:, step - 1:step], attention_mask=mask, position_ids=last, use_cache=True,
                      **{cache_kw: cache})
-            cache = _cache_of(out)
+            cache = cache_of(out)
             gen[:, step] = _next_token(out.logits, history, penalty)
             step += 1
         for j, r in enumerate(live.tolist()):
@@ -549,11 +580,6 @@ def _try(fn, *args):
         return fn(*args)
     except Exception as e:  # handed to the caller as the row's result
         return e
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _select_rows(cache, keep: torch.Tensor) -> None:

@@ -64,27 +64,26 @@ class GraphCaptureError(RuntimeError):
 
 
 def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops: list[int], check_every: int = 4,
-           graphs: bool = True, stats: dict | None = None) -> torch.Tensor:
+           graphs: bool = True, stats: dict | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy tokens [rows, steps] for the left-padded `batch` (steps <= max_new_tokens: decoding ends once
     every row has a stop token). `positions`: the prompts' [3, rows, length] M-RoPE positions. `graphs`:
-    replay a CUDA graph of the step (CUDA only; ignored on the CPU). `stats` counts `static_steps` (steps
-    decoded after the prefill) and `graph_replays`."""
+    replay a CUDA graph of the step (CUDA only; ignored on the CPU). `embeds`: the prompts' input embeddings
+    (`patches.forward.prompt_embeds`), which lets the prefill run in parts of similar length (`length_parts`).
+    `stats` counts `static_steps` (steps decoded after the prefill), `graph_replays` and `prefill_parts`."""
     from transformers import StaticCache
     stats = stats if stats is not None else {}
-    ids, mask2d = batch["input_ids"], batch["attention_mask"]
+    ids = batch["input_ids"]
     rows, plen = ids.shape
     dev = ids.device
     total = plen + max_new_tokens
     cache = StaticCache(config=hf.config, max_cache_len=total)
-    out = hf(input_ids=ids, attention_mask=mask2d, position_ids=positions, use_cache=True,
-             **{cache_kw(hf.forward): cache}, **prefill_kwargs(hf, batch))
     gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=dev)
-    gen[:, 0] = out.logits[:, -1, :].float().argmax(dim=-1)
-    del out
+    gen[:, 0] = _prefill(hf, cache, batch, positions, embeds, stats)
     if max_new_tokens == 1:
         return gen
 
-    step_fn = _Step(hf, cache, cache_kw(hf.model.language_model.forward), mask2d, positions[:, :, -1:], gen, total)
+    step_fn = _Step(hf, cache, cache_kw(hf.model.language_model.forward), batch["attention_mask"], positions[:, :, -1:],
+                    gen, total)
     stop_ids = torch.tensor(stops, device=dev)
     graph = None
     step = 1
@@ -106,6 +105,88 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
     if graph is not None:
         torch.cuda.current_stream(dev).synchronize()  # the last replay ends before the graph and its memory go
     return gen[:, :step]
+
+
+def _prefill(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.Tensor | None, stats: dict) -> torch.Tensor:
+    """Fill `cache` with the prompts' keys and values; returns each row's first token. Left padding to the longest
+    prompt would make a batch of formula images (34 to 280 tokens) mostly padding, so with `embeds` the rows run in
+    parts of similar length (`length_parts`), each part's forward on its own shorter padding into a dynamic cache,
+    copied into its rows' slots of the static one. Otherwise one forward over the batch writes the cache itself."""
+    mask2d = batch["attention_mask"]
+    rows, plen = mask2d.shape
+    parts = length_parts(mask2d.sum(dim=1).tolist()) if embeds is not None and _fillable(cache) else [(None, plen)]
+    stats["prefill_parts"] = stats.get("prefill_parts", 0) + len(parts)
+    if len(parts) == 1:
+        out = hf(**prefill_inputs(hf, batch, embeds), attention_mask=mask2d, position_ids=positions, use_cache=True,
+                 **{cache_kw(hf.forward): cache})
+        return out.logits[:, -1, :].float().argmax(dim=-1)
+    first = torch.empty(rows, dtype=torch.long, device=mask2d.device)
+    for part, length in parts:
+        idx = torch.tensor(part, device=mask2d.device)
+        cols = slice(plen - length, plen)
+        out = hf(inputs_embeds=embeds[idx, cols], attention_mask=mask2d[idx, cols], position_ids=positions[:, idx, cols],
+                 use_cache=True, **_last_logits(hf))
+        first[idx] = out.logits[:, -1, :].float().argmax(dim=-1)
+        _copy_part(cache, cache_of(out), idx, cols, rows)
+        del out
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(plen)  # where the first decoding step writes
+    return first
+
+
+def length_parts(lengths: list[int], fixed_tokens: int = 1024) -> list[tuple[list[int], int]]:
+    """Rows grouped for a prefill in parts: [(row indices, the part's longest prompt)], chosen to minimize the
+    padded tokens computed plus `fixed_tokens` a part (a forward's own cost: its kernel launches and reading the
+    weights, in tokens' worth). Exact over the distinct lengths (longest first; a part is a run of them)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    distinct = sorted(set(lengths), reverse=True)
+    count = [sum(1 for x in lengths if x == v) for v in distinct]
+    n = len(distinct)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: the cheapest split of the j longest lengths
+        rows_in = 0
+        for i in range(j - 1, -1, -1):  # the last part holds distinct[i:j], padded to distinct[i]
+            rows_in += count[i]
+            cost = best[i] + fixed_tokens + rows_in * distinct[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    parts, start = [], 0
+    for i, j in reversed(bounds):
+        size = sum(count[i:j])
+        parts.append((order[start:start + size], distinct[i]))
+        start += size
+    return parts
+
+
+def _fillable(cache) -> bool:
+    """Whether `_copy_part` can fill this StaticCache (transformers 5's lazily allocated StaticLayer)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, a) for layer in layers
+                                for a in ("lazy_initialization", "is_initialized", "cumulative_length"))
+
+
+def _copy_part(cache, part_cache, idx: torch.Tensor, cols: slice, rows: int) -> None:
+    """Copy a part's dynamic cache (its rows `idx`, its columns `cols` of the batch's padding) into `cache`."""
+    part_layers = getattr(part_cache, "layers", None)
+    if part_layers is None or len(part_layers) != len(cache.layers):
+        raise TypeError(f"a prefill part's cache ({type(part_cache).__name__}) has no layers to copy")
+    for layer, part in zip(cache.layers, part_layers):
+        k, v = part.keys, part.values
+        if not layer.is_initialized:  # allocate for the whole batch (it reads shape[:2], dtype, device, head dims)
+            layer.lazy_initialization(k.new_empty((rows, k.shape[1], 0, k.shape[3])),
+                                      v.new_empty((rows, v.shape[1], 0, v.shape[3])))
+        layer.keys[idx, :, cols] = k
+        layer.values[idx, :, cols] = v
+
+
+def cache_of(out):
+    """The KV cache a forward returned (`cache` in newer transformers, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _attention(hf) -> str | None:
@@ -147,13 +228,19 @@ def cache_kw(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def prefill_kwargs(hf, batch: dict) -> dict:
-    """What every decoder here feeds the prompts' forward besides ids, mask and positions, as `generate` does: the
-    vision inputs, and the logits of the last position only where the model takes `logits_to_keep`."""
+def prefill_inputs(hf, batch: dict, embeds: torch.Tensor | None = None) -> dict:
+    """What every decoder here feeds the prompts' forward besides mask and positions: the prompts' embeddings where
+    given, else their ids and vision inputs as `generate` feeds them; and the logits of the last position only
+    where the model takes `logits_to_keep`."""
+    if embeds is not None:
+        return {"inputs_embeds": embeds, **_last_logits(hf)}
     kw = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-    if "logits_to_keep" in inspect.signature(hf.forward).parameters:
-        kw["logits_to_keep"] = 1
-    return kw
+    return {"input_ids": batch["input_ids"], **kw, **_last_logits(hf)}
+
+
+def _last_logits(hf) -> dict:
+    """`logits_to_keep=1` where the model takes it (as `generate` passes it in the prefill)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
 class _Step:

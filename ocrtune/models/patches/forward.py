@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from ocrtune.models.patches.attention import VARLEN_ATTENTION
-from ocrtune.models.patches.common import assert_prepared
+from ocrtune.models.patches.common import PREPARED, assert_prepared
 from ocrtune.models.patches.versions import in_range
 from ocrtune.models.patches.vision import uses_host_vision_ids, vision_host_kwargs
 
@@ -35,6 +35,17 @@ def image_embeds(lm, vlm, input_ids, pixel_values, image_grid_thw):
         feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
     mask = (input_ids == lm.config.image_token_id).unsqueeze(-1)
     return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+
+def prompt_embeds(lm, batch: dict) -> torch.Tensor | None:
+    """The prompts' input embeddings (image features in place) for a generation prefill, by `image_embeds`: the ViT
+    with its position ids made on the host and, where `prepare(vision_varlen=True)` ran, one varlen call per block.
+    None where the model's own forward must embed them (not prepared, not qwen2_vl, transformers outside the tested
+    range); the caller then hands the model the pixel values as `generate` does."""
+    if (not getattr(lm, PREPARED, False) or getattr(lm.config, "model_type", None) != "qwen2_vl"
+            or not in_range("transformers")):
+        return None
+    return image_embeds(lm, lm.model, batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"))
 
 
 def hidden_states(lm, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,

@@ -4,7 +4,7 @@
 # mkdir -p .carry/latex_val/print && cp ../shared/data/latex_ocr/print/validation.parquet .carry/latex_val/print/).
 #   PARTS="tests e2e" bash bench/infer3_gpu_call.sh          # about 6 minutes on an H100
 # Parts (default "tests e2e"):
-#   tests   the CUDA tests of the static decoder (graph replays against eager steps and generate's tokens)
+#   tests   the CUDA tests of the static decoder and the slots (graph replays against eager steps and generate's tokens)
 #   e2e     bench/bench_infer.py, the setting: Qwen2-VL-7B shape (random weights), 512 print validation rows,
 #           batches of 256, 64 new tokens, bf16, ocrtune's defaults against plain generate (stock transformers
 #           forwards), float32 identity on all 512 rows, serve's batcher at 64 clients -> $OUT/infer_7b_<card>.json
@@ -23,12 +23,13 @@ VAL=$PWD/.carry/latex_val/print/validation.parquet
 PARTS=" ${PARTS:-tests e2e} "
 has() { [[ "$PARTS" == *" $1 "* ]]; }
 if has tests; then
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_static_decode.py > "$OUT/infer3_cuda_tests.txt" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_static_decode.py tests/test_continuous.py \
+    > "$OUT/infer3_cuda_tests.txt" 2>&1
   echo "cuda test rc=$?" >> "$OUT/infer3_cuda_tests.txt"; tail -2 "$OUT/infer3_cuda_tests.txt"
 fi
 if has e2e; then
   timeout ${E2E_S:-420} python3 bench/bench_infer.py --model 7b --data "$VAL" --rows 512 --batch_size 256 \
-    --max_new_tokens 64 --fp32_rows ${FP32_ROWS:-512} --serve --model_root /tmp --out "$OUT/infer_7b_$CARD.json" 2>&1 \
+    --max_new_tokens 64 --fp32_rows ${FP32_ROWS:-512} --noise_floor --serve --model_root /tmp --out "$OUT/infer_7b_$CARD.json" 2>&1 \
     | grep -v Warning | tee "$OUT/infer_7b_log.txt" | tail -8
 fi
 if has decode; then
@@ -40,7 +41,7 @@ if has anatomy; then
     2>&1 | grep -v Warning | tail -3
 fi
 if has reader; then
-  timeout 300 python3 bench/bench_infer.py --model ocrtune-reader --data "$VAL" --rows 512 --batch_size 256 \
+  timeout ${READER_S:-200} python3 bench/bench_infer.py --model ocrtune-reader --data "$VAL" --rows 512 --batch_size 256 \
     --max_new_tokens 256 --fp32_rows 64 --serve --out "$OUT/infer_reader_$CARD.json" 2>&1 | grep -v Warning \
     | tee "$OUT/infer_reader_log.txt" | tail -6
 fi

@@ -4,6 +4,7 @@ encode fails alone."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from samples import mixed_prompts, tiny_engine as engine
 
@@ -26,9 +27,13 @@ def run_continuous(eng, arrivals: list[list[tuple]], max_rows: int):
     return got, asked, decoder.stats
 
 
+DECODES = ["dynamic", "static"]  # static: the slots on the static KV cache (run eagerly on the CPU)
+
+
+@pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("check_every", [1, 3])
-def test_rows_joining_a_running_batch_get_their_own_greedy_answers(parts, stops_early, check_every):
-    eng = engine(parts, check_every=check_every)
+def test_rows_joining_a_running_batch_get_their_own_greedy_answers(parts, stops_early, check_every, decode):
+    eng = engine(parts, check_every=check_every, decode=decode)
     rows = mixed_prompts(8)
     limits = [12, 20, 7, 20, 16, 20, 9, 20, 14]
     alone = [eng.generate_answers([r], max_new_tokens=m)[0] for r, m in zip(rows, limits)]
@@ -42,10 +47,60 @@ def test_rows_joining_a_running_batch_get_their_own_greedy_answers(parts, stops_
     assert {a.finish_reason for a in got.values()} == {"stop", "length"}
     assert all(got[i].tokens <= limits[i] for i in got)
     assert stats["joins"] >= 3 and stats["max_rows"] <= 6 and all(f <= 6 for f in asked)
+    assert (stats.get("rebuilds", 0) >= 1) == (decode == "static")
 
 
-def test_rows_ended_are_handed_back_while_others_decode(parts, stops_early):
-    eng = engine(parts, check_every=1)
+def test_slots_grow_for_long_prompts_and_answers_and_keep_the_rows_they_hold(parts):
+    """The static slots' cache is rebuilt when a joining prompt is longer than the columns left of the current one
+    or its answer longer than the room right of it: the rows decoding through a rebuild keep their answers."""
+    eng = engine(parts, check_every=2, decode="static")
+    rows = mixed_prompts(8)
+    by_length = sorted(range(len(rows)), key=lambda i: len(eng.encode_prompt(rows[i])["input_ids"]))
+    short, long_ = by_length[0], by_length[-1]
+    plan = [(short, 3), (by_length[1], 40), (long_, 6), (short, 90), (by_length[2], 5)]
+    items = [(k, rows[i], m) for k, (i, m) in enumerate(plan)]
+    alone = {k: eng.generate_answers([rows[i]], max_new_tokens=m)[0] for k, (i, m) in enumerate(plan)}
+    got, _, stats = run_continuous(eng, [items[:2], [], items[2:3], [], [], items[3:]], max_rows=3)
+    assert got == alone
+    assert stats["rebuilds"] >= 2  # the first prompt's cache, then the longer prompt (and the 90-token answer)
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, decode, monkeypatch):
+    """A decoding step that raises (out of memory, say) fails the rows it held; rows taken afterwards decode."""
+    from ocrtune.models import static_decode
+    eng = engine(parts, check_every=1, decode=decode)
+    rows = mixed_prompts(4)
+    calls = {"n": 0}
+    if decode == "static":
+        step_call = static_decode.Step.__call__
+
+        def flaky(self):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.OutOfMemoryError("no room")
+            return step_call(self)
+        monkeypatch.setattr(static_decode.Step, "__call__", flaky)
+    else:
+        from ocrtune.models import continuous
+        batch_step = continuous._Batch.step
+
+        def flaky(self, hf, stops):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.OutOfMemoryError("no room")
+            return batch_step(self, hf, stops)
+        monkeypatch.setattr(continuous._Batch, "step", flaky)
+    items = [(0, rows[0], 10), (1, rows[1], 10)]
+    got, _, _ = run_continuous(eng, [items, [], [(2, rows[2], 4)]], max_rows=4)
+    assert isinstance(got[0], torch.OutOfMemoryError) and isinstance(got[1], torch.OutOfMemoryError)
+    monkeypatch.undo()
+    assert got[2] == eng.generate_answers([rows[2]], max_new_tokens=4)[0]
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_rows_ended_are_handed_back_while_others_decode(parts, stops_early, decode):
+    eng = engine(parts, check_every=1, decode=decode)
     rows = mixed_prompts(4)
     order = []
     from ocrtune.models.continuous import ContinuousDecoder
@@ -56,8 +111,9 @@ def test_rows_ended_are_handed_back_while_others_decode(parts, stops_early):
     assert order[0] == (0, 2) and order[1][0] == 1
 
 
-def test_a_prompt_that_fails_to_encode_fails_alone(parts, tmp_path):
-    eng = engine(parts)
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_prompt_that_fails_to_encode_fails_alone(parts, tmp_path, decode):
+    eng = engine(parts, decode=decode)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     rows = mixed_prompts(4)
@@ -77,14 +133,15 @@ def test_reason_names_what_keeps_it_off(parts):
     assert reason(InferEngine(model, processor, template, workers=0, fast=False)) == "fast=False"
 
 
-def test_the_server_batcher_lets_late_requests_join_and_answers_each_as_it_ends(parts, stops_early):
+@pytest.mark.parametrize("decode", DECODES)
+def test_the_server_batcher_lets_late_requests_join_and_answers_each_as_it_ends(parts, stops_early, decode):
     """`serve`'s batcher: requests sent while a batch decodes join it (one decoding session, several joins), every
     answer is the row's own greedy answer, and a short answer is not held back by a long one."""
     import asyncio
     import time
 
     from ocrtune.serve.batching import Batcher
-    eng = engine(parts, check_every=1)
+    eng = engine(parts, check_every=1, decode=decode)
     rows = mixed_prompts(6)
     limits = [40, 3, 25, 2, 30, 5]
     records = [eng.encode_prompt(r) for r in rows]
@@ -114,3 +171,24 @@ def test_the_server_batcher_lets_late_requests_join_and_answers_each_as_it_ends(
     assert snapshot["batches"] >= 2 and 1 < snapshot["max_batch_size_seen"] <= 4  # joins of one session
     assert done_at[3] < done_at[0]  # the 2-token request, sent late, ended before the first long one
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph path)")
+def test_cuda_slots_replay_graphs_and_give_each_row_its_own_answer(tiny_model_dir):
+    """On CUDA, float32: the slots' step replayed as a CUDA graph, through joins and a rebuild, gives every row the
+    answer it gets decoded alone."""
+    from samples import stop_early, tiny_parts
+    parts = tiny_parts(tiny_model_dir, "cuda")
+    handle = stop_early(*parts[:2])
+    try:
+        eng = engine(parts, check_every=2)  # decode="auto": the static slots on CUDA
+        rows = mixed_prompts(8)
+        limits = [12, 40, 7, 20, 16, 30, 9, 20, 14]
+        alone = [eng.generate_answers([r], max_new_tokens=m)[0] for r, m in zip(rows, limits)]
+        items = [(i, r, m) for i, (r, m) in enumerate(zip(rows, limits))]
+        got, _, stats = run_continuous(eng, [items[:3], [], items[3:5], [], [], items[5:]], max_rows=4)
+        assert [got[i] for i in range(len(rows))] == alone
+        assert stats["graph_replays"] > 0 and stats["rebuilds"] >= 1 and stats["joins"] >= 3
+    finally:
+        handle.remove()

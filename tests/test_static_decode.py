@@ -298,7 +298,7 @@ def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
             ops.add(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
-    step_call = static_decode._Step.__call__
+    step_call = static_decode.Step.__call__
 
     def watched(self):
         in_step.append(1)
@@ -308,7 +308,7 @@ def test_the_decoding_step_never_syncs_with_the_host(parts, rows, monkeypatch):
         finally:
             in_step.pop()
 
-    monkeypatch.setattr(static_decode._Step, "__call__", watched)
+    monkeypatch.setattr(static_decode.Step, "__call__", watched)
     static = engine(parts, decode="static", check_every=4)
     static.generate_answers(rows[:3], 6)
     assert static.stats["static_steps"] == 5 and reads == []

@@ -1,6 +1,7 @@
 """Continuous batching for greedy decoding: new prompts join a batch that is already decoding.
 
-`ContinuousDecoder(engine).run(take, deliver, max_rows)` decodes greedily as the engine's dynamic loop does
+`ContinuousDecoder(engine).run(take, deliver, max_rows)` decodes on the static KV cache where the engine does
+(`continuous_static.SlotDecoder`: fixed slots, one CUDA graph replay a step), else greedily as the engine's dynamic loop does
 (`InferEngine._greedy`: the model's forward over its KV cache, M-RoPE positions +1 a step, argmax of the float32
 logits). Every `engine.check_every` steps it hands back the rows that ended (`deliver(key, Answer)`) and drops
 them, and asks `take(free)` for at most `free` new prompts, each `(key, record, max_new_tokens)`. A new group is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ocrtune.models.continuous_static import SlotDecoder
 from ocrtune.models.generate import InferEngine, _next_token, _select_rows
 from ocrtune.models.patches.forward import prompt_embeds
 from ocrtune.models.static_decode import cache_kw, cache_of, prefill_inputs
@@ -26,8 +28,6 @@ def reason(engine: InferEngine) -> str | None:
     why = engine.fast_reason()
     if why is not None:
         return why
-    if engine.decode_mode == "static":
-        return "decode='static' (asked for: whole batches on the static KV cache)"
     penalty = getattr(getattr(engine._hf_model(), "generation_config", None), "repetition_penalty", None)
     if penalty not in (None, 1.0):
         return f"generation_config.repetition_penalty={penalty}"
@@ -45,7 +45,10 @@ class ContinuousDecoder:
         was_training = eng.model.training
         eng.model.eval()
         try:
-            self._loop(eng._hf_model(), take, deliver, max(1, max_rows))
+            if eng.static_reason() is None:  # on the static KV cache, in slots (CUDA graphs on CUDA)
+                SlotDecoder(eng, self.stats).run(eng._hf_model(), take, deliver, max(1, max_rows))
+            else:
+                self._loop(eng._hf_model(), take, deliver, max(1, max_rows))
         finally:
             eng.model.train(was_training)
 

@@ -82,56 +82,102 @@ def decode(hf, batch: dict, positions: torch.Tensor, max_new_tokens: int, stops:
     if max_new_tokens == 1:
         return gen
 
-    step_fn = _Step(hf, cache, cache_kw(hf.model.language_model.forward), batch["attention_mask"], positions[:, :, -1:],
+    step_fn = Step(hf, cache, cache_kw(hf.model.language_model.forward), batch["attention_mask"], positions[:, :, -1:],
                     gen, total)
     stop_ids = torch.tensor(stops, device=dev)
-    graph = None
+    runner = Replayer(step_fn, dev, graphs, stats)
     step = 1
-    while step < max_new_tokens:
-        if step % check_every == 0 and bool(torch.isin(gen[:, :step], stop_ids).any(dim=1).all()):
-            break
-        if graph is not None:
-            graph.replay()
-            stats["graph_replays"] = stats.get("graph_replays", 0) + 1
-        elif dev.type == "cuda" and graphs:
-            side = _side_stream(dev)
-            _on_stream(side, step_fn)  # a real step, and the warm-up (handles, workspaces) on the capture stream
-            if step + 1 < max_new_tokens:
-                graph = _capture(step_fn, side)
-        else:
-            step_fn()
-        stats["static_steps"] = stats.get("static_steps", 0) + 1
-        step += 1
-    if graph is not None:
-        torch.cuda.current_stream(dev).synchronize()  # the last replay ends before the graph and its memory go
+    try:
+        while step < max_new_tokens:
+            if step % check_every == 0 and bool(torch.isin(gen[:, :step], stop_ids).any(dim=1).all()):
+                break
+            runner(capture=step + 1 < max_new_tokens)
+            stats["static_steps"] = stats.get("static_steps", 0) + 1
+            step += 1
+    finally:
+        runner.close()
     return gen[:, :step]
+
+
+class Replayer:
+    """Runs a step function (a pure function of device memory, `Step`) once a call: on CUDA with `graphs`, the first
+    call eagerly on a side stream (the warm-up that creates the kernels' handles and workspaces), after which the
+    step is captured into a CUDA graph (capturing runs nothing) that every later call replays; elsewhere eagerly.
+    `stats["graph_replays"]` counts the replays."""
+
+    def __init__(self, step, device: torch.device, graphs: bool, stats: dict):
+        self.step, self.device, self.stats = step, device, stats
+        self.graphs = graphs and device.type == "cuda"
+        self.graph = None
+
+    def __call__(self, capture: bool = True) -> None:
+        """One step; `capture=False`: no graph is captured after this step (no step follows it)."""
+        if self.graph is not None:
+            self.graph.replay()
+            self.stats["graph_replays"] = self.stats.get("graph_replays", 0) + 1
+        elif self.graphs:
+            side = _side_stream(self.device)
+            _on_stream(side, self.step)
+            if capture:
+                self.graph = _capture(self.step, side)
+        else:
+            self.step()
+
+    def close(self) -> None:
+        """The last replay ends before the graph and its memory go."""
+        if self.graph is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+            self.graph = None
 
 
 def _prefill(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.Tensor | None, stats: dict) -> torch.Tensor:
     """Fill `cache` with the prompts' keys and values; returns each row's first token. Left padding to the longest
     prompt would make a batch of formula images (34 to 280 tokens) mostly padding, so with `embeds` the rows run in
-    parts of similar length (`length_parts`), each part's forward on its own shorter padding into a dynamic cache,
-    copied into its rows' slots of the static one. Otherwise one forward over the batch writes the cache itself."""
+    parts of similar length (`prefill_rows`). Otherwise one forward over the batch writes the cache itself."""
     mask2d = batch["attention_mask"]
     rows, plen = mask2d.shape
-    parts = length_parts(mask2d.sum(dim=1).tolist()) if embeds is not None and _fillable(cache) else [(None, plen)]
-    stats["prefill_parts"] = stats.get("prefill_parts", 0) + len(parts)
+    parts = length_parts(mask2d.sum(dim=1).tolist()) if embeds is not None and fillable(cache) else [(None, plen)]
     if len(parts) == 1:
+        stats["prefill_parts"] = stats.get("prefill_parts", 0) + 1
         out = hf(**prefill_inputs(hf, batch, embeds), attention_mask=mask2d, position_ids=positions, use_cache=True,
                  **{cache_kw(hf.forward): cache})
         return out.logits[:, -1, :].float().argmax(dim=-1)
+    first = prefill_rows(hf, cache, batch, positions, embeds, torch.arange(rows, device=mask2d.device), plen, rows,
+                         stats, parts)
+    set_length(cache, plen)
+    return first
+
+
+def prefill_rows(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.Tensor | None, slots: torch.Tensor,
+                 end: int, cache_rows: int, stats: dict, parts: list | None = None) -> torch.Tensor:
+    """Prefill the left-padded `batch` into rows `slots` of the static `cache` (of `cache_rows` rows), each prompt's
+    last token at column `end - 1`; returns each row's first token. The rows run in `parts` (default: `length_parts` where `embeds` are
+    given, else one), each part's forward on its own shorter padding into a dynamic cache that is copied into the
+    static one (the part's padding columns too: its attention mask closes them)."""
+    mask2d = batch["attention_mask"]
+    rows, plen = mask2d.shape
+    if parts is None:
+        parts = length_parts(mask2d.sum(dim=1).tolist()) if embeds is not None else [(list(range(rows)), plen)]
+    stats["prefill_parts"] = stats.get("prefill_parts", 0) + len(parts)
     first = torch.empty(rows, dtype=torch.long, device=mask2d.device)
     for part, length in parts:
         idx = torch.tensor(part, device=mask2d.device)
         cols = slice(plen - length, plen)
-        out = hf(inputs_embeds=embeds[idx, cols], attention_mask=mask2d[idx, cols], position_ids=positions[:, idx, cols],
-                 use_cache=True, **_last_logits(hf))
+        if embeds is not None:
+            inputs = {"inputs_embeds": embeds[idx, cols], **_last_logits(hf)}
+        else:  # one part of every row, as the batch is
+            inputs = prefill_inputs(hf, batch)
+        out = hf(**inputs, attention_mask=mask2d[idx, cols], position_ids=positions[:, idx, cols], use_cache=True)
         first[idx] = out.logits[:, -1, :].float().argmax(dim=-1)
-        _copy_part(cache, cache_of(out), idx, cols, rows)
+        copy_rows(cache, cache_of(out), slots[idx], slice(end - length, end), cache_rows)
         del out
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(plen)  # where the first decoding step writes
     return first
+
+
+def set_length(cache, length: int) -> None:
+    """Where the next token's keys and values go in every layer of a static cache filled by `prefill_rows`."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
 
 
 def length_parts(lengths: list[int], fixed_tokens: int = 1024) -> list[tuple[list[int], int]]:
@@ -162,25 +208,26 @@ def length_parts(lengths: list[int], fixed_tokens: int = 1024) -> list[tuple[lis
     return parts
 
 
-def _fillable(cache) -> bool:
-    """Whether `_copy_part` can fill this StaticCache (transformers 5's lazily allocated StaticLayer)."""
+def fillable(cache) -> bool:
+    """Whether `copy_rows` can fill this StaticCache (transformers 5's lazily allocated StaticLayer)."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(hasattr(layer, a) for layer in layers
                                 for a in ("lazy_initialization", "is_initialized", "cumulative_length"))
 
 
-def _copy_part(cache, part_cache, idx: torch.Tensor, cols: slice, rows: int) -> None:
-    """Copy a part's dynamic cache (its rows `idx`, its columns `cols` of the batch's padding) into `cache`."""
+def copy_rows(cache, part_cache, slots: torch.Tensor, cols: slice, rows: int) -> None:
+    """Copy a dynamic cache's keys and values into rows `slots`, columns `cols` of the static `cache`, allocating it
+    for `rows` rows if it has not been yet."""
     part_layers = getattr(part_cache, "layers", None)
-    if part_layers is None or len(part_layers) != len(cache.layers):
+    if part_layers is None or len(part_layers) != len(cache.layers) or not fillable(cache):
         raise TypeError(f"a prefill part's cache ({type(part_cache).__name__}) has no layers to copy")
     for layer, part in zip(cache.layers, part_layers):
         k, v = part.keys, part.values
         if not layer.is_initialized:  # allocate for the whole batch (it reads shape[:2], dtype, device, head dims)
             layer.lazy_initialization(k.new_empty((rows, k.shape[1], 0, k.shape[3])),
                                       v.new_empty((rows, v.shape[1], 0, v.shape[3])))
-        layer.keys[idx, :, cols] = k
-        layer.values[idx, :, cols] = v
+        layer.keys[slots, :, cols] = k
+        layer.values[slots, :, cols] = v
 
 
 def cache_of(out):
@@ -243,11 +290,13 @@ def _last_logits(hf) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
-class _Step:
+class Step:
     """One decoding step over static buffers, all updated in place (so a CUDA graph can replay it)."""
 
     def __init__(self, hf, cache, cache_kw: str, mask2d: torch.Tensor, last_pos: torch.Tensor, gen: torch.Tensor,
-                 total: int):
+                 total: int, col: int = 1):
+        """`mask2d`: the [rows, prompt length] padding mask (the first step's token goes in the next column); `gen`:
+        the token buffer, whose column `col` the first step writes (one more each step)."""
         rows, plen = mask2d.shape
         dev = mask2d.device
         self.lm, self.head, self.cache, self.cache_kw = hf.model.language_model, hf.lm_head, cache, cache_kw
@@ -255,7 +304,7 @@ class _Step:
         self.open = torch.zeros((rows, 1, 1, total), dtype=torch.bool, device=dev)
         self.open[:, 0, 0, :plen] = mask2d.bool()
         self.slot = torch.tensor([plen], device=dev)  # cache slot of the token fed next
-        self.col = torch.tensor([1], device=dev)  # column of `gen` the step writes
+        self.col = torch.tensor([col], device=dev)  # column of `gen` the step writes
         self.pos = last_pos.clone()  # [3, rows, 1], +1 before each step
         self.tok = gen[:, :1].clone()
         attn = _attention(hf)

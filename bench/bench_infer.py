@@ -253,9 +253,11 @@ def serve_bench(a, model, processor, template, rows) -> dict:
     from ocrtune.models.generate import InferEngine
     from ocrtune.serve.batching import Batcher
 
-    async def run(engine, continuous):
+    async def run(engine, continuous, min_join=None):
         batcher = Batcher(engine, max_batch_size=a.serve_batch_size, wait_s=0.01, max_queue=max(256, len(rows)),
                           continuous=continuous)
+        if min_join is not None and batcher.continuous is not None:
+            batcher.continuous.min_join = min_join
         batcher.start()
         sem = asyncio.Semaphore(a.concurrency)
         record = [{"messages": r["messages"][:-1], "images": r["images"]} for r in rows]
@@ -279,12 +281,14 @@ def serve_bench(a, model, processor, template, rows) -> dict:
     out = {"concurrency": a.concurrency, "max_batch_size": a.serve_batch_size, "requests": len(rows),
            "repeats": max(1, a.repeats)}
     results, timed = {}, {}
-    arms = (("generate", False, False), ("ocrtune_whole_batches", True, False), ("ocrtune", True, True))
-    engines = {name: InferEngine(model, processor, template, fast=fast, workers=a.workers, check_every=a.check_every)
+    arms = (("generate", False, False), ("ocrtune_whole_batches", True, False), ("ocrtune", True, True),
+            ("ocrtune_join_each", True, True))  # the last: continuous, new rows joining one by one (min_join=1)
+    engines = {name: InferEngine(model, processor, template, fast=fast, workers=a.workers, check_every=a.check_every,
+                                 decode=a.decode)
                for name, fast, _ in arms}
     def arm(name, continuous):  # plain generate on the model as transformers runs it
         with stock_forwards(model) if name == "generate" else contextlib.nullcontext():
-            return asyncio.run(run(engines[name], continuous))
+            return asyncio.run(run(engines[name], continuous, 1 if name == "ocrtune_join_each" else None))
 
     for name, _, continuous in arms:
         arm(name, continuous)  # untimed: kernels, allocator, the encoding pool
@@ -304,7 +308,7 @@ def serve_bench(a, model, processor, template, rows) -> dict:
                      "tokens_per_s": round(tokens / seconds, 1), "latency_p50_s": pick(0.5),
                      "latency_p95_s": pick(0.95), "batch_sizes": snap["batch_sizes"],
                      "continuous": snap["continuous"], "max_rows_together": snap["max_batch_size_seen"]}
-    for name in ("ocrtune_whole_batches", "ocrtune"):
+    for name in ("ocrtune_whole_batches", "ocrtune", "ocrtune_join_each"):
         out[name]["ratio_vs_generate"] = round(out["generate"]["seconds"] / out[name]["seconds"], 3)
     out["ratio_vs_generate"] = out["ocrtune"]["ratio_vs_generate"]
     out.update(compare(results["generate"], results["ocrtune"]))
@@ -324,6 +328,7 @@ def main(argv=None):
     p.add_argument("--max_pixels", type=int, default=None, help="default: the model's processor setting")
     p.add_argument("--workers", type=int, default=None, help="engine's encoding threads (default: cores, at most 8)")
     p.add_argument("--check_every", type=int, default=4, help="engine: decoding steps between finished-row checks")
+    p.add_argument("--decode", default="auto", help="engine's greedy decoding: auto, static, dynamic")
     p.add_argument("--repeats", type=int, default=1, help="time each side this many times (alternating); best kept")
     p.add_argument("--fp32_rows", type=int, default=32, help="float32 identity check on this many rows (0: off)")
     p.add_argument("--noise_floor", action="store_true", help="also run plain generate on the rows reversed and "
@@ -348,7 +353,7 @@ def main(argv=None):
         data = ROOT / a.data
     rows = read_rows(str(data), a.rows)
     model, processor, template, info = load(a)
-    engine = InferEngine(model, processor, template, workers=a.workers, check_every=a.check_every)
+    engine = InferEngine(model, processor, template, workers=a.workers, check_every=a.check_every, decode=a.decode)
     device = engine.device
     res = {"command": " ".join(shlex.quote(x) for x in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
            "model": info, "data": str(a.data), "rows": len(rows), "batch_size": a.batch_size,

@@ -12,6 +12,7 @@
 #           and without graphs and the dynamic loop in float32 -> $OUT/decode_7b_<card>.json
 #   anatomy bench/learning/infer_anatomy.py: where one batch's time goes (7B) -> $OUT/infer_anatomy_7b_<card>.json
 #   reader  bench_infer on the bundled reader (a trained model: answers end by themselves), 512 rows, with serve
+#   reader_serve  the same, 256 rows, no float32 check: the serve arms (joins in groups against one by one) mostly
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -44,4 +45,9 @@ if has reader; then
   timeout ${READER_S:-200} python3 bench/bench_infer.py --model ocrtune-reader --data "$VAL" --rows 512 --batch_size 256 \
     --max_new_tokens 256 --fp32_rows 64 --serve --out "$OUT/infer_reader_$CARD.json" 2>&1 | grep -v Warning \
     | tee "$OUT/infer_reader_log.txt" | tail -6
+fi
+if has reader_serve; then
+  timeout ${READER_S:-120} python3 bench/bench_infer.py --model ocrtune-reader --data "$VAL" --rows 256 --batch_size 256 \
+    --max_new_tokens 256 --fp32_rows 0 --serve --out "$OUT/serve_reader_$CARD.json" 2>&1 | grep -v Warning \
+    | tee "$OUT/serve_reader_log.txt" | tail -3
 fi

@@ -65,6 +65,27 @@ def test_slots_grow_for_long_prompts_and_answers_and_keep_the_rows_they_hold(par
     assert stats["rebuilds"] >= 2  # the first prompt's cache, then the longer prompt (and the 90-token answer)
 
 
+def test_slots_take_new_rows_in_groups(parts, stops_early):
+    """On the static cache new rows are taken once `min_join` slots are free (or none is live), not one by one as
+    rows end; every row still gets its own answer."""
+    from ocrtune.models.continuous import ContinuousDecoder
+    eng = engine(parts, check_every=1, decode="static")
+    rows = mixed_prompts(8)
+    alone = [eng.generate_answers([r], max_new_tokens=24)[0] for r in rows]
+    asked = {}
+    for group in (1, 3):
+        got, queue, asked[group] = {}, [(i, r, 24) for i, r in enumerate(rows)], []
+
+        def take(free):
+            asked[group].append(free)
+            given = queue[:free]
+            del queue[:free]
+            return given
+        ContinuousDecoder(eng, min_join=group).run(take, lambda key, answer: got.__setitem__(key, answer), 4)
+        assert [got[i] for i in range(len(rows))] == alone
+    assert min(asked[3]) >= 3 and min(asked[1]) < 3  # one by one without grouping (rows end at different steps)
+
+
 @pytest.mark.parametrize("decode", DECODES)
 def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, decode, monkeypatch):
     """A decoding step that raises (out of memory, say) fails the rows it held; rows taken afterwards decode."""

@@ -35,8 +35,9 @@ def reason(engine: InferEngine) -> str | None:
 
 
 class ContinuousDecoder:
-    def __init__(self, engine: InferEngine):
-        self.engine = engine
+    def __init__(self, engine: InferEngine, min_join: int | None = None):
+        """`min_join`: on the static cache, how many slots must be free before new rows join (default: an eighth)."""
+        self.engine, self.min_join = engine, min_join
         self.stats = {"joins": 0, "rows": 0, "steps": 0, "max_rows": 0}
 
     @torch.no_grad()
@@ -46,7 +47,7 @@ class ContinuousDecoder:
         eng.model.eval()
         try:
             if eng.static_reason() is None:  # on the static KV cache, in slots (CUDA graphs on CUDA)
-                SlotDecoder(eng, self.stats).run(eng._hf_model(), take, deliver, max(1, max_rows))
+                SlotDecoder(eng, self.stats, self.min_join).run(eng._hf_model(), take, deliver, max(1, max_rows))
             else:
                 self._loop(eng._hf_model(), take, deliver, max(1, max_rows))
         finally:

@@ -29,10 +29,12 @@ log = logging.getLogger("ocrtune")
 
 
 class SlotDecoder:
-    """Decodes the rows `take` hands it in at most `slots` slots, handing each answer to `deliver` as it ends."""
+    """Decodes the rows `take` hands it in at most `slots` slots, handing each answer to `deliver` as it ends.
+    New rows are taken once `min_join` slots are free (default: an eighth of them) or none is live: a join costs a
+    prefill forward and its bookkeeping, several decoding steps' worth on a small model, so rows join in groups."""
 
-    def __init__(self, engine, stats: dict):
-        self.engine, self.stats = engine, stats
+    def __init__(self, engine, stats: dict, min_join: int | None = None):
+        self.engine, self.stats, self.min_join = engine, stats, min_join
         self.graphs = engine.cuda_graphs
 
     def run(self, hf, take, deliver, slots: int) -> None:
@@ -44,8 +46,10 @@ class SlotDecoder:
                     check = False
                     if state is not None:
                         state.hand_back(deliver)
-                    free = slots - (state.live if state is not None else 0)
-                    new = take(free) if free > 0 else []
+                    live = state.live if state is not None else 0
+                    free = slots - live
+                    group = self.min_join if self.min_join is not None else max(1, slots // 8)
+                    new = take(free) if free > 0 and (free >= group or live == 0) else []
                     if new:
                         state = state or _Slots(self.engine, hf, slots, self.graphs, self.stats)
                         state.join(new, deliver)

@@ -86,6 +86,29 @@ def test_slots_take_new_rows_in_groups(parts, stops_early):
     assert min(asked[3]) >= 3 and min(asked[1]) < 3  # one by one without grouping (rows end at different steps)
 
 
+def test_slots_fall_back_to_a_cache_without_room_to_spare_when_memory_is_short(parts, monkeypatch):
+    """A static cache with room for one more answer that does not fit the card is made exactly as long as the rows
+    need; where that does not fit either, the joining rows fail with the error."""
+    from ocrtune.models import continuous_static
+    eng = engine(parts, check_every=2, decode="static")
+    rows = mixed_prompts(4)
+    build, lengths, limit = continuous_static._Slots._build, [], {"max": 10**9}
+
+    def short_memory(self, length, col, span):
+        lengths.append(length)
+        if length > limit["max"]:
+            raise torch.OutOfMemoryError("no room")
+        return build(self, length, col, span)
+    monkeypatch.setattr(continuous_static._Slots, "_build", short_memory)
+    alone = eng.generate_answers([rows[0]], max_new_tokens=12)[0]
+    limit["max"] = len(eng.encode_prompt(rows[0])["input_ids"]) + 12  # the exact need fits, the spare room not
+    got, _, stats = run_continuous(eng, [[(0, rows[0], 12)]], max_rows=2)
+    assert got[0] == alone and lengths[-2] > limit["max"] >= lengths[-1]
+    limit["max"] = 0  # nothing fits: the row fails
+    got, _, _ = run_continuous(eng, [[(0, rows[0], 12)]], max_rows=2)
+    assert isinstance(got[0], torch.OutOfMemoryError)
+
+
 @pytest.mark.parametrize("decode", DECODES)
 def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, decode, monkeypatch):
     """A decoding step that raises (out of memory, say) fails the rows it held; rows taken afterwards decode."""

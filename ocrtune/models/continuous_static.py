@@ -11,8 +11,10 @@ free at once; a free slot decodes tokens nobody reads (it attends at least to it
 
 When a joining prompt does not fit left of the current column, or its answer right of it, the cache is rebuilt
 (`_Slots.grow`): a longer one, the live rows' columns copied to the same place left of its current column, the step
-captured again. Its length leaves room for two more answers of the longest `max_new_tokens` seen, so a server
-running for hours rebuilds about once per two answers' length of steps, never per request.
+captured again. Its length leaves room for one more answer of the longest `max_new_tokens` seen, so a server running
+for hours rebuilds about once per answer's length of steps, not per request; where that room does not fit the card,
+the cache is made exactly as long as the rows need, and if that does not fit either, the joining rows fail with the
+out-of-memory error while the rows already decoding go on.
 
 In float32 a row's answer is the tokens of decoding it alone (tests/test_continuous.py, on the CPU, where the step
 runs eagerly)."""
@@ -154,20 +156,18 @@ class _Slots:
         """A new cache (and step) with room for a prompt of `prompt` tokens left of the current column and an answer of
         `answer` tokens right of it: the live rows' columns are copied to the same place left of the new current
         column, and the step is captured again at the next call."""
-        from transformers import StaticCache
         span = max((self.col - f for k, f in zip(self.keys, self.first_col) if k is not None), default=0)
         col = max(span, prompt)
         left = max((int(lim) - (self.col - int(s)) for k, s, lim in zip(self.keys, self.start.tolist(),
                                                                         self.limit.tolist()) if k is not None), default=0)
-        length = col + max(answer, left) + 2 * self.longest_answer
-        cache = StaticCache(config=self.hf.config, max_cache_len=length)
-        gen = torch.zeros((self.rows, length + 1), dtype=torch.long, device=self.device)
-        step = static_decode.Step(self.hf, cache, static_decode.cache_kw(self.hf.model.language_model.forward),
-                                  torch.zeros((self.rows, col), dtype=torch.long, device=self.device),
-                                  torch.zeros((3, self.rows, 1), dtype=torch.long, device=self.device), gen, length,
-                                  col=col + 1)
-        if self.cache is not None and span:
-            self._move(cache, step, span, col)
+        need = col + max(answer, left)
+        try:
+            cache, step, length = self._build(need + self.longest_answer, col, span)
+        except torch.OutOfMemoryError:
+            cache = step = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cache, step, length = self._build(need, col, span)
         if self.runner is not None:
             self.runner.close()
         shift = col - self.col
@@ -177,12 +177,38 @@ class _Slots:
         self.runner = static_decode.Replayer(step, self.device, self.graphs, self.stats)
         self.stats["rebuilds"] = self.stats.get("rebuilds", 0) + 1
 
+    def _build(self, length: int, col: int, span: int) -> tuple:
+        """A cache of `length` columns and its step, the next token at `col`, the live rows' `span` columns moved in."""
+        from transformers import StaticCache
+        cache = StaticCache(config=self.hf.config, max_cache_len=length)
+        self._allocate(cache)  # here, where running out of memory can still be answered with a shorter cache
+        gen = torch.zeros((self.rows, length + 1), dtype=torch.long, device=self.device)
+        step = static_decode.Step(self.hf, cache, static_decode.cache_kw(self.hf.model.language_model.forward),
+                                  torch.zeros((self.rows, col), dtype=torch.long, device=self.device),
+                                  torch.zeros((3, self.rows, 1), dtype=torch.long, device=self.device), gen, length,
+                                  col=col + 1)
+        if self.cache is not None and span:
+            self._move(cache, step, span, col)
+        return cache, step, length
+
+    def _allocate(self, cache) -> None:
+        """Allocate every layer of a new static cache for all slots (transformers allocates a layer at its first
+        write, which would be the first prefill's copy)."""
+        config = self.hf.model.language_model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = self.hf.get_input_embeddings().weight.dtype
+        empty = torch.empty((self.rows, heads, 0, dim), dtype=dtype, device=self.device)
+        if not static_decode.fillable(cache):
+            raise TypeError(f"{type(cache).__name__} has no lazily allocated layers to fill")
+        for layer in cache.layers:
+            layer.lazy_initialization(empty, empty)
+
     def _move(self, cache, step, span: int, col: int) -> None:
         """The old cache's last `span` columns before its current one, into the new cache before `col`."""
         old, src, dst = self.step_fn, slice(self.col - span, self.col), slice(col - span, col)
         for new_layer, layer in zip(cache.layers, self.cache.layers):
             if layer.is_initialized:
-                new_layer.lazy_initialization(layer.keys[:, :, :0], layer.values[:, :, :0])
                 new_layer.keys[:, :, dst] = layer.keys[:, :, src]
                 new_layer.values[:, :, dst] = layer.values[:, :, src]
         static_decode.set_length(cache, col)

@@ -140,14 +140,17 @@ class InferEngine:
         """One encoded prompt's [3, length] M-RoPE positions, made on the host (by the encoding threads, ahead of
         the model): what `_prompt_positions` gives its row in a left-padded batch. None for other model families."""
         hf = self._hf_model()
-        if not hasattr(getattr(hf, "model", None), "get_rope_index"):
+        if not hasattr(getattr(hf, "model", None), "get_rope_index") or "mm_token_type_ids" not in enc:
             return None
         ids = torch.as_tensor(enc["input_ids"])[None]
         row = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                "mm_token_type_ids": torch.as_tensor(enc["mm_token_type_ids"])[None]}
         if "image_grid_thw" in enc:
             row["image_grid_thw"] = enc["image_grid_thw"]
-        return self._prompt_positions(hf, row)[:, 0]
+        try:
+            return self._prompt_positions(hf, row)[:, 0]
+        except Exception:  # noqa: BLE001  the batch's positions are then made the model's way, whose error is the one to see
+            return None
 
     def prompt_length(self, record: dict) -> int:
         """The prompt's token count (images included) from the image headers alone, for sorting rows

@@ -65,6 +65,33 @@ def test_slots_grow_for_long_prompts_and_answers_and_keep_the_rows_they_hold(par
     assert stats["rebuilds"] >= 2  # the first prompt's cache, then the longer prompt (and the 90-token answer)
 
 
+def test_slots_decode_on_eagerly_when_the_graph_capture_fails(parts, stops_early, monkeypatch, caplog):
+    """A capture that fails after its warm-up step ran (the CUDA path: one eager step, then the capture) leaves the
+    slots decoding eagerly from the next column: every row, live through it or joining later, gets its own answer."""
+    import logging
+
+    from ocrtune.models import static_decode
+    eng = engine(parts, check_every=4, decode="static")
+    rows = mixed_prompts(6)
+    limits = [30, 9, 25, 6, 20, 12, 28]
+    alone = [eng.generate_answers([r], max_new_tokens=m)[0] for r, m in zip(rows, limits)]
+    call = static_decode.Replayer.__call__
+    failed = []
+
+    def capture_fails(self, capture=True):
+        if not failed:
+            self.step()
+            failed.append(1)
+            raise static_decode.GraphCaptureError("capture refused")
+        return call(self, capture)
+    monkeypatch.setattr(static_decode.Replayer, "__call__", capture_fails)
+    items = [(i, r, m) for i, (r, m) in enumerate(zip(rows, limits))]
+    with caplog.at_level(logging.WARNING, logger="ocrtune"):
+        got, _, _ = run_continuous(eng, [items[:2], [], items[2:4], [], items[4:]], max_rows=3)
+    assert failed and [got[i] for i in range(len(rows))] == alone
+    assert "decoding it eagerly" in caplog.text
+
+
 def test_slots_take_new_rows_in_groups(parts, stops_early):
     """On the static cache new rows are taken once `min_join` slots are free (or none is live), not one by one as
     rows end; every row still gets its own answer."""
@@ -109,11 +136,13 @@ def test_slots_fall_back_to_a_cache_without_room_to_spare_when_memory_is_short(p
     assert isinstance(got[0], torch.OutOfMemoryError)
 
 
+@pytest.mark.parametrize("check_every", [1, 3])
 @pytest.mark.parametrize("decode", DECODES)
-def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, decode, monkeypatch):
-    """A decoding step that raises (out of memory, say) fails the rows it held; rows taken afterwards decode."""
+def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, decode, check_every, monkeypatch):
+    """A decoding step that raises (out of memory, say) fails the rows it held, between two checks too; rows taken
+    afterwards decode."""
     from ocrtune.models import static_decode
-    eng = engine(parts, check_every=1, decode=decode)
+    eng = engine(parts, check_every=check_every, decode=decode)
     rows = mixed_prompts(4)
     calls = {"n": 0}
     if decode == "static":
@@ -122,6 +151,7 @@ def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, de
         def flaky(self):
             calls["n"] += 1
             if calls["n"] == 2:
+                arrivals.append([(2, rows[2], 4)])  # the next request, taken after the failure
                 raise torch.OutOfMemoryError("no room")
             return step_call(self)
         monkeypatch.setattr(static_decode.Step, "__call__", flaky)
@@ -132,11 +162,12 @@ def test_a_batch_that_fails_to_step_fails_its_rows_and_serving_goes_on(parts, de
         def flaky(self, hf, stops):
             calls["n"] += 1
             if calls["n"] == 2:
+                arrivals.append([(2, rows[2], 4)])
                 raise torch.OutOfMemoryError("no room")
             return batch_step(self, hf, stops)
         monkeypatch.setattr(continuous._Batch, "step", flaky)
-    items = [(0, rows[0], 10), (1, rows[1], 10)]
-    got, _, _ = run_continuous(eng, [items, [], [(2, rows[2], 4)]], max_rows=4)
+    arrivals = [[(0, rows[0], 10), (1, rows[1], 10)]]
+    got, _, _ = run_continuous(eng, arrivals, max_rows=4)
     assert isinstance(got[0], torch.OutOfMemoryError) and isinstance(got[1], torch.OutOfMemoryError)
     monkeypatch.undo()
     assert got[2] == eng.generate_answers([rows[2]], max_new_tokens=4)[0]
@@ -236,3 +267,26 @@ def test_cuda_slots_replay_graphs_and_give_each_row_its_own_answer(tiny_model_di
         assert stats["graph_replays"] > 0 and stats["rebuilds"] >= 1 and stats["joins"] >= 3
     finally:
         handle.remove()
+
+
+def test_serve_prepares_prompts_with_their_positions(parts):
+    """serve's request preparation (outside the model thread) makes each prompt's M-RoPE positions too: what the
+    model's get_rope_index gives the prompt, so the decoders never compute them on the device."""
+    import base64
+
+    from samples import sample_rows
+
+    from ocrtune.serve.protocol import Limits, parse_chat_request
+    from ocrtune.serve.service import Prep
+    eng = engine(parts)
+    png = sample_rows(1)[0]["images"][0]["bytes"]
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Read it."}]}]}
+    enc = Prep(eng, 10**7).prepare(parse_chat_request(body, Limits()))
+    hf = eng._hf_model()
+    ids = torch.as_tensor(enc["input_ids"])[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": enc["image_grid_thw"],
+             "mm_token_type_ids": torch.as_tensor(enc["mm_token_type_ids"])[None]}
+    assert enc["positions"] is not None and torch.equal(enc["positions"], eng._prompt_positions(hf, batch)[:, 0])
+    assert enc["positions"].shape == (3, ids.shape[1]) and not torch.equal(enc["positions"][1], enc["positions"][2])

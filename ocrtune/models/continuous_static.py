@@ -62,13 +62,14 @@ class SlotDecoder:
                         return
                 try:
                     state.step()
-                except static_decode.GraphCaptureError as e:  # decode on, eagerly
+                except static_decode.GraphCaptureError as e:  # the warm-up step ran, its capture failed: decode on eagerly
                     log.warning("continuous batching: capturing the decoding step failed (%s); decoding it eagerly", e)
                     self.graphs = state.graphs = False
                     state.runner = static_decode.Replayer(state.step_fn, state.device, False, self.stats)
+                    state.col += 1
                 except Exception as e:  # the batch can't go on (out of memory, a model error): fail its rows
                     state.fail(deliver, e)
-                    state = None
+                    state, check = None, True
                     continue
                 step += 1
                 self.stats["steps"] += 1
@@ -165,6 +166,7 @@ class _Slots:
             cache, step, length = self._build(need + self.longest_answer, col, span)
         except torch.OutOfMemoryError:
             cache = step = None
+            self.longest_answer = answer  # the spare room asked for was too much: later rebuilds ask for less
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cache, step, length = self._build(need, col, span)

@@ -133,10 +133,10 @@ class InferEngine:
         Raises BadImage for an unusable image."""
         images = [im if _is_image(im) else open_image(im) for im in record.get("images") or []]
         enc = self.template.encode(_prompt(record), images, add_generation_prompt=True)
-        enc["positions"] = self._row_positions(enc)
+        enc["positions"] = self.row_positions(enc)
         return enc
 
-    def _row_positions(self, enc: dict) -> torch.Tensor | None:
+    def row_positions(self, enc: dict) -> torch.Tensor | None:
         """One encoded prompt's [3, length] M-RoPE positions, made on the host (by the encoding threads, ahead of
         the model): what `_prompt_positions` gives its row in a left-padded batch. None for other model families."""
         hf = self._hf_model()

@@ -28,6 +28,7 @@ class Prep:
         except Exception:  # pragma: no cover - a processor that can't be copied: share it under our lock
             self.template = engine.template
         self.lock = threading.Lock()
+        self.positions = getattr(engine, "row_positions", None)  # the prompt's M-RoPE positions, made here too
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="ocrtune-prep")
         self.max_image_pixels = max_image_pixels
 
@@ -44,6 +45,8 @@ class Prep:
         if n > MAX_PROMPT_TOKENS:
             raise ApiError(400, f"the prompt is {n} tokens long, more than the {MAX_PROMPT_TOKENS} allowed", "messages")
         enc.pop("labels", None)
+        if self.positions is not None:
+            enc["positions"] = self.positions(enc)
         return enc
 
     def decode(self, src):

@@ -139,7 +139,7 @@ class _Slots:
         slots = torch.tensor(free, device=self.device)
         c = self.col
         first = static_decode.prefill_rows(hf, self.cache, batch, positions, prompt_embeds(hf, batch), slots, c,
-                                           self.rows, self.stats)
+                                           self.stats)
         static_decode.set_length(self.cache, c)  # the next step writes at column c (a new cache starts at 0)
         step = self.step_fn
         step.open[slots] = False
@@ -183,7 +183,8 @@ class _Slots:
         """A cache of `length` columns and its step, the next token at `col`, the live rows' `span` columns moved in."""
         from transformers import StaticCache
         cache = StaticCache(config=self.hf.config, max_cache_len=length)
-        self._allocate(cache)  # here, where running out of memory can still be answered with a shorter cache
+        # allocated here, where running out of memory can still be answered with a shorter cache
+        static_decode.allocate(self.hf, cache, self.rows, self.device)
         gen = torch.zeros((self.rows, length + 1), dtype=torch.long, device=self.device)
         step = static_decode.Step(self.hf, cache, static_decode.cache_kw(self.hf.model.language_model.forward),
                                   torch.zeros((self.rows, col), dtype=torch.long, device=self.device),
@@ -193,26 +194,12 @@ class _Slots:
             self._move(cache, step, span, col)
         return cache, step, length
 
-    def _allocate(self, cache) -> None:
-        """Allocate every layer of a new static cache for all slots (transformers allocates a layer at its first
-        write, which would be the first prefill's copy)."""
-        config = self.hf.model.language_model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dtype = self.hf.get_input_embeddings().weight.dtype
-        empty = torch.empty((self.rows, heads, 0, dim), dtype=dtype, device=self.device)
-        if not static_decode.fillable(cache):
-            raise TypeError(f"{type(cache).__name__} has no lazily allocated layers to fill")
-        for layer in cache.layers:
-            layer.lazy_initialization(empty, empty)
-
     def _move(self, cache, step, span: int, col: int) -> None:
         """The old cache's last `span` columns before its current one, into the new cache before `col`."""
         old, src, dst = self.step_fn, slice(self.col - span, self.col), slice(col - span, col)
-        for new_layer, layer in zip(cache.layers, self.cache.layers):
-            if layer.is_initialized:
-                new_layer.keys[:, :, dst] = layer.keys[:, :, src]
-                new_layer.values[:, :, dst] = layer.values[:, :, src]
+        for new_layer, layer in zip(cache.layers, self.cache.layers):  # both allocated when built
+            new_layer.keys[:, :, dst] = layer.keys[:, :, src]
+            new_layer.values[:, :, dst] = layer.values[:, :, src]
         static_decode.set_length(cache, col)
         step.open[..., dst] = old.open[..., src]
         step.gen[:, col - span:col + 1] = old.gen[:, self.col - span:self.col + 1]

@@ -142,16 +142,17 @@ def _prefill(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.Tens
         out = hf(**prefill_inputs(hf, batch, embeds), attention_mask=mask2d, position_ids=positions, use_cache=True,
                  **{cache_kw(hf.forward): cache})
         return out.logits[:, -1, :].float().argmax(dim=-1)
-    first = prefill_rows(hf, cache, batch, positions, embeds, torch.arange(rows, device=mask2d.device), plen, rows,
-                         stats, parts)
+    allocate(hf, cache, rows, mask2d.device)
+    first = prefill_rows(hf, cache, batch, positions, embeds, torch.arange(rows, device=mask2d.device), plen, stats,
+                         parts)
     set_length(cache, plen)
     return first
 
 
 def prefill_rows(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.Tensor | None, slots: torch.Tensor,
-                 end: int, cache_rows: int, stats: dict, parts: list | None = None) -> torch.Tensor:
-    """Prefill the left-padded `batch` into rows `slots` of the static `cache` (of `cache_rows` rows), each prompt's
-    last token at column `end - 1`; returns each row's first token. The rows run in `parts` (default: `length_parts` where `embeds` are
+                 end: int, stats: dict, parts: list | None = None) -> torch.Tensor:
+    """Prefill the left-padded `batch` into rows `slots` of the static `cache` (`allocate`d), each prompt's last
+    token at column `end - 1`; returns each row's first token. The rows run in `parts` (default: `length_parts` where `embeds` are
     given, else one), each part's forward on its own shorter padding into a dynamic cache that is copied into the
     static one (the part's padding columns too: its attention mask closes them)."""
     mask2d = batch["attention_mask"]
@@ -169,7 +170,7 @@ def prefill_rows(hf, cache, batch: dict, positions: torch.Tensor, embeds: torch.
             inputs = prefill_inputs(hf, batch)
         out = hf(**inputs, attention_mask=mask2d[idx, cols], position_ids=positions[:, idx, cols], use_cache=True)
         first[idx] = out.logits[:, -1, :].float().argmax(dim=-1)
-        copy_rows(cache, cache_of(out), slots[idx], slice(end - length, end), cache_rows)
+        copy_rows(cache, cache_of(out), slots[idx], slice(end - length, end))
         del out
     return first
 
@@ -209,25 +210,33 @@ def length_parts(lengths: list[int], fixed_tokens: int = 1024) -> list[tuple[lis
 
 
 def fillable(cache) -> bool:
-    """Whether `copy_rows` can fill this StaticCache (transformers 5's lazily allocated StaticLayer)."""
+    """Whether `allocate` and `copy_rows` can fill this StaticCache (transformers 5's lazily allocated StaticLayer)."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(hasattr(layer, a) for layer in layers
                                 for a in ("lazy_initialization", "is_initialized", "cumulative_length"))
 
 
-def copy_rows(cache, part_cache, slots: torch.Tensor, cols: slice, rows: int) -> None:
-    """Copy a dynamic cache's keys and values into rows `slots`, columns `cols` of the static `cache`, allocating it
-    for `rows` rows if it has not been yet."""
+def allocate(hf, cache, rows: int, device: torch.device) -> None:
+    """Allocate every layer of a static cache for `rows` rows now (transformers allocates a layer at its first write,
+    which `copy_rows` would be), in the dtype and head shape of the language model's keys and values."""
+    if not fillable(cache):
+        raise TypeError(f"{type(cache).__name__} has no lazily allocated layers to fill")
+    config = hf.model.language_model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = torch.empty((rows, heads, 0, dim), dtype=hf.get_input_embeddings().weight.dtype, device=device)
+    for layer in cache.layers:  # lazy_initialization reads shape[:2], dtype, device and the head dims
+        layer.lazy_initialization(empty, empty)
+
+
+def copy_rows(cache, part_cache, slots: torch.Tensor, cols: slice) -> None:
+    """Copy a dynamic cache's keys and values into rows `slots`, columns `cols` of the `allocate`d static `cache`."""
     part_layers = getattr(part_cache, "layers", None)
-    if part_layers is None or len(part_layers) != len(cache.layers) or not fillable(cache):
+    if part_layers is None or len(part_layers) != len(cache.layers):
         raise TypeError(f"a prefill part's cache ({type(part_cache).__name__}) has no layers to copy")
     for layer, part in zip(cache.layers, part_layers):
-        k, v = part.keys, part.values
-        if not layer.is_initialized:  # allocate for the whole batch (it reads shape[:2], dtype, device, head dims)
-            layer.lazy_initialization(k.new_empty((rows, k.shape[1], 0, k.shape[3])),
-                                      v.new_empty((rows, v.shape[1], 0, v.shape[3])))
-        layer.keys[slots, :, cols] = k
-        layer.values[slots, :, cols] = v
+        layer.keys[slots, :, cols] = part.keys
+        layer.values[slots, :, cols] = part.values
 
 
 def cache_of(out):
